@@ -1,0 +1,41 @@
+# The two commands of a fresh start (see README.md):
+#   make run    install llama3_np, fetch the default model, generate text with it
+#   make test   install llama3_np with its test extras, fetch the assets the tests use, run pytest
+# `make tools` adds the reference implementations (torch==2.13.0, transformers, llama-models,
+# fairscale, gguf) that tools/ needs to regenerate the committed fixtures.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROMPT ?= The three primary colors are
+
+.PHONY: run test tools fixtures clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-run: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[gguf]'
+	touch $@
+
+$(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test,gguf]'
+	touch $@
+
+# torch first and pinned (a plain `torch` is a multi-GB CUDA build); fairscale builds against it.
+$(VENV)/.installed-tools: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet --no-build-isolation fairscale==0.4.13
+	$(BIN)/python -m pip install --quiet -e '.[test,tools]'
+	touch $@
+
+run: $(VENV)/.installed-run
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest
+
+tools: $(VENV)/.installed-tools
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
