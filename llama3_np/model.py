@@ -258,11 +258,12 @@ def transformer_block(x: np.ndarray, weights: Mapping[str, np.ndarray], layer: i
 
 def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
             cache: Optional[KVCache] = None, pos: int = 0,
-            trace: Optional[Trace] = None) -> np.ndarray:  # [T] -> [T, V]
+            trace: Optional[Trace] = None, last_only: bool = False) -> np.ndarray:  # [T] -> [T, V]
     """Logits for each of `tokens`, the first at rope position `pos`.
 
     The tokens attend to what `cache` holds (from earlier calls) and to each other, causally, and
-    are appended to it. Without a cache they attend only to each other.
+    are appended to it. Without a cache they attend only to each other. With `last_only`, only the
+    last token's logits are computed ([1, V]): all that generation needs after a prefill.
     """
     tokens = np.asarray(tokens, dtype=np.int64)
     if tokens.ndim != 1 or tokens.size == 0:
@@ -286,8 +287,10 @@ def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
         x = transformer_block(x, weights, layer, config, cos, sin, cache,
                               _scoped(trace, f"layers.{layer}."))
     cache.length += T
+    if last_only:
+        x = x[-1:]
     x = rmsnorm(x, as_float32(weights["norm.weight"]), config.norm_eps)
     keep("norm", x)
     logits = x @ as_float32(weights["output.weight"]).T
     keep("logits", logits)
-    return expect_shape(logits, (T, config.vocab_size), "logits")
+    return expect_shape(logits, (x.shape[0], config.vocab_size), "logits")
