@@ -78,7 +78,9 @@ def sampling_probs(logits: np.ndarray, params: SamplingParams, recent: Iterable[
     probs = np.exp(z - z.max())
     probs /= probs.sum()
 
-    order = np.argsort(-probs, kind="stable")  # most probable first, lower id first on ties
+    # Most probable first, lower id first on ties. Sorting the logits, not the probabilities,
+    # keeps the argmax first even when exp() rounds two close logits to the same probability.
+    order = np.argsort(-z, kind="stable")
     keep = np.ones(probs.size, dtype=bool)  # in `order`'s order
     if params.top_k:
         keep[params.top_k:] = False

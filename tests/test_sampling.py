@@ -100,3 +100,10 @@ def test_probs_are_a_distribution_that_always_keeps_the_top_token(z, temp, k, to
 def test_invalid_values_are_rejected_naming_the_flag(kwargs, flag):
     with pytest.raises(Llama3Error, match=flag):
         SamplingParams(**kwargs)
+
+
+def test_top_token_survives_top_p_when_probabilities_round_equal():
+    # exp() maps these two logits to the same float64 probability; the larger logit must still win.
+    logits = np.array([0.0, 1.568847088527949e-42], dtype=np.float32)
+    probs = sampling_probs(logits, SamplingParams(1.0, 0, 0.5, 0.0))
+    assert probs[1] == 1.0
