@@ -398,7 +398,8 @@ def _meta_rope_wrapper(original, rec: _Recorder):
     return apply_rotary_emb
 
 
-def meta_run(model, tokens: list[int], pos: int, cache_pos: int = 0) -> dict[str, np.ndarray]:
+def meta_run(model, tokens: list[int], pos: int, cache_pos: int = 0,
+             config: Optional[ModelConfig] = None) -> dict[str, np.ndarray]:
     """Every stage of Meta's forward pass over `tokens` at rope positions pos, pos+1, ...
 
     The tokens go into KV-cache slots cache_pos, cache_pos+1, ... and attend to slots
@@ -406,7 +407,11 @@ def meta_run(model, tokens: list[int], pos: int, cache_pos: int = 0) -> dict[str
     position = cache slot); to run tokens at a high position with a short cache, Meta's own
     forward is called with its rope table shifted by pos - cache_pos rows, so that it slices
     `freqs_cis[pos : pos + T]` while writing cache slots from `cache_pos`.
+    `config` gives the stage shapes; by default the one `load_meta` attached to the model.
     """
+    config = config or getattr(model, "config", None)
+    if config is None:
+        raise ValueError("meta_run needs the ModelConfig of a model not built by load_meta")
     import llama_models.llama3.model as meta
     if not 0 <= cache_pos <= pos:
         raise ValueError(f"need 0 <= cache_pos ({cache_pos}) <= pos ({pos})")
@@ -421,7 +426,7 @@ def meta_run(model, tokens: list[int], pos: int, cache_pos: int = 0) -> dict[str
             model(torch.tensor([tokens], dtype=torch.long), cache_pos)
         finally:
             model.freqs_cis = table
-    return rec.result(model.config, len(tokens))
+    return rec.result(config, len(tokens))
 
 
 def meta_rope(head_dim: int, theta: float, use_scaled: bool, positions: list[int],
