@@ -16,6 +16,7 @@ import pytest
 from safetensors import safe_open
 
 from llama3_np.config import ModelConfig, from_hf_config, from_meta_params
+from tests.helpers import nmse
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 CONFIGS = ["llama3_0", "llama3_1", "llama3_2"]
@@ -27,11 +28,6 @@ FAR_MIN_POS = 20000
 def load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     with safe_open(str(path), framework="numpy") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-
-
-def nmse(a, ref) -> float:
-    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
-    return float(np.sum((a - ref) ** 2) / np.sum(ref ** 2))
 
 
 def hf_config(cfg: str) -> ModelConfig:
