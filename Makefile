@@ -31,8 +31,10 @@ $(VENV)/.installed-tools: setup.cfg pyproject.toml | $(BIN)/python
 	touch $@
 
 run: $(VENV)/.installed-run
+	$(BIN)/python tools/fetch_default_model.py
 
 test: $(VENV)/.installed-test
+	$(BIN)/python tools/fetch_default_model.py
 	$(BIN)/python -m pytest
 
 tools: $(VENV)/.installed-tools

@@ -1,0 +1,239 @@
+"""Canonical form from Hugging Face folders: the q/k rope permutation, names, tied embeddings,
+sharding, both residencies, and validation before any data is read."""
+
+import json
+import mmap
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from checkpoint_builders import random_weights, tiny_config
+from llama3_np import Llama3Error
+from llama3_np.checkpoint import (hf_name, load_checkpoint, meta_name, permute_qk, save_hf_checkpoint,
+                                  scan_checkpoint, unpermute_qk)
+from llama3_np.safetensors_file import SafetensorsFile, write_safetensors
+
+
+# --- rope row order ------------------------------------------------------------------------------
+
+def test_permute_qk_moves_each_interleaved_pair_to_the_two_halves_of_its_head():
+    n_heads, head_dim, cols = 3, 8, 5
+    meta = np.arange(n_heads * head_dim * cols, dtype=np.float32).reshape(n_heads * head_dim, cols)
+    hf = permute_qk(meta, n_heads)
+    for h in range(n_heads):
+        for i in range(head_dim // 2):
+            np.testing.assert_array_equal(hf[h * head_dim + i], meta[h * head_dim + 2 * i])
+            np.testing.assert_array_equal(hf[h * head_dim + head_dim // 2 + i], meta[h * head_dim + 2 * i + 1])
+    np.testing.assert_array_equal(unpermute_qk(hf, n_heads), meta)
+    np.testing.assert_array_equal(permute_qk(unpermute_qk(meta, n_heads), n_heads), meta)
+
+
+def _rope_interleaved(x, pos, theta):  # [T, H, Dh] -> [T, H, Dh]; Meta: pairs (2i, 2i+1) rotate
+    dh = x.shape[-1]
+    angles = np.outer(pos, theta ** (-np.arange(0, dh, 2) / dh))[:, None, :]
+    z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * angles)
+    return np.stack([z.real, z.imag], axis=-1).reshape(x.shape)
+
+
+def _rope_rotate_half(x, pos, theta):  # [T, H, Dh] -> [T, H, Dh]; Hugging Face: (i, i + Dh/2) rotate
+    dh = x.shape[-1]
+    angles = np.outer(pos, theta ** (-np.arange(0, dh, 2) / dh))
+    cos = np.concatenate([np.cos(angles)] * 2, -1)[:, None, :]
+    sin = np.concatenate([np.sin(angles)] * 2, -1)[:, None, :]
+    rotated = np.concatenate([-x[..., dh // 2:], x[..., :dh // 2]], -1)
+    return x * cos + rotated * sin
+
+
+def test_meta_rope_on_unpermuted_weights_equals_hf_rope_on_hf_weights():
+    rng = np.random.default_rng(1)
+    n_heads, n_kv, dh, dim, t = 4, 2, 16, 24, 7
+    wq_hf, wk_hf = rng.standard_normal((n_heads * dh, dim)), rng.standard_normal((n_kv * dh, dim))
+    x, pos, theta = rng.standard_normal((t, dim)), np.arange(t) + 1000, 500000.0
+    q_hf = _rope_rotate_half((x @ wq_hf.T).reshape(t, n_heads, dh), pos, theta)
+    k_hf = _rope_rotate_half((x @ wk_hf.T).reshape(t, n_kv, dh), pos, theta)
+    q_meta = _rope_interleaved((x @ unpermute_qk(wq_hf, n_heads).T).reshape(t, n_heads, dh), pos, theta)
+    k_meta = _rope_interleaved((x @ unpermute_qk(wk_hf, n_kv).T).reshape(t, n_kv, dh), pos, theta)
+    # Attention only sees per-head dot products q·k, which the row order must not change ...
+    scores_hf = np.einsum("qhd,khd->hqk", q_hf, np.repeat(k_hf, n_heads // n_kv, axis=1))
+    scores_meta = np.einsum("qhd,khd->hqk", q_meta, np.repeat(k_meta, n_heads // n_kv, axis=1))
+    np.testing.assert_allclose(scores_meta, scores_hf, rtol=1e-12, atol=1e-10)
+    # ... and the rotated vectors themselves are the same numbers in the other order.
+    np.testing.assert_allclose(unpermute_qk(q_hf.reshape(t * n_heads, dh).T, 1).T.reshape(q_meta.shape),
+                               q_meta, rtol=1e-12, atol=1e-12)
+    # With the wrong (not un-permuted) order the scores differ: the test can fail.
+    q_wrong = _rope_interleaved((x @ wq_hf.T).reshape(t, n_heads, dh), pos, theta)
+    assert not np.allclose(np.einsum("qhd,khd->hqk", q_wrong, np.repeat(k_hf, 2, axis=1)), scores_hf)
+
+
+def test_names_map_both_ways():
+    assert hf_name("layers.3.feed_forward.w1.weight") == "model.layers.3.mlp.gate_proj.weight"
+    assert hf_name("output.weight") == "lm_head.weight"
+    assert meta_name("model.layers.12.self_attn.k_proj.weight") == "layers.12.attention.wk.weight"
+    assert meta_name("model.layers.0.post_attention_layernorm.weight") == "layers.0.ffn_norm.weight"
+    assert meta_name("layers.0.attention.wq.weight") is None
+    assert meta_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
+
+
+# --- loading Hugging Face folders ----------------------------------------------------------------
+
+def _read_all(path) -> dict:
+    """In-memory copies: a file must never be rewritten while mapped (its pages would vanish)."""
+    f = SafetensorsFile(path)
+    return {n: np.array(f.tensor(n)) for n in f.names()}
+
+
+def _same_weights(got: dict, want: dict):
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        g = got[name]
+        assert g.shape == w.shape, name
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32), err_msg=name)
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+@pytest.mark.parametrize("tied", [False, True])
+def test_hf_folder_loads_to_the_canonical_weights_in_both_residencies(tmp_path, shards, tied):
+    config = tiny_config(tie_embeddings=tied)
+    weights = random_weights(config, seed=2)
+    save_hf_checkpoint(tmp_path, config, weights, shards=shards)
+    if shards > 1:
+        assert len(list(tmp_path.glob("model-*-of-00003.safetensors"))) == 3
+    stored = SafetensorsFile(tmp_path / "model.safetensors") if shards == 1 else None
+    if stored is not None:  # on disk q is in rotate-half order, not Meta's
+        assert not np.array_equal(stored.tensor("model.layers.0.self_attn.q_proj.weight"),
+                                  weights["layers.0.attention.wq.weight"])
+        assert ("lm_head.weight" in stored.names()) == (not tied)
+    for residency in ("float32", "bfloat16"):
+        ckpt = load_checkpoint(tmp_path, dtype=residency)
+        assert ckpt.format == "hf" and ckpt.config == config and ckpt.dtype == residency
+        _same_weights(ckpt.weights, weights)
+        want = np.float32 if residency == "float32" else ml_dtypes.bfloat16
+        assert all(w.dtype == want for w in ckpt.weights.values())
+        assert (ckpt.weights["output.weight"] is ckpt.weights["tok_embeddings.weight"]) == tied
+        # float32: converted copies, the files no longer needed; bfloat16: read-only file mappings
+        assert ckpt.weights["layers.1.ffn_norm.weight"].flags.writeable == (residency == "float32")
+
+
+def test_bfloat16_residency_maps_the_file_instead_of_copying(tmp_path):
+    config = tiny_config()
+    save_hf_checkpoint(tmp_path, config, random_weights(config))
+    ckpt = load_checkpoint(tmp_path, dtype="bfloat16")
+    w2 = ckpt.weights["layers.0.feed_forward.w2.weight"]
+    base = w2
+    while not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else base.base
+    assert len(base) >= w2.nbytes and not w2.flags.writeable
+    # q and k change row order, which needs a copy (in bf16, still half the float32 size)
+    wq = ckpt.weights["layers.0.attention.wq.weight"]
+    assert wq.flags.writeable and wq.dtype == ml_dtypes.bfloat16
+
+
+def test_tied_embeddings_stored_twice_are_shared_if_equal_and_refused_if_not(tmp_path):
+    config = tiny_config(tie_embeddings=True)
+    weights = random_weights(config)
+    save_hf_checkpoint(tmp_path, config, weights)
+    tensors = _read_all(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    write_safetensors(tmp_path / "model.safetensors", tensors, {"format": "pt"})
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.weights["output.weight"] is ckpt.weights["tok_embeddings.weight"]
+    tensors["lm_head.weight"] = -tensors["model.embed_tokens.weight"]
+    write_safetensors(tmp_path / "model.safetensors", tensors, {"format": "pt"})
+    with pytest.raises(Llama3Error, match="'lm_head.weight' differs from 'model.embed_tokens.weight'"):
+        load_checkpoint(tmp_path)
+
+
+def test_rotary_inv_freq_buffers_are_ignored_and_said_so(tmp_path):
+    config = tiny_config()
+    weights = random_weights(config)
+    save_hf_checkpoint(tmp_path, config, weights)
+    tensors = _read_all(tmp_path / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+    write_safetensors(tmp_path / "model.safetensors", tensors)
+    index = scan_checkpoint(tmp_path)
+    assert index.ignored == {"model.safetensors: model.layers.0.self_attn.rotary_emb.inv_freq":
+                             "rope frequencies, recomputed from the config"}
+    _same_weights(load_checkpoint(tmp_path).weights, weights)
+
+
+def _edit(tmp_path, change_tensors=None, change_config=None):
+    config = tiny_config()
+    save_hf_checkpoint(tmp_path, config, random_weights(config))
+    if change_tensors:
+        tensors = _read_all(tmp_path / "model.safetensors")
+        change_tensors(tensors)
+        write_safetensors(tmp_path / "model.safetensors", tensors)
+    if change_config:
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        cfg.update(change_config)
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("change_tensors,change_config,message", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), None,
+     "tensor 'model.layers.1.mlp.up_proj.weight' (layers.1.feed_forward.w3.weight) is missing"),
+    (lambda t: t.pop("lm_head.weight"), None,
+     "'lm_head.weight' (output.weight) is missing (config.json says tie_word_embeddings is false)"),
+    (lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": np.ones(8, np.float32)}), None,
+     "unexpected tensor 'model.layers.0.self_attn.q_norm.weight'; it is not part of a Llama 3 model"),
+    (None, {"num_hidden_layers": 1},
+     "unexpected tensor 'model.layers.1."),
+    (None, {"num_hidden_layers": 3}, "'model.layers.2.self_attn.q_proj.weight' (layers.2.attention.wq.weight) is missing"),
+    (None, {"num_key_value_heads": 4},
+     "tensor 'model.layers.0.self_attn.k_proj.weight' (layers.0.attention.wk.weight) has shape (16, 32), "
+     "but config.json implies (32, 32); the config does not belong to these weights"),
+    (None, {"intermediate_size": 96}, "'model.layers.0.mlp.gate_proj.weight' (layers.0.feed_forward.w1.weight) "
+     "has shape (64, 32), but config.json implies (96, 32)"),
+    (lambda t: t.update({"model.norm.weight": np.ones(32, np.int32)}), None,
+     "tensor 'model.norm.weight' (norm.weight) is stored as int32; llama3_np reads float32, float16 and bfloat16"),
+])
+def test_checkpoint_disagreeing_with_its_config_is_refused_before_reading_data(
+        tmp_path, change_tensors, change_config, message):
+    _edit(tmp_path, change_tensors, change_config)
+    with pytest.raises(Llama3Error) as e:
+        scan_checkpoint(tmp_path)
+    assert str(tmp_path) in str(e.value) and message in str(e.value)
+
+
+def test_sharded_folder_whose_index_disagrees_with_its_files(tmp_path):
+    config = tiny_config()
+    save_hf_checkpoint(tmp_path, config, random_weights(config), shards=2)
+    original = (tmp_path / "model.safetensors.index.json").read_text()
+    index = json.loads(original)
+    name = "model.norm.weight"
+    index["weight_map"][name] = next(f for f in set(index["weight_map"].values()) if f != index["weight_map"][name])
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(Llama3Error, match="holds tensor 'model.norm.weight', but model.safetensors.index.json puts it in"):
+        scan_checkpoint(tmp_path)
+    index = json.loads(original)
+    index["weight_map"]["model.extra.weight"] = "model-00003-of-00002.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(Llama3Error, match="model-00003-of-00002.safetensors: listed in model.safetensors.index.json "
+                                          "but missing"):
+        scan_checkpoint(tmp_path)
+
+
+def _write(relative: str, content: str):
+    def make(folder):
+        (folder / relative).write_text(content)
+        return folder / relative if relative.endswith(".gguf") else folder
+    return make
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p, "no config.json (Hugging Face) or params.json (Meta) here"),
+    (lambda p: p / "nothing", "nothing: no such file or directory"),
+    (_write("m.gguf", "GGUF"), "GGUF files are imported first: python tools/import_gguf.py"),
+    (_write("config.json", "{}"), "config.json: missing key 'hidden_size'"),
+    (_write("config.json", "{,"), "config.json: not valid JSON"),
+])
+def test_wrong_paths_say_what_to_pass(tmp_path, make, message):
+    with pytest.raises(Llama3Error) as e:
+        load_checkpoint(make(tmp_path))
+    assert message in str(e.value)
+
+
+def test_residency_must_be_float32_or_bfloat16(tmp_path):
+    with pytest.raises(Llama3Error, match="dtype must be one of float32, bfloat16, got 'float16'"):
+        load_checkpoint(tmp_path, dtype="float16")

@@ -1,0 +1,21 @@
+"""What the tools/ scripts share: llama3_np importable from this checkout (tools run from a
+checkout, not from an installed package), and user errors as one line on stderr with exit status 2."""
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from llama3_np.errors import Llama3Error  # noqa: E402
+
+
+def run_tool(tool: str, body: Callable[[], int | None], *errors: type[BaseException]) -> int:
+    """body() with Llama3Error (and `errors`) turned into `tool: error: ...` and exit status 2."""
+    try:
+        return body() or 0
+    except (Llama3Error, *errors) as e:
+        print(f"{tool}: error: {e}", file=sys.stderr)
+        return 2
