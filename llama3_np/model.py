@@ -12,7 +12,7 @@ Dimensions, used in every shape comment:
 
 Weights use Meta's names (`layers.0.attention.wq.weight`, ...) and Meta's rope layout: dims 2i and
 2i+1 of every head rotate together. They may be float32 or bfloat16 (ml_dtypes); compute is always
-float32, and bfloat16 weights are converted where they are used, one layer at a time.
+float32, and bfloat16 weights are converted where they are used, a block of rows at a time (`linear`).
 """
 
 from __future__ import annotations
@@ -78,6 +78,27 @@ def as_float32(w: np.ndarray) -> np.ndarray:
     return np.asarray(w, dtype=np.float32)
 
 
+# A bfloat16 (or float16) weight matrix is converted to float32 this many bytes at a time: a block
+# that is multiplied while it is still in the CPU cache, so that a model kept in bfloat16 never
+# holds, nor allocates on every token, a float32 copy of a whole matrix.
+CONVERT_BLOCK_BYTES = 1 << 20
+
+
+def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_in] -> [T, n_out]
+    """x · wᵀ: the product with a weight stored as [n_out, n_in] (the layout of Meta's checkpoints)."""
+    if w.dtype == np.float32:
+        return x @ w.T
+    n_out, n_in = w.shape
+    rows = max(1, CONVERT_BLOCK_BYTES // (4 * n_in))
+    block = np.empty((rows, n_in), dtype=np.float32)
+    out = np.empty((x.shape[0], n_out), dtype=np.float32)
+    for start in range(0, n_out, rows):
+        w_rows = block[:min(rows, n_out - start)]
+        np.copyto(w_rows, w[start:start + rows])
+        out[:, start:start + rows] = x @ w_rows.T
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The stages
 
@@ -136,16 +157,17 @@ def rope_cos_sin(positions: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     # [T, n, Dh], [T, Dh/2], [T, Dh/2] -> [T, n, Dh]
-    """Rotate each pair (x[2i], x[2i+1]) of every head by the angle of its position and pair i:
-    (a, b) -> (a·cos - b·sin, a·sin + b·cos), Meta's (a + ib) · e^(iθ)."""
+    """Rotate each pair (x[2i], x[2i+1]) of every head by the angle of its position and pair i.
+
+    As in Meta's reference, the pair is the complex number a + ib and the rotation is a product
+    with e^(iθ) = cos θ + i sin θ: (a + ib) · e^(iθ) = (a·cos - b·sin) + i(a·sin + b·cos).
+    A float32 [..., Dh] array viewed as complex64 is exactly these Dh/2 pairs.
+    """
     T, n, Dh = x.shape
     expect_shape(cos, (T, Dh // 2), "rope cos")
-    a, b = x[..., 0::2], x[..., 1::2]  # [T, n, Dh/2] each
-    c, s = cos[:, None, :], sin[:, None, :]
-    out = np.empty_like(x)
-    out[..., 0::2] = a * c - b * s
-    out[..., 1::2] = a * s + b * c
-    return out
+    pairs = np.ascontiguousarray(x, dtype=np.float32).view(np.complex64)  # [T, n, Dh/2]
+    rotation = (cos + 1j * sin)[:, None, :]  # [T, 1, Dh/2] complex64
+    return (pairs * rotation).view(np.float32)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:  # [..., S] -> [..., S]
@@ -207,16 +229,16 @@ def attention(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, wo:
     cache plus these tokens, project back: wo · attention(rope(wq x), rope(wk x), wv x)."""
     T = x.shape[0]
     H, KV, Dh = config.n_heads, config.n_kv_heads, config.head_dim
-    q = (x @ wq.T).reshape(T, H, Dh)
-    k = (x @ wk.T).reshape(T, KV, Dh)
-    v = (x @ wv.T).reshape(T, KV, Dh)
+    q = linear(x, wq).reshape(T, H, Dh)
+    k = linear(x, wk).reshape(T, KV, Dh)
+    v = linear(x, wv).reshape(T, KV, Dh)
     q_rope, k_rope = rope(q, cos, sin), rope(k, cos, sin)
     for name, value in (("q", q), ("k", k), ("v", v), ("q_rope", q_rope), ("k_rope", k_rope)):
         keep(name, value)
     keys, values = cache.append(layer, k_rope, v)  # [KV, S, Dh] each
     attn = causal_attention(q_rope, keys, values, keep).reshape(T, H * Dh)
     keep("attn", attn)
-    return attn @ wo.T
+    return linear(attn, wo)
 
 
 def silu(x: np.ndarray) -> np.ndarray:  # [...] -> [...]
@@ -228,26 +250,26 @@ def silu(x: np.ndarray) -> np.ndarray:  # [...] -> [...]
 def swiglu(x: np.ndarray, w1: np.ndarray, w2: np.ndarray, w3: np.ndarray,
            keep: Keep = _discard) -> np.ndarray:  # [T, D], [F, D], [D, F], [F, D] -> [T, D]
     """w2 · (silu(w1 · x) ⊙ (w3 · x)): a gated feed-forward; w1 is the gate, w3 the up projection."""
-    hidden = silu(x @ w1.T) * (x @ w3.T)  # [T, F]
+    hidden = silu(linear(x, w1)) * linear(x, w3)  # [T, F]
     keep("ffn_hidden", hidden)
-    return hidden @ w2.T
+    return linear(hidden, w2)
 
 
 def transformer_block(x: np.ndarray, weights: Mapping[str, np.ndarray], layer: int,
                       config: ModelConfig, cos: np.ndarray, sin: np.ndarray, cache: KVCache,
                       keep: Keep = _discard) -> np.ndarray:  # [T, D] -> [T, D]
     """h = x + attention(rmsnorm(x)); out = h + swiglu(rmsnorm(h))."""
-    def w(name):  # this layer's weight, as float32
-        return as_float32(weights[f"layers.{layer}.{name}.weight"])
+    def w(name):  # this layer's weight
+        return weights[f"layers.{layer}.{name}.weight"]
 
-    attn_norm = rmsnorm(x, w("attention_norm"), config.norm_eps)
+    attn_norm = rmsnorm(x, as_float32(w("attention_norm")), config.norm_eps)
     keep("attn_norm", attn_norm)
     attn_out = attention(attn_norm, w("attention.wq"), w("attention.wk"), w("attention.wv"),
                          w("attention.wo"), cos, sin, cache, layer, config, keep)
     keep("attn_out", attn_out)
     h = x + attn_out
     keep("h", h)
-    ffn_norm = rmsnorm(h, w("ffn_norm"), config.norm_eps)
+    ffn_norm = rmsnorm(h, as_float32(w("ffn_norm")), config.norm_eps)
     keep("ffn_norm", ffn_norm)
     ffn_out = swiglu(ffn_norm, w("feed_forward.w1"), w("feed_forward.w2"), w("feed_forward.w3"), keep)
     keep("ffn_out", ffn_out)
@@ -291,6 +313,6 @@ def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
         x = x[-1:]
     x = rmsnorm(x, as_float32(weights["norm.weight"]), config.norm_eps)
     keep("norm", x)
-    logits = x @ as_float32(weights["output.weight"]).T
+    logits = linear(x, weights["output.weight"])
     keep("logits", logits)
     return expect_shape(logits, (x.shape[0], config.vocab_size), "logits")
