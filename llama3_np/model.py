@@ -172,8 +172,16 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 def softmax(x: np.ndarray) -> np.ndarray:  # [..., S] -> [..., S]
     """exp(x - max) / sum exp(x - max) along the last axis; masked (-inf) entries become 0."""
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    e = x - x.max(axis=-1, keepdims=True)
+    np.exp(e, out=e)  # in place: attention's scores are the largest arrays of a prefill
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
+
+
+def causal_mask(T: int, S: int) -> np.ndarray:  # -> [T, S]
+    """0 where query t (the last T of S positions) may see key s, -inf where s is in its future."""
+    future = np.arange(S)[None, :] > (S - T + np.arange(T))[:, None]
+    return np.where(future, np.float32(-np.inf), np.float32(0))
 
 
 def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
@@ -190,9 +198,9 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
     expect_shape(values, (KV, S, Dh), "attention values")
     n_rep = H // KV
     q_groups = q.reshape(T, KV, n_rep, Dh).transpose(1, 2, 0, 3)  # [KV, H/KV, T, Dh]
-    scores = q_groups @ keys[:, None].swapaxes(-1, -2) / np.float32(math.sqrt(Dh))  # [KV, H/KV, T, S]
-    future = np.arange(S)[None, :] > (S - T + np.arange(T))[:, None]  # [T, S]
-    scores[..., future] = -np.inf
+    scores = q_groups @ keys[:, None].swapaxes(-1, -2)  # [KV, H/KV, T, S]
+    scores /= np.float32(math.sqrt(Dh))
+    scores += causal_mask(T, S)
     probs = softmax(scores)  # [KV, H/KV, T, S]
     keep("probs", probs.reshape(H, T, S))
     out = probs @ values[:, None]  # [KV, H/KV, T, Dh]
