@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""The same prompt ids through llama3_np, Hugging Face `transformers` and llama.cpp, in one run.
+
+    python tools/bench_compare.py [-m DIR] [--prompt N] [--new N] [--runs N] [--engines LIST]
+
+Every engine gets the synthetic prompt of `llama3-np bench`, decodes --new tokens greedily from an
+empty cache --runs times after a warm-up, and reports median prefill and decode speeds, its load
+time and its peak RSS. Each engine runs in its own process, one after the other, so that one's
+thread pool cannot slow another (NumPy's OpenBLAS and torch's OpenMP threads both spin while they
+wait for work). The table ends with llama3_np's speed as a multiple of each other engine's, and
+how many of the greedy ids each engine shares with llama3_np.
+
+Engines (tools-only dependencies):
+    llama3_np   `llama3-np bench`, float32 residency
+    hf          transformers LlamaForCausalLM in float32 (torch==2.13.0), KV cache, logits of
+                the last prompt position only (as `generate` does)
+    llama.cpp   llama-cpp-python, if installed, on an F32 GGUF of the same weights, written by
+                this tool next to the checkpoint (`llama3_np-f32.gguf`) with a placeholder
+                vocabulary (ids in, ids out)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
+
+from llama3_np.assets import model_dir
+from llama3_np.bench import synthetic_prompt
+from llama3_np.errors import Llama3Error
+
+ENGINES = ("llama3_np", "hf", "llama.cpp")
+GGUF_NAME = "llama3_np-f32.gguf"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed_runs(prefill, step, prompt: list[int], new: int, runs: int) -> dict:
+    """Median speeds of greedy generations: `prefill(ids) -> first id`, `step(id) -> next id`,
+    each starting from an empty cache. One short warm-up first."""
+    def generate(ids, n):
+        t0 = time.perf_counter()
+        token = prefill(ids)
+        t1 = time.perf_counter()
+        out = [token]
+        for _ in range(n - 1):
+            token = step(token)
+            out.append(token)
+        return t1 - t0, time.perf_counter() - t1, out
+
+    generate(prompt[:16], min(new, 4))
+    prefill_speeds, decode_speeds = [], []
+    for _ in range(runs):
+        p, d, ids = generate(prompt, new)
+        prefill_speeds.append(len(prompt) / p)
+        decode_speeds.append((new - 1) / d)
+    return {"prefill_tokens_per_s": statistics.median(prefill_speeds),
+            "decode_tokens_per_s": statistics.median(decode_speeds), "ids": ids}
+
+
+def run_hf(path: Path, prompt: list[int], new: int, runs: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    state = {}
+
+    def prefill(ids):
+        out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        state["cache"] = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def step(token):
+        out = model(torch.tensor([[token]]), past_key_values=state["cache"], use_cache=True)
+        state["cache"] = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    with torch.inference_mode():
+        result = timed_runs(prefill, step, prompt, new, runs)
+    return dict(result, load_s=load_s, peak_rss_mb=peak_rss_mb(),
+                threads=f"{torch.get_num_threads()} (torch)", version=f"transformers {__import__('transformers').__version__}, torch {torch.__version__}")
+
+
+def write_f32_gguf(checkpoint, out: Path) -> None:
+    """The checkpoint's weights as an F32 GGUF llama.cpp runs: Meta names become GGUF names, rows
+    stay in Meta's rope order (as llama.cpp's own converter writes them), llama3 rope scaling goes
+    into a `rope_freqs` tensor of per-pair divisors, and the vocabulary is placeholders."""
+    import gguf
+    import numpy as np
+
+    from llama3_np.model import rope_frequencies
+
+    c = checkpoint.config
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.dim)
+    w.add_block_count(c.n_layers)
+    w.add_feed_forward_length(c.ffn_dim)
+    w.add_head_count(c.n_heads)
+    w.add_head_count_kv(c.n_kv_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"<t{i}>" for i in range(c.vocab_size)])
+    w.add_token_scores([0.0] * c.vocab_size)
+    w.add_token_types([gguf.TokenType.NORMAL] * c.vocab_size)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_add_bos_token(False)
+    if c.rope_scaling is not None:
+        plain = rope_frequencies(type(c)(**dict(c.to_dict(), rope_scaling=None)))
+        w.add_tensor("rope_freqs.weight", (plain / rope_frequencies(c)).astype(np.float32))
+    names = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
+             "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+             "attention.wo": "attn_output", "attention_norm": "attn_norm", "feed_forward.w1": "ffn_gate",
+             "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up", "ffn_norm": "ffn_norm"}
+    for name, array in checkpoint.weights.items():
+        if name == "output.weight" and c.tie_embeddings:
+            continue
+        base = name[:-len(".weight")]
+        if base.startswith("layers."):
+            _, i, rest = base.split(".", 2)
+            gguf_name = f"blk.{i}.{names[rest]}.weight"
+        else:
+            gguf_name = f"{names[base]}.weight"
+        w.add_tensor(gguf_name, np.ascontiguousarray(array, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def run_llama_cpp(path: Path, prompt: list[int], new: int, runs: int, threads: int) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    gguf_path = path / GGUF_NAME
+    if not gguf_path.is_file():
+        from llama3_np.checkpoint import load_checkpoint
+
+        write_f32_gguf(load_checkpoint(path), gguf_path)
+    t0 = time.perf_counter()
+    llm = Llama(str(gguf_path), n_ctx=len(prompt) + new, n_batch=512, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+    load_s = time.perf_counter() - t0
+
+    def last_argmax() -> int:
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    def prefill(ids):
+        llm.reset()
+        llm.eval(ids)
+        return last_argmax()
+
+    def step(token):
+        llm.eval([token])
+        return last_argmax()
+
+    import llama_cpp
+    return dict(timed_runs(prefill, step, prompt, new, runs), load_s=load_s, peak_rss_mb=peak_rss_mb(),
+                threads=str(threads), version=f"llama-cpp-python {llama_cpp.__version__}")
+
+
+def run_llama3_np(path: Path, prompt_n: int, new: int, runs: int) -> dict:
+    from llama3_np.bench import bench
+
+    r = bench(path, "float32", prompt_n, new, runs)
+    return {"prefill_tokens_per_s": r.prefill_tokens_per_s, "decode_tokens_per_s": r.decode_tokens_per_s,
+            "ids": r.ids, "load_s": r.load_s, "peak_rss_mb": r.peak_rss_mb, "threads": r.threads,
+            "version": "llama3_np", "decode_fraction": r.decode_fraction, "prefill_fraction": r.prefill_fraction,
+            "bandwidth_gb_s": r.bandwidth_gb_s, "sgemm_gflop_s": r.sgemm_gflop_s}
+
+
+def worker(engine: str, path: Path, prompt_n: int, new: int, runs: int, threads: int) -> dict:
+    from llama3_np.config import from_hf_config
+
+    config = from_hf_config(json.loads((path / "config.json").read_text()))
+    prompt = synthetic_prompt(prompt_n, config.vocab_size)
+    if engine == "llama3_np":
+        return run_llama3_np(path, prompt_n, new, runs)
+    if engine == "hf":
+        return run_hf(path, prompt, new, runs)
+    return run_llama_cpp(path, prompt, new, runs, threads)
+
+
+def available(engine: str) -> bool:
+    module = {"llama3_np": "numpy", "hf": "transformers", "llama.cpp": "llama_cpp"}[engine]
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def compare(args) -> int:
+    path = model_dir(args.model)
+    if not (path / "config.json").is_file():
+        raise Llama3Error(f"{path}: no config.json; bench_compare needs a Hugging Face checkpoint folder")
+    results = {}
+    for engine in args.engines:
+        if not available(engine):
+            print(f"{engine}: not installed, skipped", file=sys.stderr)
+            continue
+        print(f"running {engine} ...", file=sys.stderr)
+        cmd = [sys.executable, __file__, "--worker", engine, "-m", str(path), "--prompt", str(args.prompt),
+               "--new", str(args.new), "--runs", str(args.runs), "--threads", str(args.threads)]
+        env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        if done.returncode != 0:
+            raise Llama3Error(f"{engine} failed (exit status {done.returncode}); see its messages above")
+        results[engine] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(table(results, args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def table(results: dict, args) -> str:
+    ours = results.get("llama3_np")
+    lines = [f"prompt {args.prompt} tokens, {args.new} new tokens, median of {args.runs} runs",
+             f"{'engine':10s} {'load s':>7s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'peak RSS MB':>12s}"
+             f" {'ours/theirs prefill':>20s} {'decode':>7s} {'same ids':>9s}  threads, version"]
+    for engine, r in results.items():
+        ratios = same = ""
+        if ours is not None:
+            ratios = (f"{ours['prefill_tokens_per_s'] / r['prefill_tokens_per_s']:20.2f} "
+                      f"{ours['decode_tokens_per_s'] / r['decode_tokens_per_s']:7.2f}")
+            same = f"{common_prefix(ours['ids'], r['ids'])}/{len(r['ids'])}"
+        lines.append(f"{engine:10s} {r['load_s']:7.2f} {r['prefill_tokens_per_s']:14.1f} "
+                     f"{r['decode_tokens_per_s']:13.1f} {r['peak_rss_mb']:12.0f} {ratios:>28s} {same:>9s}  "
+                     f"{r['threads']}, {r['version']}")
+    if ours is not None:
+        lines.append(f"llama3_np: decode {ours['decode_fraction']:.2f} of {ours['bandwidth_gb_s']:.1f} GB/s, "
+                     f"prefill {ours['prefill_fraction']:.2f} of {ours['sgemm_gflop_s']:.1f} GFLOP/s "
+                     "(limits measured in its process)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-m", "--model", metavar="DIR", help="Hugging Face checkpoint folder (default: the default model)")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    p.add_argument("--engines", type=lambda s: s.split(","), default=list(ENGINES),
+                   help=f"comma-separated, from {','.join(ENGINES)}")
+    p.add_argument("--json", metavar="FILE", help="also write every engine's figures to FILE")
+    p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for engine in args.engines:
+        if engine not in ENGINES:
+            p.error(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    if args.worker:
+        return run_tool("bench_compare", lambda: print(json.dumps(
+            worker(args.worker, model_dir(args.model), args.prompt, args.new, args.runs, args.threads))))
+    return run_tool("bench_compare", lambda: compare(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
