@@ -44,6 +44,19 @@ FLOAT_DTYPES = (np.dtype("<f4"), np.dtype("<f2"), np.dtype(ml_dtypes.bfloat16))
 # Where load_tokenizer(dir) looks, in its order.
 TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")
 
+# The embedded default model (put there by tools/fetch_default_model.py), used when no -m is given.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "weights" / "default"
+
+
+def resolve_model_dir(model: Optional[str]) -> Path:
+    """The folder a `-m` flag names, or the default model's when there is none."""
+    if model is not None:
+        return Path(model)
+    if not DEFAULT_MODEL_DIR.is_dir():
+        raise Llama3Error(f"no -m DIR given and the default model is not in {DEFAULT_MODEL_DIR}: "
+                          "run python tools/fetch_default_model.py (make run does), or pass -m DIR")
+    return DEFAULT_MODEL_DIR
+
 # --- names ---------------------------------------------------------------------------------------
 
 # Meta name (per layer after "layers.{i}.") <-> Hugging Face name (after "model.layers.{i}.").
