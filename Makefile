@@ -39,5 +39,9 @@ test: $(VENV)/.installed-test
 
 tools: $(VENV)/.installed-tools
 
+# Rebuild the committed torch reference dumps under tests/fixtures/parity/ (see its README.md).
+fixtures: tools
+	$(BIN)/python tools/make_reference_dumps.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -12,7 +12,7 @@ import pytest
 
 import llama3_np.pth
 import llama3_np.safetensors_file
-from checkpoint_builders import TINY_PARAMS, write_torch_zip
+from tests.checkpoint_builders import TINY_PARAMS, write_torch_zip
 from llama3_np import Llama3Error
 from llama3_np.checkpoint import load_checkpoint
 from llama3_np.cli import main

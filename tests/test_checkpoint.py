@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from checkpoint_builders import random_weights, tiny_config, write_meta, write_pth
+from tests.checkpoint_builders import random_weights, tiny_config, write_meta, write_pth
 from llama3_np import Llama3Error
 from llama3_np.checkpoint import (hf_name, load_checkpoint, meta_name, permute_qk, save_hf_checkpoint,
                                   scan_checkpoint, unpermute_qk)

@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from checkpoint_builders import random_weights
+from tests.checkpoint_builders import random_weights
 from llama3_np import Llama3Error
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))

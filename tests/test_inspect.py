@@ -8,7 +8,7 @@ import ml_dtypes
 import pytest
 
 import llama3_np.checkpoint
-from checkpoint_builders import random_weights, tiny_config
+from tests.checkpoint_builders import random_weights, tiny_config
 from llama3_np.checkpoint import DEFAULT_MODEL_DIR, load_checkpoint, save_hf_checkpoint
 from llama3_np.cli import main
 from llama3_np.config import ModelConfig

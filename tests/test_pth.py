@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from checkpoint_builders import state_dict_pickle, tensor_opcodes, write_torch_zip
+from tests.checkpoint_builders import state_dict_pickle, tensor_opcodes, write_torch_zip
 from llama3_np import Llama3Error
 from llama3_np.pth import PthFile
 from llama3_np.safetensors_file import SafetensorsFile

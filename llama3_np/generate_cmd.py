@@ -1,0 +1,274 @@
+"""`llama3-np generate` and `llama3-np chat`: text from a checkpoint, streamed as it is produced.
+
+Text goes to stdout, statistics (load time, prefill and decode speed, peak memory, seed) to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .assets import model_dir
+from .errors import Llama3Error
+from .generation import Generation, Session
+from .sampling import SamplingParams
+
+# Without --ctx, the KV cache holds at most this many tokens (or the model's own context if smaller):
+# a 131,072-token float32 cache for an 8B model would need 34 GB.
+DEFAULT_CTX = 4096
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", metavar="DIR",
+                   help="checkpoint folder (Hugging Face or Meta format); default: the embedded default model")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weight residency: float32 (fast) or bfloat16 (half the memory)")
+    p.add_argument("--rope-factor", type=float, metavar="F",
+                   help="override the llama3 rope scaling factor of a Meta params.json")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    d = SamplingParams()
+    p.add_argument("-n", "--n-predict", type=int, default=128, metavar="N",
+                   help="tokens to generate; -1: until a stop token or the context is full (default 128)")
+    p.add_argument("--temp", type=float, default=d.temperature, help=f"temperature; 0 = greedy (default {d.temperature})")
+    p.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off (default {d.top_k})")
+    p.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
+    p.add_argument("--min-p", type=float, default=d.min_p, help=f"0 = off (default {d.min_p})")
+    p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty,
+                   help=f"penalty on the last 64 tokens; 1 = off (default {d.repeat_penalty})")
+    p.add_argument("--seed", type=int, help="random seed (default: a random one, printed with the statistics)")
+    p.add_argument("--ctx", type=int, metavar="N",
+                   help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
+
+
+def add_command(sub) -> None:
+    g = sub.add_parser("generate", help="continue a prompt (or answer it as a chat turn with --chat)")
+    add_model_args(g)
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("-p", "--prompt", help="prompt text")
+    src.add_argument("-f", "--file", help="read the prompt from a UTF-8 text file")
+    src.add_argument("--tokens", help="prompt as comma-separated token ids (no tokenizer needed)")
+    add_sampling_args(g)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the model's chat format")
+    g.add_argument("--system", help="system message (with --chat)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.set_defaults(func=run_generate)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat in the model's chat format")
+    add_model_args(c)
+    add_sampling_args(c)
+    c.add_argument("--system", help="system message")
+    c.set_defaults(func=run_chat, n_predict=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def sampling_params(args) -> SamplingParams:
+    return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                          min_p=args.min_p, repeat_penalty=args.repeat_penalty)
+
+
+def seeded_rng(args) -> tuple[int, np.random.Generator]:
+    seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**32)
+    if seed < 0:
+        raise Llama3Error(f"--seed must be >= 0, got {seed}")
+    return seed, np.random.default_rng(seed)
+
+
+class Loaded:
+    """A checkpoint, its tokenizer (None when it has none) and chat format, and the load time."""
+
+    def __init__(self, args, need_tokenizer: bool):
+        from .checkpoint import load_checkpoint
+        from .tokenizer import load_tokenizer
+
+        t0 = time.perf_counter()
+        path = model_dir(args.model)
+        self.checkpoint = load_checkpoint(path, dtype=args.dtype, rope_factor=args.rope_factor)
+        try:
+            self.tokenizer = load_tokenizer(path)
+        except Llama3Error:
+            if need_tokenizer:
+                raise
+            self.tokenizer = None
+        self.load_seconds = time.perf_counter() - t0
+        self.config = self.checkpoint.config
+
+    def ctx(self, requested: int | None) -> int:
+        if requested is not None:
+            if requested <= 0:
+                raise Llama3Error(f"--ctx must be positive, got {requested}")
+            return requested
+        return min(self.config.max_seq_len, DEFAULT_CTX)
+
+    def chat_format(self):
+        from .chat import chat_format_for
+        return chat_format_for(self.tokenizer)
+
+    def stop_ids(self, chat: bool) -> set[int]:
+        ids = set(self.checkpoint.eos_ids)
+        if self.tokenizer is not None:
+            ids.add(self.tokenizer.eos_id)
+            if chat:
+                ids |= set(self.chat_format().stop_ids)
+        return ids
+
+
+def read_prompt(args) -> str | None:
+    if args.file is not None:
+        path = Path(args.file)
+        if not path.is_file():
+            raise Llama3Error(f"prompt file {args.file} does not exist")
+        data = path.read_bytes()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise Llama3Error(f"prompt file {args.file} is not UTF-8 text (byte 0x{data[e.start]:02x} "
+                              f"at offset {e.start}): convert it to UTF-8") from None
+    return args.prompt
+
+
+def parse_token_ids(text: str, vocab_size: int) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise Llama3Error(f"--tokens takes comma-separated integers, got {text!r}") from None
+    for i in ids:
+        if not 0 <= i < vocab_size:
+            raise Llama3Error(f"--tokens: id {i} is outside the vocabulary (0..{vocab_size - 1})")
+    return ids
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def stats_line(loaded: Loaded, out: Generation, seed: int) -> str:
+    return (f"load {loaded.load_seconds:.2f} s | prompt {len(out.prompt_ids)} tokens, "
+            f"{out.prefill_tokens_per_second:.1f} tok/s | generated {len(out.ids)} tokens, "
+            f"{out.decode_tokens_per_second:.1f} tok/s | peak RSS {peak_rss_mb():.0f} MB | "
+            f"seed {seed} | stop: {out.stop_reason}")
+
+
+class Printer:
+    """Streams generated ids to stdout as UTF-8 text (ids themselves when there is no tokenizer)."""
+
+    def __init__(self, tokenizer, stop_ids):
+        from .tokenizer import StreamDecoder
+
+        self.tokenizer, self.stop_ids = tokenizer, stop_ids
+        self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
+        self.stream = sys.stdout.buffer
+
+    def __call__(self, token: int) -> None:
+        if token in self.stop_ids:
+            return
+        text = self.decoder.push(token) if self.decoder else f"{token} "
+        self.write(text)
+
+    def write(self, text: str) -> None:
+        if text:
+            self.stream.write(text.encode("utf-8"))
+            self.stream.flush()
+
+    def finish(self) -> None:
+        self.write((self.decoder.flush() if self.decoder else "") + "\n")
+
+
+def run_generate(args) -> int:
+    params = sampling_params(args)
+    seed, rng = seeded_rng(args)
+    text = read_prompt(args)
+    if text is None and args.tokens is None:
+        raise Llama3Error("give a prompt: -p TEXT, -f FILE or --tokens 1,2,3")
+    if args.system is not None and not args.chat:
+        raise Llama3Error("--system goes with --chat")
+    loaded = Loaded(args, need_tokenizer=args.tokens is None)
+    if args.tokens is not None:
+        if args.chat:
+            raise Llama3Error("--chat needs a text prompt (-p or -f), not --tokens")
+        prompt = parse_token_ids(args.tokens, loaded.config.vocab_size)
+    elif args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+        prompt = loaded.chat_format().encode_dialog(messages + [{"role": "user", "content": text}])
+    else:
+        if text == "":
+            raise Llama3Error("the prompt is empty: give some text")
+        prompt = loaded.tokenizer.encode(text, bos=loaded.tokenizer.add_bos)
+    if not prompt:
+        raise Llama3Error("the prompt is empty: give some text (-p/-f) or token ids (--tokens)")
+
+    ctx = loaded.ctx(args.ctx)
+    if len(prompt) > ctx:
+        raise Llama3Error(f"the prompt has {len(prompt)} tokens but the context holds {ctx}: "
+                          "shorten it or raise --ctx")
+    # The cache needs room for the prompt and the new tokens, never more than the context.
+    cache_len = ctx if args.n_predict < 0 else min(ctx, len(prompt) + args.n_predict)
+    session = Session(loaded.checkpoint.weights, loaded.config, cache_len)
+    stop_ids = loaded.stop_ids(chat=args.chat)
+    printer = None if args.json else Printer(loaded.tokenizer, stop_ids)
+    out = session.generate(prompt, params, rng, args.n_predict, stop_ids, on_token=printer)
+
+    if args.json:
+        result = {
+            "prompt_ids": out.prompt_ids, "ids": out.ids,
+            "text": loaded.tokenizer.decode(out.text_ids) if loaded.tokenizer else None,
+            "stop_reason": out.stop_reason, "seed": seed,
+            "timings": {"load_s": loaded.load_seconds, "prefill_s": out.prefill_seconds,
+                        "decode_s": out.decode_seconds,
+                        "prefill_tokens_per_s": out.prefill_tokens_per_second,
+                        "decode_tokens_per_s": out.decode_tokens_per_second},
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+    else:
+        printer.finish()
+        print(stats_line(loaded, out, seed), file=sys.stderr)
+    return 130 if out.stop_reason == "interrupted" else 0
+
+
+def run_chat(args) -> int:
+    params = sampling_params(args)
+    seed, rng = seeded_rng(args)
+    loaded = Loaded(args, need_tokenizer=True)
+    fmt = loaded.chat_format()
+    session = Session(loaded.checkpoint.weights, loaded.config, loaded.ctx(args.ctx))
+    stop_ids = loaded.stop_ids(chat=True)
+    interactive = sys.stdin.isatty()
+    print(f"chat with {session.config.n_layers}-layer model from {loaded.checkpoint.path} "
+          f"({fmt.name} format, {session.ctx}-token context, seed {seed}); "
+          "Ctrl-C stops an answer, Ctrl-D quits", file=sys.stderr)
+    first = True
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        if not line.strip():
+            continue
+        if first:
+            messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+            ids = fmt.encode_dialog(messages + [{"role": "user", "content": line}])
+        else:
+            # The previous answer's end-of-turn token was sampled, never fed: close that turn,
+            # then add this one. Earlier turns stay in the KV cache.
+            ids = fmt.end_of_turn_ids() + fmt.encode_turn({"role": "user", "content": line})
+        if len(ids) > session.ctx - session.cache.length:
+            raise Llama3Error(f"the conversation no longer fits the {session.ctx}-token context: "
+                              "start a new chat, with a larger --ctx")
+        printer = Printer(loaded.tokenizer, stop_ids)
+        out = session.generate(ids, params, rng, args.n_predict, stop_ids, on_token=printer)
+        printer.finish()
+        first = False
+        print(stats_line(loaded, out, seed), file=sys.stderr)
+        if out.stop_reason == "length" and session.cache.length >= session.ctx:
+            print("the context is full; start a new chat (with a larger --ctx)", file=sys.stderr)
+            return 0

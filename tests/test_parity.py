@@ -1,0 +1,196 @@
+"""Every stage of llama3_np's forward pass against Meta's `llama-models` reference and Hugging Face
+`transformers`, both run in float32 (and HF also in bfloat16) on the same bf16 weights.
+
+The fixtures under tests/fixtures/parity/ are made by `python tools/make_reference_dumps.py`
+(see the README there). Three configurations: llama3_0 (no rope scaling, untied output),
+llama3_1 (llama3 scaling, factor 8), llama3_2 (factor 32, tied embeddings).
+
+Tolerances (normalised MSE = sum of squared differences / sum of squared reference values):
+- every case, positions from 0 and from 24,571: 1e-10 at every stage, and logits max relative
+  error 1e-4 for the prompt. The two float32 references agree with each other to about 1e-12, so
+  anything above 1e-10 is a real difference (measured: worst stage about 8e-13).
+  At positions >= 20,000 the rotation angle position·frequency carries a float32 rounding error
+  of up to position·2⁻²⁴ ≈ 1e-3 rad, which would allow only about 1e-6; we hold 1e-10 there too
+  because `model.rope_cos_sin` rounds exactly where both references round (their frequency
+  tables are bit-identical to ours, see the rope test);
+- against HF computing in bfloat16: 1e-2 (the bound llama.cpp uses for a passing conversion).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from safetensors import safe_open
+
+from llama3_np.checkpoint import load_checkpoint, unpermute_qk
+from llama3_np.config import ModelConfig, from_hf_config
+from llama3_np.model import KVCache, Trace, forward, rope_cos_sin, rope_frequencies
+from tests.helpers import assert_close, max_rel_err, nmse
+
+FIXTURES = Path(__file__).parent / "fixtures" / "parity"
+CONFIGS = ["llama3_0", "llama3_1", "llama3_2"]
+CASES = {"prompt": 1e-10, "far": 1e-10, "far_decode": 1e-10}
+
+
+def load_dump(path: Path):
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata()
+    return load_file(str(path)), meta
+
+
+_checkpoints = {}
+
+
+def checkpoint(name):
+    if name not in _checkpoints:
+        _checkpoints[name] = load_checkpoint(FIXTURES / name)
+    return _checkpoints[name]
+
+
+def run_like(dump_meta, ckpt, trace: Trace):
+    """Run the same tokens at the same positions, with the same cache contents, as the dump."""
+    tokens = json.loads(dump_meta["tokens"])
+    context = json.loads(dump_meta["context_tokens"])
+    cache = KVCache(ckpt.config, len(context) + len(tokens))
+    if context:
+        forward(ckpt.weights, ckpt.config, context, cache, pos=int(dump_meta["context_pos"]))
+    return forward(ckpt.weights, ckpt.config, tokens, cache, pos=int(dump_meta["pos"]), trace=trace)
+
+
+def stage_errors(ours: Trace, ref: dict, tol: float):
+    """(name, NMSE, max rel err) for every reference stage, and the lines of those past `tol`."""
+    rows, bad = [], []
+    for name, value in ref.items():
+        assert name in ours, f"stage {name} missing from llama3_np's trace"
+        e, r = nmse(ours[name], value), max_rel_err(ours[name], value)
+        rows.append((name, e, r))
+        if e > tol:
+            bad.append(f"  {name}: NMSE {e:.3e} (max rel err {r:.3e})")
+    return rows, bad
+
+
+@pytest.mark.parametrize("ref", ["hf", "meta"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_stage_matches_the_float32_references(name, case, ref):
+    ckpt = checkpoint(name)
+    dump, meta = load_dump(FIXTURES / name / f"{ref}_{case}.safetensors")
+    assert ModelConfig.from_dict(json.loads(meta["config"])) == ckpt.config, "fixture config differs"
+    trace = Trace()
+    run_like(meta, ckpt, trace)
+    tol = CASES[case]
+    rows, bad = stage_errors(trace, dump, tol)
+    assert len(rows) == 2 + ckpt.config.n_layers * 13 + 1, f"fixture has {len(rows)} stages"
+    worst = max(rows, key=lambda row: row[1])
+    assert not bad, (f"{name} {case} vs {meta['producer']}: {len(bad)} stages past NMSE {tol:.0e} "
+                     f"(worst {worst[0]}):\n" + "\n".join(bad))
+    if case == "prompt":
+        r = max_rel_err(trace["logits"], dump["logits"])
+        assert r <= 1e-4, f"{name} logits vs {meta['producer']}: max rel err {r:.3e} > 1e-4"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_hugging_face_computing_in_bfloat16(name):
+    ckpt = checkpoint(name)
+    dump, meta = load_dump(FIXTURES / name / "hf_bf16_prompt.safetensors")
+    logits = run_like(meta, ckpt, Trace(["logits"]))
+    assert_close(logits, dump["logits"], f"{name} logits vs HF bfloat16", 1e-2)
+
+
+def test_llama32_follows_the_config_factor_32_not_metas_hard_coded_8():
+    """Meta's llama-models hard-codes the llama3 rope factor 8; Llama 3.2 1B/3B use 32, as their
+    configs say. We follow the config: equal to HF, measurably different from Meta as shipped."""
+    ckpt = checkpoint("llama3_2")
+    assert ckpt.config.rope_scaling.factor == 32
+    shipped, meta = load_dump(FIXTURES / "llama3_2" / "meta8_far.safetensors")
+    hf, _ = load_dump(FIXTURES / "llama3_2" / "hf_far.safetensors")
+    trace = Trace()
+    run_like(meta, ckpt, trace)
+    for stage in ("layers.0.q_rope", "layers.0.k_rope"):
+        e_shipped = nmse(trace[stage], shipped[stage])
+        e_hf = nmse(trace[stage], hf[stage])
+        assert e_shipped > 1e-2, f"{stage}: only NMSE {e_shipped:.3e} from Meta's factor-8 reference"
+        assert e_hf <= 1e-6, f"{stage}: NMSE {e_hf:.3e} from HF (factor 32)"
+    # The two references themselves disagree by as much.
+    assert nmse(shipped["layers.0.q_rope"], hf["layers.0.q_rope"]) > 1e-2
+
+
+ROPE_POSITIONS = [0, 8191, 8192, 32768, 131071]
+
+
+def rope_cases():
+    with safe_open(str(FIXTURES / "rope.safetensors"), framework="numpy") as f:
+        meta = f.metadata()
+    return load_file(str(FIXTURES / "rope.safetensors")), meta
+
+
+@pytest.mark.parametrize("which", ["llama3_0_8b", "llama3_1_8b", "llama3_2_1b"])
+def test_rope_table_and_cos_sin_match_hugging_face_at_far_positions(which):
+    """The frequency table must match HF to float32 rounding (a relative 2⁻²³ per entry).
+    cos/sin: the angle p·f is rounded to float32 by both, so an entry differs by at most an ulp
+    of cos/sin plus the effect of an ulp difference in f, which at p = 131,071 is
+    p·f·2⁻²³ ≲ 131071 · 1 · 1.2e-7 ≈ 0.016 for the fastest pair; tolerances follow from that and
+    from how many entries actually differ (printed on failure)."""
+    data, meta = rope_cases()
+    # The fixture records the rope part of each model's Hugging Face config; sizes that rope does
+    # not use are filled in.
+    hf = dict(json.loads(meta["configs"])[which], num_hidden_layers=1, intermediate_size=1, vocab_size=1)
+    cfg = from_hf_config(hf)
+    positions = np.array(json.loads(meta["positions"]))
+    assert list(positions) == ROPE_POSITIONS
+    ours_f = rope_frequencies(cfg)
+    ref_f = data[f"{which}.inv_freq"]
+    rel = np.max(np.abs(ours_f.astype(np.float64) - ref_f) / ref_f)
+    assert rel <= 2 ** -23, f"{which}: inv_freq max rel err {rel:.3e}"
+    cos, sin = rope_cos_sin(positions, ours_f)
+    half = cfg.head_dim // 2
+    for got, key in ((cos, "cos"), (sin, "sin")):
+        ref = data[f"{which}.{key}"]
+        assert np.array_equal(ref[:, :half], ref[:, half:]), "HF cos/sin halves should repeat"
+        err = np.abs(got - ref[:, :half])
+        bound = np.float32(2 ** -23) * (1 + positions[:, None] * ref_f[None, :])  # per entry
+        assert np.all(err <= 2 * bound + 1e-6), (
+            f"{which} {key}: max abs err {err.max():.3e} at position "
+            f"{positions[np.unravel_index(err.argmax(), err.shape)[0]]}")
+
+
+def test_hf_layout_and_meta_layout_give_the_same_attention_scores():
+    """Hugging Face stores wq/wk rows permuted for its rotate-half rope; the loader un-permutes
+    them to Meta's interleaved layout. Both forms must give the same q·k scores per head."""
+    ckpt = checkpoint("llama3_1")
+    cfg = ckpt.config
+    hf = load_file(str(FIXTURES / "llama3_1" / "model.safetensors"))  # HF names and layout
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, cfg.dim)).astype(np.float32)
+    positions = np.arange(12) + 20_000
+    cos, sin = rope_cos_sin(positions, rope_frequencies(cfg))
+    Dh = cfg.head_dim
+
+    def rotate_half_rope(t):  # HF: t·cos + rotate_half(t)·sin with cos/sin halves repeated
+        c, s = np.concatenate([cos, cos], -1)[:, None], np.concatenate([sin, sin], -1)[:, None]
+        rotated = np.concatenate([-t[..., Dh // 2:], t[..., :Dh // 2]], -1)
+        return t * c + rotated * s
+
+    def interleaved_rope(t):
+        from llama3_np.model import rope
+        return rope(t, cos, sin)
+
+    def scores(wq, wk, rope_fn):
+        q = rope_fn((x @ np.asarray(wq, np.float32).T).reshape(12, cfg.n_heads, Dh))
+        k = rope_fn((x @ np.asarray(wk, np.float32).T).reshape(12, cfg.n_kv_heads, Dh))
+        k = np.repeat(k, cfg.n_rep, axis=1)
+        return np.einsum("thd,shd->hts", q, k)
+
+    hf_scores = scores(hf["model.layers.0.self_attn.q_proj.weight"],
+                       hf["model.layers.0.self_attn.k_proj.weight"], rotate_half_rope)
+    meta_scores = scores(ckpt.weights["layers.0.attention.wq.weight"],
+                         ckpt.weights["layers.0.attention.wk.weight"], interleaved_rope)
+    assert_close(meta_scores, hf_scores, "attention scores, Meta vs HF layout", 1e-12)
+    # And the loader's un-permutation is what makes them equal: without it they differ.
+    raw = scores(hf["model.layers.0.self_attn.q_proj.weight"],
+                 hf["model.layers.0.self_attn.k_proj.weight"], interleaved_rope)
+    assert nmse(raw, hf_scores) > 1e-2
+    assert np.array_equal(unpermute_qk(hf["model.layers.0.self_attn.k_proj.weight"], cfg.n_kv_heads),
+                          ckpt.weights["layers.0.attention.wk.weight"])
