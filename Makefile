@@ -33,6 +33,7 @@ $(VENV)/.installed-tools: setup.cfg pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-run
 
 test: $(VENV)/.installed-test
+	$(BIN)/python tools/fetch_tokenizer.py
 	$(BIN)/python -m pytest
 
 tools: $(VENV)/.installed-tools
