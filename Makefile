@@ -34,6 +34,7 @@ run: $(VENV)/.installed-run
 	$(BIN)/python tools/fetch_default_model.py
 
 test: $(VENV)/.installed-test
+	$(BIN)/python tools/fetch_tokenizer.py
 	$(BIN)/python tools/fetch_default_model.py
 	$(BIN)/python -m pytest
 
