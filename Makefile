@@ -41,8 +41,10 @@ test: $(VENV)/.installed-test
 tools: $(VENV)/.installed-tools
 
 # Rebuild the committed torch reference dumps under tests/fixtures/parity/ (see its README.md).
+# Also rebuilds the tokenizer reference ids under tests/fixtures/tokenizer/ (Meta, llama.cpp).
 fixtures: tools
 	$(BIN)/python tools/make_reference_dumps.py
+	$(BIN)/python tools/make_tokenizer_fixtures.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
