@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from llama3_np import bpe
 from llama3_np.tokenizer import GPT2_PATTERN
-from test_tokenizer_assets import TOKENIZERS, corpus, fixture
+from tests.test_tokenizer_assets import TOKENIZERS, corpus, fixture
 
 # Characters that sit on the edges of the split patterns: apostrophes and contraction letters,
 # digits of several scripts, whitespace of several kinds, joiners, combining marks, emoji, CJK,

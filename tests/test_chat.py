@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from llama3_np.chat import CHATML, LLAMA3, chat_format_for, encode_dialog, encode_turn, stop_ids
 from llama3_np.errors import Llama3Error
 from llama3_np.tokenizer import GPT2_PATTERN, Tokenizer
-from test_tokenizer_assets import TOKENIZERS, first_difference, fixture, llama3
+from tests.test_tokenizer_assets import TOKENIZERS, first_difference, fixture, llama3
 
 REFERENCE = {"llama3": "llama3_reference.json", "default": "default_reference.json"}
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llama3_np.tokenizer import StreamDecoder
-from test_tokenizer_assets import TOKENIZERS, corpus, llama3
+from tests.test_tokenizer_assets import TOKENIZERS, corpus, llama3
 
 
 def stream(tok, ids):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from llama3_np.errors import Llama3Error
 from llama3_np.tokenizer import (LLAMA3_PATTERN, StreamDecoder, Tokenizer, _meta_chunks, load_tokenizer,
                                  read_tiktoken_file)
-from test_tokenizer_assets import (TOKENIZERS, corpus, first_difference, fixture, ids_sha256, llama3,
+from tests.test_tokenizer_assets import (TOKENIZERS, corpus, first_difference, fixture, ids_sha256, llama3,
                                    long_text)
 
 REFERENCE = {"llama3": "llama3_reference.json", "default": "default_reference.json"}
