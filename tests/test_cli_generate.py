@@ -169,3 +169,27 @@ def test_empty_prompt_and_non_utf8_prompt_file(tmp_path):
     bad.write_bytes("café".encode("latin-1"))
     assert_one_line_error(cli("generate", "-m", model, "-f", str(bad)), str(bad), "not UTF-8", "0xe9")
     assert_one_line_error(cli("generate", "-m", model, "-f", str(tmp_path / "none.txt")), "does not exist")
+
+
+# --- chat ----------------------------------------------------------------------------------------
+
+def test_chat_turns_stop_at_end_of_turn_and_reuse_the_cache():
+    """Two turns with the default model (ChatML): each answer ends at <|im_end|>, and the second
+    turn feeds only its own tokens, the first turn staying in the KV cache."""
+    from llama3_np.chat import encode_dialog, encode_turn
+    from llama3_np.tokenizer import load_tokenizer
+
+    proc = cli("chat", "--temp", "0", "-n", "48", stdin="What is the capital of France?\nAnd of Italy?\n")
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    stats = [line for line in err.splitlines() if line.startswith("load ")]
+    assert len(stats) == 2, err
+    assert all(line.endswith("stop: stop") for line in stats), err
+    tok = load_tokenizer(DEFAULT_MODEL_DIR)
+    first_prompt = len(encode_dialog(tok, [{"role": "user", "content": "What is the capital of France?"}]))
+    second_prompt = int(stats[1].split("prompt ")[1].split(" tokens")[0])
+    assert f"prompt {first_prompt} tokens" in stats[0]
+    turn = len(encode_turn(tok, [{"role": "user", "content": "And of Italy?"}]))
+    assert second_prompt == turn < first_prompt, f"second turn fed {second_prompt} tokens, not {turn}"
+    answers = proc.stdout.decode()
+    assert "Paris" in answers and "Rome" in answers, answers
