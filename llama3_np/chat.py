@@ -6,9 +6,8 @@ its own, as plain text: a user who types `<|eot_id|>` gets those characters, nev
 Where the parts are cut decides the ids: Meta's `ChatFormat` encodes the header's "\\n\\n" and the
 content separately; a Hugging Face chat template renders role, newline and content as one text.
 
-The checkpoint decides the format: `chat_format_for(tok)` gives Llama 3 when the tokenizer has
-`<|start_header_id|>`, ChatML (`<|im_start|>`, the default model) otherwise, bound to the tokenizer
-as a `Chat` that encodes dialogs.
+The checkpoint decides the format (`chat_format_for`): Llama 3 when the tokenizer has
+`<|start_header_id|>`, ChatML (`<|im_start|>`, the default model) otherwise.
 """
 
 from __future__ import annotations
@@ -55,68 +54,61 @@ CHATML = ChatFormat(
 _LITERAL_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>")
 
 
-class Chat:
-    """A chat format bound to a checkpoint's tokenizer: dialogs in, token ids out."""
-
-    def __init__(self, tok: Tokenizer, fmt: ChatFormat):
-        self.tok, self.format, self.name = tok, fmt, fmt.name
-        # The reply's stop tokens and the tokenizer's EOS all end the assistant's turn.
-        self.stop_ids = frozenset({tok.special_tokens[s] for s in fmt.stop if s in tok.special_tokens}
-                                  | ({tok.eos_id} if tok.eos_id is not None else set()))
-
-    def encode_dialog(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a whole dialog (a list of {"role", "content"}), ending with the assistant's
-        header when `add_generation_prompt`."""
-        messages = _checked(messages)
-        if self.format.default_system is not None and messages and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.format.default_system}] + messages
-        ids = self._render(self.format.begin)
-        for m in messages:
-            ids += self._message(m)
-        return ids + (self._render(self.format.generation_prompt) if add_generation_prompt else [])
-
-    def end_of_turn_ids(self) -> list[int]:
-        """What closes the assistant's reply in the dialog (the message's parts after its content).
-        A generation loop samples the stop token but does not feed it; these ids are fed instead."""
-        parts = self.format.message
-        content_at = next(i for i, part in enumerate(parts) if "{content}" in part)
-        return self._render(parts[content_at + 1:])
-
-    def encode_turn(self, *messages: dict) -> list[int]:
-        """Ids that add messages (usually the user's next one) and the next assistant header to a
-        dialog whose earlier turns are already in the KV cache, closed by `end_of_turn_ids`."""
-        ids = []
-        for m in _checked(list(messages)):
-            ids += self._message(m)
-        return ids + self._render(self.format.generation_prompt)
-
-    def _message(self, m: dict) -> list[int]:
-        return self._render(self.format.message, role=self.format.roles.get(m["role"], m["role"]),
-                            content=m["content"])
-
-    def _render(self, parts: tuple[str, ...], **fields: str) -> list[int]:
-        ids: list[int] = []
-        for part in parts:
-            if part in self.tok.special_tokens:
-                ids.append(self.tok.special_tokens[part])
-            elif part.startswith("<|") and part.endswith("|>"):
-                raise Llama3Error(f"{self.tok.name}: the {self.name} chat format needs special token "
-                                  f"{part}, which this tokenizer does not have")
-            else:
-                ids += self.tok.encode(part.format(**fields), bos=False)
-        return ids
-
-
-def chat_format_for(tok: Tokenizer) -> Chat:
-    """The chat format of the checkpoint this tokenizer belongs to, bound to the tokenizer."""
+def chat_format_for(tok: Tokenizer) -> ChatFormat:
+    """The chat format of the checkpoint this tokenizer belongs to."""
     if "<|start_header_id|>" in tok.special_tokens:
-        return Chat(tok, LLAMA3)
+        return LLAMA3
     if "<|im_start|>" in tok.special_tokens:
         found = _LITERAL_SYSTEM.search(tok.chat_template or "")
-        system = found.group(1).replace("\\n", "\n") if found else None
-        return Chat(tok, replace(CHATML, default_system=system))
+        return replace(CHATML, default_system=found.group(1).replace("\\n", "\n")) if found else CHATML
     raise Llama3Error(f"{tok.name}: no chat format known for this tokenizer (it has neither "
                       "<|start_header_id|> nor <|im_start|>); use plain generation instead")
+
+
+def encode_dialog(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                  fmt: ChatFormat | None = None) -> list[int]:
+    """Token ids of a whole dialog (a list of {"role", "content"}), ending with the assistant's
+    header when `add_generation_prompt`."""
+    fmt = fmt or chat_format_for(tok)
+    messages = _checked(messages)
+    if fmt.default_system is not None and messages and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": fmt.default_system}] + messages
+    ids = _render(tok, fmt.begin)
+    for m in messages:
+        ids += _render(tok, fmt.message, role=fmt.roles.get(m["role"], m["role"]), content=m["content"])
+    return ids + (_render(tok, fmt.generation_prompt) if add_generation_prompt else [])
+
+
+def encode_turn(tok: Tokenizer, messages: list[dict], fmt: ChatFormat | None = None) -> list[int]:
+    """Ids that continue a dialog after the assistant's reply: the end of that reply, the new
+    messages and the next assistant header. The reply's own ids (up to, not including, the stop
+    token that ended it) are already in the cache, so earlier turns are not encoded again."""
+    fmt = fmt or chat_format_for(tok)
+    content_at = next(i for i, part in enumerate(fmt.message) if "{content}" in part)
+    ids = _render(tok, fmt.message[content_at + 1:])
+    for m in _checked(messages):
+        ids += _render(tok, fmt.message, role=fmt.roles.get(m["role"], m["role"]), content=m["content"])
+    return ids + _render(tok, fmt.generation_prompt)
+
+
+def stop_ids(tok: Tokenizer, fmt: ChatFormat | None = None) -> frozenset[int]:
+    """Ids that end the assistant's reply: the format's stop tokens and the tokenizer's EOS."""
+    fmt = fmt or chat_format_for(tok)
+    ids = {tok.special_tokens[name] for name in fmt.stop if name in tok.special_tokens}
+    return frozenset(ids | ({tok.eos_id} if tok.eos_id is not None else set()))
+
+
+def _render(tok: Tokenizer, parts: tuple[str, ...], **fields: str) -> list[int]:
+    ids: list[int] = []
+    for part in parts:
+        if part in tok.special_tokens:
+            ids.append(tok.special_tokens[part])
+        elif part.startswith("<|") and part.endswith("|>"):
+            raise Llama3Error(f"{tok.name}: the chat format needs special token {part}, which this "
+                              "tokenizer does not have")
+        else:
+            ids += tok.encode(part.format(**fields), bos=False)
+    return ids
 
 
 def _checked(messages: list[dict]) -> list[dict]:

@@ -205,6 +205,7 @@ class Checkpoint:
     weights: dict[str, np.ndarray]
     dtype: str  # residency: "float32" | "bfloat16"
     tokenizer_dir: Optional[Path] = None  # the folder holding the tokenizer files, if any
+    eos_ids: tuple[int, ...] = ()  # ids that end generation, from config.json / generation_config.json
 
 
 def find_tokenizer_file(directory: Path) -> Optional[Path]:
@@ -446,7 +447,21 @@ def load_checkpoint(path, dtype: str = "float32", rope_factor: Optional[float] =
     weights = {name: _materialize(plan, dtype) for name, plan in index.plans.items()}
     if index.config.tie_embeddings:
         weights["output.weight"] = weights["tok_embeddings.weight"]
-    return Checkpoint(index.path, index.format, index.config, weights, dtype, index.tokenizer_dir)
+    return Checkpoint(index.path, index.format, index.config, weights, dtype, index.tokenizer_dir,
+                      eos_ids(index.path) if index.format == "hf" else ())
+
+
+def eos_ids(path: Path) -> tuple[int, ...]:
+    """The end-of-sequence ids a Hugging Face folder declares (`eos_token_id`: one id, or a list as
+    in Llama 3.1 Instruct's [128001, 128008, 128009]) in config.json and generation_config.json."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        if (path / name).is_file():
+            value = _read_json(path / name).get("eos_token_id")
+            for i in (value if isinstance(value, list) else [value]):
+                if isinstance(i, int) and not isinstance(i, bool):
+                    ids.add(i)
+    return tuple(sorted(ids))
 
 
 # --- writing a Hugging Face folder ---------------------------------------------------------------
