@@ -32,16 +32,20 @@ $(VENV)/.installed-tools: setup.cfg pyproject.toml | $(BIN)/python
 
 run: $(VENV)/.installed-run
 	$(BIN)/python tools/fetch_default_model.py
+	$(BIN)/llama3-np generate -p "$(PROMPT)" -n 64 --temp 0
 
 test: $(VENV)/.installed-test
+	$(BIN)/python tools/fetch_tokenizer.py
 	$(BIN)/python tools/fetch_default_model.py
 	$(BIN)/python -m pytest
 
 tools: $(VENV)/.installed-tools
 
 # Rebuild the committed torch reference dumps under tests/fixtures/parity/ (see its README.md).
+# Also rebuilds the tokenizer reference ids under tests/fixtures/tokenizer/ (Meta, llama.cpp).
 fixtures: tools
 	$(BIN)/python tools/make_reference_dumps.py
+	$(BIN)/python tools/make_tokenizer_fixtures.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

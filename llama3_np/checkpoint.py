@@ -44,6 +44,19 @@ FLOAT_DTYPES = (np.dtype("<f4"), np.dtype("<f2"), np.dtype(ml_dtypes.bfloat16))
 # Where load_tokenizer(dir) looks, in its order.
 TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")
 
+# The embedded default model (put there by tools/fetch_default_model.py), used when no -m is given.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "weights" / "default"
+
+
+def resolve_model_dir(model: Optional[str]) -> Path:
+    """The folder a `-m` flag names, or the default model's when there is none."""
+    if model is not None:
+        return Path(model)
+    if not DEFAULT_MODEL_DIR.is_dir():
+        raise Llama3Error(f"no -m DIR given and the default model is not in {DEFAULT_MODEL_DIR}: "
+                          "run python tools/fetch_default_model.py (make run does), or pass -m DIR")
+    return DEFAULT_MODEL_DIR
+
 # --- names ---------------------------------------------------------------------------------------
 
 # Meta name (per layer after "layers.{i}.") <-> Hugging Face name (after "model.layers.{i}.").
@@ -192,6 +205,7 @@ class Checkpoint:
     weights: dict[str, np.ndarray]
     dtype: str  # residency: "float32" | "bfloat16"
     tokenizer_dir: Optional[Path] = None  # the folder holding the tokenizer files, if any
+    eos_ids: tuple[int, ...] = ()  # ids that end generation, from config.json / generation_config.json
 
 
 def find_tokenizer_file(directory: Path) -> Optional[Path]:
@@ -433,7 +447,21 @@ def load_checkpoint(path, dtype: str = "float32", rope_factor: Optional[float] =
     weights = {name: _materialize(plan, dtype) for name, plan in index.plans.items()}
     if index.config.tie_embeddings:
         weights["output.weight"] = weights["tok_embeddings.weight"]
-    return Checkpoint(index.path, index.format, index.config, weights, dtype, index.tokenizer_dir)
+    return Checkpoint(index.path, index.format, index.config, weights, dtype, index.tokenizer_dir,
+                      eos_ids(index.path) if index.format == "hf" else ())
+
+
+def eos_ids(path: Path) -> tuple[int, ...]:
+    """The end-of-sequence ids a Hugging Face folder declares (`eos_token_id`: one id, or a list as
+    in Llama 3.1 Instruct's [128001, 128008, 128009]) in config.json and generation_config.json."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        if (path / name).is_file():
+            value = _read_json(path / name).get("eos_token_id")
+            for i in (value if isinstance(value, list) else [value]):
+                if isinstance(i, int) and not isinstance(i, bool):
+                    ids.add(i)
+    return tuple(sorted(ids))
 
 
 # --- writing a Hugging Face folder ---------------------------------------------------------------

@@ -156,7 +156,8 @@ def write_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: Optiona
     arrays = []
     offset = 0
     for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
+        array = np.asarray(tensors[name])
+        array = array if array.flags.c_contiguous else array.copy(order="C")  # (keeps 0-d arrays 0-d)
         if array.dtype.newbyteorder("<") not in DTYPE_NAMES:
             raise Llama3Error(f"{path}: cannot store tensor {name!r} of dtype {array.dtype} in safetensors")
         array = array.astype(array.dtype.newbyteorder("<"), copy=False)

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from tests.checkpoint_builders import random_weights, tiny_config
+from tests.checkpoint_builders import random_weights, tiny_config, write_meta, write_pth
 from llama3_np import Llama3Error
 from llama3_np.checkpoint import (hf_name, load_checkpoint, meta_name, permute_qk, save_hf_checkpoint,
                                   scan_checkpoint, unpermute_qk)
@@ -237,3 +237,77 @@ def test_wrong_paths_say_what_to_pass(tmp_path, make, message):
 def test_residency_must_be_float32_or_bfloat16(tmp_path):
     with pytest.raises(Llama3Error, match="dtype must be one of float32, bfloat16, got 'float16'"):
         load_checkpoint(tmp_path, dtype="float16")
+
+
+# --- Meta folders (written here without torch; tests/test_checkpoint_formats.py has torch's) ----------
+
+AXES = {"tok_embeddings": 0, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("tied", [False, True])
+def test_meta_folder_loads_merged_and_tied(tmp_path, shards, tied):
+    config = tiny_config(tie_embeddings=tied)
+    weights = random_weights(config, seed=3)
+    stored = {k: v for k, v in weights.items() if not (tied and k == "output.weight")}
+    write_meta(tmp_path, stored, shards=shards, axes=AXES)
+    for residency in ("float32", "bfloat16"):
+        ckpt = load_checkpoint(tmp_path, dtype=residency)
+        assert ckpt.format == "meta" and ckpt.config == config
+        _same_weights(ckpt.weights, weights)
+        assert (ckpt.weights["output.weight"] is ckpt.weights["tok_embeddings.weight"]) == tied
+        if residency == "bfloat16":  # one shard: mapped from the file; merged shards: a bf16 copy
+            assert ckpt.weights["layers.0.feed_forward.w2.weight"].dtype == ml_dtypes.bfloat16
+            assert ckpt.weights["layers.0.feed_forward.w2.weight"].flags.writeable == (shards > 1)
+
+
+def test_meta_rope_factor_is_resolved_and_can_be_overridden(tmp_path):
+    config = tiny_config()
+    write_meta(tmp_path / "meta", random_weights(config), axes=AXES)
+    assert load_checkpoint(tmp_path / "meta").config.rope_scaling.factor == 8.0
+    assert load_checkpoint(tmp_path / "meta", rope_factor=32.0).config.rope_scaling.factor == 32.0
+    save_hf_checkpoint(tmp_path / "hf", config, random_weights(config))
+    with pytest.raises(Llama3Error, match="a rope factor override applies to Meta params.json only"):
+        load_checkpoint(tmp_path / "hf", rope_factor=32.0)
+
+
+def test_meta_rope_freqs_buffer_is_ignored_other_extras_are_not(tmp_path):
+    weights = random_weights(tiny_config())
+    write_meta(tmp_path / "a", dict(weights, **{"rope.freqs": np.ones(4, np.float32)}), axes=AXES)
+    assert scan_checkpoint(tmp_path / "a").ignored == {
+        "consolidated.00.pth: rope.freqs": "rope frequencies, recomputed from the config"}
+    write_meta(tmp_path / "b", dict(weights, **{"layers.0.attention.bias": np.ones(4, np.float32)}), axes=AXES)
+    with pytest.raises(Llama3Error, match="consolidated.00.pth: unexpected tensor 'layers.0.attention.bias'"):
+        scan_checkpoint(tmp_path / "b")
+
+
+def test_meta_shards_that_do_not_belong_together(tmp_path):
+    weights = random_weights(tiny_config())
+    folder = write_meta(tmp_path / "gap", weights, shards=2, axes=AXES)
+    (folder / "consolidated.01.pth").rename(folder / "consolidated.02.pth")
+    with pytest.raises(Llama3Error, match="shards must be consolidated.00.pth to consolidated.01.pth without gaps; "
+                                          "found consolidated.00.pth, consolidated.02.pth"):
+        scan_checkpoint(folder)
+
+    folder = write_meta(tmp_path / "keys", weights, shards=2, axes=AXES)
+    write_pth(folder / "consolidated.01.pth", {k: v for k, v in weights.items() if k != "norm.weight"})
+    with pytest.raises(Llama3Error, match="consolidated.01.pth: its tensors differ from consolidated.00.pth's "
+                                          r"\(for example 'norm.weight'\)"):
+        scan_checkpoint(folder)
+
+    folder = write_meta(tmp_path / "norms", weights, shards=2, axes=AXES)
+    other = dict(weights)
+    other["layers.1.ffn_norm.weight"] = -weights["layers.1.ffn_norm.weight"]
+    write_meta(tmp_path / "other", other, shards=2, axes=AXES)
+    (tmp_path / "other" / "consolidated.01.pth").replace(folder / "consolidated.01.pth")
+    scan_checkpoint(folder)  # shapes agree: only the data shows it
+    with pytest.raises(Llama3Error, match="consolidated.01.pth: tensor 'layers.1.ffn_norm.weight' should be "
+                                          "replicated across shards but differs from consolidated.00.pth's"):
+        load_checkpoint(folder)
+
+    folder = write_meta(tmp_path / "dtype", weights, shards=2, axes=AXES)
+    write_meta(tmp_path / "f32", {k: np.asarray(v, np.float32) for k, v in weights.items()}, shards=2, axes=AXES)
+    (tmp_path / "f32" / "consolidated.01.pth").replace(folder / "consolidated.01.pth")
+    with pytest.raises(Llama3Error, match="tensor 'tok_embeddings.weight' is float32 here but bfloat16 in "
+                                          "consolidated.00.pth"):
+        scan_checkpoint(folder)

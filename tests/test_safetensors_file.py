@@ -17,6 +17,7 @@ REFERENCE_DTYPES = ["<f8", "<f4", "<f2", "<i8", "<i4", "<i2", "i1", "u1", "?"]
 
 
 def _arrays(draw_dtype):
+    # (rank >= 1: the reference package reads a 0-d tensor back with shape (1,))
     shapes = st.lists(st.integers(0, 5), min_size=1, max_size=3).map(tuple)
     return st.dictionaries(st.text("abc.xyz_0123", min_size=1, max_size=12),
                            st.tuples(draw_dtype, shapes, st.integers(0, 2**32 - 1)), max_size=5)
@@ -111,3 +112,10 @@ def test_truncated_file_and_missing_file(tmp_path):
         SafetensorsFile(p)
     with pytest.raises(Llama3Error, match="missing.safetensors: cannot read: No such file"):
         SafetensorsFile(tmp_path / "missing.safetensors")
+
+
+def test_scalars_and_empty_tensors_keep_their_shapes(tmp_path):
+    write_safetensors(tmp_path / "s.safetensors", {"s": np.array(2.5, np.float32), "e": np.zeros((0, 3), np.float16)})
+    f = SafetensorsFile(tmp_path / "s.safetensors")
+    assert f.tensor("s").shape == () and f.tensor("s") == 2.5
+    assert f.tensor("e").shape == (0, 3) and f.tensor("e").dtype == np.float16
