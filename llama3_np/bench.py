@@ -139,6 +139,8 @@ class BenchResult:
     model: str
     dtype: str
     threads: str
+    load_average: float  # 1-minute load average when the bench started; figures from a busy
+    cpus: int            # machine (load near or above the CPU count) are not comparable
     prompt_tokens: int
     new_tokens: int
     runs: int
@@ -181,6 +183,7 @@ def bench(path, dtype: str = "float32", prompt_tokens: int = 512, new_tokens: in
         raise Llama3Error(f"--new must be at least 2 (the first token comes from the prefill), got {new_tokens}")
     if runs < 1:
         raise Llama3Error(f"--runs must be at least 1, got {runs}")
+    load_average = os.getloadavg()[0]
     t0 = time.perf_counter()
     checkpoint = load_checkpoint(path, dtype=dtype, rope_factor=rope_factor)
     load_s = time.perf_counter() - t0
@@ -197,7 +200,8 @@ def bench(path, dtype: str = "float32", prompt_tokens: int = 512, new_tokens: in
     bytes_per_token = decode_bytes_per_token(config, itemsize, prompt_tokens, new_tokens)
     flops_per_token = prefill_flops(config, prompt_tokens) / prompt_tokens
     return BenchResult(
-        model=str(checkpoint.path), dtype=dtype, threads=blas_threads(), prompt_tokens=prompt_tokens,
+        model=str(checkpoint.path), dtype=dtype, threads=blas_threads(), load_average=load_average,
+        cpus=os.cpu_count() or 1, prompt_tokens=prompt_tokens,
         new_tokens=new_tokens, runs=runs, load_s=load_s, prefill_tokens_per_s=prefill,
         decode_tokens_per_s=decode, peak_rss_mb=rss, weight_mb=weight_bytes(config, itemsize) / 1e6,
         kv_cache_mb=kv_cache_bytes(config, ctx) / 1e6, decode_bytes_per_token=bytes_per_token,
@@ -209,7 +213,8 @@ def bench(path, dtype: str = "float32", prompt_tokens: int = 512, new_tokens: in
 def report(r: BenchResult) -> str:
     return "\n".join([
         f"model    {r.model} ({r.dtype} residency, {r.weight_mb:.0f} MB of weights)",
-        f"threads  {r.threads}",
+        f"threads  {r.threads}; machine load {r.load_average:.2f} on {r.cpus} CPUs at the start"
+        + (" (busy: these figures are not comparable)" if r.load_average > r.cpus else ""),
         f"load     {r.load_s:.2f} s",
         f"prefill  {r.prefill_tokens_per_s:8.1f} tok/s  {r.prompt_tokens} tokens, median of {r.runs}; "
         f"{r.prefill_fraction:.2f} of the sgemm limit ({r.prefill_flops_per_token / 1e6:.0f} MFLOP per token)",
