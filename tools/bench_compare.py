@@ -161,8 +161,8 @@ def run_llama_cpp(path: Path, prompt: list[int], new: int, runs: int, threads: i
                 n_threads_batch=threads, verbose=False)
     load_s = time.perf_counter() - t0
 
-    def last_argmax() -> int:
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    def last_argmax() -> int:  # the logits of the last token of the last eval (its only output)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
 
     def prefill(ids):
         llm.reset()
