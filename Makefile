@@ -39,9 +39,13 @@ test: $(VENV)/.installed-test
 
 tools: $(VENV)/.installed-tools
 
-# Rebuild the committed torch reference dumps under tests/fixtures/parity/ (see its README.md).
+# Rebuild the committed torch reference dumps under tests/fixtures/parity/ (see its README.md),
+# the checkpoint-format fixtures and the default model's transformers continuations.
 fixtures: tools
 	$(BIN)/python tools/make_reference_dumps.py
+	$(BIN)/python tools/make_checkpoint_fixtures.py
+	$(BIN)/python tools/fetch_default_model.py
+	$(BIN)/python tools/make_default_model_reference.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

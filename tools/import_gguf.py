@@ -314,10 +314,13 @@ def write_folder(gguf_path: Path, out_dir: Path, sha256: str | None = None):
     model = read_gguf(gguf_path)
     f = model.fields
     tokenizer_json, tokenizer_config = tokenizer_files(gguf_path, f, model.config.max_seq_len)
-    ids = {key: int(f.get(f"tokenizer.ggml.{key}_token_id")) for key in ("bos", "eos")
+    ids = {key: int(f.get(f"tokenizer.ggml.{key}_token_id")) for key in ("bos", "eos", "eot", "eom")
            if f.get(f"tokenizer.ggml.{key}_token_id") is not None}
+    # Instruct models end a turn with eot (<|eot_id|>) or eom as well as eos: Hugging Face lists all.
+    eos = list(dict.fromkeys(ids[k] for k in ("eos", "eot", "eom") if k in ids))
+    extra = {"bos_token_id": ids.get("bos"), "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
     save_hf_checkpoint(out_dir, model.config, model.weights,
-                       extra_config={f"{k}_token_id": v for k, v in ids.items()})
+                       extra_config={k: v for k, v in extra.items() if v is not None})
     _write_json(out_dir / "tokenizer.json", tokenizer_json)
     _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
     _write_json(out_dir / IMPORT_RECORD, {
