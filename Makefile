@@ -32,8 +32,10 @@ $(VENV)/.installed-tools: setup.cfg pyproject.toml | $(BIN)/python
 
 run: $(VENV)/.installed-run
 	$(BIN)/python tools/fetch_default_model.py
+	$(BIN)/llama3-np generate -p "$(PROMPT)" -n 64 --temp 0
 
 test: $(VENV)/.installed-test
+	$(BIN)/python tools/fetch_tokenizer.py
 	$(BIN)/python tools/fetch_default_model.py
 	$(BIN)/python -m pytest
 

@@ -113,12 +113,21 @@ class Loaded:
         from .chat import chat_format_for
         return chat_format_for(self.tokenizer)
 
+    def encode_dialog(self, system: str | None, user: str) -> list[int]:
+        from .chat import encode_dialog
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        return encode_dialog(self.tokenizer, messages + [{"role": "user", "content": user}],
+                             fmt=self.chat_format())
+
     def stop_ids(self, chat: bool) -> set[int]:
+        """The checkpoint's end-of-sequence ids and the tokenizer's; in a chat, also the
+        format's end-of-turn tokens."""
+        from .chat import stop_ids
         ids = set(self.checkpoint.eos_ids)
         if self.tokenizer is not None:
-            ids.add(self.tokenizer.eos_id)
+            ids |= {self.tokenizer.eos_id} - {None}
             if chat:
-                ids |= set(self.chat_format().stop_ids)
+                ids |= stop_ids(self.tokenizer, self.chat_format())
         return ids
 
 
@@ -197,8 +206,7 @@ def run_generate(args) -> int:
             raise Llama3Error("--chat needs a text prompt (-p or -f), not --tokens")
         prompt = parse_token_ids(args.tokens, loaded.config.vocab_size)
     elif args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
-        prompt = loaded.chat_format().encode_dialog(messages + [{"role": "user", "content": text}])
+        prompt = loaded.encode_dialog(args.system, text)
     else:
         if text == "":
             raise Llama3Error("the prompt is empty: give some text")
@@ -238,6 +246,8 @@ def run_generate(args) -> int:
 def run_chat(args) -> int:
     params = sampling_params(args)
     seed, rng = seeded_rng(args)
+    from .chat import encode_turn
+
     loaded = Loaded(args, need_tokenizer=True)
     fmt = loaded.chat_format()
     session = Session(loaded.checkpoint.weights, loaded.config, loaded.ctx(args.ctx))
@@ -255,12 +265,11 @@ def run_chat(args) -> int:
         if not line.strip():
             continue
         if first:
-            messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
-            ids = fmt.encode_dialog(messages + [{"role": "user", "content": line}])
+            ids = loaded.encode_dialog(args.system, line)
         else:
-            # The previous answer's end-of-turn token was sampled, never fed: close that turn,
-            # then add this one. Earlier turns stay in the KV cache.
-            ids = fmt.end_of_turn_ids() + fmt.encode_turn({"role": "user", "content": line})
+            # The previous answer's end-of-turn token was sampled, never fed: encode_turn closes
+            # that turn, then adds this one. Earlier turns stay in the KV cache.
+            ids = encode_turn(loaded.tokenizer, [{"role": "user", "content": line}], fmt)
         if len(ids) > session.ctx - session.cache.length:
             raise Llama3Error(f"the conversation no longer fits the {session.ctx}-token context: "
                               "start a new chat, with a larger --ctx")
