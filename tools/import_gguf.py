@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 import gguf
@@ -118,7 +119,9 @@ def _f32(x) -> float:
 @dataclass
 class GGUFModel:
     config: ModelConfig
-    weights: dict[str, np.ndarray]  # canonical names, Meta layout, float32 as dequantized
+    # Canonical names, Meta layout, dequantized and rounded to bf16 (as the folder stores them) one
+    # tensor at a time, so the import needs 2 bytes per parameter, not 4.
+    weights: dict[str, np.ndarray]
     tensor_types: dict[str, int]  # GGML type name -> number of tensors
     fields: dict  # the metadata values used
 
@@ -153,7 +156,7 @@ def read_tensor(path: Path, t) -> np.ndarray:
 
 
 def read_gguf(path) -> GGUFModel:
-    """Config and canonical float32 weights of a Llama-architecture GGUF file."""
+    """Config and canonical bf16 weights of a Llama-architecture GGUF file."""
     path = Path(path)
     try:
         reader = gguf.GGUFReader(path)
@@ -198,7 +201,7 @@ def read_gguf(path) -> GGUFModel:
         if canonical not in shapes:
             raise Llama3Error(f"{path}: unexpected tensor {name!r}; it is not part of a "
                               f"{config.n_layers}-layer Llama 3 model")
-        weights[canonical] = read_tensor(path, t)
+        weights[canonical] = read_tensor(path, t).astype(ml_dtypes.bfloat16)
         if weights[canonical].shape != shapes[canonical]:
             raise Llama3Error(f"{path}: tensor {name!r} ({canonical}) has shape {weights[canonical].shape}, "
                               f"but the metadata implies {shapes[canonical]}")
