@@ -41,11 +41,15 @@ test: $(VENV)/.installed-test
 
 tools: $(VENV)/.installed-tools
 
-# Rebuild the committed torch reference dumps under tests/fixtures/parity/ (see its README.md).
-# Also rebuilds the tokenizer reference ids under tests/fixtures/tokenizer/ (Meta, llama.cpp).
+# Rebuild every committed fixture: the torch reference dumps (tests/fixtures/parity/), the
+# tokenizer reference ids (Meta, llama.cpp), the checkpoint-format fixtures and the default
+# model's transformers continuations. Each directory's README.md says how its files were made.
 fixtures: tools
 	$(BIN)/python tools/make_reference_dumps.py
 	$(BIN)/python tools/make_tokenizer_fixtures.py
+	$(BIN)/python tools/make_checkpoint_fixtures.py
+	$(BIN)/python tools/fetch_default_model.py
+	$(BIN)/python tools/make_default_model_reference.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
