@@ -41,9 +41,14 @@ test: $(VENV)/.installed-test
 
 tools: $(VENV)/.installed-tools
 
-# Rebuild the committed torch reference dumps under tests/fixtures/parity/ (see its README.md).
+# Rebuild the committed torch reference dumps under tests/fixtures/parity/ and tests/fixtures/xcheck/
+# (see their README.md).
 fixtures: tools
 	$(BIN)/python tools/make_reference_dumps.py
+	$(BIN)/python tools/fetch_default_model.py
+	$(BIN)/python tools/torch_dump.py -m weights/default --tokens 504,3575,282 \
+	    --stages embed 'layers.0.*' 'layers.29.*' 'layers.*.out' norm logits -o tests/fixtures/xcheck/default_hf.safetensors
+	$(BIN)/python tools/make_perplexity_reference.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

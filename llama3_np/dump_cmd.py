@@ -27,7 +27,7 @@ import fnmatch
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
@@ -75,19 +75,15 @@ def stage_order(name: str) -> tuple:
 
 
 def check_globs(globs: Iterable[str], names: Iterable[str], flag: str = "--stages") -> list[str]:
-    """The globs, each checked to match at least one stage name."""
+    """The globs, each checked to match at least one of the stage `names`."""
     globs, names = list(globs), list(names)
     for glob in globs:
         if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            layer_stages = [s for s in LAYER_STAGES if f"layers.0.{s}" in names]
+            last_layer = max((stage_order(n)[1] for n in names if stage_order(n)[0] == 1), default=0)
             raise Llama3Error(f"{flag}: {glob!r} matches no stage; stages are embed, "
-                              f"layers.N.{{{','.join(LAYER_STAGES)}}}, norm, logits "
-                              f"(N from 0 to {_last_layer(names)})")
+                              f"layers.N.{{{','.join(layer_stages)}}} (N from 0 to {last_layer}), norm, logits")
     return globs
-
-
-def _last_layer(names: list[str]) -> int:
-    layers = [stage_order(n)[1] for n in names if stage_order(n)[0] == 1]
-    return max(layers, default=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,8 +194,7 @@ def add_input_args(p, what: str) -> None:
     src.add_argument("--tokens", help="comma-separated token ids (no tokenizer needed)")
     src.add_argument("--like", metavar="DUMP",
                      help=f"{what} the tokens, positions and KV-cache context recorded in another dump file")
-    p.add_argument("--pos", type=int, default=0, metavar="N",
-                   help="rope position of the first token (default 0)")
+    p.add_argument("--pos", type=int, metavar="N", help="rope position of the first token (default 0)")
 
 
 def format_shape(shape) -> str:
@@ -213,21 +208,27 @@ def load_with_inputs(args):
     if args.prompt is None and args.file is None and args.tokens is None and args.like is None:
         raise Llama3Error("give the input: -p TEXT, -f FILE, --tokens 1,2,3 or --like DUMP")
     loaded = Loaded(args, need_tokenizer=args.prompt is not None or args.file is not None)
-    return loaded, resolve_inputs(args, loaded)
+    encode = loaded.tokenizer.encode if loaded.tokenizer is not None else None
+    return loaded, resolve_inputs(args, loaded.config, encode, loaded.checkpoint.path)
 
 
-def resolve_inputs(args, loaded) -> Inputs:
-    """The tokens named by -p/-f/--tokens/--like, checked against the loaded model."""
+def resolve_inputs(args, config: ModelConfig, encode: Optional[Callable[[str], list[int]]], model) -> Inputs:
+    """The tokens named by -p/-f/--tokens/--like (and --pos), checked against the model's config.
+
+    encode: the model's tokenizer (text -> ids, as the model adds BOS), needed for -p/-f only.
+    """
     from .generate_cmd import parse_token_ids, read_prompt
 
-    if args.pos < 0:
+    if args.pos is not None and args.pos < 0:
         raise Llama3Error(f"--pos must be >= 0, got {args.pos}")
-    vocab = loaded.config.vocab_size
+    if args.pos is not None and args.like is not None:
+        raise Llama3Error("--pos goes with -p/-f/--tokens; --like takes the positions of its dump")
+    pos = args.pos or 0
+    vocab = config.vocab_size
     if args.like is not None:
         like = read_dump(args.like)
-        config = like.config()
-        if config is not None and config != loaded.config:
-            raise Llama3Error(f"--like {args.like} was made from a different model than {loaded.checkpoint.path} "
+        if like.config() not in (None, config):
+            raise Llama3Error(f"--like {args.like} was made from a different model than {model} "
                               "(the configs in its metadata differ): pass the same checkpoint")
         tokens, context = like.json_list("tokens"), like.json_list("context_tokens") or []
         if not tokens:
@@ -235,14 +236,14 @@ def resolve_inputs(args, loaded) -> Inputs:
         pos = like.integer("pos", 0)
         inputs = Inputs(tokens, pos, context, like.integer("context_pos", pos))
     elif args.tokens is not None:
-        inputs = Inputs(parse_token_ids(args.tokens, vocab), args.pos, [], args.pos)
+        inputs = Inputs(parse_token_ids(args.tokens, vocab), pos, [], pos)
     else:
         text = read_prompt(args)
         if text is None:
             raise Llama3Error("give the input: -p TEXT, -f FILE, --tokens 1,2,3 or --like DUMP")
         if text == "":
             raise Llama3Error("the text is empty: give some text")
-        inputs = Inputs(loaded.tokenizer.encode(text), args.pos, [], args.pos)
+        inputs = Inputs(encode(text), pos, [], pos)
     if not inputs.tokens:
         raise Llama3Error("no tokens to run: give some text or token ids")
     for t in inputs.context + inputs.tokens:

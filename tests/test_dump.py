@@ -130,6 +130,7 @@ def test_probs_attend_to_the_context_of_a_decode_step(tmp_path, capsys):
     (["--tokens", ""], ["no tokens"]),
     ([], ["give the input"]),
     (["--tokens", "1", "--pos", "-3"], ["--pos"]),
+    (["--like", PARITY / "llama3_0" / "hf_prompt.safetensors", "--pos", "3"], ["--pos", "--like"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, fragments):
     if "-m" not in args:

@@ -31,9 +31,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from llama3_np.config import from_hf_config  # noqa: E402
-from llama3_np.dump_cmd import Inputs, check_globs, read_dump  # noqa: E402
+from llama3_np.dump_cmd import Inputs, check_globs, resolve_inputs, stage_shapes  # noqa: E402
 from llama3_np.errors import Llama3Error  # noqa: E402
-from llama3_np.generate_cmd import parse_token_ids, read_prompt  # noqa: E402
+from llama3_np.tokenizer import load_tokenizer  # noqa: E402
 
 META_SHIPPED_FACTOR = 8.0  # the literal in llama-models' apply_scaling
 
@@ -46,7 +46,7 @@ def parse_args(argv):
     src.add_argument("-f", "--file", help="read the text from a UTF-8 file")
     src.add_argument("--tokens", help="comma-separated token ids")
     src.add_argument("--like", metavar="DUMP", help="run the tokens, positions and context of this dump file")
-    p.add_argument("--pos", type=int, default=0, metavar="N", help="rope position of the first token")
+    p.add_argument("--pos", type=int, metavar="N", help="rope position of the first token (default 0)")
     p.add_argument("-o", "--output", required=True, metavar="FILE")
     p.add_argument("--producer", choices=["hf", "meta"], default="hf")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -55,27 +55,6 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch threads (default 1: the same file, byte for byte, on every run)")
     return p.parse_args(argv)
-
-
-def read_inputs(args, checkpoint: Path, config) -> Inputs:
-    if args.pos < 0:
-        raise Llama3Error(f"--pos must be >= 0, got {args.pos}")
-    if args.like is not None:
-        like = read_dump(args.like)
-        if like.config() not in (None, config):
-            raise Llama3Error(f"--like {args.like} was made from a different model than {checkpoint}")
-        tokens = like.json_list("tokens")
-        if not tokens:
-            raise Llama3Error(f"--like {args.like}: its metadata has no 'tokens'")
-        pos = like.integer("pos", 0)
-        return Inputs(tokens, pos, like.json_list("context_tokens") or [], like.integer("context_pos", pos))
-    if args.tokens is not None:
-        return Inputs(parse_token_ids(args.tokens, config.vocab_size), args.pos, [], args.pos)
-    from llama3_np.tokenizer import load_tokenizer
-    text = read_prompt(args)
-    if not text:
-        raise Llama3Error("the text is empty: give some text")
-    return Inputs(load_tokenizer(checkpoint).encode(text), args.pos, [], args.pos)
 
 
 def hf_stages(checkpoint: Path, inputs: Inputs, dtype) -> tuple[dict, dict]:
@@ -116,21 +95,22 @@ def main(argv=None) -> int:
     if not output.resolve().parent.is_dir():
         raise Llama3Error(f"-o {args.output}: folder {output.parent} does not exist")
     config = from_hf_config(json.loads((checkpoint / "config.json").read_text()))
-    inputs = read_inputs(args, checkpoint, config)
+    inputs = resolve_inputs(args, config, lambda text: load_tokenizer(checkpoint).encode(text), checkpoint)
+    names = stage_shapes(config, len(inputs.tokens), probs=False)  # the references record no probs
+    globs = check_globs(args.stages, names) if args.stages is not None else ["*"]
 
     import torch
     import torch_reference as ref
     torch.set_num_threads(max(1, args.threads))
     torch.use_deterministic_algorithms(True)
+    ref.transformers_module().utils.logging.disable_progress_bar()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     if args.producer == "hf":
         stages, extra = hf_stages(checkpoint, inputs, dtype)
     else:
         stages, extra = meta_stages(checkpoint, inputs, config, dtype)
     extra["producer"] += f" {args.dtype}"
-    if args.stages is not None:
-        globs = check_globs(args.stages, stages)
-        stages = {k: v for k, v in stages.items() if any(fnmatch.fnmatchcase(k, g) for g in globs)}
+    stages = {k: v for k, v in stages.items() if any(fnmatch.fnmatchcase(k, g) for g in globs)}
     metadata = {"config": config.to_json(), "tokens": json.dumps(inputs.tokens), "pos": str(inputs.pos),
                 "context_tokens": json.dumps(inputs.context), "context_pos": str(inputs.context_pos),
                 "dtype": args.dtype, "torch": torch.__version__, **extra}
