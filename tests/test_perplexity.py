@@ -146,6 +146,7 @@ def test_cli_kl_against_own_saved_logits_is_zero(tmp_path, capsys):
     (lambda t: ["-f", TEXT, "--ctx", "100000"], ["--ctx", "trained for"]),
     (lambda t: ["-f", TEXT, "--kl-base", t / "nothing.safetensors"], ["--kl-base", "does not exist"]),
     (lambda t: ["-f", TEXT, "--save-logits", t / "no" / "x.safetensors"], ["--save-logits", "does not exist"]),
+    (lambda t: ["-f", TEXT, "--save-logits", t / "l.safetensors", "--kl-base", t / "l.safetensors"], ["same file"]),
     (lambda t: ["-f", TEXT, "--ctx", "32", "--chunks", "1", "--kl-base",
                 PARITY / "llama3_0" / "hf_prompt.safetensors"], ["--kl-base", "other windows"]),
 ])
