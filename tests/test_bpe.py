@@ -76,3 +76,14 @@ def test_bytes_without_a_token_are_dropped():
     vocab = {b"a": 0, b"b": 1, b"ab": 2}
     assert bpe.encode("a\x04b", vocab, [r"[\s\S]+"], None) == [0, 1]  # \x04 kept "a" and "b" apart
     assert bpe.encode("ab", vocab, [r"[\s\S]+"], None) == [2]
+
+
+def test_default_vocabulary_is_safe_for_tiktoken():
+    """tiktoken takes a piece that is a token whole, and joins any pair whose joined token exists;
+    SmolLM2's file (`ignore_merges` false) only joins listed pairs. On this vocabulary the two
+    agree wherever it matters most: every token's own bytes merge back into exactly that token,
+    under either rule."""
+    tok = TOKENIZERS["default"]()
+    for rules in (tok.merges, None):
+        wrong = [t for t in tok.vocab if bpe.merge(t, tok.vocab, rules, whole_first=False) != [t]]
+        assert not wrong, f"{len(wrong)} tokens do not merge back into themselves, e.g. {wrong[:5]}"

