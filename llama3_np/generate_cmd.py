@@ -16,7 +16,7 @@ import numpy as np
 
 from .assets import model_dir
 from .errors import Llama3Error
-from .generation import REPEAT_LAST_N, Generation, Session
+from .generation import Generation, Session
 from .sampling import SamplingParams, sampling_probs
 
 # Without --ctx, the KV cache holds at most this many tokens (or the model's own context if smaller):
@@ -220,9 +220,9 @@ class Explainer:
 
     def __call__(self, token: int) -> None:
         logits = self.session.last_logits
-        # The recent-token window Session.generate handed to sample() for this token.
-        recent = (self.session.history + self.generated)[-REPEAT_LAST_N:]
-        sampled, p = sampling_probs(logits, self.params, recent), sampling_probs(logits, self.plain)
+        # Called before `token` is fed: the window is the one sample() saw when drawing it.
+        sampled = sampling_probs(logits, self.params, self.session.recent_ids())
+        p = sampling_probs(logits, self.plain)
         order = np.argsort(-logits, kind="stable")  # most probable first, lower id first on ties
         rank_of = np.empty(order.size, dtype=np.int64)
         rank_of[order] = np.arange(1, order.size + 1)

@@ -61,6 +61,11 @@ class Session:
     def ctx(self) -> int:
         return self.cache.max_len
 
+    def recent_ids(self) -> list[int]:
+        """The window the repetition penalty looks at: the last REPEAT_LAST_N ids fed so far
+        (prompt and generated tokens alike; every sampled token is fed before the next is drawn)."""
+        return self.history[-REPEAT_LAST_N:]
+
     def feed(self, ids: list[int]) -> np.ndarray:  # [T] -> [V]
         """Run `ids` through the model after what the cache holds; the last token's logits."""
         logits = forward(self.weights, self.config, ids, self.cache, pos=self.cache.length, last_only=True)
@@ -90,7 +95,7 @@ class Session:
             out.prefill_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
             while True:
-                token = sample(logits, params, rng, recent=(self.history + out.ids)[-REPEAT_LAST_N:])
+                token = sample(logits, params, rng, recent=self.recent_ids())
                 out.ids.append(token)
                 if on_token is not None:
                     on_token(token)
