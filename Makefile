@@ -41,11 +41,19 @@ test: $(VENV)/.installed-test
 
 tools: $(VENV)/.installed-tools
 
-# Rebuild the committed torch reference dumps under tests/fixtures/parity/ (see its README.md).
-# Also rebuilds the tokenizer reference ids under tests/fixtures/tokenizer/ (Meta, llama.cpp).
+# Rebuild every committed fixture: the torch reference dumps (tests/fixtures/parity/), the
+# tokenizer reference ids (Meta, llama.cpp), the checkpoint-format fixtures, the default
+# model's transformers continuations, and its cross-checking dump and perplexity
+# (tests/fixtures/xcheck/). Each directory's README.md says how its files were made.
 fixtures: tools
 	$(BIN)/python tools/make_reference_dumps.py
 	$(BIN)/python tools/make_tokenizer_fixtures.py
+	$(BIN)/python tools/make_checkpoint_fixtures.py
+	$(BIN)/python tools/fetch_default_model.py
+	$(BIN)/python tools/make_default_model_reference.py
+	$(BIN)/python tools/torch_dump.py -m weights/default --tokens 504,3575,282 \
+	    --stages embed 'layers.0.*' 'layers.29.*' 'layers.*.out' norm logits -o tests/fixtures/xcheck/default_hf.safetensors
+	$(BIN)/python tools/make_perplexity_reference.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -44,19 +44,6 @@ FLOAT_DTYPES = (np.dtype("<f4"), np.dtype("<f2"), np.dtype(ml_dtypes.bfloat16))
 # Where load_tokenizer(dir) looks, in its order.
 TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")
 
-# The embedded default model (put there by tools/fetch_default_model.py), used when no -m is given.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "weights" / "default"
-
-
-def resolve_model_dir(model: Optional[str]) -> Path:
-    """The folder a `-m` flag names, or the default model's when there is none."""
-    if model is not None:
-        return Path(model)
-    if not DEFAULT_MODEL_DIR.is_dir():
-        raise Llama3Error(f"no -m DIR given and the default model is not in {DEFAULT_MODEL_DIR}: "
-                          "run python tools/fetch_default_model.py (make run does), or pass -m DIR")
-    return DEFAULT_MODEL_DIR
-
 # --- names ---------------------------------------------------------------------------------------
 
 # Meta name (per layer after "layers.{i}.") <-> Hugging Face name (after "model.layers.{i}.").
@@ -193,6 +180,7 @@ class CheckpointIndex:
     files: list[Path]
     ignored: dict[str, str] = field(default_factory=dict)  # "file: tensor" -> why it is not needed
     tokenizer_dir: Optional[Path] = None
+    eos_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -205,7 +193,9 @@ class Checkpoint:
     weights: dict[str, np.ndarray]
     dtype: str  # residency: "float32" | "bfloat16"
     tokenizer_dir: Optional[Path] = None  # the folder holding the tokenizer files, if any
-    eos_ids: tuple[int, ...] = ()  # ids that end generation, from config.json / generation_config.json
+    # End-of-sequence ids the checkpoint's own config declares (Hugging Face config.json and
+    # generation_config.json); empty for Meta folders, whose tokenizer says it.
+    eos_ids: tuple[int, ...] = ()
 
 
 def find_tokenizer_file(directory: Path) -> Optional[Path]:
@@ -265,9 +255,24 @@ def scan_checkpoint(path, rope_factor: Optional[float] = None) -> CheckpointInde
     return index
 
 
+def _eos_ids(path: Path, config_json: dict) -> tuple[int, ...]:
+    """eos_token_id of config.json and generation_config.json (an id or a list of ids each)."""
+    ids = []
+    generation_path = path / "generation_config.json"
+    for source, obj in (("config.json", config_json),
+                        ("generation_config.json", _read_json(generation_path) if generation_path.is_file() else {})):
+        value = obj.get("eos_token_id") if isinstance(obj, dict) else None
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        if not all(type(v) is int and v >= 0 for v in values):
+            raise Llama3Error(f"{path / source}: eos_token_id must be a token id or a list of them, got {value!r}")
+        ids += [v for v in values if v not in ids]
+    return tuple(ids)
+
+
 def _scan_hf(path: Path) -> CheckpointIndex:
     config_path = path / "config.json"
-    config = from_hf_config(_read_json(config_path), source=str(config_path))
+    config_json = _read_json(config_path)
+    config = from_hf_config(config_json, source=str(config_path))
     index_path = path / "model.safetensors.index.json"
     if index_path.is_file():
         weight_map = _read_json(index_path).get("weight_map")
@@ -329,7 +334,8 @@ def _scan_hf(path: Path) -> CheckpointIndex:
                           f"{config.n_layers} layers; the config does not belong to these weights")
     if config.tie_embeddings and "output.weight" in plans:
         _check_tied_copy(plans.pop("output.weight"), plans["tok_embeddings.weight"])
-    return CheckpointIndex(path, "hf", config, plans, [path / n for n in shard_names], ignored)
+    return CheckpointIndex(path, "hf", config, plans, [path / n for n in shard_names], ignored,
+                           eos_ids=_eos_ids(path, config_json))
 
 
 def _check_tied_copy(output: TensorPlan, embeddings: TensorPlan):
@@ -447,21 +453,7 @@ def load_checkpoint(path, dtype: str = "float32", rope_factor: Optional[float] =
     weights = {name: _materialize(plan, dtype) for name, plan in index.plans.items()}
     if index.config.tie_embeddings:
         weights["output.weight"] = weights["tok_embeddings.weight"]
-    return Checkpoint(index.path, index.format, index.config, weights, dtype, index.tokenizer_dir,
-                      eos_ids(index.path) if index.format == "hf" else ())
-
-
-def eos_ids(path: Path) -> tuple[int, ...]:
-    """The end-of-sequence ids a Hugging Face folder declares (`eos_token_id`: one id, or a list as
-    in Llama 3.1 Instruct's [128001, 128008, 128009]) in config.json and generation_config.json."""
-    ids: set[int] = set()
-    for name in ("config.json", "generation_config.json"):
-        if (path / name).is_file():
-            value = _read_json(path / name).get("eos_token_id")
-            for i in (value if isinstance(value, list) else [value]):
-                if isinstance(i, int) and not isinstance(i, bool):
-                    ids.add(i)
-    return tuple(sorted(ids))
+    return Checkpoint(index.path, index.format, index.config, weights, dtype, index.tokenizer_dir, index.eos_ids)
 
 
 # --- writing a Hugging Face folder ---------------------------------------------------------------
@@ -498,7 +490,7 @@ def save_hf_checkpoint(directory, config: ModelConfig, weights: dict[str, np.nda
     for name in expected_shapes(config):
         if name == "output.weight" and config.tie_embeddings:
             continue
-        w = np.asarray(weights[name]).astype(dtype)
+        w = np.asarray(weights[name]).astype(dtype, copy=False)
         n_heads = heads.get(name.split(".")[-2])
         tensors[hf_name(name)] = permute_qk(w, n_heads) if n_heads else w
     (directory / "config.json").write_text(json.dumps(dict(hf_config_dict(config), **(extra_config or {})),

@@ -17,7 +17,7 @@ import numpy as np
 from .assets import model_dir
 from .errors import Llama3Error
 from .generation import Generation, Session
-from .sampling import SamplingParams
+from .sampling import SamplingParams, sampling_probs
 
 # Without --ctx, the KV cache holds at most this many tokens (or the model's own context if smaller):
 # a 131,072-token float32 cache for an 8B model would need 34 GB.
@@ -59,6 +59,9 @@ def add_command(sub) -> None:
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the model's chat format")
     g.add_argument("--system", help="system message (with --chat)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--explain", nargs="?", const=5, type=int, metavar="K",
+                   help="instead of the text, show for every generated token the K most probable candidates "
+                        "(default 5) and the one chosen; with --json, one JSON line per token")
     g.set_defaults(func=run_generate)
 
     c = sub.add_parser("chat", help="interactive multi-turn chat in the model's chat format")
@@ -192,6 +195,57 @@ class Printer:
         self.write((self.decoder.flush() if self.decoder else "") + "\n")
 
 
+class ExplainedSession(Session):
+    """A Session that keeps the logits the next token is sampled from (for --explain)."""
+
+    def feed(self, ids: list[int]) -> np.ndarray:
+        self.last_logits = super().feed(ids)
+        return self.last_logits
+
+
+class Explainer:
+    """--explain: for each generated token, the top-k candidates by model probability, with the
+    probability the sampler gave each after its filters, and the token chosen."""
+
+    def __init__(self, session: ExplainedSession, params: SamplingParams, tokenizer, k: int, as_json: bool):
+        if k < 1:
+            raise Llama3Error(f"--explain takes a number of candidates >= 1, got {k}")
+        self.session, self.params, self.tokenizer, self.k, self.as_json = session, params, tokenizer, k, as_json
+        self.generated: list[int] = []
+        # The model's own distribution: every sampling filter off.
+        self.plain = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
+
+    def text(self, token: int) -> str:
+        return self.tokenizer.decode([token]) if self.tokenizer is not None else f"<{token}>"
+
+    def __call__(self, token: int) -> None:
+        logits = self.session.last_logits
+        # Called before `token` is fed: the window is the one sample() saw when drawing it.
+        sampled = sampling_probs(logits, self.params, self.session.recent_ids())
+        p = sampling_probs(logits, self.plain)
+        order = np.argsort(-logits, kind="stable")  # most probable first, lower id first on ties
+        rank_of = np.empty(order.size, dtype=np.int64)
+        rank_of[order] = np.arange(1, order.size + 1)
+        rank = int(rank_of[token])
+        self.generated.append(token)
+        shown = [int(t) for t in order[:self.k]] + ([token] if rank > self.k else [])
+        rows = [{"rank": int(rank_of[t]), "id": t, "token": self.text(t),
+                 "logit": float(logits[t]), "p": float(p[t]), "sampled_p": float(sampled[t])} for t in shown]
+        if self.as_json:
+            sys.stdout.write(json.dumps({"step": len(self.generated), "id": token, "token": self.text(token),
+                                         "rank": rank, "p": float(p[token]), "sampled_p": float(sampled[token]),
+                                         "top": rows}, ensure_ascii=False) + "\n")
+            return
+        lines = [f"#{len(self.generated)}  chose {json.dumps(self.text(token), ensure_ascii=False)} "
+                 f"(id {token}, rank {rank}, p {p[token]:.4f}, sampled p {sampled[token]:.4f})"]
+        for r in rows:
+            mark = "  <- chosen" if r["id"] == token else ""
+            lines.append(f"   {r['rank']:>5}. {json.dumps(r['token'], ensure_ascii=False):<16} id {r['id']:>6}  "
+                         f"logit {r['logit']:8.3f}  p {r['p']:.4f}  sampled p {r['sampled_p']:.4f}{mark}")
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+
+
 def run_generate(args) -> int:
     params = sampling_params(args)
     seed, rng = seeded_rng(args)
@@ -220,10 +274,12 @@ def run_generate(args) -> int:
                           "shorten it or raise --ctx")
     # The cache needs room for the prompt and the new tokens, never more than the context.
     cache_len = ctx if args.n_predict < 0 else min(ctx, len(prompt) + args.n_predict)
-    session = Session(loaded.checkpoint.weights, loaded.config, cache_len)
+    explain = args.explain is not None
+    session = (ExplainedSession if explain else Session)(loaded.checkpoint.weights, loaded.config, cache_len)
     stop_ids = loaded.stop_ids(chat=args.chat)
-    printer = None if args.json else Printer(loaded.tokenizer, stop_ids)
-    out = session.generate(prompt, params, rng, args.n_predict, stop_ids, on_token=printer)
+    printer = None if args.json or explain else Printer(loaded.tokenizer, stop_ids)
+    on_token = Explainer(session, params, loaded.tokenizer, args.explain, args.json) if explain else printer
+    out = session.generate(prompt, params, rng, args.n_predict, stop_ids, on_token=on_token)
 
     if args.json:
         result = {
@@ -238,7 +294,8 @@ def run_generate(args) -> int:
         }
         sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
     else:
-        printer.finish()
+        if printer is not None:
+            printer.finish()
         print(stats_line(loaded, out, seed), file=sys.stderr)
     return 130 if out.stop_reason == "interrupted" else 0
 

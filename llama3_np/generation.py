@@ -68,6 +68,11 @@ class Session:
     def ctx(self) -> int:
         return self.cache.max_len
 
+    def recent_ids(self) -> list[int]:
+        """The window the repetition penalty looks at: the last REPEAT_LAST_N ids fed so far
+        (prompt and generated tokens alike; every sampled token is fed before the next is drawn)."""
+        return self.history[-REPEAT_LAST_N:]
+
     def feed(self, ids: list[int]) -> np.ndarray:  # [T] -> [V]
         """Run `ids` through the model after what the cache holds; the last token's logits."""
         for start in range(0, max(len(ids), 1), PREFILL_CHUNK):  # no ids: forward says so
@@ -99,7 +104,7 @@ class Session:
             out.prefill_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
             while True:
-                token = sample(logits, params, rng, recent=(self.history + out.ids)[-REPEAT_LAST_N:])
+                token = sample(logits, params, rng, recent=self.recent_ids())
                 out.ids.append(token)
                 if on_token is not None:
                     on_token(token)

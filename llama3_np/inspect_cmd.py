@@ -13,8 +13,8 @@ from collections import Counter
 
 import numpy as np
 
-from .checkpoint import (DEFAULT_MODEL_DIR, TOKENIZER_FILES, CheckpointIndex, find_tokenizer_file,
-                         resolve_model_dir, scan_checkpoint)
+from .assets import model_dir
+from .checkpoint import TOKENIZER_FILES, CheckpointIndex, find_tokenizer_file, scan_checkpoint
 
 FORMAT_NAMES = {"hf": "Hugging Face", "meta": "Meta"}
 
@@ -23,7 +23,7 @@ def add_command(subparsers):
     p = subparsers.add_parser("inspect", help="describe and validate a checkpoint folder without loading it",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", metavar="DIR",
-                   help=f"checkpoint folder (Hugging Face or Meta); default: {DEFAULT_MODEL_DIR}")
+                   help="checkpoint folder (Hugging Face or Meta format); default: the embedded default model")
     p.add_argument("--rope-factor", type=float, metavar="F",
                    help="Meta checkpoints: override the rope scaling factor use_scaled_rope implies")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -53,6 +53,7 @@ def summarize(index: CheckpointIndex) -> dict:
                          "bfloat16": sum(stored.values()) + working,
                          "bfloat16_mapped": sum(stored.values()), "bfloat16_working_float32": working},
         "tokenizer": None if tokenizer is None else str(tokenizer.relative_to(index.path)),
+        "eos_ids": list(index.eos_ids),
         "ignored_tensors": index.ignored,
     }
 
@@ -95,7 +96,7 @@ def _text(s: dict) -> str:
 
 
 def run(args) -> int:
-    index = scan_checkpoint(resolve_model_dir(args.model), rope_factor=args.rope_factor)
+    index = scan_checkpoint(model_dir(args.model), rope_factor=args.rope_factor)
     summary = summarize(index)
     print(json.dumps(summary, indent=2) if args.json else _text(summary))
     return 0

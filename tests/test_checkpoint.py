@@ -311,3 +311,16 @@ def test_meta_shards_that_do_not_belong_together(tmp_path):
     with pytest.raises(Llama3Error, match="tensor 'tok_embeddings.weight' is float32 here but bfloat16 in "
                                           "consolidated.00.pth"):
         scan_checkpoint(folder)
+
+
+def test_eos_ids_come_from_config_and_generation_config(tmp_path):
+    config = tiny_config()
+    save_hf_checkpoint(tmp_path, config, random_weights(config))
+    assert load_checkpoint(tmp_path).eos_ids == ()
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, eos_token_id=[40, 41])))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [41, 47], "bos_token_id": 1}))
+    assert load_checkpoint(tmp_path).eos_ids == (40, 41, 47)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
+    with pytest.raises(Llama3Error, match="generation_config.json: eos_token_id must be a token id or a list"):
+        load_checkpoint(tmp_path)

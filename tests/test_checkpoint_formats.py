@@ -15,7 +15,7 @@ from llama3_np.config import ModelConfig, RopeScaling
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import import_gguf  # noqa: E402  (tools/, needs the gguf extra that `make test` installs)
+import import_gguf  # noqa: E402  (tools/; needs the gguf extra, which `make test` installs)
 
 FIXTURE_CONFIG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, vocab_size=128,
                              norm_eps=1e-5, rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),

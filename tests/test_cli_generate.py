@@ -193,3 +193,30 @@ def test_chat_turns_stop_at_end_of_turn_and_reuse_the_cache():
     assert second_prompt == turn < first_prompt, f"second turn fed {second_prompt} tokens, not {turn}"
     answers = proc.stdout.decode()
     assert "Paris" in answers and "Rome" in answers, answers
+
+
+# --- end to end on the default model --------------------------------------------------------------
+
+GREEDY = json.loads((REPO / "tests" / "fixtures" / "default_model" / "greedy.json").read_text())
+CHAT_QUESTION = "What is the capital of France? Answer in one sentence, then name two landmarks there."
+
+
+@pytest.mark.parametrize("case", GREEDY["cases"], ids=["text", "chat", "digits"])
+def test_greedy_generate_reproduces_transformers_float32(case):
+    """`llama3-np generate --temp 0` on the default model, from text to ids, against the greedy ids
+    of Hugging Face transformers in float32 on the same weights (64 new tokens; the chat case ends
+    at <|im_end|>, the format's end of turn, and must stop there)."""
+    chat = case["prompt"].startswith("<|im_start|>")
+    prompt = ["--chat", "-p", CHAT_QUESTION] if chat else ["-p", case["prompt"]]
+    proc = cli("generate", *prompt, "--temp", "0", "-n", str(len(case["ids"])), "--json")
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = json.loads(proc.stdout)
+    assert out["prompt_ids"] == case["prompt_ids"], "prompt tokenized differently from the reference"
+    if chat:
+        end = case["ids"].index(2)  # <|im_end|>
+        assert out["stop_reason"] == "stop" and out["ids"] == case["ids"][:end + 1]
+        assert out["text"] == "The capital of France is Paris, France."
+    else:
+        assert out["stop_reason"] == "length" and out["ids"] == case["ids"], (
+            f"first difference at token {next(i for i, (a, b) in enumerate(zip(out['ids'], case['ids'])) if a != b)}")
+        assert out["text"] == case["text"]

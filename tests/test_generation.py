@@ -72,3 +72,19 @@ def test_prompt_longer_than_the_context_is_a_clear_error(model):
         Session(weights, config, ctx=5).generate([], GREEDY, np.random.default_rng(0), 1)
     with pytest.raises(Llama3Error, match="-n"):
         Session(weights, config, ctx=5).generate([1], GREEDY, np.random.default_rng(0), 0)
+
+
+def test_repeat_penalty_window_is_the_last_64_ids_fed(model, monkeypatch):
+    """Each draw sees the last 64 ids fed so far, prompt and generated alike, each once."""
+    import llama3_np.generation as generation
+
+    weights, config = model
+    seen = []
+    real_sample = generation.sample
+    monkeypatch.setattr(generation, "sample",
+                        lambda logits, params, rng, recent: seen.append(list(recent)) or real_sample(logits, params, rng, recent))
+    prompt = [i % config.vocab_size for i in range(70)]
+    session = Session(weights, config, ctx=128)
+    out = session.generate(prompt, SamplingParams(temperature=0, repeat_penalty=1.3), np.random.default_rng(0), 5)
+    fed = prompt + out.ids
+    assert seen == [fed[:70 + k][-64:] for k in range(5)]

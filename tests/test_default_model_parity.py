@@ -1,0 +1,39 @@
+"""The embedded default model (SmolLM2-135M-Instruct, imported from its Q4_1 GGUF) continues three
+prompts exactly as Hugging Face transformers does in float32 on the same weights: 64 greedy tokens
+each, from tests/fixtures/default_model/greedy.json (tools/make_default_model_reference.py)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama3_np.assets import DEFAULT_MODEL_DIR
+from llama3_np.checkpoint import load_checkpoint
+from llama3_np.model import KVCache, forward
+
+REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "default_model" / "greedy.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    record = json.loads((DEFAULT_MODEL_DIR / "llama3_np_import.json").read_text())
+    assert record["sha256"] == REFERENCE["model"]["sha256"], "weights/default is not the model of the fixture"
+    return load_checkpoint(DEFAULT_MODEL_DIR, dtype="float32")
+
+
+@pytest.mark.parametrize("case", REFERENCE["cases"], ids=["text", "chat", "digits"])
+def test_greedy_continuation_matches_transformers_float32(smollm2, case):
+    config, weights = smollm2.config, smollm2.weights
+    prompt = case["prompt_ids"]
+    cache = KVCache(config, len(prompt) + len(case["ids"]))
+    logits = forward(weights, config, prompt, cache=cache, pos=0, last_only=True)[-1]
+    ids = []
+    for step, want in enumerate(case["ids"]):
+        top2 = np.argsort(logits)[-2:][::-1]
+        ids.append(int(top2[0]))
+        assert ids[-1] == want, (
+            f"token {step}: llama3_np chose {ids[-1]}, transformers {want} (our margin "
+            f"{logits[top2[0]] - logits[top2[1]]:.4f}, theirs {case['margins'][step]:.4f}); agreed on {ids[:-1]}")
+        logits = forward(weights, config, [want], cache=cache, pos=len(prompt) + step, last_only=True)[-1]
+    assert len(ids) >= 32

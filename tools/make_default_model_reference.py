@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Write tests/fixtures/default_model/greedy.json: Hugging Face transformers' greedy continuations
+of the embedded default model, computed in float32 on exactly the weights llama3_np loads.
+
+    python tools/fetch_default_model.py && python tools/make_default_model_reference.py
+
+(needs `make tools`). The model is weights/default/ (SmolLM2-135M-Instruct imported from its GGUF
+by tools/import_gguf.py: dequantized, stored as bf16). For three fixed prompts, the prompt ids come
+from the folder's own tokenizer.json through `PreTrainedTokenizerFast`, and 64 tokens are chosen
+by argmax, one at a time with the KV cache, never stopping at an end-of-turn token. Each step's
+margin (top logit minus runner-up) is kept, so a test that diverges can tell a near-tie from a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from importlib import metadata
+
+from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from llama3_np.assets import DEFAULT_MODEL_DIR  # noqa: E402
+
+OUT = REPO / "tests" / "fixtures" / "default_model" / "greedy.json"
+NEW_TOKENS = 64
+PROMPTS = [
+    {"kind": "text", "text": "The three primary colors are"},
+    {"kind": "chat", "messages": [{"role": "user", "content": "What is the capital of France? Answer in one "
+                                                              "sentence, then name two landmarks there."}]},
+    {"kind": "text", "text": "In 1969, Apollo 11 landed on the Moon. Three facts about the mission:\n1."},
+]
+
+
+def greedy(model, prompt_ids: list[int]) -> tuple[list[int], list[float]]:
+    ids, margins = [], []
+    cache = transformers.DynamicCache()
+    step = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            out = model(input_ids=step, past_key_values=cache, use_cache=True)
+            top2 = torch.topk(out.logits[0, -1], 2)
+            ids.append(int(top2.indices[0]))
+            margins.append(float(top2.values[0] - top2.values[1]))
+            step = top2.indices[:1].view(1, 1)
+    return ids, margins
+
+
+def main() -> int:
+    folder = DEFAULT_MODEL_DIR
+    record = json.loads((folder / "llama3_np_import.json").read_text())
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    chat_template = json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    cases = []
+    for prompt in PROMPTS:
+        text = prompt["text"] if prompt["kind"] == "text" else tokenizer.apply_chat_template(
+            prompt["messages"], chat_template=chat_template, add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids, margins = greedy(model, prompt_ids)
+        cases.append({"prompt": text, "prompt_ids": prompt_ids, "ids": ids,
+                      "text": tokenizer.decode(ids), "margins": [round(m, 6) for m in margins]})
+        print(f"{text!r} -> {tokenizer.decode(ids)!r} (smallest margin {min(margins):.4f})")
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({
+        "model": {"folder": "weights/default", "source": record["source"], "sha256": record["sha256"]},
+        "producer": {"tool": "tools/make_default_model_reference.py", "dtype": "float32",
+                     "transformers": metadata.version("transformers"), "torch": metadata.version("torch")},
+        "new_tokens": NEW_TOKENS, "cases": cases}, indent=1, ensure_ascii=False)
+    # One line per list of numbers.
+    text = re.sub(r"\[[-\d.e,\s]+\]", lambda m: "[" + " ".join(m.group(0)[1:-1].split()) + "]", text)
+    OUT.write_text(text + "\n")
+    print(f"wrote {OUT.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool("make_default_model_reference", main))
