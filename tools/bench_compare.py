@@ -14,9 +14,9 @@ Engines (tools-only dependencies):
     llama3_np   `llama3-np bench`, float32 residency
     hf          transformers LlamaForCausalLM in float32 (torch==2.13.0), KV cache, logits of
                 the last prompt position only (as `generate` does)
-    llama.cpp   llama-cpp-python, if installed, on an F32 GGUF of the same weights, written by
-                this tool next to the checkpoint (`llama3_np-f32.gguf`) with a placeholder
-                vocabulary (ids in, ids out)
+    llama.cpp   llama-cpp-python, if installed, on an F32 GGUF of the same weights with a
+                placeholder vocabulary (ids in, ids out), written by this tool to a temporary
+                file, or kept at --gguf PATH and reused when it exists
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +39,6 @@ from llama3_np.bench import synthetic_prompt
 from llama3_np.errors import Llama3Error
 
 ENGINES = ("llama3_np", "hf", "llama.cpp")
-GGUF_NAME = "llama3_np-f32.gguf"
 
 
 def peak_rss_mb() -> float:
@@ -147,15 +147,12 @@ def write_f32_gguf(checkpoint, out: Path) -> None:
     w.close()
 
 
-def run_llama_cpp(path: Path, prompt: list[int], new: int, runs: int, threads: int) -> dict:
+def run_llama_cpp(path: Path, prompt: list[int], new: int, runs: int, threads: int, gguf_path: Path) -> dict:
     import numpy as np
     from llama_cpp import Llama
 
-    gguf_path = path / GGUF_NAME
-    if not gguf_path.is_file():
-        from llama3_np.checkpoint import load_checkpoint
-
-        write_f32_gguf(load_checkpoint(path), gguf_path)
+    if not gguf_path.is_file():  # in a process of its own, so that its memory is not counted here
+        subprocess.run([sys.executable, __file__, "--write-gguf", str(gguf_path), "-m", str(path)], check=True)
     t0 = time.perf_counter()
     llm = Llama(str(gguf_path), n_ctx=len(prompt) + new, n_batch=512, n_threads=threads,
                 n_threads_batch=threads, verbose=False)
@@ -188,7 +185,7 @@ def run_llama3_np(path: Path, prompt_n: int, new: int, runs: int) -> dict:
             "bandwidth_gb_s": r.bandwidth_gb_s, "sgemm_gflop_s": r.sgemm_gflop_s}
 
 
-def worker(engine: str, path: Path, prompt_n: int, new: int, runs: int, threads: int) -> dict:
+def worker(engine: str, path: Path, prompt_n: int, new: int, runs: int, threads: int, gguf) -> dict:
     from llama3_np.config import from_hf_config
 
     config = from_hf_config(json.loads((path / "config.json").read_text()))
@@ -197,7 +194,10 @@ def worker(engine: str, path: Path, prompt_n: int, new: int, runs: int, threads:
         return run_llama3_np(path, prompt_n, new, runs)
     if engine == "hf":
         return run_hf(path, prompt, new, runs)
-    return run_llama_cpp(path, prompt, new, runs, threads)
+    if gguf is not None:
+        return run_llama_cpp(path, prompt, new, runs, threads, Path(gguf))
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_llama_cpp(path, prompt, new, runs, threads, Path(tmp) / "f32.gguf")
 
 
 def available(engine: str) -> bool:
@@ -228,6 +228,8 @@ def compare(args) -> int:
         print(f"running {engine} ...", file=sys.stderr)
         cmd = [sys.executable, __file__, "--worker", engine, "-m", str(path), "--prompt", str(args.prompt),
                "--new", str(args.new), "--runs", str(args.runs), "--threads", str(args.threads)]
+        if args.gguf:
+            cmd += ["--gguf", args.gguf]
         env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         if done.returncode != 0:
@@ -270,14 +272,22 @@ def main(argv=None) -> int:
     p.add_argument("--engines", type=lambda s: s.split(","), default=list(ENGINES),
                    help=f"comma-separated, from {','.join(ENGINES)}")
     p.add_argument("--json", metavar="FILE", help="also write every engine's figures to FILE")
+    p.add_argument("--gguf", metavar="PATH", help="llama.cpp's F32 GGUF: reused if it exists, else written there "
+                                                  "(default: a temporary file, removed after the run)")
     p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    p.add_argument("--write-gguf", metavar="PATH", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for engine in args.engines:
         if engine not in ENGINES:
             p.error(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    if args.write_gguf:
+        from llama3_np.checkpoint import load_checkpoint
+
+        return run_tool("bench_compare", lambda: write_f32_gguf(load_checkpoint(model_dir(args.model)),
+                                                                Path(args.write_gguf)))
     if args.worker:
         return run_tool("bench_compare", lambda: print(json.dumps(
-            worker(args.worker, model_dir(args.model), args.prompt, args.new, args.runs, args.threads))))
+            worker(args.worker, model_dir(args.model), args.prompt, args.new, args.runs, args.threads, args.gguf))))
     return run_tool("bench_compare", lambda: compare(args))
 
 
