@@ -2,7 +2,8 @@
 #   make run    install llama3_np, fetch the default model, generate text with it
 #   make test   install llama3_np with its test extras, fetch the assets the tests use, run pytest
 # `make tools` adds the reference implementations (torch==2.13.0, transformers, llama-models,
-# fairscale, gguf) that tools/ needs to regenerate the committed fixtures.
+# fairscale, gguf, llama-cpp-python, which compiles llama.cpp) that tools/ needs to regenerate
+# the committed fixtures.
 
 PYTHON ?= python3
 VENV := .venv

@@ -15,6 +15,7 @@ import numpy as np
 
 from .assets import model_dir
 from .checkpoint import TOKENIZER_FILES, CheckpointIndex, find_tokenizer_file, scan_checkpoint
+from .model import conversion_rows
 
 FORMAT_NAMES = {"hf": "Hugging Face", "meta": "Meta"}
 
@@ -36,11 +37,10 @@ def summarize(index: CheckpointIndex) -> dict:
     stored = Counter()
     for name, plan in index.plans.items():
         stored[plan.dtype.name] += params[name] * plan.dtype.itemsize
-    # bfloat16 residency converts to float32 one layer (or the embedding/output matrix) at a time.
-    layers = Counter()
-    for name, n in params.items():
-        layers[name.split(".")[1] if name.startswith("layers.") else name] += n
-    working = 4 * max(layers.values())
+    # bfloat16 residency converts each matrix to float32 a block of rows at a time (model.linear);
+    # the largest such block is the float32 weight memory it needs beyond the mapped files.
+    working = max(4 * plan.shape[1] * conversion_rows(*plan.shape)
+                  for plan in index.plans.values() if len(plan.shape) == 2)
     tokenizer = find_tokenizer_file(index.path)
     return {
         "path": str(index.path),
@@ -88,7 +88,7 @@ def _text(s: dict) -> str:
         "stored:      " + ", ".join(f"{dtype} {_size(n)}" for dtype, n in s["stored_bytes"].items()),
         f"memory:      --dtype float32: {_size(m['float32'])}; --dtype bfloat16: {_size(m['bfloat16'])} "
         f"({_size(m['bfloat16_mapped'])} mapped from the files + {_size(m['bfloat16_working_float32'])} "
-        "for the largest layer or embedding matrix in float32)",
+        "of float32 conversion block)",
         f"tokenizer:   {s['tokenizer'] or 'none found (looked for ' + ', '.join(TOKENIZER_FILES) + ')'}",
     ]
     lines += [f"ignored:     {where} ({why})" for where, why in s["ignored_tensors"].items()]

@@ -84,12 +84,17 @@ def as_float32(w: np.ndarray) -> np.ndarray:
 CONVERT_BLOCK_BYTES = 1 << 20
 
 
+def conversion_rows(n_out: int, n_in: int) -> int:
+    """How many rows of an [n_out, n_in] low-precision matrix `linear` converts at a time."""
+    return min(n_out, max(1, CONVERT_BLOCK_BYTES // (4 * n_in)))
+
+
 def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_in] -> [T, n_out]
     """x · wᵀ: the product with a weight stored as [n_out, n_in] (the layout of Meta's checkpoints)."""
     if w.dtype == np.float32:
         return x @ w.T
     n_out, n_in = w.shape
-    rows = max(1, CONVERT_BLOCK_BYTES // (4 * n_in))
+    rows = conversion_rows(n_out, n_in)
     block = np.empty((rows, n_in), dtype=np.float32)
     out = np.empty((x.shape[0], n_out), dtype=np.float32)
     for start in range(0, n_out, rows):

@@ -18,6 +18,9 @@ FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 # D=32, 2 layers; per layer wq 32x32, wk and wv 16x32, wo 32x32, w1/w2/w3 64x32, two norms of 32.
 LAYER = 1024 + 512 + 512 + 1024 + 3 * 2048 + 2 * 32
 FIXTURE_PARAMS = 2 * LAYER + 128 * 32 * 2 + 32  # + embeddings, output, final norm
+# bfloat16 residency converts matrices in blocks of up to 1 MiB of float32 rows: here each whole
+# matrix, the largest being the 128 x 32 output.
+WORKING = 4 * 128 * 32
 
 
 def _inspect_json(capsys, *args):
@@ -30,8 +33,8 @@ def test_inspect_counts_the_fixture_by_hand(capsys):
     assert s["format"] == "meta" and s["files"] == ["consolidated.00.pth", "consolidated.01.pth"]
     assert s["parameters"] == FIXTURE_PARAMS == 26784
     assert s["stored_bytes"] == {"bfloat16": 2 * FIXTURE_PARAMS}
-    assert s["memory_bytes"] == {"float32": 4 * FIXTURE_PARAMS, "bfloat16": 2 * FIXTURE_PARAMS + 4 * LAYER,
-                                 "bfloat16_mapped": 2 * FIXTURE_PARAMS, "bfloat16_working_float32": 4 * LAYER}
+    assert s["memory_bytes"] == {"float32": 4 * FIXTURE_PARAMS, "bfloat16": 2 * FIXTURE_PARAMS + WORKING,
+                                 "bfloat16_mapped": 2 * FIXTURE_PARAMS, "bfloat16_working_float32": WORKING}
     assert s["config"]["rope_scaling"]["factor"] == 8.0 and s["tokenizer"] is None
     assert _inspect_json(capsys, "-m", str(FIXTURES / "meta"), "--rope-factor", "32")["config"]["rope_scaling"][
         "factor"] == 32.0
@@ -43,7 +46,8 @@ def test_inspect_text(capsys):
     assert "format:      Hugging Face (model-00001-of-00002.safetensors, model-00002-of-00002.safetensors)" in out
     assert "parameters:  26,784 (26.8 K)" in out
     assert "rope scaling llama3 factor 8 (low 1, high 4, original context 8192)" in out
-    assert "memory:      --dtype float32: 107.1 KB; --dtype bfloat16: 90.7 KB (53.6 KB mapped from the files" in out
+    assert ("memory:      --dtype float32: 107.1 KB; --dtype bfloat16: 70.0 KB (53.6 KB mapped from the files "
+            "+ 16.4 KB of float32 conversion block)") in out
     assert "tokenizer:   none found (looked for tokenizer.model, original/tokenizer.model, tokenizer.json)" in out
 
 
