@@ -137,9 +137,11 @@ class Loaded:
 def read_prompt(args) -> str | None:
     if args.file is not None:
         path = Path(args.file)
-        if not path.is_file():
-            raise Llama3Error(f"prompt file {args.file} does not exist")
-        data = path.read_bytes()
+        if not path.exists():
+            raise Llama3Error(f"prompt file {args.file} does not exist: pass -f the path of a UTF-8 text file")
+        if path.is_dir():
+            raise Llama3Error(f"prompt file {args.file} is a folder: pass -f the path of a UTF-8 text file")
+        data = path.read_bytes()  # a regular file, or a pipe such as -f <(command)
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -169,6 +169,16 @@ def test_empty_prompt_and_non_utf8_prompt_file(tmp_path):
     bad.write_bytes("café".encode("latin-1"))
     assert_one_line_error(cli("generate", "-m", model, "-f", str(bad)), str(bad), "not UTF-8", "0xe9")
     assert_one_line_error(cli("generate", "-m", model, "-f", str(tmp_path / "none.txt")), "does not exist")
+    assert_one_line_error(cli("generate", "-m", model, "-f", str(tmp_path)), "is a folder")
+
+
+def test_prompt_file_may_be_a_pipe():
+    """-f reads what a pipe holds (here /dev/stdin), as it would -f <(command)."""
+    args = ("generate", "-m", str(DEFAULT_MODEL_DIR), "-n", "1", "--temp", "0", "--json")
+    piped = cli(*args, "-f", "/dev/stdin", stdin="Grüße aus Köln")
+    direct = cli(*args, "-p", "Grüße aus Köln")
+    assert piped.returncode == 0, piped.stderr.decode()
+    assert json.loads(piped.stdout)["prompt_ids"] == json.loads(direct.stdout)["prompt_ids"]
 
 
 # --- chat ----------------------------------------------------------------------------------------
