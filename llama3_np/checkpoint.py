@@ -4,7 +4,7 @@
                           with model.safetensors.index.json; q/k rows permuted for rotate-half rope
     Meta folder           params.json + consolidated.00.pth ... consolidated.NN.pth (model-parallel
                           shards), read by `llama3_np.pth` without torch
-    GGUF file             imported into a Hugging Face folder by tools/import_gguf.py
+    GGUF file             imported into a Hugging Face folder by `llama3_np.gguf_import`
 
 The canonical form (`Checkpoint.weights`) uses Meta's state-dict names and Meta's interleaved rope
 row order for wq/wk, whatever the source. With tied embeddings, `weights["output.weight"] is
@@ -237,7 +237,7 @@ def scan_checkpoint(path, rope_factor: Optional[float] = None) -> CheckpointInde
     if path.is_file():
         if path.suffix == ".gguf":
             raise Llama3Error(f"{path}: GGUF files are imported first: "
-                              f"python tools/import_gguf.py {path} OUT_DIR, then pass OUT_DIR")
+                              f"llama3-np import-gguf {path} OUT_DIR, then pass OUT_DIR")
         raise Llama3Error(f"{path}: is a file; pass the checkpoint folder that holds it "
                           "(with config.json or params.json)")
     if (path / "config.json").is_file():
