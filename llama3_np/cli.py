@@ -16,7 +16,7 @@ from .errors import Llama3Error
 
 # Modules under llama3_np/ that each add one or more subcommands, in the order --help lists them.
 COMMAND_MODULES: list[str] = ["generate_cmd", "inspect_cmd", "dump_cmd", "compare", "trace_cmd", "perplexity", "bench",
-                               "import_gguf_cmd"]
+                               "tokenize_cmd", "import_gguf_cmd"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:
+            # Flags that belong to no command's parser: point to the help of the command given.
+            prog = "llama3-np" + (f" {args.command}" if args.command else "")
+            raise Llama3Error(f"{prog}: unrecognized arguments: {' '.join(unknown)} (see '{prog} --help')")
         if getattr(args, "func", None) is None:
             raise Llama3Error("no command given (see 'llama3-np --help')")
         return args.func(args) or 0

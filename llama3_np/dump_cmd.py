@@ -190,7 +190,7 @@ def add_input_args(p, what: str) -> None:
     """-p/-f/--tokens/--like and --pos: the tokens to run (shared with `trace`)."""
     src = p.add_mutually_exclusive_group()
     src.add_argument("-p", "--prompt", help="text to run (tokenized as the model's tokenizer does)")
-    src.add_argument("-f", "--file", help="read the text from a UTF-8 file")
+    src.add_argument("-f", "--file", help="read the text from a UTF-8 file (- for standard input)")
     src.add_argument("--tokens", help="comma-separated token ids (no tokenizer needed)")
     src.add_argument("--like", metavar="DUMP",
                      help=f"{what} the tokens, positions and KV-cache context recorded in another dump file")
@@ -285,6 +285,8 @@ def run(args) -> int:
     from .model import Trace
 
     output = Path(args.output)
+    if output.suffix != ".safetensors":
+        raise Llama3Error(f"-o {args.output}: a dump is a safetensors file; name it FILE.safetensors")
     if not output.parent.is_dir():
         raise Llama3Error(f"-o {args.output}: folder {output.parent} does not exist")
     loaded, inputs = load_with_inputs(args)

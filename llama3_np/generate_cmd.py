@@ -10,13 +10,14 @@ import json
 import resource
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 from .assets import model_dir
 from .errors import Llama3Error
 from .generation import Generation, Session
+from .prompt_input import read_prompt
+from .wording import plural
 from .sampling import SamplingParams, sampling_probs
 
 # Without --ctx, the KV cache holds at most this many tokens (or the model's own context if smaller):
@@ -26,7 +27,7 @@ DEFAULT_CTX = 4096
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", metavar="DIR",
-                   help="checkpoint folder (Hugging Face or Meta format); default: the embedded default model")
+                   help="checkpoint folder (Hugging Face or Meta format) or .gguf file; default: the default model")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="weight residency: float32 (fast) or bfloat16 (half the memory)")
     p.add_argument("--rope-factor", type=float, metavar="F",
@@ -43,31 +44,37 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=d.min_p, help=f"0 = off (default {d.min_p})")
     p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty,
                    help=f"penalty on the last 64 tokens; 1 = off (default {d.repeat_penalty})")
-    p.add_argument("--seed", type=int, help="random seed (default: a random one, printed with the statistics)")
-    p.add_argument("--ctx", type=int, metavar="N",
+    p.add_argument("-s", "--seed", type=int, default=-1,
+                   help="random seed; -1 = a random one, printed with the statistics (default -1)")
+    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
                    help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
 
 
 def add_command(sub) -> None:
-    g = sub.add_parser("generate", help="continue a prompt (or answer it as a chat turn with --chat)")
+    g = sub.add_parser("generate", help="continue a prompt (or answer it as a chat turn with --chat)",
+                       description="Continue a prompt, streaming the text to stdout and statistics to stderr; "
+                                   "with --chat, answer it as a user turn in the model's chat format.")
     add_model_args(g)
     src = g.add_mutually_exclusive_group()
     src.add_argument("-p", "--prompt", help="prompt text")
-    src.add_argument("-f", "--file", help="read the prompt from a UTF-8 text file")
+    src.add_argument("-f", "--file", help="read the prompt from a UTF-8 text file (- for standard input)")
     src.add_argument("--tokens", help="prompt as comma-separated token ids (no tokenizer needed)")
     add_sampling_args(g)
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the model's chat format")
-    g.add_argument("--system", help="system message (with --chat)")
+    g.add_argument("-sys", "--system-prompt", "--system", dest="system", metavar="TEXT",
+                   help="system message (with --chat)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--explain", nargs="?", const=5, type=int, metavar="K",
                    help="instead of the text, show for every generated token the K most probable candidates "
                         "(default 5) and the one chosen; with --json, one JSON line per token")
     g.set_defaults(func=run_generate)
 
-    c = sub.add_parser("chat", help="interactive multi-turn chat in the model's chat format")
+    c = sub.add_parser("chat", help="interactive multi-turn chat in the model's chat format",
+                       description="Chat with the model in its chat format (Llama 3 or ChatML), keeping the "
+                                   "conversation in the KV cache between turns.")
     add_model_args(c)
     add_sampling_args(c)
-    c.add_argument("--system", help="system message")
+    c.add_argument("-sys", "--system-prompt", "--system", dest="system", metavar="TEXT", help="system message")
     c.set_defaults(func=run_chat, n_predict=-1)
 
 
@@ -80,21 +87,35 @@ def sampling_params(args) -> SamplingParams:
 
 
 def seeded_rng(args) -> tuple[int, np.random.Generator]:
-    seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**32)
-    if seed < 0:
-        raise Llama3Error(f"--seed must be >= 0, got {seed}")
+    """The seed (-1, as in llama.cpp: a random one) and its generator."""
+    if args.seed < -1:
+        raise Llama3Error(f"--seed must be >= 0, or -1 for a random seed, got {args.seed}")
+    seed = args.seed if args.seed != -1 else int(np.random.SeedSequence().entropy % 2**32)
     return seed, np.random.default_rng(seed)
+
+
+def check_ctx(requested: int | None, config) -> None:
+    """A context size asked for on the command line, checked against the model's trained context."""
+    if requested is None:
+        return
+    if requested <= 0:
+        raise Llama3Error(f"--ctx-size must be positive, got {requested}")
+    if requested > config.max_seq_len:
+        raise Llama3Error(f"--ctx-size {requested} is longer than the {config.max_seq_len} tokens the model was "
+                          f"trained for: pass at most {config.max_seq_len}")
 
 
 class Loaded:
     """A checkpoint, its tokenizer (None when it has none) and chat format, and the load time."""
 
     def __init__(self, args, need_tokenizer: bool):
-        from .checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint, scan_checkpoint
         from .tokenizer import load_tokenizer
 
-        t0 = time.perf_counter()
         path = model_dir(args.model)
+        t0 = time.perf_counter()
+        # The headers alone say the trained context: a --ctx-size beyond it fails before the weights load.
+        check_ctx(getattr(args, "ctx", None), scan_checkpoint(path, rope_factor=args.rope_factor).config)
         self.checkpoint = load_checkpoint(path, dtype=args.dtype, rope_factor=args.rope_factor)
         try:
             self.tokenizer = load_tokenizer(path)
@@ -107,8 +128,7 @@ class Loaded:
 
     def ctx(self, requested: int | None) -> int:
         if requested is not None:
-            if requested <= 0:
-                raise Llama3Error(f"--ctx must be positive, got {requested}")
+            check_ctx(requested, self.config)
             return requested
         return min(self.config.max_seq_len, DEFAULT_CTX)
 
@@ -134,22 +154,6 @@ class Loaded:
         return ids
 
 
-def read_prompt(args) -> str | None:
-    if args.file is not None:
-        path = Path(args.file)
-        if not path.exists():
-            raise Llama3Error(f"prompt file {args.file} does not exist: pass -f the path of a UTF-8 text file")
-        if path.is_dir():
-            raise Llama3Error(f"prompt file {args.file} is a folder: pass -f the path of a UTF-8 text file")
-        data = path.read_bytes()  # a regular file, or a pipe such as -f <(command)
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise Llama3Error(f"prompt file {args.file} is not UTF-8 text (byte 0x{data[e.start]:02x} "
-                              f"at offset {e.start}): convert it to UTF-8") from None
-    return args.prompt
-
-
 def parse_token_ids(text: str, vocab_size: int) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
@@ -165,11 +169,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def stats_line(loaded: Loaded, out: Generation, seed: int) -> str:
-    return (f"load {loaded.load_seconds:.2f} s | prompt {len(out.prompt_ids)} tokens, "
-            f"{out.prefill_tokens_per_second:.1f} tok/s | generated {len(out.ids)} tokens, "
-            f"{out.decode_tokens_per_second:.1f} tok/s | peak RSS {peak_rss_mb():.0f} MB | "
-            f"seed {seed} | stop: {out.stop_reason}")
+# How the statistics line says why generation ended (Generation.stop_reason).
+STOP_REASONS = {"stop": "stop token", "length": "-n limit", "context": "context full", "interrupted": "interrupted"}
+
+
+def stats_line(loaded: Loaded | None, out: Generation, seed: int | None) -> str:
+    """load time (None: not shown), prompt and generated counts and speeds, peak RSS, the seed
+    (None for greedy runs, where it changes nothing) and why generation stopped."""
+    parts = [f"load {loaded.load_seconds:.2f} s"] if loaded is not None else []
+    parts += [f"prompt {plural(len(out.prompt_ids), 'token')}, {out.prefill_tokens_per_second:.1f} tok/s",
+              f"generated {plural(len(out.ids), 'token')}, {out.decode_tokens_per_second:.1f} tok/s",
+              f"peak RSS {peak_rss_mb():.0f} MB"]
+    parts += [f"seed {seed}"] if seed is not None else []
+    return " | ".join(parts + [f"stop: {STOP_REASONS.get(out.stop_reason, out.stop_reason)}"])
 
 
 class Printer:
@@ -255,7 +267,7 @@ def run_generate(args) -> int:
     if text is None and args.tokens is None:
         raise Llama3Error("give a prompt: -p TEXT, -f FILE or --tokens 1,2,3")
     if args.system is not None and not args.chat:
-        raise Llama3Error("--system goes with --chat")
+        raise Llama3Error("--system-prompt goes with --chat")
     loaded = Loaded(args, need_tokenizer=args.tokens is None)
     if args.tokens is not None:
         if args.chat:
@@ -298,7 +310,7 @@ def run_generate(args) -> int:
     else:
         if printer is not None:
             printer.finish()
-        print(stats_line(loaded, out, seed), file=sys.stderr)
+        print(stats_line(loaded, out, seed if params.temperature > 0 else None), file=sys.stderr)
     return 130 if out.stop_reason == "interrupted" else 0
 
 
@@ -312,9 +324,11 @@ def run_chat(args) -> int:
     session = Session(loaded.checkpoint.weights, loaded.config, loaded.ctx(args.ctx))
     stop_ids = loaded.stop_ids(chat=True)
     interactive = sys.stdin.isatty()
-    print(f"chat with {session.config.n_layers}-layer model from {loaded.checkpoint.path} "
-          f"({fmt.name} format, {session.ctx}-token context, seed {seed}); "
-          "Ctrl-C stops an answer, Ctrl-D quits", file=sys.stderr)
+    shown_seed = seed if params.temperature > 0 else None
+    print(f"chat with {session.config.n_layers}-layer model from {loaded.checkpoint.path}, loaded in "
+          f"{loaded.load_seconds:.2f} s ({fmt.name} format, {session.ctx}-token context"
+          f"{f', seed {seed}' if shown_seed is not None else ''}); Ctrl-C stops an answer, Ctrl-D quits",
+          file=sys.stderr)
     first = True
     while True:
         try:
@@ -336,7 +350,7 @@ def run_chat(args) -> int:
         out = session.generate(ids, params, rng, args.n_predict, stop_ids, on_token=printer)
         printer.finish()
         first = False
-        print(stats_line(loaded, out, seed), file=sys.stderr)
+        print(stats_line(None, out, shown_seed), file=sys.stderr)
         if out.stop_reason == "length" and session.cache.length >= session.ctx:
             print("the context is full; start a new chat (with a larger --ctx)", file=sys.stderr)
             return 0

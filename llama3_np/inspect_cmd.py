@@ -66,9 +66,13 @@ def _tokens(index: CheckpointIndex) -> dict:
     from .chat import chat_format_for, stop_ids
     from .tokenizer import load_tokenizer
 
+    none = {"chat_format": None, "stop_tokens": {str(i): None for i in index.eos_ids}}
     if index.tokenizer_dir is None:
-        return {"chat_format": None, "stop_tokens": {str(i): None for i in index.eos_ids}}
-    tok = load_tokenizer(index.tokenizer_dir)
+        return none
+    try:
+        tok = load_tokenizer(index.tokenizer_dir)
+    except Llama3Error as e:  # inspect reports a broken tokenizer rather than stopping at it
+        return dict(none, tokenizer_error=str(e))
     try:
         fmt = chat_format_for(tok)
     except Llama3Error:
@@ -118,6 +122,7 @@ def _text(s: dict) -> str:
         f"({_size(m['bfloat16_mapped'])} mapped from the files + {_size(m['bfloat16_working_float32'])} "
         "of float32 conversion block)",
         f"tokenizer:   {s['tokenizer'] or 'none found (looked for ' + ', '.join(TOKENIZER_FILES) + ')'}",
+        *([f"             unreadable: {s['tokenizer_error']}"] if "tokenizer_error" in s else []),
         f"chat format: {s['chat_format'] or 'none (plain generation only)'}",
         "stop tokens: " + (", ".join(f"{i} {json.dumps(t, ensure_ascii=False) if t is not None else ''}".rstrip()
                                      for i, t in s["stop_tokens"].items()) or "none"),

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import gguf
-import pytest
 
 from llama3_np import assets, gguf_import
 from llama3_np.cli import main

@@ -146,7 +146,7 @@ def test_streamed_multibyte_characters_arrive_intact(tmp_path, monkeypatch):
     (["generate", "-m", str(PARITY), "--tokens", "1", "--top-p", "0"], ["--top-p"]),
     (["generate", "-m", str(PARITY), "--tokens", "1", "--top-k", "-2"], ["--top-k"]),
     (["generate", "-m", str(PARITY), "--tokens", "1", "-n", "0"], ["-n"]),
-    (["generate", "-m", str(PARITY), "--tokens", "1", "--seed", "-1"], ["--seed"]),
+    (["generate", "-m", str(PARITY), "--tokens", "1", "--seed", "-2"], ["--seed", "or -1 for a random seed"]),
     (["generate", "-m", str(PARITY), "--tokens", "1", "--dtype", "int8"], ["--dtype", "invalid choice"]),
     (["generate", "-m", "/no/such/folder", "-p", "hi"], ["/no/such/folder", "does not exist"]),
     (["generate", "-m", str(PARITY), "--tokens", "1,2,3,4,5", "--ctx", "4"], ["5 tokens", "context holds 4"]),
@@ -192,9 +192,9 @@ def test_chat_turns_stop_at_end_of_turn_and_reuse_the_cache():
     proc = cli("chat", "--temp", "0", "-n", "48", stdin="What is the capital of France?\nAnd of Italy?\n")
     err = proc.stderr.decode()
     assert proc.returncode == 0, err
-    stats = [line for line in err.splitlines() if line.startswith("load ")]
+    stats = [line for line in err.splitlines() if line.startswith("prompt ")]
     assert len(stats) == 2, err
-    assert all(line.endswith("stop: stop") for line in stats), err
+    assert all(line.endswith("stop: stop token") for line in stats), err
     tok = load_tokenizer(default_model_dir())
     first_prompt = len(encode_dialog(tok, [{"role": "user", "content": "What is the capital of France?"}]))
     second_prompt = int(stats[1].split("prompt ")[1].split(" tokens")[0])
