@@ -231,6 +231,9 @@ def report(r: BenchResult) -> str:
 
 def add_command(sub) -> None:
     b = sub.add_parser("bench", help="measure load, prefill and decode speed against this machine's limits",
+                       description="Measure load time, prefill and decode speed and peak memory, each speed as a "
+                                   "fraction of this machine's read bandwidth and sgemm rate, measured in the same "
+                                   "process.",
                        epilog="Threads: NumPy's OpenBLAS uses one per core unless OPENBLAS_NUM_THREADS says "
                               "otherwise; on a machine where other processes are busy, 2 threads can be tens "
                               "of times slower than 1 (see BENCHMARKS.md).")

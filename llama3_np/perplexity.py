@@ -262,13 +262,14 @@ def add_command(sub) -> None:
     from .generate_cmd import add_model_args
 
     p = sub.add_parser("perplexity", help="perplexity of a text, by llama.cpp's method; KL against saved logits",
-                       description="Perplexity by llama.cpp's method: windows of --ctx tokens, each scored "
+                       description="Perplexity by llama.cpp's method: windows of --ctx-size tokens, each scored "
                                    "on its second half; final PPL with its standard error.")
     add_model_args(p)
     p.add_argument("-f", "--file", required=True, help="UTF-8 text file to score (- for standard input)")
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, default=DEFAULT_CTX, metavar="N",
                    help=f"window size (default {DEFAULT_CTX})")
-    p.add_argument("--batch", type=int, metavar="N", help="tokens per forward call (default: the window size)")
+    p.add_argument("-b", "--batch-size", "--batch", dest="batch", type=int, metavar="N",
+                   help="tokens per forward call (default: the window size)")
     p.add_argument("--chunks", type=int, metavar="N", help="score at most N windows")
     p.add_argument("--save-logits", metavar="FILE",
                    help="write the scored logits (float32 safetensors, [scored tokens, vocabulary]) for --kl-base")
@@ -304,7 +305,7 @@ def run(args) -> int:
     if args.ctx is None or args.ctx < 4:
         raise Llama3Error(f"--ctx-size must be at least 4, got {args.ctx}")
     if args.batch is not None and args.batch < 1:
-        raise Llama3Error(f"--batch must be >= 1, got {args.batch}")
+        raise Llama3Error(f"--batch-size must be >= 1, got {args.batch}")
     text = read_prompt(args)
     if not text or not text.strip():
         raise Llama3Error(f"{args.file} holds no text to score")
