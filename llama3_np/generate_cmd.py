@@ -64,6 +64,9 @@ def add_command(sub) -> None:
     g.add_argument("-sys", "--system-prompt", "--system", dest="system", metavar="TEXT",
                    help="system message (with --chat)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--verbose-prompt", action="store_true",
+                   help="first print the prompt's tokens to stderr: each id and the text it stands for")
+    g.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
     g.add_argument("--explain", nargs="?", const=5, type=int, metavar="K",
                    help="instead of the text, show for every generated token the K most probable candidates "
                         "(default 5) and the one chosen; with --json, one JSON line per token")
@@ -165,6 +168,14 @@ def parse_token_ids(text: str, vocab_size: int) -> list[int]:
     return ids
 
 
+def verbose_prompt(tokenizer, prompt: list[int]) -> str:
+    """--verbose-prompt: the prompt's token count, then one `id -> 'piece'` line per token."""
+    from .pieces import format_pieces, pieces
+
+    lines = format_pieces(pieces(tokenizer, prompt)) if tokenizer is not None else " ".join(map(str, prompt))
+    return f"prompt: {plural(len(prompt), 'token')}\n{lines}"
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -204,6 +215,14 @@ class Printer:
         if text:
             self.stream.write(text.encode("utf-8"))
             self.stream.flush()
+
+    def echo(self, prompt: list[int]) -> None:
+        """Print the prompt as the model reads it (special tokens by name), without the BOS the
+        tokenizer adds."""
+        tok = self.tokenizer
+        if tok is not None and tok.add_bos and prompt[:1] == [tok.bos_id]:
+            prompt = prompt[1:]
+        self.write(tok.decode(prompt) if tok is not None else "".join(f"{i} " for i in prompt))
 
     def finish(self) -> None:
         self.write((self.decoder.flush() if self.decoder else "") + "\n")
@@ -268,6 +287,8 @@ def run_generate(args) -> int:
         raise Llama3Error("give a prompt: -p TEXT, -f FILE or --tokens 1,2,3")
     if args.system is not None and not args.chat:
         raise Llama3Error("--system-prompt goes with --chat")
+    if args.echo and (args.json or args.explain is not None):
+        raise Llama3Error("--echo goes with streamed text, not with --json or --explain")
     loaded = Loaded(args, need_tokenizer=args.tokens is None)
     if args.tokens is not None:
         if args.chat:
@@ -281,6 +302,8 @@ def run_generate(args) -> int:
         prompt = loaded.tokenizer.encode(text, bos=loaded.tokenizer.add_bos)
     if not prompt:
         raise Llama3Error("the prompt is empty: give some text (-p/-f) or token ids (--tokens)")
+    if args.verbose_prompt:
+        print(verbose_prompt(loaded.tokenizer, prompt), file=sys.stderr, flush=True)
 
     ctx = loaded.ctx(args.ctx)
     if len(prompt) > ctx:
@@ -292,6 +315,8 @@ def run_generate(args) -> int:
     session = (ExplainedSession if explain else Session)(loaded.checkpoint.weights, loaded.config, cache_len)
     stop_ids = loaded.stop_ids(chat=args.chat)
     printer = None if args.json or explain else Printer(loaded.tokenizer, stop_ids)
+    if args.echo:
+        printer.echo(prompt)
     on_token = Explainer(session, params, loaded.tokenizer, args.explain, args.json) if explain else printer
     out = session.generate(prompt, params, rng, args.n_predict, stop_ids, on_token=on_token)
 

@@ -163,3 +163,27 @@ def test_inspect_shows_chat_format_stop_tokens_and_source(capsys):
     code, out, _ = run(capsys, "inspect", "-m", PARITY)
     assert "\nchat format: none (plain generation only)\n" in out
     assert "\nsource:      as downloaded (not imported by llama3_np)" in out
+
+
+# --- the prompt made visible ----------------------------------------------------------------------
+
+def test_verbose_prompt_lists_the_tokens_and_echo_prints_the_prompt_first(capsys):
+    from llama3_np.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(default_model_dir())
+    code, out, err = run(capsys, "generate", "-m", default_model_dir(), "-p", "The sky is", "-n", "2", "--temp", "0",
+                         "--verbose-prompt", "--echo")
+    assert code == 0
+    ids = tok.encode("The sky is")
+    assert err.startswith(f"prompt: {len(ids)} tokens\n" + "".join(
+        f"{i:>6} -> '{tok.decode([i])}'\n" for i in ids))
+    code, plain, _ = run(capsys, "generate", "-m", default_model_dir(), "-p", "The sky is", "-n", "2", "--temp", "0")
+    assert out == "The sky is" + plain  # the prompt, then the same continuation
+
+    code, out, _ = run(capsys, "generate", "-m", default_model_dir(), "--chat", "-p", "Hi", "-n", "1", "--temp", "0",
+                       "--echo")
+    assert out.startswith("<|im_start|>system\n") and "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n" in out
+    code, out, err = run(capsys, "generate", "-m", PARITY, "--tokens", "1,2", "-n", "1", "--verbose-prompt")
+    assert code == 0 and err.startswith("prompt: 2 tokens\n1 2\n")
+    code, out, err = run(capsys, "generate", "-m", PARITY, "--tokens", "1", "--echo", "--json")
+    assert code == 2 and "--echo goes with streamed text" in err
