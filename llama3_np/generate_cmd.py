@@ -340,42 +340,74 @@ def run_generate(args) -> int:
 
 
 def run_chat(args) -> int:
+    from .chat import encode_turn
+    from .dialog import Conversation
+    from .repl import HELP, Colors, TurnReader, message_text, parse_command
+
     params = sampling_params(args)
     seed, rng = seeded_rng(args)
-    from .chat import encode_turn
-
     loaded = Loaded(args, need_tokenizer=True)
-    fmt = loaded.chat_format()
+    tok, fmt = loaded.tokenizer, loaded.chat_format()
     session = Session(loaded.checkpoint.weights, loaded.config, loaded.ctx(args.ctx))
     stop_ids = loaded.stop_ids(chat=True)
-    interactive = sys.stdin.isatty()
+    # Room a new message must leave for its answer before older turns are dropped.
+    room = args.n_predict if args.n_predict > 0 else max(session.ctx // 4, 1)
+    colors = Colors(sys.stdout)
+    reader = TurnReader(colors)
+    conversation = Conversation(args.system)
     shown_seed = seed if params.temperature > 0 else None
-    print(f"chat with {session.config.n_layers}-layer model from {loaded.checkpoint.path}, loaded in "
-          f"{loaded.load_seconds:.2f} s ({fmt.name} format, {session.ctx}-token context"
-          f"{f', seed {seed}' if shown_seed is not None else ''}); Ctrl-C stops an answer, Ctrl-D quits",
-          file=sys.stderr)
-    first = True
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    say(f"chat with {session.config.n_layers}-layer model from {loaded.checkpoint.path}, loaded in "
+        f"{loaded.load_seconds:.2f} s ({fmt.name} format, {session.ctx}-token context"
+        f"{f', seed {seed}' if shown_seed is not None else ''}); /help lists the commands, Ctrl-C stops an "
+        "answer, Ctrl-D quits")
     while True:
-        try:
-            line = input("> " if interactive else "")
-        except EOFError:
+        turn = reader.read()
+        if turn is None:
             return 0
-        if not line.strip():
+        if not turn.strip():
             continue
-        if first:
-            ids = loaded.encode_dialog(args.system, line)
-        else:
+        command = parse_command(turn)
+        if command is not None:
+            if not command.known:
+                say(f"unknown command /{command.name}: /help lists the commands")
+            elif command.name == "quit":
+                return 0
+            elif command.name == "help":
+                print(HELP, flush=True)
+            else:  # reset, system: a new conversation with the same model
+                if command.name == "system":
+                    conversation.system = command.text or None
+                conversation.turns.clear()
+                session = Session(loaded.checkpoint.weights, loaded.config, session.ctx)
+                say("new conversation" + (f" (system prompt: {conversation.system})"
+                                          if command.name == "system" and conversation.system else ""))
+            continue
+        text = message_text(turn)
+        ids = None
+        if conversation.turns:
             # The previous answer's end-of-turn token was sampled, never fed: encode_turn closes
             # that turn, then adds this one. Earlier turns stay in the KV cache.
-            ids = encode_turn(loaded.tokenizer, [{"role": "user", "content": line}], fmt)
-        if len(ids) > session.ctx - session.cache.length:
-            raise Llama3Error(f"the conversation no longer fits the {session.ctx}-token context: "
-                              "start a new chat, with a larger --ctx")
-        printer = Printer(loaded.tokenizer, stop_ids)
+            ids = encode_turn(tok, [{"role": "user", "content": text}], fmt)
+        if ids is None or len(ids) + room > session.ctx - session.cache.length:
+            try:
+                ids, dropped = conversation.fit(tok, fmt, text, session.ctx, room)
+            except Llama3Error as e:
+                say(f"not sent: {e}")
+                continue
+            session = Session(loaded.checkpoint.weights, loaded.config, session.ctx)
+            if dropped:
+                which = "the oldest turn" if dropped == 1 else f"the {dropped} oldest turns"
+                say(f"(the context is full: dropped {which} of the conversation)")
+        printer = Printer(tok, stop_ids)
+        printer.write(colors.code("MODEL"))
         out = session.generate(ids, params, rng, args.n_predict, stop_ids, on_token=printer)
+        printer.write(colors.code("RESET"))
         printer.finish()
-        first = False
-        print(stats_line(None, out, shown_seed), file=sys.stderr)
-        if out.stop_reason == "length" and session.cache.length >= session.ctx:
-            print("the context is full; start a new chat (with a larger --ctx)", file=sys.stderr)
-            return 0
+        conversation.turns.append((text, tok.decode(out.text_ids)))
+        say(stats_line(None, out, shown_seed))
+        if session.cache.length >= session.ctx:
+            say("(the context is full: the answer was cut short; the next message drops the oldest turns)")
