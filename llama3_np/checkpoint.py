@@ -35,7 +35,7 @@ import ml_dtypes
 import numpy as np
 
 from .config import ModelConfig, from_hf_config, from_meta_params
-from .errors import Llama3Error
+from .errors import Llama3Error, warn
 from .pth import PthFile
 from .safetensors_file import SafetensorsFile, write_safetensors
 
@@ -296,11 +296,10 @@ def _scan_hf(path: Path) -> CheckpointIndex:
                 raise Llama3Error(f"{shard_path}: holds tensor {name!r}, but {index_path.name} puts it in "
                                   f"{weight_map.get(name)!r}; the download is inconsistent")
             stored[name] = _stored(shard, shard_path, name)
-    if weight_map is not None:
-        missing = sorted(set(weight_map) - set(stored))
-        if missing:
-            raise Llama3Error(f"{index_path}: lists {missing[0]!r} in {weight_map[missing[0]]!r}, which does "
-                              "not hold it; download the shards again")
+    # Index entries whose shard does not hold the tensor: fatal only for a tensor the model needs
+    # (below), as in transformers, which loads what the shards hold. A tied checkpoint whose index
+    # still lists lm_head.weight is the common case.
+    stale = {name: weight_map[name] for name in sorted(set(weight_map) - set(stored))} if weight_map else {}
 
     by_canonical: dict[str, StoredTensor] = {}
     ignored = {}
@@ -321,6 +320,10 @@ def _scan_hf(path: Path) -> CheckpointIndex:
         if t is None:
             if canonical == "output.weight" and config.tie_embeddings:
                 continue
+            if hf_name(canonical) in stale:
+                raise Llama3Error(f"{index_path}: puts tensor {hf_name(canonical)!r} in "
+                                  f"{stale[hf_name(canonical)]!r}, which does not hold it, and no other shard "
+                                  "does; download the shards again")
             raise Llama3Error(f"{path}: tensor {hf_name(canonical)!r} ({canonical}) is missing"
                               + (" (config.json says tie_word_embeddings is false)" if canonical == "output.weight"
                                  else "") + "; the download is incomplete")
@@ -333,6 +336,10 @@ def _scan_hf(path: Path) -> CheckpointIndex:
         canonical, t = next(iter(by_canonical.items()))
         raise Llama3Error(f"{t.file}: unexpected tensor {t.name!r}: {config_path.name} says "
                           f"{config.n_layers} layers; the config does not belong to these weights")
+    if stale:  # every tensor the model needs was found above: these entries name nothing it uses
+        listed = ", ".join(f"{name!r} (listed in {shard_name!r})" for name, shard_name in stale.items())
+        warn(f"{index_path}: no shard holds {listed}; the model does not need "
+             f"{'it' if len(stale) == 1 else 'them'}, so the stale entry is ignored")
     if config.tie_embeddings and "output.weight" in plans:
         _check_tied_copy(plans.pop("output.weight"), plans["tok_embeddings.weight"])
     return CheckpointIndex(path, "hf", config, plans, [path / n for n in shard_names], ignored,
