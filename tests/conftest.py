@@ -11,9 +11,15 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
-def _numpy_avx512_targets():
+
+def _is_avx512(target: str) -> bool:
+    return target == "X86_V4" or target.startswith("AVX512")
+
+
+def _numpy_avx512_targets() -> dict[str, bool]:
+    """NumPy's AVX-512 dispatch targets and whether each is in use."""
     from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
-    return {t: __cpu_features__[t] for t in __cpu_dispatch__ if t == "X86_V4" or t.startswith("AVX512")}
+    return {t: bool(__cpu_features__[t]) for t in __cpu_dispatch__ if _is_avx512(t)}
 
 
 def pytest_report_header(config):
@@ -25,19 +31,20 @@ def pytest_report_header(config):
 
 
 def pytest_configure(config):
-    """A run asked to go without AVX-512 must really do so. NumPy silently ignores a name the CPU
-    lacks and only warns (an ImportWarning, hidden by default) about a name it does not dispatch,
-    so a misspelt or renamed target would quietly rerun the AVX-512 kernels."""
-    disabled = os.environ.get("NPY_DISABLE_CPU_FEATURES")
-    if disabled is None:
+    """A run that switches NumPy's AVX-512 kernels off (as `make test`'s second run does) must
+    really run without them. NumPy silently ignores a name the CPU lacks and only warns (an
+    ImportWarning, hidden by default) about a name it does not dispatch, so a misspelt, renamed
+    or forgotten target would quietly rerun AVX-512 kernels."""
+    names = os.environ.get("NPY_DISABLE_CPU_FEATURES", "").replace(",", " ").split()
+    if not any(_is_avx512(name) for name in names):
         return
     from numpy._core._multiarray_umath import __cpu_dispatch__
-    unknown = [name for name in disabled.replace(",", " ").split() if name not in __cpu_dispatch__]
+    unknown = [name for name in names if name not in __cpu_dispatch__]
     left_on = [t for t, enabled in _numpy_avx512_targets().items() if enabled]
     if unknown or left_on:
         import pytest
         raise pytest.UsageError(
-            f"NPY_DISABLE_CPU_FEATURES={disabled!r}: " + (f"NumPy dispatches no target {' '.join(unknown)}; "
-                                                          if unknown else "")
+            f"NPY_DISABLE_CPU_FEATURES={' '.join(names)!r}: "
+            + (f"NumPy dispatches no target {' '.join(unknown)}; " if unknown else "")
             + (f"{' '.join(left_on)} still on; " if left_on else "")
-            + "name the AVX-512 targets NumPy dispatches (numpy._core._multiarray_umath.__cpu_dispatch__)")
+            + "name every AVX-512 target NumPy dispatches (numpy._core._multiarray_umath.__cpu_dispatch__)")
