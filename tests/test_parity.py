@@ -155,9 +155,9 @@ def test_rope_table_equals_hugging_faces_and_metas_bit_for_bit(which):
 
 @pytest.mark.parametrize("which", ROPE_SHAPES)
 def test_rope_powers_are_correctly_rounded(which):
-    """θ^(2i/Dh) as the table uses it, 1 / table for the unscaled 3.0 shape, is the float32 nearest
-    the exact power (computed here with 40 significant digits): the table does not depend on the C
-    library's last float64 bit, nor on NumPy's float32 `pow`."""
+    """The unscaled table, every shape's first step, is 1 / (the float32 nearest the exact power
+    θ^(2i/Dh)), the power computed here with 40 significant digits: the table depends neither on
+    the C library's last float64 bit nor on NumPy's float32 `pow`."""
     data, meta = rope_cases()
     cfg = rope_config(meta, which)
     unscaled = rope_frequencies(dataclasses.replace(cfg, rope_scaling=None))
