@@ -15,7 +15,7 @@ import numpy as np
 
 from .assets import model_dir
 from .errors import Llama3Error
-from .generation import Generation, Session
+from .generation import PREFILL_CHUNK, Generation, Session
 from .prompt_input import read_prompt
 from .wording import plural
 from .sampling import SamplingParams, sampling_probs
@@ -228,7 +228,25 @@ class Printer:
         self.write((self.decoder.flush() if self.decoder else "") + "\n")
 
 
-class ExplainedSession(Session):
+class ProgressSession(Session):
+    """A Session that shows a progress line on stderr (a terminal only) while a long prompt is fed."""
+
+    def feed(self, ids: list[int]) -> np.ndarray:  # [T] -> [V]
+        if len(ids) <= PREFILL_CHUNK:
+            return super().feed(ids)
+        from .progress import ProgressLine
+
+        progress = ProgressLine("prefill")
+        try:
+            for start in range(0, len(ids), PREFILL_CHUNK):
+                logits = super().feed(ids[start:start + PREFILL_CHUNK])
+                progress.update(min(start + PREFILL_CHUNK, len(ids)), len(ids))
+        finally:
+            progress.clear()
+        return logits
+
+
+class ExplainedSession(ProgressSession):
     """A Session that keeps the logits the next token is sampled from (for --explain)."""
 
     def feed(self, ids: list[int]) -> np.ndarray:
@@ -312,7 +330,7 @@ def run_generate(args) -> int:
     # The cache needs room for the prompt and the new tokens, never more than the context.
     cache_len = ctx if args.n_predict < 0 else min(ctx, len(prompt) + args.n_predict)
     explain = args.explain is not None
-    session = (ExplainedSession if explain else Session)(loaded.checkpoint.weights, loaded.config, cache_len)
+    session = (ExplainedSession if explain else ProgressSession)(loaded.checkpoint.weights, loaded.config, cache_len)
     stop_ids = loaded.stop_ids(chat=args.chat)
     printer = None if args.json or explain else Printer(loaded.tokenizer, stop_ids)
     if args.echo:
@@ -348,7 +366,7 @@ def run_chat(args) -> int:
     seed, rng = seeded_rng(args)
     loaded = Loaded(args, need_tokenizer=True)
     tok, fmt = loaded.tokenizer, loaded.chat_format()
-    session = Session(loaded.checkpoint.weights, loaded.config, loaded.ctx(args.ctx))
+    session = ProgressSession(loaded.checkpoint.weights, loaded.config, loaded.ctx(args.ctx))
     stop_ids = loaded.stop_ids(chat=True)
     # Room a new message must leave for its answer before older turns are dropped.
     room = args.n_predict if args.n_predict > 0 else max(session.ctx // 4, 1)
@@ -382,7 +400,7 @@ def run_chat(args) -> int:
                 if command.name == "system":
                     conversation.system = command.text or None
                 conversation.turns.clear()
-                session = Session(loaded.checkpoint.weights, loaded.config, session.ctx)
+                session = ProgressSession(loaded.checkpoint.weights, loaded.config, session.ctx)
                 say("new conversation" + (f" (system prompt: {conversation.system})"
                                           if command.name == "system" and conversation.system else ""))
             continue
@@ -398,7 +416,7 @@ def run_chat(args) -> int:
             except Llama3Error as e:
                 say(f"not sent: {e}")
                 continue
-            session = Session(loaded.checkpoint.weights, loaded.config, session.ctx)
+            session = ProgressSession(loaded.checkpoint.weights, loaded.config, session.ctx)
             if dropped:
                 which = "the oldest turn" if dropped == 1 else f"the {dropped} oldest turns"
                 say(f"(the context is full: dropped {which} of the conversation)")

@@ -187,3 +187,26 @@ def test_verbose_prompt_lists_the_tokens_and_echo_prints_the_prompt_first(capsys
     assert code == 0 and err.startswith("prompt: 2 tokens\n1 2\n")
     code, out, err = run(capsys, "generate", "-m", PARITY, "--tokens", "1", "--echo", "--json")
     assert code == 2 and "--echo goes with streamed text" in err
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_long_prefill_shows_progress_on_a_terminal_only(capsys, monkeypatch):
+    import llama3_np.progress
+
+    argv = ["generate", "-m", PARITY, "--tokens", ",".join(["7"] * 600), "-n", "1", "--temp", "0"]
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and "\r" not in err  # not a terminal: no progress line
+
+    monkeypatch.setattr(llama3_np.progress, "SHOW_AFTER_SECONDS", 0.0)  # as if each chunk took long
+    terminal = FakeTerminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert main([str(a) for a in argv]) == 0
+    shown = terminal.getvalue()
+    assert "\rprefill 256/600 tokens (43%)" in shown and "\rprefill 512/600 tokens (85%)" in shown
+    assert "\rprefill 600/600 tokens (100%)" in shown
+    wiped, stats = shown.rsplit("\r", 1)
+    assert wiped.endswith("\r" + " " * len("prefill 600/600 tokens (100%)")) and stats.startswith("load ")
