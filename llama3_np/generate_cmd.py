@@ -15,7 +15,7 @@ import numpy as np
 
 from .assets import model_dir
 from .errors import Llama3Error
-from .generation import PREFILL_CHUNK, Generation, Session
+from .generation import PREFILL_CHUNK, REPEAT_LAST_N, Generation, Session
 from .prompt_input import read_prompt
 from .wording import plural
 from .sampling import SamplingParams, sampling_probs
@@ -43,7 +43,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
     p.add_argument("--min-p", type=float, default=d.min_p, help=f"0 = off (default {d.min_p})")
     p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty,
-                   help=f"penalty on the last 64 tokens; 1 = off (default {d.repeat_penalty})")
+                   help=f"penalty on the last --repeat-last-n tokens; 1 = off (default {d.repeat_penalty})")
+    p.add_argument("--repeat-last-n", type=int, default=REPEAT_LAST_N, metavar="N",
+                   help=f"how many recent tokens the repeat penalty looks at; 0 = off, -1 = the whole context "
+                        f"(default {REPEAT_LAST_N})")
     p.add_argument("-s", "--seed", type=int, default=-1,
                    help="random seed; -1 = a random one, printed with the statistics (default -1)")
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
@@ -85,6 +88,9 @@ def add_command(sub) -> None:
 
 
 def sampling_params(args) -> SamplingParams:
+    if args.repeat_last_n < -1:
+        raise Llama3Error(f"--repeat-last-n must be >= 0 (0 = off), or -1 for the whole context, "
+                          f"got {args.repeat_last_n}")
     return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
                           min_p=args.min_p, repeat_penalty=args.repeat_penalty)
 
@@ -330,7 +336,8 @@ def run_generate(args) -> int:
     # The cache needs room for the prompt and the new tokens, never more than the context.
     cache_len = ctx if args.n_predict < 0 else min(ctx, len(prompt) + args.n_predict)
     explain = args.explain is not None
-    session = (ExplainedSession if explain else ProgressSession)(loaded.checkpoint.weights, loaded.config, cache_len)
+    session = (ExplainedSession if explain else ProgressSession)(loaded.checkpoint.weights, loaded.config, cache_len,
+                                                                 args.repeat_last_n)
     stop_ids = loaded.stop_ids(chat=args.chat)
     printer = None if args.json or explain else Printer(loaded.tokenizer, stop_ids)
     if args.echo:
@@ -366,7 +373,7 @@ def run_chat(args) -> int:
     seed, rng = seeded_rng(args)
     loaded = Loaded(args, need_tokenizer=True)
     tok, fmt = loaded.tokenizer, loaded.chat_format()
-    session = ProgressSession(loaded.checkpoint.weights, loaded.config, loaded.ctx(args.ctx))
+    session = ProgressSession(loaded.checkpoint.weights, loaded.config, loaded.ctx(args.ctx), args.repeat_last_n)
     stop_ids = loaded.stop_ids(chat=True)
     # Room a new message must leave for its answer before older turns are dropped.
     room = args.n_predict if args.n_predict > 0 else max(session.ctx // 4, 1)
@@ -400,7 +407,7 @@ def run_chat(args) -> int:
                 if command.name == "system":
                     conversation.system = command.text or None
                 conversation.turns.clear()
-                session = ProgressSession(loaded.checkpoint.weights, loaded.config, session.ctx)
+                session = ProgressSession(loaded.checkpoint.weights, loaded.config, session.ctx, args.repeat_last_n)
                 say("new conversation" + (f" (system prompt: {conversation.system})"
                                           if command.name == "system" and conversation.system else ""))
             continue
@@ -416,7 +423,7 @@ def run_chat(args) -> int:
             except Llama3Error as e:
                 say(f"not sent: {e}")
                 continue
-            session = ProgressSession(loaded.checkpoint.weights, loaded.config, session.ctx)
+            session = ProgressSession(loaded.checkpoint.weights, loaded.config, session.ctx, args.repeat_last_n)
             if dropped:
                 which = "the oldest turn" if dropped == 1 else f"the {dropped} oldest turns"
                 say(f"(the context is full: dropped {which} of the conversation)")

@@ -57,10 +57,14 @@ class Generation:
 class Session:
     """A model and one KV cache of `ctx` tokens; positions continue from call to call."""
 
-    def __init__(self, weights: Mapping[str, np.ndarray], config: ModelConfig, ctx: int):
+    def __init__(self, weights: Mapping[str, np.ndarray], config: ModelConfig, ctx: int,
+                 repeat_last_n: int = REPEAT_LAST_N):
         if ctx <= 0:
             raise Llama3Error(f"the context size (--ctx) must be positive, got {ctx}")
+        if repeat_last_n < -1:
+            raise Llama3Error(f"repeat_last_n must be >= 0 (0 = off), or -1 for the whole context, got {repeat_last_n}")
         self.weights, self.config = weights, config
+        self.repeat_last_n = ctx if repeat_last_n == -1 else repeat_last_n
         self.cache = KVCache(config, ctx)
         self.history: list[int] = []  # every id fed to the model so far, in order
 
@@ -69,9 +73,9 @@ class Session:
         return self.cache.max_len
 
     def recent_ids(self) -> list[int]:
-        """The window the repetition penalty looks at: the last REPEAT_LAST_N ids fed so far
+        """The window the repetition penalty looks at: the last `repeat_last_n` ids fed so far
         (prompt and generated tokens alike; every sampled token is fed before the next is drawn)."""
-        return self.history[-REPEAT_LAST_N:]
+        return self.history[max(len(self.history) - self.repeat_last_n, 0):] if self.repeat_last_n else []
 
     def feed(self, ids: list[int]) -> np.ndarray:  # [T] -> [V]
         """Run `ids` through the model after what the cache holds; the last token's logits."""
