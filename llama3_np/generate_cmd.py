@@ -434,5 +434,5 @@ def run_chat(args) -> int:
         printer.finish()
         conversation.turns.append((text, tok.decode(out.text_ids)))
         say(stats_line(None, out, shown_seed))
-        if session.cache.length >= session.ctx:
+        if out.stop_reason == "context":
             say("(the context is full: the answer was cut short; the next message drops the oldest turns)")

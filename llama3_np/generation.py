@@ -34,7 +34,7 @@ class Generation:
 
     prompt_ids: list[int]
     ids: list[int] = field(default_factory=list)  # generated ids, including a final stop token
-    stop_reason: str = ""  # "stop" (a stop token), "length" (-n or the context), "interrupted"
+    stop_reason: str = ""  # "stop" (a stop token), "length" (max_new), "context" (full), "interrupted"
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
@@ -115,8 +115,11 @@ class Session:
                 if token in stop_ids:
                     out.stop_reason = "stop"
                     break
-                if len(out.ids) == max_new or self.cache.length == self.ctx:
+                if len(out.ids) == max_new:
                     out.stop_reason = "length"
+                    break
+                if self.cache.length == self.ctx:
+                    out.stop_reason = "context"
                     break
                 logits = self.feed([token])
         except KeyboardInterrupt:

@@ -232,3 +232,19 @@ def test_repeat_last_n_sets_the_window_the_penalty_looks_at(capsys):
     code, out, err = run(capsys, "generate", "-m", "/no/such/model", "-p", "x", "--repeat-last-n", "-2")
     assert (code, out) == (2, "") and err == ("llama3-np: error: --repeat-last-n must be >= 0 (0 = off), or -1 for "
                                               "the whole context, got -2\n")
+
+
+def test_stop_reasons_tell_the_n_limit_from_a_full_context(capsys):
+    def generate(*flags):
+        code, out, err = run(capsys, "generate", "-m", PARITY, "--tokens", "1,2,3", "--temp", "0", *flags)
+        assert code == 0, err
+        return out, err
+
+    out, _ = generate("-n", "2", "--json")
+    assert (json.loads(out)["stop_reason"], len(json.loads(out)["ids"])) == ("length", 2)
+    _, err = generate("-n", "2")
+    assert err.rstrip().endswith("| stop: -n limit")
+    out, _ = generate("-c", "6", "--json")  # -n 128 does not fit: the context ends it
+    assert (json.loads(out)["stop_reason"], len(json.loads(out)["ids"])) == ("context", 4)
+    _, err = generate("-c", "6")
+    assert err.rstrip().endswith("| stop: context full")

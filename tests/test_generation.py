@@ -44,12 +44,12 @@ def test_stops_at_a_stop_token_and_keeps_it(model):
     assert out.text_ids == expected[:first]
 
 
-def test_reaching_the_context_stops_with_length(model):
+def test_reaching_the_context_stops_with_context(model):
     weights, config = model
     session = Session(weights, config, ctx=len(PROMPT) + 3)
     out = session.generate(PROMPT, GREEDY, np.random.default_rng(0), max_new=-1)
     # 3 free slots: 3 generated tokens are fed back, a 4th comes from the last slot's logits.
-    assert out.stop_reason == "length" and len(out.ids) == 4
+    assert out.stop_reason == "context" and len(out.ids) == 4
     assert session.cache.length == session.ctx
 
 
