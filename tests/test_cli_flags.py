@@ -248,3 +248,11 @@ def test_stop_reasons_tell_the_n_limit_from_a_full_context(capsys):
     assert (json.loads(out)["stop_reason"], len(json.loads(out)["ids"])) == ("context", 4)
     _, err = generate("-c", "6")
     assert err.rstrip().endswith("| stop: context full")
+
+
+def test_perplexity_counts_one_window_in_the_singular(capsys, tmp_path):
+    (tmp_path / "t.txt").write_text("The three primary colors are red, yellow and blue. " * 3)
+    code, out, err = run(capsys, "perplexity", "-m", default_model_dir(), "-f", tmp_path / "t.txt", "-c", "16",
+                         "--chunks", "1")
+    assert code == 0, err
+    assert "; 1 window of 16, each scored on its last" in out.splitlines()[0]
