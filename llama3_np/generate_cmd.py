@@ -373,7 +373,12 @@ def run_chat(args) -> int:
     seed, rng = seeded_rng(args)
     loaded = Loaded(args, need_tokenizer=True)
     tok, fmt = loaded.tokenizer, loaded.chat_format()
-    session = ProgressSession(loaded.checkpoint.weights, loaded.config, loaded.ctx(args.ctx), args.repeat_last_n)
+    ctx = loaded.ctx(args.ctx)
+
+    def new_session() -> ProgressSession:
+        return ProgressSession(loaded.checkpoint.weights, loaded.config, ctx, args.repeat_last_n)
+
+    session = new_session()
     stop_ids = loaded.stop_ids(chat=True)
     # Room a new message must leave for its answer before older turns are dropped.
     room = args.n_predict if args.n_predict > 0 else max(session.ctx // 4, 1)
@@ -407,7 +412,7 @@ def run_chat(args) -> int:
                 if command.name == "system":
                     conversation.system = command.text or None
                 conversation.turns.clear()
-                session = ProgressSession(loaded.checkpoint.weights, loaded.config, session.ctx, args.repeat_last_n)
+                session = new_session()
                 say("new conversation" + (f" (system prompt: {conversation.system})"
                                           if command.name == "system" and conversation.system else ""))
             continue
@@ -423,7 +428,7 @@ def run_chat(args) -> int:
             except Llama3Error as e:
                 say(f"not sent: {e}")
                 continue
-            session = ProgressSession(loaded.checkpoint.weights, loaded.config, session.ctx, args.repeat_last_n)
+            session = new_session()
             if dropped:
                 which = "the oldest turn" if dropped == 1 else f"the {dropped} oldest turns"
                 say(f"(the context is full: dropped {which} of the conversation)")
