@@ -24,6 +24,7 @@ import html
 import inspect
 import io
 import math
+import warnings
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -319,9 +320,9 @@ def embedding_section(w: Walk, p: Painter) -> str:
                    shapes(shape_line("tok_embeddings", "[V, D]", (c.vocab_size, c.dim)),
                           shape_line("embed", "[T, D]", w.trace["embed"].shape),
                           shape_line(after_name, "[T, D]", w.trace[after_name].shape)),
-                   source_listing(model.embed), source_listing(model.rmsnorm),
                    p.img(fig, "per-token RMS before and after RMSNorm"),
-                   table(["t", "token", f"RMS of {before_name}", f"RMS of {after_name}"], rows, cls="nums"))
+                   table(["t", "token", f"RMS of {before_name}", f"RMS of {after_name}"], rows, cls="nums"),
+                   source_listing(model.embed), source_listing(model.rmsnorm))
 
 
 def rope_section(w: Walk, p: Painter) -> str:
@@ -408,8 +409,6 @@ def attention_section(w: Walk, p: Painter) -> str:
                         shape_line(f"layers.{i}.probs", "[H, T, S]", w.trace[f"layers.{i}.probs"].shape),
                         shape_line(f"layers.{i}.attn", "[T, H·Dh]", w.trace[f"layers.{i}.attn"].shape),
                         shape_line(f"layers.{i}.attn_out", "[T, D]", w.trace[f"layers.{i}.attn_out"].shape)))
-    parts += [source_listing(model.attention), source_listing(model.causal_attention),
-              source_listing(model.causal_mask), source_listing(model.softmax)]
     maps = AttentionMaps(p, [token_piece(w.tokenizer, t) for t in w.tokens],
                          [token_piece(w.tokenizer, t) for t in w.context + w.tokens])
     for i in w.layers:
@@ -438,6 +437,8 @@ def attention_section(w: Walk, p: Painter) -> str:
                      f'<div class="maps">{"".join(figures)}</div>'
                      + table(["t", "token", "‖x‖ (block input)", "‖attn_out‖ (added to it)"], rows, cls="nums")
                      + "</div>")
+    parts += [source_listing(model.attention), source_listing(model.causal_attention),
+              source_listing(model.causal_mask), source_listing(model.softmax)]
     return section("attention", "5. Attention", *parts)
 
 
@@ -453,7 +454,6 @@ def swiglu_section(w: Walk, p: Painter) -> str:
                             shape_line("w1, w3", "[F, D]", (c.ffn_dim, c.dim)),
                             shape_line(f"layers.{i}.ffn_hidden", "[T, F]", w.trace[f"layers.{i}.ffn_hidden"].shape),
                             shape_line(f"layers.{i}.ffn_out", "[T, D]", w.trace[f"layers.{i}.ffn_out"].shape)))
-    parts += [source_listing(model.swiglu), source_listing(model.silu)]
     gates, hiddens, rows = [], [], []
     for i in w.layers:
         # The gate is inside swiglu, not a stage of its own: recomputed from the recorded input.
@@ -475,7 +475,8 @@ def swiglu_section(w: Walk, p: Painter) -> str:
     parts += [p.img(fig, "SwiGLU distributions per layer"),
               para("Boxes: quartiles and median over all T·F values of a layer; whiskers: 1st and 99th percentile."),
               table(["layer", "mean gate", "share of gate &lt; 0", "std of ffn_hidden", "max |ffn_hidden|"], rows,
-                    cls="nums")]
+                    cls="nums"),
+              source_listing(model.swiglu), source_listing(model.silu)]
     return section("swiglu", "6. SwiGLU feed-forward", *parts)
 
 
@@ -491,8 +492,9 @@ def residual_section(w: Walk, p: Painter) -> str:
     labels = [token_piece(w.tokenizer, t) for t in w.tokens]
     fig = p.figure(6.8, 2.2 + 0.12 * min(w.T, 60))
     ax = fig.subplots()
-    im = ax.imshow(norms.T, aspect="auto", cmap="magma", interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="‖x‖")
+    # Logarithmic colours: a few tokens (often the first) carry norms a hundred times the others'.
+    im = ax.imshow(norms.T, aspect="auto", cmap="magma", interpolation="nearest", norm="log")
+    fig.colorbar(im, ax=ax, label="‖x‖ (log scale)")
     ax.set_xticks(range(L + 1), ["emb"] + [str(i) for i in range(L)], fontsize=7)
     ax.set_xlabel("after layer")
     label_ticks(ax, "y", labels)
@@ -529,9 +531,11 @@ def logit_lens(w: Walk) -> list[list[tuple[int, float]]]:
     return lens
 
 
-def token_cell(w: Walk, t: int) -> str:
+def token_cell(w: Walk, t: int, attrs: str) -> str:
+    """A token's piece and id; `attrs` (data-*) tag the id for readers of the page's numbers."""
     cls = "piece special" if is_special(w.tokenizer, t) else "piece"
-    return f'<span class="{cls}">{esc(token_piece(w.tokenizer, t))}</span> <small class="tid">{t}</small>'
+    return (f'<span class="{cls}">{esc(token_piece(w.tokenizer, t))}</span> '
+            f'<small class="tid" {attrs} data-value="{t}">{t}</small>')
 
 
 def logits_section(w: Walk, p: Painter) -> str:
@@ -544,9 +548,10 @@ def logits_section(w: Walk, p: Painter) -> str:
     ax.barh(range(len(top))[::-1], [q for _, q in top], color="#4a7ab0")
     ax.set_yticks(range(len(top))[::-1], [token_piece(w.tokenizer, t) for t, _ in top], fontsize=8)
     ax.set_xlabel("probability")
-    rows = [[str(r + 1), token_cell(w, t), num(q, f"top_prob:{r}"),
+    rows = [[str(r + 1), token_cell(w, t, f'data-top-id="{r}"'), num(q, f"top_prob:{r}"),
              num(logits[-1, t], f"top_logit:{r}")] for r, (t, q) in enumerate(top)]
-    lens_rows = [[str(i)] + [f'{token_cell(w, t)} {num(q, f"lens:{i}:{r}", 3)}' for r, (t, q) in enumerate(guesses)]
+    lens_rows = [[str(i)] + [f'{token_cell(w, t, f"data-lens-id={i!r}")} {num(q, f"lens:{i}:{r}", 3)}'
+                             for r, (t, q) in enumerate(guesses)]
                  for i, guesses in enumerate(logit_lens(w))]
     last = token_piece(w.tokenizer, w.tokens[-1])
     return section("logits", "8. Final norm, logits and the next token",
@@ -560,11 +565,11 @@ def logits_section(w: Walk, p: Painter) -> str:
                           shape_line("logits", "[T, V]", logits.shape)),
                    p.img(fig, "top next-token candidates"),
                    table(["rank", "token", "probability", "logit"], rows, cls="nums top"),
-                   source_listing(model.forward),
                    "<h3>Logit lens</h3>",
                    para("What the stream would predict for the next token if it stopped after each layer: "
                         "each layer's output for the last token through the final norm and the output matrix."),
-                   table(["layer"] + [f"top {r + 1}" for r in range(LENS_K)], lens_rows, cls="nums lens"))
+                   table(["layer"] + [f"top {r + 1}" for r in range(LENS_K)], lens_rows, cls="nums lens"),
+                   source_listing(model.forward))
 
 
 CSS = """
@@ -611,9 +616,12 @@ footer { margin-top: 3rem; color: var(--muted); font-size: .85rem; }
 def render_page(w: Walk) -> str:
     """The HTML page of one recorded forward pass."""
     painter = Painter()
-    sections = [tokens_section(w), config_section(w), embedding_section(w, painter), rope_section(w, painter),
-                attention_section(w, painter), swiglu_section(w, painter), residual_section(w, painter),
-                logits_section(w, painter)]
+    with warnings.catch_warnings():
+        # A token in a script the plotting font lacks is drawn as a box; the tables give its text.
+        warnings.filterwarnings("ignore", "Glyph .* missing from font", UserWarning)
+        sections = [tokens_section(w), config_section(w), embedding_section(w, painter), rope_section(w, painter),
+                    attention_section(w, painter), swiglu_section(w, painter), residual_section(w, painter),
+                    logits_section(w, painter)]
     text = (w.tokenizer.decode(w.tokens) if w.tokenizer is not None
             else ", ".join(str(t) for t in w.tokens))
     nav = "".join(f'<li><a href="#{a}">{esc(t)}</a></li>' for a, t in (

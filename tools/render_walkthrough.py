@@ -15,7 +15,7 @@ writes the page of every layer and every head, and reports its size and the seco
 Needs the `viz` extra (matplotlib) in the Python that runs it, and Chromium
 (`apt-get install chromium`). The README's screenshot is docs/walkthrough.png:
 
-    .venv/bin/python tools/render_walkthrough.py -o docs/walkthrough.png --at attention --height 1700
+    .venv/bin/python tools/render_walkthrough.py -o docs/walkthrough.png --at attention --width 1100 --height 1250
 """
 
 from __future__ import annotations
