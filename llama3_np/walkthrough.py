@@ -38,8 +38,10 @@ VIZ_EXTRA = "pip install 'llama3_np[viz]'"
 # How many next-token candidates and logit-lens guesses the page lists.
 TOP_K = 10
 LENS_K = 3
-# Above this many tokens, heat-map axes label every n-th token only.
-MAX_LABELS = 32
+# Token labels (7-point type) an axis holds per inch; past that, every n-th token is labelled.
+LABELS_PER_INCH = 7
+# A per-token table longer than this starts folded (a click opens it).
+OPEN_ROWS = 12
 
 
 def load_matplotlib():
@@ -114,6 +116,12 @@ def num(value: float, stat: str, digits: int = 6) -> str:
     return f'<span class="num" data-stat="{esc(stat)}" data-value="{float(value)!r}">{float(value):.{digits}g}</span>'
 
 
+def folded(summary: str, n_rows: int, content: str) -> str:
+    """`content` under a summary line, open unless it is longer than OPEN_ROWS rows."""
+    state = " open" if n_rows <= OPEN_ROWS else ""
+    return f"<details{state}><summary>{esc(summary)}</summary>{content}</details>"
+
+
 def section(anchor: str, title: str, *parts: str) -> str:
     return f'<section id="{anchor}"><h2>{esc(title)}</h2>' + "".join(parts) + "</section>"
 
@@ -159,8 +167,8 @@ class Painter:
         return f'<img class="{cls}" alt="{esc(alt)}" src="data:image/png;base64,{data}">'
 
 
-def label_ticks(ax, axis: str, labels: Sequence[str]) -> None:
-    step = max(1, math.ceil(len(labels) / MAX_LABELS))
+def label_ticks(ax, axis: str, labels: Sequence[str], inches: float = 5.0) -> None:
+    step = max(1, math.ceil(len(labels) / (LABELS_PER_INCH * inches)))
     ticks = list(range(0, len(labels), step))
     if axis == "x":
         ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=7)
@@ -179,9 +187,10 @@ class AttentionMaps:
 
     def __init__(self, painter: Painter, query_labels: Sequence[str], key_labels: Sequence[str]):
         T, S = len(query_labels), len(key_labels)
-        side = min(4.2, 1.6 + 0.12 * max(T, S))
+        side = min(5.4, 1.6 + 0.12 * max(T, S))
         self.painter = painter
         self.fig = painter.figure(2 * side + 0.6, side)
+        self.width_px = round((2 * side + 0.6) * painter.dpi)
         self.axes = self.fig.subplots(1, 2)
         self.images = []
         for ax, title, cmap in zip(self.axes, ("scores q·kᵀ/√Dh", "probabilities"), ("coolwarm", "viridis")):
@@ -191,8 +200,8 @@ class AttentionMaps:
             bar = self.fig.colorbar(im, ax=ax, shrink=0.8)
             if title.startswith("scores"):
                 bar.set_ticks([0, 1], labels=["min", "max"])
-            label_ticks(ax, "x", key_labels)
-            label_ticks(ax, "y", query_labels)
+            label_ticks(ax, "x", key_labels, side - 1.2)
+            label_ticks(ax, "y", query_labels, side - 1.2)
             ax.set_xlabel("key", fontsize=8)
             ax.set_ylabel("query", fontsize=8)
             ax.set_title(title, fontsize=9)
@@ -426,7 +435,8 @@ def attention_section(w: Walk, p: Painter) -> str:
                 kind = "scores"
             title = f"layer {i}, query head {h} (key/value head {h // c.n_rep})"
             finite = scores[np.isfinite(scores)]
-            figures.append(f'<figure class="attn-map" data-layer="{i}" data-head="{h}">'
+            figures.append(f'<figure class="attn-map" data-layer="{i}" data-head="{h}" '
+                           f'style="flex-basis: {maps.width_px}px">'
                            f'{maps.draw(scores, probs[h], title)}<figcaption>{esc(title)}; {kind} from '
                            f'{finite.min():.3g} to {finite.max():.3g}</figcaption></figure>')
         x_norm = np.linalg.norm(w.trace["embed" if i == 0 else f"layers.{i - 1}.out"].astype(np.float64), axis=-1)
@@ -435,7 +445,8 @@ def attention_section(w: Walk, p: Painter) -> str:
                  num(out_norm[t], f"norm:layers.{i}.attn_out:{t}")] for t in range(T)]
         parts.append(f'<div class="layer" data-layer="{i}"><h3>Layer {i}</h3>'
                      f'<div class="maps">{"".join(figures)}</div>'
-                     + table(["t", "token", "‖x‖ (block input)", "‖attn_out‖ (added to it)"], rows, cls="nums")
+                     + folded(f"layer {i}: the norm of each token's vector, and of what attention adds to it", T,
+                              table(["t", "token", "‖x‖ (block input)", "‖attn_out‖ (added to it)"], rows, cls="nums"))
                      + "</div>")
     parts += [source_listing(model.attention), source_listing(model.causal_attention),
               source_listing(model.causal_mask), source_listing(model.softmax)]
@@ -588,7 +599,7 @@ nav ol { columns: 2; margin: .6rem 0; }
 code, pre { font-family: ui-monospace, "SF Mono", Menlo, Consolas, "DejaVu Sans Mono", monospace; font-size: .85rem; }
 pre { background: var(--code); border: 1px solid var(--line); padding: .6rem .8rem; overflow-x: auto;
       white-space: pre-wrap; border-radius: 4px; margin: .3rem 0 .8rem; }
-details.source summary { cursor: pointer; color: var(--muted); font-size: .9rem; }
+summary { cursor: pointer; color: var(--muted); font-size: .9rem; }
 ul.shapes { list-style: none; padding: 0; margin: .5rem 0; display: flex; flex-wrap: wrap; gap: .2rem 1.4rem; }
 .shape { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: .85rem; color: var(--accent); }
 table { border-collapse: collapse; margin: .6rem 0; font-size: .88rem; }
@@ -601,7 +612,7 @@ table.nums td { font-variant-numeric: tabular-nums; }
 .tid { color: var(--muted); }
 img { max-width: 100%; height: auto; }
 .maps { display: flex; flex-wrap: wrap; gap: .6rem; }
-figure.attn-map { margin: 0; flex: 0 1 30rem; }
+figure.attn-map { margin: 0; flex: 0 1 auto; }
 figure.attn-map figcaption { font-size: .8rem; color: var(--muted); }
 .stats { font-size: .88rem; color: var(--muted); }
 footer { margin-top: 3rem; color: var(--muted); font-size: .85rem; }
