@@ -25,7 +25,7 @@ import inspect
 import io
 import math
 import warnings
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -62,7 +62,7 @@ def trace_patterns(layers: Sequence[int]) -> list[str]:
     patterns = ["embed", "layers.*.out", "norm", "logits"]
     for i in layers:
         patterns += [f"layers.{i}.{s}" for s in ("attn_norm", "q", "k", "q_rope", "k_rope", "probs", "attn",
-                                                   "attn_out", "h", "ffn_norm", "ffn_hidden", "ffn_out")]
+                                                   "attn_out", "ffn_norm", "ffn_hidden", "ffn_out")]
     return patterns
 
 
@@ -525,7 +525,7 @@ def residual_section(w: Walk, p: Painter) -> str:
                    source_listing(model.transformer_block))
 
 
-def top_tokens(w: Walk, probs: np.ndarray, k: int) -> list[tuple[int, float]]:  # [V] -> [(id, p)]
+def top_tokens(probs: np.ndarray, k: int) -> list[tuple[int, float]]:  # [V] -> [(id, p)]
     ids = np.argsort(-probs, kind="stable")[:k]
     return [(int(t), float(probs[t])) for t in ids]
 
@@ -538,7 +538,7 @@ def logit_lens(w: Walk) -> list[list[tuple[int, float]]]:
     for i in range(w.config.n_layers):
         x = w.trace[f"layers.{i}.out"][-1:]  # [1, D]
         logits = linear(rmsnorm(x, norm_w, w.config.norm_eps), w.weights["output.weight"])  # [1, V]
-        lens.append(top_tokens(w, softmax(logits.astype(np.float32))[0], LENS_K))
+        lens.append(top_tokens(softmax(logits.astype(np.float32))[0], LENS_K))
     return lens
 
 
@@ -553,7 +553,7 @@ def logits_section(w: Walk, p: Painter) -> str:
     c = w.config
     logits = w.trace["logits"]
     probs = softmax(logits[-1:].astype(np.float32).copy())[0]
-    top = top_tokens(w, probs, TOP_K)
+    top = top_tokens(probs, TOP_K)
     fig = p.figure(6.4, 0.4 + 0.25 * len(top))
     ax = fig.subplots()
     ax.barh(range(len(top))[::-1], [q for _, q in top], color="#4a7ab0")

@@ -7,9 +7,10 @@
 Writes the page (or takes an existing one with --html), checks it is self-contained (every
 `src`/`href` is a `data:` URI or an anchor in the page), then opens it in Chromium with no
 network (in a new network namespace where `unshare -n` is allowed, and with every host name
-unresolvable either way), fails when Chromium reports a console message of level warning or
-error, and saves a screenshot of the top `--height` pixels of the page, or of the page from
-section `--at` (tokens, config, embedding, rope, attention, swiglu, residual, logits) on. --measure also
+unresolvable either way), driving it over its DevTools protocol: fails when the page logs a
+console error or warning, throws, or fails to load something, and saves a screenshot of the
+top `--height` pixels of the page, or from section `--at` (tokens, config, embedding, rope,
+attention, swiglu, residual, logits) on. --measure also
 writes the page of every layer and every head, and reports its size and the seconds it took.
 
 Needs the `viz` extra (matplotlib) in the Python that runs it, and Chromium
@@ -21,7 +22,11 @@ Needs the `viz` extra (matplotlib) in the Python that runs it, and Chromium
 from __future__ import annotations
 
 import argparse
+import base64
+import json
+import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -34,9 +39,6 @@ from tool_support import REPO, run_tool  # first: it makes this checkout's llama
 from llama3_np.errors import Llama3Error
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
-# Chromium logs console messages as `...:INFO:CONSOLE(12)] "text", source: ... (12)`, with the level
-# in the `--enable-logging` prefix; warnings and errors fail the check.
-CONSOLE = re.compile(r":(WARNING|ERROR):CONSOLE\(|:INFO:CONSOLE\(\d+\)\] \"(Uncaught|Failed|Refused)")
 
 
 def write_page(args, html: Path, layers: str | None, heads: str | None) -> float:
@@ -69,29 +71,117 @@ def chromium() -> str:
     raise Llama3Error("Chromium is not installed: apt-get install chromium")
 
 
+class DevTools:
+    """Chromium driven over its DevTools protocol on a pipe (--remote-debugging-pipe: commands in
+    on fd 3, answers and events out on fd 4, each a JSON message ending in NUL)."""
+
+    def __init__(self, cmd: list[str], log, timeout: float):
+        to_browser, self.inbox = os.pipe(), os.pipe()
+        self.write_fd, self.read_fd = to_browser[1], self.inbox[0]
+
+        def give_pipes():  # in the child, before exec
+            os.dup2(to_browser[0], 3)
+            os.dup2(self.inbox[1], 4)
+
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                     preexec_fn=give_pipes, close_fds=False)
+        os.close(to_browser[0])
+        os.close(self.inbox[1])
+        self.deadline = time.monotonic() + timeout
+        self.buffer, self.events, self.next_id = b"", [], 0
+
+    def message(self) -> dict:
+        while b"\0" not in self.buffer:
+            left = self.deadline - time.monotonic()
+            if left <= 0 or not select.select([self.read_fd], [], [], left)[0]:
+                raise Llama3Error("Chromium did not answer in time")
+            chunk = os.read(self.read_fd, 1 << 20)
+            if not chunk:
+                raise Llama3Error("Chromium closed the DevTools pipe")
+            self.buffer += chunk
+        text, _, self.buffer = self.buffer.partition(b"\0")
+        return json.loads(text)
+
+    def call(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self.write_fd, json.dumps(msg).encode() + b"\0")
+        while True:
+            answer = self.message()
+            if answer.get("id") == self.next_id:
+                if "error" in answer:
+                    raise Llama3Error(f"Chromium: {method}: {answer['error'].get('message')}")
+                return answer.get("result", {})
+            self.events.append(answer)
+
+    def wait_for(self, event: str) -> None:
+        while not any(e.get("method") == event for e in self.events):
+            self.events.append(self.message())
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close")
+        except Llama3Error:
+            pass
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        os.close(self.write_fd)
+        os.close(self.read_fd)
+
+
+def console_problems(events: list[dict]) -> list[str]:
+    """Console errors and warnings, uncaught exceptions, and failed loads the page caused."""
+    problems = []
+    for e in events:
+        method, params = e.get("method"), e.get("params", {})
+        if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "warning", "assert"):
+            problems.append(" ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", [])))
+        elif method == "Runtime.exceptionThrown":
+            problems.append(params.get("exceptionDetails", {}).get("text", "exception"))
+        elif method == "Log.entryAdded" and params.get("entry", {}).get("level") in ("error", "warning"):
+            problems.append(params["entry"].get("text", ""))
+    return problems
+
+
 def screenshot(html: Path, png: Path, width: int, height: int, at: str | None) -> None:
-    with tempfile.TemporaryDirectory() as profile:
-        if at:  # a headless screenshot does not scroll: hide what comes before the section instead
-            text = html.read_text(encoding="utf-8")
-            if f'<section id="{at}">' not in text:
-                raise Llama3Error(f"--at {at}: the page has no such section")
-            html = Path(profile) / "from_section.html"
-            html.write_text(text.replace("</style>", f"body > *:has(~ #{at}) {{ display: none; }}</style>", 1),
-                            encoding="utf-8")
-        cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               "--no-first-run", "--disable-extensions", "--disable-background-networking",
-               "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9",
-               "--enable-logging=stderr", "--v=0", f"--user-data-dir={profile}",
-               f"--window-size={width},{height}", f"--screenshot={png.resolve()}",
-               html.resolve().as_uri()]
-        if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0:
-            cmd = ["unshare", "-n"] + cmd
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    console = [line for line in proc.stderr.splitlines() if CONSOLE.search(line)]
-    if console:
-        raise Llama3Error(f"Chromium reported console messages: {console[0]}")
-    if proc.returncode or not png.is_file():
-        raise Llama3Error(f"Chromium failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
+    """The page's `height` pixels from its top (or from section `at`), `width` wide."""
+    cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+           "--disable-extensions", "--disable-background-networking", "--remote-debugging-pipe",
+           "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9"]
+    if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0:
+        cmd = ["unshare", "-n"] + cmd
+    with tempfile.TemporaryDirectory() as profile, tempfile.TemporaryFile() as log:
+        browser = DevTools(cmd + [f"--user-data-dir={profile}", "about:blank"], log, timeout=300)
+        try:
+            target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+            session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+            for domain in ("Runtime", "Log", "Page"):
+                browser.call(f"{domain}.enable", session=session)
+            browser.call("Emulation.setDeviceMetricsOverride",
+                         {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session)
+            browser.call("Page.navigate", {"url": html.resolve().as_uri()}, session)
+            browser.wait_for("Page.loadEventFired")
+            top = 0
+            if at:
+                found = browser.call("Runtime.evaluate", {
+                    "expression": f"(e => e ? e.getBoundingClientRect().top + window.scrollY : -1)"
+                                  f"(document.getElementById({json.dumps(at)}))", "returnByValue": True}, session)
+                top = found["result"]["value"]
+                if top < 0:
+                    raise Llama3Error(f"--at {at}: the page has no such section")
+            shot = browser.call("Page.captureScreenshot", {
+                "format": "png", "captureBeyondViewport": True,
+                "clip": {"x": 0, "y": max(0, top - 16), "width": width, "height": height, "scale": 1}}, session)
+        finally:
+            browser.close()
+    problems = console_problems(browser.events)
+    if problems:
+        raise Llama3Error(f"Chromium reported {len(problems)} console message(s), the first: {problems[0]}")
+    png.write_bytes(base64.b64decode(shot["data"]))
 
 
 def main() -> int:
