@@ -176,6 +176,11 @@ def label_ticks(ax, axis: str, labels: Sequence[str], inches: float = 5.0) -> No
         ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=7)
 
 
+def above(ax, columns: int) -> None:
+    """The legend in a row above the plot, where it hides no data."""
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=columns, frameon=False)
+
+
 class AttentionMaps:
     """The causal scores and probabilities of one query head, side by side with token labels.
 
@@ -274,7 +279,7 @@ def tokens_section(w: Walk) -> str:
     return section("tokens", "1. Tokens",
                    para("The tokenizer cuts the text into pieces and maps each to an id (byte-level BPE). "
                         "Special tokens (such as the beginning-of-text marker) are marked."),
-                   note, table(["position", "id", "piece", ""], rows, cls="tokens"),
+                   note, table(["position", "id", "piece", "note"], rows, cls="tokens"),
                    shapes(shape_line("tokens", "[T]", (w.T,))))
 
 
@@ -318,7 +323,7 @@ def embedding_section(w: Walk, p: Painter) -> str:
     ax.bar(idx + 0.2, after, 0.4, label=f"{after_name} (after)")
     label_ticks(ax, "x", labels)
     ax.set_ylabel("RMS over D")
-    ax.legend(fontsize=7)
+    above(ax, 2)
     rows = [[str(k), f'<span class="piece">{esc(labels[k])}</span>', num(before[k], f"rms:{before_name}:{k}"),
              num(after[k], f"rms:{after_name}:{k}")] for k in range(w.T)]
     return section("embedding", "3. Embedding and RMSNorm",
@@ -365,7 +370,7 @@ def rope_section(w: Walk, p: Painter) -> str:
         ax.plot(positions, np.arctan2(sin[:, j], cos[:, j]), marker="o", ms=3, label=f"pair {j}")
     ax.set_xlabel("position")
     ax.set_ylabel("angle (wrapped to ±π)")
-    ax.legend(fontsize=7, ncol=len(pairs))
+    above(ax, len(pairs))
     angle_img = p.img(fig, "rope angle of a few pairs across positions")
 
     scaling = ("This checkpoint has no rope scaling: the two curves are one." if s is None else
