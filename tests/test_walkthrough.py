@@ -196,6 +196,11 @@ def test_page_of_the_default_model(capsys, tmp_path):
     check_against_dump(page, dump, [0, 29], [0, 1, 2], 30, ckpt.weights, ckpt.config.norm_eps)
     config = {a["data-config"]: text for _, a, text in page.having("data-config")}
     assert (config["dim"], config["n_heads"], config["n_kv_heads"], config["rope_scaling"]) == ("576", "9", "3", "none")
+    # The page of every layer and head (30 x 9 maps, measured by tools/render_walkthrough.py
+    # --measure) must stay under 20 MB: the 6 maps here, scaled to 270, with the rest of the page.
+    map_bytes = sum(len(a["src"]) for t, a, _ in page.elements if t == "img" and a.get("class") == "attn")
+    page_bytes = (tmp_path / "w.html").stat().st_size
+    assert map_bytes / 6 * 270 + (page_bytes - map_bytes) < 20e6, (map_bytes, page_bytes)
 
 
 def test_the_page_is_self_contained(capsys, tmp_path):
