@@ -480,18 +480,20 @@ def swiglu_section(w: Walk, p: Painter) -> str:
         rows.append([str(i), num(gate.mean(), f"gate_mean:{i}", 4), num((gate < 0).mean(), f"gate_negative:{i}", 3),
                      num(hidden.astype(np.float64).std(), f"std:layers.{i}.ffn_hidden", 4),
                      num(np.abs(hidden).max(), f"max_abs:layers.{i}.ffn_hidden", 4)])
-    fig = p.figure(6.8, 2.6)
+    fig = p.figure(6.8 if len(w.layers) <= 8 else 10.4, 2.6)
     axes = fig.subplots(1, 2)
+    step = math.ceil(len(w.layers) / 16)  # layer numbers that fit under a box
     for ax, values, title in zip(axes, (gates, hiddens), ("gate w1·x", "silu(w1·x) ⊙ w3·x")):
         ax.boxplot(values, positions=range(len(values)), whis=(1, 99), showfliers=False)
-        ax.set_xticks(range(len(values)), [str(i) for i in w.layers], fontsize=6 if len(values) > 12 else 8)
+        ax.set_xticks(range(0, len(values), step), [str(i) for i in w.layers[::step]], fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("layer", fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
     parts += [p.img(fig, "SwiGLU distributions per layer"),
               para("Boxes: quartiles and median over all T·F values of a layer; whiskers: 1st and 99th percentile."),
-              table(["layer", "mean gate", "share of gate &lt; 0", "std of ffn_hidden", "max |ffn_hidden|"], rows,
-                    cls="nums"),
+              folded("per layer: the gate's mean and share below zero, the product's spread", len(rows),
+                     table(["layer", "mean gate", "share of gate &lt; 0", "std of ffn_hidden", "max |ffn_hidden|"],
+                           rows, cls="nums")),
               source_listing(model.swiglu), source_listing(model.silu)]
     return section("swiglu", "6. SwiGLU feed-forward", *parts)
 
