@@ -15,8 +15,8 @@ from . import __version__
 from .errors import Llama3Error
 
 # Modules under llama3_np/ that each add one or more subcommands, in the order --help lists them.
-COMMAND_MODULES: list[str] = ["generate_cmd", "inspect_cmd", "dump_cmd", "compare", "trace_cmd", "perplexity", "bench",
-                               "tokenize_cmd", "import_gguf_cmd"]
+COMMAND_MODULES: list[str] = ["generate_cmd", "inspect_cmd", "dump_cmd", "compare", "trace_cmd", "walkthrough_cmd",
+                               "perplexity", "bench", "tokenize_cmd", "import_gguf_cmd"]
 
 
 class _Parser(argparse.ArgumentParser):
