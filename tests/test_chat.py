@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llama3_np.chat import CHATML, LLAMA3, chat_format_for, encode_dialog, encode_turn, stop_ids
+from llama3_np.chat import CHATML, LLAMA3, chat_format_for, encode_dialog, encode_turn
 from llama3_np.errors import Llama3Error
 from llama3_np.tokenizer import GPT2_PATTERN, Tokenizer
 from tests.test_tokenizer_assets import TOKENIZERS, first_difference, fixture, llama3
@@ -40,10 +40,13 @@ def test_formats_are_chosen_by_the_checkpoint():
         encode_dialog(tiny, [{"role": "user", "content": "hi"}], fmt=CHATML)
 
 
-def test_stop_ids():
-    assert stop_ids(llama3()) == {128001, 128008, 128009} == set(fixture("llama3_reference.json")["stop_tokens"])
+def test_end_of_generation_ids():
+    """Llama 3: Meta's `Tokenizer.stop_tokens`; the default model (ChatML): its end of turn and
+    its end of text, the tokens llama.cpp's end-of-generation set holds for its vocabulary."""
+    assert llama3().end_of_generation_ids == {128001, 128008, 128009} == \
+        set(fixture("llama3_reference.json")["stop_tokens"])
     default = TOKENIZERS["default"]()
-    assert stop_ids(default) == {default.encode_special("<|im_end|>"), default.encode_special("<|endoftext|>")}
+    assert default.end_of_generation_ids == {default.encode_special("<|im_end|>"), default.encode_special("<|endoftext|>")}
 
 
 def test_llama3_dialog_layout():

@@ -29,7 +29,7 @@ def greedy_without_cache(weights, config, prompt, n):
 
 def test_greedy_generation_equals_cache_free_argmax(model):
     weights, config = model
-    out = Session(weights, config, ctx=64).generate(PROMPT, GREEDY, np.random.default_rng(0), max_new=12)
+    out = Session(weights, config, ctx=64).generate(PROMPT, GREEDY, np.random.default_rng(0), max_new=12).run()
     assert out.ids == greedy_without_cache(weights, config, PROMPT, 12)
     assert out.stop_reason == "length" and len(out.ids) == 12
 
@@ -39,7 +39,7 @@ def test_stops_at_a_stop_token_and_keeps_it(model):
     expected = greedy_without_cache(weights, config, PROMPT, 12)
     stop = expected[4]
     first = expected.index(stop)
-    out = Session(weights, config, ctx=64).generate(PROMPT, GREEDY, np.random.default_rng(0), 12, [stop])
+    out = Session(weights, config, ctx=64).generate(PROMPT, GREEDY, np.random.default_rng(0), 12, [stop]).run()
     assert out.stop_reason == "stop" and out.ids == expected[:first + 1]
     assert out.text_ids == expected[:first]
 
@@ -47,7 +47,7 @@ def test_stops_at_a_stop_token_and_keeps_it(model):
 def test_reaching_the_context_stops_with_length(model):
     weights, config = model
     session = Session(weights, config, ctx=len(PROMPT) + 3)
-    out = session.generate(PROMPT, GREEDY, np.random.default_rng(0), max_new=-1)
+    out = session.generate(PROMPT, GREEDY, np.random.default_rng(0), max_new=-1).run()
     # 3 free slots: 3 generated tokens are fed back, a 4th comes from the last slot's logits.
     assert out.stop_reason == "length" and len(out.ids) == 4
     assert session.cache.length == session.ctx
@@ -56,9 +56,9 @@ def test_reaching_the_context_stops_with_length(model):
 def test_a_second_turn_continues_the_same_cache(model):
     weights, config = model
     session = Session(weights, config, ctx=64)
-    first = session.generate(PROMPT, GREEDY, np.random.default_rng(0), max_new=3)
+    first = session.generate(PROMPT, GREEDY, np.random.default_rng(0), max_new=3).run()
     follow = [7, 8]
-    second = session.generate(follow, GREEDY, np.random.default_rng(0), max_new=4)
+    second = session.generate(follow, GREEDY, np.random.default_rng(0), max_new=4).run()
     whole = PROMPT + first.ids[:-1] + follow  # the last sampled token of turn 1 was never fed
     assert session.history == whole + second.ids[:-1]
     assert second.ids == greedy_without_cache(weights, config, whole, 4)
@@ -85,6 +85,6 @@ def test_repeat_penalty_window_is_the_last_64_ids_fed(model, monkeypatch):
                         lambda logits, params, rng, recent: seen.append(list(recent)) or real_sample(logits, params, rng, recent))
     prompt = [i % config.vocab_size for i in range(70)]
     session = Session(weights, config, ctx=128)
-    out = session.generate(prompt, SamplingParams(temperature=0, repeat_penalty=1.3), np.random.default_rng(0), 5)
+    out = session.generate(prompt, SamplingParams(temperature=0, repeat_penalty=1.3), np.random.default_rng(0), 5).run()
     fed = prompt + out.ids
     assert seen == [fed[:70 + k][-64:] for k in range(5)]
