@@ -115,3 +115,20 @@ def test_malformed_messages_are_user_errors():
     for bad in ([{"role": "user"}], [{"role": "user", "content": 3}], ["hello"]):
         with pytest.raises(Llama3Error, match="chat message 0"):
             encode_dialog(llama3(), bad)
+
+
+@pytest.mark.parametrize("ended_by,stop_reason", [
+    ("<|eot_id|>", "end_of_turn"), ("<|eom_id|>", "end_of_message"),
+    (None, "out_of_tokens"), ("<|end_of_text|>", "out_of_tokens"),
+])
+def test_a_reply_is_closed_as_meta_chat_format_closes_it(ended_by, stop_reason):
+    """The first turn, the reply's ids and `encode_turn` (given the token that ended the reply) make
+    the ids Meta's ChatFormat gives the whole dialog: <|eom_id|> stays <|eom_id|>, a reply cut short
+    (a length limit, Ctrl-C) or ended by <|end_of_text|> is closed with <|eot_id|>."""
+    tok, ref = llama3(), fixture("llama3_turns.json")
+    turns = ref["turns"]
+    end = None if ended_by is None else tok.encode_special(ended_by)
+    ids = encode_dialog(tok, turns["first"]) + tok.encode(turns["reply"], bos=False) + \
+        encode_turn(tok, turns["second"], reply_end=end)
+    want = ref["ids"][stop_reason]
+    assert ids == want, f"{first_difference(ids, want)} ({ref['producer']})"

@@ -152,17 +152,30 @@ def test_sampled_generation_stops_there_too(capsys, folders, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["hf", "meta", "gguf"])
-def test_chat_stops_at_the_same_tokens(capsys, folders, fmt):
+def test_chat_stops_at_the_same_tokens_and_keeps_eom_in_the_dialog(capsys, folders, fmt, monkeypatch):
     """A chat prompt ends with the assistant header, whose last token ("\\n\\n") these models answer
-    with <|eom_id|>: generate --chat and chat stop there, and chat's next turn goes on."""
+    with <|eom_id|>: generate --chat and chat stop there. chat's next turn starts with that
+    <|eom_id|> (never fed as the reply ended), and the ids fed over both turns are Meta's ChatFormat
+    encoding of the dialog (llama3_turns.json, `cli_ids`)."""
+    import llama3_np.generate_cmd as generate_cmd
+
     folder = folders[fmt]
     eom = tokenizer(folder).encode_special("<|eom_id|>")
     out = generate(capsys, folder, "--chat", "-p", "hi", "-n", "8")
     assert (out["ids"], out["stop_reason"]) == ([eom], "stop"), out
+
+    fed = []
+    real_generate = generate_cmd.Session.generate
+    monkeypatch.setattr(generate_cmd.Session, "generate",
+                        lambda self, ids, *a, **k: fed.append(list(ids)) or real_generate(self, ids, *a, **k))
     code, _, err = run_cli_stdin(capsys, "hi\nagain\n", "chat", "-m", folder)
     assert code == 0, err
     stats = [line for line in err.splitlines() if line.startswith("load ")]
     assert len(stats) == 2 and all(line.endswith("stop: stop") for line in stats), err
+    assert len(fed) == 2 and fed[1][0] == eom
+    if fmt != "gguf":  # Llama 3's own vocabulary
+        reference = json.loads((Path(__file__).parent / "fixtures" / "tokenizer" / "llama3_turns.json").read_text())
+        assert fed[0] + fed[1] == reference["cli_ids"]["end_of_message"]
 
 
 @pytest.mark.parametrize("fmt", ["hf", "meta", "gguf"])
