@@ -81,7 +81,7 @@ class Step:
 class Generation:
     """One `Session.generate` call. Iterate it (once) to run it; its fields fill as it runs."""
 
-    def __init__(self, session: "Session", prompt_ids: list[int], steps_of):
+    def __init__(self, session: "Session", prompt_ids: list[int]):
         self.session = session
         self.prompt_ids = prompt_ids
         self.start = session.cache.length  # what the session held before this prompt
@@ -91,7 +91,7 @@ class Generation:
         self.stop_reason = ""
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
-        self._steps = steps_of(self)
+        self._steps: Iterator[Step] = iter(())  # set by Session.generate
 
     def __iter__(self) -> Iterator[Step]:
         return self._steps
@@ -206,8 +206,9 @@ class Session:
             raise Llama3Error(f"the prompt has {len(prompt_ids)} tokens but only {free} of the "
                               f"{self.ctx}-token context are free: shorten it or raise --ctx")
         stop_ids, suppress_ids = frozenset(int(i) for i in stop_ids), frozenset(int(i) for i in suppress_ids)
-        return Generation(self, prompt_ids,
-                          lambda out: self._steps(out, params, rng, max_new, stop_ids, suppress_ids))
+        out = Generation(self, prompt_ids)
+        out._steps = self._steps(out, params, rng, max_new, stop_ids, suppress_ids)
+        return out
 
     def _steps(self, out: Generation, params: SamplingParams, rng: np.random.Generator, max_new: int,
                stop_ids: frozenset[int], suppressed: frozenset[int]) -> Iterator[Step]:
