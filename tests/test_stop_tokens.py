@@ -9,7 +9,8 @@ Every token's embedding points along dim 0, which the output matrix maps to an o
 (RUNNER_UP); a few chosen input tokens point along their own dim instead, which the output maps to
 one end token each (and, with a smaller weight, to RUNNER_UP: the choice once the end tokens are
 suppressed). So `--tokens BOS,TRIGGER` makes the model emit the trigger's end token, by a margin
-no sampler setting can overturn.
+no sampler setting can overturn; the last token of a chat prompt ("\\n\\n" after the assistant
+header) is the trigger of <|eom_id|>.
 """
 
 import functools
