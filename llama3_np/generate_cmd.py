@@ -15,7 +15,7 @@ import numpy as np
 
 from .assets import model_dir
 from .errors import Llama3Error
-from .generation import PREFILL_CHUNK, REPEAT_LAST_N, Generation, Session
+from .generation import PREFILL_CHUNK, REPEAT_LAST_N, Generation, Session, Step, end_of_generation_ids
 from .prompt_input import read_prompt
 from .wording import plural
 from .sampling import SamplingParams, sampling_probs
@@ -51,6 +51,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="random seed; -1 = a random one, printed with the statistics (default -1)")
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
                    help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="never draw an end-of-generation token (their logits become -inf, as in llama.cpp): "
+                        "generate until -n or a full context; not with --chat")
 
 
 def add_command(sub) -> None:
@@ -151,16 +154,10 @@ class Loaded:
         return encode_dialog(self.tokenizer, messages + [{"role": "user", "content": user}],
                              fmt=self.chat_format())
 
-    def stop_ids(self, chat: bool) -> set[int]:
-        """The checkpoint's end-of-sequence ids and the tokenizer's; in a chat, also the
-        format's end-of-turn tokens."""
-        from .chat import stop_ids
-        ids = set(self.checkpoint.eos_ids)
-        if self.tokenizer is not None:
-            ids |= {self.tokenizer.eos_id} - {None}
-            if chat:
-                ids |= stop_ids(self.tokenizer, self.chat_format())
-        return ids
+    def stop_ids(self) -> frozenset[int]:
+        """The ids that end a generation (`generation.end_of_generation_ids`): the tokenizer's
+        and those the checkpoint's config files declare; the same in completion and in chat."""
+        return end_of_generation_ids(self.tokenizer, self.checkpoint.eos_ids)
 
 
 def parse_token_ids(text: str, vocab_size: int) -> list[int]:
@@ -211,10 +208,10 @@ class Printer:
         self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
         self.stream = sys.stdout.buffer
 
-    def __call__(self, token: int) -> None:
-        if token in self.stop_ids:
+    def __call__(self, step: Step) -> None:
+        if step.token in self.stop_ids:
             return
-        text = self.decoder.push(token) if self.decoder else f"{token} "
+        text = self.decoder.push(step.token) if self.decoder else f"{step.token} "
         self.write(text)
 
     def write(self, text: str) -> None:
@@ -252,48 +249,39 @@ class ProgressSession(Session):
         return logits
 
 
-class ExplainedSession(ProgressSession):
-    """A Session that keeps the logits the next token is sampled from (for --explain)."""
-
-    def feed(self, ids: list[int]) -> np.ndarray:
-        self.last_logits = super().feed(ids)
-        return self.last_logits
-
-
 class Explainer:
     """--explain: for each generated token, the top-k candidates by model probability, with the
     probability the sampler gave each after its filters, and the token chosen."""
 
-    def __init__(self, session: ExplainedSession, params: SamplingParams, tokenizer, k: int, as_json: bool):
+    def __init__(self, tokenizer, k: int, as_json: bool):
         if k < 1:
             raise Llama3Error(f"--explain takes a number of candidates >= 1, got {k}")
-        self.session, self.params, self.tokenizer, self.k, self.as_json = session, params, tokenizer, k, as_json
-        self.generated: list[int] = []
+        self.tokenizer, self.k, self.as_json = tokenizer, k, as_json
+        self.n = 0
         # The model's own distribution: every sampling filter off.
         self.plain = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
 
     def text(self, token: int) -> str:
         return self.tokenizer.decode([token]) if self.tokenizer is not None else f"<{token}>"
 
-    def __call__(self, token: int) -> None:
-        logits = self.session.last_logits
-        # Called before `token` is fed: the window is the one sample() saw when drawing it.
-        sampled = sampling_probs(logits, self.params, self.session.recent_ids())
+    def __call__(self, step: Step) -> None:
+        token, logits = step.token, step.logits
+        sampled = step.probs()
         p = sampling_probs(logits, self.plain)
         order = np.argsort(-logits, kind="stable")  # most probable first, lower id first on ties
         rank_of = np.empty(order.size, dtype=np.int64)
         rank_of[order] = np.arange(1, order.size + 1)
         rank = int(rank_of[token])
-        self.generated.append(token)
+        self.n += 1
         shown = [int(t) for t in order[:self.k]] + ([token] if rank > self.k else [])
         rows = [{"rank": int(rank_of[t]), "id": t, "token": self.text(t),
                  "logit": float(logits[t]), "p": float(p[t]), "sampled_p": float(sampled[t])} for t in shown]
         if self.as_json:
-            sys.stdout.write(json.dumps({"step": len(self.generated), "id": token, "token": self.text(token),
+            sys.stdout.write(json.dumps({"step": self.n, "id": token, "token": self.text(token),
                                          "rank": rank, "p": float(p[token]), "sampled_p": float(sampled[token]),
                                          "top": rows}, ensure_ascii=False) + "\n")
             return
-        lines = [f"#{len(self.generated)}  chose {json.dumps(self.text(token), ensure_ascii=False)} "
+        lines = [f"#{self.n}  chose {json.dumps(self.text(token), ensure_ascii=False)} "
                  f"(id {token}, rank {rank}, p {p[token]:.4f}, sampled p {sampled[token]:.4f})"]
         for r in rows:
             mark = "  <- chosen" if r["id"] == token else ""
@@ -301,6 +289,17 @@ class Explainer:
                          f"logit {r['logit']:8.3f}  p {r['p']:.4f}  sampled p {r['sampled_p']:.4f}{mark}")
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
+
+
+def consume(generation: Generation, on_step) -> Generation:
+    """Run a generation, handing each step to `on_step`. Ctrl-C ends it early, with stop reason
+    "interrupted"; what was printed stays, and the session keeps what its cache holds."""
+    try:
+        for step in generation:
+            on_step(step)
+    except KeyboardInterrupt:
+        generation.stop_reason = "interrupted"
+    return generation
 
 
 def run_generate(args) -> int:
@@ -313,6 +312,8 @@ def run_generate(args) -> int:
         raise Llama3Error("--system-prompt goes with --chat")
     if args.echo and (args.json or args.explain is not None):
         raise Llama3Error("--echo goes with streamed text, not with --json or --explain")
+    if args.ignore_eos and args.chat:
+        raise Llama3Error("--ignore-eos does not go with --chat: a chat answer ends at its end-of-turn token")
     loaded = Loaded(args, need_tokenizer=args.tokens is None)
     if args.tokens is not None:
         if args.chat:
@@ -336,14 +337,15 @@ def run_generate(args) -> int:
     # The cache needs room for the prompt and the new tokens, never more than the context.
     cache_len = ctx if args.n_predict < 0 else min(ctx, len(prompt) + args.n_predict)
     explain = args.explain is not None
-    session = (ExplainedSession if explain else ProgressSession)(loaded.checkpoint.weights, loaded.config, cache_len,
-                                                                 args.repeat_last_n)
-    stop_ids = loaded.stop_ids(chat=args.chat)
+    session = ProgressSession(loaded.checkpoint.weights, loaded.config, cache_len, args.repeat_last_n)
+    stop_ids = loaded.stop_ids()
     printer = None if args.json or explain else Printer(loaded.tokenizer, stop_ids)
     if args.echo:
         printer.echo(prompt)
-    on_token = Explainer(session, params, loaded.tokenizer, args.explain, args.json) if explain else printer
-    out = session.generate(prompt, params, rng, args.n_predict, stop_ids, on_token=on_token)
+    on_step = Explainer(loaded.tokenizer, args.explain, args.json) if explain else printer or (lambda step: None)
+    # --ignore-eos: the end-of-generation tokens are never drawn, so nothing stops the generation early.
+    stop, suppressed = ((), stop_ids) if args.ignore_eos else (stop_ids, ())
+    out = consume(session.generate(prompt, params, rng, args.n_predict, stop, suppressed), on_step)
 
     if args.json:
         result = {
@@ -371,20 +373,18 @@ def run_chat(args) -> int:
 
     params = sampling_params(args)
     seed, rng = seeded_rng(args)
+    if args.ignore_eos:
+        raise Llama3Error("--ignore-eos does not go with chat: an answer ends at its end-of-turn token")
     loaded = Loaded(args, need_tokenizer=True)
     tok, fmt = loaded.tokenizer, loaded.chat_format()
-    ctx = loaded.ctx(args.ctx)
-
-    def new_session() -> ProgressSession:
-        return ProgressSession(loaded.checkpoint.weights, loaded.config, ctx, args.repeat_last_n)
-
-    session = new_session()
-    stop_ids = loaded.stop_ids(chat=True)
+    session = ProgressSession(loaded.checkpoint.weights, loaded.config, loaded.ctx(args.ctx), args.repeat_last_n)
+    stop_ids = loaded.stop_ids()
     # Room a new message must leave for its answer before older turns are dropped.
     room = args.n_predict if args.n_predict > 0 else max(session.ctx // 4, 1)
     colors = Colors(sys.stdout)
     reader = TurnReader(colors)
     conversation = Conversation(args.system)
+    previous = None  # the last answer, while the cache holds the dialog up to it
     shown_seed = seed if params.temperature > 0 else None
 
     def say(line: str) -> None:
@@ -412,32 +412,43 @@ def run_chat(args) -> int:
                 if command.name == "system":
                     conversation.system = command.text or None
                 conversation.turns.clear()
-                session = new_session()
+                session.rollback(0)
+                previous = None
                 say("new conversation" + (f" (system prompt: {conversation.system})"
                                           if command.name == "system" and conversation.system else ""))
             continue
         text = message_text(turn)
         ids = None
-        if conversation.turns:
-            # The previous answer's end-of-turn token was sampled, never fed: encode_turn closes
-            # that turn, then adds this one. Earlier turns stay in the KV cache.
-            ids = encode_turn(tok, [{"role": "user", "content": text}], fmt)
+        if previous is not None:
+            # The previous answer's last drawn token was never fed (a stop token, or the token
+            # drawn when -n ran out): it goes first, and encode_turn closes that answer, keeping
+            # the end token the model produced, then adds this turn. Earlier turns stay in the cache.
+            unfed = previous.unfed_ids
+            end = unfed[-1] if unfed and unfed[-1] in stop_ids else None
+            ids = unfed[:len(unfed) - (end is not None)] + encode_turn(
+                tok, [{"role": "user", "content": text}], fmt, reply_end=end)
         if ids is None or len(ids) + room > session.ctx - session.cache.length:
             try:
                 ids, dropped = conversation.fit(tok, fmt, text, session.ctx, room)
             except Llama3Error as e:
                 say(f"not sent: {e}")
                 continue
-            session = new_session()
+            session.rollback(0)  # the kept turns move to other positions: feed them again
             if dropped:
                 which = "the oldest turn" if dropped == 1 else f"the {dropped} oldest turns"
                 say(f"(the context is full: dropped {which} of the conversation)")
         printer = Printer(tok, stop_ids)
         printer.write(colors.code("MODEL"))
-        out = session.generate(ids, params, rng, args.n_predict, stop_ids, on_token=printer)
+        out = consume(session.generate(ids, params, rng, args.n_predict, stop_ids), printer)
         printer.write(colors.code("RESET"))
         printer.finish()
-        conversation.turns.append((text, tok.decode(out.text_ids)))
         say(stats_line(None, out, shown_seed))
+        if not out.prompt_fed:
+            # Ctrl-C before the answer began: this turn never entered the dialog.
+            session.rollback(out.start)
+            previous = previous if session.cache.length else None
+            continue
+        previous = out
+        conversation.turns.append((text, tok.decode(out.text_ids)))
         if out.stop_reason == "context":
             say("(the context is full: the answer was cut short; the next message drops the oldest turns)")
