@@ -67,7 +67,8 @@ def summarize(index: CheckpointIndex) -> dict:
 
 def _tokens(index: CheckpointIndex) -> dict:
     """The chat format and the tokens that end generation (id -> text), when there is a tokenizer."""
-    from .chat import chat_format_for, stop_ids
+    from .chat import chat_format_for
+    from .generation import end_of_generation_ids
     from .tokenizer import load_tokenizer
 
     none = {"chat_format": None, "stop_tokens": {str(i): None for i in index.eos_ids}}
@@ -81,7 +82,7 @@ def _tokens(index: CheckpointIndex) -> dict:
         fmt = chat_format_for(tok)
     except Llama3Error:
         fmt = None
-    ids = set(index.eos_ids) | ({tok.eos_id} - {None}) | (stop_ids(tok, fmt) if fmt else set())
+    ids = end_of_generation_ids(tok, index.eos_ids)
     return {"chat_format": fmt.name if fmt else None,
             "stop_tokens": {str(i): tok.decode([i]) for i in sorted(ids)}}
 

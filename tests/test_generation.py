@@ -134,7 +134,7 @@ def test_after_a_full_context_the_cache_holds_every_slot_it_claims(model):
     weights, config = model
     session = Session(weights, config, ctx=len(PROMPT) + 3)
     out = session.generate(PROMPT, GREEDY, np.random.default_rng(0), -1).run()
-    assert out.stop_reason == "length" and session.history == PROMPT + out.ids[:3] and out.unfed_ids == out.ids[3:]
+    assert out.stop_reason == "context" and session.history == PROMPT + out.ids[:3] and out.unfed_ids == out.ids[3:]
     session.rollback(session.ctx - 2)  # make room: what is left is still what history says
     assert_next_turn_matches_a_fresh_session(session, FOLLOW[:2])
 

@@ -128,7 +128,7 @@ def test_import_refuses_to_overwrite_and_the_command_reports_one_line(tmp_path, 
 def _imported_tokenizer(tmp_path, **kwargs):
     from llama3_np.tokenizer import load_tokenizer
 
-    out = import_gguf.import_gguf(_gguf(tmp_path, **kwargs), tmp_path / "out")
+    out = gguf_import.import_gguf(_gguf(tmp_path, **kwargs), tmp_path / "out")
     return load_tokenizer(out), out
 
 
@@ -145,13 +145,13 @@ def test_add_bos_follows_the_key_else_llama_cpp_default_for_the_pre_tokenizer(tm
     assert (tok.encode("hea")[:1] == [bos]) is expected
 
 
-@pytest.mark.parametrize("pre", import_gguf.LLAMA3_PRE_NAMES)
+@pytest.mark.parametrize("pre", gguf_import.LLAMA3_PRE_NAMES)
 def test_every_llama_cpp_spelling_of_the_llama3_pre_tokenizer_imports_as_llama_bpe(tmp_path, pre):
     tok, out = _imported_tokenizer(tmp_path, pre=pre, add_bos=None)
     (tmp_path / "ref").mkdir()
     reference, _ = _imported_tokenizer(tmp_path / "ref", pre="llama-bpe", add_bos=None)
     assert json.loads((out / "tokenizer.json").read_text())["pre_tokenizer"]["pretokenizers"][0]["pattern"] == \
-        {"Regex": import_gguf.LLAMA3_PATTERN}
+        {"Regex": gguf_import.LLAMA3_PATTERN}
     text = "he said: 'I'M here' 12345\n\n"
     assert tok.add_bos and tok.encode(text) == reference.encode(text)
 
