@@ -130,7 +130,7 @@ class SamplingParams:
 
     def __post_init__(self):
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
-            raise SamplingParamError("temperature", f"temperature must be a number >= 0 (0 = greedy), "
+            raise SamplingParamError("temperature", f"temperature must be >= 0 (0 = greedy), "
                                                     f"got {self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
             raise SamplingParamError("top_k", f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
@@ -139,7 +139,7 @@ class SamplingParams:
         if not (0 <= self.min_p < 1):
             raise SamplingParamError("min_p", f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
         if not (self.repeat_penalty > 0 and np.isfinite(self.repeat_penalty)):
-            raise SamplingParamError("repeat_penalty", f"repeat_penalty must be a number > 0 (1 = off), "
+            raise SamplingParamError("repeat_penalty", f"repeat_penalty must be > 0 (1 = off), "
                                                        f"got {self.repeat_penalty}")
         unknown = [s for s in self.samplers if s not in SAMPLER_NAMES]
         if unknown or len(set(self.samplers)) != len(self.samplers):
@@ -219,10 +219,11 @@ def _min_p(ids, z, p):
 
 
 def _temperature(ids, z, t):
-    if t == 0:
+    if np.float32(t) == 0:  # below float32's smallest positive number: its limit, greedy
         i = int(np.argmax(z))  # the first maximum: the lower id
         return ids[i:i + 1], z[i:i + 1]
-    return ids, z / np.float32(t)
+    with np.errstate(over="ignore"):  # a tiny t sends logits to +-inf: _weights32 handles it
+        return ids, z / np.float32(t)
 
 
 def survivors(logits: np.ndarray, params: SamplingParams,

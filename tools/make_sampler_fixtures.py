@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write tests/fixtures/sampling/chains.json: the distributions two reference samplers draw from,
+"""Write tests/fixtures/sampling/chains.json.gz: the distributions two reference samplers draw from,
 for a grid of settings on a few logit vectors.
 
     python tools/make_sampler_fixtures.py      (needs `make tools`: transformers, llama-cpp-python)
@@ -19,14 +19,15 @@ for a grid of settings on a few logit vectors.
 Logit vectors: two small ones whose float32 softmax is exact in binary (weights 1, 1/2, 1/4, ...
 summing to a power of two over the whole vocabulary, or over its top 4), so that top-p and min-p
 meet their boundary exactly in the references' arithmetic; two random ones (64 and 256 logits);
-and two realistic ones, the 256 largest logits of the default model (weights/default) after two
-prompts, renumbered 0..255 in id order. No logit vector has two equal logits where a top-k could
+and two realistic ones, the 128 largest logits of the default model (weights/default) after two
+prompts, renumbered 0..127 in id order. No logit vector has two equal logits where a top-k could
 split them.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gzip
 import json
 import os
 import sys
@@ -40,7 +41,7 @@ import numpy as np  # noqa: E402
 
 from llama3_np.sampling import SAMPLER_ORDERS  # noqa: E402
 
-OUT = REPO / "tests" / "fixtures" / "sampling" / "chains.json"
+OUT = REPO / "tests" / "fixtures" / "sampling" / "chains.json.gz"
 REPEAT_LAST_N = 64  # llama.cpp's penalty_last_n default, and llama3_np's window
 
 # Exact in binary: the whole vocabulary sums to 2.
@@ -48,6 +49,7 @@ EXACT_WEIGHTS = [1, 0.5, 0.25, 0.125, 0.0625, 0.046875, 0.015625]
 # Exact over the top 4 (they sum to 2); the rest is not.
 EXACT_TOP4_WEIGHTS = [1, 0.5, 0.375, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125]
 
+REALISTIC_VOCAB = 128
 REALISTIC_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 
 OFF = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
@@ -103,12 +105,12 @@ def realistic_cases() -> list[dict]:
     for k, text in enumerate(REALISTIC_PROMPTS):
         prompt = tok.encode(text, bos=tok.add_bos)
         logits = forward(ckpt.weights, ckpt.config, prompt)[-1]
-        top = np.sort(np.argpartition(-logits, 255)[:256])  # the 256 largest, in id order
+        top = np.sort(np.argpartition(-logits, REALISTIC_VOCAB - 1)[:REALISTIC_VOCAB])  # the largest, in id order
         small = logits[top].astype(np.float32)
         position = {int(t): i for i, t in enumerate(top)}
         recent = [position[t] for t in prompt if t in position][-REPEAT_LAST_N:]
         cases.append({"name": f"default_model_{k}", "logits": small, "recent": recent,
-                      "source": f"llama3_np forward of weights/default on {text!r}: the 256 largest "
+                      "source": f"llama3_np forward of weights/default on {text!r}: the {REALISTIC_VOCAB} largest "
                                 "of the last position's logits, renumbered in id order; recent: the "
                                 "prompt's ids among them"})
     return cases
@@ -211,7 +213,7 @@ def main() -> int:
                                  ("transformers", transformers_probs(case["logits"], case["recent"], s))):
                 kept = np.flatnonzero(probs)
                 results.append({"case": ci, "setting": si, "order": order, "ids": [int(i) for i in kept],
-                                "probs": [float(f"{p:.9g}") for p in probs[kept]]})
+                                "probs": [float(f"{p:.8g}") for p in probs[kept]]})
 
     doc = {
         "producer": {"script": "tools/make_sampler_fixtures.py",
@@ -225,7 +227,8 @@ def main() -> int:
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
+    # gzip (200 KB of JSON, 40 KB compressed), with no time stamp so the bytes depend on the content only
+    tmp.write_bytes(gzip.compress((json.dumps(doc, separators=(",", ":")) + "\n").encode(), mtime=0))
     tmp.replace(OUT)
     print(f"wrote {OUT.relative_to(REPO)} ({OUT.stat().st_size // 1024} KB): {len(cases)} logit vectors x "
           f"{len(GRID)} settings x 2 orders", file=sys.stderr)
