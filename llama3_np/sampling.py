@@ -196,19 +196,23 @@ def _top_p(ids, z, p):
         return ids, z
     w = _weights32(z)
     total = w.sum()
-    cand = None
     if z.size > _TOP_P_FIRST_LOOK:
-        cand = np.argpartition(-z, _TOP_P_FIRST_LOOK - 1)[:_TOP_P_FIRST_LOOK]
-        order = cand[_most_probable_first(z[cand], ids[cand])]
-        mass = np.cumsum(w[order]) / total
-        if mass[-1] < p:  # the cut lies further down: sort everything
-            cand = None
-    if cand is None:
-        order = _most_probable_first(z, ids)
-        mass = np.cumsum(w[order]) / total
-    n = min(int(np.searchsorted(mass, p, side="left")) + 1, order.size)  # first i with mass[i] >= p, inclusive
-    keep = np.sort(order[:n])
+        first = np.argpartition(-z, _TOP_P_FIRST_LOOK - 1)[:_TOP_P_FIRST_LOOK]
+        first = first[_most_probable_first(z[first], ids[first])]
+        n = _top_p_count(np.cumsum(w[first]) / total, p)
+        # The cut is inside the first look, and no token left out has the logit of the last one kept.
+        if n < first.size and z[first[n - 1]] > z[first[-1]]:
+            keep = np.sort(first[:n])
+            return ids[keep], z[keep]
+    order = _most_probable_first(z, ids)
+    keep = np.sort(order[:_top_p_count(np.cumsum(w[order]) / total, p)])
     return ids[keep], z[keep]
+
+
+def _top_p_count(mass: np.ndarray, p: float) -> int:
+    # mass: the cumulative probability, most probable first. Token i is kept while the mass before
+    # it is < p: the count is 1 + the first i whose mass reaches p.
+    return min(int(np.searchsorted(mass, p, side="left")) + 1, mass.size)
 
 
 def _min_p(ids, z, p):
