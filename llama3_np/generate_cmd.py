@@ -17,7 +17,8 @@ import numpy as np
 from .assets import model_dir
 from .errors import Llama3Error
 from .generation import Generation, Session
-from .sampling import DEFAULT_SAMPLERS, SAMPLER_ORDERS, SamplingParamError, SamplingParams, parse_samplers, sampling_probs
+from .sampling import (DEFAULT_SAMPLERS, SAMPLER_ORDERS, SamplingParamError, SamplingParams, parse_samplers,
+                       sampling_probs)
 
 # Without --ctx, the KV cache holds at most this many tokens (or the model's own context if smaller):
 # a 131,072-token float32 cache for an 8B model would need 34 GB.

@@ -125,9 +125,13 @@ def settings_of(change: dict) -> dict:
 def llama_cpp_probs(logits: np.ndarray, recent: list[int], s: dict, order: tuple[str, ...]) -> np.ndarray:
     import llama_cpp as L
 
+    n = logits.size
+    penalties = (REPEAT_LAST_N, s["repeat_penalty"], 0.0, 0.0)  # last n, repeat, frequency, presence
+    if len(L.llama_sampler_init_penalties.argtypes) == 5:  # some llama.cpp versions take n_vocab first
+        penalties = (n, *penalties)
     chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
     make = {
-        "penalties": lambda: L.llama_sampler_init_penalties(REPEAT_LAST_N, s["repeat_penalty"], 0.0, 0.0),
+        "penalties": lambda: L.llama_sampler_init_penalties(*penalties),
         "top_k": lambda: L.llama_sampler_init_top_k(s["top_k"]),
         "top_p": lambda: L.llama_sampler_init_top_p(s["top_p"], 0),
         "min_p": lambda: L.llama_sampler_init_min_p(s["min_p"], 0),
@@ -139,7 +143,6 @@ def llama_cpp_probs(logits: np.ndarray, recent: list[int], s: dict, order: tuple
     for t in recent[-REPEAT_LAST_N:]:
         L.llama_sampler_accept(chain, t)
 
-    n = logits.size
     data = (L.llama_token_data * n)()
     for i, z in enumerate(logits):
         data[i].id, data[i].logit, data[i].p = i, float(z), 0.0
