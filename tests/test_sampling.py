@@ -148,7 +148,8 @@ def test_seed_reproduces_and_draws_follow_the_distribution():
 
 LOGIT_VECTORS = st.lists(st.floats(-30, 30, width=32), min_size=2, max_size=60).map(
     lambda z: np.array(z, dtype=np.float32))
-ORDERS = st.permutations(SAMPLER_NAMES).flatmap(lambda names: st.integers(0, len(names)).map(lambda n: tuple(names[:n])))
+# any order of any subset of the samplers
+ORDERS = st.permutations(SAMPLER_NAMES).flatmap(lambda names: st.integers(0, len(names)).map(lambda n: names[:n]))
 
 
 @settings(max_examples=300, deadline=None)
@@ -156,6 +157,7 @@ ORDERS = st.permutations(SAMPLER_NAMES).flatmap(lambda names: st.integers(0, len
        st.floats(0.5, 2), ORDERS, st.lists(st.integers(0, 59), max_size=8))
 def test_each_filter_only_removes_tokens_and_the_result_is_a_distribution(z, temp, k, top_p, min_p, penalty,
                                                                           order, recent):
+    order = tuple(order)
     full = SamplingParams(temp, k, top_p, min_p, penalty, samplers=order)
     probs = sampling_probs(z, full, recent)
     assert abs(probs.sum() - 1) < 1e-9 and np.all(probs >= 0)

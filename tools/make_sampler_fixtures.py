@@ -212,8 +212,9 @@ def main() -> int:
     for ci, case in enumerate(cases):
         for si, change in enumerate(GRID):
             s = settings_of(change)
-            for order, probs in (("llama.cpp", llama_cpp_probs(case["logits"], case["recent"], s, SAMPLER_ORDERS["llama.cpp"])),
-                                 ("transformers", transformers_probs(case["logits"], case["recent"], s))):
+            references = {"llama.cpp": llama_cpp_probs(case["logits"], case["recent"], s, SAMPLER_ORDERS["llama.cpp"]),
+                          "transformers": transformers_probs(case["logits"], case["recent"], s)}
+            for order, probs in references.items():
                 kept = np.flatnonzero(probs)
                 results.append({"case": ci, "setting": si, "order": order, "ids": [int(i) for i in kept],
                                 "probs": [float(f"{p:.8g}") for p in probs[kept]]})
