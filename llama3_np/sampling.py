@@ -1,13 +1,13 @@
 """Choosing the next token from the logits of the last position: a chain of samplers.
 
 `sampling_probs` builds the distribution the sampler draws from; `sample` draws from it. The
-samplers form a chain, as in llama.cpp (`llama_sampler_chain`, `src/llama-sampling.cpp`): each one
+samplers form a chain, as in llama.cpp (`llama_sampler_chain`, `src/llama-sampler.cpp`): each one
 acts on the tokens that survived the one before, and every probability it looks at is the softmax
 of those survivors only (renormalised), never of the whole vocabulary. Names are llama.cpp's:
 
     penalties    CTRL repetition penalty on the logits of recently seen tokens: positive ones
                  divided by r, the others multiplied by r (Keskar et al. 2019, arXiv 1909.05858,
-                 eq. 2 with llama.cpp's and Hugging Face's sign fix)
+                 with llama.cpp's and Hugging Face's fix for negative logits)
     top_k        keep the k largest logits (k = 0 or k >= the survivors: keep all); on equal
                  logits the lower id is kept
     top_p        keep the smallest set of most probable survivors whose mass reaches p: token i
@@ -42,8 +42,9 @@ llama.cpp's `--samplers` syntax); a sampler left out is not applied, as in llama
 
 Arithmetic follows the references where a boundary depends on it: logits stay float32 (the
 penalty and temperature divide in float32, like llama.cpp and torch), and the unnormalised
-probabilities exp(z - max) that top-p and min-p compare are rounded to float32 once (computed in
-float64, so the same on every CPU), as the references' float32 softmax rounds them. A boundary
+probabilities exp(z - max) that top-p and min-p compare are rounded to float32 once (from float64,
+whose last-bit differences between CPUs lie far below float32's resolution), as the references'
+float32 softmax rounds them. A boundary
 that is exact in their arithmetic (weights 1, 1/2, 1/4 from the float32 logits 0, ln 1/2, ln 1/4)
 is then exact here too.
 """
