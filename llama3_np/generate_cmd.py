@@ -17,7 +17,8 @@ import numpy as np
 from .assets import model_dir
 from .errors import Llama3Error
 from .generation import Generation, Session, Step, end_of_generation_ids
-from .sampling import SamplingParams, sampling_probs
+from .sampling import (DEFAULT_SAMPLERS, SAMPLER_ORDERS, SamplingParamError, SamplingParams, parse_samplers,
+                       sampling_probs)
 
 # Without --ctx, the KV cache holds at most this many tokens (or the model's own context if smaller):
 # a 131,072-token float32 cache for an 8B model would need 34 GB.
@@ -43,6 +44,12 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=d.min_p, help=f"0 = off (default {d.min_p})")
     p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty,
                    help=f"penalty on the last 64 tokens; 1 = off (default {d.repeat_penalty})")
+    orders = ", ".join(f"{name} = {';'.join(order)}" for name, order in SAMPLER_ORDERS.items())
+    p.add_argument("--samplers", default=";".join(DEFAULT_SAMPLERS), metavar="SAMPLERS",
+                   help="the samplers to apply, in order, separated by ';', with llama.cpp's names (penalties, "
+                        "top_k, top_p, min_p, temperature); a sampler left out is not applied. Or an order by "
+                        f"name: {orders}. Each filter acts on the renormalised survivors of the one before "
+                        "(default: llama.cpp's order)")
     p.add_argument("--seed", type=int, help="random seed (default: a random one, printed with the statistics)")
     p.add_argument("--ctx", type=int, metavar="N",
                    help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
@@ -77,9 +84,17 @@ def add_command(sub) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+# The flag that sets each SamplingParams field.
+SAMPLING_FLAGS = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+                  "repeat_penalty": "--repeat-penalty", "samplers": "--samplers"}
+
+
 def sampling_params(args) -> SamplingParams:
-    return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                          min_p=args.min_p, repeat_penalty=args.repeat_penalty)
+    try:
+        return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repeat_penalty=args.repeat_penalty, samplers=parse_samplers(args.samplers))
+    except SamplingParamError as e:
+        raise Llama3Error(f"{SAMPLING_FLAGS[e.parameter]}: {e}") from None
 
 
 def seeded_rng(args) -> tuple[int, np.random.Generator]:
