@@ -17,8 +17,9 @@ from .assets import model_dir
 from .errors import Llama3Error
 from .generation import PREFILL_CHUNK, REPEAT_LAST_N, Generation, Session, Step, end_of_generation_ids
 from .prompt_input import read_prompt
+from .sampling import (DEFAULT_SAMPLERS, SAMPLER_ORDERS, SamplingParamError, SamplingParams, parse_samplers,
+                       sampling_probs)
 from .wording import plural
-from .sampling import SamplingParams, sampling_probs
 
 # Without --ctx, the KV cache holds at most this many tokens (or the model's own context if smaller):
 # a 131,072-token float32 cache for an 8B model would need 34 GB.
@@ -47,6 +48,12 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-last-n", type=int, default=REPEAT_LAST_N, metavar="N",
                    help=f"how many recent tokens the repeat penalty looks at; 0 = off, -1 = the whole context "
                         f"(default {REPEAT_LAST_N})")
+    orders = ", ".join(f"{name} = {';'.join(order)}" for name, order in SAMPLER_ORDERS.items())
+    p.add_argument("--samplers", default=";".join(DEFAULT_SAMPLERS), metavar="SAMPLERS",
+                   help="the samplers to apply, in order, separated by ';', with llama.cpp's names (penalties, "
+                        "top_k, top_p, min_p, temperature); a sampler left out is not applied. Or an order by "
+                        f"name: {orders}. Each filter acts on the renormalised survivors of the one before "
+                        "(default: llama.cpp's order)")
     p.add_argument("-s", "--seed", type=int, default=-1,
                    help="random seed; -1 = a random one, printed with the statistics (default -1)")
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
@@ -90,12 +97,20 @@ def add_command(sub) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+# The flag that sets each SamplingParams field.
+SAMPLING_FLAGS = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+                  "repeat_penalty": "--repeat-penalty", "samplers": "--samplers"}
+
+
 def sampling_params(args) -> SamplingParams:
     if args.repeat_last_n < -1:
         raise Llama3Error(f"--repeat-last-n must be >= 0 (0 = off), or -1 for the whole context, "
                           f"got {args.repeat_last_n}")
-    return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                          min_p=args.min_p, repeat_penalty=args.repeat_penalty)
+    try:
+        return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repeat_penalty=args.repeat_penalty, samplers=parse_samplers(args.samplers))
+    except SamplingParamError as e:
+        raise Llama3Error(f"{SAMPLING_FLAGS[e.parameter]}: {e}") from None
 
 
 def seeded_rng(args) -> tuple[int, np.random.Generator]:
@@ -362,7 +377,7 @@ def run_generate(args) -> int:
     else:
         if printer is not None:
             printer.finish()
-        print(stats_line(loaded, out, seed if params.temperature > 0 else None), file=sys.stderr)
+        print(stats_line(loaded, out, seed if not params.greedy else None), file=sys.stderr)
     return 130 if out.stop_reason == "interrupted" else 0
 
 
@@ -385,7 +400,7 @@ def run_chat(args) -> int:
     reader = TurnReader(colors)
     conversation = Conversation(args.system)
     previous = None  # the last answer, while the cache holds the dialog up to it
-    shown_seed = seed if params.temperature > 0 else None
+    shown_seed = seed if not params.greedy else None
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
