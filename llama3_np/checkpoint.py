@@ -467,12 +467,14 @@ def _materialize(plan: TensorPlan, residency: str) -> np.ndarray:
 def load_checkpoint(path, dtype: str = "float32", rope_factor: Optional[float] = None) -> Checkpoint:
     """Load a Hugging Face or Meta checkpoint folder into the canonical form.
 
+    path: the folder, or the `CheckpointIndex` a `scan_checkpoint` of it returned (then
+    rope_factor is the scan's).
     dtype: residency, "float32" (convert once at load) or "bfloat16" (keep stored weights, mapped).
     rope_factor: overrides the rope scaling factor a Meta params.json implies (`use_scaled_rope`).
     """
     if dtype not in RESIDENCIES:
         raise Llama3Error(f"dtype must be one of {', '.join(RESIDENCIES)}, got {dtype!r}")
-    index = scan_checkpoint(path, rope_factor)
+    index = path if isinstance(path, CheckpointIndex) else scan_checkpoint(path, rope_factor)
     weights = {name: _materialize(plan, dtype) for name, plan in index.plans.items()}
     if index.config.tie_embeddings:
         weights["output.weight"] = weights["tok_embeddings.weight"]

@@ -141,9 +141,10 @@ class Loaded:
 
         path = model_dir(args.model)
         t0 = time.perf_counter()
+        index = scan_checkpoint(path, rope_factor=args.rope_factor)
         # The headers alone say the trained context: a --ctx-size beyond it fails before the weights load.
-        check_ctx(getattr(args, "ctx", None), scan_checkpoint(path, rope_factor=args.rope_factor).config)
-        self.checkpoint = load_checkpoint(path, dtype=args.dtype, rope_factor=args.rope_factor)
+        check_ctx(getattr(args, "ctx", None), index.config)
+        self.checkpoint = load_checkpoint(index, dtype=args.dtype)
         try:
             self.tokenizer = load_tokenizer(path)
         except Llama3Error:

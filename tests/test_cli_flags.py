@@ -256,3 +256,11 @@ def test_perplexity_counts_one_window_in_the_singular(capsys, tmp_path):
                          "--chunks", "1")
     assert code == 0, err
     assert "; 1 window of 16, each scored on its last" in out.splitlines()[0]
+
+
+def test_the_checkpoint_is_scanned_once_so_its_notes_are_said_once(tmp_path, capsys):
+    from tests.checkpoint_builders import random_weights, tiny_config, write_meta
+
+    write_meta(tmp_path / "meta", random_weights(tiny_config()))  # use_scaled_rope, no factor: a note
+    code, _, err = run(capsys, "generate", "-m", tmp_path / "meta", "--tokens", "1", "-n", "1", "-c", "8")
+    assert code == 0 and err.count("llama3-np: note: ") == 1, err
