@@ -45,5 +45,4 @@ class Conversation:
                 del self.turns[:dropped]
                 return ids, dropped
         raise Llama3Error(f"this message takes {len(ids)} tokens with the system prompt and the chat format, "
-                          f"and the answer needs room too: the context holds {ctx} (a larger --ctx-size, or "
-                          "a shorter message)")
+                          f"and its answer {room} more: the context holds {ctx}")

@@ -447,7 +447,7 @@ def run_chat(args) -> int:
             try:
                 ids, dropped = conversation.fit(tok, fmt, text, session.ctx, room)
             except Llama3Error as e:
-                say(f"not sent: {e}")
+                say(f"not sent: {e} (a shorter message, or a larger --ctx-size)")
                 continue
             session.rollback(0)  # the kept turns move to other positions: feed them again
             if dropped:

@@ -183,5 +183,17 @@ def test_conversation_drops_the_oldest_whole_turns_and_keeps_the_system_prompt(t
     assert ids == encode_dialog(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q2"},
                                       {"role": "assistant", "content": "a2"}, {"role": "user", "content": "q3"}],
                                 fmt=fmt)
-    with pytest.raises(Exception, match="this message takes .* the context holds 20"):
+    with pytest.raises(Exception, match="this message takes .* and its answer 5 more: the context holds 20"):
         conv.fit(tok, fmt, "q3 " * 30, ctx=20, room=5)
+
+
+def test_a_message_too_long_for_the_context_is_not_sent_and_the_chat_goes_on():
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "llama3_np", "chat", "--temp", "0", "-c", "48", "-n", "4"],
+                          input=("word " * 60 + "\nHi\n").encode(), capture_output=True, cwd=REPO, env=env,
+                          timeout=300)
+    err = done.stderr.decode()
+    assert done.returncode == 0, err
+    assert "not sent: this message takes " in err and "the context holds 48 (a shorter message, or a larger " \
+        "--ctx-size)" in err
+    assert err.count("stop: ") == 1  # the short message was answered
