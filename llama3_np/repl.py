@@ -3,7 +3,8 @@
 A turn is what the user sends in one go:
 - on a terminal, Python's `readline` (where the platform has it) gives line editing and a history
   the arrow keys walk; a line ending in a backslash continues on the next line (as in llama.cpp),
-  and several lines pasted at once are one turn (the lines already waiting when one is read);
+  and several lines pasted at once are one turn (the lines already waiting when one is read, or
+  the whole paste when readline's bracketed-paste mode hands it over as one line);
 - from a pipe, each line is a turn (a trailing backslash still continues it).
 A turn that starts with "/" is a command (`COMMANDS`); "//" sends a text that starts with "/".
 
