@@ -1,8 +1,9 @@
 """How text became tokens, made readable: each token's id and the text piece it stands for.
 
 A byte-level BPE token is a run of bytes, not always whole characters: a character of several
-UTF-8 bytes may be split across tokens. `readable` shows such partial bytes as `\\xNN` escapes, and
-the pieces' bytes always concatenate to the encoded text (special tokens show their name).
+UTF-8 bytes may be split across tokens. `readable` shows such partial bytes as `\\xNN` escapes;
+the pieces' bytes concatenate to the text's UTF-8 (special tokens show their name, and a byte the
+vocabulary lacks is dropped by `Tokenizer.encode`, as the reference tokenizer drops it).
 """
 
 from __future__ import annotations
