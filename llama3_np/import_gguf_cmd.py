@@ -7,6 +7,8 @@ it with Hugging Face `transformers` too.
 
 from __future__ import annotations
 
+from .errors import Llama3Error
+
 
 def add_command(sub) -> None:
     p = sub.add_parser("import-gguf", help="import a GGUF file into a checkpoint folder (needs the gguf extra)",
@@ -20,7 +22,11 @@ def add_command(sub) -> None:
 
 
 def run(args) -> int:
-    from .gguf_import import import_gguf
+    from pathlib import Path
 
+    from .gguf_import import import_gguf, is_nonempty_folder
+
+    if is_nonempty_folder(Path(args.out_dir)) and not args.force:
+        raise Llama3Error(f"{args.out_dir}: exists and is not empty; pass --force to replace it")
     print(f"imported {args.gguf} into {import_gguf(args.gguf, args.out_dir, args.force)}")
     return 0

