@@ -142,7 +142,7 @@ def test_a_chat_on_a_terminal(tok):
             term.proc.kill()
 
 
-def test_no_colours_when_piped_or_with_no_color(tok):
+def test_no_colours_when_piped_or_with_no_color_and_a_bracketed_paste_is_one_message(tok):
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     env.pop("NO_COLOR", None)
     piped = subprocess.run([sys.executable, "-m", "llama3_np", "chat", "--temp", "0", "-n", "4"], input=b"Hi\n",
@@ -151,9 +151,11 @@ def test_no_colours_when_piped_or_with_no_color(tok):
     term = Terminal("chat", "--temp", "0", "-n", "4", env=dict(env, TERM="xterm", NO_COLOR="1"))
     try:
         term.expect(PROMPT)
-        term.send(b"Hi\r")
-        term.expect(rb"stop: ")
+        # A paste as a terminal sends it in bracketed-paste mode, then Enter: one message.
+        term.send(b"\x1b[200~Hi\nthere\x1b[201~\r")
+        assert prompt_tokens(term) == len(encode_dialog(tok, [{"role": "user", "content": "Hi\nthere"}]))
         term.expect(PROMPT)
+        assert term.text.count(b"stop: ") == 1
         term.send(b"\x04")
         assert term.close() == 0
         assert b"\x1b[36m" not in term.raw and b"\x1b[1;32m" not in term.raw
