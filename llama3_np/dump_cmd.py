@@ -261,7 +261,8 @@ def add_input_args(p, what: str) -> None:
     src.add_argument("-f", "--file", help="read the text from a UTF-8 file")
     src.add_argument("--tokens", help="comma-separated token ids (no tokenizer needed)")
     src.add_argument("--like", metavar="DUMP",
-                     help=f"{what} the tokens, positions and KV-cache context recorded in another dump file")
+                     help=f"{what} the tokens, positions and KV-cache context recorded in another dump file "
+                          "(of the same model, from any checkpoint format)")
     p.add_argument("--pos", type=int, metavar="N", help="rope position of the first token (default 0)")
 
 
@@ -270,14 +271,18 @@ def format_shape(shape) -> str:
 
 
 def load_with_inputs(args):
-    """The checkpoint of -m (with its tokenizer when the input is text) and the inputs to run."""
+    """The checkpoint of -m (with its tokenizer when the input is text) and the inputs to run; what
+    the user should know about them (`Inputs.notes`) goes to stderr."""
     from .generate_cmd import Loaded
 
     if args.prompt is None and args.file is None and args.tokens is None and args.like is None:
         raise Llama3Error("give the input: -p TEXT, -f FILE, --tokens 1,2,3 or --like DUMP")
     loaded = Loaded(args, need_tokenizer=args.prompt is not None or args.file is not None)
     encode = loaded.tokenizer.encode if loaded.tokenizer is not None else None
-    return loaded, resolve_inputs(args, loaded.config, encode, loaded.checkpoint.path)
+    inputs = resolve_inputs(args, loaded.config, encode, loaded.checkpoint.path)
+    for note in inputs.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return loaded, inputs
 
 
 def resolve_inputs(args, config: ModelConfig, encode: Optional[Callable[[str], list[int]]], model) -> Inputs:
@@ -366,8 +371,6 @@ def run(args) -> int:
         globs = read_dump(args.like).names
     else:
         globs = ["*"]
-    for note in inputs.notes:
-        print(f"note: {note}", file=sys.stderr)
     trace = Trace(globs)
     run_forward(loaded, inputs, trace)
     write_dump(output, dict(trace), dump_metadata(loaded.config, inputs.tokens, inputs.pos, inputs.context,

@@ -92,18 +92,17 @@ def prompt_ids(prompts_file: Path, encode) -> list[tuple[str, list[int]]]:
     return out
 
 
-def dispatch_env(name: str) -> dict[str, str]:
+def numpy_targets() -> list[str]:
+    """The SIMD targets NumPy dispatches to on this CPU (beyond its compiled baseline)."""
     from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    return [t for t in __cpu_dispatch__ if __cpu_features__.get(t)]
+
+
+def dispatch_env(name: str) -> dict[str, str]:
     env = dict(DISPATCHES[name])
     if "NPY_DISABLE_CPU_FEATURES" in env:
-        env["NPY_DISABLE_CPU_FEATURES"] = " ".join(t for t in __cpu_dispatch__ if __cpu_features__.get(t))
+        env["NPY_DISABLE_CPU_FEATURES"] = " ".join(numpy_targets())
     return env
-
-
-def numpy_cpu_features() -> str:
-    """The SIMD targets NumPy dispatches to on this CPU."""
-    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
-    return " ".join(t for t in __cpu_dispatch__ if __cpu_features__.get(t)) or "baseline only"
 
 
 def measure(checkpoint: Path, prompts_file: Path) -> dict:
@@ -124,9 +123,9 @@ def measure(checkpoint: Path, prompts_file: Path) -> dict:
         errors = compare_stages(trace, ref.hf_run(hf, ids, 0))
         del trace
         out.append({"name": name, "tokens": len(ids), "nmse": {s.name: s.nmse for s in errors}})
-    versions = {"llama3_np": __version__, "numpy": np.__version__, "numpy_cpu": numpy_cpu_features(),
-                "torch": torch.__version__, "transformers": transformers.__version__,
-                "python": platform.python_version()}
+    versions = {"llama3_np": __version__, "numpy": np.__version__,
+                "numpy_cpu": " ".join(numpy_targets()) or "baseline", "torch": torch.__version__,
+                "transformers": transformers.__version__, "python": platform.python_version()}
     return {"versions": versions, "prompts": out}
 
 
