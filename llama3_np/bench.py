@@ -165,10 +165,10 @@ def run_generations(session_factory, prompt: list[int], new: int, runs: int):
     """Median prefill and decode speeds of `runs` greedy generations after one short warm-up."""
     greedy = SamplingParams(temperature=0)
     rng = np.random.default_rng(0)
-    session_factory().generate(prompt[:16], greedy, rng, max_new=min(new, 4))
+    session_factory().generate(prompt[:16], greedy, rng, max_new=min(new, 4)).run()
     prefill, decode, ids = [], [], []
     for _ in range(runs):
-        out = session_factory().generate(prompt, greedy, rng, max_new=new)
+        out = session_factory().generate(prompt, greedy, rng, max_new=new).run()
         prefill.append(out.prefill_tokens_per_second)
         decode.append(out.decode_tokens_per_second)
         ids = out.ids

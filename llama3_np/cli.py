@@ -15,7 +15,7 @@ from . import __version__
 from .errors import Llama3Error
 
 # Modules under llama3_np/ that each add one or more subcommands, in the order --help lists them.
-COMMAND_MODULES: list[str] = ["generate_cmd", "inspect_cmd", "dump_cmd", "compare", "trace_cmd", "perplexity", "bench"]
+COMMAND_MODULES: list[str] = ["generate_cmd", "inspect_cmd", "dump_cmd", "compare", "trace_cmd", "walkthrough_cmd", "perplexity", "bench"]
 
 
 class _Parser(argparse.ArgumentParser):

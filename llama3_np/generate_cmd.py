@@ -16,8 +16,9 @@ import numpy as np
 
 from .assets import model_dir
 from .errors import Llama3Error
-from .generation import Generation, Session
-from .sampling import SamplingParams, sampling_probs
+from .generation import Generation, Session, Step, end_of_generation_ids
+from .sampling import (DEFAULT_SAMPLERS, SAMPLER_ORDERS, SamplingParamError, SamplingParams, parse_samplers,
+                       sampling_probs)
 
 # Without --ctx, the KV cache holds at most this many tokens (or the model's own context if smaller):
 # a 131,072-token float32 cache for an 8B model would need 34 GB.
@@ -43,9 +44,18 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=d.min_p, help=f"0 = off (default {d.min_p})")
     p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty,
                    help=f"penalty on the last 64 tokens; 1 = off (default {d.repeat_penalty})")
+    orders = ", ".join(f"{name} = {';'.join(order)}" for name, order in SAMPLER_ORDERS.items())
+    p.add_argument("--samplers", default=";".join(DEFAULT_SAMPLERS), metavar="SAMPLERS",
+                   help="the samplers to apply, in order, separated by ';', with llama.cpp's names (penalties, "
+                        "top_k, top_p, min_p, temperature); a sampler left out is not applied. Or an order by "
+                        f"name: {orders}. Each filter acts on the renormalised survivors of the one before "
+                        "(default: llama.cpp's order)")
     p.add_argument("--seed", type=int, help="random seed (default: a random one, printed with the statistics)")
     p.add_argument("--ctx", type=int, metavar="N",
                    help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="never draw an end-of-generation token (their logits become -inf, as in llama.cpp): "
+                        "generate until -n or a full context; not with --chat")
 
 
 def add_command(sub) -> None:
@@ -74,9 +84,17 @@ def add_command(sub) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+# The flag that sets each SamplingParams field.
+SAMPLING_FLAGS = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+                  "repeat_penalty": "--repeat-penalty", "samplers": "--samplers"}
+
+
 def sampling_params(args) -> SamplingParams:
-    return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                          min_p=args.min_p, repeat_penalty=args.repeat_penalty)
+    try:
+        return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repeat_penalty=args.repeat_penalty, samplers=parse_samplers(args.samplers))
+    except SamplingParamError as e:
+        raise Llama3Error(f"{SAMPLING_FLAGS[e.parameter]}: {e}") from None
 
 
 def seeded_rng(args) -> tuple[int, np.random.Generator]:
@@ -122,16 +140,10 @@ class Loaded:
         return encode_dialog(self.tokenizer, messages + [{"role": "user", "content": user}],
                              fmt=self.chat_format())
 
-    def stop_ids(self, chat: bool) -> set[int]:
-        """The checkpoint's end-of-sequence ids and the tokenizer's; in a chat, also the
-        format's end-of-turn tokens."""
-        from .chat import stop_ids
-        ids = set(self.checkpoint.eos_ids)
-        if self.tokenizer is not None:
-            ids |= {self.tokenizer.eos_id} - {None}
-            if chat:
-                ids |= stop_ids(self.tokenizer, self.chat_format())
-        return ids
+    def stop_ids(self) -> frozenset[int]:
+        """The ids that end a generation (`generation.end_of_generation_ids`): the tokenizer's
+        and those the checkpoint's config files declare; the same in completion and in chat."""
+        return end_of_generation_ids(self.tokenizer, self.checkpoint.eos_ids)
 
 
 def read_prompt(args) -> str | None:
@@ -182,10 +194,10 @@ class Printer:
         self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
         self.stream = sys.stdout.buffer
 
-    def __call__(self, token: int) -> None:
-        if token in self.stop_ids:
+    def __call__(self, step: Step) -> None:
+        if step.token in self.stop_ids:
             return
-        text = self.decoder.push(token) if self.decoder else f"{token} "
+        text = self.decoder.push(step.token) if self.decoder else f"{step.token} "
         self.write(text)
 
     def write(self, text: str) -> None:
@@ -197,48 +209,39 @@ class Printer:
         self.write((self.decoder.flush() if self.decoder else "") + "\n")
 
 
-class ExplainedSession(Session):
-    """A Session that keeps the logits the next token is sampled from (for --explain)."""
-
-    def feed(self, ids: list[int]) -> np.ndarray:
-        self.last_logits = super().feed(ids)
-        return self.last_logits
-
-
 class Explainer:
     """--explain: for each generated token, the top-k candidates by model probability, with the
     probability the sampler gave each after its filters, and the token chosen."""
 
-    def __init__(self, session: ExplainedSession, params: SamplingParams, tokenizer, k: int, as_json: bool):
+    def __init__(self, tokenizer, k: int, as_json: bool):
         if k < 1:
             raise Llama3Error(f"--explain takes a number of candidates >= 1, got {k}")
-        self.session, self.params, self.tokenizer, self.k, self.as_json = session, params, tokenizer, k, as_json
-        self.generated: list[int] = []
+        self.tokenizer, self.k, self.as_json = tokenizer, k, as_json
+        self.n = 0
         # The model's own distribution: every sampling filter off.
         self.plain = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
 
     def text(self, token: int) -> str:
         return self.tokenizer.decode([token]) if self.tokenizer is not None else f"<{token}>"
 
-    def __call__(self, token: int) -> None:
-        logits = self.session.last_logits
-        # Called before `token` is fed: the window is the one sample() saw when drawing it.
-        sampled = sampling_probs(logits, self.params, self.session.recent_ids())
+    def __call__(self, step: Step) -> None:
+        token, logits = step.token, step.logits
+        sampled = step.probs()
         p = sampling_probs(logits, self.plain)
         order = np.argsort(-logits, kind="stable")  # most probable first, lower id first on ties
         rank_of = np.empty(order.size, dtype=np.int64)
         rank_of[order] = np.arange(1, order.size + 1)
         rank = int(rank_of[token])
-        self.generated.append(token)
+        self.n += 1
         shown = [int(t) for t in order[:self.k]] + ([token] if rank > self.k else [])
         rows = [{"rank": int(rank_of[t]), "id": t, "token": self.text(t),
                  "logit": float(logits[t]), "p": float(p[t]), "sampled_p": float(sampled[t])} for t in shown]
         if self.as_json:
-            sys.stdout.write(json.dumps({"step": len(self.generated), "id": token, "token": self.text(token),
+            sys.stdout.write(json.dumps({"step": self.n, "id": token, "token": self.text(token),
                                          "rank": rank, "p": float(p[token]), "sampled_p": float(sampled[token]),
                                          "top": rows}, ensure_ascii=False) + "\n")
             return
-        lines = [f"#{len(self.generated)}  chose {json.dumps(self.text(token), ensure_ascii=False)} "
+        lines = [f"#{self.n}  chose {json.dumps(self.text(token), ensure_ascii=False)} "
                  f"(id {token}, rank {rank}, p {p[token]:.4f}, sampled p {sampled[token]:.4f})"]
         for r in rows:
             mark = "  <- chosen" if r["id"] == token else ""
@@ -246,6 +249,17 @@ class Explainer:
                          f"logit {r['logit']:8.3f}  p {r['p']:.4f}  sampled p {r['sampled_p']:.4f}{mark}")
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
+
+
+def consume(generation: Generation, on_step) -> Generation:
+    """Run a generation, handing each step to `on_step`. Ctrl-C ends it early, with stop reason
+    "interrupted"; what was printed stays, and the session keeps what its cache holds."""
+    try:
+        for step in generation:
+            on_step(step)
+    except KeyboardInterrupt:
+        generation.stop_reason = "interrupted"
+    return generation
 
 
 def run_generate(args) -> int:
@@ -256,6 +270,8 @@ def run_generate(args) -> int:
         raise Llama3Error("give a prompt: -p TEXT, -f FILE or --tokens 1,2,3")
     if args.system is not None and not args.chat:
         raise Llama3Error("--system goes with --chat")
+    if args.ignore_eos and args.chat:
+        raise Llama3Error("--ignore-eos does not go with --chat: a chat answer ends at its end-of-turn token")
     loaded = Loaded(args, need_tokenizer=args.tokens is None)
     if args.tokens is not None:
         if args.chat:
@@ -277,11 +293,13 @@ def run_generate(args) -> int:
     # The cache needs room for the prompt and the new tokens, never more than the context.
     cache_len = ctx if args.n_predict < 0 else min(ctx, len(prompt) + args.n_predict)
     explain = args.explain is not None
-    session = (ExplainedSession if explain else Session)(loaded.checkpoint.weights, loaded.config, cache_len)
-    stop_ids = loaded.stop_ids(chat=args.chat)
+    session = Session(loaded.checkpoint.weights, loaded.config, cache_len)
+    stop_ids = loaded.stop_ids()
     printer = None if args.json or explain else Printer(loaded.tokenizer, stop_ids)
-    on_token = Explainer(session, params, loaded.tokenizer, args.explain, args.json) if explain else printer
-    out = session.generate(prompt, params, rng, args.n_predict, stop_ids, on_token=on_token)
+    on_step = Explainer(loaded.tokenizer, args.explain, args.json) if explain else printer or (lambda step: None)
+    # --ignore-eos: the end-of-generation tokens are never drawn, so nothing stops the generation early.
+    stop, suppressed = ((), stop_ids) if args.ignore_eos else (stop_ids, ())
+    out = consume(session.generate(prompt, params, rng, args.n_predict, stop, suppressed), on_step)
 
     if args.json:
         result = {
@@ -307,15 +325,17 @@ def run_chat(args) -> int:
     seed, rng = seeded_rng(args)
     from .chat import encode_turn
 
+    if args.ignore_eos:
+        raise Llama3Error("--ignore-eos does not go with chat: an answer ends at its end-of-turn token")
     loaded = Loaded(args, need_tokenizer=True)
     fmt = loaded.chat_format()
     session = Session(loaded.checkpoint.weights, loaded.config, loaded.ctx(args.ctx))
-    stop_ids = loaded.stop_ids(chat=True)
+    stop_ids = loaded.stop_ids()
     interactive = sys.stdin.isatty()
     print(f"chat with {session.config.n_layers}-layer model from {loaded.checkpoint.path} "
           f"({fmt.name} format, {session.ctx}-token context, seed {seed}); "
           "Ctrl-C stops an answer, Ctrl-D quits", file=sys.stderr)
-    first = True
+    previous = None  # the last answer that made it into the dialog
     while True:
         try:
             line = input("> " if interactive else "")
@@ -323,20 +343,28 @@ def run_chat(args) -> int:
             return 0
         if not line.strip():
             continue
-        if first:
+        if previous is None:
             ids = loaded.encode_dialog(args.system, line)
         else:
-            # The previous answer's end-of-turn token was sampled, never fed: encode_turn closes
-            # that turn, then adds this one. Earlier turns stay in the KV cache.
-            ids = encode_turn(loaded.tokenizer, [{"role": "user", "content": line}], fmt)
+            # The previous answer's last drawn token was never fed (a stop token, or the token
+            # drawn when -n ran out): it goes first, and encode_turn closes that answer, keeping
+            # the end token the model produced, then adds this turn. Earlier turns stay in the cache.
+            unfed = previous.unfed_ids
+            end = unfed[-1] if unfed and unfed[-1] in stop_ids else None
+            ids = unfed[:len(unfed) - (end is not None)] + encode_turn(
+                loaded.tokenizer, [{"role": "user", "content": line}], fmt, reply_end=end)
         if len(ids) > session.ctx - session.cache.length:
             raise Llama3Error(f"the conversation no longer fits the {session.ctx}-token context: "
                               "start a new chat, with a larger --ctx")
         printer = Printer(loaded.tokenizer, stop_ids)
-        out = session.generate(ids, params, rng, args.n_predict, stop_ids, on_token=printer)
+        out = consume(session.generate(ids, params, rng, args.n_predict, stop_ids), printer)
         printer.finish()
-        first = False
         print(stats_line(loaded, out, seed), file=sys.stderr)
-        if out.stop_reason == "length" and session.cache.length >= session.ctx:
+        if not out.prompt_fed:
+            # Ctrl-C before the answer began: this turn never entered the dialog.
+            session.rollback(out.start)
+            continue
+        previous = out
+        if session.cache.length >= session.ctx:
             print("the context is full; start a new chat (with a larger --ctx)", file=sys.stderr)
             return 0

@@ -130,10 +130,20 @@ def rope_frequencies(config: ModelConfig) -> np.ndarray:  # -> [Dh/2]
     high_freq_factor) alone, divides long ones (> original_context / low_freq_factor) by `factor`,
     and blends the two in between, linearly in original_context / wavelength.
 
-    Computed in float32 operation by operation, as both references compute it.
+    The float32 table of Meta's `precompute_freqs_cis`/`apply_scaling` and Hugging Face's
+    `_compute_llama3_parameters`, bit for bit, on every CPU: each power θ^(2i/Dh) is the correctly
+    rounded float32 value, and every later step is an exactly rounded float32 operation (division,
+    multiplication, subtraction, addition) in the references' order. The power is computed in
+    float64 by the C library's scalar `pow` and rounded to float32 once, which is correct unless it
+    lies within a float64 rounding error of a float32 rounding boundary (the tests check that it
+    does not, for the released shapes); NumPy's float32 `**` is not correctly rounded, and its
+    AVX-512 kernel misses Meta's 8B table by 1-2 ulp in 13 of 64 entries.
     """
     Dh = config.head_dim
-    freqs = 1.0 / (np.float32(config.rope_theta) ** (np.arange(0, Dh, 2, dtype=np.float32) / np.float32(Dh)))
+    theta = float(np.float32(config.rope_theta))
+    exponents = np.arange(0, Dh, 2, dtype=np.float32) / np.float32(Dh)  # float32, as the references
+    powers = np.array([math.pow(theta, float(e)) for e in exponents], dtype=np.float32)
+    freqs = np.float32(1) / powers
     s = config.rope_scaling
     if s is not None:
         wavelen = np.float32(2 * math.pi) / freqs
@@ -215,8 +225,10 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
 class KVCache:
     """Keys (after rope) and values of every token seen so far, for every layer.
 
-    Preallocated for `max_len` tokens. Slots are filled in order; a token's rope position is
-    independent of its slot (`forward`'s `pos`), so a cache may start at any position.
+    Preallocated for `max_len` tokens. Slots 0 .. length-1 hold the tokens fed so far; `forward`
+    writes each layer's keys and values into the next free slots (`store`) and advances `length`
+    once every layer holds them. A token's rope position is independent of its slot (`forward`'s
+    `pos`), so a cache may start at any position.
     """
 
     def __init__(self, config: ModelConfig, max_len: int):
@@ -224,22 +236,24 @@ class KVCache:
         self.k = np.zeros(shape, dtype=np.float32)
         self.v = np.zeros(shape, dtype=np.float32)
         self.max_len = max_len
-        self.length = 0  # slots filled by earlier forward calls
+        self.length = 0  # slots holding tokens, in every layer
 
-    def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # [T, KV, Dh], [T, KV, Dh] -> [KV, S, Dh], [KV, S, Dh] with S = length + T
-        """Store this call's keys and values after the cached ones; return all of them."""
-        start, end = self.length, self.length + k.shape[0]
+    def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # [T, KV, Dh], [T, KV, Dh] -> [KV, S, Dh], [KV, S, Dh] with S = start + T
+        """Write one layer's keys and values of T tokens into slots start .. start+T-1; return
+        the layer's slots 0 .. start+T-1. `length` is left alone (see `forward`)."""
+        end = start + k.shape[0]
         self.k[layer, :, start:end] = k.transpose(1, 0, 2)
         self.v[layer, :, start:end] = v.transpose(1, 0, 2)
         return self.k[layer, :, :end], self.v[layer, :, :end]
 
 
 def attention(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, wo: np.ndarray,
-              cos: np.ndarray, sin: np.ndarray, cache: KVCache, layer: int, config: ModelConfig,
-              keep: Keep = _discard) -> np.ndarray:  # [T, D] -> [T, D]
+              cos: np.ndarray, sin: np.ndarray, cache: KVCache, layer: int, start: int,
+              config: ModelConfig, keep: Keep = _discard) -> np.ndarray:  # [T, D] -> [T, D]
     """Project to query/key/value heads, rotate q and k by position, attend causally over the
-    cache plus these tokens, project back: wo · attention(rope(wq x), rope(wk x), wv x)."""
+    cache's first `start` slots plus these tokens (stored from slot `start` on), project back:
+    wo · attention(rope(wq x), rope(wk x), wv x)."""
     T = x.shape[0]
     H, KV, Dh = config.n_heads, config.n_kv_heads, config.head_dim
     q = linear(x, wq).reshape(T, H, Dh)
@@ -248,7 +262,7 @@ def attention(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, wo:
     q_rope, k_rope = rope(q, cos, sin), rope(k, cos, sin)
     for name, value in (("q", q), ("k", k), ("v", v), ("q_rope", q_rope), ("k_rope", k_rope)):
         keep(name, value)
-    keys, values = cache.append(layer, k_rope, v)  # [KV, S, Dh] each
+    keys, values = cache.store(layer, start, k_rope, v)  # [KV, S, Dh] each
     attn = causal_attention(q_rope, keys, values, keep).reshape(T, H * Dh)
     keep("attn", attn)
     return linear(attn, wo)
@@ -270,7 +284,7 @@ def swiglu(x: np.ndarray, w1: np.ndarray, w2: np.ndarray, w3: np.ndarray,
 
 def transformer_block(x: np.ndarray, weights: Mapping[str, np.ndarray], layer: int,
                       config: ModelConfig, cos: np.ndarray, sin: np.ndarray, cache: KVCache,
-                      keep: Keep = _discard) -> np.ndarray:  # [T, D] -> [T, D]
+                      start: int, keep: Keep = _discard) -> np.ndarray:  # [T, D] -> [T, D]
     """h = x + attention(rmsnorm(x)); out = h + swiglu(rmsnorm(h))."""
     def w(name):  # this layer's weight
         return weights[f"layers.{layer}.{name}.weight"]
@@ -278,7 +292,7 @@ def transformer_block(x: np.ndarray, weights: Mapping[str, np.ndarray], layer: i
     attn_norm = rmsnorm(x, as_float32(w("attention_norm")), config.norm_eps)
     keep("attn_norm", attn_norm)
     attn_out = attention(attn_norm, w("attention.wq"), w("attention.wk"), w("attention.wv"),
-                         w("attention.wo"), cos, sin, cache, layer, config, keep)
+                         w("attention.wo"), cos, sin, cache, layer, start, config, keep)
     keep("attn_out", attn_out)
     h = x + attn_out
     keep("h", h)
@@ -292,13 +306,15 @@ def transformer_block(x: np.ndarray, weights: Mapping[str, np.ndarray], layer: i
 
 
 def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
-            cache: Optional[KVCache] = None, pos: int = 0,
+            cache: Optional[KVCache] = None, pos: Optional[int] = None,
             trace: Optional[Trace] = None, last_only: bool = False) -> np.ndarray:  # [T] -> [T, V]
     """Logits for each of `tokens`, the first at rope position `pos`.
 
     The tokens attend to what `cache` holds (from earlier calls) and to each other, causally, and
-    are appended to it. Without a cache they attend only to each other. With `last_only`, only the
-    last token's logits are computed ([1, V]): all that generation needs after a prefill.
+    are added to it. Without a cache they attend only to each other. `pos` defaults to the number
+    of tokens the cache holds (0 without a cache): the tokens continue what was fed before. With
+    `last_only`, only the last token's logits are computed ([1, V]): all that generation needs
+    after a prefill.
     """
     tokens = np.asarray(tokens, dtype=np.int64)
     if tokens.ndim != 1 or tokens.size == 0:
@@ -306,9 +322,11 @@ def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
     T = tokens.shape[0]
     if cache is None:
         cache = KVCache(config, T)
-    if cache.length + T > cache.max_len:
-        raise Llama3Error(f"the KV cache holds {cache.length} of {cache.max_len} tokens; "
+    start = cache.length  # these tokens go into cache slots start .. start+T-1
+    if start + T > cache.max_len:
+        raise Llama3Error(f"the KV cache holds {start} of {cache.max_len} tokens; "
                           f"{T} more do not fit (use a larger context)")
+    pos = start if pos is None else pos
     if pos < 0:
         raise Llama3Error(f"position must be >= 0, got {pos}")
 
@@ -319,9 +337,9 @@ def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
     keep = _scoped(trace, "")
     keep("embed", x)
     for layer in range(config.n_layers):
-        x = transformer_block(x, weights, layer, config, cos, sin, cache,
+        x = transformer_block(x, weights, layer, config, cos, sin, cache, start,
                               _scoped(trace, f"layers.{layer}."))
-    cache.length += T
+    cache.length = start + T  # every layer now holds these tokens: the cache advances once, here
     if last_only:
         x = x[-1:]
     x = rmsnorm(x, as_float32(weights["norm.weight"]), config.norm_eps)
