@@ -18,14 +18,20 @@ fixtures, and any other implementation that wants to be compared with `llama3-np
     metadata (strings): config (JSON of ModelConfig.to_dict), tokens (JSON list), pos (rope
     position of the first token), context_tokens (JSON list of the tokens in the KV cache before),
     context_pos (rope position of the first of them), producer, dtype (what the producer computed
-    in); llama3_np adds residency (how it kept the weights: float32 or bfloat16).
+    in); llama3_np adds residency (how it kept the weights: float32 or bfloat16) and format (of
+    the checkpoint folder: hf or meta).
+
+Two dumps record the same computation when their inputs (config, tokens, positions, context)
+agree; config fields no stage reads (`CONFIG_FIELDS_OUTSIDE_THE_MATH`) may differ, so that dumps
+of the same weights from a Hugging Face and a Meta folder compare (`metadata_differences`).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -41,6 +47,12 @@ LAYER_STAGES = ("attn_norm", "q", "k", "v", "q_rope", "k_rope", "probs", "attn",
                 "ffn_norm", "ffn_hidden", "ffn_out", "out")
 # Metadata keys that say which computation a dump records: two dumps to compare must agree on them.
 INPUT_KEYS = ("config", "tokens", "pos", "context_tokens", "context_pos")
+# ModelConfig fields that no stage of a forward pass reads: how a checkpoint stores its output
+# projection (a Meta folder keeps a copy of the embeddings where a Hugging Face folder says
+# tie_word_embeddings) and the context it was trained for. Every other field changes the math.
+CONFIG_FIELDS_OUTSIDE_THE_MATH = ("tie_embeddings", "max_seq_len")
+# Metadata that names who made a dump, shown beside its path rather than listed as a difference.
+PRODUCER_KEYS = ("producer", "dtype")
 
 
 def stage_shapes(config: ModelConfig, n_tokens: int, n_context: int = 0,
@@ -165,10 +177,65 @@ def write_dump(path, stages: dict[str, np.ndarray], metadata: dict[str, str]) ->
 
 
 def dump_metadata(config: ModelConfig, tokens: list[int], pos: int, context: list[int],
-                  context_pos: int, residency: str) -> dict[str, str]:
+                  context_pos: int, residency: str, checkpoint_format: str) -> dict[str, str]:
     return {"config": config.to_json(), "tokens": json.dumps(tokens), "pos": str(pos),
             "context_tokens": json.dumps(context), "context_pos": str(context_pos),
-            "producer": f"llama3_np {__version__}", "dtype": "float32", "residency": residency}
+            "producer": f"llama3_np {__version__}", "dtype": "float32", "residency": residency,
+            "format": checkpoint_format}
+
+
+# ---------------------------------------------------------------------------------------------
+# Do two dumps record the same computation?
+
+
+def config_differences(a: ModelConfig, b: ModelConfig) -> tuple[dict, dict]:
+    """The fields in which two configs differ, {field: (value in a, value in b)}, split into those
+    that change the math and those no stage reads (`CONFIG_FIELDS_OUTSIDE_THE_MATH`)."""
+    da, db = a.to_dict(), b.to_dict()
+    differ = {k: (da[k], db[k]) for k in da if da[k] != db[k]}
+    in_math = {k: v for k, v in differ.items() if k not in CONFIG_FIELDS_OUTSIDE_THE_MATH}
+    return in_math, {k: v for k, v in differ.items() if k in CONFIG_FIELDS_OUTSIDE_THE_MATH}
+
+
+def describe_differences(differences: dict) -> str:
+    """`{"dim": (64, 32)}` -> `dim 64 vs 32`."""
+    return "; ".join(f"{k} {json.dumps(va)} vs {json.dumps(vb)}" for k, (va, vb) in differences.items())
+
+
+def metadata_differences(a: Dump, b: Dump) -> dict[str, tuple[str, str]]:
+    """The metadata in which dumps `a` and `b` differ without recording different computations,
+    {key: (value in a, value in b)}: config fields outside the math (as `config.<field>`) and
+    other keys both files have (residency, format, a reference's settings), except the producer
+    and dtype (`PRODUCER_KEYS`), which say who made each file.
+
+    Raises Llama3Error when they record different computations: the config's math (dimensions,
+    norm eps, rope), the tokens, the positions or the KV-cache context differ.
+    """
+    listed: dict[str, tuple[str, str]] = {}
+    for key in INPUT_KEYS:
+        if key not in a.metadata or key not in b.metadata:
+            continue
+        if key == "config":
+            in_math, outside = config_differences(a.config(), b.config())
+            same = not in_math
+            listed.update({f"config.{k}": tuple(json.dumps(v) for v in values) for k, values in outside.items()})
+            shown = describe_differences(in_math)
+        elif key in ("tokens", "context_tokens"):
+            same = a.json_list(key) == b.json_list(key)
+        else:
+            same = a.integer(key, 0) == b.integer(key, 0)
+        if not same:
+            shown = shown if key == "config" else f"{_short(a.metadata[key])} vs {_short(b.metadata[key])}"
+            raise Llama3Error(f"{a.path} and {b.path} record different inputs: metadata {key!r} differs "
+                              f"({shown}); dump the same model on the same tokens (dump --like the other file)")
+    for key in sorted(set(a.metadata) & set(b.metadata)):
+        if key not in INPUT_KEYS and key not in PRODUCER_KEYS and a.metadata[key] != b.metadata[key]:
+            listed[key] = (a.metadata[key], b.metadata[key])
+    return listed
+
+
+def _short(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +251,7 @@ class Inputs:
     pos: int
     context: list[int]
     context_pos: int
+    notes: list[str] = field(default_factory=list)  # what the user should know (printed on stderr)
 
 
 def add_input_args(p, what: str) -> None:
@@ -193,7 +261,8 @@ def add_input_args(p, what: str) -> None:
     src.add_argument("-f", "--file", help="read the text from a UTF-8 file (- for standard input)")
     src.add_argument("--tokens", help="comma-separated token ids (no tokenizer needed)")
     src.add_argument("--like", metavar="DUMP",
-                     help=f"{what} the tokens, positions and KV-cache context recorded in another dump file")
+                     help=f"{what} the tokens, positions and KV-cache context recorded in another dump file "
+                          "(of the same model, from any checkpoint format)")
     p.add_argument("--pos", type=int, metavar="N", help="rope position of the first token (default 0)")
 
 
@@ -202,14 +271,18 @@ def format_shape(shape) -> str:
 
 
 def load_with_inputs(args):
-    """The checkpoint of -m (with its tokenizer when the input is text) and the inputs to run."""
+    """The checkpoint of -m (with its tokenizer when the input is text) and the inputs to run; what
+    the user should know about them (`Inputs.notes`) goes to stderr."""
     from .generate_cmd import Loaded
 
     if args.prompt is None and args.file is None and args.tokens is None and args.like is None:
         raise Llama3Error("give the input: -p TEXT, -f FILE, --tokens 1,2,3 or --like DUMP")
     loaded = Loaded(args, need_tokenizer=args.prompt is not None or args.file is not None)
     encode = loaded.tokenizer.encode if loaded.tokenizer is not None else None
-    return loaded, resolve_inputs(args, loaded.config, encode, loaded.checkpoint.path)
+    inputs = resolve_inputs(args, loaded.config, encode, loaded.checkpoint.path)
+    for note in inputs.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return loaded, inputs
 
 
 def resolve_inputs(args, config: ModelConfig, encode: Optional[Callable[[str], list[int]]], model) -> Inputs:
@@ -227,14 +300,17 @@ def resolve_inputs(args, config: ModelConfig, encode: Optional[Callable[[str], l
     vocab = config.vocab_size
     if args.like is not None:
         like = read_dump(args.like)
-        if like.config() not in (None, config):
+        in_math, outside = config_differences(like.config(), config) if like.config() is not None else ({}, {})
+        if in_math:
             raise Llama3Error(f"--like {args.like} was made from a different model than {model} "
-                              "(the configs in its metadata differ): pass the same checkpoint")
+                              f"(config {describe_differences(in_math)}): pass the same checkpoint")
+        notes = [f"the config recorded in --like {args.like} differs from {model}'s only in what no "
+                 f"stage computes: {describe_differences(outside)}"] if outside else []
         tokens, context = like.json_list("tokens"), like.json_list("context_tokens") or []
         if not tokens:
             raise Llama3Error(f"--like {args.like}: its metadata has no 'tokens' to run")
         pos = like.integer("pos", 0)
-        inputs = Inputs(tokens, pos, context, like.integer("context_pos", pos))
+        inputs = Inputs(tokens, pos, context, like.integer("context_pos", pos), notes)
     elif args.tokens is not None:
         inputs = Inputs(parse_token_ids(args.tokens, vocab), pos, [], pos)
     else:
@@ -300,7 +376,8 @@ def run(args) -> int:
     trace = Trace(globs)
     run_forward(loaded, inputs, trace)
     write_dump(output, dict(trace), dump_metadata(loaded.config, inputs.tokens, inputs.pos, inputs.context,
-                                                  inputs.context_pos, loaded.checkpoint.dtype))
+                                                  inputs.context_pos, loaded.checkpoint.dtype,
+                                                  loaded.checkpoint.format))
     size = output.stat().st_size
     print(f"wrote {len(trace)} stages of {len(inputs.tokens)} tokens ({size / 1e6:.1f} MB) to {output}")
     return 0

@@ -96,6 +96,8 @@ def main(argv=None) -> int:
         raise Llama3Error(f"-o {args.output}: folder {output.parent} does not exist")
     config = from_hf_config(json.loads((checkpoint / "config.json").read_text()))
     inputs = resolve_inputs(args, config, lambda text: load_tokenizer(checkpoint).encode(text), checkpoint)
+    for note in inputs.notes:
+        print(f"note: {note}", file=sys.stderr)
     names = stage_shapes(config, len(inputs.tokens), probs=False)  # the references record no probs
     globs = check_globs(args.stages, names) if args.stages is not None else ["*"]
 
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
     stages = {k: v for k, v in stages.items() if any(fnmatch.fnmatchcase(k, g) for g in globs)}
     metadata = {"config": config.to_json(), "tokens": json.dumps(inputs.tokens), "pos": str(inputs.pos),
                 "context_tokens": json.dumps(inputs.context), "context_pos": str(inputs.context_pos),
-                "dtype": args.dtype, "torch": torch.__version__, **extra}
+                "dtype": args.dtype, "format": "hf", "torch": torch.__version__, **extra}
     ref.write_dump(output, stages, metadata)
     print(f"wrote {len(stages)} stages of {len(inputs.tokens)} tokens from {extra['producer']} to {output}")
     return 0
