@@ -7,3 +7,15 @@ that escapes is a bug in llama3_np and keeps its traceback.
 
 class Llama3Error(Exception):
     """A problem with the user's input: the message says what is wrong and what to do."""
+
+
+class ParameterError(Llama3Error):
+    """A bad value for a named parameter of the library (`temperature must be >= 0, got -1`).
+
+    `parameter` is the Python name (`temperature`, `top_k`, `ctx`); the command line, which knows
+    which flag sets it, says the flag instead.
+    """
+
+    def __init__(self, parameter: str, problem: str):
+        super().__init__(f"{parameter} {problem}")
+        self.parameter, self.problem = parameter, problem

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import numpy as np
 
 from .config import ModelConfig
-from .errors import Llama3Error
+from .errors import Llama3Error, ParameterError
 from .model import KVCache, forward
 from .sampling import SamplingParams, sample
 
@@ -59,7 +59,7 @@ class Session:
 
     def __init__(self, weights: Mapping[str, np.ndarray], config: ModelConfig, ctx: int):
         if ctx <= 0:
-            raise Llama3Error(f"the context size (--ctx) must be positive, got {ctx}")
+            raise ParameterError("ctx", f"must be positive, got {ctx}")
         self.weights, self.config = weights, config
         self.cache = KVCache(config, ctx)
         self.history: list[int] = []  # every id fed to the model so far, in order
@@ -88,14 +88,13 @@ class Session:
         context is full). Ctrl-C ends it early with stop_reason "interrupted"."""
         prompt_ids = [int(i) for i in prompt_ids]
         if max_new == 0 or max_new < -1:
-            raise Llama3Error(f"the number of tokens to generate (-n) must be >= 1, or -1 for no "
-                              f"limit, got {max_new}")
+            raise ParameterError("max_new", f"must be >= 1, or -1 for no limit, got {max_new}")
         if not prompt_ids:
-            raise Llama3Error("the prompt is empty: give some text (-p/-f) or token ids (--tokens)")
+            raise Llama3Error("the prompt is empty: give some text or token ids")
         free = self.ctx - self.cache.length
         if len(prompt_ids) > free:
             raise Llama3Error(f"the prompt has {len(prompt_ids)} tokens but only {free} of the "
-                              f"{self.ctx}-token context are free: shorten it or raise --ctx")
+                              f"{self.ctx}-token context are free: shorten it or use a larger context")
         stop_ids = set(int(i) for i in stop_ids)
         out = Generation(prompt_ids=prompt_ids)
         try:

@@ -2,7 +2,8 @@
 
 Read top to bottom: embed -> (rmsnorm -> attention with rope -> residual -> rmsnorm -> swiglu ->
 residual) x n_layers -> rmsnorm -> output projection. Every number comes from `ModelConfig`; this
-module does no I/O and knows nothing of file formats.
+module does no I/O, knows nothing of file formats, and leaves low-precision products (`linear`)
+and argument checks (`checks`) to their own modules.
 
 Dimensions, used in every shape comment:
     T   tokens in this call            D   model dim (config.dim)
@@ -11,119 +12,41 @@ Dimensions, used in every shape comment:
     Dh  head dim (config.head_dim)      V   vocabulary size (config.vocab_size)
 
 Weights use Meta's names (`layers.0.attention.wq.weight`, ...) and Meta's rope layout: dims 2i and
-2i+1 of every head rotate together. They may be float32 or bfloat16 (ml_dtypes); compute is always
-float32, and bfloat16 weights are converted where they are used, a block of rows at a time (`linear`).
+2i+1 of every head rotate together; float32 or bfloat16, compute float32. Each stage names its
+source: the Llama 3 paper (arXiv 2407.21783), RMSNorm (1910.07467), RoFormer (2104.09864), GQA
+(2305.13245), GLU variants (2002.05202), and the function of Meta's `llama-models` reference
+(`models/llama3/model.py`) it matches. `keep(name, x)` records a named stage (`llama3_np.stages`)
+and returns x.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from typing import Callable, Mapping, Optional
+from typing import Mapping, Optional
 
 import numpy as np
 
+from .checks import expect_shape, forward_arguments
 from .config import ModelConfig
-from .errors import Llama3Error
-
-
-# ---------------------------------------------------------------------------------------------
-# Shapes and traces
-
-
-def expect_shape(x: np.ndarray, shape: tuple, name: str) -> np.ndarray:
-    """Runtime check that keeps the shape comments honest; raises on any mismatch."""
-    if x.shape != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {x.shape}")
-    return x
-
-
-class Trace(dict):
-    """The named stages of one forward call (DESIGN.md), in model order, as float32 copies.
-
-    `patterns` are shell-style globs over stage names (`layers.3.*`, `logits`); attention
-    probabilities (`layers.i.probs`, [H, T, S]) are large and kept only when a pattern names them.
-    """
-
-    def __init__(self, patterns=("*",)):
-        super().__init__()
-        self.patterns = tuple(patterns)
-
-    def wants(self, name: str) -> bool:
-        if name.endswith(".probs"):
-            return any(p != "*" and fnmatch.fnmatchcase(name, p) for p in self.patterns)
-        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
-
-    def keep(self, name: str, x: np.ndarray) -> None:
-        if self.wants(name):
-            self[name] = np.array(x, dtype=np.float32)  # a copy: buffers may be reused later
-
-
-Keep = Callable[[str, np.ndarray], None]
-
-
-def _discard(name: str, x: np.ndarray) -> None:
-    pass
-
-
-def _scoped(trace: Optional[Trace], prefix: str) -> Keep:
-    """A `keep(name, x)` that records `prefix + name` into `trace`, or does nothing."""
-    if trace is None:
-        return _discard
-    return lambda name, x: trace.keep(prefix + name, x)
-
-
-def as_float32(w: np.ndarray) -> np.ndarray:
-    """A weight as float32: the array itself when it already is, else a converted copy."""
-    return np.asarray(w, dtype=np.float32)
-
-
-# A bfloat16 (or float16) weight matrix is converted to float32 this many bytes at a time: a block
-# that is multiplied while it is still in the CPU cache, so that a model kept in bfloat16 never
-# holds, nor allocates on every token, a float32 copy of a whole matrix.
-CONVERT_BLOCK_BYTES = 1 << 20
-
-
-def conversion_rows(n_out: int, n_in: int) -> int:
-    """How many rows of an [n_out, n_in] low-precision matrix `linear` converts at a time."""
-    return min(n_out, max(1, CONVERT_BLOCK_BYTES // (4 * n_in)))
-
-
-def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_in] -> [T, n_out]
-    """x · wᵀ: the product with a weight stored as [n_out, n_in] (the layout of Meta's checkpoints)."""
-    if w.dtype == np.float32:
-        return x @ w.T
-    n_out, n_in = w.shape
-    rows = conversion_rows(n_out, n_in)
-    block = np.empty((rows, n_in), dtype=np.float32)
-    out = np.empty((x.shape[0], n_out), dtype=np.float32)
-    for start in range(0, n_out, rows):
-        w_rows = block[:min(rows, n_out - start)]
-        np.copyto(w_rows, w[start:start + rows])
-        out[:, start:start + rows] = x @ w_rows.T
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The stages
+from .linear import as_float32, linear
+from .stages import Keep, Trace, keep_nothing, scoped
 
 
 def embed(tokens: np.ndarray, tok_embeddings: np.ndarray) -> np.ndarray:  # [T], [V, D] -> [T, D]
+    # llama-models Transformer.tok_embeddings
     """Row lookup: token id t becomes row t of the embedding matrix."""
-    V = tok_embeddings.shape[0]
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= V):
-        bad = int(tokens[(tokens < 0) | (tokens >= V)][0])
-        raise Llama3Error(f"token id {bad} is outside the vocabulary (0..{V - 1})")
     return as_float32(tok_embeddings[tokens])
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:  # [T, D], [D] -> [T, D]
+    # RMSNorm (arXiv 1910.07467); llama-models RMSNorm
     """x / sqrt(mean(x²) + eps) · weight, per row (no mean subtraction, no bias)."""
     expect_shape(weight, x.shape[-1:], "rmsnorm weight")
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * weight
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * as_float32(weight)
 
 
 def rope_frequencies(config: ModelConfig) -> np.ndarray:  # -> [Dh/2]
+    # RoFormer θ_i (arXiv 2104.09864); llama-models precompute_freqs_cis and apply_scaling
     """The rotation frequency of each dim pair: θ^(-2i/Dh), i = 0 .. Dh/2-1, then "llama3" scaling.
 
     Llama 3.1+ scaling (config.rope_scaling) leaves short wavelengths (< original_context /
@@ -162,6 +85,7 @@ def rope_cos_sin(positions: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     # [T, n, Dh], [T, Dh/2], [T, Dh/2] -> [T, n, Dh]
+    # RoFormer eq. 34 (arXiv 2104.09864); llama-models apply_rotary_emb
     """Rotate each pair (x[2i], x[2i+1]) of every head by the angle of its position and pair i.
 
     As in Meta's reference, the pair is the complex number a + ib and the rotation is a product
@@ -190,8 +114,9 @@ def causal_mask(T: int, S: int) -> np.ndarray:  # -> [T, S]
 
 
 def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
-                     keep: Keep = _discard) -> np.ndarray:
+                     keep: Keep = keep_nothing) -> np.ndarray:
     # [T, H, Dh], [KV, S, Dh], [KV, S, Dh] -> [T, H, Dh]
+    # scaled dot-product attention (arXiv 1706.03762 eq. 1) with GQA (arXiv 2305.13245)
     """softmax(q · kᵀ / √Dh + causal mask) · v, with grouped-query attention.
 
     The T queries are the last T of the S positions, so query t sees keys 0 .. S-T+t.
@@ -213,6 +138,7 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
 
 
 class KVCache:
+    # llama-models Attention.cache_k / cache_v
     """Keys (after rope) and values of every token seen so far, for every layer.
 
     Preallocated for `max_len` tokens. Slots are filled in order; a token's rope position is
@@ -237,95 +163,78 @@ class KVCache:
 
 def attention(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, wo: np.ndarray,
               cos: np.ndarray, sin: np.ndarray, cache: KVCache, layer: int, config: ModelConfig,
-              keep: Keep = _discard) -> np.ndarray:  # [T, D] -> [T, D]
+              keep: Keep = keep_nothing) -> np.ndarray:  # [T, D] -> [T, D]
+    # llama-models Attention.forward
     """Project to query/key/value heads, rotate q and k by position, attend causally over the
     cache plus these tokens, project back: wo · attention(rope(wq x), rope(wk x), wv x)."""
     T = x.shape[0]
     H, KV, Dh = config.n_heads, config.n_kv_heads, config.head_dim
-    q = linear(x, wq).reshape(T, H, Dh)
-    k = linear(x, wk).reshape(T, KV, Dh)
-    v = linear(x, wv).reshape(T, KV, Dh)
-    q_rope, k_rope = rope(q, cos, sin), rope(k, cos, sin)
-    for name, value in (("q", q), ("k", k), ("v", v), ("q_rope", q_rope), ("k_rope", k_rope)):
-        keep(name, value)
+    q = keep("q", linear(x, wq).reshape(T, H, Dh))  # [T, D] -> [T, H, Dh]
+    k = keep("k", linear(x, wk).reshape(T, KV, Dh))  # [T, D] -> [T, KV, Dh]
+    v = keep("v", linear(x, wv).reshape(T, KV, Dh))  # [T, D] -> [T, KV, Dh]
+    q_rope = keep("q_rope", rope(q, cos, sin))
+    k_rope = keep("k_rope", rope(k, cos, sin))
     keys, values = cache.append(layer, k_rope, v)  # [KV, S, Dh] each
-    attn = causal_attention(q_rope, keys, values, keep).reshape(T, H * Dh)
-    keep("attn", attn)
-    return linear(attn, wo)
+    attn = keep("attn", causal_attention(q_rope, keys, values, keep).reshape(T, H * Dh))  # [T, H*Dh]
+    return keep("attn_out", linear(attn, wo))  # [T, H*Dh] -> [T, D]
 
 
 def silu(x: np.ndarray) -> np.ndarray:  # [...] -> [...]
+    # SiLU, the Swish of SwiGLU (arXiv 2002.05202)
     """x · sigmoid(x). For x < -88, exp(-x) overflows to inf and the result is the correct -0."""
     with np.errstate(over="ignore"):
         return x / (1 + np.exp(-x))
 
 
 def swiglu(x: np.ndarray, w1: np.ndarray, w2: np.ndarray, w3: np.ndarray,
-           keep: Keep = _discard) -> np.ndarray:  # [T, D], [F, D], [D, F], [F, D] -> [T, D]
+           keep: Keep = keep_nothing) -> np.ndarray:  # [T, D], [F, D], [D, F], [F, D] -> [T, D]
+    # FFN_SwiGLU of GLU variants (arXiv 2002.05202); llama-models FeedForward
     """w2 · (silu(w1 · x) ⊙ (w3 · x)): a gated feed-forward; w1 is the gate, w3 the up projection."""
-    hidden = silu(linear(x, w1)) * linear(x, w3)  # [T, F]
-    keep("ffn_hidden", hidden)
-    return linear(hidden, w2)
+    hidden = keep("ffn_hidden", silu(linear(x, w1)) * linear(x, w3))  # [T, F]
+    return keep("ffn_out", linear(hidden, w2))  # [T, F] -> [T, D]
 
 
 def transformer_block(x: np.ndarray, weights: Mapping[str, np.ndarray], layer: int,
                       config: ModelConfig, cos: np.ndarray, sin: np.ndarray, cache: KVCache,
-                      keep: Keep = _discard) -> np.ndarray:  # [T, D] -> [T, D]
+                      keep: Keep = keep_nothing) -> np.ndarray:  # [T, D] -> [T, D]
+    # a pre-norm decoder block (Llama 3 paper, arXiv 2407.21783); llama-models TransformerBlock
     """h = x + attention(rmsnorm(x)); out = h + swiglu(rmsnorm(h))."""
-    def w(name):  # this layer's weight
-        return weights[f"layers.{layer}.{name}.weight"]
+    def w(*names):  # this layer's weights
+        return [weights[f"layers.{layer}.{name}.weight"] for name in names]
 
-    attn_norm = rmsnorm(x, as_float32(w("attention_norm")), config.norm_eps)
-    keep("attn_norm", attn_norm)
-    attn_out = attention(attn_norm, w("attention.wq"), w("attention.wk"), w("attention.wv"),
-                         w("attention.wo"), cos, sin, cache, layer, config, keep)
-    keep("attn_out", attn_out)
-    h = x + attn_out
-    keep("h", h)
-    ffn_norm = rmsnorm(h, as_float32(w("ffn_norm")), config.norm_eps)
-    keep("ffn_norm", ffn_norm)
-    ffn_out = swiglu(ffn_norm, w("feed_forward.w1"), w("feed_forward.w2"), w("feed_forward.w3"), keep)
-    keep("ffn_out", ffn_out)
-    out = h + ffn_out
-    keep("out", out)
-    return out
+    eps = config.norm_eps
+    h = keep("h", x + attention(keep("attn_norm", rmsnorm(x, *w("attention_norm"), eps)),
+                                *w("attention.wq", "attention.wk", "attention.wv", "attention.wo"),
+                                cos, sin, cache, layer, config, keep))
+    return keep("out", h + swiglu(keep("ffn_norm", rmsnorm(h, *w("ffn_norm"), eps)),
+                                  *w("feed_forward.w1", "feed_forward.w2", "feed_forward.w3"), keep))
 
 
 def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
             cache: Optional[KVCache] = None, pos: int = 0,
             trace: Optional[Trace] = None, last_only: bool = False) -> np.ndarray:  # [T] -> [T, V]
+    # llama-models Transformer.forward
     """Logits for each of `tokens`, the first at rope position `pos`.
 
-    The tokens attend to what `cache` holds (from earlier calls) and to each other, causally, and
-    are appended to it. Without a cache they attend only to each other. With `last_only`, only the
-    last token's logits are computed ([1, V]): all that generation needs after a prefill.
+    tokens: token ids (a list or int array, [T]); weights: canonical names, float32 or bfloat16;
+    returns float32 logits [T, V] (with `last_only`, only the last token's, [1, V]: all that
+    generation needs after a prefill). The tokens attend to what `cache` holds (from earlier
+    calls) and to each other, causally, and are appended to it; without a cache they attend only
+    to each other. `trace` records the named stages (`llama3_np.stages`). Raises Llama3Error for
+    token ids outside the vocabulary, a full cache or a negative position.
     """
-    tokens = np.asarray(tokens, dtype=np.int64)
-    if tokens.ndim != 1 or tokens.size == 0:
-        raise Llama3Error(f"forward needs a non-empty 1-D list of token ids, got shape {tokens.shape}")
-    T = tokens.shape[0]
     if cache is None:
-        cache = KVCache(config, T)
-    if cache.length + T > cache.max_len:
-        raise Llama3Error(f"the KV cache holds {cache.length} of {cache.max_len} tokens; "
-                          f"{T} more do not fit (use a larger context)")
-    if pos < 0:
-        raise Llama3Error(f"position must be >= 0, got {pos}")
-
-    positions = pos + np.arange(T)
-    cos, sin = rope_cos_sin(positions, rope_frequencies(config))  # [T, Dh/2] each
-    x = embed(tokens, weights["tok_embeddings.weight"])  # [T, D]
-    expect_shape(x, (T, config.dim), "embed")
-    keep = _scoped(trace, "")
-    keep("embed", x)
+        cache = KVCache(config, np.size(tokens))
+    tokens = forward_arguments(tokens, config.vocab_size, cache.length, cache.max_len, pos)  # [T]
+    T = tokens.shape[0]
+    cos, sin = rope_cos_sin(pos + np.arange(T), rope_frequencies(config))  # [T, Dh/2] each
+    keep = scoped(trace, "")
+    x = keep("embed", expect_shape(embed(tokens, weights["tok_embeddings.weight"]), (T, config.dim), "embed"))
     for layer in range(config.n_layers):
-        x = transformer_block(x, weights, layer, config, cos, sin, cache,
-                              _scoped(trace, f"layers.{layer}."))
+        x = transformer_block(x, weights, layer, config, cos, sin, cache, scoped(trace, f"layers.{layer}."))
     cache.length += T
     if last_only:
         x = x[-1:]
-    x = rmsnorm(x, as_float32(weights["norm.weight"]), config.norm_eps)
-    keep("norm", x)
-    logits = linear(x, weights["output.weight"])
-    keep("logits", logits)
+    x = keep("norm", rmsnorm(x, weights["norm.weight"], config.norm_eps))
+    logits = keep("logits", linear(x, weights["output.weight"]))  # [T, D] -> [T, V]
     return expect_shape(logits, (x.shape[0], config.vocab_size), "logits")

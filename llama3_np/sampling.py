@@ -23,7 +23,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import Llama3Error
+from .errors import ParameterError
 
 
 @dataclass(frozen=True)
@@ -38,16 +38,15 @@ class SamplingParams:
 
     def __post_init__(self):
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
-            raise Llama3Error(f"temperature (--temp) must be a number >= 0, got {self.temperature}")
+            raise ParameterError("temperature", f"must be a number >= 0, got {self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-            raise Llama3Error(f"top-k (--top-k) must be an integer >= 0 (0 = off), got {self.top_k}")
+            raise ParameterError("top_k", f"must be an integer >= 0 (0 = off), got {self.top_k}")
         if not (0 < self.top_p <= 1):
-            raise Llama3Error(f"top-p (--top-p) must be in (0, 1] (1 = off), got {self.top_p}")
+            raise ParameterError("top_p", f"must be in (0, 1] (1 = off), got {self.top_p}")
         if not (0 <= self.min_p < 1):
-            raise Llama3Error(f"min-p (--min-p) must be in [0, 1) (0 = off), got {self.min_p}")
+            raise ParameterError("min_p", f"must be in [0, 1) (0 = off), got {self.min_p}")
         if not (self.repeat_penalty > 0 and np.isfinite(self.repeat_penalty)):
-            raise Llama3Error(f"repetition penalty (--repeat-penalty) must be a number > 0 "
-                              f"(1 = off), got {self.repeat_penalty}")
+            raise ParameterError("repeat_penalty", f"must be a number > 0 (1 = off), got {self.repeat_penalty}")
 
     @property
     def greedy(self) -> bool:

@@ -4,7 +4,7 @@ and generation stops where it should (stop token, -n, context)."""
 import numpy as np
 import pytest
 
-from llama3_np import Llama3Error
+from llama3_np import Llama3Error, ParameterError
 from llama3_np.generation import Session
 from llama3_np.model import forward
 from llama3_np.sampling import SamplingParams
@@ -70,7 +70,7 @@ def test_prompt_longer_than_the_context_is_a_clear_error(model):
         Session(weights, config, ctx=5).generate(PROMPT, GREEDY, np.random.default_rng(0), 1)
     with pytest.raises(Llama3Error, match="prompt is empty"):
         Session(weights, config, ctx=5).generate([], GREEDY, np.random.default_rng(0), 1)
-    with pytest.raises(Llama3Error, match="-n"):
+    with pytest.raises(ParameterError, match="^max_new must be >= 1"):
         Session(weights, config, ctx=5).generate([1], GREEDY, np.random.default_rng(0), 0)
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from llama3_np import Llama3Error
-from llama3_np.model import (KVCache, Trace, causal_attention, forward, rmsnorm, rope, rope_cos_sin,
+from llama3_np.stages import Trace
+from llama3_np.model import (KVCache, causal_attention, forward, rmsnorm, rope, rope_cos_sin,
                              rope_frequencies, softmax)
 from tests.helpers import assert_close, random_weights, tiny_config
 

@@ -41,7 +41,7 @@ import gguf
 from gguf import TokenType
 from tool_support import run_tool  # first: it makes this checkout's llama3_np importable
 
-from llama3_np.checkpoint import expected_shapes, save_hf_checkpoint
+from llama3_np.formats.checkpoint import expected_shapes, save_hf_checkpoint
 from llama3_np.config import (LLAMA3_ORIGINAL_CONTEXT, META_HIGH_FREQ_FACTOR, META_LOW_FREQ_FACTOR,
                               ModelConfig, RopeScaling)
 from llama3_np.errors import Llama3Error

@@ -1,0 +1,175 @@
+"""`llama3-np compare A.safetensors B.safetensors`: where two dumps of the same forward pass part.
+
+Both files are dump files (see `llama3_np.xcheck.dump`) of the same model on the same tokens; B is the
+reference. For every stage the two have in common, in model order:
+
+    max abs    max |a - b|
+    max rel    max |a - b| / max |b|   (relative to the stage's largest reference value, so that
+                                        entries near zero do not dominate)
+    NMSE       sum (a - b)² / sum b²   (the measure the parity tests hold to 1e-10)
+    cosine     a·b / (|a| |b|)
+
+A stage diverges when its NMSE exceeds the tolerance (or, with --rel-tol, its max rel does), or
+when non-finite values differ. The first diverging stage in model order is where to look: every
+later stage inherits the error. Two files that cannot be compared (not dumps, different models or tokens, different shapes) are
+a Llama3Error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from ..errors import Llama3Error, ParameterError
+from .dump import INPUT_KEYS, Dump, format_shape, read_dump
+
+DEFAULT_NMSE_TOL = 1e-10  # the parity tests' tolerance, float32 against float32
+
+
+@dataclass
+class StageError:
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    nmse: float
+    cosine: float
+    diverged: bool
+
+
+@dataclass
+class Comparison:
+    a: str  # paths
+    b: str
+    a_producer: str  # "producer, dtype" from the metadata
+    b_producer: str
+    nmse_tol: float
+    rel_tol: Optional[float]
+    stages: list[StageError]
+    only_in_a: list[str] = field(default_factory=list)
+    only_in_b: list[str] = field(default_factory=list)
+
+    @property
+    def diverged(self) -> list[str]:
+        return [s.name for s in self.stages if s.diverged]
+
+    @property
+    def first_divergence(self) -> Optional[str]:
+        return next(iter(self.diverged), None)
+
+
+def stage_error(name: str, a: np.ndarray, b: np.ndarray, nmse_tol: float,
+                rel_tol: Optional[float] = None) -> StageError:
+    """The error measures of one stage `a` against its reference `b` (same shape), in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    shape = tuple(a.shape)
+    finite = np.isfinite(a) & np.isfinite(b)
+    if not finite.all():
+        # Non-finite entries must be identical in both (a masked -inf, say); the rest is measured.
+        same = np.array_equal(a[~finite], b[~finite], equal_nan=True)
+        if not same:
+            return StageError(name, shape, math.inf, math.inf, math.inf, math.nan, True)
+        a, b = a[finite], b[finite]
+    diff = a - b
+    max_abs = float(np.max(np.abs(diff))) if diff.size else 0.0
+    ref_max = float(np.max(np.abs(b))) if b.size else 0.0
+    ref_energy, diff_energy = float(np.sum(b * b)), float(np.sum(diff * diff))
+    max_rel = max_abs / ref_max if ref_max > 0 else (0.0 if max_abs == 0 else math.inf)
+    nmse = diff_energy / ref_energy if ref_energy > 0 else (0.0 if diff_energy == 0 else math.inf)
+    norms = math.sqrt(float(np.sum(a * a)) * ref_energy)
+    cosine = float(np.sum(a * b)) / norms if norms > 0 else float(diff_energy == 0)
+    diverged = not nmse <= nmse_tol or (rel_tol is not None and not max_rel <= rel_tol)
+    return StageError(name, shape, max_abs, max_rel, nmse, cosine, diverged)
+
+
+def check_comparable(a: Dump, b: Dump) -> None:
+    """Refuse two dumps that record different computations (model, tokens, positions)."""
+    for key in INPUT_KEYS:
+        if key in a.metadata and key in b.metadata:
+            va, vb = a.metadata[key], b.metadata[key]
+            if key == "config":
+                same = a.config() == b.config()
+            elif key in ("tokens", "context_tokens"):
+                same = a.json_list(key) == b.json_list(key)
+            else:
+                same = a.integer(key, 0) == b.integer(key, 0)
+            if not same:
+                raise Llama3Error(f"{a.path} and {b.path} record different inputs: metadata {key!r} is "
+                                  f"{_short(va)} vs {_short(vb)}; dump the same model on the same tokens "
+                                  "(the same inputs as the other file)")
+
+
+def _producer(d: Dump) -> str:
+    return ", ".join(d.metadata[k] for k in ("producer", "dtype") if k in d.metadata) or "producer unknown"
+
+
+def _short(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
+def compare_dumps(path_a, path_b, nmse_tol: float = DEFAULT_NMSE_TOL,
+                  rel_tol: Optional[float] = None) -> Comparison:
+    """Every common stage of dump A against reference dump B, in model order."""
+    if not (nmse_tol >= 0 and math.isfinite(nmse_tol)):
+        raise ParameterError("nmse_tol", f"must be a number >= 0, got {nmse_tol}")
+    if rel_tol is not None and not (rel_tol >= 0 and math.isfinite(rel_tol)):
+        raise ParameterError("rel_tol", f"must be a number >= 0, got {rel_tol}")
+    a, b = read_dump(path_a), read_dump(path_b)
+    check_comparable(a, b)
+    names_b = set(b.names)
+    common = [n for n in a.names if n in names_b]
+    if not common:
+        raise Llama3Error(f"{a.path} and {b.path} have no stage in common: are both dump files?")
+    for name in common:
+        if a.shape(name) != b.shape(name):
+            raise Llama3Error(f"stage {name!r} has shape {list(a.shape(name))} in {a.path} but "
+                              f"{list(b.shape(name))} in {b.path}: the dumps do not record the same "
+                              "computation (different model or token count)")
+    stages = [stage_error(n, a.stage(n), b.stage(n), nmse_tol, rel_tol) for n in common]
+    return Comparison(str(a.path), str(b.path), _producer(a), _producer(b), nmse_tol, rel_tol, stages,
+                      only_in_a=[n for n in a.names if n not in names_b],
+                      only_in_b=[n for n in b.names if n not in set(a.names)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+def format_table(c: Comparison) -> str:
+    width = max(len("stage"), *(len(s.name) for s in c.stages))
+    shape_width = max(len("shape"), *(len(format_shape(s.shape)) for s in c.stages))
+    lines = [f"A: {c.a} ({c.a_producer})", f"B: {c.b} ({c.b_producer}), the reference",
+             f"{'stage':<{width}}  {'shape':<{shape_width}}  {'max abs':>10}  {'max rel':>10}  "
+             f"{'NMSE':>10}  {'cosine':>12}"]
+    first = c.first_divergence
+    for s in c.stages:
+        mark = "  <- first divergence" if s.name == first else ("  diverges" if s.diverged else "")
+        lines.append(f"{s.name:<{width}}  {format_shape(s.shape):<{shape_width}}  {s.max_abs:10.3e}  "
+                     f"{s.max_rel:10.3e}  {s.nmse:10.3e}  {s.cosine:12.10f}{mark}")
+    for label, names in (("only in A", c.only_in_a), ("only in B", c.only_in_b)):
+        if names:
+            lines.append(f"{label} ({len(names)}): {', '.join(names)}")
+    tol = f"NMSE {c.nmse_tol:.0e}" + (f" or max rel {c.rel_tol:.0e}" if c.rel_tol is not None else "")
+    if first is None:
+        lines.append(f"all {len(c.stages)} common stages agree (within {tol})")
+    else:
+        lines.append(f"{len(c.diverged)} of {len(c.stages)} stages past {tol}; first divergence: {first}")
+    return "\n".join(lines)
+
+
+def _finite_or_none(x: float) -> Optional[float]:
+    return x if math.isfinite(x) else None  # JSON has no inf or nan
+
+
+def to_json(c: Comparison) -> dict:
+    stages = []
+    for s in c.stages:
+        d = asdict(s)
+        d.update(shape=list(s.shape), **{k: _finite_or_none(d[k]) for k in ("max_abs", "max_rel", "nmse", "cosine")})
+        stages.append(d)
+    return {"a": c.a, "b": c.b, "nmse_tol": c.nmse_tol, "rel_tol": c.rel_tol, "stages": stages,
+            "diverged": c.diverged, "first_divergence": c.first_divergence,
+            "only_in_a": c.only_in_a, "only_in_b": c.only_in_b}
