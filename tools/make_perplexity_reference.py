@@ -9,7 +9,7 @@ They are also checked against Hugging Face's own tokenizer (`tokenizers`, from t
 tokenizer.json): the tool refuses to write a reference when the two disagree.
 
 Hugging Face's LlamaForCausalLM (float32, eager attention) scores the windows exactly as llama3_np
-does (llama.cpp's method, see llama3_np/perplexity.py, whose windowing and log-softmax are reused
+does (llama.cpp's method, see llama3_np/xcheck/perplexity.py, whose windowing and log-softmax are reused
 here): each window of ctx tokens run from an empty cache, its second half scored. `--save-logits`
 also writes the scored logits in the `--kl-base` format, to measure the KL divergence of llama3_np
 against Hugging Face. Needs the tools extra (`make tools`).

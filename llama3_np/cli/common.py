@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .. import assets
+from ..checks import token_ids
 from ..config import ModelConfig
 from ..errors import Llama3Error, ParameterError
 from ..generation import Generation
@@ -139,10 +140,7 @@ def parse_token_ids(text: str, vocab_size: int) -> list[int]:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
     except ValueError:
         raise Llama3Error(f"--tokens takes comma-separated integers, got {text!r}") from None
-    for i in ids:
-        if not 0 <= i < vocab_size:
-            raise Llama3Error(f"--tokens: id {i} is outside the vocabulary (0..{vocab_size - 1})")
-    return ids
+    return token_ids(ids, vocab_size).tolist()
 
 
 def load_with_inputs(args) -> tuple[LoadedModel, Inputs]:

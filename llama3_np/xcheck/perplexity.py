@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import ModelConfig
-from ..errors import Llama3Error, ParameterError
+from ..errors import ParameterError
 from ..model import KVCache, forward
 from ..formats.safetensors_file import SafetensorsFile, SafetensorsWriter
 
