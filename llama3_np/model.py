@@ -33,20 +33,23 @@ from .stages import Keep, Trace, keep_nothing, scoped
 
 
 def embed(tokens: np.ndarray, tok_embeddings: np.ndarray) -> np.ndarray:  # [T], [V, D] -> [T, D]
-    # llama-models Transformer.tok_embeddings
-    """Row lookup: token id t becomes row t of the embedding matrix."""
+    """Row lookup: token id t becomes row t of the embedding matrix.
+
+    Source: llama-models Transformer.tok_embeddings.
+    """
     return as_float32(tok_embeddings[tokens])
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:  # [T, D], [D] -> [T, D]
-    # RMSNorm (arXiv 1910.07467); llama-models RMSNorm
-    """x / sqrt(mean(x²) + eps) · weight, per row (no mean subtraction, no bias)."""
+    """x / sqrt(mean(x²) + eps) · weight, per row (no mean subtraction, no bias).
+
+    Source: RMSNorm (arXiv 1910.07467); llama-models RMSNorm.
+    """
     expect_shape(weight, x.shape[-1:], "rmsnorm weight")
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * as_float32(weight)
 
 
 def rope_frequencies(config: ModelConfig) -> np.ndarray:  # -> [Dh/2]
-    # RoFormer θ_i (arXiv 2104.09864); llama-models precompute_freqs_cis and apply_scaling
     """The rotation frequency of each dim pair: θ^(-2i/Dh), i = 0 .. Dh/2-1, then "llama3" scaling.
 
     Llama 3.1+ scaling (config.rope_scaling) leaves short wavelengths (< original_context /
@@ -54,6 +57,8 @@ def rope_frequencies(config: ModelConfig) -> np.ndarray:  # -> [Dh/2]
     and blends the two in between, linearly in original_context / wavelength.
 
     Computed in float32 operation by operation, as both references compute it.
+
+    Source: RoFormer θ_i (arXiv 2104.09864); llama-models precompute_freqs_cis and apply_scaling.
     """
     Dh = config.head_dim
     freqs = 1.0 / (np.float32(config.rope_theta) ** (np.arange(0, Dh, 2, dtype=np.float32) / np.float32(Dh)))
@@ -78,6 +83,8 @@ def rope_cos_sin(positions: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, 
     (a float32 outer product of positions and frequencies). At position p the angle's float32
     rounding error is up to p · 2⁻²⁴ radians (about 1e-3 at p = 20,000), far larger than cos/sin's
     own error, so following the references' rounding is what makes high positions agree.
+
+    Source: RoFormer eq. 34's cos(m θ_i), sin(m θ_i) (arXiv 2104.09864); llama-models precompute_freqs_cis.
     """
     angles = positions.astype(np.float32)[:, None] * freqs[None, :]
     return np.cos(angles), np.sin(angles)
@@ -85,12 +92,13 @@ def rope_cos_sin(positions: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     # [T, n, Dh], [T, Dh/2], [T, Dh/2] -> [T, n, Dh]
-    # RoFormer eq. 34 (arXiv 2104.09864); llama-models apply_rotary_emb
     """Rotate each pair (x[2i], x[2i+1]) of every head by the angle of its position and pair i.
 
     As in Meta's reference, the pair is the complex number a + ib and the rotation is a product
     with e^(iθ) = cos θ + i sin θ: (a + ib) · e^(iθ) = (a·cos - b·sin) + i(a·sin + b·cos).
     A float32 [..., Dh] array viewed as complex64 is exactly these Dh/2 pairs.
+
+    Source: RoFormer eq. 34 (arXiv 2104.09864); llama-models apply_rotary_emb.
     """
     T, n, Dh = x.shape
     expect_shape(cos, (T, Dh // 2), "rope cos")
@@ -116,12 +124,13 @@ def causal_mask(T: int, S: int) -> np.ndarray:  # -> [T, S]
 def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
                      keep: Keep = keep_nothing) -> np.ndarray:
     # [T, H, Dh], [KV, S, Dh], [KV, S, Dh] -> [T, H, Dh]
-    # scaled dot-product attention (arXiv 1706.03762 eq. 1) with GQA (arXiv 2305.13245)
     """softmax(q · kᵀ / √Dh + causal mask) · v, with grouped-query attention.
 
     The T queries are the last T of the S positions, so query t sees keys 0 .. S-T+t.
     Query head h reads key/value head h // (H / KV): splitting H into (KV, H/KV) groups the
     query heads that share one key/value head, without copying keys and values H/KV times.
+
+    Source: scaled dot-product attention (arXiv 1706.03762 eq. 1) with GQA (arXiv 2305.13245).
     """
     T, H, Dh = q.shape
     KV, S, _ = keys.shape
@@ -138,11 +147,12 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
 
 
 class KVCache:
-    # llama-models Attention.cache_k / cache_v
     """Keys (after rope) and values of every token seen so far, for every layer.
 
     Preallocated for `max_len` tokens. Slots are filled in order; a token's rope position is
     independent of its slot (`forward`'s `pos`), so a cache may start at any position.
+
+    Source: llama-models Attention.cache_k / cache_v.
     """
 
     def __init__(self, config: ModelConfig, max_len: int):
@@ -164,9 +174,11 @@ class KVCache:
 def attention(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, wo: np.ndarray,
               cos: np.ndarray, sin: np.ndarray, cache: KVCache, layer: int, config: ModelConfig,
               keep: Keep = keep_nothing) -> np.ndarray:  # [T, D] -> [T, D]
-    # llama-models Attention.forward
     """Project to query/key/value heads, rotate q and k by position, attend causally over the
-    cache plus these tokens, project back: wo · attention(rope(wq x), rope(wk x), wv x)."""
+    cache plus these tokens, project back: wo · attention(rope(wq x), rope(wk x), wv x).
+
+    Source: llama-models Attention.forward.
+    """
     T = x.shape[0]
     H, KV, Dh = config.n_heads, config.n_kv_heads, config.head_dim
     q = keep("q", linear(x, wq).reshape(T, H, Dh))  # [T, D] -> [T, H, Dh]
@@ -180,16 +192,20 @@ def attention(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, wo:
 
 
 def silu(x: np.ndarray) -> np.ndarray:  # [...] -> [...]
-    # SiLU, the Swish of SwiGLU (arXiv 2002.05202)
-    """x · sigmoid(x). For x < -88, exp(-x) overflows to inf and the result is the correct -0."""
+    """x · sigmoid(x). For x < -88, exp(-x) overflows to inf and the result is the correct -0.
+
+    Source: SiLU, the Swish of SwiGLU (arXiv 2002.05202).
+    """
     with np.errstate(over="ignore"):
         return x / (1 + np.exp(-x))
 
 
 def swiglu(x: np.ndarray, w1: np.ndarray, w2: np.ndarray, w3: np.ndarray,
            keep: Keep = keep_nothing) -> np.ndarray:  # [T, D], [F, D], [D, F], [F, D] -> [T, D]
-    # FFN_SwiGLU of GLU variants (arXiv 2002.05202); llama-models FeedForward
-    """w2 · (silu(w1 · x) ⊙ (w3 · x)): a gated feed-forward; w1 is the gate, w3 the up projection."""
+    """w2 · (silu(w1 · x) ⊙ (w3 · x)): a gated feed-forward; w1 is the gate, w3 the up projection.
+
+    Source: FFN_SwiGLU of GLU variants (arXiv 2002.05202); llama-models FeedForward.
+    """
     hidden = keep("ffn_hidden", silu(linear(x, w1)) * linear(x, w3))  # [T, F]
     return keep("ffn_out", linear(hidden, w2))  # [T, F] -> [T, D]
 
@@ -197,23 +213,24 @@ def swiglu(x: np.ndarray, w1: np.ndarray, w2: np.ndarray, w3: np.ndarray,
 def transformer_block(x: np.ndarray, weights: Mapping[str, np.ndarray], layer: int,
                       config: ModelConfig, cos: np.ndarray, sin: np.ndarray, cache: KVCache,
                       keep: Keep = keep_nothing) -> np.ndarray:  # [T, D] -> [T, D]
-    # a pre-norm decoder block (Llama 3 paper, arXiv 2407.21783); llama-models TransformerBlock
-    """h = x + attention(rmsnorm(x)); out = h + swiglu(rmsnorm(h))."""
-    def w(*names):  # this layer's weights
-        return [weights[f"layers.{layer}.{name}.weight"] for name in names]
+    """h = x + attention(rmsnorm(x)); out = h + swiglu(rmsnorm(h)).
+
+    Source: the Llama 3 paper's pre-norm block (arXiv 2407.21783); llama-models TransformerBlock.
+    """
+    def w(name):  # this layer's weight
+        return weights[f"layers.{layer}.{name}.weight"]
 
     eps = config.norm_eps
-    h = keep("h", x + attention(keep("attn_norm", rmsnorm(x, *w("attention_norm"), eps)),
-                                *w("attention.wq", "attention.wk", "attention.wv", "attention.wo"),
-                                cos, sin, cache, layer, config, keep))
-    return keep("out", h + swiglu(keep("ffn_norm", rmsnorm(h, *w("ffn_norm"), eps)),
-                                  *w("feed_forward.w1", "feed_forward.w2", "feed_forward.w3"), keep))
+    wq, wk, wv, wo = (w(f"attention.{n}") for n in ("wq", "wk", "wv", "wo"))
+    w1, w2, w3 = (w(f"feed_forward.{n}") for n in ("w1", "w2", "w3"))
+    h = keep("h", x + attention(keep("attn_norm", rmsnorm(x, w("attention_norm"), eps)),
+                                wq, wk, wv, wo, cos, sin, cache, layer, config, keep))
+    return keep("out", h + swiglu(keep("ffn_norm", rmsnorm(h, w("ffn_norm"), eps)), w1, w2, w3, keep))
 
 
 def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
             cache: Optional[KVCache] = None, pos: int = 0,
             trace: Optional[Trace] = None, last_only: bool = False) -> np.ndarray:  # [T] -> [T, V]
-    # llama-models Transformer.forward
     """Logits for each of `tokens`, the first at rope position `pos`.
 
     tokens: token ids (a list or int array, [T]); weights: canonical names, float32 or bfloat16;
@@ -222,6 +239,8 @@ def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
     calls) and to each other, causally, and are appended to it; without a cache they attend only
     to each other. `trace` records the named stages (`llama3_np.stages`). Raises Llama3Error for
     token ids outside the vocabulary, a full cache or a negative position.
+
+    Source: llama-models Transformer.forward.
     """
     if cache is None:
         cache = KVCache(config, np.size(tokens))
