@@ -193,3 +193,17 @@ def test_every_design_reference_names_docs_design():
         for m in re.finditer(r"[\w/]*DESIGN\.md", text):
             assert m.group() in ("docs/DESIGN.md", "DESIGN.md") and (
                 m.group() == "docs/DESIGN.md" or path == DESIGN), f"{path.relative_to(REPO)}: {m.group()}"
+
+
+def test_every_name_tests_and_tools_import_from_llama3_np_exists():
+    """A module moved or a function renamed shows here, without running the tools (which need torch)."""
+    import importlib
+
+    missing = []
+    for path in sorted([*(REPO / "tools").glob("*.py"), *(REPO / "tests").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "llama3_np":
+                module = importlib.import_module(node.module)
+                missing += [f"{path.relative_to(REPO)}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(module, a.name) and f"{node.module}.{a.name}" not in MODULES]
+    assert not missing, "\n".join(missing)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
 
-from llama3_np.assets import model_dir
+from llama3_np.cli.common import model_dir
 from llama3_np.xcheck.bench import synthetic_prompt
 from llama3_np.errors import Llama3Error
 
