@@ -4,6 +4,8 @@ The command line turns a `Llama3Error` into one line on stderr and exit status 2
 that escapes is a bug in llama3_np and keeps its traceback.
 """
 
+import sys
+
 
 class Llama3Error(Exception):
     """A problem with the user's input: the message says what is wrong and what to do."""
@@ -19,3 +21,9 @@ class ParameterError(Llama3Error):
     def __init__(self, parameter: str, problem: str):
         super().__init__(f"{parameter} {problem}")
         self.parameter, self.problem = parameter, problem
+
+
+def warn(message: str, kind: str = "warning") -> None:
+    """One line on stderr about input llama3_np accepts but its user should know of
+    (`llama3-np: warning: ...`, or `note` for a value it chose on the user's behalf)."""
+    print(f"llama3-np: {kind}: {message}", file=sys.stderr, flush=True)

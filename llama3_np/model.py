@@ -56,12 +56,22 @@ def rope_frequencies(config: ModelConfig) -> np.ndarray:  # -> [Dh/2]
     high_freq_factor) alone, divides long ones (> original_context / low_freq_factor) by `factor`,
     and blends the two in between, linearly in original_context / wavelength.
 
-    Computed in float32 operation by operation, as both references compute it.
+    The float32 table of Meta's `precompute_freqs_cis`/`apply_scaling` and Hugging Face's
+    `_compute_llama3_parameters`, bit for bit, on every CPU: each power θ^(2i/Dh) is the correctly
+    rounded float32 value, and every later step is an exactly rounded float32 operation (division,
+    multiplication, subtraction, addition) in the references' order. The power is computed in
+    float64 by the C library's scalar `pow` and rounded to float32 once, which is correct unless it
+    lies within a float64 rounding error of a float32 rounding boundary (the tests check that it
+    does not, for the released shapes); NumPy's float32 `**` is not correctly rounded, and its
+    AVX-512 kernel misses Meta's 8B table by 1-2 ulp in 13 of 64 entries.
 
     Source: RoFormer θ_i (arXiv 2104.09864); llama-models precompute_freqs_cis and apply_scaling.
     """
     Dh = config.head_dim
-    freqs = 1.0 / (np.float32(config.rope_theta) ** (np.arange(0, Dh, 2, dtype=np.float32) / np.float32(Dh)))
+    theta = float(np.float32(config.rope_theta))
+    exponents = np.arange(0, Dh, 2, dtype=np.float32) / np.float32(Dh)  # float32, as the references
+    powers = np.array([math.pow(theta, float(e)) for e in exponents], dtype=np.float32)
+    freqs = np.float32(1) / powers
     s = config.rope_scaling
     if s is not None:
         wavelen = np.float32(2 * math.pi) / freqs

@@ -238,6 +238,8 @@ def test_rope_tables():
         assert configs[key]["head_dim"] == dh and configs[key]["meta_rope_factor"] == factor
         inv_freq, cos, sin = (tables[f"{key}.{n}"] for n in ("inv_freq", "cos", "sin"))
         assert inv_freq.shape == (dh // 2,) and cos.shape == sin.shape == (len(positions), dh)
+        # Meta's frequency table is Hugging Face's, bit for bit (the script refuses otherwise).
+        assert np.array_equal(tables[f"{key}.meta_freqs"], inv_freq), key
         # Hugging Face duplicates the halves (rotate-half); the angle is a float32 product.
         assert np.array_equal(cos[:, :dh // 2], cos[:, dh // 2:]), key
         angle = (positions[:, None].astype(np.float32) * inv_freq).astype(np.float64)

@@ -1,6 +1,6 @@
 """Rebuild every committed torch reference fixture under tests/fixtures/parity/ (`make fixtures`):
 
-    python tools/make_reference_dumps.py
+    python tools/make_reference_dumps.py [--rope-only]
 
 Three tiny Llama 3 models with random bf16 weights (fixed seeds), one per rope variant:
   llama3_0  no rope scaling, untied output             (Llama 3.0)
@@ -11,7 +11,8 @@ params.json, then run through Hugging Face transformers and Meta's llama-models 
 tools/torch_reference.py) for three cases: a 16-token prompt at position 0, 8 tokens at position
 24571 with an empty cache, and one more token decoded after them. Hugging Face in bfloat16 gives
 the prompt's logits too. rope.safetensors holds both references' rope tables for real Llama
-shapes. Before anything is kept, the two float32 references must agree at every stage.
+shapes (alone with --rope-only). Before anything is kept, the two float32 references must agree
+at every stage, and their rope frequency tables bit for bit.
 
 Needs the tools extra (`make tools`); runs in about a minute on 2 cores.
 """
@@ -257,8 +258,13 @@ def make_rope_tables() -> list[str]:
         patch = None if factor in (None, META_SHIPPED_FACTOR) else factor
         meta = ref.meta_rope(hf_keys["head_dim"], ROPE_THETA, factor is not None, ROPE_POSITIONS, patch)
         half = hf_keys["head_dim"] // 2
+        # llama3_np's rope_frequencies claims both float32 tables bit for bit: they must be one table.
+        if not np.array_equal(meta["freqs"], hf["inv_freq"]):
+            raise SystemExit(f"rope {key}: Meta's and Hugging Face's frequency tables differ in "
+                             f"{int(np.sum(meta['freqs'] != hf['inv_freq']))} entries")
         tensors.update({f"{key}.inv_freq": hf["inv_freq"], f"{key}.cos": hf["cos"], f"{key}.sin": hf["sin"],
-                        f"{key}.meta_cos": meta["cos"], f"{key}.meta_sin": meta["sin"]})
+                        f"{key}.meta_freqs": meta["freqs"], f"{key}.meta_cos": meta["cos"],
+                        f"{key}.meta_sin": meta["sin"]})
         err = max(np.abs(meta["cos"] - hf["cos"][:, :half]).max(), np.abs(meta["sin"] - hf["sin"][:, :half]).max())
         report.append(f"rope {key}: max |meta - hf| over cos/sin {err:.2e}")
     metadata = {
@@ -268,17 +274,21 @@ def make_rope_tables() -> list[str]:
         "producer": f"transformers {transformers.__version__} LlamaRotaryEmbedding; "
                     f"llama-models {ref.package_version('llama_models')} precompute_freqs_cis",
         "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     write_dump(OUT / "rope.safetensors", tensors, metadata)
     return report
 
 
 def main() -> int:
+    rope_only = sys.argv[1:] == ["--rope-only"]
+    if sys.argv[1:] and not rope_only:
+        raise SystemExit("usage: make_reference_dumps.py [--rope-only]")
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     transformers.utils.logging.disable_progress_bar()
     OUT.mkdir(parents=True, exist_ok=True)
-    for name, v in VARIANTS.items():
+    for name, v in ({} if rope_only else VARIANTS).items():
         print("\n".join(make_variant(name, v)), flush=True)
     print("\n".join(make_rope_tables()))
     files = sorted(p for p in OUT.rglob("*") if p.is_file())

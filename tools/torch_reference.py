@@ -416,13 +416,31 @@ def meta_run(model, tokens: list[int], pos: int, cache_pos: int = 0,
 
 def meta_rope(head_dim: int, theta: float, use_scaled: bool, positions: list[int],
               rope_factor: Optional[float] = None) -> dict[str, np.ndarray]:
-    """Meta's `precompute_freqs_cis` rows at `positions`: cos (real) and sin (imag), [P, Dh/2]."""
+    """Meta's `precompute_freqs_cis`: its frequency table `freqs` [Dh/2] and its rows at
+    `positions`, cos (real) and sin (imag) [P, Dh/2].
+
+    The frequency table is row 1 of the angles `torch.outer(t, freqs)` that `precompute_freqs_cis`
+    passes to `torch.polar` (1.0 · f is f exactly), recorded by wrapping `torch.polar` for the call.
+    """
     import llama_models.llama3.model as meta
     patch = meta_rope_factor(rope_factor) if rope_factor is not None else contextlib.nullcontext()
-    with patch:
-        freqs_cis = meta.precompute_freqs_cis(head_dim, max(positions) + 1, theta, use_scaled)
+    angles = []
+    polar = torch.polar
+
+    def recording_polar(abs, angle):
+        angles.append(angle.clone())
+        return polar(abs, angle)
+
+    torch.polar = recording_polar
+    try:
+        with patch:
+            freqs_cis = meta.precompute_freqs_cis(head_dim, max(positions) + 1, theta, use_scaled)
+    finally:
+        torch.polar = polar
+    (table,) = angles
     rows = freqs_cis[torch.tensor(positions)]
-    return {"cos": rows.real.numpy().astype(np.float32), "sin": rows.imag.numpy().astype(np.float32)}
+    return {"freqs": table[1].numpy().astype(np.float32),
+            "cos": rows.real.numpy().astype(np.float32), "sin": rows.imag.numpy().astype(np.float32)}
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

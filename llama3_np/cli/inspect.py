@@ -13,6 +13,7 @@ from collections import Counter
 
 import numpy as np
 
+from ..config import ROPE_FACTOR_SOURCES
 from ..formats.checkpoint import CheckpointIndex, scan_checkpoint
 from ..linear import conversion_rows
 from ..text.tokenizer import TOKENIZER_FILES, find_tokenizer_file
@@ -43,11 +44,14 @@ def summarize(index: CheckpointIndex) -> dict:
     working = max(4 * plan.shape[1] * conversion_rows(*plan.shape)
                   for plan in index.plans.values() if len(plan.shape) == 2)
     tokenizer = find_tokenizer_file(index.path)
+    config = index.config.to_dict()
+    if index.config.rope_scaling is not None:
+        config["rope_scaling"]["factor_source"] = index.config.rope_scaling.factor_source
     return {
         "path": str(index.path),
         "format": index.format,
         "files": [str(f.relative_to(index.path)) for f in index.files],
-        "config": index.config.to_dict(),
+        "config": config,
         "parameters": sum(params.values()),
         "stored_bytes": dict(stored),
         "memory_bytes": {"float32": 4 * sum(params.values()),
@@ -77,6 +81,9 @@ def _text(s: dict) -> str:
     scaling = "none" if rope is None else (f"llama3 factor {rope['factor']:g} (low {rope['low_freq_factor']:g}, "
                                            f"high {rope['high_freq_factor']:g}, original context "
                                            f"{rope['original_context']})")
+    source = [] if rope is None else [
+        f"             rope factor {rope['factor']:g}: {ROPE_FACTOR_SOURCES[rope['factor_source']]}"
+        + (" (--rope-factor)" if rope["factor_source"] == "override" else "")]
     m = s["memory_bytes"]
     lines = [
         f"path:        {s['path']}",
@@ -85,6 +92,7 @@ def _text(s: dict) -> str:
         f"of {c['head_dim']}, ffn {c['ffn_dim']}, vocab {c['vocab_size']}",
         f"             norm_eps {c['norm_eps']:g}, rope_theta {c['rope_theta']:g}, rope scaling {scaling}",
         f"             context {c['max_seq_len']}, tied embeddings {'yes' if c['tie_embeddings'] else 'no'}",
+        *source,
         f"parameters:  {s['parameters']:,} ({_scaled(s['parameters'])})",
         "stored:      " + ", ".join(f"{dtype} {_size(n)}" for dtype, n in s["stored_bytes"].items()),
         f"memory:      --dtype float32: {_size(m['float32'])}; --dtype bfloat16: {_size(m['bfloat16'])} "

@@ -34,8 +34,8 @@ from typing import Callable, Optional
 import ml_dtypes
 import numpy as np
 
-from ..config import ModelConfig, from_hf_config, from_meta_params
-from ..errors import Llama3Error
+from ..config import ROPE_FACTOR_SOURCES, ModelConfig, from_hf_config, from_meta_params
+from ..errors import Llama3Error, warn
 from ..text.tokenizer import find_tokenizer_file
 from .pth import PthFile
 from .safetensors_file import SafetensorsFile, write_safetensors
@@ -289,11 +289,10 @@ def _scan_hf(path: Path) -> CheckpointIndex:
                 raise Llama3Error(f"{shard_path}: holds tensor {name!r}, but {index_path.name} puts it in "
                                   f"{weight_map.get(name)!r}; the download is inconsistent")
             stored[name] = _stored(shard, shard_path, name)
-    if weight_map is not None:
-        missing = sorted(set(weight_map) - set(stored))
-        if missing:
-            raise Llama3Error(f"{index_path}: lists {missing[0]!r} in {weight_map[missing[0]]!r}, which does "
-                              "not hold it; download the shards again")
+    # Index entries whose shard does not hold the tensor: fatal only for a tensor the model needs
+    # (below), as in transformers, which loads what the shards hold. A tied checkpoint whose index
+    # still lists lm_head.weight is the common case.
+    stale = {name: weight_map[name] for name in sorted(set(weight_map) - set(stored))} if weight_map else {}
 
     by_canonical: dict[str, StoredTensor] = {}
     ignored = {}
@@ -314,6 +313,10 @@ def _scan_hf(path: Path) -> CheckpointIndex:
         if t is None:
             if canonical == "output.weight" and config.tie_embeddings:
                 continue
+            if hf_name(canonical) in stale:
+                raise Llama3Error(f"{index_path}: puts tensor {hf_name(canonical)!r} in "
+                                  f"{stale[hf_name(canonical)]!r}, which does not hold it, and no other shard "
+                                  "does; download the shards again")
             raise Llama3Error(f"{path}: tensor {hf_name(canonical)!r} ({canonical}) is missing"
                               + (" (config.json says tie_word_embeddings is false)" if canonical == "output.weight"
                                  else "") + "; the download is incomplete")
@@ -328,6 +331,10 @@ def _scan_hf(path: Path) -> CheckpointIndex:
                           f"{config.n_layers} layers; the config does not belong to these weights")
     if config.tie_embeddings and "output.weight" in plans:
         _check_tied_copy(plans.pop("output.weight"), plans["tok_embeddings.weight"])
+    if stale:  # every tensor the model needs was found above: these entries name nothing it uses
+        listed = ", ".join(f"{name!r} (listed in {shard_name!r})" for name, shard_name in stale.items())
+        warn(f"{index_path}: no shard holds {listed}; the model does not need "
+             f"{'it' if len(stale) == 1 else 'them'}, so the stale entry is ignored")
     return CheckpointIndex(path, "hf", config, plans, [path / n for n in shard_names], ignored,
                            eos_ids=_eos_ids(path, config_json))
 
@@ -355,6 +362,15 @@ def _shard_axis(canonical: str) -> Optional[int]:
     return META_SHARD_AXIS[canonical.split(".")[-2]]
 
 
+def _download_config(path: Path) -> Optional[ModelConfig]:
+    """The config.json of the Hugging Face download whose `original/` folder `path` is, if it is one."""
+    folder = path.resolve()
+    config_path = folder.parent / "config.json"
+    if folder.name != "original" or not config_path.is_file():
+        return None
+    return from_hf_config(_read_json(config_path), source=str(config_path))
+
+
 def _scan_meta(path: Path, rope_factor: Optional[float]) -> CheckpointIndex:
     params_path = path / "params.json"
     params = _read_json(params_path)
@@ -375,7 +391,8 @@ def _scan_meta(path: Path, rope_factor: Optional[float]) -> CheckpointIndex:
                               f"{odd!r}); the shards do not belong together")
     n = len(shards)
     tied = "output.weight" not in names
-    config = from_meta_params(params, tie_embeddings=tied, rope_factor=rope_factor, source=str(params_path))
+    config = from_meta_params(params, tie_embeddings=tied, rope_factor=rope_factor, source=str(params_path),
+                              hf_config=_download_config(path))
     shapes = expected_shapes(config)
     ignored = {}
     for name in names:
@@ -408,6 +425,11 @@ def _scan_meta(path: Path, rope_factor: Optional[float]) -> CheckpointIndex:
                 raise Llama3Error(f"{t.file}: tensor {canonical!r} is {t.dtype} here but {pieces[0].dtype} "
                                   f"in {pieces[0].file.name}; the shards do not belong together")
         plans[canonical] = TensorPlan(pieces, shape, shard_axis=axis)
+    # Said only once the folder is known to be good: a refused one gets its one error line.
+    s = config.rope_scaling
+    if s is not None and s.factor_source in ("shape", "default"):
+        warn(f"{params_path}: use_scaled_rope without a factor: rope factor {s.factor:g}, "
+             f"{ROPE_FACTOR_SOURCES[s.factor_source]}; --rope-factor sets another", kind="note")
     return CheckpointIndex(path, "meta", config, plans, shard_paths, ignored)
 
 

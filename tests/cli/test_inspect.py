@@ -8,11 +8,11 @@ import ml_dtypes
 import pytest
 
 import llama3_np.assets
-from tests.checkpoint_builders import random_weights, tiny_config
+from tests.checkpoint_builders import random_weights, tiny_config, write_meta
 from llama3_np.assets import DEFAULT_MODEL_DIR
 from llama3_np.formats.checkpoint import load_checkpoint, save_hf_checkpoint
 from llama3_np.cli import main
-from llama3_np.config import ModelConfig
+from llama3_np.config import ModelConfig, RopeScaling
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
 # D=32, 2 layers; per layer wq 32x32, wk and wv 16x32, wo 32x32, w1/w2/w3 64x32, two norms of 32.
@@ -91,3 +91,40 @@ def test_default_model_is_the_imported_smollm2():
     assert ckpt.weights["output.weight"] is ckpt.weights["tok_embeddings.weight"]
     assert all(w.dtype == ml_dtypes.bfloat16 for w in ckpt.weights.values())
     assert sum(w.size for k, w in ckpt.weights.items() if k != "output.weight") == 134_515_008
+
+
+def _download_with_original_folder(tmp_path, factor: float):
+    """A Hugging Face download stating rope factor `factor`, with Meta's files in original/."""
+    config = tiny_config(rope_scaling=RopeScaling(factor, 1.0, 4.0, 8192))
+    weights = random_weights(config)
+    save_hf_checkpoint(tmp_path / "download", config, weights)
+    write_meta(tmp_path / "download" / "original", weights)  # params.json: use_scaled_rope, no factor
+    write_meta(tmp_path / "elsewhere", weights)
+    return tmp_path / "download" / "original", tmp_path / "elsewhere"
+
+
+def test_inspect_says_which_rope_factor_a_meta_folder_gets_and_from_where(tmp_path, capsys):
+    original, elsewhere = _download_with_original_folder(tmp_path, 16.0)
+    rope = _inspect_json(capsys, "-m", str(original))["config"]["rope_scaling"]
+    assert (rope["factor"], rope["factor_source"]) == (16.0, "hf_config")
+    assert capsys.readouterr().err == ""
+    assert main(["inspect", "-m", str(original)]) == 0
+    assert ("rope factor 16: stated by the Hugging Face config.json of the download this original/ folder "
+            "belongs to") in capsys.readouterr().out
+    # The same files anywhere else: Meta's default, and one note on stderr saying so.
+    assert main(["inspect", "-m", str(elsewhere)]) == 0
+    out, err = capsys.readouterr()
+    assert "rope factor 8: Meta's default for use_scaled_rope (Llama 3.1)" in out
+    assert err == (f"llama3-np: note: {elsewhere / 'params.json'}: use_scaled_rope without a factor: rope factor "
+                   "8, Meta's default for use_scaled_rope (Llama 3.1); --rope-factor sets another\n")
+    rope = _inspect_json(capsys, "-m", str(original), "--rope-factor", "32")["config"]["rope_scaling"]
+    assert (rope["factor"], rope["factor_source"]) == (32.0, "override")
+
+
+def test_loading_an_original_folder_uses_the_downloads_factor(tmp_path, capsys):
+    original, _ = _download_with_original_folder(tmp_path, 32.0)
+    meta = load_checkpoint(original)
+    hf = load_checkpoint(original.parent)
+    assert meta.config == hf.config and meta.config.rope_scaling.factor == 32.0
+    assert meta.config.rope_scaling.factor_source == "hf_config"
+    assert capsys.readouterr().err == ""

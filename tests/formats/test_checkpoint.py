@@ -324,3 +324,39 @@ def test_eos_ids_come_from_config_and_generation_config(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
     with pytest.raises(Llama3Error, match="generation_config.json: eos_token_id must be a token id or a list"):
         load_checkpoint(tmp_path)
+
+
+def _stale_index_entry(folder, tensor: str, shard: str):
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"][tensor] = shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_a_stale_index_entry_for_a_tensor_the_model_does_not_need_is_one_warning(tmp_path, capsys):
+    """A tied checkpoint whose index still lists lm_head.weight in a shard that does not hold it
+    loads, as in transformers (which loads what the shards hold), with one warning line."""
+    config = tiny_config(tie_embeddings=True)
+    weights = random_weights(config)
+    save_hf_checkpoint(tmp_path, config, weights, shards=2)
+    _stale_index_entry(tmp_path, "lm_head.weight", "model-00002-of-00002.safetensors")
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.weights["output.weight"] is ckpt.weights["tok_embeddings.weight"]
+    _same_weights(ckpt.weights, weights)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("llama3-np: warning: "), err
+    assert "'lm_head.weight' (listed in 'model-00002-of-00002.safetensors')" in err, err
+
+
+def test_a_tensor_the_model_needs_that_no_shard_holds_is_an_error(tmp_path, capsys):
+    config = tiny_config(tie_embeddings=True)
+    save_hf_checkpoint(tmp_path, config, random_weights(config), shards=2)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["model.norm.weight"]
+    tensors = _read_all(tmp_path / shard)
+    del tensors["model.norm.weight"]
+    write_safetensors(tmp_path / shard, tensors)
+    with pytest.raises(Llama3Error) as e:
+        scan_checkpoint(tmp_path)
+    assert str(e.value) == (f"{tmp_path / 'model.safetensors.index.json'}: puts tensor 'model.norm.weight' in "
+                            f"'{shard}', which does not hold it, and no other shard does; download the shards again")
+    assert capsys.readouterr().err == ""
