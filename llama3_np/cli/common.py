@@ -33,7 +33,6 @@ FLAGS = {
     "pos": "--pos", "stages": "--stages", "nmse_tol": "--tol", "rel_tol": "--rel-tol",
     "batch": "--batch", "chunks": "--chunks", "save_logits": "--save-logits", "kl_base": "--kl-base",
     "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs", "layers": "--layers",
-    "top_n": "--explain",
 }
 
 

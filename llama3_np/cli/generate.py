@@ -35,7 +35,6 @@ def add_command(sub) -> None:
     g.set_defaults(func=run_generate)
 
 
-
 class ExplainedSession(Session):
     """A Session that keeps the logits the next token is sampled from (for --explain)."""
 
