@@ -207,3 +207,15 @@ def test_every_name_tests_and_tools_import_from_llama3_np_exists():
                 missing += [f"{path.relative_to(REPO)}: {node.module}.{a.name}" for a in node.names
                             if not hasattr(module, a.name) and f"{node.module}.{a.name}" not in MODULES]
     assert not missing, "\n".join(missing)
+
+
+def test_every_parameter_the_library_names_has_its_flag():
+    from llama3_np.cli.common import FLAGS
+
+    named = set()
+    for m, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ParameterError"
+                    and isinstance(node.args[0], ast.Constant)):
+                named.add(node.args[0].value)
+    assert named == set(FLAGS), f"without a flag: {sorted(named - set(FLAGS))}, unused: {sorted(set(FLAGS) - named)}"

@@ -29,10 +29,10 @@ from ..xcheck.dump import Inputs, read_dump
 # the flag in place of the parameter's name.
 FLAGS = {
     "temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
-    "repeat_penalty": "--repeat-penalty", "seed": "--seed", "max_new": "-n", "ctx": "--ctx",
-    "pos": "--pos", "stages": "--stages", "nmse_tol": "--tol", "rel_tol": "--rel-tol",
-    "batch": "--batch", "chunks": "--chunks", "save_logits": "--save-logits", "kl_base": "--kl-base",
-    "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs", "layers": "--layers",
+    "repeat_penalty": "--repeat-penalty", "max_new": "-n", "ctx": "--ctx", "stages": "--stages",
+    "nmse_tol": "--tol", "rel_tol": "--rel-tol", "batch": "--batch", "chunks": "--chunks",
+    "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
+    "layers": "--layers",
 }
 
 
