@@ -9,7 +9,7 @@ reference. For every stage the two have in common, in model order:
     NMSE       sum (a - b)² / sum b²   (the measure the parity tests hold to 1e-10)
     cosine     a·b / (|a| |b|)
 
-A stage diverges when its NMSE exceeds the tolerance (or, with --rel-tol, its max rel does), or
+A stage diverges when its NMSE exceeds the tolerance (or, given a relative tolerance, its max rel does), or
 when non-finite values differ. The first diverging stage in model order is where to look: every
 later stage inherits the error. Two files that cannot be compared (not dumps, different models or tokens, different shapes) are
 a Llama3Error.

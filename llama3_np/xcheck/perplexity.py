@@ -11,9 +11,9 @@ llama.cpp's `llama-perplexity` (the numbers people quote for quantized models) d
      PPL · sqrt((mean(nll²) - mean(nll)²) / (N - 1)).
 At least 2·ctx tokens are needed (llama.cpp refuses fewer).
 
-KL divergence: the scored logits of a run can be saved (`--save-logits`, a safetensors file with a
+KL divergence: the scored logits of a run can be saved (`LogitsWriter`: a safetensors file with a
 float32 tensor `logits` [N, V] and the window tokens in its metadata) and a later run, or another
-implementation that writes the same file, compared with them (`--kl-base`): per token
+implementation that writes the same file, compared with them (`BaseLogits`): per token
 KL(base ‖ this) = Σ p_base · (log p_base - log p), and whether both put the same token first.
 """
 
