@@ -219,3 +219,8 @@ def test_every_parameter_the_library_names_has_its_flag():
                     and isinstance(node.args[0], ast.Constant)):
                 named.add(node.args[0].value)
     assert named == set(FLAGS), f"without a flag: {sorted(named - set(FLAGS))}, unused: {sorted(set(FLAGS) - named)}"
+
+
+def test_every_package_folder_is_a_package_so_an_install_carries_it():
+    folders = {p.parent for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
+    assert not [f for f in folders if not (f / "__init__.py").is_file()]
