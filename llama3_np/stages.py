@@ -59,6 +59,7 @@ LAYER = (
     Stage("out", ("T", "D"), "ffn_out", "h + ffn_out"),
 )
 LAYER_STAGES = tuple(s.name for s in LAYER)
+ON_REQUEST = frozenset(s.name for s in LAYER if s.on_request)
 _LAYER_INDEX = {name: i for i, name in enumerate(LAYER_STAGES)}
 _HEAD_INDEX = {s.name: i for i, s in enumerate(HEAD)}
 
@@ -148,7 +149,7 @@ class Trace(dict):
         self.patterns = tuple(patterns)
 
     def wants(self, name: str) -> bool:
-        if split(name)[1] == "probs":
+        if split(name)[1] in ON_REQUEST:
             return any(p != "*" and fnmatch.fnmatchcase(name, p) for p in self.patterns)
         return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
 

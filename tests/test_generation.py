@@ -8,7 +8,7 @@ from llama3_np import Llama3Error, ParameterError
 from llama3_np.generation import Session
 from llama3_np.model import forward
 from llama3_np.sampling import SamplingParams
-from tests.helpers import random_weights, tiny_config
+from tests.helpers import assert_close, random_weights, tiny_config
 
 GREEDY = SamplingParams(temperature=0)
 PROMPT = [3, 14, 15, 9, 26, 35]
@@ -88,3 +88,20 @@ def test_repeat_penalty_window_is_the_last_64_ids_fed(model, monkeypatch):
     out = session.generate(prompt, SamplingParams(temperature=0, repeat_penalty=1.3), np.random.default_rng(0), 5)
     fed = prompt + out.ids
     assert seen == [fed[:70 + k][-64:] for k in range(5)]
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5, 64])
+def test_a_prompt_fed_in_chunks_gives_the_logits_of_one_forward(monkeypatch, chunk):
+    from llama3_np import generation
+
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", chunk)
+    config = tiny_config(vocab_size=64)
+    weights = random_weights(config, seed=5)
+    prompt = [int(i) for i in np.random.default_rng(1).integers(0, 64, size=13)]
+    session = generation.Session(weights, config, ctx=32)
+    logits = session.feed(prompt)
+    assert session.cache.length == 13 and session.history == prompt
+    assert_close(logits, forward(weights, config, prompt)[-1], f"last logits, chunks of {chunk}", 1e-10)
+    # The cache the chunks filled continues like the cache of one call.
+    follow = session.feed([7])
+    assert_close(follow, forward(weights, config, prompt + [7])[-1], "logits after the prompt", 1e-10)
