@@ -106,10 +106,7 @@ def model_dir(arg: Optional[str]) -> Path:
             raise Llama3Error(f"model folder {arg} does not exist: pass -m the folder of a Llama 3 "
                               "checkpoint (Hugging Face or Meta format)")
         return path
-    if not (assets.DEFAULT_MODEL_DIR / "config.json").is_file():
-        raise Llama3Error(f"no -m given and the default model is not in {assets.DEFAULT_MODEL_DIR}: "
-                          "run `python tools/fetch_default_model.py` (or `make run`) first")
-    return assets.DEFAULT_MODEL_DIR
+    return assets.default_model_dir()
 
 
 def load(args, need_tokenizer: bool) -> LoadedModel:
