@@ -9,7 +9,7 @@ The public API, in the order data flows (README.md, "Python"; docs/DESIGN.md, "T
     KVCache(config, max_len)                 keys and values of the tokens seen so far
     Trace(patterns)                          the named stages of one forward call (stages.py)
     SamplingParams(...), sample(logits, params, rng)   logits [V] -> the next token id
-    Session(weights, config, ctx)            prefill, then decode token by token (generate)
+    Session(weights, config, ctx)            prefill, then decode: generate() yields one Step per token
 """
 
 __version__ = "0.1.0"
@@ -19,12 +19,12 @@ from .config import ModelConfig, RopeScaling  # noqa: E402
 from .model import KVCache, forward  # noqa: E402
 from .stages import Trace, stage_shapes  # noqa: E402
 from .sampling import SamplingParams, sample, sampling_probs  # noqa: E402
-from .generation import Generation, Session  # noqa: E402
+from .generation import Generation, Session, Step  # noqa: E402
 from .load import LoadedModel, load_model  # noqa: E402
 from .text.tokenizer import StreamDecoder, Tokenizer, load_tokenizer  # noqa: E402
 
 __all__ = [
     "Llama3Error", "ParameterError", "ModelConfig", "RopeScaling", "KVCache", "forward", "Trace",
-    "stage_shapes", "SamplingParams", "sample", "sampling_probs", "Generation", "Session",
+    "stage_shapes", "SamplingParams", "sample", "sampling_probs", "Generation", "Session", "Step",
     "LoadedModel", "load_model", "StreamDecoder", "Tokenizer", "load_tokenizer",
 ]

@@ -14,13 +14,14 @@ class Llama3Error(Exception):
 class ParameterError(Llama3Error):
     """A bad value for a named parameter of the library (`temperature must be >= 0, got -1`).
 
-    `parameter` is the Python name (`temperature`, `top_k`, `ctx`); the command line, which knows
-    which flag sets it, says the flag instead.
+    `parameter` is its Python name (`temperature`, `top_k`, `ctx`); the message speaks of it in
+    the library's terms, and the command line, which knows the flag that sets it, puts the flag in
+    front (`--temp: temperature must be >= 0, got -1`).
     """
 
-    def __init__(self, parameter: str, problem: str):
-        super().__init__(f"{parameter} {problem}")
-        self.parameter, self.problem = parameter, problem
+    def __init__(self, parameter: str, message: str):
+        super().__init__(message)
+        self.parameter = parameter
 
 
 def warn(message: str, kind: str = "warning") -> None:

@@ -15,7 +15,8 @@ from . import assets
 from .config import ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import Checkpoint, load_checkpoint
-from .text.chat import ChatFormat, chat_format_for, encode_dialog, stop_ids
+from .generation import end_of_generation_ids
+from .text.chat import ChatFormat, chat_format_for, encode_dialog
 from .text.tokenizer import Tokenizer, load_tokenizer
 
 # Without an explicit context size, the KV cache holds at most this many tokens (or the model's own
@@ -45,7 +46,7 @@ class LoadedModel:
         Raises ParameterError("ctx") when `requested` is not positive."""
         if requested is not None:
             if requested <= 0:
-                raise ParameterError("ctx", f"must be positive, got {requested}")
+                raise ParameterError("ctx", f"ctx must be positive, got {requested}")
             return requested
         return min(self.config.max_seq_len, DEFAULT_CTX)
 
@@ -63,15 +64,10 @@ class LoadedModel:
         return encode_dialog(self.need_tokenizer(), messages + [{"role": "user", "content": user}],
                              fmt=self.chat_format())
 
-    def stop_ids(self, chat: bool) -> set[int]:
-        """The checkpoint's end-of-sequence ids and the tokenizer's; in a chat, also the
-        format's end-of-turn tokens."""
-        ids = set(self.checkpoint.eos_ids)
-        if self.tokenizer is not None:
-            ids |= {self.tokenizer.eos_id} - {None}
-            if chat:
-                ids |= stop_ids(self.tokenizer, self.chat_format())
-        return ids
+    def stop_ids(self) -> frozenset[int]:
+        """The ids that end a generation (`generation.end_of_generation_ids`): the tokenizer's
+        and those the checkpoint's config files declare; the same in completion and in chat."""
+        return end_of_generation_ids(self.tokenizer, self.checkpoint.eos_ids)
 
     def need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

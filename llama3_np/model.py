@@ -159,8 +159,10 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
 class KVCache:
     """Keys (after rope) and values of every token seen so far, for every layer.
 
-    Preallocated for `max_len` tokens. Slots are filled in order; a token's rope position is
-    independent of its slot (`forward`'s `pos`), so a cache may start at any position.
+    Preallocated for `max_len` tokens. Slots 0 .. length-1 hold the tokens fed so far; `forward`
+    writes each layer's keys and values into the next free slots (`store`) and advances `length`
+    once every layer holds them. A token's rope position is independent of its slot (`forward`'s
+    `pos`), so a cache may start at any position.
 
     Source: llama-models Attention.cache_k / cache_v.
     """
@@ -170,22 +172,24 @@ class KVCache:
         self.k = np.zeros(shape, dtype=np.float32)
         self.v = np.zeros(shape, dtype=np.float32)
         self.max_len = max_len
-        self.length = 0  # slots filled by earlier forward calls
+        self.length = 0  # slots holding tokens, in every layer
 
-    def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # [T, KV, Dh], [T, KV, Dh] -> [KV, S, Dh], [KV, S, Dh] with S = length + T
-        """Store this call's keys and values after the cached ones; return all of them."""
-        start, end = self.length, self.length + k.shape[0]
+    def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # [T, KV, Dh], [T, KV, Dh] -> [KV, S, Dh], [KV, S, Dh] with S = start + T
+        """Write one layer's keys and values of T tokens into slots start .. start+T-1; return
+        the layer's slots 0 .. start+T-1. `length` is left alone (see `forward`)."""
+        end = start + k.shape[0]
         self.k[layer, :, start:end] = k.transpose(1, 0, 2)
         self.v[layer, :, start:end] = v.transpose(1, 0, 2)
         return self.k[layer, :, :end], self.v[layer, :, :end]
 
 
 def attention(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, wo: np.ndarray,
-              cos: np.ndarray, sin: np.ndarray, cache: KVCache, layer: int, config: ModelConfig,
-              keep: Keep = keep_nothing) -> np.ndarray:  # [T, D] -> [T, D]
+              cos: np.ndarray, sin: np.ndarray, cache: KVCache, layer: int, start: int,
+              config: ModelConfig, keep: Keep = keep_nothing) -> np.ndarray:  # [T, D] -> [T, D]
     """Project to query/key/value heads, rotate q and k by position, attend causally over the
-    cache plus these tokens, project back: wo · attention(rope(wq x), rope(wk x), wv x).
+    cache's first `start` slots plus these tokens (stored from slot `start` on), project back:
+    wo · attention(rope(wq x), rope(wk x), wv x).
 
     Source: llama-models Attention.forward.
     """
@@ -196,7 +200,7 @@ def attention(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, wo:
     v = keep("v", linear(x, wv).reshape(T, KV, Dh))  # [T, D] -> [T, KV, Dh]
     q_rope = keep("q_rope", rope(q, cos, sin))
     k_rope = keep("k_rope", rope(k, cos, sin))
-    keys, values = cache.append(layer, k_rope, v)  # [KV, S, Dh] each
+    keys, values = cache.store(layer, start, k_rope, v)  # [KV, S, Dh] each
     attn = keep("attn", causal_attention(q_rope, keys, values, keep).reshape(T, H * Dh))  # [T, H*Dh]
     return keep("attn_out", linear(attn, wo))  # [T, H*Dh] -> [T, D]
 
@@ -222,7 +226,7 @@ def swiglu(x: np.ndarray, w1: np.ndarray, w2: np.ndarray, w3: np.ndarray,
 
 def transformer_block(x: np.ndarray, weights: Mapping[str, np.ndarray], layer: int,
                       config: ModelConfig, cos: np.ndarray, sin: np.ndarray, cache: KVCache,
-                      keep: Keep = keep_nothing) -> np.ndarray:  # [T, D] -> [T, D]
+                      start: int, keep: Keep = keep_nothing) -> np.ndarray:  # [T, D] -> [T, D]
     """h = x + attention(rmsnorm(x)); out = h + swiglu(rmsnorm(h)).
 
     Source: the Llama 3 paper's pre-norm block (arXiv 2407.21783); llama-models TransformerBlock.
@@ -234,34 +238,38 @@ def transformer_block(x: np.ndarray, weights: Mapping[str, np.ndarray], layer: i
     wq, wk, wv, wo = (w(f"attention.{n}") for n in ("wq", "wk", "wv", "wo"))
     w1, w2, w3 = (w(f"feed_forward.{n}") for n in ("w1", "w2", "w3"))
     h = keep("h", x + attention(keep("attn_norm", rmsnorm(x, w("attention_norm"), eps)),
-                                wq, wk, wv, wo, cos, sin, cache, layer, config, keep))
+                                wq, wk, wv, wo, cos, sin, cache, layer, start, config, keep))
     return keep("out", h + swiglu(keep("ffn_norm", rmsnorm(h, w("ffn_norm"), eps)), w1, w2, w3, keep))
 
 
 def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
-            cache: Optional[KVCache] = None, pos: int = 0,
+            cache: Optional[KVCache] = None, pos: Optional[int] = None,
             trace: Optional[Trace] = None, last_only: bool = False) -> np.ndarray:  # [T] -> [T, V]
     """Logits for each of `tokens`, the first at rope position `pos`.
 
     tokens: token ids (a list or int array, [T]); weights: canonical names, float32 or bfloat16;
     returns float32 logits [T, V] (with `last_only`, only the last token's, [1, V]: all that
     generation needs after a prefill). The tokens attend to what `cache` holds (from earlier
-    calls) and to each other, causally, and are appended to it; without a cache they attend only
-    to each other. `trace` records the named stages (`llama3_np.stages`). Raises Llama3Error for
-    token ids outside the vocabulary, a full cache or a negative position.
+    calls) and to each other, causally, and are added to it; without a cache they attend only to
+    each other. `pos` defaults to the number of tokens the cache holds (0 without a cache): the
+    tokens continue what was fed before. `trace` records the named stages (`llama3_np.stages`).
+    Raises Llama3Error for token ids outside the vocabulary, a full cache or a negative position.
 
     Source: llama-models Transformer.forward.
     """
     if cache is None:
         cache = KVCache(config, np.size(tokens))
-    tokens = forward_arguments(tokens, config.vocab_size, cache.length, cache.max_len, pos)  # [T]
+    start = cache.length  # these tokens go into cache slots start .. start+T-1
+    pos = start if pos is None else pos
+    tokens = forward_arguments(tokens, config.vocab_size, start, cache.max_len, pos)  # [T]
     T = tokens.shape[0]
     cos, sin = rope_cos_sin(pos + np.arange(T), rope_frequencies(config))  # [T, Dh/2] each
     keep = scoped(trace, "")
     x = keep("embed", expect_shape(embed(tokens, weights["tok_embeddings.weight"]), (T, config.dim), "embed"))
     for layer in range(config.n_layers):
-        x = transformer_block(x, weights, layer, config, cos, sin, cache, scoped(trace, f"layers.{layer}."))
-    cache.length += T
+        x = transformer_block(x, weights, layer, config, cos, sin, cache, start,
+                              scoped(trace, f"layers.{layer}."))
+    cache.length = start + T  # every layer now holds these tokens: the cache advances once, here
     if last_only:
         x = x[-1:]
     x = keep("norm", rmsnorm(x, weights["norm.weight"], config.norm_eps))

@@ -70,6 +70,13 @@ def legend(config: ModelConfig, n_tokens: int, n_context: int = 0) -> dict[str, 
             "H": config.n_heads, "KV": config.n_kv_heads, "Dh": config.head_dim, "V": config.vocab_size}
 
 
+def symbols(name: str) -> str:
+    """The shape of stage `name` in the legend's symbols: 'layers.3.q' -> '[T, H, Dh]'."""
+    layer, stage = split(name)
+    table = {s.name: s for s in LAYER} if layer is not None else {s.name: s for s in (EMBED, *HEAD)}
+    return "[" + ", ".join(table[stage].shape) + "]"
+
+
 def stage_shapes(config: ModelConfig, n_tokens: int, n_context: int = 0,
                  probs: bool = True) -> dict[str, tuple[int, ...]]:
     """Every stage name of one forward pass over `n_tokens` tokens after `n_context` cached ones,

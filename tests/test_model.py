@@ -30,6 +30,26 @@ def test_prefill_then_decode_equals_one_full_forward(start):
     assert_close(np.concatenate(parts), full, f"logits, prefill 5 + decode, start {start}", 1e-10)
 
 
+def test_without_a_position_forward_continues_at_the_cache_length():
+    """forward(tokens, cache) puts the first token at position cache.length: a prefill then decode
+    steps with no `pos` give the logits of one full forward from position 0 (before, they restarted
+    at 0 and attended to the cache with the wrong rotations)."""
+    config = tiny_config()
+    w = random_weights(config)
+    full = forward(w, config, TOKENS)
+    cache = KVCache(config, len(TOKENS))
+    parts = [forward(w, config, TOKENS[:5], cache)]
+    for i in range(5, len(TOKENS)):
+        parts.append(forward(w, config, TOKENS[i:i + 1], cache))
+    assert cache.length == len(TOKENS)
+    assert_close(np.concatenate(parts), full, "logits, prefill 5 + decode without pos", 1e-10)
+    # An explicit position still wins: the same tokens at position 0 on top of a cache are another input.
+    cache = KVCache(config, len(TOKENS))
+    forward(w, config, TOKENS[:5], cache)
+    restarted = forward(w, config, TOKENS[5:6], cache, pos=0)
+    assert np.abs(restarted - full[5:6]).max() > 1e-3
+
+
 def test_cache_overflow_is_a_clear_error():
     config = tiny_config()
     w = random_weights(config)

@@ -14,11 +14,11 @@ import sys
 
 from .. import __version__
 from ..errors import Llama3Error
-from . import bench, chat, compare, dump, generate, inspect, perplexity, trace
+from . import bench, chat, compare, dump, generate, inspect, perplexity, trace, walkthrough
 from .common import error_message
 
 # The commands, in the order --help lists them.
-COMMANDS = (generate, chat, inspect, dump, compare, trace, perplexity, bench)
+COMMANDS = (generate, chat, inspect, dump, compare, trace, walkthrough, perplexity, bench)
 
 
 class _Parser(argparse.ArgumentParser):

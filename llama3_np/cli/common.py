@@ -18,28 +18,28 @@ from .. import assets
 from ..checks import token_ids
 from ..config import ModelConfig
 from ..errors import Llama3Error, ParameterError
-from ..generation import Generation
+from ..generation import Generation, Step
 from ..load import DEFAULT_CTX, LoadedModel, load_model
-from ..sampling import SamplingParams
+from ..sampling import DEFAULT_SAMPLERS, SAMPLER_ORDERS, SamplingParams, parse_samplers
 from ..text.tokenizer import StreamDecoder
 from ..xcheck.bench import peak_rss_mb
 from ..xcheck.dump import Inputs, read_dump
 
 # Library parameter -> the flag that sets it. A ParameterError about one of these is reported with
-# the flag in place of the parameter's name.
+# the flag in front.
 FLAGS = {
     "temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
     "repeat_penalty": "--repeat-penalty", "max_new": "-n", "ctx": "--ctx", "stages": "--stages",
     "nmse_tol": "--tol", "rel_tol": "--rel-tol", "batch": "--batch", "chunks": "--chunks",
     "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
-    "layers": "--layers",
+    "layers": "--layers", "samplers": "--samplers",
 }
 
 
 def error_message(e: Llama3Error) -> str:
     """The one line the command line prints for a library error: flags, not parameter names."""
     if isinstance(e, ParameterError) and e.parameter in FLAGS:
-        return f"{FLAGS[e.parameter]} {e.problem}"
+        return f"{FLAGS[e.parameter]}: {e}"
     return str(e)
 
 
@@ -66,9 +66,18 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=d.min_p, help=f"0 = off (default {d.min_p})")
     p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty,
                    help=f"penalty on the last 64 tokens; 1 = off (default {d.repeat_penalty})")
+    orders = ", ".join(f"{name} = {';'.join(order)}" for name, order in SAMPLER_ORDERS.items())
+    p.add_argument("--samplers", default=";".join(DEFAULT_SAMPLERS), metavar="SAMPLERS",
+                   help="the samplers to apply, in order, separated by ';', with llama.cpp's names (penalties, "
+                        "top_k, top_p, min_p, temperature); a sampler left out is not applied. Or an order by "
+                        f"name: {orders}. Each filter acts on the renormalised survivors of the one before "
+                        "(default: llama.cpp's order)")
     p.add_argument("--seed", type=int, help="random seed (default: a random one, printed with the statistics)")
     p.add_argument("--ctx", type=int, metavar="N",
                    help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="never draw an end-of-generation token (their logits become -inf, as in llama.cpp): "
+                        "generate until -n or a full context; not with --chat")
 
 
 def add_input_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -83,8 +92,8 @@ def add_input_args(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def sampling_params(args) -> SamplingParams:
-    return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                          min_p=args.min_p, repeat_penalty=args.repeat_penalty)
+    return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repeat_penalty=args.repeat_penalty, samplers=parse_samplers(args.samplers))
 
 
 def seeded_rng(args) -> tuple[int, np.random.Generator]:
@@ -199,10 +208,10 @@ class Printer:
         self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
         self.stream = sys.stdout.buffer
 
-    def __call__(self, token: int) -> None:
-        if token in self.stop_ids:
+    def __call__(self, step: Step) -> None:
+        if step.token in self.stop_ids:
             return
-        text = self.decoder.push(token) if self.decoder else f"{token} "
+        text = self.decoder.push(step.token) if self.decoder else f"{step.token} "
         self.write(text)
 
     def write(self, text: str) -> None:
@@ -212,3 +221,14 @@ class Printer:
 
     def finish(self) -> None:
         self.write((self.decoder.flush() if self.decoder else "") + "\n")
+
+
+def consume(generation: Generation, on_step) -> Generation:
+    """Run a generation, handing each step to `on_step`. Ctrl-C ends it early, with stop reason
+    "interrupted"; what was printed stays, and the session keeps what its cache holds."""
+    try:
+        for step in generation:
+            on_step(step)
+    except KeyboardInterrupt:
+        generation.stop_reason = "interrupted"
+    return generation

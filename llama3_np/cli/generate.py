@@ -1,6 +1,8 @@
 """`llama3-np generate`: text from a checkpoint, streamed as it is produced.
 
 Text goes to stdout, statistics (load time, prefill and decode speed, peak memory, seed) to stderr.
+`--explain` prints, instead of the text, what each generated token was drawn from: the same
+per-step records (`generation.Step`) the text is printed from.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import sys
 import numpy as np
 
 from ..errors import Llama3Error
-from ..generation import Session
+from ..generation import Session, Step
 from ..sampling import SamplingParams, sampling_probs
 from ..xcheck.bench import peak_rss_mb
-from .common import (Printer, add_model_args, add_sampling_args, load, parse_token_ids, read_prompt,
+from .common import (Printer, add_model_args, add_sampling_args, consume, load, parse_token_ids, read_prompt,
                      sampling_params, seeded_rng, stats_line)
 
 
@@ -35,48 +37,39 @@ def add_command(sub) -> None:
     g.set_defaults(func=run_generate)
 
 
-class ExplainedSession(Session):
-    """A Session that keeps the logits the next token is sampled from (for --explain)."""
-
-    def feed(self, ids: list[int]) -> np.ndarray:
-        self.last_logits = super().feed(ids)
-        return self.last_logits
-
-
 class Explainer:
     """--explain: for each generated token, the top-k candidates by model probability, with the
     probability the sampler gave each after its filters, and the token chosen."""
 
-    def __init__(self, session: ExplainedSession, params: SamplingParams, tokenizer, k: int, as_json: bool):
+    def __init__(self, tokenizer, k: int, as_json: bool):
         if k < 1:
             raise Llama3Error(f"--explain takes a number of candidates >= 1, got {k}")
-        self.session, self.params, self.tokenizer, self.k, self.as_json = session, params, tokenizer, k, as_json
-        self.generated: list[int] = []
+        self.tokenizer, self.k, self.as_json = tokenizer, k, as_json
+        self.n = 0
         # The model's own distribution: every sampling filter off.
         self.plain = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
 
     def text(self, token: int) -> str:
         return self.tokenizer.decode([token]) if self.tokenizer is not None else f"<{token}>"
 
-    def __call__(self, token: int) -> None:
-        logits = self.session.last_logits
-        # Called before `token` is fed: the window is the one sample() saw when drawing it.
-        sampled = sampling_probs(logits, self.params, self.session.recent_ids())
+    def __call__(self, step: Step) -> None:
+        token, logits = step.token, step.logits
+        sampled = step.probs()
         p = sampling_probs(logits, self.plain)
         order = np.argsort(-logits, kind="stable")  # most probable first, lower id first on ties
         rank_of = np.empty(order.size, dtype=np.int64)
         rank_of[order] = np.arange(1, order.size + 1)
         rank = int(rank_of[token])
-        self.generated.append(token)
+        self.n += 1
         shown = [int(t) for t in order[:self.k]] + ([token] if rank > self.k else [])
         rows = [{"rank": int(rank_of[t]), "id": t, "token": self.text(t),
                  "logit": float(logits[t]), "p": float(p[t]), "sampled_p": float(sampled[t])} for t in shown]
         if self.as_json:
-            sys.stdout.write(json.dumps({"step": len(self.generated), "id": token, "token": self.text(token),
+            sys.stdout.write(json.dumps({"step": self.n, "id": token, "token": self.text(token),
                                          "rank": rank, "p": float(p[token]), "sampled_p": float(sampled[token]),
                                          "top": rows}, ensure_ascii=False) + "\n")
             return
-        lines = [f"#{len(self.generated)}  chose {json.dumps(self.text(token), ensure_ascii=False)} "
+        lines = [f"#{self.n}  chose {json.dumps(self.text(token), ensure_ascii=False)} "
                  f"(id {token}, rank {rank}, p {p[token]:.4f}, sampled p {sampled[token]:.4f})"]
         for r in rows:
             mark = "  <- chosen" if r["id"] == token else ""
@@ -94,6 +87,8 @@ def run_generate(args) -> int:
         raise Llama3Error("give a prompt: -p TEXT, -f FILE or --tokens 1,2,3")
     if args.system is not None and not args.chat:
         raise Llama3Error("--system goes with --chat")
+    if args.ignore_eos and args.chat:
+        raise Llama3Error("--ignore-eos does not go with --chat: a chat answer ends at its end-of-turn token")
     loaded = load(args, need_tokenizer=args.tokens is None)
     if args.tokens is not None:
         if args.chat:
@@ -115,11 +110,13 @@ def run_generate(args) -> int:
     # The cache needs room for the prompt and the new tokens, never more than the context.
     cache_len = ctx if args.n_predict < 0 else min(ctx, len(prompt) + args.n_predict)
     explain = args.explain is not None
-    session = (ExplainedSession if explain else Session)(loaded.checkpoint.weights, loaded.config, cache_len)
-    stop_ids = loaded.stop_ids(chat=args.chat)
+    session = Session(loaded.weights, loaded.config, cache_len)
+    stop_ids = loaded.stop_ids()
     printer = None if args.json or explain else Printer(loaded.tokenizer, stop_ids)
-    on_token = Explainer(session, params, loaded.tokenizer, args.explain, args.json) if explain else printer
-    out = session.generate(prompt, params, rng, args.n_predict, stop_ids, on_token=on_token)
+    on_step = Explainer(loaded.tokenizer, args.explain, args.json) if explain else printer or (lambda step: None)
+    # --ignore-eos: the end-of-generation tokens are never drawn, so nothing stops the generation early.
+    stop, suppressed = ((), stop_ids) if args.ignore_eos else (stop_ids, ())
+    out = consume(session.generate(prompt, params, rng, args.n_predict, stop, suppressed), on_step)
 
     if args.json:
         result = {

@@ -1,4 +1,4 @@
-"""Chat formats as data: how a dialog becomes token ids, and which tokens end the assistant's turn.
+"""Chat formats as data: how a dialog becomes token ids, and which tokens may close a message.
 
 A format is a few sequences of parts. A part that names one of the tokenizer's special tokens
 becomes that token's id; any other part is text, filled in (`{role}`, `{content}`) and encoded on
@@ -25,7 +25,9 @@ class ChatFormat:
     begin: tuple[str, ...]              # before the first message
     message: tuple[str, ...]            # one message, with "{role}" and "{content}" to fill in
     generation_prompt: tuple[str, ...]  # opens the assistant's reply
-    stop: tuple[str, ...]               # special tokens that end the assistant's reply
+    # Special tokens that may close an assistant's reply in place of the one `message` ends with:
+    # when the model ends its reply with one of these, the dialog keeps it.
+    reply_ends: tuple[str, ...] = ()
     roles: dict[str, str] = field(default_factory=dict)  # role names the format spells differently
     default_system: str | None = None   # the system message of a dialog that brings none
 
@@ -36,7 +38,9 @@ LLAMA3 = ChatFormat(
     begin=("<|begin_of_text|>",),
     message=("<|start_header_id|>", "{role}", "<|end_header_id|>", "\n\n", "{content}", "<|eot_id|>"),
     generation_prompt=("<|start_header_id|>", "assistant", "<|end_header_id|>", "\n\n"),
-    stop=("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"),
+    # Meta's ChatFormat closes a reply whose stop reason is end_of_message (the model produced
+    # <|eom_id|>, as after a tool call) with <|eom_id|>, every other reply with <|eot_id|>.
+    reply_ends=("<|eom_id|>",),
     roles={"tool": "ipython"},
 )
 
@@ -46,7 +50,6 @@ CHATML = ChatFormat(
     begin=(),
     message=("<|im_start|>", "{role}\n{content}", "<|im_end|>", "\n"),
     generation_prompt=("<|im_start|>", "assistant\n"),
-    stop=("<|im_end|>", "<|endoftext|>"),
 )
 
 # A chat template that writes a fixed system message (when the dialog has none) holds it as a
@@ -79,23 +82,30 @@ def encode_dialog(tok: Tokenizer, messages: list[dict], add_generation_prompt: b
     return ids + (_render(tok, fmt.generation_prompt) if add_generation_prompt else [])
 
 
-def encode_turn(tok: Tokenizer, messages: list[dict], fmt: ChatFormat | None = None) -> list[int]:
+def encode_turn(tok: Tokenizer, messages: list[dict], fmt: ChatFormat | None = None,
+                reply_end: int | None = None) -> list[int]:
     """Ids that continue a dialog after the assistant's reply: the end of that reply, the new
-    messages and the next assistant header. The reply's own ids (up to, not including, the stop
-    token that ended it) are already in the cache, so earlier turns are not encoded again."""
+    messages and the next assistant header. The reply's own ids are already in the cache, so
+    earlier turns are not encoded again.
+
+    `reply_end` is the token that ended the reply, if a stop token did: when it is the format's
+    end of a message or one of its `reply_ends` (Llama 3: <|eot_id|>, <|eom_id|>), the dialog keeps
+    it. A reply that ended any other way (a length limit, an interruption, <|end_of_text|>) is
+    closed with the format's usual end, as Meta's ChatFormat closes a reply whose stop reason is
+    out_of_tokens.
+    """
     fmt = fmt or chat_format_for(tok)
     content_at = next(i for i, part in enumerate(fmt.message) if "{content}" in part)
-    ids = _render(tok, fmt.message[content_at + 1:])
+    ids = _render(tok, fmt.message[content_at + 1:])  # [the usual end of a message, ...]
+    if reply_end is not None and reply_end in _special_ids(tok, (fmt.message[content_at + 1],) + fmt.reply_ends):
+        ids[0] = reply_end
     for m in _checked(messages):
         ids += _render(tok, fmt.message, role=fmt.roles.get(m["role"], m["role"]), content=m["content"])
     return ids + _render(tok, fmt.generation_prompt)
 
 
-def stop_ids(tok: Tokenizer, fmt: ChatFormat | None = None) -> frozenset[int]:
-    """Ids that end the assistant's reply: the format's stop tokens and the tokenizer's EOS."""
-    fmt = fmt or chat_format_for(tok)
-    ids = {tok.special_tokens[name] for name in fmt.stop if name in tok.special_tokens}
-    return frozenset(ids | ({tok.eos_id} if tok.eos_id is not None else set()))
+def _special_ids(tok: Tokenizer, names: tuple[str, ...]) -> set[int]:
+    return {tok.special_tokens[name] for name in names if name in tok.special_tokens}
 
 
 def _render(tok: Tokenizer, parts: tuple[str, ...], **fields: str) -> list[int]:

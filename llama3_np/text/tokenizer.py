@@ -40,6 +40,12 @@ LLAMA3_SPECIAL_TOKENS = [
     "<|image|>",
 ] + [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - 12)]
 
+# The special tokens that end a generation wherever a vocabulary has them: Llama 3's end of text,
+# end of message and end of turn (Meta's `Tokenizer.stop_tokens`, in completion as in chat), and
+# ChatML's end of turn and end of text (the default model). llama.cpp builds its end-of-generation
+# set from the same token texts (`llama_vocab::impl::load` in src/llama-vocab.cpp).
+END_OF_GENERATION = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>", "<|im_end|>", "<|endoftext|>")
+
 # Meta's tokenizer hands tiktoken at most this many characters at a time ...
 MAX_CHUNK_CHARS = 400_000
 # ... and cuts every run of whitespace, or of non-whitespace, after this many characters.
@@ -119,6 +125,13 @@ class Tokenizer:
         if name not in self.special_tokens:
             raise Llama3Error(f"{self.name}: no special token {name!r} in this tokenizer")
         return self.special_tokens[name]
+
+    @property
+    def end_of_generation_ids(self) -> frozenset[int]:
+        """Ids that end a generation: the tokens of `END_OF_GENERATION` this vocabulary has as
+        special tokens, and its EOS (for Llama 3: 128001, 128008, 128009)."""
+        ids = {self.special_tokens[name] for name in END_OF_GENERATION if name in self.special_tokens}
+        return frozenset(ids | ({self.eos_id} if self.eos_id is not None else set()))
 
     def _special(self, what: str, token_id: int | None) -> int:
         if token_id is None:

@@ -167,10 +167,10 @@ def run_generations(session_factory, prompt: list[int], new: int, runs: int):
     """Median prefill and decode speeds of `runs` greedy generations after one short warm-up."""
     greedy = SamplingParams(temperature=0)
     rng = np.random.default_rng(0)
-    session_factory().generate(prompt[:16], greedy, rng, max_new=min(new, 4))
+    session_factory().generate(prompt[:16], greedy, rng, max_new=min(new, 4)).run()
     prefill, decode, ids = [], [], []
     for _ in range(runs):
-        out = session_factory().generate(prompt, greedy, rng, max_new=new)
+        out = session_factory().generate(prompt, greedy, rng, max_new=new).run()
         prefill.append(out.prefill_tokens_per_second)
         decode.append(out.decode_tokens_per_second)
         ids = out.ids
@@ -182,11 +182,11 @@ def bench(path, dtype: str = "float32", prompt_tokens: int = 512, new_tokens: in
     from ..formats.checkpoint import load_checkpoint
 
     if prompt_tokens < 1:
-        raise ParameterError("prompt_tokens", f"must be at least 1 token, got {prompt_tokens}")
+        raise ParameterError("prompt_tokens", f"prompt_tokens must be at least 1 token, got {prompt_tokens}")
     if new_tokens < 2:
-        raise ParameterError("new_tokens", f"must be at least 2 (the first token comes from the prefill), got {new_tokens}")
+        raise ParameterError("new_tokens", f"new_tokens must be at least 2 (the first token comes from the prefill), got {new_tokens}")
     if runs < 1:
-        raise ParameterError("runs", f"must be at least 1, got {runs}")
+        raise ParameterError("runs", f"runs must be at least 1, got {runs}")
     load_average = os.getloadavg()[0]
     t0 = time.perf_counter()
     checkpoint = load_checkpoint(path, dtype=dtype, rope_factor=rope_factor)

@@ -114,9 +114,9 @@ def compare_dumps(path_a, path_b, nmse_tol: float = DEFAULT_NMSE_TOL,
                   rel_tol: Optional[float] = None) -> Comparison:
     """Every common stage of dump A against reference dump B, in model order."""
     if not (nmse_tol >= 0 and math.isfinite(nmse_tol)):
-        raise ParameterError("nmse_tol", f"must be a number >= 0, got {nmse_tol}")
+        raise ParameterError("nmse_tol", f"nmse_tol must be a number >= 0, got {nmse_tol}")
     if rel_tol is not None and not (rel_tol >= 0 and math.isfinite(rel_tol)):
-        raise ParameterError("rel_tol", f"must be a number >= 0, got {rel_tol}")
+        raise ParameterError("rel_tol", f"rel_tol must be a number >= 0, got {rel_tol}")
     a, b = read_dump(path_a), read_dump(path_b)
     check_comparable(a, b)
     names_b = set(b.names)

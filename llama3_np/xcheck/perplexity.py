@@ -43,14 +43,14 @@ DEFAULT_CTX = 512  # the context llama.cpp's published perplexities use
 def windows(ids: list[int], ctx: int, bos_id: Optional[int], chunks: Optional[int] = None) -> list[list[int]]:
     """The windows of `ctx` tokens that are scored (first token replaced by BOS if given)."""
     if ctx < 4:
-        raise ParameterError("ctx", f"must be at least 4, got {ctx}")
+        raise ParameterError("ctx", f"ctx must be at least 4, got {ctx}")
     if len(ids) < 2 * ctx:
-        raise ParameterError("ctx", f"{ctx} needs at least {2 * ctx} tokens of text (two windows) and the "
-                                    f"text has {len(ids)}: give a longer text or a smaller context")
+        raise ParameterError("ctx", f"a context of {ctx} needs at least {2 * ctx} tokens of text (two "
+                                    f"windows) and the text has {len(ids)}: give a longer text or a smaller context")
     n = len(ids) // ctx
     if chunks is not None:
         if chunks < 1:
-            raise ParameterError("chunks", f"must be >= 1, got {chunks}")
+            raise ParameterError("chunks", f"chunks must be >= 1, got {chunks}")
         n = min(n, chunks)
     out = [list(ids[i * ctx:(i + 1) * ctx]) for i in range(n)]
     if bos_id is not None:
@@ -165,7 +165,7 @@ def run_perplexity(weights: Mapping[str, np.ndarray], config: ModelConfig, ids: 
     """
     batch = ctx if batch is None else batch
     if batch < 1:
-        raise ParameterError("batch", f"must be >= 1, got {batch}")
+        raise ParameterError("batch", f"batch must be >= 1, got {batch}")
     wins = windows(ids, ctx, bos_id, chunks)
     result = Result(ctx, list(ids[:len(wins) * ctx]))
     first = first_scored(ctx)

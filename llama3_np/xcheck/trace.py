@@ -36,7 +36,7 @@ def parse_layers(text: Optional[str], n_layers: int) -> list[int]:
             first, _, last = part.partition("-")
             layers.update(range(int(first), int(last or first) + 1))
     except ValueError:
-        raise ParameterError("layers", f"takes layer numbers and ranges like 0,3,10-12, got {text!r}") from None
+        raise ParameterError("layers", f"layers takes layer numbers and ranges like 0,3,10-12, got {text!r}") from None
     bad = sorted(i for i in layers if not 0 <= i < n_layers)
     if bad or not layers:
         raise ParameterError("layers", f"{text!r}: the model has layers 0 to {n_layers - 1}")

@@ -143,9 +143,14 @@ def test_streamed_multibyte_characters_arrive_intact(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args,fragments", [
     (["generate", "-m", str(PARITY), "--tokens", "1", "--temp", "hot"], ["--temp", "invalid float value"]),
-    (["generate", "-m", str(PARITY), "--tokens", "1", "--top-p", "0"], ["--top-p must be in (0, 1]"]),
+    (["generate", "-m", str(PARITY), "--tokens", "1", "--top-p", "0"], ["--top-p: top_p must be in (0, 1]"]),
     (["generate", "-m", str(PARITY), "--tokens", "1", "--top-k", "-2"], ["--top-k"]),
-    (["generate", "-m", str(PARITY), "--tokens", "1", "-n", "0"], ["-n must be >= 1"]),
+    (["generate", "-m", str(PARITY), "--tokens", "1", "--temp", "-1"], ["--temp: temperature must be >= 0"]),
+    # --samplers is checked before the model loads: the missing folder is not what is reported
+    (["generate", "-m", "/no/such/folder", "-p", "hi", "--samplers", "top_k;foo"], ["--samplers", "unknown sampler 'foo'"]),
+    (["generate", "-m", "/no/such/folder", "-p", "hi", "--samplers", "top_k;temp;top-k"], ["--samplers", "'top_k' is given twice"]),
+    (["chat", "-m", "/no/such/folder", "--samplers", "xtc"], ["--samplers", "'xtc'", "not implemented"]),
+    (["generate", "-m", str(PARITY), "--tokens", "1", "-n", "0"], ["-n: max_new must be >= 1"]),
     (["generate", "-m", str(PARITY), "--tokens", "1", "--seed", "-1"], ["--seed"]),
     (["generate", "-m", str(PARITY), "--tokens", "1", "--dtype", "int8"], ["--dtype", "invalid choice"]),
     (["generate", "-m", "/no/such/folder", "-p", "hi"], ["/no/such/folder", "does not exist"]),

@@ -1,6 +1,7 @@
 """tools/import_gguf.py: every tensor type it must read comes out in NumPy's row-major shape (GGUF
 lists dimensions the other way round), and a GGUF that is not a Llama 3 model is refused clearly."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def test_llama3_rope_factors_match_llama_models_for_llama_3_1_8b():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"pre": "qwen2"}, "tokenizer.ggml.pre is 'qwen2'; llama3_np knows llama-bpe, smollm"),
+    ({"pre": "qwen2"}, "tokenizer.ggml.pre is 'qwen2'; llama3_np knows smollm and Llama 3's (llama-bpe, llama3, llama-v3"),
     ({"arch": "gpt2"}, "general.architecture is 'gpt2'; llama3_np imports 'llama' models only"),
     ({"rope_freqs": np.full(4, 2.0, np.float32)}, "tensor 'rope_freqs.weight' is not Llama 3 rope scaling"),
 ])
@@ -118,3 +119,52 @@ def test_import_refuses_to_overwrite_and_main_reports_one_line(tmp_path, capsys)
                                       "pass --force to replace it\n"
     assert import_gguf.main([str(tmp_path / "m.gguf"), str(tmp_path / "out"), "--force"]) == 0
     assert not (tmp_path / "out" / "keep").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+# --- tokenizer metadata, read as llama.cpp reads it (src/llama-vocab.cpp, llama_vocab::impl::load) ---
+
+def _imported_tokenizer(tmp_path, **kwargs):
+    from llama3_np.text.tokenizer import load_tokenizer
+
+    out = import_gguf.import_gguf(_gguf(tmp_path, **kwargs), tmp_path / "out")
+    return load_tokenizer(out), out
+
+
+@pytest.mark.parametrize("pre,add_bos,expected", [
+    ("llama-bpe", None, True),    # no key: llama.cpp's default for its Llama 3 pre-tokenizer adds BOS
+    ("llama-bpe", False, False),  # the key decides when present
+    ("llama-bpe", True, True),
+    ("smollm", None, False),      # the other pre-tokenizers: no BOS unless the key says so
+])
+def test_add_bos_follows_the_key_else_llama_cpp_default_for_the_pre_tokenizer(tmp_path, pre, add_bos, expected):
+    tok, _ = _imported_tokenizer(tmp_path, pre=pre, add_bos=add_bos)
+    bos = tok.encode_special("<|begin_of_text|>")
+    assert tok.add_bos is expected
+    assert (tok.encode("hea")[:1] == [bos]) is expected
+
+
+@pytest.mark.parametrize("pre", import_gguf.LLAMA3_PRE_NAMES)
+def test_every_llama_cpp_spelling_of_the_llama3_pre_tokenizer_imports_as_llama_bpe(tmp_path, pre):
+    tok, out = _imported_tokenizer(tmp_path, pre=pre, add_bos=None)
+    (tmp_path / "ref").mkdir()
+    reference, _ = _imported_tokenizer(tmp_path / "ref", pre="llama-bpe", add_bos=None)
+    assert json.loads((out / "tokenizer.json").read_text())["pre_tokenizer"]["pretokenizers"][0]["pattern"] == \
+        {"Regex": import_gguf.LLAMA3_PATTERN}
+    text = "he said: 'I'M here' 12345\n\n"
+    assert tok.add_bos and tok.encode(text) == reference.encode(text)
+
+
+def test_end_of_generation_ids_found_in_the_vocabulary_are_written(tmp_path):
+    """The metadata names only eos = <|eot_id|>; like llama.cpp's end-of-generation set, the imported
+    folder lists <|end_of_text|> and <|eom_id|> as well, and a folder loads with all three."""
+    from llama3_np.formats.checkpoint import load_checkpoint
+    from llama3_np.generation import end_of_generation_ids
+
+    specials = fixtures.SPECIALS[:5] + ["<|eom_id|>"] + fixtures.SPECIALS[6:]
+    tok, out = _imported_tokenizer(tmp_path, specials=specials)
+    names = ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"]
+    ids = [tok.encode_special(name) for name in names]
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == ids[0]
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == ids
+    assert load_checkpoint(out).eos_ids == tuple(ids)
+    assert end_of_generation_ids(tok, load_checkpoint(out).eos_ids) == set(ids)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llama3_np.text.chat import CHATML, LLAMA3, chat_format_for, encode_dialog, encode_turn, stop_ids
+from llama3_np.text.chat import CHATML, LLAMA3, chat_format_for, encode_dialog, encode_turn
 from llama3_np.errors import Llama3Error
 from llama3_np.text.tokenizer import GPT2_PATTERN, Tokenizer
 from tests.text.test_tokenizer_assets import TOKENIZERS, first_difference, fixture, llama3
@@ -40,10 +40,13 @@ def test_formats_are_chosen_by_the_checkpoint():
         encode_dialog(tiny, [{"role": "user", "content": "hi"}], fmt=CHATML)
 
 
-def test_stop_ids():
-    assert stop_ids(llama3()) == {128001, 128008, 128009} == set(fixture("llama3_reference.json")["stop_tokens"])
+def test_end_of_generation_ids():
+    """Llama 3: Meta's `Tokenizer.stop_tokens`; the default model (ChatML): its end of turn and
+    its end of text, the tokens llama.cpp's end-of-generation set holds for its vocabulary."""
+    assert llama3().end_of_generation_ids == {128001, 128008, 128009} == \
+        set(fixture("llama3_reference.json")["stop_tokens"])
     default = TOKENIZERS["default"]()
-    assert stop_ids(default) == {default.encode_special("<|im_end|>"), default.encode_special("<|endoftext|>")}
+    assert default.end_of_generation_ids == {default.encode_special("<|im_end|>"), default.encode_special("<|endoftext|>")}
 
 
 def test_llama3_dialog_layout():
@@ -112,3 +115,20 @@ def test_malformed_messages_are_user_errors():
     for bad in ([{"role": "user"}], [{"role": "user", "content": 3}], ["hello"]):
         with pytest.raises(Llama3Error, match="chat message 0"):
             encode_dialog(llama3(), bad)
+
+
+@pytest.mark.parametrize("ended_by,stop_reason", [
+    ("<|eot_id|>", "end_of_turn"), ("<|eom_id|>", "end_of_message"),
+    (None, "out_of_tokens"), ("<|end_of_text|>", "out_of_tokens"),
+])
+def test_a_reply_is_closed_as_meta_chat_format_closes_it(ended_by, stop_reason):
+    """The first turn, the reply's ids and `encode_turn` (given the token that ended the reply) make
+    the ids Meta's ChatFormat gives the whole dialog: <|eom_id|> stays <|eom_id|>, a reply cut short
+    (a length limit, Ctrl-C) or ended by <|end_of_text|> is closed with <|eot_id|>."""
+    tok, ref = llama3(), fixture("llama3_turns.json")
+    turns = ref["turns"]
+    end = None if ended_by is None else tok.encode_special(ended_by)
+    ids = encode_dialog(tok, turns["first"]) + tok.encode(turns["reply"], bos=False) + \
+        encode_turn(tok, turns["second"], reply_end=end)
+    want = ref["ids"][stop_reason]
+    assert ids == want, f"{first_difference(ids, want)} ({ref['producer']})"
