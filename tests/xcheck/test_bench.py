@@ -117,9 +117,9 @@ def test_bench_report_names_every_figure(tiny_checkpoint, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--new", "1"], "--new must be at least 2"),
-    (["--prompt", "0"], "--prompt must be at least 1"),
-    (["--runs", "0"], "--runs must be at least 1"),
+    (["--new", "1"], "--new: new_tokens must be at least 2"),
+    (["--prompt", "0"], "--prompt: prompt_tokens must be at least 1"),
+    (["--runs", "0"], "--runs: runs must be at least 1"),
     (["--prompt", "60", "--new", "10"], "exceeds the model's context of 64"),
 ])
 def test_bench_flags_out_of_range_are_clear_errors(tiny_checkpoint, capsys, flags, message):
