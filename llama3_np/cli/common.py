@@ -1,5 +1,6 @@
 """What the commands share: the flags they have in common, reading a prompt, loading the model of
-`-m`, and the table that turns a library parameter's name into the flag that sets it.
+`-m`, the table that turns a library parameter's name into the flag that sets it, streaming text,
+and what Ctrl-C means during a generation (`consume`).
 
 This module defines no command; every command module imports it and the library, never another
 command.
