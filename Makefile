@@ -52,9 +52,9 @@ tools: $(VENV)/.installed-tools
 
 # Rebuild every committed fixture: the torch reference dumps (tests/fixtures/parity/), the
 # tokenizer reference ids (Meta, llama.cpp), the checkpoint-format fixtures, the default
-# model's transformers continuations, its cross-checking dump and perplexity
-# (tests/fixtures/xcheck/), and the sampler chains of llama.cpp and transformers
-# (tests/fixtures/sampling/). Each directory's README.md says how its files were made.
+# model's transformers continuations, its cross-checking dump, perplexity and the calibration of
+# compare's default tolerance (tests/fixtures/xcheck/), and the sampler chains of llama.cpp and
+# transformers (tests/fixtures/sampling/). Each directory's README.md says how its files were made.
 fixtures: tools
 	$(BIN)/python tools/make_reference_dumps.py
 	$(BIN)/python tools/make_tokenizer_fixtures.py
@@ -65,6 +65,7 @@ fixtures: tools
 	    --stages embed 'layers.0.*' 'layers.29.*' 'layers.*.out' norm logits -o tests/fixtures/xcheck/default_hf.safetensors
 	$(BIN)/python tools/make_perplexity_reference.py
 	$(BIN)/python tools/make_sampler_fixtures.py
+	$(BIN)/python tools/calibrate_compare.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -98,6 +98,8 @@ def main(argv=None) -> int:
         raise Llama3Error(f"-o {args.output}: folder {output.parent} does not exist")
     config = from_hf_config(json.loads((checkpoint / "config.json").read_text()))
     inputs = resolve_inputs(args, config, lambda text: load_tokenizer(checkpoint).encode(text), checkpoint)
+    for note in inputs.notes:
+        print(f"note: {note}", file=sys.stderr)
     names = stage_shapes(config, len(inputs.tokens), probs=False)  # the references record no probs
     globs = check_globs(args.stages, names) if args.stages is not None else ["*"]
 
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
         stages, extra = meta_stages(checkpoint, inputs, config, dtype)
     extra["producer"] += f" {args.dtype}"
     stages = {k: v for k, v in stages.items() if any(fnmatch.fnmatchcase(k, g) for g in globs)}
-    metadata = dump_metadata(config, inputs, args.dtype, torch=torch.__version__, **extra)
+    metadata = dump_metadata(config, inputs, args.dtype, format="hf", torch=torch.__version__, **extra)
     write_dump(output, stages, metadata)
     print(f"wrote {len(stages)} stages of {len(inputs.tokens)} tokens from {extra['producer']} to {output}")
     return 0

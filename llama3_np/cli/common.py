@@ -24,7 +24,7 @@ from ..load import DEFAULT_CTX, LoadedModel, load_model
 from ..sampling import DEFAULT_SAMPLERS, SAMPLER_ORDERS, SamplingParams, parse_samplers
 from ..text.tokenizer import StreamDecoder
 from ..xcheck.bench import peak_rss_mb
-from ..xcheck.dump import Inputs, read_dump
+from ..xcheck.dump import Inputs, config_differences, describe_differences, read_dump
 
 # Library parameter -> the flag that sets it. A ParameterError about one of these is reported with
 # the flag in front.
@@ -88,7 +88,8 @@ def add_input_args(p: argparse.ArgumentParser, what: str) -> None:
     src.add_argument("-f", "--file", help="read the text from a UTF-8 file")
     src.add_argument("--tokens", help="comma-separated token ids (no tokenizer needed)")
     src.add_argument("--like", metavar="DUMP",
-                     help=f"{what} the tokens, positions and KV-cache context recorded in another dump file")
+                     help=f"{what} the tokens, positions and KV-cache context recorded in another dump file "
+                          "(of the same model, from any checkpoint format)")
     p.add_argument("--pos", type=int, metavar="N", help="rope position of the first token (default 0)")
 
 
@@ -150,12 +151,16 @@ def parse_token_ids(text: str, vocab_size: int) -> list[int]:
 
 
 def load_with_inputs(args) -> tuple[LoadedModel, Inputs]:
-    """The model of -m (with its tokenizer when the input is text) and the inputs to run."""
+    """The model of -m (with its tokenizer when the input is text) and the inputs to run; what
+    the user should know about them (`Inputs.notes`) goes to stderr."""
     if args.prompt is None and args.file is None and args.tokens is None and args.like is None:
         raise Llama3Error("give the input: -p TEXT, -f FILE, --tokens 1,2,3 or --like DUMP")
     loaded = load(args, need_tokenizer=args.prompt is not None or args.file is not None)
     encode = loaded.tokenizer.encode if loaded.tokenizer is not None else None
-    return loaded, resolve_inputs(args, loaded.config, encode, loaded.checkpoint.path)
+    inputs = resolve_inputs(args, loaded.config, encode, loaded.checkpoint.path)
+    for note in inputs.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return loaded, inputs
 
 
 def resolve_inputs(args, config: ModelConfig, encode: Optional[Callable[[str], list[int]]], model) -> Inputs:
@@ -171,10 +176,13 @@ def resolve_inputs(args, config: ModelConfig, encode: Optional[Callable[[str], l
     pos = args.pos or 0
     if args.like is not None:
         like = read_dump(args.like)
-        if like.config() not in (None, config):
+        in_math, outside = config_differences(like.config(), config) if like.config() is not None else ({}, {})
+        if in_math:
             raise Llama3Error(f"--like {args.like} was made from a different model than {model} "
-                              "(the configs in its metadata differ): pass the same checkpoint")
+                              f"(config {describe_differences(in_math)}): pass the same checkpoint")
         inputs = like.inputs()
+        inputs.notes = [f"the config recorded in --like {args.like} differs from {model}'s only in what no "
+                        f"stage computes: {describe_differences(outside)}"] if outside else []
         if not inputs.tokens:
             raise Llama3Error(f"--like {args.like}: its metadata has no 'tokens' to run")
     elif args.tokens is not None:

@@ -40,7 +40,8 @@ def run(args) -> int:
     trace = Trace(globs)
     run_forward(loaded.weights, loaded.config, inputs, trace)
     write_dump(output, dict(trace), dump_metadata(loaded.config, inputs, "float32",
-                                                  residency=loaded.checkpoint.dtype))
+                                                  residency=loaded.checkpoint.dtype,
+                                                  format=loaded.checkpoint.format))
     size = output.stat().st_size
     print(f"wrote {len(trace)} stages of {len(inputs.tokens)} tokens ({size / 1e6:.1f} MB) to {output}")
     return 0

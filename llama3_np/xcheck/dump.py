@@ -6,13 +6,19 @@ committed parity fixtures, and any other implementation that wants to be compare
 `llama3-np compare`:
 
     a safetensors file, one float32 tensor per stage, named and shaped as `llama3_np.stages`
-    says (q/k in Meta's interleaved rope layout), and the string metadata of `METADATA`.
+    says (q/k in Meta's interleaved rope layout), and the string metadata of `METADATA`; llama3_np
+    adds residency (how it kept the weights: float32 or bfloat16) and format (of the checkpoint
+    folder: hf or meta).
+
+Two dumps record the same computation when their inputs (config, tokens, positions, context)
+agree; config fields no stage reads (`CONFIG_FIELDS_OUTSIDE_THE_MATH`) may differ, so that dumps
+of the same weights from a Hugging Face and a Meta folder compare (`metadata_differences`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -38,6 +44,13 @@ METADATA = {
 }
 # The keys that say which computation a dump records: two dumps to compare must agree on them.
 INPUT_KEYS = ("config", "tokens", "pos", "context_tokens", "context_pos")
+# ModelConfig fields that no stage of a forward pass reads: how a checkpoint stores its output
+# projection (a Meta folder keeps a copy of the embeddings where a Hugging Face folder says
+# tie_word_embeddings) and the context it was trained for. Every other field changes the math.
+CONFIG_FIELDS_OUTSIDE_THE_MATH = ("tie_embeddings", "max_seq_len")
+# Metadata that names who made a dump, shown beside its path rather than listed as a difference.
+PRODUCER_KEYS = ("producer", "dtype")
+
 
 
 @dataclass
@@ -49,6 +62,7 @@ class Inputs:
     pos: int
     context: list[int]
     context_pos: int
+    notes: list[str] = field(default_factory=list)  # what the user should know (printed on stderr)
 
     def check(self, config: ModelConfig) -> None:
         """Raise Llama3Error unless there are tokens, all in the vocabulary, at positions >= 0."""
@@ -80,6 +94,60 @@ def run_forward(weights: Mapping[str, np.ndarray], config: ModelConfig, inputs: 
 def format_shape(shape) -> str:
     """(5, 576) -> '[5, 576]'."""
     return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Do two dumps record the same computation?
+
+
+def config_differences(a: ModelConfig, b: ModelConfig) -> tuple[dict, dict]:
+    """The fields in which two configs differ, {field: (value in a, value in b)}, split into those
+    that change the math and those no stage reads (`CONFIG_FIELDS_OUTSIDE_THE_MATH`)."""
+    da, db = a.to_dict(), b.to_dict()
+    differ = {k: (da[k], db[k]) for k in da if da[k] != db[k]}
+    in_math = {k: v for k, v in differ.items() if k not in CONFIG_FIELDS_OUTSIDE_THE_MATH}
+    return in_math, {k: v for k, v in differ.items() if k in CONFIG_FIELDS_OUTSIDE_THE_MATH}
+
+
+def describe_differences(differences: dict) -> str:
+    """`{"dim": (64, 32)}` -> `dim 64 vs 32`."""
+    return "; ".join(f"{k} {json.dumps(va)} vs {json.dumps(vb)}" for k, (va, vb) in differences.items())
+
+
+def metadata_differences(a: Dump, b: Dump) -> dict[str, tuple[str, str]]:
+    """The metadata in which dumps `a` and `b` differ without recording different computations,
+    {key: (value in a, value in b)}: config fields outside the math (as `config.<field>`) and
+    other keys both files have (residency, format, a reference's settings), except the producer
+    and dtype (`PRODUCER_KEYS`), which say who made each file.
+
+    Raises Llama3Error when they record different computations: the config's math (dimensions,
+    norm eps, rope), the tokens, the positions or the KV-cache context differ.
+    """
+    listed: dict[str, tuple[str, str]] = {}
+    for key in INPUT_KEYS:
+        if key not in a.metadata or key not in b.metadata:
+            continue
+        if key == "config":
+            in_math, outside = config_differences(a.config(), b.config())
+            same = not in_math
+            listed.update({f"config.{k}": tuple(json.dumps(v) for v in values) for k, values in outside.items()})
+            shown = describe_differences(in_math)
+        elif key in ("tokens", "context_tokens"):
+            same = a.json_list(key) == b.json_list(key)
+        else:
+            same = a.integer(key, 0) == b.integer(key, 0)
+        if not same:
+            shown = shown if key == "config" else f"{_short(a.metadata[key])} vs {_short(b.metadata[key])}"
+            raise Llama3Error(f"{a.path} and {b.path} record different inputs: metadata {key!r} differs "
+                              f"({shown}); dump the same model on the same tokens")
+    for key in sorted(set(a.metadata) & set(b.metadata)):
+        if key not in INPUT_KEYS and key not in PRODUCER_KEYS and a.metadata[key] != b.metadata[key]:
+            listed[key] = (a.metadata[key], b.metadata[key])
+    return listed
+
+
+def _short(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,23 +60,24 @@ def test_dump_like_a_parity_fixture_agrees_with_it(tmp_path, capsys, ref, case):
     for key in ("config", "tokens", "pos", "context_tokens", "context_pos"):
         assert json.loads(mine[key]) == json.loads(theirs[key]), key
     assert mine["producer"].startswith("llama3_np ") and mine["dtype"] == "float32"
-    assert mine["residency"] == "float32"
+    assert mine["residency"] == "float32" and mine["format"] == "hf"
 
 
-def test_default_model_dump_equals_hugging_face_at_the_parity_tolerance(tmp_path, capsys):
+def test_default_model_dump_agrees_with_hugging_face_at_compare_s_default_tolerance(tmp_path, capsys):
     """The committed Hugging Face float32 dump of the default model (tools/torch_dump.py, see
-    tests/fixtures/xcheck/README.md) against `llama3-np dump` of the same tokens."""
+    tests/fixtures/xcheck/README.md) against `llama3-np dump` of the same tokens: no divergence at
+    the default tolerance, whose margin over this noise tools/calibrate_compare.py measures."""
     fixture = XCHECK / "default_hf.safetensors"
     out = tmp_path / "ours.safetensors"
     code, _, err = run_cli(capsys, "dump", "-m", default_model(), "--like", fixture, "-o", out)
     assert code == 0, err
-    code, table, _ = run_cli(capsys, "compare", out, fixture)
-    assert code == 0, table
+    code, report, _ = run_cli(capsys, "compare", out, fixture)
+    assert code == 0, report
+    assert report.strip().splitlines()[-1] == "verdict: agree (57 of 57 common stages within NMSE 3e-09)"
     c = compare_dumps(out, fixture)
-    assert [s.name for s in c.stages] == read_dump(fixture).names and not c.only_in_a
+    assert [s.name for s in c.stages] == read_dump(fixture).names and not c.only_in_a and not c.diverged
     worst = max(c.stages, key=lambda s: s.nmse)
     print(f"default model vs HF float32: worst stage {worst.name} NMSE {worst.nmse:.3e}")
-    assert worst.nmse <= PARITY_NMSE, f"worst stage {worst.name}: NMSE {worst.nmse:.3e}"
     assert min(s.cosine for s in c.stages) > 1 - 1e-9
 
 
