@@ -267,7 +267,11 @@ def sampling_probs(logits: np.ndarray, params: SamplingParams, recent: Iterable[
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
            recent: Iterable[int] = ()) -> int:  # [V] -> token id
-    """Draw the next token id from `sampling_probs` (no draw when a single token survives)."""
+    """Draw the next token id from `sampling_probs` (no draw when a single token survives).
+
+    logits: float32 [V], the model's for the last position; recent: the ids the repetition
+    penalty looks at; rng: consumed only when more than one token survives the filters.
+    Returns an id in 0 .. V-1. Source: llama.cpp's sampler chain (the module docstring)."""
     ids, z = survivors(logits, params, recent)
     if ids.size == 1:
         return int(ids[0])
