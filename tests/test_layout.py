@@ -166,8 +166,13 @@ def test_design_stage_table_is_the_stage_contract():
         assert row[2].startswith(operation), name
 
 
-def test_design_metadata_table_is_the_dump_metadata():
+def test_design_metadata_table_is_the_dump_metadata_and_every_dump_has_those_keys():
     assert [(r[0], r[1]) for r in design_table("Dump files")] == list(METADATA.items())
+    from llama3_np.xcheck.dump import Inputs, dump_metadata
+    from tests.helpers import tiny_config
+
+    made = dump_metadata(tiny_config(), Inputs([1, 2], 3, [], 3), "float32", residency="float32")
+    assert list(made) == [*METADATA, "residency"] and all(isinstance(v, str) for v in made.values())
 
 
 def test_design_tokenizer_search_order_is_the_tokenizer_s():

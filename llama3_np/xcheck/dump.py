@@ -52,7 +52,6 @@ CONFIG_FIELDS_OUTSIDE_THE_MATH = ("tie_embeddings", "max_seq_len")
 PRODUCER_KEYS = ("producer", "dtype")
 
 
-
 @dataclass
 class Inputs:
     """What one forward pass runs: tokens at rope position `pos`, after `context` (in the KV cache
