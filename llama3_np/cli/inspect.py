@@ -39,7 +39,7 @@ def summarize(index: CheckpointIndex) -> dict:
     stored = Counter()
     for name, plan in index.plans.items():
         stored[plan.dtype.name] += params[name] * plan.dtype.itemsize
-    # bfloat16 residency converts each matrix to float32 a block of rows at a time (model.linear);
+    # bfloat16 residency converts each matrix to float32 a block of rows at a time (linear.linear);
     # the largest such block is the float32 weight memory it needs beyond the mapped files.
     working = max(4 * plan.shape[1] * conversion_rows(*plan.shape)
                   for plan in index.plans.values() if len(plan.shape) == 2)

@@ -18,7 +18,7 @@ residencies:
   mapped, converted and released in turn, so the peak is the float32 copy plus one tensor.
 - "bfloat16": tensors stay as stored (bf16 for every released Llama 3 checkpoint), memory-mapped
   from the file wherever the file allows; the model converts them to float32 a block of rows at a
-  time (model.linear).
+  time (`llama3_np.linear`).
   Nothing is ever rounded: a float32 or float16 file stays float32 or float16. Copies are made only
   where the layout must change: HF q/k (row order) and tensors merged from Meta shards.
 """

@@ -117,7 +117,7 @@ def compare_stages(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray],
                    nmse_tol: float = DEFAULT_NMSE_TOL, rel_tol: Optional[float] = None) -> list[StageError]:
     """Every stage of `a` that `b` also has, against `b` (the reference), in model order.
 
-    a, b: stage name -> array: a dump's stages, a `model.Trace`, a torch reference's stages.
+    a, b: stage name -> array: a dump's stages, a `stages.Trace`, a torch reference's stages.
     Raises ValueError when a stage has different shapes in the two.
     """
     names = sorted((n for n in a if n in b), key=stage_order)
