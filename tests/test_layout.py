@@ -241,3 +241,13 @@ def test_every_parameter_the_library_names_has_its_flag():
 def test_every_package_folder_is_a_package_so_an_install_carries_it():
     folders = {p.parent for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
     assert not [f for f in folders if not (f / "__init__.py").is_file()]
+
+
+def test_design_lists_the_commands_the_command_line_has():
+    import argparse
+
+    from llama3_np.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    listed = re.search(r"has them: (.*?) \(README", DESIGN.read_text(), re.S).group(1)
+    assert re.findall(r"`([a-z]+)`", listed) == list(sub.choices)
