@@ -118,7 +118,11 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def softmax(x: np.ndarray) -> np.ndarray:  # [..., S] -> [..., S]
-    """exp(x - max) / sum exp(x - max) along the last axis; masked (-inf) entries become 0."""
+    """exp(x - max) / sum exp(x - max) along the last axis; masked (-inf) entries become 0.
+
+    Source: the softmax of scaled dot-product attention (arXiv 1706.03762 eq. 1), taken in float32
+    as llama-models' Attention.forward takes it.
+    """
     e = x - x.max(axis=-1, keepdims=True)
     np.exp(e, out=e)  # in place: attention's scores are the largest arrays of a prefill
     e /= e.sum(axis=-1, keepdims=True)
@@ -126,7 +130,10 @@ def softmax(x: np.ndarray) -> np.ndarray:  # [..., S] -> [..., S]
 
 
 def causal_mask(T: int, S: int) -> np.ndarray:  # -> [T, S]
-    """0 where query t (the last T of S positions) may see key s, -inf where s is in its future."""
+    """0 where query t (the last T of S positions) may see key s, -inf where s is in its future.
+
+    Source: llama-models Transformer.forward's mask (with the cached positions in front).
+    """
     future = np.arange(S)[None, :] > (S - T + np.arange(T))[:, None]
     return np.where(future, np.float32(-np.inf), np.float32(0))
 
