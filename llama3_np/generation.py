@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Mapping
 import numpy as np
 
 from .config import ModelConfig
-from .errors import Llama3Error
+from .errors import Llama3Error, ParameterError
 from .model import KVCache, forward
 from .sampling import SamplingParams, sample, sampling_probs
 
@@ -135,7 +135,7 @@ class Session:
 
     def __init__(self, weights: Mapping[str, np.ndarray], config: ModelConfig, ctx: int):
         if ctx <= 0:
-            raise Llama3Error(f"the context size (--ctx) must be positive, got {ctx}")
+            raise ParameterError("ctx", f"ctx must be positive, got {ctx}")
         self.weights, self.config = weights, config
         self.cache = KVCache(config, ctx)
         # Ids handed to the model, in order. The cache's first `length` slots hold the first
@@ -197,14 +197,13 @@ class Session:
         """
         prompt_ids = [int(i) for i in prompt_ids]
         if max_new == 0 or max_new < -1:
-            raise Llama3Error(f"the number of tokens to generate (-n) must be >= 1, or -1 for no "
-                              f"limit, got {max_new}")
+            raise ParameterError("max_new", f"max_new must be >= 1, or -1 for no limit, got {max_new}")
         if not prompt_ids:
-            raise Llama3Error("the prompt is empty: give some text (-p/-f) or token ids (--tokens)")
+            raise Llama3Error("the prompt is empty: give some text or token ids")
         free = self.ctx - self.cache.length
         if len(prompt_ids) > free:
             raise Llama3Error(f"the prompt has {len(prompt_ids)} tokens but only {free} of the "
-                              f"{self.ctx}-token context are free: shorten it or raise --ctx")
+                              f"{self.ctx}-token context are free: shorten it or use a larger context")
         stop_ids, suppress_ids = frozenset(int(i) for i in stop_ids), frozenset(int(i) for i in suppress_ids)
         out = Generation(self, prompt_ids)
         out._steps = self._steps(out, params, rng, max_new, stop_ids, suppress_ids)

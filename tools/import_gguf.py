@@ -43,11 +43,11 @@ import gguf
 from gguf import TokenType
 from tool_support import run_tool  # first: it makes this checkout's llama3_np importable
 
-from llama3_np.checkpoint import expected_shapes, save_hf_checkpoint
+from llama3_np.formats.checkpoint import expected_shapes, save_hf_checkpoint
 from llama3_np.config import (LLAMA3_ORIGINAL_CONTEXT, META_HIGH_FREQ_FACTOR, META_LOW_FREQ_FACTOR,
                               ModelConfig, RopeScaling)
 from llama3_np.errors import Llama3Error
-from llama3_np.tokenizer import END_OF_GENERATION
+from llama3_np.text.tokenizer import END_OF_GENERATION
 
 IMPORT_RECORD = "llama3_np_import.json"
 

@@ -34,9 +34,9 @@ from import_gguf import gguf_name, llama3_rope_factors, ROPE_FREQS
 
 import gguf
 
-from llama3_np.checkpoint import expected_shapes, save_hf_checkpoint
+from llama3_np.formats.checkpoint import expected_shapes, save_hf_checkpoint
 from llama3_np.config import ModelConfig, from_meta_params
-from llama3_np.safetensors_file import write_safetensors
+from llama3_np.formats.safetensors_file import write_safetensors
 
 OUT = REPO / "tests" / "fixtures" / "checkpoints"
 SEED = 20240723  # Llama 3.1 release day
