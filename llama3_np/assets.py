@@ -11,7 +11,7 @@ In it:
     llama3/tokenizer.model   Meta's Llama 3 tokenizer (tools/fetch_tokenizer.py; the tests use it)
 
 Nothing here downloads anything: the default model comes from a package already installed, GGUF
-files from the user. Imports are atomic (`gguf_import.import_gguf`): an interrupted one leaves no
+files from the user. Imports are atomic (`formats.gguf_import.import_gguf`): an interrupted one leaves no
 folder that a later run would take for complete.
 """
 
@@ -98,10 +98,10 @@ def default_model(say: Callable[[str], None] = _say) -> Path:
         return folder
     gguf_path = installed_default_gguf()
     if gguf_path is None:
-        raise Llama3Error(f"no -m given and the default model is not in {folder}: install it with "
-                          f"`{INSTALL_DEFAULT_MODEL}` (its GGUF file, no network needed afterwards) or pass "
-                          "-m a model")
-    from .gguf_import import import_gguf, require_gguf, sha256_of
+        raise Llama3Error(f"no model given and the default model is not in {folder}: install it with "
+                          f"`{INSTALL_DEFAULT_MODEL}` (its GGUF file, no network needed afterwards) or name "
+                          "a model")
+    from .formats.gguf_import import import_gguf, require_gguf, sha256_of
 
     require_gguf()
     digest = sha256_of(gguf_path)
@@ -114,7 +114,7 @@ def default_model(say: Callable[[str], None] = _say) -> Path:
 
 def imported_gguf(path: Path, say: Callable[[str], None] = _say) -> Path:
     """The cache folder of GGUF file `path`, keyed by its content: imported on first use, reused after."""
-    from .gguf_import import IMPORTER_VERSION, import_gguf, require_gguf, sha256_of
+    from .formats.gguf_import import IMPORTER_VERSION, import_gguf, require_gguf, sha256_of
 
     require_gguf()
     digest = sha256_of(path)
@@ -127,13 +127,14 @@ def imported_gguf(path: Path, say: Callable[[str], None] = _say) -> Path:
     return import_gguf(path, folder, force=True, sha256=digest)
 
 
-def model_dir(arg: str | None) -> Path:
-    """The checkpoint folder named by -m (a GGUF file: its imported folder), or the default model."""
-    if arg is None:
+def model_dir(model=None) -> Path:
+    """The checkpoint folder of `model`: a folder as it is, a GGUF file's imported folder (imported
+    on first use), and for None the default model."""
+    if model is None:
         return default_model()
-    path = Path(arg)
+    path = Path(model)
     if not path.exists():
-        raise Llama3Error(f"model {arg} does not exist: pass -m the folder of a Llama 3 checkpoint "
+        raise Llama3Error(f"model {model} does not exist: name the folder of a Llama 3 checkpoint "
                           "(Hugging Face or Meta format) or a .gguf file")
     if path.is_file() and is_gguf_file(path):
         return imported_gguf(path)

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Mapping
 import numpy as np
 
 from .config import ModelConfig
-from .errors import Llama3Error
+from .errors import Llama3Error, ParameterError
 from .model import KVCache, forward
 from .sampling import SamplingParams, sample, sampling_probs
 
@@ -136,9 +136,10 @@ class Session:
     def __init__(self, weights: Mapping[str, np.ndarray], config: ModelConfig, ctx: int,
                  repeat_last_n: int = REPEAT_LAST_N):
         if ctx <= 0:
-            raise Llama3Error(f"the context size (--ctx) must be positive, got {ctx}")
+            raise ParameterError("ctx", f"ctx must be positive, got {ctx}")
         if repeat_last_n < -1:
-            raise Llama3Error(f"repeat_last_n must be >= 0 (0 = off), or -1 for the whole context, got {repeat_last_n}")
+            raise ParameterError("repeat_last_n", f"repeat_last_n must be >= 0 (0 = off), or -1 for the whole "
+                                                  f"context, got {repeat_last_n}")
         self.weights, self.config = weights, config
         self.repeat_last_n = ctx if repeat_last_n == -1 else repeat_last_n
         self.cache = KVCache(config, ctx)
@@ -201,14 +202,13 @@ class Session:
         """
         prompt_ids = [int(i) for i in prompt_ids]
         if max_new == 0 or max_new < -1:
-            raise Llama3Error(f"the number of tokens to generate (-n) must be >= 1, or -1 for no "
-                              f"limit, got {max_new}")
+            raise ParameterError("max_new", f"max_new must be >= 1, or -1 for no limit, got {max_new}")
         if not prompt_ids:
-            raise Llama3Error("the prompt is empty: give some text (-p/-f) or token ids (--tokens)")
+            raise Llama3Error("the prompt is empty: give some text or token ids")
         free = self.ctx - self.cache.length
         if len(prompt_ids) > free:
             raise Llama3Error(f"the prompt has {len(prompt_ids)} tokens but only {free} of the "
-                              f"{self.ctx}-token context are free: shorten it or raise --ctx")
+                              f"{self.ctx}-token context are free: shorten it or use a larger context")
         stop_ids, suppress_ids = frozenset(int(i) for i in stop_ids), frozenset(int(i) for i in suppress_ids)
         out = Generation(self, prompt_ids)
         out._steps = self._steps(out, params, rng, max_new, stop_ids, suppress_ids)

@@ -56,7 +56,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import Llama3Error
+from .errors import ParameterError
 
 SAMPLER_NAMES = ("penalties", "top_k", "top_p", "min_p", "temperature")
 
@@ -79,20 +79,12 @@ _NOT_IMPLEMENTED = {"dry", "top_n_sigma", "top-n-sigma", "typ_p", "typ-p", "typi
 _TOP_P_FIRST_LOOK = 256
 
 
-class SamplingParamError(Llama3Error):
-    """A sampling parameter out of range; `parameter` names it (the command line maps it to a flag)."""
-
-    def __init__(self, parameter: str, message: str):
-        super().__init__(message)
-        self.parameter = parameter
-
-
 def parse_samplers(text: str) -> tuple[str, ...]:
     """A sampler order from llama.cpp's `--samplers` syntax: names separated by ';' (for example
     "top_k;top_p;min_p;temperature"), or an order preset's name ("llama.cpp", "transformers").
     An empty string is the empty chain (softmax of the raw logits).
 
-    Raises SamplingParamError (parameter "samplers") for an unknown name, a sampler llama3_np does
+    Raises ParameterError (parameter "samplers") for an unknown name, a sampler llama3_np does
     not have, an empty name or a name given twice."""
     if text in SAMPLER_ORDERS:
         return SAMPLER_ORDERS[text]
@@ -103,14 +95,14 @@ def parse_samplers(text: str) -> tuple[str, ...]:
     for raw in text.split(";"):
         name = _ALT_NAMES.get(raw.strip(), raw.strip())
         if name == "":
-            raise SamplingParamError("samplers", f"empty sampler name in {text!r}: separate names by a single ';'")
+            raise ParameterError("samplers", f"empty sampler name in {text!r}: separate names by a single ';'")
         if name in _NOT_IMPLEMENTED:
-            raise SamplingParamError("samplers", f"sampler {raw.strip()!r} is llama.cpp's but not implemented "
+            raise ParameterError("samplers", f"sampler {raw.strip()!r} is llama.cpp's but not implemented "
                                                  f"in llama3_np ({choices})")
         if name not in SAMPLER_NAMES:
-            raise SamplingParamError("samplers", f"unknown sampler {raw.strip()!r} ({choices})")
+            raise ParameterError("samplers", f"unknown sampler {raw.strip()!r} ({choices})")
         if name in names:
-            raise SamplingParamError("samplers", f"sampler {name!r} is given twice in {text!r}: each may appear once")
+            raise ParameterError("samplers", f"sampler {name!r} is given twice in {text!r}: each may appear once")
         names.append(name)
     return tuple(names)
 
@@ -120,7 +112,7 @@ class SamplingParams:
     """Defaults follow llama.cpp's command line (`common_params_sampling`): temperature 0.8,
     top-k 40, top-p 0.95, min-p 0.05, no repetition penalty, llama.cpp's order.
 
-    Raises SamplingParamError naming the parameter that is out of range."""
+    Raises ParameterError naming the parameter that is out of range."""
 
     temperature: float = 0.8
     top_k: int = 40
@@ -131,20 +123,20 @@ class SamplingParams:
 
     def __post_init__(self):
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
-            raise SamplingParamError("temperature", f"temperature must be >= 0 (0 = greedy), "
+            raise ParameterError("temperature", f"temperature must be >= 0 (0 = greedy), "
                                                     f"got {self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-            raise SamplingParamError("top_k", f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
+            raise ParameterError("top_k", f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
         if not (0 < self.top_p <= 1):
-            raise SamplingParamError("top_p", f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+            raise ParameterError("top_p", f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if not (0 <= self.min_p < 1):
-            raise SamplingParamError("min_p", f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
+            raise ParameterError("min_p", f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
         if not (self.repeat_penalty > 0 and np.isfinite(self.repeat_penalty)):
-            raise SamplingParamError("repeat_penalty", f"repeat_penalty must be > 0 (1 = off), "
+            raise ParameterError("repeat_penalty", f"repeat_penalty must be > 0 (1 = off), "
                                                        f"got {self.repeat_penalty}")
         unknown = [s for s in self.samplers if s not in SAMPLER_NAMES]
         if unknown or len(set(self.samplers)) != len(self.samplers):
-            raise SamplingParamError("samplers", f"samplers must be distinct names from {', '.join(SAMPLER_NAMES)}, "
+            raise ParameterError("samplers", f"samplers must be distinct names from {', '.join(SAMPLER_NAMES)}, "
                                                  f"got {';'.join(self.samplers)!r}")
 
     @property
@@ -275,7 +267,11 @@ def sampling_probs(logits: np.ndarray, params: SamplingParams, recent: Iterable[
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
            recent: Iterable[int] = ()) -> int:  # [V] -> token id
-    """Draw the next token id from `sampling_probs` (no draw when a single token survives)."""
+    """Draw the next token id from `sampling_probs` (no draw when a single token survives).
+
+    logits: float32 [V], the model's for the last position; recent: the ids the repetition
+    penalty looks at; rng: consumed only when more than one token survives the filters.
+    Returns an id in 0 .. V-1. Source: llama.cpp's sampler chain (the module docstring)."""
     ids, z = survivors(logits, params, recent)
     if ids.size == 1:
         return int(ids[0])

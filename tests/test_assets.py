@@ -7,7 +7,8 @@ from pathlib import Path
 
 import gguf
 
-from llama3_np import assets, gguf_import
+from llama3_np import assets
+from llama3_np.formats import gguf_import
 from llama3_np.cli import main
 from tests.checkpoint_builders import random_weights
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from llama3_np.assets import default_model_dir
-from llama3_np.checkpoint import load_checkpoint
+from llama3_np.formats.checkpoint import load_checkpoint
 from llama3_np.model import KVCache, forward
 
 REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "default_model" / "greedy.json").read_text())

@@ -4,11 +4,11 @@ and generation stops where it should (stop token, -n, context)."""
 import numpy as np
 import pytest
 
-from llama3_np import Llama3Error
+from llama3_np import Llama3Error, ParameterError
 from llama3_np.generation import Session
 from llama3_np.model import forward
 from llama3_np.sampling import SamplingParams
-from tests.helpers import random_weights, tiny_config
+from tests.helpers import assert_close, random_weights, tiny_config
 
 GREEDY = SamplingParams(temperature=0)
 PROMPT = [3, 14, 15, 9, 26, 35]
@@ -70,7 +70,7 @@ def test_prompt_longer_than_the_context_is_a_clear_error(model):
         Session(weights, config, ctx=5).generate(PROMPT, GREEDY, np.random.default_rng(0), 1)
     with pytest.raises(Llama3Error, match="prompt is empty"):
         Session(weights, config, ctx=5).generate([], GREEDY, np.random.default_rng(0), 1)
-    with pytest.raises(Llama3Error, match="-n"):
+    with pytest.raises(ParameterError, match="^max_new must be >= 1"):
         Session(weights, config, ctx=5).generate([1], GREEDY, np.random.default_rng(0), 0)
 
 
@@ -227,3 +227,20 @@ def test_suppressed_ids_are_never_drawn(model):
     assert all(s.token != expected for s in steps) and len(steps) == 6
     assert steps[0].probs()[expected] == 0 and np.isneginf(steps[0].sampler_logits()[expected])
     assert np.isfinite(steps[0].logits[expected])  # the model's own logits stay as they were
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5, 64])
+def test_a_prompt_fed_in_chunks_gives_the_logits_of_one_forward(monkeypatch, chunk):
+    from llama3_np import generation
+
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", chunk)
+    config = tiny_config(vocab_size=64)
+    weights = random_weights(config, seed=5)
+    prompt = [int(i) for i in np.random.default_rng(1).integers(0, 64, size=13)]
+    session = generation.Session(weights, config, ctx=32)
+    logits = session.feed(prompt)
+    assert session.cache.length == 13 and session.history == prompt
+    assert_close(logits, forward(weights, config, prompt)[-1], f"last logits, chunks of {chunk}", 1e-10)
+    # The cache the chunks filled continues like the cache of one call.
+    follow = session.feed([7])
+    assert_close(follow, forward(weights, config, prompt + [7])[-1], "logits after the prompt", 1e-10)

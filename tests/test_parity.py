@@ -26,9 +26,10 @@ import pytest
 from safetensors.numpy import load_file
 from safetensors import safe_open
 
-from llama3_np.checkpoint import load_checkpoint, unpermute_qk
+from llama3_np.formats.checkpoint import load_checkpoint, unpermute_qk
 from llama3_np.config import ModelConfig, from_hf_config
-from llama3_np.model import KVCache, Trace, forward, rope_cos_sin, rope_frequencies
+from llama3_np.model import KVCache, forward, rope_cos_sin, rope_frequencies
+from llama3_np.stages import Trace
 from tests.helpers import assert_close, max_rel_err, nmse
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"

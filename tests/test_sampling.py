@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from llama3_np.sampling import (DEFAULT_SAMPLERS, SAMPLER_NAMES, SAMPLER_ORDERS, SamplingParamError, SamplingParams,
+from llama3_np.errors import ParameterError
+from llama3_np.sampling import (DEFAULT_SAMPLERS, SAMPLER_NAMES, SAMPLER_ORDERS, SamplingParams,
                                 parse_samplers, sample, sampling_probs, survivors)
 
 FIXTURE_FILE = Path(__file__).parent / "fixtures" / "sampling" / "chains.json.gz"
@@ -183,7 +184,7 @@ def test_each_filter_only_removes_tokens_and_the_result_is_a_distribution(z, tem
     (dict(temperature=float("nan")), "temperature"), (dict(samplers=("top_k", "top_k")), "samplers"),
 ])
 def test_invalid_values_are_rejected_naming_the_parameter(kwargs, parameter):
-    with pytest.raises(SamplingParamError, match=parameter) as e:
+    with pytest.raises(ParameterError, match=parameter) as e:
         SamplingParams(**kwargs)
     assert e.value.parameter == parameter
 
@@ -202,6 +203,6 @@ def test_parse_samplers_takes_llama_cpp_names_and_the_order_presets():
     ("top_k;;top_p", "empty sampler name"),
 ])
 def test_parse_samplers_refuses_unknown_and_duplicate_names(text, fragment):
-    with pytest.raises(SamplingParamError, match=fragment) as e:
+    with pytest.raises(ParameterError, match=fragment) as e:
         parse_samplers(text)
     assert e.value.parameter == "samplers"

@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 
 from llama3_np.assets import llama3_tokenizer_path
-from llama3_np.checkpoint import expected_shapes, load_checkpoint, save_hf_checkpoint
+from llama3_np.formats.checkpoint import expected_shapes, load_checkpoint, save_hf_checkpoint
 from llama3_np.config import from_meta_params
 from llama3_np.generation import end_of_generation_ids
-from llama3_np.gguf_import import import_gguf
-from llama3_np.tokenizer import load_tokenizer
+from llama3_np.formats.gguf_import import import_gguf
+from llama3_np.text.tokenizer import load_tokenizer
 from tests.checkpoint_builders import write_meta
-from tests.test_dump import assert_one_line_error, run_cli
+from tests.xcheck.test_dump import assert_one_line_error, run_cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import make_checkpoint_fixtures as fixtures  # noqa: E402
@@ -159,7 +159,7 @@ def test_chat_stops_at_the_same_tokens_and_keeps_eom_in_the_dialog(capsys, folde
     with <|eom_id|>: generate --chat and chat stop there. chat's next turn starts with that
     <|eom_id|> (never fed as the reply ended), and the ids fed over both turns are Meta's ChatFormat
     encoding of the dialog (llama3_turns.json, `cli_ids`)."""
-    import llama3_np.generate_cmd as generate_cmd
+    from llama3_np.generation import Session
 
     folder = folders[fmt]
     eom = tokenizer(folder).encode_special("<|eom_id|>")
@@ -167,8 +167,8 @@ def test_chat_stops_at_the_same_tokens_and_keeps_eom_in_the_dialog(capsys, folde
     assert (out["ids"], out["stop_reason"]) == ([eom], "stop"), out
 
     fed = []
-    real_generate = generate_cmd.Session.generate
-    monkeypatch.setattr(generate_cmd.Session, "generate",
+    real_generate = Session.generate
+    monkeypatch.setattr(Session, "generate",
                         lambda self, ids, *a, **k: fed.append(list(ids)) or real_generate(self, ids, *a, **k))
     code, _, err = run_cli_stdin(capsys, "hi\nagain\n", "chat", "-m", folder)
     assert code == 0, err

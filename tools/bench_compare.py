@@ -34,8 +34,8 @@ from pathlib import Path
 
 from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
 
-from llama3_np.assets import model_dir
-from llama3_np.bench import synthetic_prompt
+from llama3_np.cli.common import model_dir
+from llama3_np.xcheck.bench import synthetic_prompt
 from llama3_np.errors import Llama3Error
 
 ENGINES = ("llama3_np", "hf", "llama.cpp")
@@ -176,7 +176,7 @@ def run_llama_cpp(path: Path, prompt: list[int], new: int, runs: int, threads: i
 
 
 def run_llama3_np(path: Path, prompt_n: int, new: int, runs: int) -> dict:
-    from llama3_np.bench import bench
+    from llama3_np.xcheck.bench import bench
 
     r = bench(path, "float32", prompt_n, new, runs)
     return {"prefill_tokens_per_s": r.prefill_tokens_per_s, "decode_tokens_per_s": r.decode_tokens_per_s,
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
         if engine not in ENGINES:
             p.error(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     if args.write_gguf:
-        from llama3_np.checkpoint import load_checkpoint
+        from llama3_np.formats.checkpoint import load_checkpoint
 
         return run_tool("bench_compare", lambda: write_f32_gguf(load_checkpoint(model_dir(args.model)),
                                                                 Path(args.write_gguf)))

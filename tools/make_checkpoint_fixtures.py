@@ -32,10 +32,10 @@ import numpy as np
 from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
 import gguf
 
-from llama3_np.gguf_import import gguf_name, llama3_rope_factors, ROPE_FREQS
-from llama3_np.checkpoint import expected_shapes, save_hf_checkpoint
+from llama3_np.formats.gguf_import import gguf_name, llama3_rope_factors, ROPE_FREQS
+from llama3_np.formats.checkpoint import expected_shapes, save_hf_checkpoint
 from llama3_np.config import ModelConfig, from_meta_params
-from llama3_np.safetensors_file import write_safetensors
+from llama3_np.formats.safetensors_file import write_safetensors
 
 OUT = REPO / "tests" / "fixtures" / "checkpoints"
 SEED = 20240723  # Llama 3.1 release day

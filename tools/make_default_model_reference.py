@@ -5,7 +5,7 @@ of the embedded default model, computed in float32 on exactly the weights llama3
     python tools/fetch_default_model.py && python tools/make_default_model_reference.py
 
 (needs `make tools`). The model is the cache's default/ (SmolLM2-135M-Instruct imported from its
-GGUF by llama3_np.gguf_import: dequantized, stored as bf16). For three fixed prompts, the prompt ids come
+GGUF by llama3_np.formats.gguf_import: dequantized, stored as bf16). For three fixed prompts, the prompt ids come
 from the folder's own tokenizer.json through `PreTrainedTokenizerFast`, and 64 tokens are chosen
 by argmax, one at a time with the KV cache, never stopping at an end-of-turn token. Each step's
 margin (top logit minus runner-up) is kept, so a test that diverges can tell a near-tie from a bug.

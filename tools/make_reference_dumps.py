@@ -34,11 +34,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
-import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 
 import torch_reference as ref  # noqa: E402
 from llama3_np.config import from_hf_config, from_meta_params, meta_ffn_dim  # noqa: E402
+from llama3_np.formats.safetensors_file import write_safetensors  # noqa: E402
+from llama3_np.xcheck.dump import Inputs, dump_metadata, write_dump  # noqa: E402
 
 transformers = ref.transformers_module()
 
@@ -137,8 +138,8 @@ def write_checkpoint(folder: Path, v: Variant, rng: np.random.Generator):
     folder.mkdir(parents=True)
     hf_config(v).save_pretrained(str(folder))
     (folder / "params.json").write_text(json.dumps(meta_params(v), indent=2) + "\n")
-    ref.write_safetensors(folder / "model.safetensors",
-                          safetensors.torch.save(random_weights(rng, v.tie_embeddings), metadata={"format": "pt"}))
+    weights = random_weights(rng, v.tie_embeddings)
+    write_safetensors(folder / "model.safetensors", {k: ref.to_numpy(t) for k, t in weights.items()}, {"format": "pt"})
     config = from_hf_config(json.loads((folder / "config.json").read_text()))
     assert meta_ffn_dim(DIM, MULTIPLE_OF, FFN_DIM_MULTIPLIER) == FFN_DIM
     assert from_meta_params(meta_params(v), tie_embeddings=v.tie_embeddings,
@@ -178,11 +179,8 @@ def make_variant(name: str, v: Variant) -> list[str]:
     torch_version = torch.__version__
 
     def metadata(case, producer, dtype, factor):
-        tokens, pos, context, context_pos = cases[case]
-        return {"config": config.to_json(), "tokens": json.dumps(tokens), "pos": str(pos),
-                "context_tokens": json.dumps(context), "context_pos": str(context_pos),
-                "case": case, "producer": producer, "dtype": dtype, "torch": torch_version,
-                "rope_factor_used": "none" if factor is None else f"{factor:g}"}
+        return dump_metadata(config, Inputs(*cases[case]), dtype, producer, case=case, torch=torch_version,
+                             rope_factor_used="none" if factor is None else f"{factor:g}")
 
     hf = ref.load_hf(folder)
     check_loaded(folder, hf)
@@ -194,7 +192,7 @@ def make_variant(name: str, v: Variant) -> list[str]:
     for case, stages in hf_dumps.items():
         meta_data = metadata(case, hf_producer, "float32", v.rope_factor)
         meta_data["attn_implementation"] = hf.config._attn_implementation
-        ref.write_dump(folder / f"hf_{case}.safetensors", stages, meta_data)
+        write_dump(folder / f"hf_{case}.safetensors", stages, meta_data)
 
     def meta_cases(factor, prefix, case_names):
         """Meta's model with rope scaling `factor` (the shipped code when it is Meta's own)."""
@@ -209,7 +207,7 @@ def make_variant(name: str, v: Variant) -> list[str]:
             if not context:
                 ref.meta_reset_cache(model)
             dumps[case] = ref.meta_run(model, tokens, pos, cache_pos=len(context))
-            ref.write_dump(folder / f"{prefix}_{case}.safetensors", dumps[case],
+            write_dump(folder / f"{prefix}_{case}.safetensors", dumps[case],
                            metadata(case, producer, "float32", factor))
         return dumps
 
@@ -231,7 +229,7 @@ def make_variant(name: str, v: Variant) -> list[str]:
     hf16 = ref.load_hf(folder, torch.bfloat16)
     check_loaded(folder, hf16)
     logits16 = ref.hf_run(hf16, prompt, 0)["logits"]
-    ref.write_dump(folder / "hf_bf16_prompt.safetensors", {"logits": logits16},
+    write_dump(folder / "hf_bf16_prompt.safetensors", {"logits": logits16},
                    metadata("prompt", f"transformers {transformers.__version__} bfloat16", "bfloat16",
                             v.rope_factor) | {"attn_implementation": hf16.config._attn_implementation})
     report.append(f"  hf bf16 vs hf f32 prompt logits NMSE {ref.nmse(logits16, hf_dumps['prompt']['logits']):.2e}")
@@ -278,7 +276,7 @@ def make_rope_tables() -> list[str]:
         "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
-    ref.write_dump(OUT / "rope.safetensors", tensors, metadata)
+    write_dump(OUT / "rope.safetensors", tensors, metadata)
     return report
 
 
