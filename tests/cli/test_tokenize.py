@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-import llama3_np.tokenizer
+import llama3_np.cli.tokenize
+from llama3_np.text.tokenizer import load_tokenizer
 from llama3_np.assets import default_model_dir, llama3_tokenizer_path
 from llama3_np.cli import main
 from tests.text.test_tokenizer_assets import corpus, fixture
@@ -33,8 +34,8 @@ def _encodable(text: str) -> bool:
 def test_ids_are_the_references_and_pieces_concatenate_to_the_input(capsys, monkeypatch, name):
     folder, reference = MODELS[name]
     # The command loads the tokenizer on every run; once is enough for the whole corpus.
-    load = functools.cache(llama3_np.tokenizer.load_tokenizer)
-    monkeypatch.setattr(llama3_np.tokenizer, "load_tokenizer", load)
+    load = functools.cache(load_tokenizer)
+    monkeypatch.setattr(llama3_np.cli.tokenize, "load_tokenizer", load)
     lacking = {bytes([b]) for b in range(256)} - set(load(folder()).vocab)  # bytes encode() drops
     texts, want = corpus(), fixture(reference)["corpus"]
     checked = 0
@@ -58,7 +59,6 @@ def test_lines_show_id_and_readable_piece_and_the_bos_the_model_adds(capsys, tmp
     lines = out.splitlines()
     assert lines[0] == "128000 -> '<|begin_of_text|>'"  # Llama 3 adds BOS
     ids = [int(line.split(" -> ")[0]) for line in lines[1:]]
-    from llama3_np.text.tokenizer import load_tokenizer
     assert ids == load_tokenizer(folder).encode("héllo €\n", bos=False)
     assert lines[-1].endswith("-> '\\n'")  # control characters escaped: one token, one line
 
