@@ -41,8 +41,9 @@ def run_chat(args) -> int:
     tok, fmt = loaded.tokenizer, loaded.chat_format()
     session = ProgressSession(loaded.weights, loaded.config, loaded.ctx(args.ctx), args.repeat_last_n)
     stop_ids = loaded.stop_ids()
-    # Room a new message must leave for its answer before older turns are dropped.
-    room = args.n_predict if args.n_predict > 0 else max(session.ctx // 4, 1)
+    # Room a new message must leave for its answer before older turns are dropped: the -n limit,
+    # but never more than half the context (a longer answer is cut by the context anyway).
+    room = max(min(args.n_predict if args.n_predict > 0 else session.ctx // 4, session.ctx // 2), 1)
     colors = Colors(sys.stdout)
     reader = TurnReader(colors)
     conversation = Conversation(args.system)

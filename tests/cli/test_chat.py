@@ -199,3 +199,10 @@ def test_a_message_too_long_for_the_context_is_not_sent_and_the_chat_goes_on():
     assert "not sent: this message takes " in err and "the context holds 48 (a shorter message, or a larger " \
         "--ctx-size)" in err
     assert err.count("stop: ") == 1  # the short message was answered
+
+
+def test_an_n_limit_beyond_the_context_still_leaves_room_for_messages():
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "llama3_np", "chat", "--temp", "0", "-c", "64", "-n", "500"],
+                          input=b"Hi\n", capture_output=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 0 and done.stderr.decode().count("stop: ") == 1, done.stderr.decode()
