@@ -13,6 +13,7 @@ import sys
 
 from . import __version__
 from .errors import Llama3Error
+from .products import set_threads
 
 # Modules under llama3_np/ that each add one or more subcommands, in the order --help lists them.
 COMMAND_MODULES: list[str] = ["generate_cmd", "inspect_cmd", "dump_cmd", "compare", "trace_cmd", "perplexity", "bench"]
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if getattr(args, "func", None) is None:
             raise Llama3Error("no command given (see 'llama3-np --help')")
+        if getattr(args, "threads", None) is not None:  # -t/--threads, on every command that computes
+            set_threads(args.threads)
         return args.func(args) or 0
     except Llama3Error as e:
         sys.stdout.flush()

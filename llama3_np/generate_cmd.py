@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import products
 from .assets import model_dir
 from .errors import Llama3Error
 from .generation import Generation, Session
@@ -24,13 +25,27 @@ from .sampling import SamplingParams, sampling_probs
 DEFAULT_CTX = 4096
 
 
+def thread_count(text: str) -> int:
+    """argparse type of -t/--threads: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"takes a number of threads >= 1, got {text!r}")
+    return n
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that loads a model and computes with it."""
     p.add_argument("-m", "--model", metavar="DIR",
                    help="checkpoint folder (Hugging Face or Meta format); default: the embedded default model")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="weight residency: float32 (fast) or bfloat16 (half the memory)")
     p.add_argument("--rope-factor", type=float, metavar="F",
                    help="override the llama3 rope scaling factor of a Meta params.json")
+    p.add_argument("-t", "--threads", type=thread_count, default=products.default_threads(), metavar="N",
+                   help=f"threads to compute with (default: one per core, here {products.default_threads()})")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -168,7 +183,8 @@ def peak_rss_mb() -> float:
 def stats_line(loaded: Loaded, out: Generation, seed: int) -> str:
     return (f"load {loaded.load_seconds:.2f} s | prompt {len(out.prompt_ids)} tokens, "
             f"{out.prefill_tokens_per_second:.1f} tok/s | generated {len(out.ids)} tokens, "
-            f"{out.decode_tokens_per_second:.1f} tok/s | peak RSS {peak_rss_mb():.0f} MB | "
+            f"{out.decode_tokens_per_second:.1f} tok/s | {products.get_threads()} threads | "
+            f"peak RSS {peak_rss_mb():.0f} MB | "
             f"seed {seed} | stop: {out.stop_reason}")
 
 
@@ -292,7 +308,7 @@ def run_generate(args) -> int:
                         "decode_s": out.decode_seconds,
                         "prefill_tokens_per_s": out.prefill_tokens_per_second,
                         "decode_tokens_per_s": out.decode_tokens_per_second},
-            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_mb": peak_rss_mb(), "threads": products.get_threads(),
         }
         sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
     else:
