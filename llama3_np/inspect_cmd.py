@@ -15,7 +15,7 @@ import numpy as np
 
 from .assets import model_dir
 from .checkpoint import TOKENIZER_FILES, CheckpointIndex, find_tokenizer_file, scan_checkpoint
-from .products import conversion_rows
+from .products import conversion_buffer_bytes
 
 FORMAT_NAMES = {"hf": "Hugging Face", "meta": "Meta"}
 
@@ -37,10 +37,9 @@ def summarize(index: CheckpointIndex) -> dict:
     stored = Counter()
     for name, plan in index.plans.items():
         stored[plan.dtype.name] += params[name] * plan.dtype.itemsize
-    # bfloat16 residency converts each matrix to float32 a block of rows at a time (products.linear);
-    # the largest such block is the float32 weight memory it needs beyond the mapped files.
-    working = max(4 * plan.shape[1] * conversion_rows(*plan.shape)
-                  for plan in index.plans.values() if len(plan.shape) == 2)
+    # bfloat16 residency converts each matrix to float32 a block of rows at a time, a block per
+    # thread (products.linear): the float32 weight memory it needs beyond the mapped files.
+    working = conversion_buffer_bytes(plan.shape for plan in index.plans.values() if len(plan.shape) == 2)
     tokenizer = find_tokenizer_file(index.path)
     return {
         "path": str(index.path),

@@ -58,6 +58,16 @@ def conversion_rows(n_out: int, n_in: int) -> int:
     return min(n_out, max(1, CONVERT_BLOCK_BYTES // (4 * n_in)))
 
 
+def conversion_buffer_bytes(shapes, threads: Optional[int] = None) -> int:
+    """The float32 bytes bfloat16 residency's conversion buffers grow to, for products with
+    low-precision weights of these [n_out, n_in] shapes on `threads` threads (default: the current
+    setting): each thread keeps the largest block it has converted, and a prefill splits every
+    product over all threads."""
+    threads = threads or _threads
+    largest = max(block_rows(SPLIT_MIN_MACS, n_out, n_in, True, threads) * n_in * 4 for n_out, n_in in shapes)
+    return threads * largest
+
+
 def default_threads() -> int:
     """One thread per core this process may run on (its CPU affinity, else the CPU count)."""
     try:
