@@ -144,7 +144,7 @@ class _OpenBLAS:
 
 _openblas: Optional[_OpenBLAS] = None
 _openblas_searched = False
-_blas_held = False
+_blas_held = False  # set by the first product, or by set_threads
 
 
 def _find_openblas() -> Optional[_OpenBLAS]:
@@ -158,12 +158,12 @@ def hold_blas_to_one_thread() -> bool:
     """Set NumPy's OpenBLAS to one thread for the rest of the process (llama3_np's threads do
     the parallel work). True when it is held, False when no OpenBLAS was found."""
     global _blas_held
+    _blas_held = True
     blas = _find_openblas()
     if blas is None:
         return False
     if blas.get_threads() != 1:
         blas.set_threads(1)
-    _blas_held = True
     return True
 
 

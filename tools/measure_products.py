@@ -45,6 +45,7 @@ VARIANTS = {
     "t2-cb512K": (2, MiB // 2, MiB, 1 << 18),
     "t2-cb2M": (2, 2 * MiB, MiB, 1 << 18),
     "t2-cb4M": (2, 4 * MiB, MiB, 1 << 18),
+    "t2-cb8M": (2, 8 * MiB, MiB, 1 << 18),
     "t2-fb256K": (2, MiB, MiB // 4, 1 << 18),
     "t2-fb4M": (2, MiB, 4 * MiB, 1 << 18),
     "t2-fbhalf": (2, MiB, 1 << 40, 1 << 18),  # float32: one block per thread
