@@ -140,3 +140,29 @@ def test_openblas_is_held_to_one_thread_from_the_first_product():
     assert out.returncode == 0, out.stderr
     before, after = map(int, out.stdout.split())
     assert (before, after) == (min(2, os.cpu_count()), 1)
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+COMPUTING_COMMANDS = ["generate", "chat", "dump", "trace", "perplexity", "bench"]
+
+
+def test_every_command_that_computes_takes_threads():
+    from llama3_np.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.choices and "generate" in a.choices).choices
+    takes = sorted(name for name, p in commands.items()
+                   if any("--threads" in a.option_strings for a in p._actions))
+    assert takes == sorted(COMPUTING_COMMANDS)
+    assert commands["generate"].parse_args(["-t", "3", "--tokens", "1"]).threads == 3
+    assert commands["generate"].parse_args(["--tokens", "1"]).threads == products.default_threads()
+
+
+def test_generate_runs_on_the_threads_asked_and_says_so():
+    from pathlib import Path
+
+    parity = Path(__file__).parent / "fixtures" / "parity" / "llama3_1"
+    out = subprocess.run([sys.executable, "-m", "llama3_np", "generate", "-m", str(parity), "--tokens", "5,17",
+                          "-n", "3", "--temp", "0", "-t", "3"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "| 3 threads |" in out.stderr, out.stderr
