@@ -331,7 +331,12 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_
             np.copyto(block, w[start:stop])
         else:
             block = w[start:stop]
-        np.matmul(x, block.T, out=out[:, start:stop])
+        # np.dot lets other threads run during its BLAS call; np.matmul does only when the output
+        # has more than 500 elements, as a prefill's does, never a decode step's blocks.
+        if T == 1:
+            np.dot(block, x[0], out=out[0, start:stop])
+        else:
+            np.matmul(x, block.T, out=out[:, start:stop])
 
     parallel(product, -(-n_out // rows), threads)
     return out
