@@ -44,12 +44,14 @@ import numpy as np
 from .errors import Llama3Error
 
 # A bfloat16 block is converted into a float32 buffer of at most this many bytes: small enough that
-# a buffer per thread stays in the last-level cache until it is multiplied.
-CONVERT_BLOCK_BYTES = 1 << 20
-# A float32 weight is multiplied in blocks of at most this many bytes: enough blocks per product
-# for the threads to share it unevenly when one of them is slowed, few enough to cost little.
-FLOAT32_BLOCK_BYTES = 1 << 20
-# Below this many multiply-adds (tokens × n_out × n_in), waking a worker costs more than it saves.
+# a buffer per thread stays in the last-level cache until it is multiplied, large enough that the
+# Python work per block stays small beside the conversion.
+CONVERT_BLOCK_BYTES = 4 << 20
+# A float32 weight is multiplied in blocks of at most this many bytes: enough blocks per large
+# product for the threads to share it unevenly when one of them is slowed, few enough to cost little.
+FLOAT32_BLOCK_BYTES = 4 << 20
+# Below this many multiply-adds (tokens × n_out × n_in), about 100 µs of work, waking a worker
+# (some 25 µs here) costs more than it saves.
 SPLIT_MIN_MACS = 1 << 18
 
 

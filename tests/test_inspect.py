@@ -19,7 +19,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 # D=32, 2 layers; per layer wq 32x32, wk and wv 16x32, wo 32x32, w1/w2/w3 64x32, two norms of 32.
 LAYER = 1024 + 512 + 512 + 1024 + 3 * 2048 + 2 * 32
 FIXTURE_PARAMS = 2 * LAYER + 128 * 32 * 2 + 32  # + embeddings, output, final norm
-# bfloat16 residency converts matrices in blocks of up to 1 MiB of float32 rows, one block per
+# bfloat16 residency converts matrices in blocks of up to 4 MiB of float32 rows, one block per
 # thread: with 2 threads, each converts half of the largest matrix, the 128 x 32 output.
 WORKING = 2 * 4 * 64 * 32
 
