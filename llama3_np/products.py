@@ -50,9 +50,11 @@ CONVERT_BLOCK_BYTES = 4 << 20
 # A float32 weight is multiplied in blocks of at most this many bytes: enough blocks per large
 # product for the threads to share it unevenly when one of them is slowed, few enough to cost little.
 FLOAT32_BLOCK_BYTES = 4 << 20
-# Below this many multiply-adds (tokens × n_out × n_in), about 100 µs of work, waking a worker
-# (some 25 µs here) costs more than it saves.
-SPLIT_MIN_MACS = 1 << 18
+# Below this many multiply-adds (tokens × n_out × n_in), about 1 ms of work on one thread, a product
+# runs on the calling thread alone: handing a block to a worker costs some 25 µs (its wake-up and
+# the GIL), and splitting the default model's decode products (0.1 to 0.3 ms each) made whole
+# decode steps no faster than one thread.
+SPLIT_MIN_MACS = 1 << 22
 
 
 def conversion_rows(n_out: int, n_in: int) -> int:

@@ -37,7 +37,7 @@ SHAPES = {
                                max_seq_len=8192, tie_embeddings=True),
 }
 MiB = 1 << 20
-# name: (threads, CONVERT_BLOCK_BYTES, FLOAT32_BLOCK_BYTES, SPLIT_MIN_MACS)
+# name: (threads, CONVERT_BLOCK_BYTES, FLOAT32_BLOCK_BYTES, SPLIT_MIN_MACS); each a change from t2
 VARIANTS = {
     "t1": (1, MiB, MiB, 1 << 18),
     "t2": (2, MiB, MiB, 1 << 18),
@@ -52,6 +52,7 @@ VARIANTS = {
     "t2-split64K": (2, MiB, MiB, 1 << 16),
     "t2-split1M": (2, MiB, MiB, 1 << 20),
     "t2-split4M": (2, MiB, MiB, 1 << 22),
+    "chosen": (2, 4 * MiB, 4 * MiB, 1 << 22),  # llama3_np's constants
 }
 
 
