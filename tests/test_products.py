@@ -75,10 +75,10 @@ def test_a_large_product_is_shared_by_every_thread(monkeypatch, threads):
     real = products.parallel
     monkeypatch.setattr(products, "parallel", lambda task, n, t=None: calls.append((n, t)) or real(task, n, t))
     rng = np.random.default_rng(1)
-    w = rng.normal(size=(1536, 576)).astype(ml_dtypes.bfloat16)  # the default model's w1
-    x = rng.normal(size=(1, 576)).astype(np.float32)
-    assert 1536 * 576 >= products.SPLIT_MIN_MACS
-    assert_within_dot_bound(products.linear(x, w), x, w.astype(np.float32), "w1 on 3 threads")
+    w = rng.normal(size=(4096, 1024)).astype(ml_dtypes.bfloat16)
+    x = rng.normal(size=(1, 1024)).astype(np.float32)
+    assert 4096 * 1024 >= products.SPLIT_MIN_MACS
+    assert_within_dot_bound(products.linear(x, w), x, w.astype(np.float32), "[4096, 1024] on 3 threads")
     (n_blocks, used), = calls
     assert used == 3 and n_blocks >= 3
 
