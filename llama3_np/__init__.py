@@ -1,10 +1,31 @@
 """llama3_np: Meta's Llama 3 inference as plain NumPy functions.
 
-The specification lives in `llama3_np.model`; everything else (checkpoint formats, the tokenizer,
-sampling, the command line) feeds it arrays or consumes its logits.
+The specification is `llama3_np.model`; everything else feeds it arrays or consumes its logits.
+The public API, in the order data flows (README.md, "Python"; docs/DESIGN.md, "The data path"):
+
+    load_model(path=None, dtype="float32")   a checkpoint folder -> LoadedModel (.config, .weights,
+                                             .tokenizer: .encode(text) / .decode(ids))
+    forward(weights, config, tokens, cache=None, pos=None, trace=None)   token ids -> logits [T, V]
+                                             (pos: where the cache ends, unless given)
+    KVCache(config, max_len)                 keys and values of the tokens seen so far
+    Trace(patterns)                          the named stages of one forward call (stages.py)
+    SamplingParams(...), sample(logits, params, rng)   logits [V] -> the next token id
+    Session(weights, config, ctx)            prefill, then decode: generate() yields one Step per token
 """
 
 __version__ = "0.1.0"
 
-from .errors import Llama3Error  # noqa: E402,F401
-from .config import ModelConfig, RopeScaling  # noqa: E402,F401
+from .errors import Llama3Error, ParameterError  # noqa: E402
+from .config import ModelConfig, RopeScaling  # noqa: E402
+from .model import KVCache, forward  # noqa: E402
+from .stages import Trace, stage_shapes  # noqa: E402
+from .sampling import SamplingParams, sample, sampling_probs  # noqa: E402
+from .generation import Generation, Session, Step  # noqa: E402
+from .load import LoadedModel, load_model  # noqa: E402
+from .text.tokenizer import StreamDecoder, Tokenizer, load_tokenizer  # noqa: E402
+
+__all__ = [
+    "Llama3Error", "ParameterError", "ModelConfig", "RopeScaling", "KVCache", "forward", "Trace",
+    "stage_shapes", "SamplingParams", "sample", "sampling_probs", "Generation", "Session", "Step",
+    "LoadedModel", "load_model", "StreamDecoder", "Tokenizer", "load_tokenizer",
+]

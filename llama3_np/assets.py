@@ -17,15 +17,9 @@ DEFAULT_MODEL_DIR = WEIGHTS_DIR / "default"
 LLAMA3_TOKENIZER = WEIGHTS_DIR / "llama3" / "tokenizer.model"
 
 
-def model_dir(arg: str | None) -> Path:
-    """The checkpoint folder named by -m, or the embedded default model when -m is not given."""
-    if arg is not None:
-        path = Path(arg)
-        if not path.exists():
-            raise Llama3Error(f"model folder {arg} does not exist: pass -m the folder of a Llama 3 "
-                              "checkpoint (Hugging Face or Meta format)")
-        return path
+def default_model_dir() -> Path:
+    """The embedded default model's folder, checked to hold a checkpoint."""
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-        raise Llama3Error(f"no -m given and the default model is not in {DEFAULT_MODEL_DIR}: "
+        raise Llama3Error(f"the default model is not in {DEFAULT_MODEL_DIR}: "
                           "run `python tools/fetch_default_model.py` (or `make run`) first")
     return DEFAULT_MODEL_DIR

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from .errors import Llama3Error
@@ -35,6 +35,16 @@ META_SCALE_FACTOR = 8.0
 META_FACTOR_32_SHAPES = {(2048, 16), (3072, 28)}
 META_SCALE_FACTOR_32 = 32.0
 
+# Where a "llama3" scaling factor came from (RopeScaling.factor_source), most trusted first: a
+# Meta params.json says `use_scaled_rope` but not the factor.
+ROPE_FACTOR_SOURCES = {
+    "override": "given as an override",
+    "config": "stated by the checkpoint's config",
+    "hf_config": "stated by the Hugging Face config.json of the download this original/ folder belongs to",
+    "shape": "inferred from the shape: Llama 3.2 1B and 3B use 32",
+    "default": "Meta's default for use_scaled_rope (Llama 3.1)",
+}
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -44,6 +54,9 @@ class RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_context: int  # `original_max_position_embeddings`
+    # Where `factor` came from (a key of ROPE_FACTOR_SOURCES). Not part of the math: configs that
+    # differ only here are equal.
+    factor_source: str = field(default="config", compare=False)
 
 
 @dataclass(frozen=True)
@@ -90,7 +103,11 @@ class ModelConfig:
         return self.n_heads // self.n_kv_heads
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field the math uses (a dump's `config`): not the rope factor's source."""
+        d = dataclasses.asdict(self)
+        if d["rope_scaling"] is not None:
+            del d["rope_scaling"]["factor_source"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
@@ -196,18 +213,25 @@ def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def meta_rope_factor(dim: int, n_layers: int) -> float:
-    """The "llama3" scaling factor a Meta params.json with `use_scaled_rope: true` means."""
-    return META_SCALE_FACTOR_32 if (dim, n_layers) in META_FACTOR_32_SHAPES else META_SCALE_FACTOR
+def meta_rope_factor(dim: int, n_layers: int) -> tuple[float, str]:
+    """The "llama3" scaling factor a Meta params.json with `use_scaled_rope: true` and nothing
+    else to go by means, and its source ("shape" or "default")."""
+    if (dim, n_layers) in META_FACTOR_32_SHAPES:
+        return META_SCALE_FACTOR_32, "shape"
+    return META_SCALE_FACTOR, "default"
 
 
 def from_meta_params(params: Mapping[str, Any], tie_embeddings: bool = False,
                      rope_factor: Optional[float] = None,
-                     source: str = "params.json") -> ModelConfig:
+                     source: str = "params.json", hf_config: Optional[ModelConfig] = None) -> ModelConfig:
     """ModelConfig from a Meta `params.json` object.
 
     `tie_embeddings` comes from the weights (a Meta checkpoint without `output.weight`).
-    `rope_factor` overrides the scaling factor that `use_scaled_rope` implies.
+    `use_scaled_rope: true` does not say the scaling factor; it is, in this order: `rope_factor`
+    (an override), params.json's own `rope_scaling_factor`, the factor of `hf_config` (the
+    Hugging Face config of the download this Meta folder is the `original/` folder of, when it
+    describes the same dim and layers and states llama3 scaling), 32 for the Llama 3.2 1B/3B
+    shapes, else Meta's 8. `rope_scaling.factor_source` records which.
     """
     if not isinstance(params, Mapping):
         raise Llama3Error(f"{source}: expected a JSON object")
@@ -229,13 +253,22 @@ def from_meta_params(params: Mapping[str, Any], tie_embeddings: bool = False,
     if rope_factor is not None and not scaled:
         raise Llama3Error(f"{source}: a rope factor was given but use_scaled_rope is false")
     if scaled:
-        factor = rope_factor or params.get("rope_scaling_factor") or meta_rope_factor(dim, n_layers)
+        if rope_factor is not None:
+            factor, factor_source = rope_factor, "override"
+        elif params.get("rope_scaling_factor") is not None:
+            factor, factor_source = params["rope_scaling_factor"], "config"
+        elif (hf_config is not None and hf_config.rope_scaling is not None
+              and (hf_config.dim, hf_config.n_layers) == (dim, n_layers)):
+            factor, factor_source = hf_config.rope_scaling.factor, "hf_config"
+        else:
+            factor, factor_source = meta_rope_factor(dim, n_layers)
         scaling = RopeScaling(
             factor=_number(factor, "rope_scaling_factor", source),
             low_freq_factor=META_LOW_FREQ_FACTOR,
             high_freq_factor=_number(params.get("high_freq_factor", META_HIGH_FREQ_FACTOR),
                                      "high_freq_factor", source),
             original_context=LLAMA3_ORIGINAL_CONTEXT,
+            factor_source=factor_source,
         )
     else:
         scaling = None

@@ -1,21 +1,28 @@
 """Generation: prefill the prompt once, then decode one token at a time through the KV cache.
 
-A `Session` owns one KV cache, so a chat can keep feeding it turn after turn instead of re-reading
-the whole dialog. Text is not handled here: token ids in, token ids out (`on_token` streams them).
+A `Session` owns one KV cache and `history`, the ids that cache holds, in order; a chat keeps
+feeding it turn after turn instead of re-reading the whole dialog. Whatever ends a generation (a
+stop token, the length limit, a full context, an exception such as Ctrl-C's KeyboardInterrupt at
+any point), the cache holds exactly the ids `history` lists.
+
+`Session.generate` returns a `Generation`; iterating it runs the model and yields one `Step` per
+generated token (the id, and the logits and sampler settings it was drawn from), so printing,
+explaining and chatting are loops over the same records. Text is not handled here: token ids in,
+token ids out. What to do on Ctrl-C is the caller's decision: a KeyboardInterrupt goes through.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
 from .config import ModelConfig
-from .errors import Llama3Error
+from .errors import Llama3Error, ParameterError
 from .model import KVCache, forward
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample, sampling_probs
 
 # Like llama.cpp's `repeat_last_n`: the repetition penalty looks at this many most recent tokens.
 REPEAT_LAST_N = 64
@@ -28,15 +35,84 @@ REPEAT_LAST_N = 64
 PREFILL_CHUNK = 256
 
 
-@dataclass
-class Generation:
-    """What one `Session.generate` call produced."""
+def end_of_generation_ids(tokenizer=None, declared: Iterable[int] = ()) -> frozenset[int]:
+    """The ids that end a generation, in plain completion and in chat alike: the tokenizer's
+    (`Tokenizer.end_of_generation_ids`; for Llama 3 <|end_of_text|>, <|eom_id|> and <|eot_id|>)
+    and those the checkpoint declares (`Checkpoint.eos_ids`: config.json, generation_config.json).
 
-    prompt_ids: list[int]
-    ids: list[int] = field(default_factory=list)  # generated ids, including a final stop token
-    stop_reason: str = ""  # "stop" (a stop token), "length" (-n or the context), "interrupted"
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
+    Meta's reference stops on Llama 3's three in `completion` as in `chat_completion`; llama.cpp
+    stops on its end-of-generation set, found by the same token names.
+    """
+    ids = {int(i) for i in declared}
+    if tokenizer is not None:
+        ids |= tokenizer.end_of_generation_ids
+    return frozenset(ids)
+
+
+def suppress(logits: np.ndarray, ids: frozenset[int]) -> np.ndarray:  # [V] -> [V]
+    """`logits` with `ids` at -inf, so that no sampler can draw them (llama.cpp's logit bias of
+    -inf on every end-of-generation token, which is what its --ignore-eos does)."""
+    if not ids:
+        return logits
+    out = np.array(logits, dtype=np.float32)
+    out[sorted(ids)] = -np.inf
+    return out
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token and everything it was drawn from."""
+
+    token: int
+    logits: np.ndarray  # [V] float32: the model's logits for the position this token fills
+    params: SamplingParams
+    recent: tuple[int, ...]  # the ids the repetition penalty looked at
+    suppressed: frozenset[int] = frozenset()  # ids the draw could not choose (ignore_eos)
+
+    def sampler_logits(self) -> np.ndarray:  # -> [V]
+        """The logits the sampler was given: the model's, with suppressed ids at -inf."""
+        return suppress(self.logits, self.suppressed)
+
+    def probs(self) -> np.ndarray:  # -> [V] float64
+        """The distribution the token was drawn from (`sampling_probs` of what `sample` saw)."""
+        return sampling_probs(self.sampler_logits(), self.params, self.recent)
+
+
+class Generation:
+    """One `Session.generate` call. Iterate it (once) to run it; its fields fill as it runs."""
+
+    def __init__(self, session: "Session", prompt_ids: list[int]):
+        self.session = session
+        self.prompt_ids = prompt_ids
+        self.start = session.cache.length  # what the session held before this prompt
+        self.ids: list[int] = []  # generated ids so far, including a final stop token
+        # "stop" (a stop token), "length" (the limit or a full context); "" while running and
+        # when the caller left the loop early (the command line records "interrupted").
+        self.stop_reason = ""
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
+        self._steps: Iterator[Step] = iter(())  # set by Session.generate
+
+    def __iter__(self) -> Iterator[Step]:
+        return self._steps
+
+    def run(self) -> "Generation":
+        """Run to the end without looking at the steps."""
+        for _ in self:
+            pass
+        return self
+
+    @property
+    def prompt_fed(self) -> bool:
+        """Whether the whole prompt is in the session's cache (an interrupted prefill is not)."""
+        return self.session.cache.length >= self.start + len(self.prompt_ids)
+
+    @property
+    def unfed_ids(self) -> list[int]:
+        """Generated ids the cache does not hold: the last one drawn (a stop token, or the token
+        drawn when the limit was reached) until something feeds it; [] when it was fed."""
+        fed = self.session.cache.length - self.start - len(self.prompt_ids)
+        return self.ids[fed:] if fed >= 0 else list(self.ids)
 
     @property
     def text_ids(self) -> list[int]:
@@ -59,64 +135,101 @@ class Session:
 
     def __init__(self, weights: Mapping[str, np.ndarray], config: ModelConfig, ctx: int):
         if ctx <= 0:
-            raise Llama3Error(f"the context size (--ctx) must be positive, got {ctx}")
+            raise ParameterError("ctx", f"ctx must be positive, got {ctx}")
         self.weights, self.config = weights, config
         self.cache = KVCache(config, ctx)
-        self.history: list[int] = []  # every id fed to the model so far, in order
+        # Ids handed to the model, in order. The cache's first `length` slots hold the first
+        # `length` of them; any after those were being fed when something stopped the forward
+        # pass, and are not part of `history`.
+        self._fed: list[int] = []
 
     @property
     def ctx(self) -> int:
         return self.cache.max_len
 
+    @property
+    def history(self) -> list[int]:
+        """Every id the KV cache holds, in order (a copy)."""
+        return self._fed[:self.cache.length]
+
     def recent_ids(self) -> list[int]:
         """The window the repetition penalty looks at: the last REPEAT_LAST_N ids fed so far
         (prompt and generated tokens alike; every sampled token is fed before the next is drawn)."""
-        return self.history[-REPEAT_LAST_N:]
+        end = self.cache.length
+        return self._fed[max(end - REPEAT_LAST_N, 0):end]
 
-    def feed(self, ids: list[int]) -> np.ndarray:  # [T] -> [V]
-        """Run `ids` through the model after what the cache holds; the last token's logits."""
-        for start in range(0, max(len(ids), 1), PREFILL_CHUNK):  # no ids: forward says so
-            chunk = ids[start:start + PREFILL_CHUNK]
-            logits = forward(self.weights, self.config, chunk, self.cache, pos=self.cache.length, last_only=True)
-        self.history.extend(int(i) for i in ids)
+    def feed(self, ids: Iterable[int]) -> np.ndarray:  # [T] -> [V]
+        """Run `ids` through the model after what the cache holds; the last token's logits.
+
+        They go in chunks of PREFILL_CHUNK; if a chunk does not complete (an exception, Ctrl-C),
+        the cache and `history` hold the chunks before it.
+        """
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise Llama3Error("feed needs at least one token id")
+        del self._fed[self.cache.length:]
+        self._fed.extend(ids)  # `history` takes them as the cache does, chunk by chunk
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            logits = forward(self.weights, self.config, ids[start:start + PREFILL_CHUNK], self.cache,
+                             last_only=True)
         return logits[0]
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, rng: np.random.Generator,
-                 max_new: int, stop_ids: Iterable[int] = (),
-                 on_token: Optional[Callable[[int], None]] = None) -> Generation:
-        """Feed the prompt, then sample up to `max_new` tokens (-1: until a stop token or the
-        context is full). Ctrl-C ends it early with stop_reason "interrupted"."""
+    def rollback(self, length: int) -> None:
+        """Forget everything after the first `length` ids of `history`."""
+        if not 0 <= length <= self.cache.length:
+            raise Llama3Error(f"cannot roll back to {length} tokens: the session holds {self.cache.length}")
+        self.cache.length = length
+
+    def generate(self, prompt_ids: Iterable[int], params: SamplingParams, rng: np.random.Generator,
+                 max_new: int, stop_ids: Iterable[int] = (), suppress_ids: Iterable[int] = ()) -> Generation:
+        """A generation that feeds `prompt_ids` after what the session holds, then draws up to
+        `max_new` tokens (-1: until a stop token or a full context), ending after a token of
+        `stop_ids`. `suppress_ids` are never drawn (llama.cpp's --ignore-eos: the end-of-generation
+        ids get a logit of -inf). Nothing runs until the returned `Generation` is iterated.
+
+        The prompt enters the cache whole or not at all: an exception while it is fed (Ctrl-C)
+        rolls the session back. Each drawn token is fed when the next step is asked for, so after
+        the last step (or when the caller stops asking) it is not in the cache:
+        `Generation.unfed_ids`.
+
+        Raises Llama3Error when max_new is 0 or below -1, or the prompt is empty or does not fit
+        the free part of the context.
+        """
         prompt_ids = [int(i) for i in prompt_ids]
         if max_new == 0 or max_new < -1:
-            raise Llama3Error(f"the number of tokens to generate (-n) must be >= 1, or -1 for no "
-                              f"limit, got {max_new}")
+            raise ParameterError("max_new", f"max_new must be >= 1, or -1 for no limit, got {max_new}")
         if not prompt_ids:
-            raise Llama3Error("the prompt is empty: give some text (-p/-f) or token ids (--tokens)")
+            raise Llama3Error("the prompt is empty: give some text or token ids")
         free = self.ctx - self.cache.length
         if len(prompt_ids) > free:
             raise Llama3Error(f"the prompt has {len(prompt_ids)} tokens but only {free} of the "
-                              f"{self.ctx}-token context are free: shorten it or raise --ctx")
-        stop_ids = set(int(i) for i in stop_ids)
-        out = Generation(prompt_ids=prompt_ids)
-        try:
-            t0 = time.perf_counter()
-            logits = self.feed(prompt_ids)
-            out.prefill_seconds = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            while True:
-                token = sample(logits, params, rng, recent=self.recent_ids())
-                out.ids.append(token)
-                if on_token is not None:
-                    on_token(token)
-                if token in stop_ids:
-                    out.stop_reason = "stop"
-                    break
-                if len(out.ids) == max_new or self.cache.length == self.ctx:
-                    out.stop_reason = "length"
-                    break
-                logits = self.feed([token])
-        except KeyboardInterrupt:
-            out.stop_reason = "interrupted"
-        finally:
-            out.decode_seconds = time.perf_counter() - t0
+                              f"{self.ctx}-token context are free: shorten it or use a larger context")
+        stop_ids, suppress_ids = frozenset(int(i) for i in stop_ids), frozenset(int(i) for i in suppress_ids)
+        out = Generation(self, prompt_ids)
+        out._steps = self._steps(out, params, rng, max_new, stop_ids, suppress_ids)
         return out
+
+    def _steps(self, out: Generation, params: SamplingParams, rng: np.random.Generator, max_new: int,
+               stop_ids: frozenset[int], suppressed: frozenset[int]) -> Iterator[Step]:
+        t0 = time.perf_counter()
+        try:
+            logits = self.feed(out.prompt_ids)
+        except BaseException:
+            self.rollback(out.start)
+            raise
+        out.prefill_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        while True:
+            recent = tuple(self.recent_ids())
+            token = sample(suppress(logits, suppressed), params, rng, recent=recent)
+            out.ids.append(token)
+            if token in stop_ids:
+                out.stop_reason = "stop"
+            elif len(out.ids) == max_new or self.cache.length == self.ctx:
+                out.stop_reason = "length"
+            out.decode_seconds = time.perf_counter() - t0
+            yield Step(token, logits, params, recent, suppressed)
+            if out.stop_reason:
+                return
+            logits = self.feed([token])
+

@@ -4,7 +4,8 @@ sizes of real Llama 3 models."""
 import pytest
 
 from llama3_np import Llama3Error
-from llama3_np.config import ModelConfig, RopeScaling, from_hf_config, from_meta_params, meta_ffn_dim
+from llama3_np.config import (ROPE_FACTOR_SOURCES, ModelConfig, RopeScaling, from_hf_config, from_meta_params,
+                              meta_ffn_dim)
 
 # Published Meta params.json values -> the FFN width of the released checkpoints.
 META_FFN = [
@@ -59,12 +60,14 @@ def test_meta_params_32_1b_resolves_factor_32_and_3_1_8b_factor_8():
            "rope_theta": 500000.0, "use_scaled_rope": True}
     c = from_meta_params(p1b, tie_embeddings=True)
     assert c == from_hf_config(LLAMA_32_1B_HF)
+    assert c.rope_scaling.factor_source == "shape"
     assert from_meta_params(p1b, rope_factor=8.0).rope_scaling.factor == 8.0
     p8b = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
            "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "norm_eps": 1e-05,
            "rope_theta": 500000.0, "use_scaled_rope": True}
     c8 = from_meta_params(p8b)
     assert c8.rope_scaling.factor == 8.0 and c8.ffn_dim == 14336 and c8.max_seq_len == 131072
+    assert c8.rope_scaling.factor_source == "default"
     c30 = from_meta_params(dict(p8b, use_scaled_rope=False))
     assert c30.rope_scaling is None and c30.max_seq_len == 8192
 
@@ -91,3 +94,34 @@ def test_missing_key_names_the_key():
     cfg = {k: v for k, v in LLAMA_32_1B_HF.items() if k != "vocab_size"}
     with pytest.raises(Llama3Error, match="missing key 'vocab_size'"):
         from_hf_config(cfg)
+
+
+P_1B = {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+        "ffn_dim_multiplier": 1.5, "multiple_of": 256, "norm_eps": 1e-05, "rope_theta": 500000.0,
+        "use_scaled_rope": True}
+
+
+@pytest.mark.parametrize("params,kwargs,factor,source", [
+    (P_1B, {"rope_factor": 4.0}, 4.0, "override"),
+    (dict(P_1B, rope_scaling_factor=16.0), {}, 16.0, "config"),
+    # The Hugging Face config of the same download wins over the shape...
+    (P_1B, {"hf_config": from_hf_config(dict(LLAMA_32_1B_HF, rope_scaling=dict(
+        LLAMA_32_1B_HF["rope_scaling"], factor=16.0)))}, 16.0, "hf_config"),
+    # ...but not over an explicit override, and only when it describes the same model.
+    (P_1B, {"hf_config": from_hf_config(LLAMA_32_1B_HF), "rope_factor": 8.0}, 8.0, "override"),
+    (P_1B, {"hf_config": from_hf_config(dict(LLAMA_32_1B_HF, num_hidden_layers=28))}, 32.0, "shape"),
+    (P_1B, {}, 32.0, "shape"),
+    (dict(P_1B, n_layers=15), {}, 8.0, "default"),
+])
+def test_meta_rope_factor_and_where_it_came_from(params, kwargs, factor, source):
+    s = from_meta_params(params, **kwargs).rope_scaling
+    assert (s.factor, s.factor_source) == (factor, source)
+    assert source in ROPE_FACTOR_SOURCES
+
+
+def test_the_factor_source_is_recorded_but_not_part_of_the_math():
+    hf = from_hf_config(LLAMA_32_1B_HF)
+    meta = from_meta_params(P_1B, tie_embeddings=True)
+    assert hf.rope_scaling.factor_source == "config" and meta.rope_scaling.factor_source == "shape"
+    assert hf == meta
+    assert "factor_source" not in meta.to_dict()["rope_scaling"]  # nor, then, in a dump's config

@@ -4,11 +4,11 @@ and generation stops where it should (stop token, -n, context)."""
 import numpy as np
 import pytest
 
-from llama3_np import Llama3Error
+from llama3_np import Llama3Error, ParameterError
 from llama3_np.generation import Session
 from llama3_np.model import forward
 from llama3_np.sampling import SamplingParams
-from tests.helpers import random_weights, tiny_config
+from tests.helpers import assert_close, random_weights, tiny_config
 
 GREEDY = SamplingParams(temperature=0)
 PROMPT = [3, 14, 15, 9, 26, 35]
@@ -29,7 +29,7 @@ def greedy_without_cache(weights, config, prompt, n):
 
 def test_greedy_generation_equals_cache_free_argmax(model):
     weights, config = model
-    out = Session(weights, config, ctx=64).generate(PROMPT, GREEDY, np.random.default_rng(0), max_new=12)
+    out = Session(weights, config, ctx=64).generate(PROMPT, GREEDY, np.random.default_rng(0), max_new=12).run()
     assert out.ids == greedy_without_cache(weights, config, PROMPT, 12)
     assert out.stop_reason == "length" and len(out.ids) == 12
 
@@ -39,7 +39,7 @@ def test_stops_at_a_stop_token_and_keeps_it(model):
     expected = greedy_without_cache(weights, config, PROMPT, 12)
     stop = expected[4]
     first = expected.index(stop)
-    out = Session(weights, config, ctx=64).generate(PROMPT, GREEDY, np.random.default_rng(0), 12, [stop])
+    out = Session(weights, config, ctx=64).generate(PROMPT, GREEDY, np.random.default_rng(0), 12, [stop]).run()
     assert out.stop_reason == "stop" and out.ids == expected[:first + 1]
     assert out.text_ids == expected[:first]
 
@@ -47,7 +47,7 @@ def test_stops_at_a_stop_token_and_keeps_it(model):
 def test_reaching_the_context_stops_with_length(model):
     weights, config = model
     session = Session(weights, config, ctx=len(PROMPT) + 3)
-    out = session.generate(PROMPT, GREEDY, np.random.default_rng(0), max_new=-1)
+    out = session.generate(PROMPT, GREEDY, np.random.default_rng(0), max_new=-1).run()
     # 3 free slots: 3 generated tokens are fed back, a 4th comes from the last slot's logits.
     assert out.stop_reason == "length" and len(out.ids) == 4
     assert session.cache.length == session.ctx
@@ -56,9 +56,9 @@ def test_reaching_the_context_stops_with_length(model):
 def test_a_second_turn_continues_the_same_cache(model):
     weights, config = model
     session = Session(weights, config, ctx=64)
-    first = session.generate(PROMPT, GREEDY, np.random.default_rng(0), max_new=3)
+    first = session.generate(PROMPT, GREEDY, np.random.default_rng(0), max_new=3).run()
     follow = [7, 8]
-    second = session.generate(follow, GREEDY, np.random.default_rng(0), max_new=4)
+    second = session.generate(follow, GREEDY, np.random.default_rng(0), max_new=4).run()
     whole = PROMPT + first.ids[:-1] + follow  # the last sampled token of turn 1 was never fed
     assert session.history == whole + second.ids[:-1]
     assert second.ids == greedy_without_cache(weights, config, whole, 4)
@@ -70,7 +70,7 @@ def test_prompt_longer_than_the_context_is_a_clear_error(model):
         Session(weights, config, ctx=5).generate(PROMPT, GREEDY, np.random.default_rng(0), 1)
     with pytest.raises(Llama3Error, match="prompt is empty"):
         Session(weights, config, ctx=5).generate([], GREEDY, np.random.default_rng(0), 1)
-    with pytest.raises(Llama3Error, match="-n"):
+    with pytest.raises(ParameterError, match="^max_new must be >= 1"):
         Session(weights, config, ctx=5).generate([1], GREEDY, np.random.default_rng(0), 0)
 
 
@@ -85,6 +85,162 @@ def test_repeat_penalty_window_is_the_last_64_ids_fed(model, monkeypatch):
                         lambda logits, params, rng, recent: seen.append(list(recent)) or real_sample(logits, params, rng, recent))
     prompt = [i % config.vocab_size for i in range(70)]
     session = Session(weights, config, ctx=128)
-    out = session.generate(prompt, SamplingParams(temperature=0, repeat_penalty=1.3), np.random.default_rng(0), 5)
+    out = session.generate(prompt, SamplingParams(temperature=0, repeat_penalty=1.3), np.random.default_rng(0), 5).run()
     fed = prompt + out.ids
     assert seen == [fed[:70 + k][-64:] for k in range(5)]
+
+
+# --- the session's cache always equals its history, whatever ended a turn --------------------------
+#
+# "The next turn's logits equal a fresh session's": the fresh session is fed the whole history in
+# one prefill, the continued one got it as a prefill plus decode steps (other matrix shapes, other
+# summation orders in BLAS), so they agree to float32 rounding: NMSE <= 1e-10, the bound the
+# chunked-prefill test uses.
+
+FOLLOW = [7, 8, 9]
+
+
+def assert_next_turn_matches_a_fresh_session(session, ids):
+    """Feed `ids` as the next turn; its logits equal those of a new session fed history + ids."""
+    from tests.helpers import assert_close
+
+    before = session.history
+    logits = session.feed(ids)
+    assert session.history == before + ids and session.cache.length == len(session.history)
+    fresh = Session(session.weights, session.config, session.ctx).feed(session.history)
+    assert_close(logits, fresh, "next turn's logits vs a fresh session's", 1e-10)
+
+
+def test_after_a_stop_token_the_stop_token_is_unfed_and_kept(model):
+    weights, config = model
+    expected = greedy_without_cache(weights, config, PROMPT, 12)
+    session = Session(weights, config, ctx=64)
+    out = session.generate(PROMPT, GREEDY, np.random.default_rng(0), 12, [expected[4]]).run()
+    assert out.stop_reason == "stop" and out.unfed_ids == [expected[4]]
+    assert session.history == PROMPT + out.ids[:-1]
+    assert_next_turn_matches_a_fresh_session(session, out.unfed_ids + FOLLOW)
+
+
+def test_after_the_length_limit_the_last_token_is_unfed(model):
+    weights, config = model
+    session = Session(weights, config, ctx=64)
+    out = session.generate(PROMPT, GREEDY, np.random.default_rng(0), 5).run()
+    assert out.stop_reason == "length" and out.unfed_ids == out.ids[-1:]
+    assert session.history == PROMPT + out.ids[:-1]
+    assert_next_turn_matches_a_fresh_session(session, out.unfed_ids + FOLLOW)
+
+
+def test_after_a_full_context_the_cache_holds_every_slot_it_claims(model):
+    weights, config = model
+    session = Session(weights, config, ctx=len(PROMPT) + 3)
+    out = session.generate(PROMPT, GREEDY, np.random.default_rng(0), -1).run()
+    assert out.stop_reason == "length" and session.history == PROMPT + out.ids[:3] and out.unfed_ids == out.ids[3:]
+    session.rollback(session.ctx - 2)  # make room: what is left is still what history says
+    assert_next_turn_matches_a_fresh_session(session, FOLLOW[:2])
+
+
+@pytest.mark.parametrize("when", range(1, 9))
+def test_ctrl_c_inside_a_chunked_prefill_rolls_the_prompt_back(model, monkeypatch, when):
+    """A 13-token prompt in chunks of 4 is 4 forward calls of 2 layers: KeyboardInterrupt in the
+    `when`-th layer call leaves some layers of some chunk written; the session forgets the prompt."""
+    from llama3_np import generation, model as model_module
+
+    weights, config = model
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 4)
+    session = Session(weights, config, ctx=64)
+    session.feed(PROMPT)  # an earlier turn, which must survive
+    calls, block = [], model_module.transformer_block
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == when:
+            raise KeyboardInterrupt
+        return block(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "transformer_block", interrupted)
+    out = session.generate(list(range(20, 33)), GREEDY, np.random.default_rng(0), 4)
+    with pytest.raises(KeyboardInterrupt):  # the library does not swallow it
+        out.run()
+    monkeypatch.setattr(model_module, "transformer_block", block)
+    assert not out.prompt_fed and out.ids == [] and session.history == PROMPT
+    assert_next_turn_matches_a_fresh_session(session, FOLLOW)
+
+
+def test_ctrl_c_inside_a_decode_step_leaves_the_drawn_token_unfed(model, monkeypatch):
+    from llama3_np import model as model_module
+
+    weights, config = model
+    session = Session(weights, config, ctx=64)
+    out = session.generate(PROMPT, GREEDY, np.random.default_rng(0), 10)
+    steps = iter(out)
+    next(steps), next(steps)  # two tokens drawn, the first fed
+    block = model_module.transformer_block
+
+    def interrupted_in_layer_1(x, weights, layer, *rest):
+        if layer == 1:
+            raise KeyboardInterrupt
+        return block(x, weights, layer, *rest)
+
+    monkeypatch.setattr(model_module, "transformer_block", interrupted_in_layer_1)
+    with pytest.raises(KeyboardInterrupt):
+        next(steps)  # feeding the second token: interrupted in layer 1, after layer 0 wrote its slot
+    monkeypatch.setattr(model_module, "transformer_block", block)
+    assert out.prompt_fed and session.history == PROMPT + out.ids[:1] and out.unfed_ids == out.ids[1:]
+    assert_next_turn_matches_a_fresh_session(session, out.unfed_ids + FOLLOW)
+
+
+def test_leaving_the_loop_early_leaves_the_last_token_unfed(model):
+    weights, config = model
+    session = Session(weights, config, ctx=64)
+    out = session.generate(PROMPT, GREEDY, np.random.default_rng(0), 10)
+    for n, step in enumerate(out, 1):
+        if n == 3:
+            break  # as the command line does when Ctrl-C lands while it prints
+    assert out.stop_reason == "" and len(out.ids) == 3 and out.unfed_ids == out.ids[2:]
+    assert session.history == PROMPT + out.ids[:2]
+    assert_next_turn_matches_a_fresh_session(session, out.unfed_ids + FOLLOW)
+
+
+def test_each_step_records_what_its_token_was_drawn_from(model):
+    """The logits are the cache-free forward's for that position; `probs` is the sampler's
+    distribution, from which the token was drawn."""
+    from llama3_np.sampling import sampling_probs
+    from tests.helpers import assert_close
+
+    weights, config = model
+    params = SamplingParams(temperature=1.2, top_k=5, top_p=1.0, min_p=0.0, repeat_penalty=1.5)
+    session = Session(weights, config, ctx=64)
+    steps = list(session.generate(PROMPT, params, np.random.default_rng(3), 6))
+    ids = PROMPT + [s.token for s in steps]
+    for n, s in enumerate(steps):
+        context = ids[:len(PROMPT) + n]
+        assert_close(s.logits, forward(weights, config, context)[-1], f"step {n} logits", 1e-10)
+        assert s.recent == tuple(context[-64:])
+        assert np.array_equal(s.probs(), sampling_probs(s.logits, params, context[-64:])) and s.probs()[s.token] > 0
+
+
+def test_suppressed_ids_are_never_drawn(model):
+    weights, config = model
+    expected = greedy_without_cache(weights, config, PROMPT, 1)[0]
+    session = Session(weights, config, ctx=64)
+    steps = list(session.generate(PROMPT, GREEDY, np.random.default_rng(0), 6, suppress_ids=[expected]))
+    assert all(s.token != expected for s in steps) and len(steps) == 6
+    assert steps[0].probs()[expected] == 0 and np.isneginf(steps[0].sampler_logits()[expected])
+    assert np.isfinite(steps[0].logits[expected])  # the model's own logits stay as they were
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5, 64])
+def test_a_prompt_fed_in_chunks_gives_the_logits_of_one_forward(monkeypatch, chunk):
+    from llama3_np import generation
+
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", chunk)
+    config = tiny_config(vocab_size=64)
+    weights = random_weights(config, seed=5)
+    prompt = [int(i) for i in np.random.default_rng(1).integers(0, 64, size=13)]
+    session = generation.Session(weights, config, ctx=32)
+    logits = session.feed(prompt)
+    assert session.cache.length == 13 and session.history == prompt
+    assert_close(logits, forward(weights, config, prompt)[-1], f"last logits, chunks of {chunk}", 1e-10)
+    # The cache the chunks filled continues like the cache of one call.
+    follow = session.feed([7])
+    assert_close(follow, forward(weights, config, prompt + [7])[-1], "logits after the prompt", 1e-10)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from llama3_np import Llama3Error
-from llama3_np.model import (KVCache, Trace, causal_attention, forward, rmsnorm, rope, rope_cos_sin,
+from llama3_np.stages import Trace, stage_shapes
+from llama3_np.model import (KVCache, causal_attention, forward, rmsnorm, rope, rope_cos_sin,
                              rope_frequencies, softmax)
 from tests.helpers import assert_close, random_weights, tiny_config
 
@@ -27,6 +28,26 @@ def test_prefill_then_decode_equals_one_full_forward(start):
         parts.append(forward(w, config, TOKENS[i:i + 1], cache, pos=start + i))
     assert cache.length == len(TOKENS)
     assert_close(np.concatenate(parts), full, f"logits, prefill 5 + decode, start {start}", 1e-10)
+
+
+def test_without_a_position_forward_continues_at_the_cache_length():
+    """forward(tokens, cache) puts the first token at position cache.length: a prefill then decode
+    steps with no `pos` give the logits of one full forward from position 0 (before, they restarted
+    at 0 and attended to the cache with the wrong rotations)."""
+    config = tiny_config()
+    w = random_weights(config)
+    full = forward(w, config, TOKENS)
+    cache = KVCache(config, len(TOKENS))
+    parts = [forward(w, config, TOKENS[:5], cache)]
+    for i in range(5, len(TOKENS)):
+        parts.append(forward(w, config, TOKENS[i:i + 1], cache))
+    assert cache.length == len(TOKENS)
+    assert_close(np.concatenate(parts), full, "logits, prefill 5 + decode without pos", 1e-10)
+    # An explicit position still wins: the same tokens at position 0 on top of a cache are another input.
+    cache = KVCache(config, len(TOKENS))
+    forward(w, config, TOKENS[:5], cache)
+    restarted = forward(w, config, TOKENS[5:6], cache, pos=0)
+    assert np.abs(restarted - full[5:6]).max() > 1e-3
 
 
 def test_cache_overflow_is_a_clear_error():
@@ -115,21 +136,31 @@ def test_bfloat16_residency_gives_the_same_logits():
     assert_close(bf16, f32, "logits, bfloat16 vs float32 residency", 1e-10)
 
 
-def test_trace_records_every_stage_in_model_order():
+def test_trace_records_every_stage_of_the_contract_in_model_order_with_its_shape():
     config = tiny_config()
+    T, H, KV, Dh = 4, config.n_heads, config.n_kv_heads, config.head_dim
     trace = Trace()
     forward(random_weights(config), config, TOKENS[:4], trace=trace)
-    per_layer = ["attn_norm", "q", "k", "v", "q_rope", "k_rope", "attn", "attn_out", "h",
-                 "ffn_norm", "ffn_hidden", "ffn_out", "out"]
-    expected = (["embed"] + [f"layers.{i}.{s}" for i in range(config.n_layers) for s in per_layer]
-                + ["norm", "logits"])
-    assert list(trace) == expected
-    T, D, H, KV, Dh = 4, config.dim, config.n_heads, config.n_kv_heads, config.head_dim
-    assert trace["layers.1.q_rope"].shape == (T, H, Dh)
-    assert trace["layers.0.k"].shape == (T, KV, Dh)
-    assert trace["layers.0.attn"].shape == (T, H * Dh)
-    assert trace["layers.0.ffn_hidden"].shape == (T, config.ffn_dim)
+    expected = stage_shapes(config, T, probs=False)
+    assert list(trace) == list(expected)
+    assert {name: x.shape for name, x in trace.items()} == expected
+    # The legend's symbols, spelled out for a few stages.
+    assert expected["layers.1.q_rope"] == (T, H, Dh) and expected["layers.0.k"] == (T, KV, Dh)
+    assert expected["layers.0.attn"] == (T, H * Dh) and expected["layers.0.ffn_hidden"] == (T, config.ffn_dim)
+    everything = Trace(["*", "*.probs"])
+    forward(random_weights(config), config, TOKENS[:4], trace=everything)
+    assert {name: x.shape for name, x in everything.items()} == stage_shapes(config, T)
+    assert list(everything) == list(stage_shapes(config, T))
     probs = Trace(["layers.1.probs"])
     forward(random_weights(config), config, TOKENS[:4], trace=probs)
     assert list(probs) == ["layers.1.probs"] and probs["layers.1.probs"].shape == (H, T, T)
     assert np.allclose(probs["layers.1.probs"].sum(-1), 1, atol=1e-6)
+
+
+def test_keep_returns_its_input_and_refuses_a_name_outside_the_contract():
+    trace, x = Trace(), np.ones((2, 3), np.float32)
+    assert trace.keep("layers.0.h", x) is x and np.array_equal(trace["layers.0.h"], x)
+    with pytest.raises(KeyError, match="'layers.0.hidden' is not a stage"):
+        trace.keep("layers.0.hidden", x)
+
+

@@ -12,7 +12,7 @@ Tolerances (normalised MSE = sum of squared differences / sum of squared referen
   At positions >= 20,000 the rotation angle position·frequency carries a float32 rounding error
   of up to position·2⁻²⁴ ≈ 1e-3 rad, which would allow only about 1e-6; we hold 1e-10 there too
   because `model.rope_cos_sin` rounds exactly where both references round (their frequency
-  tables are bit-identical to ours, see the rope test);
+  tables equal ours bit for bit, see the rope tests; cos/sin then differ by an ulp at most);
 - against HF computing in bfloat16: 1e-2 (the bound llama.cpp uses for a passing conversion).
 
 Every comparison runs in both residencies (float32, and bfloat16 converted inside each product:
@@ -21,6 +21,8 @@ blocks of a few rows shared by 3 threads, the path large models take (the fixtur
 otherwise too small to be split).
 """
 
+import dataclasses
+import decimal
 import json
 from pathlib import Path
 
@@ -30,9 +32,10 @@ from safetensors.numpy import load_file
 from safetensors import safe_open
 
 from llama3_np import products
-from llama3_np.checkpoint import load_checkpoint, unpermute_qk
+from llama3_np.formats.checkpoint import load_checkpoint, unpermute_qk
 from llama3_np.config import ModelConfig, from_hf_config
-from llama3_np.model import KVCache, Trace, forward, rope_cos_sin, rope_frequencies
+from llama3_np.model import KVCache, forward, rope_cos_sin, rope_frequencies
+from llama3_np.stages import Trace
 from tests.helpers import assert_close, max_rel_err, nmse
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
@@ -145,34 +148,73 @@ def rope_cases():
     return load_file(str(FIXTURES / "rope.safetensors")), meta
 
 
-@pytest.mark.parametrize("which", ["llama3_0_8b", "llama3_1_8b", "llama3_2_1b"])
-def test_rope_table_and_cos_sin_match_hugging_face_at_far_positions(which):
-    """The frequency table must match HF to float32 rounding (a relative 2⁻²³ per entry).
-    cos/sin: the angle p·f is rounded to float32 by both, so an entry differs by at most an ulp
-    of cos/sin plus the effect of an ulp difference in f, which at p = 131,071 is
-    p·f·2⁻²³ ≲ 131071 · 1 · 1.2e-7 ≈ 0.016 for the fastest pair; tolerances follow from that and
-    from how many entries actually differ (printed on failure)."""
-    data, meta = rope_cases()
+ROPE_SHAPES = ["llama3_0_8b", "llama3_1_8b", "llama3_2_1b"]
+
+
+def rope_config(meta, which):
     # The fixture records the rope part of each model's Hugging Face config; sizes that rope does
     # not use are filled in.
     hf = dict(json.loads(meta["configs"])[which], num_hidden_layers=1, intermediate_size=1, vocab_size=1)
-    cfg = from_hf_config(hf)
+    return from_hf_config(hf)
+
+
+@pytest.mark.parametrize("which", ROPE_SHAPES)
+def test_rope_table_equals_hugging_faces_and_metas_bit_for_bit(which):
+    """Every step of the table is correctly rounded (see `rope_frequencies`), so it is one float32
+    table on every CPU and NumPy dispatch path, and equal to the references' (which agree)."""
+    data, meta = rope_cases()
+    ours = rope_frequencies(rope_config(meta, which))
+    for ref in ("inv_freq", "meta_freqs"):
+        want = data[f"{which}.{ref}"]
+        differ = np.flatnonzero(ours != want)
+        assert differ.size == 0, (
+            f"{which}: {differ.size} of {want.size} entries differ from {ref}, first at {differ[0]}: "
+            f"{ours[differ[0]]!r} vs {want[differ[0]]!r} "
+            f"({abs(int(ours.view(np.int32)[differ[0]]) - int(want.view(np.int32)[differ[0]]))} ulp)")
+
+
+@pytest.mark.parametrize("which", ROPE_SHAPES)
+def test_rope_powers_are_correctly_rounded(which):
+    """The unscaled table, every shape's first step, is 1 / (the float32 nearest the exact power
+    θ^(2i/Dh)), the power computed here with 40 significant digits: the table depends neither on
+    the C library's last float64 bit nor on NumPy's float32 `pow`."""
+    data, meta = rope_cases()
+    cfg = rope_config(meta, which)
+    unscaled = rope_frequencies(dataclasses.replace(cfg, rope_scaling=None))
+    with decimal.localcontext(decimal.Context(prec=40)):
+        for i, f in enumerate(unscaled):
+            exponent = decimal.Decimal(float(np.float32(2 * i) / np.float32(cfg.head_dim)))
+            exact = decimal.Decimal(cfg.rope_theta) ** exponent
+            nearest = np.float32(float(exact))  # double rounding is checked just below
+            half_ulp = decimal.Decimal(float(np.spacing(nearest))) / 2
+            assert abs(exact - decimal.Decimal(float(nearest))) < half_ulp, f"{which} entry {i}"
+            assert np.float32(1) / nearest == f, f"{which} entry {i}: {f!r} is not 1 / {nearest!r}"
+
+
+@pytest.mark.parametrize("which", ROPE_SHAPES)
+def test_rope_cos_sin_match_hugging_face_and_meta_at_far_positions(which):
+    """Same table, same float32 angle p·f (an exactly rounded product, as both references form it),
+    so only the cos/sin kernels differ: NumPy's float32 SIMD cos/sin (not correctly rounded, and
+    different between the AVX2 and AVX-512 paths), torch's (Sleef) and libm's are each within about
+    one ulp of the true value, and for values of magnitude ≤ 1 an ulp is at most 2⁻²⁴ ≈ 6e-8. Bound:
+    2⁻²³ absolute per entry. (A one-ulp error in a frequency would move the angle at position
+    131,071 by up to 131071 · 2⁻²⁴ ≈ 8e-3, far past it.) Measured on AVX2: 6e-8, one ulp."""
+    data, meta = rope_cases()
+    cfg = rope_config(meta, which)
     positions = np.array(json.loads(meta["positions"]))
     assert list(positions) == ROPE_POSITIONS
-    ours_f = rope_frequencies(cfg)
-    ref_f = data[f"{which}.inv_freq"]
-    rel = np.max(np.abs(ours_f.astype(np.float64) - ref_f) / ref_f)
-    assert rel <= 2 ** -23, f"{which}: inv_freq max rel err {rel:.3e}"
-    cos, sin = rope_cos_sin(positions, ours_f)
+    cos, sin = rope_cos_sin(positions, rope_frequencies(cfg))
     half = cfg.head_dim // 2
     for got, key in ((cos, "cos"), (sin, "sin")):
-        ref = data[f"{which}.{key}"]
-        assert np.array_equal(ref[:, :half], ref[:, half:]), "HF cos/sin halves should repeat"
-        err = np.abs(got - ref[:, :half])
-        bound = np.float32(2 ** -23) * (1 + positions[:, None] * ref_f[None, :])  # per entry
-        assert np.all(err <= 2 * bound + 1e-6), (
-            f"{which} {key}: max abs err {err.max():.3e} at position "
-            f"{positions[np.unravel_index(err.argmax(), err.shape)[0]]}")
+        assert np.array_equal(data[f"{which}.{key}"][:, :half], data[f"{which}.{key}"][:, half:]), \
+            "HF cos/sin halves should repeat"
+        for producer, ref in (("HF", data[f"{which}.{key}"][:, :half]), ("Meta", data[f"{which}.meta_{key}"])):
+            err = np.abs(got.astype(np.float64) - ref)
+            worst = np.unravel_index(err.argmax(), err.shape)
+            assert err.max() <= 2 ** -23, (
+                f"{which} {key} vs {producer}: max abs err {err.max():.3e} "
+                f"({err.max() / np.spacing(np.float32(abs(ref[worst]))):.1f} ulp) at position "
+                f"{positions[worst[0]]}, pair {worst[1]}")
 
 
 def test_hf_layout_and_meta_layout_give_the_same_attention_scores():

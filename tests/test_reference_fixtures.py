@@ -16,6 +16,7 @@ import pytest
 from safetensors import safe_open
 
 from llama3_np.config import ModelConfig, from_hf_config, from_meta_params
+from llama3_np.stages import stage_shapes
 from tests.helpers import nmse
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
@@ -35,16 +36,8 @@ def hf_config(cfg: str) -> ModelConfig:
 
 
 def expected_shapes(c: ModelConfig, T: int) -> dict[str, tuple]:
-    """DESIGN.md's stage names and shapes."""
-    D, H, KV, Dh = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
-    shapes = {"embed": (T, D), "norm": (T, D), "logits": (T, c.vocab_size)}
-    for i in range(c.n_layers):
-        shapes.update({f"layers.{i}.{k}": s for k, s in {
-            "attn_norm": (T, D), "q": (T, H, Dh), "k": (T, KV, Dh), "v": (T, KV, Dh),
-            "q_rope": (T, H, Dh), "k_rope": (T, KV, Dh), "attn": (T, H * Dh), "attn_out": (T, D),
-            "h": (T, D), "ffn_norm": (T, D), "ffn_hidden": (T, c.ffn_dim), "ffn_out": (T, D),
-            "out": (T, D)}.items()})
-    return shapes
+    """The stage contract's names and shapes, without the probabilities the references never record."""
+    return stage_shapes(c, T, probs=False)
 
 
 def stage_dumps(cfg: str) -> list[Path]:
@@ -245,6 +238,8 @@ def test_rope_tables():
         assert configs[key]["head_dim"] == dh and configs[key]["meta_rope_factor"] == factor
         inv_freq, cos, sin = (tables[f"{key}.{n}"] for n in ("inv_freq", "cos", "sin"))
         assert inv_freq.shape == (dh // 2,) and cos.shape == sin.shape == (len(positions), dh)
+        # Meta's frequency table is Hugging Face's, bit for bit (the script refuses otherwise).
+        assert np.array_equal(tables[f"{key}.meta_freqs"], inv_freq), key
         # Hugging Face duplicates the halves (rotate-half); the angle is a float32 product.
         assert np.array_equal(cos[:, :dh // 2], cos[:, dh // 2:]), key
         angle = (positions[:, None].astype(np.float32) * inv_freq).astype(np.float64)

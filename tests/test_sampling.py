@@ -1,15 +1,24 @@
-"""The sampler's filters leave exactly the distribution their definitions say, in the documented
-order, and a seed reproduces a draw."""
+"""The sampler chain leaves exactly the distribution llama.cpp's chain and transformers' logits
+processors leave (tests/fixtures/sampling/chains.json.gz, tools/make_sampler_fixtures.py), in their
+orders; each filter only removes tokens; a seed reproduces a draw."""
+
+import gzip
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from llama3_np import Llama3Error
-from llama3_np.sampling import SamplingParams, apply_repeat_penalty, sample, sampling_probs
+from llama3_np.errors import ParameterError
+from llama3_np.sampling import (DEFAULT_SAMPLERS, SAMPLER_NAMES, SAMPLER_ORDERS, SamplingParams,
+                                parse_samplers, sample, sampling_probs, survivors)
 
+FIXTURE_FILE = Path(__file__).parent / "fixtures" / "sampling" / "chains.json.gz"
+FIXTURE = json.loads(gzip.decompress(FIXTURE_FILE.read_bytes()))
 OFF = dict(top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
 LOGITS = np.log(np.array([0.05, 0.30, 0.10, 0.25, 0.02, 0.08, 0.20], dtype=np.float32))
+LLAMA_CPP, TRANSFORMERS = SAMPLER_ORDERS["llama.cpp"], SAMPLER_ORDERS["transformers"]
 
 
 def softmax64(z):
@@ -17,55 +26,111 @@ def softmax64(z):
     return e / e.sum()
 
 
-def test_greedy_picks_argmax_whatever_the_filters():
-    p = SamplingParams(temperature=0, top_k=1, top_p=0.1, min_p=0.9)
-    assert sample(LOGITS, p, np.random.default_rng(0)) == 1
-    assert sampling_probs(LOGITS, p)[1] == 1.0
+# --- the references ----------------------------------------------------------------------------
+
+def reference_points():
+    for r in FIXTURE["results"]:
+        case, setting = FIXTURE["cases"][r["case"]], FIXTURE["settings"][r["setting"]]
+        yield pytest.param(case, setting, r, id=f"{r['order']}-{case['name']}-{r['setting']}")
 
 
-def test_temperature_one_with_filters_off_is_the_softmax():
-    probs = sampling_probs(LOGITS, SamplingParams(temperature=1.0, **OFF))
-    np.testing.assert_allclose(probs, softmax64(LOGITS.astype(np.float64)), rtol=1e-6)
+@pytest.mark.parametrize("case,setting,ref", list(reference_points()))
+def test_distribution_matches_the_reference_in_its_order(case, setting, ref):
+    """llama.cpp order against llama.cpp's chain, transformers order against transformers' processors:
+    L1 distance <= 1e-6 (the references hold float32 probabilities; their rounding is ~1e-7)."""
+    logits = np.array(case["logits"], dtype=np.float32)
+    want = np.zeros(logits.size)
+    want[ref["ids"]] = ref["probs"]
+    params = SamplingParams(**setting, samplers=tuple(FIXTURE["orders"][ref["order"]]))
+    got = sampling_probs(logits, params, case["recent"])
+    l1 = np.abs(got - want).sum()
+    assert l1 <= 1e-6, (f"{ref['order']} on {case['name']} with {setting}: L1 {l1:.3g}; kept "
+                        f"{np.flatnonzero(got).tolist()}, reference kept {ref['ids']}")
 
 
-def test_temperature_scales_logits_before_softmax():
-    probs = sampling_probs(LOGITS, SamplingParams(temperature=0.5, **OFF))
-    np.testing.assert_allclose(probs, softmax64(LOGITS.astype(np.float64) / 0.5), rtol=1e-6)
+def test_the_fixture_covers_what_it_claims():
+    cases = {c["name"]: c for c in FIXTURE["cases"]}
+    grid = FIXTURE["settings"]
+    assert FIXTURE["orders"] == {name: list(order) for name, order in SAMPLER_ORDERS.items()}
+    assert any(s["top_k"] > max(len(c["logits"]) for c in cases.values()) for s in grid)
+    assert any(s["temperature"] == 0 for s in grid) and any(0 < s["temperature"] <= 1e-3 for s in grid)
+    assert any(s["top_k"] and s["min_p"] for s in grid) and any(s["repeat_penalty"] != 1 for s in grid)
+    assert {"exact", "exact_top4", "default_model_0"} <= set(cases)
+    assert len(FIXTURE["results"]) == 2 * len(cases) * len(grid)
 
 
-def test_top_k_keeps_the_k_most_probable_renormalised():
-    probs = sampling_probs(LOGITS, SamplingParams(temperature=1.0, **dict(OFF, top_k=3)))
-    assert set(np.flatnonzero(probs)) == {1, 3, 6}
-    np.testing.assert_allclose(probs[[1, 3, 6]], np.array([0.30, 0.25, 0.20]) / 0.75, rtol=1e-6)
+def test_top_p_after_top_k_works_on_the_survivors():
+    # probabilities .4 .3 .2 .1: top-k 2 leaves .4/.7 = .571 and .3/.7; top-p .5 then keeps one token.
+    logits = np.log(np.array([0.4, 0.3, 0.2, 0.1], dtype=np.float32))
+    for order in SAMPLER_ORDERS.values():
+        probs = sampling_probs(logits, SamplingParams(1.0, 2, 0.5, 0.0, samplers=order))
+        np.testing.assert_array_equal(probs, [1, 0, 0, 0])
 
 
-@pytest.mark.parametrize("p,kept", [(0.30, {1}), (0.31, {1, 3}), (0.55, {1, 3}), (0.56, {1, 3, 6}),
-                                    (0.999, {0, 1, 2, 3, 4, 5, 6})])
-def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_p(p, kept):
-    probs = sampling_probs(LOGITS, SamplingParams(temperature=1.0, **dict(OFF, top_p=p)))
-    assert set(np.flatnonzero(probs)) == kept
-    base = softmax64(LOGITS.astype(np.float64))
-    idx = sorted(kept)
-    np.testing.assert_allclose(probs[idx], base[idx] / base[idx].sum(), rtol=1e-6)
+def test_top_p_boundary_keeps_the_token_that_completes_p():
+    # float32 weights exactly 1, 1/2, 1/4, 1/8, 1/8 (sum 2): masses .5, .75, .875, 1 are exact.
+    logits = np.log(np.array([1, 0.5, 0.25, 0.125, 0.125])).astype(np.float32)
+    for p, kept in [(0.5, 1), (0.75, 2), (0.7500001, 3), (0.875, 3)]:
+        probs = sampling_probs(logits, SamplingParams(1.0, 0, p, 0.0))
+        assert np.count_nonzero(probs) == kept, (p, probs)
 
 
-def test_min_p_drops_tokens_below_p_times_the_max():
+def test_temperature_order_decides_what_top_p_keeps():
+    # Last (llama.cpp), temperature 2 does not change the set top-p .5 keeps; first (transformers)
+    # it flattens the distribution so top-p needs three tokens.
+    hot = dict(temperature=2.0, **dict(OFF, top_p=0.5))
+    assert np.count_nonzero(sampling_probs(LOGITS, SamplingParams(**hot, samplers=LLAMA_CPP))) == 2
+    assert np.count_nonzero(sampling_probs(LOGITS, SamplingParams(**hot, samplers=TRANSFORMERS))) == 3
+    # llama.cpp order: the survivors' logits divided by 2
+    probs = sampling_probs(LOGITS, SamplingParams(**hot, samplers=LLAMA_CPP))
+    np.testing.assert_allclose(probs[[1, 3]], softmax64(LOGITS[[1, 3]].astype(np.float64) / 2), rtol=1e-6)
+
+
+def test_min_p_is_relative_to_the_largest_survivor():
     # max probability 0.30: min_p 0.3 -> threshold 0.09 keeps 0.30, 0.25, 0.20, 0.10
     probs = sampling_probs(LOGITS, SamplingParams(temperature=1.0, **dict(OFF, min_p=0.3)))
     assert set(np.flatnonzero(probs)) == {1, 3, 6, 2}
 
 
-def test_filters_apply_after_temperature():
-    # At temperature 2 the distribution flattens, so top-p 0.5 needs three tokens, not two.
-    hot = sampling_probs(LOGITS, SamplingParams(temperature=2.0, **dict(OFF, top_p=0.5)))
-    cold = sampling_probs(LOGITS, SamplingParams(temperature=1.0, **dict(OFF, top_p=0.5)))
-    assert np.count_nonzero(cold) == 2 and np.count_nonzero(hot) == 3
+def test_top_k_ties_keep_the_lower_id_and_k_above_the_vocabulary_keeps_all():
+    logits = np.array([1.0, 3.0, 2.0, 3.0, 2.0, 2.0], dtype=np.float32)
+    ids, _ = survivors(logits, SamplingParams(1.0, 3, 1.0, 0.0))
+    assert ids.tolist() == [1, 2, 3]
+    ids, _ = survivors(logits, SamplingParams(1.0, 100, 1.0, 0.0))
+    assert ids.tolist() == list(range(6))
+
+
+def test_greedy_is_the_argmax_of_the_penalised_logits():
+    logits = np.array([2.0, 2.5, -1.0, 2.5], dtype=np.float32)
+    p = SamplingParams(temperature=0, top_k=3, top_p=0.1, min_p=0.9)
+    assert sample(logits, p, np.random.default_rng(0)) == 1  # equal logits: the lower id
+    penalised = SamplingParams(temperature=0, repeat_penalty=2.0)
+    assert sample(logits, penalised, np.random.default_rng(0), recent=[1, 3]) == 0
+    np.testing.assert_array_equal(sampling_probs(logits, penalised, [1, 3]), [1, 0, 0, 0])
+    # Without temperature in the chain, temperature 0 is not applied (llama.cpp: left out, not applied).
+    assert np.count_nonzero(sampling_probs(logits, SamplingParams(0, 0, 1, 0, samplers=("top_k",)))) == 4
+
+
+def test_a_tiny_temperature_is_greedy_in_the_limit():
+    probs = sampling_probs(LOGITS, SamplingParams(1e-38, **OFF))  # logits / 1e-38 overflow float32
+    np.testing.assert_array_equal(probs, np.eye(LOGITS.size)[1])
 
 
 def test_repeat_penalty_ctrl_rule():
     logits = np.array([2.0, -2.0, 1.0, 0.5], dtype=np.float32)
-    out = apply_repeat_penalty(logits, [0, 1, 1], 2.0)
-    np.testing.assert_array_equal(out, [1.0, -4.0, 1.0, 0.5])
+    probs = sampling_probs(logits, SamplingParams(1.0, 0, 1.0, 0.0, 2.0, samplers=("penalties",)), [0, 1, 1])
+    np.testing.assert_allclose(probs, softmax64(np.array([1.0, -4.0, 1.0, 0.5])), rtol=1e-12)
+
+
+def test_top_p_on_a_large_vocabulary_finds_its_cut_beyond_the_first_look():
+    # A flat 50,000-token tail: top-p .95 needs far more than the 256 largest.
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal(50_000) * 0.1).astype(np.float32)
+    probs = sampling_probs(logits, SamplingParams(1.0, 0, 0.95, 0.0))
+    order = np.lexsort((np.arange(logits.size), -logits))
+    mass = np.cumsum(softmax64(logits.astype(np.float64))[order])
+    n = int(np.searchsorted(mass, 0.95)) + 1
+    assert n > 256 and set(np.flatnonzero(probs)) == set(order[:n].tolist())
 
 
 def test_seed_reproduces_and_draws_follow_the_distribution():
@@ -80,30 +145,64 @@ def test_seed_reproduces_and_draws_follow_the_distribution():
     assert freq[[0, 4, 5]].sum() == 0
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.floats(-30, 30), min_size=2, max_size=50), st.floats(0.05, 3),
-       st.integers(0, 60), st.floats(0.01, 1.0), st.floats(0, 0.99))
-def test_probs_are_a_distribution_that_always_keeps_the_top_token(z, temp, k, top_p, min_p):
-    logits = np.array(z, dtype=np.float32)
-    probs = sampling_probs(logits, SamplingParams(temp, k, top_p, min_p))
+# --- properties --------------------------------------------------------------------------------
+
+LOGIT_VECTORS = st.lists(st.floats(-30, 30, width=32), min_size=2, max_size=60).map(
+    lambda z: np.array(z, dtype=np.float32))
+# any order of any subset of the samplers
+ORDERS = st.permutations(SAMPLER_NAMES).flatmap(lambda names: st.integers(0, len(names)).map(lambda n: names[:n]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(LOGIT_VECTORS, st.floats(0.0, 3), st.integers(0, 70), st.floats(0.01, 1.0), st.floats(0, 0.99),
+       st.floats(0.5, 2), ORDERS, st.lists(st.integers(0, 59), max_size=8))
+def test_each_filter_only_removes_tokens_and_the_result_is_a_distribution(z, temp, k, top_p, min_p, penalty,
+                                                                          order, recent):
+    order = tuple(order)
+    full = SamplingParams(temp, k, top_p, min_p, penalty, samplers=order)
+    probs = sampling_probs(z, full, recent)
     assert abs(probs.sum() - 1) < 1e-9 and np.all(probs >= 0)
-    assert probs[int(np.argmax(logits))] > 0
-    if k:
-        assert np.count_nonzero(probs) <= k
+    kept = set(np.flatnonzero(probs))
+    assert kept
+    # Each prefix of the chain keeps a superset of what the longer chain keeps.
+    before = set(range(z.size))
+    for n in range(len(order) + 1):
+        ids, _ = survivors(z, SamplingParams(temp, k, top_p, min_p, penalty, samplers=order[:n]), recent)
+        now = set(ids.tolist())
+        assert now <= before
+        before = now
+    assert kept <= before
+    if k and "top_k" in order:
+        assert len(kept) <= k
 
 
-@pytest.mark.parametrize("kwargs,flag", [
-    (dict(temperature=-0.1), "--temp"), (dict(top_k=-1), "--top-k"), (dict(top_p=0.0), "--top-p"),
-    (dict(top_p=1.5), "--top-p"), (dict(min_p=1.0), "--min-p"), (dict(repeat_penalty=0), "--repeat-penalty"),
-    (dict(temperature=float("nan")), "--temp"),
+# --- parameters --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,parameter", [
+    (dict(temperature=-0.1), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(min_p=1.0), "min_p"), (dict(repeat_penalty=0), "repeat_penalty"),
+    (dict(temperature=float("nan")), "temperature"), (dict(samplers=("top_k", "top_k")), "samplers"),
 ])
-def test_invalid_values_are_rejected_naming_the_flag(kwargs, flag):
-    with pytest.raises(Llama3Error, match=flag):
+def test_invalid_values_are_rejected_naming_the_parameter(kwargs, parameter):
+    with pytest.raises(ParameterError, match=parameter) as e:
         SamplingParams(**kwargs)
+    assert e.value.parameter == parameter
 
 
-def test_top_token_survives_top_p_when_probabilities_round_equal():
-    # exp() maps these two logits to the same float64 probability; the larger logit must still win.
-    logits = np.array([0.0, 1.568847088527949e-42], dtype=np.float32)
-    probs = sampling_probs(logits, SamplingParams(1.0, 0, 0.5, 0.0))
-    assert probs[1] == 1.0
+def test_parse_samplers_takes_llama_cpp_names_and_the_order_presets():
+    assert parse_samplers("top_k;top_p;min_p;temperature") == ("top_k", "top_p", "min_p", "temperature")
+    assert parse_samplers("top-k;nucleus;min-p;temp") == ("top_k", "top_p", "min_p", "temperature")
+    assert parse_samplers("llama.cpp") == DEFAULT_SAMPLERS == ("penalties", "top_k", "top_p", "min_p", "temperature")
+    assert parse_samplers("transformers") == ("penalties", "temperature", "top_k", "top_p", "min_p")
+    assert parse_samplers("") == ()
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("foo", "unknown sampler 'foo'"), ("top_k;top_k", "'top_k' is given twice"),
+    ("top_k;top-k", "'top_k' is given twice"), ("dry;top_k", "'dry' is llama.cpp's but not implemented"),
+    ("top_k;;top_p", "empty sampler name"),
+])
+def test_parse_samplers_refuses_unknown_and_duplicate_names(text, fragment):
+    with pytest.raises(ParameterError, match=fragment) as e:
+        parse_samplers(text)
+    assert e.value.parameter == "samplers"

@@ -19,7 +19,7 @@ import sys
 
 from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
 
-from llama3_np.assets import model_dir
+from llama3_np.cli.common import model_dir
 from llama3_np.products import default_threads
 
 SPIN = "while True: pass"

@@ -39,9 +39,9 @@ from pathlib import Path
 
 from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
 
-from llama3_np.assets import model_dir
-from llama3_np.bench import decode_bytes_per_token, synthetic_prompt
+from llama3_np.cli.common import model_dir
 from llama3_np.config import from_hf_config
+from llama3_np.xcheck.bench import decode_bytes_per_token, synthetic_prompt
 from llama3_np.errors import Llama3Error
 from llama3_np.products import default_threads
 
@@ -189,8 +189,8 @@ def run_llama_cpp(path: Path, prompt: list[int], new: int, runs: int, threads: i
 
 
 def run_llama3_np(path: Path, residency: str, prompt_n: int, new: int, runs: int, threads: int) -> dict:
-    from llama3_np.bench import bench
     from llama3_np.products import set_threads
+    from llama3_np.xcheck.bench import bench
 
     set_threads(threads)
     r = bench(path, residency, prompt_n, new, runs)
@@ -318,7 +318,7 @@ def main(argv=None) -> int:
         if engine not in ENGINES:
             p.error(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     if args.write_gguf:
-        from llama3_np.checkpoint import load_checkpoint
+        from llama3_np.formats.checkpoint import load_checkpoint
 
         return run_tool("bench_compare", lambda: write_gguf(load_checkpoint(model_dir(args.model), dtype="bfloat16"),
                                                             Path(args.write_gguf), args.gguf_type))

@@ -9,6 +9,8 @@ OUT_DIR then holds what both llama3_np and Hugging Face `transformers` load:
                             and stored as bf16, under Hugging Face names and rope layout
     tokenizer.json          the byte-level BPE vocabulary, merges and special tokens the GGUF carries
     tokenizer_config.json   bos/eos tokens, add_bos_token, chat template
+    generation_config.json  the ids that end a generation: the metadata's eos/eot/eom ids and the
+                            end-of-generation tokens of the vocabulary (as llama.cpp finds them)
     llama3_np_import.json   source file name and sha256, tensor types, gguf package version
 
 GGUF q/k rows are already in Meta's interleaved rope order (llama.cpp's converter un-permutes
@@ -41,10 +43,11 @@ import gguf
 from gguf import TokenType
 from tool_support import run_tool  # first: it makes this checkout's llama3_np importable
 
-from llama3_np.checkpoint import expected_shapes, save_hf_checkpoint
+from llama3_np.formats.checkpoint import expected_shapes, save_hf_checkpoint
 from llama3_np.config import (LLAMA3_ORIGINAL_CONTEXT, META_HIGH_FREQ_FACTOR, META_LOW_FREQ_FACTOR,
                               ModelConfig, RopeScaling)
 from llama3_np.errors import Llama3Error
+from llama3_np.text.tokenizer import END_OF_GENERATION
 
 IMPORT_RECORD = "llama3_np_import.json"
 
@@ -220,17 +223,26 @@ def read_gguf(path) -> GGUFModel:
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
+_LLAMA3_PRE = ({"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}, True)
+
 # tokenizer.ggml.pre -> (Hugging Face pre_tokenizer, BPE ignore_merges) as Hugging Face writes them
 # for that model family. llama.cpp's Llama 3 tokenizer (like tiktoken) takes a whole pre-token that
-# is in the vocabulary without merging it: ignore_merges.
+# is in the vocabulary without merging it: ignore_merges. Every name llama.cpp reads as its Llama 3
+# pre-tokenizer (LLAMA_VOCAB_PRE_TYPE_LLAMA3 in src/llama-vocab.cpp) is accepted.
+LLAMA3_PRE_NAMES = ("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                    "jina-v5-nano")
 PRE_TOKENIZERS = {
     "smollm": ({"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}, False),
-    "llama-bpe": ({"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}, True),
+    **{name: _LLAMA3_PRE for name in LLAMA3_PRE_NAMES},
 }
+
+# Whether llama.cpp adds BOS when the GGUF has no tokenizer.ggml.add_bos_token key: yes for its
+# Llama 3 pre-tokenizer, no for the other byte-level BPE ones (the key, when present, decides).
+ADD_BOS_BY_DEFAULT = frozenset(LLAMA3_PRE_NAMES)
 
 
 def tokenizer_files(path: Path, f: _Fields, context_length: int) -> tuple[dict, dict]:
@@ -240,8 +252,8 @@ def tokenizer_files(path: Path, f: _Fields, context_length: int) -> tuple[dict, 
         raise Llama3Error(f"{path}: tokenizer.ggml.model is {model!r}; Llama 3 uses byte-level BPE ('gpt2')")
     pre = f.need("tokenizer.ggml.pre")
     if pre not in PRE_TOKENIZERS:
-        raise Llama3Error(f"{path}: tokenizer.ggml.pre is {pre!r}; llama3_np knows "
-                          f"{', '.join(sorted(PRE_TOKENIZERS))} (add its Hugging Face pre-tokenizer here)")
+        raise Llama3Error(f"{path}: tokenizer.ggml.pre is {pre!r}; llama3_np knows smollm and Llama 3's "
+                          f"({', '.join(LLAMA3_PRE_NAMES)}) (add its Hugging Face pre-tokenizer here)")
     tokens = f.need("tokenizer.ggml.tokens")
     types = f.get("tokenizer.ggml.token_type", [int(TokenType.NORMAL)] * len(tokens))
     vocab = {token: i for i, token in enumerate(tokens)}
@@ -250,16 +262,18 @@ def tokenizer_files(path: Path, f: _Fields, context_length: int) -> tuple[dict, 
     merges = [m.split(" ") for m in f.get("tokenizer.ggml.merges", [])]
     if any(len(m) != 2 for m in merges):
         raise Llama3Error(f"{path}: a tokenizer.ggml.merges entry is not two tokens separated by a space")
+    # llama.cpp makes an end-of-generation token a control token whatever type the file gives it.
+    control = [types[i] == TokenType.CONTROL or tokens[i] in END_OF_GENERATION for i in range(len(tokens))]
     added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": types[i] == TokenType.CONTROL}
-             for i in range(len(tokens)) if types[i] in (TokenType.CONTROL, TokenType.USER_DEFINED)]
+              "normalized": False, "special": control[i]}
+             for i in range(len(tokens)) if control[i] or types[i] == TokenType.USER_DEFINED]
 
     def special(key):
         i = f.get(f"tokenizer.ggml.{key}_token_id")
         return None if i is None else tokens[int(i)]
 
     bos, eos = special("bos"), special("eos")
-    add_bos = bool(f.get("tokenizer.ggml.add_bos_token", False))
+    add_bos = bool(f.get("tokenizer.ggml.add_bos_token", pre in ADD_BOS_BY_DEFAULT))
     add_eos = bool(f.get("tokenizer.ggml.add_eos_token", False))
     byte_level = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
     post = byte_level
@@ -298,6 +312,14 @@ def tokenizer_files(path: Path, f: _Fields, context_length: int) -> tuple[dict, 
     return tokenizer_json, tokenizer_config
 
 
+def end_of_generation_ids(tokens: list[str], declared: list[int]) -> list[int]:
+    """The ids that end a generation, as llama.cpp's end-of-generation set finds them: the eos,
+    eot and eom ids the metadata declares, then every token of the vocabulary named in
+    llama3_np's END_OF_GENERATION (llama.cpp matches the same texts), in id order."""
+    found = [i for i, token in enumerate(tokens) if token in END_OF_GENERATION]
+    return list(dict.fromkeys(declared + found))
+
+
 # --- the folder ----------------------------------------------------------------------------------
 
 def sha256_of(path: Path) -> str:
@@ -324,6 +346,8 @@ def write_folder(gguf_path: Path, out_dir: Path, sha256: str | None = None):
     extra = {"bos_token_id": ids.get("bos"), "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
     save_hf_checkpoint(out_dir, model.config, model.weights,
                        extra_config={k: v for k, v in extra.items() if v is not None})
+    _write_json(out_dir / "generation_config.json", {
+        "bos_token_id": ids.get("bos"), "eos_token_id": end_of_generation_ids(f.need("tokenizer.ggml.tokens"), eos)})
     _write_json(out_dir / "tokenizer.json", tokenizer_json)
     _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
     _write_json(out_dir / IMPORT_RECORD, {

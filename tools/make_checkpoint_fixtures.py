@@ -34,9 +34,9 @@ from import_gguf import gguf_name, llama3_rope_factors, ROPE_FREQS
 
 import gguf
 
-from llama3_np.checkpoint import expected_shapes, save_hf_checkpoint
+from llama3_np.formats.checkpoint import expected_shapes, save_hf_checkpoint
 from llama3_np.config import ModelConfig, from_meta_params
-from llama3_np.safetensors_file import write_safetensors
+from llama3_np.formats.safetensors_file import write_safetensors
 
 OUT = REPO / "tests" / "fixtures" / "checkpoints"
 SEED = 20240723  # Llama 3.1 release day
@@ -128,9 +128,11 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end
 
 
 def write_gguf(path: Path, config: ModelConfig, weights: dict[str, np.ndarray], matrices, pre: str,
-               arch: str = "llama", rope_freqs: np.ndarray | None = None):
-    """A llama.cpp-style GGUF of canonical weights (rope_freqs: override llama.cpp's scaling tensor)."""
-    tokens = byte_level_alphabet()[:BYTES] + [m.replace(" ", "") for m in MERGES] + SPECIALS
+               arch: str = "llama", rope_freqs: np.ndarray | None = None, specials: list[str] = SPECIALS,
+               eos: str = "<|eot_id|>", add_bos: bool | None = True):
+    """A llama.cpp-style GGUF of canonical weights (rope_freqs: override llama.cpp's scaling tensor;
+    add_bos None: no tokenizer.ggml.add_bos_token key, False/True: the key, set only for llama-bpe)."""
+    tokens = byte_level_alphabet()[:BYTES] + [m.replace(" ", "") for m in MERGES] + specials
     assert len(tokens) == config.vocab_size
     w = gguf.GGUFWriter(path, arch)
     w.add_block_count(config.n_layers)
@@ -146,11 +148,12 @@ def write_gguf(path: Path, config: ModelConfig, weights: dict[str, np.ndarray], 
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.NORMAL] * (len(tokens) - len(SPECIALS)) + [gguf.TokenType.CONTROL] * len(SPECIALS))
+    w.add_token_types([gguf.TokenType.NORMAL] * (len(tokens) - len(specials)) + [gguf.TokenType.CONTROL] * len(specials))
     w.add_token_merges(MERGES)
     w.add_bos_token_id(tokens.index("<|begin_of_text|>"))
-    w.add_eos_token_id(tokens.index("<|eot_id|>"))
-    w.add_add_bos_token(pre == "llama-bpe")
+    w.add_eos_token_id(tokens.index(eos))
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos and pre == "llama-bpe")
     w.add_chat_template(CHAT_TEMPLATE)
     # GGUF keeps q/k in Meta's rope order, as llama.cpp's converter writes them.
     for name, value in weights.items():

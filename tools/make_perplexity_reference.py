@@ -9,7 +9,7 @@ They are also checked against Hugging Face's own tokenizer (`tokenizers`, from t
 tokenizer.json): the tool refuses to write a reference when the two disagree.
 
 Hugging Face's LlamaForCausalLM (float32, eager attention) scores the windows exactly as llama3_np
-does (llama.cpp's method, see llama3_np/perplexity.py, whose windowing and log-softmax are reused
+does (llama.cpp's method, see llama3_np/xcheck/perplexity.py, whose windowing and log-softmax are reused
 here): each window of ctx tokens run from an empty cache, its second half scored. `--save-logits`
 also writes the scored logits in the `--kl-base` format, to measure the KL divergence of llama3_np
 against Hugging Face. Needs the tools extra (`make tools`).
@@ -32,9 +32,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 
 from llama3_np.errors import Llama3Error  # noqa: E402
-from llama3_np.perplexity import (LogitsWriter, first_scored, logits_metadata,  # noqa: E402
+from llama3_np.xcheck.perplexity import (LogitsWriter, first_scored, logits_metadata,  # noqa: E402
                                   perplexity_estimate, token_nll, windows)
-from llama3_np.tokenizer import load_tokenizer  # noqa: E402
+from llama3_np.text.tokenizer import load_tokenizer  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures" / "xcheck"
 DEFAULT_TEXT = FIXTURES / "jargon_hack.txt"

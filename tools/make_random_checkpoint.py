@@ -27,7 +27,7 @@ from tool_support import REPO, run_tool  # first: it makes this checkout's llama
 import ml_dtypes
 import numpy as np
 
-from llama3_np.checkpoint import expected_shapes, hf_config_dict, hf_name
+from llama3_np.formats.checkpoint import expected_shapes, hf_config_dict, hf_name
 from llama3_np.config import LLAMA31_CONTEXT, LLAMA3_ORIGINAL_CONTEXT, ModelConfig, RopeScaling
 
 # The published configurations (the config.json of each Hugging Face repository).

@@ -1,6 +1,6 @@
 """Rebuild every committed torch reference fixture under tests/fixtures/parity/ (`make fixtures`):
 
-    python tools/make_reference_dumps.py
+    python tools/make_reference_dumps.py [--rope-only]
 
 Three tiny Llama 3 models with random bf16 weights (fixed seeds), one per rope variant:
   llama3_0  no rope scaling, untied output             (Llama 3.0)
@@ -11,7 +11,8 @@ params.json, then run through Hugging Face transformers and Meta's llama-models 
 tools/torch_reference.py) for three cases: a 16-token prompt at position 0, 8 tokens at position
 24571 with an empty cache, and one more token decoded after them. Hugging Face in bfloat16 gives
 the prompt's logits too. rope.safetensors holds both references' rope tables for real Llama
-shapes. Before anything is kept, the two float32 references must agree at every stage.
+shapes (alone with --rope-only). Before anything is kept, the two float32 references must agree
+at every stage, and their rope frequency tables bit for bit.
 
 Needs the tools extra (`make tools`); runs in about a minute on 2 cores.
 """
@@ -33,11 +34,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
-import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 
 import torch_reference as ref  # noqa: E402
 from llama3_np.config import from_hf_config, from_meta_params, meta_ffn_dim  # noqa: E402
+from llama3_np.formats.safetensors_file import write_safetensors  # noqa: E402
+from llama3_np.xcheck.dump import Inputs, dump_metadata, write_dump  # noqa: E402
 
 transformers = ref.transformers_module()
 
@@ -136,8 +138,8 @@ def write_checkpoint(folder: Path, v: Variant, rng: np.random.Generator):
     folder.mkdir(parents=True)
     hf_config(v).save_pretrained(str(folder))
     (folder / "params.json").write_text(json.dumps(meta_params(v), indent=2) + "\n")
-    ref.write_safetensors(folder / "model.safetensors",
-                          safetensors.torch.save(random_weights(rng, v.tie_embeddings), metadata={"format": "pt"}))
+    weights = random_weights(rng, v.tie_embeddings)
+    write_safetensors(folder / "model.safetensors", {k: ref.to_numpy(t) for k, t in weights.items()}, {"format": "pt"})
     config = from_hf_config(json.loads((folder / "config.json").read_text()))
     assert meta_ffn_dim(DIM, MULTIPLE_OF, FFN_DIM_MULTIPLIER) == FFN_DIM
     assert from_meta_params(meta_params(v), tie_embeddings=v.tie_embeddings,
@@ -177,11 +179,8 @@ def make_variant(name: str, v: Variant) -> list[str]:
     torch_version = torch.__version__
 
     def metadata(case, producer, dtype, factor):
-        tokens, pos, context, context_pos = cases[case]
-        return {"config": config.to_json(), "tokens": json.dumps(tokens), "pos": str(pos),
-                "context_tokens": json.dumps(context), "context_pos": str(context_pos),
-                "case": case, "producer": producer, "dtype": dtype, "torch": torch_version,
-                "rope_factor_used": "none" if factor is None else f"{factor:g}"}
+        return dump_metadata(config, Inputs(*cases[case]), dtype, producer, case=case, torch=torch_version,
+                             rope_factor_used="none" if factor is None else f"{factor:g}")
 
     hf = ref.load_hf(folder)
     check_loaded(folder, hf)
@@ -193,7 +192,7 @@ def make_variant(name: str, v: Variant) -> list[str]:
     for case, stages in hf_dumps.items():
         meta_data = metadata(case, hf_producer, "float32", v.rope_factor)
         meta_data["attn_implementation"] = hf.config._attn_implementation
-        ref.write_dump(folder / f"hf_{case}.safetensors", stages, meta_data)
+        write_dump(folder / f"hf_{case}.safetensors", stages, meta_data)
 
     def meta_cases(factor, prefix, case_names):
         """Meta's model with rope scaling `factor` (the shipped code when it is Meta's own)."""
@@ -208,7 +207,7 @@ def make_variant(name: str, v: Variant) -> list[str]:
             if not context:
                 ref.meta_reset_cache(model)
             dumps[case] = ref.meta_run(model, tokens, pos, cache_pos=len(context))
-            ref.write_dump(folder / f"{prefix}_{case}.safetensors", dumps[case],
+            write_dump(folder / f"{prefix}_{case}.safetensors", dumps[case],
                            metadata(case, producer, "float32", factor))
         return dumps
 
@@ -230,7 +229,7 @@ def make_variant(name: str, v: Variant) -> list[str]:
     hf16 = ref.load_hf(folder, torch.bfloat16)
     check_loaded(folder, hf16)
     logits16 = ref.hf_run(hf16, prompt, 0)["logits"]
-    ref.write_dump(folder / "hf_bf16_prompt.safetensors", {"logits": logits16},
+    write_dump(folder / "hf_bf16_prompt.safetensors", {"logits": logits16},
                    metadata("prompt", f"transformers {transformers.__version__} bfloat16", "bfloat16",
                             v.rope_factor) | {"attn_implementation": hf16.config._attn_implementation})
     report.append(f"  hf bf16 vs hf f32 prompt logits NMSE {ref.nmse(logits16, hf_dumps['prompt']['logits']):.2e}")
@@ -259,8 +258,13 @@ def make_rope_tables() -> list[str]:
         patch = None if factor in (None, META_SHIPPED_FACTOR) else factor
         meta = ref.meta_rope(hf_keys["head_dim"], ROPE_THETA, factor is not None, ROPE_POSITIONS, patch)
         half = hf_keys["head_dim"] // 2
+        # llama3_np's rope_frequencies claims both float32 tables bit for bit: they must be one table.
+        if not np.array_equal(meta["freqs"], hf["inv_freq"]):
+            raise SystemExit(f"rope {key}: Meta's and Hugging Face's frequency tables differ in "
+                             f"{int(np.sum(meta['freqs'] != hf['inv_freq']))} entries")
         tensors.update({f"{key}.inv_freq": hf["inv_freq"], f"{key}.cos": hf["cos"], f"{key}.sin": hf["sin"],
-                        f"{key}.meta_cos": meta["cos"], f"{key}.meta_sin": meta["sin"]})
+                        f"{key}.meta_freqs": meta["freqs"], f"{key}.meta_cos": meta["cos"],
+                        f"{key}.meta_sin": meta["sin"]})
         err = max(np.abs(meta["cos"] - hf["cos"][:, :half]).max(), np.abs(meta["sin"] - hf["sin"][:, :half]).max())
         report.append(f"rope {key}: max |meta - hf| over cos/sin {err:.2e}")
     metadata = {
@@ -270,17 +274,21 @@ def make_rope_tables() -> list[str]:
         "producer": f"transformers {transformers.__version__} LlamaRotaryEmbedding; "
                     f"llama-models {ref.package_version('llama_models')} precompute_freqs_cis",
         "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
-    ref.write_dump(OUT / "rope.safetensors", tensors, metadata)
+    write_dump(OUT / "rope.safetensors", tensors, metadata)
     return report
 
 
 def main() -> int:
+    rope_only = sys.argv[1:] == ["--rope-only"]
+    if sys.argv[1:] and not rope_only:
+        raise SystemExit("usage: make_reference_dumps.py [--rope-only]")
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     transformers.utils.logging.disable_progress_bar()
     OUT.mkdir(parents=True, exist_ok=True)
-    for name, v in VARIANTS.items():
+    for name, v in ({} if rope_only else VARIANTS).items():
         print("\n".join(make_variant(name, v)), flush=True)
     print("\n".join(make_rope_tables()))
     files = sorted(p for p in OUT.rglob("*") if p.is_file())

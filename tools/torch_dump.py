@@ -1,4 +1,4 @@
-"""A dump file (DESIGN.md's format, the one `llama3-np dump` writes) from a torch reference:
+"""A dump file (docs/DESIGN.md's format, the one `llama3-np dump` writes) from a torch reference:
 
     python tools/torch_dump.py -m DIR (-p TEXT | -f FILE | --tokens 1,2,3 | --like DUMP) -o OUT.safetensors
                                [--producer hf|meta] [--dtype float32|bfloat16] [--pos N] [--stages GLOB ...]
@@ -31,9 +31,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from llama3_np.config import from_hf_config  # noqa: E402
-from llama3_np.dump_cmd import Inputs, check_globs, resolve_inputs, stage_shapes  # noqa: E402
+from llama3_np.cli.common import resolve_inputs  # noqa: E402
+from llama3_np.stages import check_globs, stage_shapes  # noqa: E402
+from llama3_np.xcheck.dump import Inputs, dump_metadata, write_dump  # noqa: E402
 from llama3_np.errors import Llama3Error  # noqa: E402
-from llama3_np.tokenizer import load_tokenizer  # noqa: E402
+from llama3_np.text.tokenizer import load_tokenizer  # noqa: E402
 
 META_SHIPPED_FACTOR = 8.0  # the literal in llama-models' apply_scaling
 
@@ -96,6 +98,8 @@ def main(argv=None) -> int:
         raise Llama3Error(f"-o {args.output}: folder {output.parent} does not exist")
     config = from_hf_config(json.loads((checkpoint / "config.json").read_text()))
     inputs = resolve_inputs(args, config, lambda text: load_tokenizer(checkpoint).encode(text), checkpoint)
+    for note in inputs.notes:
+        print(f"note: {note}", file=sys.stderr)
     names = stage_shapes(config, len(inputs.tokens), probs=False)  # the references record no probs
     globs = check_globs(args.stages, names) if args.stages is not None else ["*"]
 
@@ -111,10 +115,8 @@ def main(argv=None) -> int:
         stages, extra = meta_stages(checkpoint, inputs, config, dtype)
     extra["producer"] += f" {args.dtype}"
     stages = {k: v for k, v in stages.items() if any(fnmatch.fnmatchcase(k, g) for g in globs)}
-    metadata = {"config": config.to_json(), "tokens": json.dumps(inputs.tokens), "pos": str(inputs.pos),
-                "context_tokens": json.dumps(inputs.context), "context_pos": str(inputs.context_pos),
-                "dtype": args.dtype, "torch": torch.__version__, **extra}
-    ref.write_dump(output, stages, metadata)
+    metadata = dump_metadata(config, inputs, args.dtype, format="hf", torch=torch.__version__, **extra)
+    write_dump(output, stages, metadata)
     print(f"wrote {len(stages)} stages of {len(inputs.tokens)} tokens from {extra['producer']} to {output}")
     return 0
 

@@ -10,7 +10,7 @@ compute dtype), so any difference between them is a difference of computation, n
 Stages are recorded with forward hooks and by wrapping each implementation's module-level rope
 function for the duration of a run; no line of either model is copied here.
 
-Stage names and shapes are DESIGN.md's (`embed`, `layers.i.q`, ..., `logits`). q/k stages are
+Stage names and shapes are `llama3_np.stages`' (`embed`, `layers.i.q`, ..., `logits`). q/k stages are
 returned in Meta's interleaved rope layout whoever produced them: Hugging Face stores the rows of
 wq/wk permuted so that rope can rotate halves, and its q/k activations are converted back here.
 
@@ -28,12 +28,13 @@ import types
 from pathlib import Path
 from typing import Callable, Optional
 
+import ml_dtypes
 import numpy as np
-import safetensors.numpy
 import torch
 import torch.distributed
 
 from llama3_np.config import ModelConfig, from_hf_config, meta_ffn_dim
+from llama3_np.stages import stage_shapes
 
 # Where each per-layer stage is observed: (submodule path inside one decoder layer, whether the
 # stage is that module's input or its output). q, k, q_rope, k_rope come from the rope wrapper.
@@ -81,22 +82,6 @@ def nmse(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.sum((a - ref) ** 2) / np.sum(ref ** 2))
 
 
-def stage_shapes(config: ModelConfig, n_tokens: int) -> dict[str, tuple[int, ...]]:
-    """Every stage name of one forward pass over `n_tokens` tokens, with its shape."""
-    T, D, H, KV, Dh = n_tokens, config.dim, config.n_heads, config.n_kv_heads, config.head_dim
-    per_layer = {
-        "attn_norm": (T, D), "q": (T, H, Dh), "k": (T, KV, Dh), "v": (T, KV, Dh),
-        "q_rope": (T, H, Dh), "k_rope": (T, KV, Dh), "attn": (T, H * Dh), "attn_out": (T, D),
-        "h": (T, D), "ffn_norm": (T, D), "ffn_hidden": (T, config.ffn_dim), "ffn_out": (T, D),
-        "out": (T, D),
-    }
-    shapes = {"embed": (T, D)}
-    for i in range(config.n_layers):
-        shapes.update({f"layers.{i}.{name}": shape for name, shape in per_layer.items()})
-    shapes.update({"norm": (T, D), "logits": (T, config.vocab_size)})
-    return shapes
-
-
 def rotate_half_to_interleaved(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Reorder axis `dim` (one head, length Dh) from Hugging Face's rotate-half layout to Meta's.
 
@@ -131,8 +116,8 @@ class _Recorder:
             self.put(f"layers.{self.layer}.{name}", x)
 
     def result(self, config: ModelConfig, n_tokens: int) -> dict[str, np.ndarray]:
-        """The recorded stages as float32 arrays of DESIGN.md's shapes (checked)."""
-        shapes = stage_shapes(config, n_tokens)
+        """The recorded stages as float32 arrays of the stage contract's shapes (checked)."""
+        shapes = stage_shapes(config, n_tokens, probs=False)  # the references record no probs
         if set(shapes) != set(self.stages):
             missing, extra = set(shapes) - set(self.stages), set(self.stages) - set(shapes)
             raise RuntimeError(f"stages missing {sorted(missing)}, unexpected {sorted(extra)}")
@@ -431,35 +416,36 @@ def meta_run(model, tokens: list[int], pos: int, cache_pos: int = 0,
 
 def meta_rope(head_dim: int, theta: float, use_scaled: bool, positions: list[int],
               rope_factor: Optional[float] = None) -> dict[str, np.ndarray]:
-    """Meta's `precompute_freqs_cis` rows at `positions`: cos (real) and sin (imag), [P, Dh/2]."""
+    """Meta's `precompute_freqs_cis`: its frequency table `freqs` [Dh/2] and its rows at
+    `positions`, cos (real) and sin (imag) [P, Dh/2].
+
+    The frequency table is row 1 of the angles `torch.outer(t, freqs)` that `precompute_freqs_cis`
+    passes to `torch.polar` (1.0 · f is f exactly), recorded by wrapping `torch.polar` for the call.
+    """
     import llama_models.llama3.model as meta
     patch = meta_rope_factor(rope_factor) if rope_factor is not None else contextlib.nullcontext()
-    with patch:
-        freqs_cis = meta.precompute_freqs_cis(head_dim, max(positions) + 1, theta, use_scaled)
+    angles = []
+    polar = torch.polar
+
+    def recording_polar(abs, angle):
+        angles.append(angle.clone())
+        return polar(abs, angle)
+
+    torch.polar = recording_polar
+    try:
+        with patch:
+            freqs_cis = meta.precompute_freqs_cis(head_dim, max(positions) + 1, theta, use_scaled)
+    finally:
+        torch.polar = polar
+    (table,) = angles
     rows = freqs_cis[torch.tensor(positions)]
-    return {"cos": rows.real.numpy().astype(np.float32), "sin": rows.imag.numpy().astype(np.float32)}
+    return {"freqs": table[1].numpy().astype(np.float32),
+            "cos": rows.real.numpy().astype(np.float32), "sin": rows.imag.numpy().astype(np.float32)}
 
 
-# ---------------------------------------------------------------------------------------------
-# Dump files
-
-
-def write_safetensors(path: str | os.PathLike, blob: bytes):
-    """Write a serialized safetensors file with its JSON header's keys sorted.
-
-    safetensors writes the header (tensor table and metadata) in hash-map order, which changes
-    from run to run; sorting it makes regenerated fixtures byte-identical.
-    """
-    n = int.from_bytes(blob[:8], "little")
-    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the data that follows stays 8-byte aligned
-    Path(path).write_bytes(len(header).to_bytes(8, "little") + header + blob[8 + n:])
-
-
-def write_dump(path: str | os.PathLike, stages: dict[str, np.ndarray], metadata: dict[str, str]):
-    """A dump file: float32 stage tensors plus string metadata (DESIGN.md's dump format)."""
-    for key, value in metadata.items():
-        if not isinstance(value, str):
-            raise TypeError(f"metadata {key} must be a string, got {value!r}")
-    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in stages.items()}
-    write_safetensors(path, safetensors.numpy.save(tensors, metadata=metadata))
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a NumPy array of the same bits (bfloat16 as ml_dtypes.bfloat16)."""
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()

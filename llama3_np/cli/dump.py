@@ -1,0 +1,47 @@
+"""`llama3-np dump`: every named stage of one forward pass, written as a dump file
+(`llama3_np.xcheck.dump`; the format is docs/DESIGN.md's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import Llama3Error
+from ..stages import Trace, check_globs, stage_shapes
+from ..xcheck.dump import dump_metadata, read_dump, run_forward, write_dump
+from .common import add_input_args, add_model_args, load_with_inputs
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("dump", help="write every named stage of one forward pass to a dump file",
+                       description="Run one forward pass and write its named stages (docs/DESIGN.md's dump "
+                                   "format: float32 safetensors, metadata with the config and tokens).")
+    add_model_args(p)
+    add_input_args(p, "run")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="dump file to write (.safetensors)")
+    p.add_argument("--stages", nargs="+", metavar="GLOB",
+                   help="keep only stages matching these globs (default: every stage, or those of --like); "
+                        "attention probabilities layers.N.probs [H, T, S] only when a glob other than '*' "
+                        "matches them, e.g. --stages '*' 'layers.0.probs'")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise Llama3Error(f"-o {args.output}: folder {output.parent} does not exist")
+    loaded, inputs = load_with_inputs(args)
+    names = stage_shapes(loaded.config, len(inputs.tokens), len(inputs.context))
+    if args.stages is not None:
+        globs = check_globs(args.stages, names)
+    elif args.like is not None:
+        globs = read_dump(args.like).names
+    else:
+        globs = ["*"]
+    trace = Trace(globs)
+    run_forward(loaded.weights, loaded.config, inputs, trace)
+    write_dump(output, dict(trace), dump_metadata(loaded.config, inputs, "float32",
+                                                  residency=loaded.checkpoint.dtype,
+                                                  format=loaded.checkpoint.format))
+    size = output.stat().st_size
+    print(f"wrote {len(trace)} stages of {len(inputs.tokens)} tokens ({size / 1e6:.1f} MB) to {output}")
+    return 0

@@ -1,0 +1,138 @@
+"""`llama3-np generate`: text from a checkpoint, streamed as it is produced.
+
+Text goes to stdout, statistics (load time, prefill and decode speed, peak memory, seed) to stderr.
+`--explain` prints, instead of the text, what each generated token was drawn from: the same
+per-step records (`generation.Step`) the text is printed from.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from ..errors import Llama3Error
+from ..generation import Session, Step
+from ..products import get_threads
+from ..sampling import SamplingParams, sampling_probs
+from ..xcheck.bench import peak_rss_mb
+from .common import (Printer, add_model_args, add_sampling_args, consume, load, parse_token_ids, read_prompt,
+                     sampling_params, seeded_rng, stats_line)
+
+
+def add_command(sub) -> None:
+    g = sub.add_parser("generate", help="continue a prompt (or answer it as a chat turn with --chat)")
+    add_model_args(g)
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("-p", "--prompt", help="prompt text")
+    src.add_argument("-f", "--file", help="read the prompt from a UTF-8 text file")
+    src.add_argument("--tokens", help="prompt as comma-separated token ids (no tokenizer needed)")
+    add_sampling_args(g)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the model's chat format")
+    g.add_argument("--system", help="system message (with --chat)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--explain", nargs="?", const=5, type=int, metavar="K",
+                   help="instead of the text, show for every generated token the K most probable candidates "
+                        "(default 5) and the one chosen; with --json, one JSON line per token")
+    g.set_defaults(func=run_generate)
+
+
+class Explainer:
+    """--explain: for each generated token, the top-k candidates by model probability, with the
+    probability the sampler gave each after its filters, and the token chosen."""
+
+    def __init__(self, tokenizer, k: int, as_json: bool):
+        if k < 1:
+            raise Llama3Error(f"--explain takes a number of candidates >= 1, got {k}")
+        self.tokenizer, self.k, self.as_json = tokenizer, k, as_json
+        self.n = 0
+        # The model's own distribution: every sampling filter off.
+        self.plain = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
+
+    def text(self, token: int) -> str:
+        return self.tokenizer.decode([token]) if self.tokenizer is not None else f"<{token}>"
+
+    def __call__(self, step: Step) -> None:
+        token, logits = step.token, step.logits
+        sampled = step.probs()
+        p = sampling_probs(logits, self.plain)
+        order = np.argsort(-logits, kind="stable")  # most probable first, lower id first on ties
+        rank_of = np.empty(order.size, dtype=np.int64)
+        rank_of[order] = np.arange(1, order.size + 1)
+        rank = int(rank_of[token])
+        self.n += 1
+        shown = [int(t) for t in order[:self.k]] + ([token] if rank > self.k else [])
+        rows = [{"rank": int(rank_of[t]), "id": t, "token": self.text(t),
+                 "logit": float(logits[t]), "p": float(p[t]), "sampled_p": float(sampled[t])} for t in shown]
+        if self.as_json:
+            sys.stdout.write(json.dumps({"step": self.n, "id": token, "token": self.text(token),
+                                         "rank": rank, "p": float(p[token]), "sampled_p": float(sampled[token]),
+                                         "top": rows}, ensure_ascii=False) + "\n")
+            return
+        lines = [f"#{self.n}  chose {json.dumps(self.text(token), ensure_ascii=False)} "
+                 f"(id {token}, rank {rank}, p {p[token]:.4f}, sampled p {sampled[token]:.4f})"]
+        for r in rows:
+            mark = "  <- chosen" if r["id"] == token else ""
+            lines.append(f"   {r['rank']:>5}. {json.dumps(r['token'], ensure_ascii=False):<16} id {r['id']:>6}  "
+                         f"logit {r['logit']:8.3f}  p {r['p']:.4f}  sampled p {r['sampled_p']:.4f}{mark}")
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+
+
+def run_generate(args) -> int:
+    params = sampling_params(args)
+    seed, rng = seeded_rng(args)
+    text = read_prompt(args)
+    if text is None and args.tokens is None:
+        raise Llama3Error("give a prompt: -p TEXT, -f FILE or --tokens 1,2,3")
+    if args.system is not None and not args.chat:
+        raise Llama3Error("--system goes with --chat")
+    if args.ignore_eos and args.chat:
+        raise Llama3Error("--ignore-eos does not go with --chat: a chat answer ends at its end-of-turn token")
+    loaded = load(args, need_tokenizer=args.tokens is None)
+    if args.tokens is not None:
+        if args.chat:
+            raise Llama3Error("--chat needs a text prompt (-p or -f), not --tokens")
+        prompt = parse_token_ids(args.tokens, loaded.config.vocab_size)
+    elif args.chat:
+        prompt = loaded.encode_dialog(args.system, text)
+    else:
+        if text == "":
+            raise Llama3Error("the prompt is empty: give some text")
+        prompt = loaded.encode(text)
+    if not prompt:
+        raise Llama3Error("the prompt is empty: give some text (-p/-f) or token ids (--tokens)")
+
+    ctx = loaded.ctx(args.ctx)
+    if len(prompt) > ctx:
+        raise Llama3Error(f"the prompt has {len(prompt)} tokens but the context holds {ctx}: "
+                          "shorten it or raise --ctx")
+    # The cache needs room for the prompt and the new tokens, never more than the context.
+    cache_len = ctx if args.n_predict < 0 else min(ctx, len(prompt) + args.n_predict)
+    explain = args.explain is not None
+    session = Session(loaded.weights, loaded.config, cache_len)
+    stop_ids = loaded.stop_ids()
+    printer = None if args.json or explain else Printer(loaded.tokenizer, stop_ids)
+    on_step = Explainer(loaded.tokenizer, args.explain, args.json) if explain else printer or (lambda step: None)
+    # --ignore-eos: the end-of-generation tokens are never drawn, so nothing stops the generation early.
+    stop, suppressed = ((), stop_ids) if args.ignore_eos else (stop_ids, ())
+    out = consume(session.generate(prompt, params, rng, args.n_predict, stop, suppressed), on_step)
+
+    if args.json:
+        result = {
+            "prompt_ids": out.prompt_ids, "ids": out.ids,
+            "text": loaded.tokenizer.decode(out.text_ids) if loaded.tokenizer else None,
+            "stop_reason": out.stop_reason, "seed": seed,
+            "timings": {"load_s": loaded.load_seconds, "prefill_s": out.prefill_seconds,
+                        "decode_s": out.decode_seconds,
+                        "prefill_tokens_per_s": out.prefill_tokens_per_second,
+                        "decode_tokens_per_s": out.decode_tokens_per_second},
+            "peak_rss_mb": peak_rss_mb(), "threads": get_threads(),
+        }
+        sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+    else:
+        if printer is not None:
+            printer.finish()
+        print(stats_line(loaded, out, seed), file=sys.stderr)
+    return 130 if out.stop_reason == "interrupted" else 0

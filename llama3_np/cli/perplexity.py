@@ -1,0 +1,108 @@
+"""`llama3-np perplexity -f FILE`: perplexity of a text by llama.cpp's method (see
+`llama3_np.xcheck.perplexity`), with KL divergence against logits saved by an earlier run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import Llama3Error
+from ..xcheck.perplexity import (DEFAULT_CTX, BaseLogits, LogitsWriter, Result, first_scored, logits_metadata,
+                                 perplexity_estimate, report, run_perplexity, windows)
+from .common import add_model_args, load, read_prompt
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("perplexity", help="perplexity of a text, by llama.cpp's method; KL against saved logits",
+                       description="Perplexity by llama.cpp's method: windows of --ctx tokens, each scored "
+                                   "on its second half; final PPL with its standard error.")
+    add_model_args(p)
+    p.add_argument("-f", "--file", required=True, help="UTF-8 text file to score")
+    p.add_argument("--ctx", type=int, default=DEFAULT_CTX, metavar="N", help=f"window size (default {DEFAULT_CTX})")
+    p.add_argument("--batch", type=int, metavar="N", help="tokens per forward call (default: the window size)")
+    p.add_argument("--chunks", type=int, metavar="N", help="score at most N windows")
+    p.add_argument("--save-logits", metavar="FILE",
+                   help="write the scored logits (float32 safetensors, [scored tokens, vocabulary]) for --kl-base")
+    p.add_argument("--kl-base", metavar="FILE",
+                   help="logits saved by --save-logits (from this or another implementation): "
+                        "report KL divergence and top-1 agreement against them")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of the report")
+    p.set_defaults(func=run, prompt=None)
+
+
+class ProgressBar:
+    """One line on stderr, redrawn in place: window i of n, and how far into it."""
+
+    WIDTH = 30
+
+    def __init__(self, n_windows: int, stream=None):
+        self.n, self.stream = n_windows, stream or sys.stderr
+
+    def __call__(self, window: int, done: int, ctx: int) -> None:
+        fraction = (window + done / ctx) / self.n
+        bar = "#" * int(self.WIDTH * fraction)
+        self.stream.write(f"\rperplexity [{bar:<{self.WIDTH}}] window {window + 1}/{self.n} {100 * fraction:5.1f}%")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        self.stream.write("\r" + " " * (self.WIDTH + 40) + "\r")
+        self.stream.flush()
+
+
+def run(args) -> int:
+    if args.ctx is None or args.ctx < 4:
+        raise Llama3Error(f"--ctx must be at least 4, got {args.ctx}")
+    text = read_prompt(args)
+    if not text or not text.strip():
+        raise Llama3Error(f"{args.file} holds no text to score")
+    if args.save_logits is not None:
+        if not Path(args.save_logits).resolve().parent.is_dir():
+            raise Llama3Error(f"--save-logits {args.save_logits}: folder {Path(args.save_logits).parent} "
+                              "does not exist")
+        if args.kl_base is not None and Path(args.save_logits).resolve() == Path(args.kl_base).resolve():
+            raise Llama3Error("--save-logits and --kl-base name the same file: save to another one")
+    loaded = load(args, need_tokenizer=True)
+    config = loaded.config
+    if args.ctx > config.max_seq_len:
+        raise Llama3Error(f"--ctx {args.ctx} is longer than the {config.max_seq_len} tokens the model was "
+                          "trained for")
+    tok = loaded.tokenizer
+    ids = tok.encode(text)
+    bos = tok.bos_id if tok.add_bos else None
+    wins = windows(ids, args.ctx, bos, args.chunks)
+    window_tokens = ids[:len(wins) * args.ctx]
+    base = BaseLogits(args.kl_base, window_tokens, args.ctx, config.vocab_size) if args.kl_base else None
+    per_window = args.ctx - 1 - first_scored(args.ctx)
+    save = (LogitsWriter(args.save_logits, len(wins) * per_window, config.vocab_size,
+                         logits_metadata(window_tokens, args.ctx)) if args.save_logits else None)
+    if not args.json:
+        print(f"{loaded.checkpoint.path}: {len(ids)} tokens; {len(wins)} windows of {args.ctx}, each scored "
+              f"on its last {per_window} tokens; BOS first: {'yes' if bos is not None else 'no'}", flush=True)
+
+    bar = ProgressBar(len(wins))
+
+    def on_window(r: Result):
+        bar.clear()
+        if not args.json:
+            print(f"[{len(r.nll)}] {perplexity_estimate(np.concatenate(r.nll)).value:.4f}", flush=True)
+
+    try:
+        result = run_perplexity(loaded.checkpoint.weights, config, ids, args.ctx, args.batch, bos, args.chunks,
+                                save, base, bar, on_window)
+    except BaseException:
+        if save is not None:
+            save.abort()
+        raise
+    if save is not None:
+        save.close()
+    if args.json:
+        print(json.dumps(dict(result.to_json(), tokens=len(ids), model=str(loaded.checkpoint.path),
+                              text=args.file)))
+        return 0
+    print(report(result))
+    return 0
+
+

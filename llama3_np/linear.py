@@ -1,0 +1,27 @@
+"""The matrix product of the model, `linear`, and how it uses weights kept in low precision.
+
+`llama3_np.model` calls `linear(x, w)` for every weight product and nothing else; whether `w` is
+float32 or bfloat16 is decided here, outside the specification, and how the product runs fast (in
+blocks of rows, bfloat16 converted block by block, on llama3_np's own threads) in
+`llama3_np.products`. Compute is always float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import products
+
+
+def as_float32(w: np.ndarray) -> np.ndarray:
+    """A weight as float32: the array itself when it already is, else a converted copy."""
+    return np.asarray(w, dtype=np.float32)
+
+
+def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_in] -> [T, n_out]
+    """x · wᵀ: the product with a weight stored as [n_out, n_in] (the layout of Meta's checkpoints).
+
+    x is float32; w is float32, or bfloat16/float16, converted exactly to float32 a block of rows at
+    a time (`products.linear`). The result is float32 [T, n_out] either way, equal to float32
+    `x @ w.T` up to the order of each dot product's sum."""
+    return products.linear(x, w)

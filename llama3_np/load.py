@@ -1,0 +1,103 @@
+"""A model ready to run: a checkpoint folder's canonical weights, its tokenizer and its chat format.
+
+`load_model` is where the formats (`llama3_np.formats`) and the text side (`llama3_np.text`) meet;
+the specification (`llama3_np.model`) only ever sees the weights and the config.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from . import assets
+from .config import ModelConfig
+from .errors import Llama3Error, ParameterError
+from .formats.checkpoint import Checkpoint, load_checkpoint
+from .generation import end_of_generation_ids
+from .text.chat import ChatFormat, chat_format_for, encode_dialog
+from .text.tokenizer import Tokenizer, load_tokenizer
+
+# Without an explicit context size, the KV cache holds at most this many tokens (or the model's own
+# context if smaller): a 131,072-token float32 cache for an 8B model would need 34 GB.
+DEFAULT_CTX = 4096
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint (`weights`, `config`), its tokenizer (None when it has none) and the load time."""
+
+    checkpoint: Checkpoint
+    tokenizer: Optional[Tokenizer]
+    load_seconds: float
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.checkpoint.config
+
+    @property
+    def weights(self):
+        return self.checkpoint.weights
+
+    def ctx(self, requested: Optional[int] = None) -> int:
+        """The context size in tokens: `requested`, or the model's own, at most DEFAULT_CTX.
+
+        Raises ParameterError("ctx") when `requested` is not positive."""
+        if requested is not None:
+            if requested <= 0:
+                raise ParameterError("ctx", f"ctx must be positive, got {requested}")
+            return requested
+        return min(self.config.max_seq_len, DEFAULT_CTX)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` as a plain prompt (with BOS when the tokenizer adds one)."""
+        return self.need_tokenizer().encode(text)
+
+    def chat_format(self) -> ChatFormat:
+        return chat_format_for(self.need_tokenizer())
+
+    def encode_dialog(self, system: Optional[str], user: str) -> list[int]:
+        """Token ids of a first chat turn (an optional system message, then `user`), ending with
+        the opening of the assistant's reply, in the checkpoint's chat format."""
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        return encode_dialog(self.need_tokenizer(), messages + [{"role": "user", "content": user}],
+                             fmt=self.chat_format())
+
+    def stop_ids(self) -> frozenset[int]:
+        """The ids that end a generation (`generation.end_of_generation_ids`): the tokenizer's
+        and those the checkpoint's config files declare; the same in completion and in chat."""
+        return end_of_generation_ids(self.tokenizer, self.checkpoint.eos_ids)
+
+    def need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise Llama3Error(f"{self.checkpoint.path} has no tokenizer: give token ids, or copy the "
+                              "checkpoint's tokenizer files into its folder")
+        return self.tokenizer
+
+
+def load_model(path=None, dtype: str = "float32", rope_factor: Optional[float] = None,
+               need_tokenizer: bool = True) -> LoadedModel:
+    """Load a checkpoint folder (Hugging Face or Meta) and its tokenizer.
+
+    path: the folder; None for the embedded default model. dtype: weight residency, "float32"
+    (converted once, fastest) or "bfloat16" (kept as stored, half the memory). rope_factor:
+    overrides the llama3 rope scaling factor a Meta params.json implies. need_tokenizer: when
+    False, a folder without tokenizer files loads with `tokenizer` None.
+    Raises Llama3Error for a missing folder or a malformed checkpoint.
+    """
+    t0 = time.perf_counter()
+    if path is None:
+        path = assets.default_model_dir()
+    path = Path(path)
+    if not path.exists():
+        raise Llama3Error(f"model folder {path} does not exist: pass the folder of a Llama 3 "
+                          "checkpoint (Hugging Face or Meta format)")
+    checkpoint = load_checkpoint(path, dtype=dtype, rope_factor=rope_factor)
+    try:
+        tokenizer = load_tokenizer(path)
+    except Llama3Error:
+        if need_tokenizer:
+            raise
+        tokenizer = None
+    return LoadedModel(checkpoint, tokenizer, time.perf_counter() - t0)

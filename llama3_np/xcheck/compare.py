@@ -1,0 +1,219 @@
+"""`llama3-np compare A.safetensors B.safetensors`: where two dumps of the same forward pass part.
+
+Both files are dump files (see `llama3_np.xcheck.dump`) of the same computation: the same model on the
+same tokens at the same positions; B is the reference. For every stage the two have in common, in
+model order:
+
+    max abs    max |a - b|
+    max rel    max |a - b| / max |b|   (relative to the stage's largest reference value, so that
+                                        entries near zero do not dominate)
+    NMSE       sum (a - b)² / sum b²   (normalised mean squared error)
+    cosine     a·b / (|a| |b|)
+
+A stage diverges when its NMSE exceeds the tolerance (or, with `rel_tol`, its max rel does), or
+when non-finite values differ. The first diverging stage in model order is where to look: every
+later stage inherits the error. Metadata that do not change the computation (the producer, how a
+checkpoint stores tied embeddings, its format) may differ and are listed; dumps of different
+computations are refused (`dump.metadata_differences`, a Llama3Error). `llama3-np compare` exits
+with status 1 when a stage diverges, 0 otherwise, 2 when the two files cannot be compared.
+
+The default tolerance, NMSE 3e-9, is measured (tools/calibrate_compare.py, whose result is
+tests/fixtures/xcheck/compare_calibration.json). Two float32 implementations of the same model
+differ by rounding alone, and how much depends on the CPU's float32 kernels: llama3_np against
+Hugging Face transformers on the default model, over 31 prompts of 1 to 512 tokens (several
+languages, code) and four sets of kernels (OpenBLAS's native, AVX and SSE sgemm; NumPy with and
+without its SIMD dispatch), differ at a stage by NMSE 2.1e-10 at worst (layers.10.ffn_out of a
+5-token prompt under the SSE sgemm); the median stage of each kind is at most 3e-12. The smallest
+known real fault, Meta's reference with the rope factor 8 its code hard-codes on a model trained
+with 32, moves `q_rope` by NMSE 1e-7 and the logits by 3e-8 at positions 0-15 (a tiny model; about
+1e-7 at Llama 3.2 1B's shape). So 3e-9 is 15x above the worst noise and 35x below the fault where
+it first shows. One number serves every stage kind: each kind carries the same rounding along the
+residual stream, and their worst noise spans 13x only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Optional
+
+import numpy as np
+
+from ..errors import Llama3Error, ParameterError
+from ..stages import LAYER_STAGES, stage_order
+from .dump import PRODUCER_KEYS, Dump, format_shape, metadata_differences, read_dump
+
+DEFAULT_NMSE_TOL = 3e-9  # measured: see the module docstring
+STAGE_KINDS = ("embed", *(s for s in LAYER_STAGES if s != "probs"), "norm", "logits")
+
+
+def stage_kind(name: str) -> Optional[str]:
+    """What a stage computes, without its layer: `layers.3.q_rope` -> `q_rope`, `logits` ->
+    `logits`; None for a name that is not a stage."""
+    order = stage_order(name)
+    if order[0] == 1:
+        return LAYER_STAGES[order[2]]
+    return name if order[0] in (0, 2) else None
+
+
+@dataclass
+class StageError:
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    nmse: float
+    cosine: float
+    diverged: bool
+
+
+@dataclass
+class Comparison:
+    a: str  # paths
+    b: str
+    a_producer: str  # "producer, dtype" from the metadata
+    b_producer: str
+    nmse_tol: float
+    rel_tol: Optional[float]
+    stages: list[StageError]
+    only_in_a: list[str] = field(default_factory=list)
+    only_in_b: list[str] = field(default_factory=list)
+    metadata_differences: dict[str, tuple[str, str]] = field(default_factory=dict)  # see dump_cmd
+
+    @property
+    def diverged(self) -> list[str]:
+        return [s.name for s in self.stages if s.diverged]
+
+    @property
+    def first_divergence(self) -> Optional[str]:
+        return next(iter(self.diverged), None)
+
+
+def stage_error(name: str, a: np.ndarray, b: np.ndarray, nmse_tol: float = DEFAULT_NMSE_TOL,
+                rel_tol: Optional[float] = None) -> StageError:
+    """The error measures of one stage `a` against its reference `b` (same shape), in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    shape = tuple(a.shape)
+    finite = np.isfinite(a) & np.isfinite(b)
+    if not finite.all():
+        # Non-finite entries must be identical in both (a masked -inf, say); the rest is measured.
+        same = np.array_equal(a[~finite], b[~finite], equal_nan=True)
+        if not same:
+            return StageError(name, shape, math.inf, math.inf, math.inf, math.nan, True)
+        a, b = a[finite], b[finite]
+    diff = a - b
+    max_abs = float(np.max(np.abs(diff))) if diff.size else 0.0
+    ref_max = float(np.max(np.abs(b))) if b.size else 0.0
+    ref_energy, diff_energy = float(np.sum(b * b)), float(np.sum(diff * diff))
+    max_rel = max_abs / ref_max if ref_max > 0 else (0.0 if max_abs == 0 else math.inf)
+    nmse = diff_energy / ref_energy if ref_energy > 0 else (0.0 if diff_energy == 0 else math.inf)
+    norms = math.sqrt(float(np.sum(a * a)) * ref_energy)
+    cosine = float(np.sum(a * b)) / norms if norms > 0 else float(diff_energy == 0)
+    diverged = not nmse <= nmse_tol or (rel_tol is not None and not max_rel <= rel_tol)
+    return StageError(name, shape, max_abs, max_rel, nmse, cosine, diverged)
+
+
+def compare_stages(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray],
+                   nmse_tol: float = DEFAULT_NMSE_TOL, rel_tol: Optional[float] = None) -> list[StageError]:
+    """Every stage of `a` that `b` also has, against `b` (the reference), in model order.
+
+    a, b: stage name -> array: a dump's stages, a `stages.Trace`, a torch reference's stages.
+    Raises ValueError when a stage has different shapes in the two.
+    """
+    names = sorted((n for n in a if n in b), key=stage_order)
+    for name in names:
+        if np.shape(a[name]) != np.shape(b[name]):
+            raise ValueError(f"stage {name!r}: shape {list(np.shape(a[name]))} vs {list(np.shape(b[name]))}")
+    return [stage_error(n, a[n], b[n], nmse_tol, rel_tol) for n in names]
+
+
+def _producer(d: Dump) -> str:
+    return ", ".join(d.metadata[k] for k in PRODUCER_KEYS if k in d.metadata) or "producer unknown"
+
+
+def compare_dumps(path_a, path_b, nmse_tol: float = DEFAULT_NMSE_TOL,
+                  rel_tol: Optional[float] = None) -> Comparison:
+    """Every common stage of dump A against reference dump B, in model order.
+
+    Raises Llama3Error when a tolerance is negative or not finite, and when the files are not
+    dumps of the same computation (`metadata_differences`, different stage shapes).
+    """
+    if not (nmse_tol >= 0 and math.isfinite(nmse_tol)):
+        raise ParameterError("nmse_tol", f"nmse_tol must be a number >= 0, got {nmse_tol}")
+    if rel_tol is not None and not (rel_tol >= 0 and math.isfinite(rel_tol)):
+        raise ParameterError("rel_tol", f"rel_tol must be a number >= 0, got {rel_tol}")
+    a, b = read_dump(path_a), read_dump(path_b)
+    differences = metadata_differences(a, b)
+    names_b = set(b.names)
+    common = [n for n in a.names if n in names_b]
+    if not common:
+        raise Llama3Error(f"{a.path} and {b.path} have no stage in common: are both dump files?")
+    for name in common:
+        if a.shape(name) != b.shape(name):
+            raise Llama3Error(f"stage {name!r} has shape {list(a.shape(name))} in {a.path} but "
+                              f"{list(b.shape(name))} in {b.path}: the dumps do not record the same "
+                              "computation (different model or token count)")
+    stages = [stage_error(n, a.stage(n), b.stage(n), nmse_tol, rel_tol) for n in common]
+    return Comparison(str(a.path), str(b.path), _producer(a), _producer(b), nmse_tol, rel_tol, stages,
+                      only_in_a=[n for n in a.names if n not in names_b],
+                      only_in_b=[n for n in b.names if n not in set(a.names)],
+                      metadata_differences=differences)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+def verdict(c: Comparison) -> str:
+    """One line: agree, or the first stage where the dumps part."""
+    tol = f"NMSE {c.nmse_tol:.0e}" + (f" and max rel {c.rel_tol:.0e}" if c.rel_tol is not None else "")
+    n = len(c.stages)
+    if c.first_divergence is None:
+        return f"verdict: agree ({n} of {n} common stages within {tol})"
+    return f"verdict: diverge at {c.first_divergence} ({len(c.diverged)} of {n} stages past {tol})"
+
+
+def format_table(c: Comparison, all_stages: bool = False) -> str:
+    """The two files, metadata that differ, the stages past tolerance (every stage with
+    `all_stages`), stages in one file only, a summary line and the verdict line."""
+    lines = [f"A: {c.a} ({c.a_producer})", f"B: {c.b} ({c.b_producer}), the reference"]
+    if c.metadata_differences:
+        lines.append("metadata that differ (the inputs agree): " + "; ".join(
+            f"{key} {va} vs {vb}" for key, (va, vb) in c.metadata_differences.items()))
+    rows = c.stages if all_stages else [s for s in c.stages if s.diverged]
+    if rows:
+        width = max(len("stage"), *(len(s.name) for s in rows))
+        shape_width = max(len("shape"), *(len(format_shape(s.shape)) for s in rows))
+        lines.append(f"{'stage':<{width}}  {'shape':<{shape_width}}  {'max abs':>10}  {'max rel':>10}  "
+                     f"{'NMSE':>10}  {'cosine':>12}")
+        first = c.first_divergence
+        for s in rows:
+            mark = "  <- first divergence" if s.name == first else ("  diverges" if s.diverged else "")
+            lines.append(f"{s.name:<{width}}  {format_shape(s.shape):<{shape_width}}  {s.max_abs:10.3e}  "
+                         f"{s.max_rel:10.3e}  {s.nmse:10.3e}  {s.cosine:12.10f}{mark}")
+    for label, names in (("only in A", c.only_in_a), ("only in B", c.only_in_b)):
+        if names:
+            lines.append(f"{label} ({len(names)}): {', '.join(names)}")
+    worst = max(c.stages, key=lambda s: s.nmse)
+    hidden = "" if len(rows) == len(c.stages) else "; --all lists every stage"
+    lines.append(f"{len(c.stages)} common stages, {len(c.diverged)} past tolerance; largest NMSE "
+                 f"{worst.nmse:.2e} ({worst.name}){hidden}")
+    lines.append(verdict(c))
+    return "\n".join(lines)
+
+
+def _finite_or_none(x: float) -> Optional[float]:
+    return x if math.isfinite(x) else None  # JSON has no inf or nan
+
+
+def to_json(c: Comparison) -> dict:
+    stages = []
+    for s in c.stages:
+        d = asdict(s)
+        d.update(shape=list(s.shape), **{k: _finite_or_none(d[k]) for k in ("max_abs", "max_rel", "nmse", "cosine")})
+        stages.append(d)
+    return {"a": c.a, "b": c.b, "nmse_tol": c.nmse_tol, "rel_tol": c.rel_tol, "stages": stages,
+            "diverged": c.diverged, "first_divergence": c.first_divergence,
+            "only_in_a": c.only_in_a, "only_in_b": c.only_in_b,
+            "metadata_differences": {k: list(v) for k, v in c.metadata_differences.items()},
+            "verdict": verdict(c)}

@@ -1,0 +1,55 @@
+"""Ctrl-C (SIGINT) through the real command line: `generate` keeps what it printed and exits 130;
+in `chat` it ends the current answer and the chat goes on."""
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def start(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llama3_np", *args], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def read_some(stream, want: int, timeout: float = 240) -> bytes:
+    """Read from a pipe until `want` bytes arrived (or fail after `timeout` seconds)."""
+    got, deadline = b"", time.monotonic() + timeout
+    while len(got) < want:
+        assert time.monotonic() < deadline, f"only {got!r} after {timeout} s"
+        ready, _, _ = select.select([stream], [], [], 1)
+        if ready:
+            chunk = os.read(stream.fileno(), 4096)
+            assert chunk, f"stream closed after {got!r}"
+            got += chunk
+    return got
+
+
+def test_ctrl_c_in_generate_keeps_the_text_and_exits_130():
+    proc = start("generate", "-p", "Once upon a time", "-n", "-1", "--temp", "0")
+    first = read_some(proc.stdout, 20)
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    assert b"Traceback" not in err, err.decode()
+    assert "stop: interrupted" in err.decode()
+    (first + rest).decode("utf-8")  # what was printed is kept, and is whole UTF-8
+
+
+def test_ctrl_c_in_chat_ends_the_answer_and_the_chat_goes_on():
+    proc = start("chat", "--temp", "0", "-n", "-1")
+    proc.stdin.write(b"Write a long story about a dragon.\n")
+    proc.stdin.flush()
+    read_some(proc.stdout, 20)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(b"What is the capital of France?\n", timeout=240)
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err
+    stats = [line for line in err.decode().splitlines() if line.startswith("load ")]
+    assert len(stats) == 2 and stats[0].endswith("stop: interrupted") and stats[1].endswith("stop: stop"), err
+    assert b"Paris" in out

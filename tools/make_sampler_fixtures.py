@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""Write tests/fixtures/sampling/chains.json.gz: the distributions two reference samplers draw from,
+for a grid of settings on a few logit vectors.
+
+    python tools/make_sampler_fixtures.py      (needs `make tools`: transformers, llama-cpp-python)
+
+- llama.cpp (llama-cpp-python's low-level `llama_sampler_*` API, no model): a sampler chain in
+  llama.cpp's default order, penalties, top-k, top-p, min-p, temperature, then `dist`, as
+  `common/sampling.cpp` `common_sampler_init` builds it (`llama_sampler_init_penalties`,
+  `_top_k`, `_top_p(p, min_keep 0)`, `_min_p(p, min_keep 0)`, `_temp_ext(t, 0, 1)`, `_dist`),
+  applied to a `llama_token_data_array` made from the logits, the window's ids accepted first.
+  The distribution is the `p` that `dist` leaves on the surviving candidates.
+- transformers: the logits processors `GenerationMixin._get_logits_processor` builds for
+  `generate(do_sample=True)`, in its order: RepetitionPenaltyLogitsProcessor,
+  TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper (each added under
+  the same conditions as there), then the softmax `_sample` draws from. Temperature 0 is
+  `do_sample=False`: the argmax of the penalised logits.
+
+Logit vectors: two small ones whose float32 softmax is exact in binary (weights 1, 1/2, 1/4, ...
+summing to a power of two over the whole vocabulary, or over its top 4), so that top-p and min-p
+meet their boundary exactly in the references' arithmetic; two random ones (64 and 256 logits);
+and two realistic ones, the 128 largest logits of the default model (weights/default) after two
+prompts, renumbered 0..127 in id order. No logit vector has two equal logits where a top-k could
+split them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gzip
+import json
+import os
+import sys
+from importlib import metadata
+
+from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+
+from llama3_np.sampling import SAMPLER_ORDERS  # noqa: E402
+
+OUT = REPO / "tests" / "fixtures" / "sampling" / "chains.json.gz"
+REPEAT_LAST_N = 64  # llama.cpp's penalty_last_n default, and llama3_np's window
+
+# Exact in binary: the whole vocabulary sums to 2.
+EXACT_WEIGHTS = [1, 0.5, 0.25, 0.125, 0.0625, 0.046875, 0.015625]
+# Exact over the top 4 (they sum to 2); the rest is not.
+EXACT_TOP4_WEIGHTS = [1, 0.5, 0.375, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125]
+
+REALISTIC_VOCAB = 128
+REALISTIC_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
+
+OFF = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
+GRID = [
+    {},
+    dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),  # llama.cpp's defaults
+    dict(temperature=0.7), dict(temperature=1.5),
+    dict(temperature=0.0), dict(temperature=0.0, repeat_penalty=1.5),
+    dict(temperature=1e-3), dict(temperature=0.02), dict(temperature=1e-3, top_k=5),
+    dict(top_k=1), dict(top_k=2), dict(top_k=4), dict(top_k=10), dict(top_k=1000),  # 1000: more than the vocabulary
+    dict(top_p=0.3), dict(top_p=0.5), dict(top_p=0.75), dict(top_p=0.875), dict(top_p=0.9375), dict(top_p=0.95),
+    dict(top_k=2, top_p=0.5), dict(top_k=4, top_p=0.75), dict(top_k=4, top_p=0.9375), dict(top_k=40, top_p=0.9),
+    dict(min_p=0.05), dict(min_p=0.2), dict(min_p=0.5),
+    dict(top_k=4, min_p=0.375), dict(top_k=3, min_p=0.3), dict(top_k=10, min_p=0.1),
+    dict(top_k=4, top_p=0.9, min_p=0.2),
+    dict(repeat_penalty=1.3), dict(repeat_penalty=0.8), dict(repeat_penalty=1.3, top_k=5, top_p=0.9),
+    dict(temperature=1.5, top_k=20, top_p=0.9, min_p=0.05), dict(temperature=0.5, top_p=0.8),
+    dict(temperature=2.0, min_p=0.1), dict(temperature=0.6, top_k=10, min_p=0.1, repeat_penalty=1.2),
+]
+
+
+def float32_list(x: np.ndarray) -> list[float]:
+    # the shortest decimal that reads back as the same float32
+    return [float(str(v)) for v in np.asarray(x, dtype=np.float32)]
+
+
+def exact_case(name: str, weights: list[float], seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    logits = np.log(np.array(weights, dtype=np.float64)).astype(np.float32)
+    perm = rng.permutation(len(weights))  # the largest logit is not id 0
+    return {"name": name, "logits": logits[perm], "recent": [int(perm[0]), int(perm[2]), int(perm[2]), int(perm[5])],
+            "source": f"float32 ln of the weights {weights}, permuted (numpy seed {seed})"}
+
+
+def random_case(name: str, n: int, scale: float, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal(n) * scale).astype(np.float32)
+    order = np.argsort(-logits)
+    recent = [int(i) for i in order[[0, 1, 1, 3, n // 2, n - 1]]]  # likely and unlikely tokens, one twice
+    return {"name": name, "logits": logits, "recent": recent,
+            "source": f"numpy default_rng({seed}).standard_normal({n}) * {scale}, float32"}
+
+
+def realistic_cases() -> list[dict]:
+    from llama3_np.assets import DEFAULT_MODEL_DIR
+    from llama3_np.formats.checkpoint import load_checkpoint
+    from llama3_np.model import forward
+    from llama3_np.text.tokenizer import load_tokenizer
+
+    ckpt = load_checkpoint(DEFAULT_MODEL_DIR, dtype="float32")
+    tok = load_tokenizer(DEFAULT_MODEL_DIR)
+    cases = []
+    for k, text in enumerate(REALISTIC_PROMPTS):
+        prompt = tok.encode(text, bos=tok.add_bos)
+        logits = forward(ckpt.weights, ckpt.config, prompt)[-1]
+        top = np.sort(np.argpartition(-logits, REALISTIC_VOCAB - 1)[:REALISTIC_VOCAB])  # the largest, in id order
+        small = logits[top].astype(np.float32)
+        position = {int(t): i for i, t in enumerate(top)}
+        recent = [position[t] for t in prompt if t in position][-REPEAT_LAST_N:]
+        cases.append({"name": f"default_model_{k}", "logits": small, "recent": recent,
+                      "source": f"llama3_np forward of weights/default on {text!r}: the {REALISTIC_VOCAB} largest "
+                                "of the last position's logits, renumbered in id order; recent: the "
+                                "prompt's ids among them"})
+    return cases
+
+
+def settings_of(change: dict) -> dict:
+    return {**OFF, **change}
+
+
+# --- llama.cpp ---------------------------------------------------------------------------------
+
+def llama_cpp_probs(logits: np.ndarray, recent: list[int], s: dict, order: tuple[str, ...]) -> np.ndarray:
+    import llama_cpp as L
+
+    n = logits.size
+    penalties = (REPEAT_LAST_N, s["repeat_penalty"], 0.0, 0.0)  # last n, repeat, frequency, presence
+    if len(L.llama_sampler_init_penalties.argtypes) == 5:  # some llama.cpp versions take n_vocab first
+        penalties = (n, *penalties)
+    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    make = {
+        "penalties": lambda: L.llama_sampler_init_penalties(*penalties),
+        "top_k": lambda: L.llama_sampler_init_top_k(s["top_k"]),
+        "top_p": lambda: L.llama_sampler_init_top_p(s["top_p"], 0),
+        "min_p": lambda: L.llama_sampler_init_min_p(s["min_p"], 0),
+        "temperature": lambda: L.llama_sampler_init_temp_ext(s["temperature"], 0.0, 1.0),
+    }
+    for name in order:
+        L.llama_sampler_chain_add(chain, make[name]())
+    L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(1234))
+    for t in recent[-REPEAT_LAST_N:]:
+        L.llama_sampler_accept(chain, t)
+
+    data = (L.llama_token_data * n)()
+    for i, z in enumerate(logits):
+        data[i].id, data[i].logit, data[i].p = i, float(z), 0.0
+    arr = L.llama_token_data_array(data=ctypes.cast(data, ctypes.POINTER(L.llama_token_data)),
+                                   size=n, selected=-1, sorted=False)
+    L.llama_sampler_apply(chain, ctypes.byref(arr))
+    probs = np.zeros(n)
+    for i in range(arr.size):
+        probs[arr.data[i].id] = arr.data[i].p
+    L.llama_sampler_free(chain)
+    return probs
+
+
+# --- transformers ------------------------------------------------------------------------------
+
+def transformers_probs(logits: np.ndarray, recent: list[int], s: dict) -> np.ndarray:
+    import torch
+    from transformers.generation import logits_process as P
+
+    ids = torch.tensor([recent[-REPEAT_LAST_N:]], dtype=torch.long)
+    scores = torch.from_numpy(logits.copy())[None, :]
+    processors = []
+    if s["repeat_penalty"] != 1.0:
+        processors.append(P.RepetitionPenaltyLogitsProcessor(float(s["repeat_penalty"])))
+    if s["temperature"] == 0:  # do_sample=False: greedy on the processed logits
+        for proc in processors:
+            scores = proc(ids, scores)
+        probs = np.zeros(logits.size)
+        probs[int(torch.argmax(scores[0]))] = 1.0
+        return probs
+    if s["temperature"] != 1.0:
+        processors.append(P.TemperatureLogitsWarper(float(s["temperature"])))
+    if s["top_k"] != 0:
+        processors.append(P.TopKLogitsWarper(top_k=int(s["top_k"]), min_tokens_to_keep=1))
+    if s["top_p"] < 1.0:
+        processors.append(P.TopPLogitsWarper(top_p=float(s["top_p"]), min_tokens_to_keep=1))
+    if s["min_p"] is not None:
+        processors.append(P.MinPLogitsWarper(min_p=float(s["min_p"]), min_tokens_to_keep=1))
+    for proc in processors:
+        scores = proc(ids, scores)
+    if s["top_k"] != 0:
+        kept = int(torch.isfinite(scores).sum())
+        assert kept <= s["top_k"], f"a tie at the top-k boundary keeps {kept} > {s['top_k']}: choose other logits"
+    return torch.softmax(scores[0].double(), dim=-1).numpy()
+
+
+def check_exact(case: dict, weights: list[float]) -> None:
+    """The exact cases are exact in float32: torch's exp and a correctly rounded exp both give the weights."""
+    import torch
+    z = case["logits"]
+    ours = np.exp(z.astype(np.float64) - float(z.max())).astype(np.float32)
+    theirs = torch.exp(torch.from_numpy(z - z.max())).numpy()
+    want = np.sort(np.array(weights, dtype=np.float32))
+    assert np.array_equal(np.sort(ours), want) and np.array_equal(np.sort(theirs), want), (ours, theirs)
+
+
+def main() -> int:
+    cases = [exact_case("exact", EXACT_WEIGHTS, 1), exact_case("exact_top4", EXACT_TOP4_WEIGHTS, 2)]
+    check_exact(cases[0], EXACT_WEIGHTS)
+    check_exact(cases[1], EXACT_TOP4_WEIGHTS)
+    cases += [random_case("random_64", 64, 2.0, 3), random_case("random_256", 256, 3.0, 4)]
+    cases += realistic_cases()
+    for c in cases:
+        assert np.unique(c["logits"]).size == c["logits"].size, f"{c['name']}: equal logits"
+
+    results = []
+    for ci, case in enumerate(cases):
+        for si, change in enumerate(GRID):
+            s = settings_of(change)
+            references = {"llama.cpp": llama_cpp_probs(case["logits"], case["recent"], s, SAMPLER_ORDERS["llama.cpp"]),
+                          "transformers": transformers_probs(case["logits"], case["recent"], s)}
+            for order, probs in references.items():
+                kept = np.flatnonzero(probs)
+                results.append({"case": ci, "setting": si, "order": order, "ids": [int(i) for i in kept],
+                                "probs": [float(f"{p:.8g}") for p in probs[kept]]})
+
+    doc = {
+        "producer": {"script": "tools/make_sampler_fixtures.py",
+                     "llama-cpp-python": metadata.version("llama_cpp_python"),
+                     "transformers": metadata.version("transformers"), "torch": metadata.version("torch")},
+        "orders": {name: list(order) for name, order in SAMPLER_ORDERS.items()},
+        "repeat_last_n": REPEAT_LAST_N,
+        "cases": [{**c, "logits": float32_list(c["logits"])} for c in cases],
+        "settings": [settings_of(change) for change in GRID],
+        "results": results,
+    }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    tmp = OUT.with_suffix(".tmp")
+    # gzip (200 KB of JSON, 40 KB compressed), with no time stamp so the bytes depend on the content only
+    tmp.write_bytes(gzip.compress((json.dumps(doc, separators=(",", ":")) + "\n").encode(), mtime=0))
+    tmp.replace(OUT)
+    print(f"wrote {OUT.relative_to(REPO)} ({OUT.stat().st_size // 1024} KB): {len(cases)} logit vectors x "
+          f"{len(GRID)} settings x 2 orders", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool("make_sampler_fixtures", main))
