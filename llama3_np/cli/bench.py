@@ -12,10 +12,7 @@ from .common import add_model_args, model_dir
 
 
 def add_command(sub) -> None:
-    b = sub.add_parser("bench", help="measure load, prefill and decode speed against this machine's limits",
-                       epilog="Threads: NumPy's OpenBLAS uses one per core unless OPENBLAS_NUM_THREADS says "
-                              "otherwise; on a machine where other processes are busy, 2 threads can be tens "
-                              "of times slower than 1 (see BENCHMARKS.md).")
+    b = sub.add_parser("bench", help="measure load, prefill and decode speed against this machine's limits")
     add_model_args(b)
     b.add_argument("--prompt", type=int, default=512, metavar="N", help="prompt tokens (default 512)")
     b.add_argument("--new", type=int, default=128, metavar="N", help="tokens to generate (default 128)")

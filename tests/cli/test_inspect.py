@@ -8,6 +8,7 @@ import ml_dtypes
 import pytest
 
 import llama3_np.assets
+import llama3_np.products
 from tests.checkpoint_builders import random_weights, tiny_config, write_meta
 from llama3_np.assets import DEFAULT_MODEL_DIR
 from llama3_np.formats.checkpoint import load_checkpoint, save_hf_checkpoint
@@ -18,9 +19,17 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
 # D=32, 2 layers; per layer wq 32x32, wk and wv 16x32, wo 32x32, w1/w2/w3 64x32, two norms of 32.
 LAYER = 1024 + 512 + 512 + 1024 + 3 * 2048 + 2 * 32
 FIXTURE_PARAMS = 2 * LAYER + 128 * 32 * 2 + 32  # + embeddings, output, final norm
-# bfloat16 residency converts matrices in blocks of up to 1 MiB of float32 rows: here each whole
-# matrix, the largest being the 128 x 32 output.
-WORKING = 4 * 128 * 32
+# bfloat16 residency converts matrices in blocks of up to 4 MiB of float32 rows, one block per
+# thread: with 2 threads, each converts half of the largest matrix, the 128 x 32 output.
+WORKING = 2 * 4 * 64 * 32
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    before = llama3_np.products.get_threads()
+    llama3_np.products.set_threads(2)
+    yield
+    llama3_np.products.set_threads(before)
 
 
 def _inspect_json(capsys, *args):
