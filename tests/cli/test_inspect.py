@@ -87,7 +87,10 @@ def test_default_model_is_the_imported_smollm2():
     assert import_record["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert import_record["tensor_types"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
     ckpt = load_checkpoint(DEFAULT_MODEL_DIR, dtype="bfloat16")
-    assert ckpt.config == SMOLLM2 and ckpt.tokenizer_dir == DEFAULT_MODEL_DIR and ckpt.eos_ids == (2,)
+    assert ckpt.config == SMOLLM2 and ckpt.tokenizer_dir == DEFAULT_MODEL_DIR
+    # The GGUF's eos <|im_end|> (2), then the vocabulary's other end-of-generation token
+    # <|endoftext|> (0), as llama.cpp's end-of-generation set has them.
+    assert ckpt.eos_ids == (2, 0)
     assert ckpt.weights["output.weight"] is ckpt.weights["tok_embeddings.weight"]
     assert all(w.dtype == ml_dtypes.bfloat16 for w in ckpt.weights.values())
     assert sum(w.size for k, w in ckpt.weights.items() if k != "output.weight") == 134_515_008
