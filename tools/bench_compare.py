@@ -1,22 +1,27 @@
 #!/usr/bin/env python3
 """The same prompt ids through llama3_np, Hugging Face `transformers` and llama.cpp, in one run.
 
-    python tools/bench_compare.py [-m DIR] [--prompt N] [--new N] [--runs N] [--engines LIST]
+    python tools/bench_compare.py [-m DIR] [--prompt N] [--new N] [--runs N] [-t N] [--engines LIST]
 
 Every engine gets the synthetic prompt of `llama3-np bench`, decodes --new tokens greedily from an
 empty cache --runs times after a warm-up, and reports median prefill and decode speeds, its load
 time and its peak RSS. Each engine runs in its own process, one after the other, so that one's
 thread pool cannot slow another (NumPy's OpenBLAS and torch's OpenMP threads both spin while they
-wait for work). The table ends with llama3_np's speed as a multiple of each other engine's, and
-how many of the greedy ids each engine shares with llama3_np.
+wait for work). Every engine runs on -t threads (default: one per core). The table ends with each
+llama3_np residency's speed as a multiple of every engine's, and how many of the greedy ids each
+engine shares with llama3_np in float32 residency.
 
 Engines (tools-only dependencies):
-    llama3_np   `llama3-np bench`, float32 residency
-    hf          transformers LlamaForCausalLM in float32 (torch==2.13.0), KV cache, logits of
-                the last prompt position only (as `generate` does)
-    llama.cpp   llama-cpp-python, if installed, on an F32 GGUF of the same weights with a
-                placeholder vocabulary (ids in, ids out), written by this tool to a temporary
-                file, or kept at --gguf PATH and reused when it exists
+    llama3_np:float32    `llama3-np bench --dtype float32`
+    llama3_np:bfloat16   `llama3-np bench --dtype bfloat16`
+    hf                   transformers LlamaForCausalLM in float32 (torch==2.13.0), KV cache, logits
+                         of the last prompt position only (as `generate` does)
+    llama.cpp:F32        llama-cpp-python, if installed, on an F32 GGUF of the same weights with a
+                         placeholder vocabulary (ids in, ids out)
+    llama.cpp:BF16       the same on a BF16 GGUF (matrices in bf16, norms in F32, as llama.cpp's
+                         own converter writes them)
+The GGUFs are written by this tool, each in a process of its own, to a temporary folder, or to
+--gguf-dir DIR and reused from there when they exist.
 """
 
 from __future__ import annotations
@@ -35,10 +40,13 @@ from pathlib import Path
 from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
 
 from llama3_np.cli.common import model_dir
-from llama3_np.xcheck.bench import synthetic_prompt
+from llama3_np.config import from_hf_config
+from llama3_np.xcheck.bench import decode_bytes_per_token, synthetic_prompt
 from llama3_np.errors import Llama3Error
+from llama3_np.products import default_threads
 
-ENGINES = ("llama3_np", "hf", "llama.cpp")
+ENGINES = ("llama3_np:float32", "llama3_np:bfloat16", "hf", "llama.cpp:F32", "llama.cpp:BF16")
+GGUF_TYPES = {"F32": "f32.gguf", "BF16": "bf16.gguf"}
 
 
 def peak_rss_mb() -> float:
@@ -68,10 +76,11 @@ def timed_runs(prefill, step, prompt: list[int], new: int, runs: int) -> dict:
             "decode_tokens_per_s": statistics.median(decode_speeds), "ids": ids}
 
 
-def run_hf(path: Path, prompt: list[int], new: int, runs: int) -> dict:
+def run_hf(path: Path, prompt: list[int], new: int, runs: int, threads: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     load_s = time.perf_counter() - t0
@@ -93,11 +102,13 @@ def run_hf(path: Path, prompt: list[int], new: int, runs: int) -> dict:
                 threads=f"{torch.get_num_threads()} (torch)", version=f"transformers {__import__('transformers').__version__}, torch {torch.__version__}")
 
 
-def write_f32_gguf(checkpoint, out: Path) -> None:
-    """The checkpoint's weights as an F32 GGUF llama.cpp runs: Meta names become GGUF names, rows
-    stay in Meta's rope order (as llama.cpp's own converter writes them), llama3 rope scaling goes
-    into a `rope_freqs` tensor of per-pair divisors, and the vocabulary is placeholders."""
+def write_gguf(checkpoint, out: Path, file_type: str) -> None:
+    """The checkpoint's weights as a GGUF llama.cpp runs, its matrices F32 or BF16 (`file_type`),
+    its norms F32: Meta names become GGUF names, rows stay in Meta's rope order (as llama.cpp's own
+    converter writes them), llama3 rope scaling goes into a `rope_freqs` tensor of per-pair
+    divisors, and the vocabulary is placeholders."""
     import gguf
+    import ml_dtypes
     import numpy as np
 
     from llama3_np.model import rope_frequencies
@@ -116,7 +127,7 @@ def write_f32_gguf(checkpoint, out: Path) -> None:
     w.add_rope_freq_base(c.rope_theta)
     w.add_layer_norm_rms_eps(c.norm_eps)
     w.add_vocab_size(c.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if file_type == "F32" else gguf.LlamaFileType.MOSTLY_BF16)
     w.add_tokenizer_model("llama")
     w.add_token_list([f"<t{i}>" for i in range(c.vocab_size)])
     w.add_token_scores([0.0] * c.vocab_size)
@@ -140,7 +151,11 @@ def write_f32_gguf(checkpoint, out: Path) -> None:
             gguf_name = f"blk.{i}.{names[rest]}.weight"
         else:
             gguf_name = f"{names[base]}.weight"
-        w.add_tensor(gguf_name, np.ascontiguousarray(array, dtype=np.float32))
+        if file_type == "BF16" and array.ndim == 2:
+            bf16 = np.ascontiguousarray(array, dtype=ml_dtypes.bfloat16)  # exact: the weights are bf16
+            w.add_tensor(gguf_name, bf16.view(np.uint16), raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            w.add_tensor(gguf_name, np.ascontiguousarray(array, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -151,8 +166,6 @@ def run_llama_cpp(path: Path, prompt: list[int], new: int, runs: int, threads: i
     import numpy as np
     from llama_cpp import Llama
 
-    if not gguf_path.is_file():  # in a process of its own, so that its memory is not counted here
-        subprocess.run([sys.executable, __file__, "--write-gguf", str(gguf_path), "-m", str(path)], check=True)
     t0 = time.perf_counter()
     llm = Llama(str(gguf_path), n_ctx=len(prompt) + new, n_batch=512, n_threads=threads,
                 n_threads_batch=threads, verbose=False)
@@ -175,33 +188,33 @@ def run_llama_cpp(path: Path, prompt: list[int], new: int, runs: int, threads: i
                 threads=str(threads), version=f"llama-cpp-python {llama_cpp.__version__}")
 
 
-def run_llama3_np(path: Path, prompt_n: int, new: int, runs: int) -> dict:
+def run_llama3_np(path: Path, residency: str, prompt_n: int, new: int, runs: int, threads: int) -> dict:
+    from llama3_np.products import set_threads
     from llama3_np.xcheck.bench import bench
 
-    r = bench(path, "float32", prompt_n, new, runs)
+    set_threads(threads)
+    r = bench(path, residency, prompt_n, new, runs)
     return {"prefill_tokens_per_s": r.prefill_tokens_per_s, "decode_tokens_per_s": r.decode_tokens_per_s,
             "ids": r.ids, "load_s": r.load_s, "peak_rss_mb": r.peak_rss_mb, "threads": r.threads,
             "version": "llama3_np", "decode_fraction": r.decode_fraction, "prefill_fraction": r.prefill_fraction,
-            "bandwidth_gb_s": r.bandwidth_gb_s, "sgemm_gflop_s": r.sgemm_gflop_s}
+            "decode_fraction_of_matvec": r.decode_fraction_of_matvec, "bandwidth_gb_s": r.bandwidth_gb_s,
+            "matvec_gb_s": r.matvec_gb_s, "sgemm_gflop_s": r.sgemm_gflop_s,
+            "decode_bytes_per_token": r.decode_bytes_per_token}
 
 
-def worker(engine: str, path: Path, prompt_n: int, new: int, runs: int, threads: int, gguf) -> dict:
-    from llama3_np.config import from_hf_config
-
+def worker(engine: str, path: Path, prompt_n: int, new: int, runs: int, threads: int, gguf_dir: Path) -> dict:
     config = from_hf_config(json.loads((path / "config.json").read_text()))
     prompt = synthetic_prompt(prompt_n, config.vocab_size)
-    if engine == "llama3_np":
-        return run_llama3_np(path, prompt_n, new, runs)
-    if engine == "hf":
-        return run_hf(path, prompt, new, runs)
-    if gguf is not None:
-        return run_llama_cpp(path, prompt, new, runs, threads, Path(gguf))
-    with tempfile.TemporaryDirectory() as tmp:
-        return run_llama_cpp(path, prompt, new, runs, threads, Path(tmp) / "f32.gguf")
+    kind, _, variant = engine.partition(":")
+    if kind == "llama3_np":
+        return run_llama3_np(path, variant, prompt_n, new, runs, threads)
+    if kind == "hf":
+        return run_hf(path, prompt, new, runs, threads)
+    return run_llama_cpp(path, prompt, new, runs, threads, gguf_dir / GGUF_TYPES[variant])
 
 
 def available(engine: str) -> bool:
-    module = {"llama3_np": "numpy", "hf": "transformers", "llama.cpp": "llama_cpp"}[engine]
+    module = {"llama3_np": "numpy", "hf": "transformers", "llama.cpp": "llama_cpp"}[engine.partition(":")[0]]
     try:
         __import__(module)
         return True
@@ -220,45 +233,67 @@ def compare(args) -> int:
     path = model_dir(args.model)
     if not (path / "config.json").is_file():
         raise Llama3Error(f"{path}: no config.json; bench_compare needs a Hugging Face checkpoint folder")
+    if args.gguf_dir:
+        Path(args.gguf_dir).mkdir(parents=True, exist_ok=True)
+        return run_engines(path, args, Path(args.gguf_dir))
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_engines(path, args, Path(tmp))
+
+
+def run_engines(path: Path, args, gguf_dir: Path) -> int:
     results = {}
+    load_average = os.getloadavg()[0]
     for engine in args.engines:
         if not available(engine):
             print(f"{engine}: not installed, skipped", file=sys.stderr)
             continue
+        kind, _, variant = engine.partition(":")
+        if kind == "llama.cpp" and not (gguf_dir / GGUF_TYPES[variant]).is_file():
+            # In a process of its own, so that its memory is not counted as llama.cpp's.
+            print(f"writing {GGUF_TYPES[variant]} ...", file=sys.stderr)
+            subprocess.run([sys.executable, __file__, "--write-gguf", str(gguf_dir / GGUF_TYPES[variant]),
+                            "--gguf-type", variant, "-m", str(path)], check=True)
         print(f"running {engine} ...", file=sys.stderr)
         cmd = [sys.executable, __file__, "--worker", engine, "-m", str(path), "--prompt", str(args.prompt),
-               "--new", str(args.new), "--runs", str(args.runs), "--threads", str(args.threads)]
-        if args.gguf:
-            cmd += ["--gguf", args.gguf]
+               "--new", str(args.new), "--runs", str(args.runs), "--threads", str(args.threads),
+               "--gguf-dir", str(gguf_dir)]
         env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         if done.returncode != 0:
             raise Llama3Error(f"{engine} failed (exit status {done.returncode}); see its messages above")
         results[engine] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(table(results, args))
+    config = from_hf_config(json.loads((path / "config.json").read_text()))
+    print(table(results, args, load_average, config))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 
-def table(results: dict, args) -> str:
-    ours = results.get("llama3_np")
-    lines = [f"prompt {args.prompt} tokens, {args.new} new tokens, median of {args.runs} runs",
-             f"{'engine':10s} {'load s':>7s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'peak RSS MB':>12s}"
-             f" {'ours/theirs prefill':>20s} {'decode':>7s} {'same ids':>9s}  threads, version"]
+def table(results: dict, args, load_average: float, config) -> str:
+    ours = {e: r for e, r in results.items() if e.startswith("llama3_np:")}
+    reference = results.get("llama3_np:float32") or next(iter(ours.values()), None)
+    ratio_heads = "".join(f" {e.split(':')[1] + ' / engine, prefill':>27s} {'decode':>7s}" for e in ours)
+    lines = [f"prompt {args.prompt} tokens, {args.new} new tokens, median of {args.runs} runs, "
+             f"{args.threads} threads; load average {load_average:.2f} at the start",
+             f"{'engine':19s} {'load s':>7s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'peak RSS MB':>12s}"
+             f"{ratio_heads} {'same ids':>9s}  threads, version"]
     for engine, r in results.items():
-        ratios = same = ""
-        if ours is not None:
-            ratios = (f"{ours['prefill_tokens_per_s'] / r['prefill_tokens_per_s']:20.2f} "
-                      f"{ours['decode_tokens_per_s'] / r['decode_tokens_per_s']:7.2f}")
-            same = f"{common_prefix(ours['ids'], r['ids'])}/{len(r['ids'])}"
-        lines.append(f"{engine:10s} {r['load_s']:7.2f} {r['prefill_tokens_per_s']:14.1f} "
-                     f"{r['decode_tokens_per_s']:13.1f} {r['peak_rss_mb']:12.0f} {ratios:>28s} {same:>9s}  "
+        ratios = "".join(f" {o['prefill_tokens_per_s'] / r['prefill_tokens_per_s']:27.2f} "
+                         f"{o['decode_tokens_per_s'] / r['decode_tokens_per_s']:7.2f}" for o in ours.values())
+        same = f"{common_prefix(reference['ids'], r['ids'])}/{len(r['ids'])}" if reference else ""
+        lines.append(f"{engine:19s} {r['load_s']:7.2f} {r['prefill_tokens_per_s']:14.1f} "
+                     f"{r['decode_tokens_per_s']:13.1f} {r['peak_rss_mb']:12.0f}{ratios} {same:>9s}  "
                      f"{r['threads']}, {r['version']}")
-    if ours is not None:
-        lines.append(f"llama3_np: decode {ours['decode_fraction']:.2f} of {ours['bandwidth_gb_s']:.1f} GB/s, "
-                     f"prefill {ours['prefill_fraction']:.2f} of {ours['sgemm_gflop_s']:.1f} GFLOP/s "
-                     "(limits measured in its process)")
+    for engine, o in ours.items():
+        lines.append(f"{engine}: decode {o['decode_fraction']:.2f} of the read bandwidth {o['bandwidth_gb_s']:.1f} GB/s "
+                     f"({o['decode_fraction_of_matvec']:.2f} of the matrix-vector rate {o['matvec_gb_s']:.1f} GB/s), "
+                     f"prefill {o['prefill_fraction']:.2f} of {o['sgemm_gflop_s']:.1f} GFLOP/s (limits measured in "
+                     "its process)")
+    for engine, r in results.items():  # what llama.cpp reads per second while decoding
+        if engine.startswith("llama.cpp:"):
+            per_token = decode_bytes_per_token(config, 2 if engine.endswith("BF16") else 4, args.prompt, args.new)
+            lines.append(f"{engine}: decode reads about {per_token * r['decode_tokens_per_s'] / 1e9:.1f} GB/s "
+                         "(its matrices, and the cache counted as llama3_np's float32 one)")
     return "\n".join(lines)
 
 
@@ -268,12 +303,14 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    p.add_argument("-t", "--threads", type=int, default=default_threads(),
+                   help=f"threads of every engine (default: one per core, here {default_threads()})")
     p.add_argument("--engines", type=lambda s: s.split(","), default=list(ENGINES),
                    help=f"comma-separated, from {','.join(ENGINES)}")
     p.add_argument("--json", metavar="FILE", help="also write every engine's figures to FILE")
-    p.add_argument("--gguf", metavar="PATH", help="llama.cpp's F32 GGUF: reused if it exists, else written there "
-                                                  "(default: a temporary file, removed after the run)")
+    p.add_argument("--gguf-dir", metavar="DIR", help="where llama.cpp's GGUFs (f32.gguf, bf16.gguf) are reused from "
+                                                     "or written to (default: a temporary folder, removed after the run)")
+    p.add_argument("--gguf-type", choices=list(GGUF_TYPES), default="F32", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--write-gguf", metavar="PATH", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -283,11 +320,12 @@ def main(argv=None) -> int:
     if args.write_gguf:
         from llama3_np.formats.checkpoint import load_checkpoint
 
-        return run_tool("bench_compare", lambda: write_f32_gguf(load_checkpoint(model_dir(args.model)),
-                                                                Path(args.write_gguf)))
+        return run_tool("bench_compare", lambda: write_gguf(load_checkpoint(model_dir(args.model), dtype="bfloat16"),
+                                                            Path(args.write_gguf), args.gguf_type))
     if args.worker:
         return run_tool("bench_compare", lambda: print(json.dumps(
-            worker(args.worker, model_dir(args.model), args.prompt, args.new, args.runs, args.threads, args.gguf))))
+            worker(args.worker, model_dir(args.model), args.prompt, args.new, args.runs, args.threads,
+                   Path(args.gguf_dir)))))
     return run_tool("bench_compare", lambda: compare(args))
 
 

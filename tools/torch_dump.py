@@ -103,8 +103,12 @@ def main(argv=None) -> int:
     names = stage_shapes(config, len(inputs.tokens), probs=False)  # the references record no probs
     globs = check_globs(args.stages, names) if args.stages is not None else ["*"]
 
-    import torch
-    import torch_reference as ref
+    try:
+        import torch
+        import torch_reference as ref
+    except ImportError as e:  # a run-time install has none of the references
+        raise Llama3Error(f"the reference implementations are not installed ({e.name} is missing): "
+                          "run `make tools` and use .venv/bin/python") from None
     torch.set_num_threads(max(1, args.threads))
     torch.use_deterministic_algorithms(True)
     ref.transformers_module().utils.logging.disable_progress_bar()

@@ -15,6 +15,7 @@ import sys
 from .. import __version__
 from ..errors import Llama3Error
 from . import bench, chat, compare, dump, generate, import_gguf, inspect, perplexity, tokenize, trace, walkthrough
+from ..products import set_threads
 from .common import error_message
 
 # The commands, in the order --help lists them.
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             raise Llama3Error(f"{prog}: unrecognized arguments: {' '.join(unknown)} (see '{prog} --help')")
         if getattr(args, "func", None) is None:
             raise Llama3Error("no command given (see 'llama3-np --help')")
+        if getattr(args, "threads", None) is not None:  # -t/--threads, on every command that computes
+            set_threads(args.threads)
         return args.func(args) or 0
     except Llama3Error as e:
         sys.stdout.flush()

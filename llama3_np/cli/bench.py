@@ -15,10 +15,7 @@ def add_command(sub) -> None:
     b = sub.add_parser("bench", help="measure load, prefill and decode speed against this machine's limits",
                        description="Measure load time, prefill and decode speed and peak memory, each speed as a "
                                    "fraction of this machine's read bandwidth and sgemm rate, measured in the same "
-                                   "process.",
-                       epilog="Threads: NumPy's OpenBLAS uses one per core unless OPENBLAS_NUM_THREADS says "
-                              "otherwise; on a machine where other processes are busy, 2 threads can be tens "
-                              "of times slower than 1 (see BENCHMARKS.md).")
+                                   "process.")
     add_model_args(b)
     b.add_argument("--prompt", type=int, default=512, metavar="N", help="prompt tokens (default 512)")
     b.add_argument("--new", type=int, default=128, metavar="N", help="tokens to generate (default 128)")

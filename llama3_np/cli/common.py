@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .. import assets
+from .. import assets, products
 from ..checks import token_ids
 from ..config import ModelConfig
 from ..errors import Llama3Error, ParameterError
@@ -51,13 +51,27 @@ def error_message(e: Llama3Error) -> str:
 # Flags
 
 
+def thread_count(text: str) -> int:
+    """argparse type of -t/--threads: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"takes a number of threads >= 1, got {text!r}")
+    return n
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that loads a model and computes with it."""
     p.add_argument("-m", "--model", metavar="DIR",
                    help="checkpoint folder (Hugging Face or Meta format) or .gguf file; default: the default model")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="weight residency: float32 (fast) or bfloat16 (half the memory)")
     p.add_argument("--rope-factor", type=float, metavar="F",
                    help="override the llama3 rope scaling factor of a Meta params.json")
+    p.add_argument("-t", "--threads", type=thread_count, default=products.default_threads(), metavar="N",
+                   help=f"threads to compute with (default: one per core, here {products.default_threads()})")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -238,7 +252,7 @@ def stats_line(loaded: Optional[LoadedModel], out: Generation, seed: Optional[in
     parts = [f"load {loaded.load_seconds:.2f} s"] if loaded is not None else []
     parts += [f"prompt {plural(len(out.prompt_ids), 'token')}, {out.prefill_tokens_per_second:.1f} tok/s",
               f"generated {plural(len(out.ids), 'token')}, {out.decode_tokens_per_second:.1f} tok/s",
-              f"peak RSS {peak_rss_mb():.0f} MB"]
+              plural(products.get_threads(), "thread"), f"peak RSS {peak_rss_mb():.0f} MB"]
     parts += [f"seed {seed}"] if seed is not None else []
     return " | ".join(parts + [f"stop: {STOP_REASONS.get(out.stop_reason, out.stop_reason)}"])
 

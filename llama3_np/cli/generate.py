@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import Llama3Error
 from ..generation import Step
+from ..products import get_threads
 from ..sampling import SamplingParams, sampling_probs
 from ..xcheck.bench import peak_rss_mb
 from .common import (Printer, ProgressSession, add_model_args, add_sampling_args, consume, load, parse_token_ids,
@@ -141,7 +142,7 @@ def run_generate(args) -> int:
                         "decode_s": out.decode_seconds,
                         "prefill_tokens_per_s": out.prefill_tokens_per_second,
                         "decode_tokens_per_s": out.decode_tokens_per_second},
-            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_mb": peak_rss_mb(), "threads": get_threads(),
         }
         sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
     else:

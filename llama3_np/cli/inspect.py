@@ -17,7 +17,7 @@ from ..assets import import_record
 from ..config import ROPE_FACTOR_SOURCES
 from ..errors import Llama3Error
 from ..formats.checkpoint import CheckpointIndex, scan_checkpoint
-from ..linear import conversion_rows
+from ..products import conversion_buffer_bytes
 from ..text.tokenizer import TOKENIZER_FILES, find_tokenizer_file
 from .common import model_dir
 
@@ -41,10 +41,9 @@ def summarize(index: CheckpointIndex) -> dict:
     stored = Counter()
     for name, plan in index.plans.items():
         stored[plan.dtype.name] += params[name] * plan.dtype.itemsize
-    # bfloat16 residency converts each matrix to float32 a block of rows at a time (linear.linear);
-    # the largest such block is the float32 weight memory it needs beyond the mapped files.
-    working = max(4 * plan.shape[1] * conversion_rows(*plan.shape)
-                  for plan in index.plans.values() if len(plan.shape) == 2)
+    # bfloat16 residency converts each matrix to float32 a block of rows at a time, a block per
+    # thread (products.linear): the float32 weight memory it needs beyond the mapped files.
+    working = conversion_buffer_bytes(plan.shape for plan in index.plans.values() if len(plan.shape) == 2)
     tokenizer = find_tokenizer_file(index.path)
     config = index.config.to_dict()
     if index.config.rope_scaling is not None:

@@ -1,12 +1,16 @@
 """`llama3-np bench`: load, prefill and decode speed, measured against this machine's own limits.
 
 Decoding one token is a matrix-vector product over every weight, so its speed is bound by how fast
-memory can be read; a prefill is a chain of matrix products, bound by the sgemm rate. Both limits
-are measured in the same process, with the same BLAS and thread setting, right after the model
-runs, and each speed is reported as a fraction of its limit:
+memory can be read; a prefill is a chain of matrix products, bound by the sgemm rate. The limits
+are measured in the same process, on the same threads, right after the model runs, and each
+speed is reported as a fraction of its limit:
 
     decode fraction  = bytes read per decoded token × decode tok/s ÷ read bandwidth
     prefill fraction = FLOPs per prompt token × prefill tok/s ÷ sgemm rate
+
+The read bandwidth is what the memory delivers to all threads (row sums of a 1 GiB array); the
+float32 matrix-vector rate (x · Wᵀ through llama3_np's products) is reported beside it, with the
+decode fraction of that too: it is what NumPy's BLAS makes of the bandwidth, and it is lower.
 
 The prompt is a fixed synthetic list of token ids (no tokenizer needed); every run is greedy, has
 no stop token, and starts from an empty KV cache. Speeds are medians over `runs` runs after a warm-up.
@@ -25,11 +29,16 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import Llama3Error, ParameterError
 from ..generation import Session
+from ..products import get_threads, linear, parallel
 from ..sampling import SamplingParams
 
-# The limits (each the best of several runs): a float32 matrix-vector product over a matrix 8 times the size of a large L3 cache
-# (so it is read from memory, like a model's weights), and a float32 matrix product of the shape
-# of a 512-token prefill through a 2048-wide projection.
+# The limits (each the best of several runs): row sums of a float32 array 32 times the size of a
+# large L3 cache (so it is read from memory, like a model's weights), in rows of READ_ROW elements
+# and blocks of READ_BLOCK_ROWS rows shared by the threads; a float32 matrix-vector product over a
+# matrix 8 times that cache; a float32 matrix product of the shape of a 512-token prefill through a
+# 2048-wide projection.
+READ_ARRAY_BYTES = 1 << 30
+READ_ROW, READ_BLOCK_ROWS = 4096, 512  # blocks of 8 MiB
 BANDWIDTH_MATRIX = (8192, 8192)  # 256 MiB
 SGEMM_SHAPE = (512, 2048, 2048)  # [M, K] @ [K, N]
 
@@ -102,35 +111,45 @@ def _best_seconds(f, repeats: int) -> float:
     return min(times)
 
 
-def measure_bandwidth(repeats: int = 9) -> float:
-    """Read bandwidth in bytes/s: a float32 [1, n] · [m, n]ᵀ product, the form of a decode step."""
+def measure_read_bandwidth(repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: every row of a float32 [n, READ_ROW] array summed (a product with
+    a vector of ones, the fastest way NumPy reads memory), its blocks shared by llama3_np's threads."""
+    rows = max(READ_BLOCK_ROWS, READ_ARRAY_BYTES // (4 * READ_ROW))
+    a = np.ones((rows, READ_ROW), dtype=np.float32)
+    ones = np.ones(READ_ROW, dtype=np.float32)
+    sums = np.empty(rows, dtype=np.float32)
+
+    def block(i: int) -> None:
+        part = slice(i * READ_BLOCK_ROWS, (i + 1) * READ_BLOCK_ROWS)
+        np.dot(a[part], ones, out=sums[part])  # np.dot runs without the GIL
+
+    n_blocks = -(-rows // READ_BLOCK_ROWS)
+    return a.nbytes / _best_seconds(lambda: parallel(block, n_blocks), repeats)
+
+
+def measure_matvec(repeats: int = 9) -> float:
+    """float32 matrix-vector rate in bytes of matrix per second: [1, n] · [m, n]ᵀ through
+    llama3_np's products, the form of every product of a decode step."""
     shape = BANDWIDTH_MATRIX
     rng = np.random.default_rng(0)
     w = rng.standard_normal(shape, dtype=np.float32)
     x = rng.standard_normal((1, shape[1]), dtype=np.float32)
-    return w.nbytes / _best_seconds(lambda: x @ w.T, repeats)
+    return w.nbytes / _best_seconds(lambda: linear(x, w), repeats)
 
 
 def measure_sgemm(repeats: int = 9) -> float:
-    """float32 matrix product rate in FLOP/s, [M, K] · [N, K]ᵀ as a prefill's projections."""
+    """float32 matrix product rate in FLOP/s, [M, K] · [N, K]ᵀ through llama3_np's products, as a
+    prefill's projections."""
     M, K, N = SGEMM_SHAPE
     rng = np.random.default_rng(0)
     a = rng.standard_normal((M, K), dtype=np.float32)
     b = rng.standard_normal((N, K), dtype=np.float32)
-    return 2 * M * K * N / _best_seconds(lambda: a @ b.T, repeats)
+    return 2 * M * K * N / _best_seconds(lambda: linear(a, b), repeats)
 
 
 def peak_rss_mb() -> float:
     """The largest resident memory of this process so far, in MB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def blas_threads() -> str:
-    """The BLAS thread setting in force (NumPy's OpenBLAS reads it when NumPy is imported)."""
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        if os.environ.get(var):
-            return f"{os.environ[var]} ({var})"
-    return f"{os.cpu_count()} (default: one per core)"
 
 
 def synthetic_prompt(n: int, vocab_size: int) -> list[int]:
@@ -142,7 +161,7 @@ def synthetic_prompt(n: int, vocab_size: int) -> list[int]:
 class BenchResult:
     model: str
     dtype: str
-    threads: str
+    threads: int  # llama3_np's threads (NumPy's BLAS held to one)
     load_average: float  # 1-minute load average when the bench started; figures from a busy
     cpus: int            # machine (load near or above the CPU count) are not comparable
     prompt_tokens: int
@@ -156,9 +175,11 @@ class BenchResult:
     kv_cache_mb: float
     decode_bytes_per_token: float
     prefill_flops_per_token: float
-    bandwidth_gb_s: float
+    bandwidth_gb_s: float  # the read bandwidth
+    matvec_gb_s: float     # the float32 matrix-vector rate
     sgemm_gflop_s: float
-    decode_fraction: float
+    decode_fraction: float  # of the read bandwidth
+    decode_fraction_of_matvec: float
     prefill_fraction: float
     ids: list[int]  # the greedy ids of the last run, to compare across versions
 
@@ -201,32 +222,35 @@ def bench(path, dtype: str = "float32", prompt_tokens: int = 512, new_tokens: in
                                            new_tokens, runs)
     rss = peak_rss_mb()  # before the limit measurements allocate their own matrices
     itemsize = 4 if dtype == "float32" else max(w.itemsize for w in checkpoint.weights.values())
-    bandwidth, sgemm = measure_bandwidth(), measure_sgemm()
+    bandwidth, matvec, sgemm = measure_read_bandwidth(), measure_matvec(), measure_sgemm()
     bytes_per_token = decode_bytes_per_token(config, itemsize, prompt_tokens, new_tokens)
     flops_per_token = prefill_flops(config, prompt_tokens) / prompt_tokens
     return BenchResult(
-        model=str(checkpoint.path), dtype=dtype, threads=blas_threads(), load_average=load_average,
+        model=str(checkpoint.path), dtype=dtype, threads=get_threads(), load_average=load_average,
         cpus=os.cpu_count() or 1, prompt_tokens=prompt_tokens,
         new_tokens=new_tokens, runs=runs, load_s=load_s, prefill_tokens_per_s=prefill,
         decode_tokens_per_s=decode, peak_rss_mb=rss, weight_mb=weight_bytes(config, itemsize) / 1e6,
         kv_cache_mb=kv_cache_bytes(config, ctx) / 1e6, decode_bytes_per_token=bytes_per_token,
-        prefill_flops_per_token=flops_per_token, bandwidth_gb_s=bandwidth / 1e9, sgemm_gflop_s=sgemm / 1e9,
-        decode_fraction=fraction(bytes_per_token, decode, bandwidth),
+        prefill_flops_per_token=flops_per_token, bandwidth_gb_s=bandwidth / 1e9, matvec_gb_s=matvec / 1e9,
+        sgemm_gflop_s=sgemm / 1e9, decode_fraction=fraction(bytes_per_token, decode, bandwidth),
+        decode_fraction_of_matvec=fraction(bytes_per_token, decode, matvec),
         prefill_fraction=fraction(flops_per_token, prefill, sgemm), ids=ids)
 
 
 def report(r: BenchResult) -> str:
     return "\n".join([
         f"model    {r.model} ({r.dtype} residency, {r.weight_mb:.0f} MB of weights)",
-        f"threads  {r.threads}; machine load {r.load_average:.2f} on {r.cpus} CPUs at the start"
+        f"threads  {r.threads} (NumPy's BLAS held to one); machine load {r.load_average:.2f} on {r.cpus} CPUs at the start"
         + (" (busy: these figures are not comparable)" if r.load_average > r.cpus else ""),
         f"load     {r.load_s:.2f} s",
         f"prefill  {r.prefill_tokens_per_s:8.1f} tok/s  {r.prompt_tokens} tokens, median of {r.runs}; "
         f"{r.prefill_fraction:.2f} of the sgemm limit ({r.prefill_flops_per_token / 1e6:.0f} MFLOP per token)",
         f"decode   {r.decode_tokens_per_s:8.1f} tok/s  {r.new_tokens} tokens, median of {r.runs}; "
-        f"{r.decode_fraction:.2f} of the bandwidth limit ({r.decode_bytes_per_token / 1e6:.0f} MB read per token)",
+        f"{r.decode_fraction:.2f} of the read bandwidth, {r.decode_fraction_of_matvec:.2f} of the "
+        f"matrix-vector rate ({r.decode_bytes_per_token / 1e6:.0f} MB read per token)",
         f"peak RSS {r.peak_rss_mb:.0f} MB (KV cache {r.kv_cache_mb:.0f} MB)",
-        f"limits   read bandwidth {r.bandwidth_gb_s:.1f} GB/s (float32 matrix-vector product, "
-        f"{BANDWIDTH_MATRIX[0] * BANDWIDTH_MATRIX[1] * 4 >> 20} MiB), "
-        f"sgemm {r.sgemm_gflop_s:.1f} GFLOP/s ({'x'.join(map(str, SGEMM_SHAPE))})",
+        f"limits   read bandwidth {r.bandwidth_gb_s:.1f} GB/s (row sums of a {READ_ARRAY_BYTES >> 20} MiB array); "
+        f"float32 matrix-vector {r.matvec_gb_s:.1f} GB/s ({BANDWIDTH_MATRIX[0] * BANDWIDTH_MATRIX[1] * 4 >> 20} MiB "
+        f"matrix); sgemm {r.sgemm_gflop_s:.1f} GFLOP/s ({'x'.join(map(str, SGEMM_SHAPE))}); "
+        f"all on {r.threads} threads",
     ])

@@ -41,7 +41,7 @@ import numpy as np
 
 from ..errors import Llama3Error, ParameterError
 from ..stages import LAYER_STAGES, stage_order
-from .dump import PRODUCER_KEYS, Dump, format_shape, metadata_differences, read_dump
+from .dump import PRODUCER_KEYS, Dump, metadata_differences, read_dump
 
 DEFAULT_NMSE_TOL = 3e-9  # measured: see the module docstring
 STAGE_KINDS = ("embed", *(s for s in LAYER_STAGES if s != "probs"), "norm", "logits")
@@ -171,35 +171,6 @@ def verdict(c: Comparison) -> str:
     if c.first_divergence is None:
         return f"verdict: agree ({n} of {n} common stages within {tol})"
     return f"verdict: diverge at {c.first_divergence} ({len(c.diverged)} of {n} stages past {tol})"
-
-
-def format_table(c: Comparison, all_stages: bool = False) -> str:
-    """The two files, metadata that differ, the stages past tolerance (every stage with
-    `all_stages`), stages in one file only, a summary line and the verdict line."""
-    lines = [f"A: {c.a} ({c.a_producer})", f"B: {c.b} ({c.b_producer}), the reference"]
-    if c.metadata_differences:
-        lines.append("metadata that differ (the inputs agree): " + "; ".join(
-            f"{key} {va} vs {vb}" for key, (va, vb) in c.metadata_differences.items()))
-    rows = c.stages if all_stages else [s for s in c.stages if s.diverged]
-    if rows:
-        width = max(len("stage"), *(len(s.name) for s in rows))
-        shape_width = max(len("shape"), *(len(format_shape(s.shape)) for s in rows))
-        lines.append(f"{'stage':<{width}}  {'shape':<{shape_width}}  {'max abs':>10}  {'max rel':>10}  "
-                     f"{'NMSE':>10}  {'cosine':>12}")
-        first = c.first_divergence
-        for s in rows:
-            mark = "  <- first divergence" if s.name == first else ("  diverges" if s.diverged else "")
-            lines.append(f"{s.name:<{width}}  {format_shape(s.shape):<{shape_width}}  {s.max_abs:10.3e}  "
-                         f"{s.max_rel:10.3e}  {s.nmse:10.3e}  {s.cosine:12.10f}{mark}")
-    for label, names in (("only in A", c.only_in_a), ("only in B", c.only_in_b)):
-        if names:
-            lines.append(f"{label} ({len(names)}): {', '.join(names)}")
-    worst = max(c.stages, key=lambda s: s.nmse)
-    hidden = "" if len(rows) == len(c.stages) else "; --all lists every stage"
-    lines.append(f"{len(c.stages)} common stages, {len(c.diverged)} past tolerance; largest NMSE "
-                 f"{worst.nmse:.2e} ({worst.name}){hidden}")
-    lines.append(verdict(c))
-    return "\n".join(lines)
 
 
 def _finite_or_none(x: float) -> Optional[float]:

@@ -8,6 +8,7 @@ import ml_dtypes
 import pytest
 
 import llama3_np.assets
+import llama3_np.products
 from tests.checkpoint_builders import random_weights, tiny_config, write_meta
 from llama3_np.assets import default_model_dir
 from llama3_np.formats.checkpoint import load_checkpoint, save_hf_checkpoint
@@ -18,9 +19,17 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
 # D=32, 2 layers; per layer wq 32x32, wk and wv 16x32, wo 32x32, w1/w2/w3 64x32, two norms of 32.
 LAYER = 1024 + 512 + 512 + 1024 + 3 * 2048 + 2 * 32
 FIXTURE_PARAMS = 2 * LAYER + 128 * 32 * 2 + 32  # + embeddings, output, final norm
-# bfloat16 residency converts matrices in blocks of up to 1 MiB of float32 rows: here each whole
-# matrix, the largest being the 128 x 32 output.
-WORKING = 4 * 128 * 32
+# bfloat16 residency converts matrices in blocks of up to 4 MiB of float32 rows, one block per
+# thread: with 2 threads, each converts half of the largest matrix, the 128 x 32 output.
+WORKING = 2 * 4 * 64 * 32
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    before = llama3_np.products.get_threads()
+    llama3_np.products.set_threads(2)
+    yield
+    llama3_np.products.set_threads(before)
 
 
 def _inspect_json(capsys, *args):
@@ -88,7 +97,10 @@ def test_default_model_is_the_imported_smollm2():
     assert import_record["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert import_record["tensor_types"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
     ckpt = load_checkpoint(default_model_dir(), dtype="bfloat16")
-    assert ckpt.config == SMOLLM2 and ckpt.tokenizer_dir == default_model_dir() and ckpt.eos_ids == (2,)
+    assert ckpt.config == SMOLLM2 and ckpt.tokenizer_dir == default_model_dir()
+    # The GGUF's eos <|im_end|> (2), then the vocabulary's other end-of-generation token
+    # <|endoftext|> (0), as llama.cpp's end-of-generation set has them.
+    assert ckpt.eos_ids == (2, 0)
     assert ckpt.weights["output.weight"] is ckpt.weights["tok_embeddings.weight"]
     assert all(w.dtype == ml_dtypes.bfloat16 for w in ckpt.weights.values())
     assert sum(w.size for k, w in ckpt.weights.items() if k != "output.weight") == 134_515_008

@@ -70,6 +70,9 @@ def test_fraction_of_a_limit():
 def tiny_checkpoint(tmp_path, monkeypatch):
     # Small limit measurements keep the test quick; they are still real measurements.
     monkeypatch.setattr(bench, "BANDWIDTH_MATRIX", (256, 256))
+    monkeypatch.setattr(bench, "READ_ARRAY_BYTES", 1 << 16)
+    monkeypatch.setattr(bench, "READ_ROW", 64)
+    monkeypatch.setattr(bench, "READ_BLOCK_ROWS", 16)
     monkeypatch.setattr(bench, "SGEMM_SHAPE", (16, 32, 32))
     config = tiny_config(vocab_size=64, max_seq_len=64)
     weights = random_weights(config, seed=3)
@@ -84,13 +87,14 @@ def greedy_ids(weights, config, prompt, n):
     return ids[len(prompt):]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_bench_command_reports_consistent_numbers(tiny_checkpoint, capsys, dtype):
+@pytest.mark.parametrize("dtype, threads", [("float32", 1), ("bfloat16", 2), ("float32", 3)])
+def test_bench_command_reports_consistent_numbers(tiny_checkpoint, capsys, dtype, threads):
     path, config, weights = tiny_checkpoint
     assert main(["bench", "-m", str(path), "--prompt", "9", "--new", "5", "--runs", "2",
-                 "--dtype", dtype, "--json"]) == 0
+                 "--dtype", dtype, "-t", str(threads), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert (r["prompt_tokens"], r["new_tokens"], r["runs"], r["dtype"]) == (9, 5, 2, dtype)
+    assert r["threads"] == threads
     # Greedy decoding of the synthetic prompt, as a cache-free forward pass computes it.
     prompt = bench.synthetic_prompt(9, config.vocab_size)
     assert r["ids"] == greedy_ids(weights, config, prompt, 5)
@@ -101,6 +105,7 @@ def test_bench_command_reports_consistent_numbers(tiny_checkpoint, capsys, dtype
     assert r["kv_cache_mb"] * 1e6 == bench.kv_cache_bytes(config, 14)
     for speed, work, limit, share in [
             ("decode_tokens_per_s", "decode_bytes_per_token", "bandwidth_gb_s", "decode_fraction"),
+            ("decode_tokens_per_s", "decode_bytes_per_token", "matvec_gb_s", "decode_fraction_of_matvec"),
             ("prefill_tokens_per_s", "prefill_flops_per_token", "sgemm_gflop_s", "prefill_fraction")]:
         assert r[speed] > 0 and r[limit] > 0
         assert r[share] == pytest.approx(r[work] * r[speed] / (r[limit] * 1e9), rel=1e-9)
@@ -111,8 +116,8 @@ def test_bench_report_names_every_figure(tiny_checkpoint, capsys):
     path, _, _ = tiny_checkpoint
     assert main(["bench", "-m", str(path), "--prompt", "4", "--new", "3", "--runs", "1"]) == 0
     out = capsys.readouterr().out
-    for word in ("load", "prefill", "decode", "peak RSS", "of the sgemm limit", "of the bandwidth limit",
-                 "read bandwidth", "GFLOP/s"):
+    for word in ("load", "prefill", "decode", "peak RSS", "of the sgemm limit", "of the read bandwidth",
+                 "of the matrix-vector rate", "read bandwidth", "float32 matrix-vector", "GFLOP/s", "threads"):
         assert word in out, f"{word!r} missing from:\n{out}"
 
 
@@ -121,6 +126,8 @@ def test_bench_report_names_every_figure(tiny_checkpoint, capsys):
     (["--prompt", "0"], "--prompt: prompt_tokens must be at least 1"),
     (["--runs", "0"], "--runs: runs must be at least 1"),
     (["--prompt", "60", "--new", "10"], "exceeds the model's context of 64"),
+    (["-t", "0"], "-t/--threads: takes a number of threads >= 1, got '0'"),
+    (["--threads", "two"], "-t/--threads: takes a number of threads >= 1, got 'two'"),
 ])
 def test_bench_flags_out_of_range_are_clear_errors(tiny_checkpoint, capsys, flags, message):
     path, _, _ = tiny_checkpoint

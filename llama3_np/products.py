@@ -1,0 +1,346 @@
+"""The weight products x · wᵀ of `model.linear`, on threads llama3_np owns.
+
+`model.linear` is the equation; this module is how it is computed fast on a CPU, and nothing
+here changes its value beyond the order of a sum:
+
+- **Blocks of rows.** A weight [n_out, n_in] is cut into blocks of whole rows, and each block's
+  product x · blockᵀ fills its own columns of the output. A bfloat16 (or float16) block is first
+  converted into a float32 buffer the thread reuses for every block (the conversion is exact),
+  then multiplied while it is still in the CPU cache: a model kept in bfloat16 reads 2 bytes per
+  weight from memory and never holds, nor allocates per token, a float32 copy of a matrix.
+- **Threads.** `get_threads()` threads share the blocks of one product: the calling thread and
+  `get_threads() - 1` workers of a pool, each taking the next block not yet taken until none is
+  left. A thread slowed by another process on its core simply takes fewer blocks, so a busy
+  machine slows a product in proportion to the CPU time it leaves, rather than making threads wait
+  for each other. Products too small to pay for waking a worker run on the calling thread alone.
+- **BLAS on one thread.** NumPy's OpenBLAS would otherwise start threads of its own inside every
+  block; two pools on the same cores wait on each other (OpenBLAS's threads spin while they wait,
+  and collapse when another process holds a core). So the first product, or `set_threads`, holds
+  OpenBLAS to one thread (`hold_blas_to_one_thread`).
+
+What a Python user of llama3_np gets: `forward` and everything built on it compute on one thread
+per core available to the process, unless `set_threads(n)` says otherwise; from llama3_np's first
+product on, NumPy's OpenBLAS runs on one thread for the whole process, including the user's own
+NumPy products (`blas_threads()` tells, `openblas_set_num_threads` through the same library
+restores it). With a BLAS other than OpenBLAS, llama3_np cannot hold it and it may use threads of
+its own: set its variable (MKL_NUM_THREADS=1, ...) before NumPy is imported.
+
+The block sizes and the smallest product worth splitting were chosen from measurements on the
+default model's and the Llama 3.2 1B shape's matrices (BENCHMARKS.md, "Threads and blocks").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .errors import Llama3Error
+
+# A bfloat16 block is converted into a float32 buffer of at most this many bytes: small enough that
+# a buffer per thread stays in the last-level cache until it is multiplied, large enough that the
+# Python work per block stays small beside the conversion.
+CONVERT_BLOCK_BYTES = 4 << 20
+# A float32 weight is multiplied in blocks of at most this many bytes: enough blocks per large
+# product for the threads to share it unevenly when one of them is slowed, few enough to cost little.
+FLOAT32_BLOCK_BYTES = 4 << 20
+# Below this many multiply-adds (tokens × n_out × n_in), about 1 ms of work on one thread, a product
+# runs on the calling thread alone: handing a block to a worker costs some 25 µs (its wake-up and
+# the GIL), and splitting the default model's decode products (0.1 to 0.3 ms each) made whole
+# decode steps no faster than one thread.
+SPLIT_MIN_MACS = 1 << 22
+
+
+def conversion_rows(n_out: int, n_in: int) -> int:
+    """How many rows of an [n_out, n_in] low-precision matrix one thread converts at a time."""
+    return min(n_out, max(1, CONVERT_BLOCK_BYTES // (4 * n_in)))
+
+
+def conversion_buffer_bytes(shapes, threads: Optional[int] = None) -> int:
+    """The float32 bytes bfloat16 residency's conversion buffers grow to, for products with
+    low-precision weights of these [n_out, n_in] shapes on `threads` threads (default: the current
+    setting): each thread keeps the largest block it has converted, and a prefill splits every
+    product over all threads."""
+    threads = threads or _threads
+    largest = max(block_rows(SPLIT_MIN_MACS, n_out, n_in, True, threads) * n_in * 4 for n_out, n_in in shapes)
+    return threads * largest
+
+
+def default_threads() -> int:
+    """One thread per core this process may run on (its CPU affinity, else the CPU count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenBLAS held to one thread
+
+
+class _OpenBLAS:
+    """The OpenBLAS that NumPy loaded, reached through ctypes, or None where it cannot be found.
+
+    Why not OPENBLAS_NUM_THREADS: OpenBLAS reads it once, when NumPy is first imported, and a
+    library is often imported after NumPy (a user's script, pytest, the `llama3-np` entry point,
+    which imports the package and with it NumPy before any of its own code runs); an environment
+    variable would also leak into every child process. Why not threadpoolctl: it would be a
+    run-time dependency for two function calls.
+
+    How: NumPy's wheels bundle OpenBLAS as a private library (scipy-openblas, in `numpy.libs/`)
+    loaded without exporting its symbols, so it is found by file name among the libraries mapped
+    into this process (/proc/self/maps on Linux; else in NumPy's bundled-library folders), opened
+    again by path (which returns the handle already loaded), and its thread setter is called.
+    The bundled build renames its symbols (`scipy_openblas_set_num_threads64_`); system builds
+    keep `openblas_set_num_threads`. Every spelling is tried.
+    """
+
+    SPELLINGS = [(prefix, suffix) for prefix in ("", "scipy_") for suffix in ("", "64_", "_64")]
+
+    def __init__(self, path: str, lib: ctypes.CDLL, set_threads, get_threads):
+        self.path, self._lib, self._set, self._get = path, lib, set_threads, get_threads
+
+    def set_threads(self, n: int) -> None:
+        self._set(int(n))
+
+    def get_threads(self) -> int:
+        return int(self._get())
+
+    @classmethod
+    def find(cls) -> Optional["_OpenBLAS"]:
+        for path in cls._candidate_paths():
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for prefix, suffix in cls.SPELLINGS:
+                setter = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+                getter = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+                if setter is not None and getter is not None:
+                    setter.argtypes, setter.restype = [ctypes.c_int], None
+                    getter.argtypes, getter.restype = [], ctypes.c_int
+                    return cls(path, lib, setter, getter)
+        return None
+
+    @staticmethod
+    def _candidate_paths() -> list[str]:
+        paths = []
+        try:
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    path = line.split(maxsplit=5)[-1].strip()
+                    if "openblas" in Path(path).name.lower() and path not in paths:
+                        paths.append(path)
+        except OSError:  # not Linux
+            pass
+        numpy_dir = Path(np.__file__).parent
+        for folder in (numpy_dir.parent / "numpy.libs", numpy_dir / ".dylibs"):
+            if folder.is_dir():
+                paths += [str(p) for p in sorted(folder.iterdir()) if "openblas" in p.name.lower()]
+        return paths
+
+
+_openblas: Optional[_OpenBLAS] = None
+_openblas_searched = False
+_blas_held = False  # set by the first product, or by set_threads
+
+
+def _find_openblas() -> Optional[_OpenBLAS]:
+    global _openblas, _openblas_searched
+    if not _openblas_searched:
+        _openblas, _openblas_searched = _OpenBLAS.find(), True
+    return _openblas
+
+
+def hold_blas_to_one_thread() -> bool:
+    """Set NumPy's OpenBLAS to one thread for the rest of the process (llama3_np's threads do
+    the parallel work). True when it is held, False when no OpenBLAS was found."""
+    global _blas_held
+    _blas_held = True
+    blas = _find_openblas()
+    if blas is None:
+        return False
+    if blas.get_threads() != 1:
+        blas.set_threads(1)
+    return True
+
+
+def blas_threads() -> Optional[int]:
+    """The number of threads NumPy's OpenBLAS uses now, None when no OpenBLAS was found."""
+    blas = _find_openblas()
+    return None if blas is None else blas.get_threads()
+
+
+# ---------------------------------------------------------------------------------------------
+# The thread pool
+
+
+class _Job:
+    """`n` tasks `task(i)` shared by whichever threads call `run`, each taking the next index
+    not yet taken; `wait` returns once every task taken has finished."""
+
+    def __init__(self, task: Callable[[int], None], n: int):
+        self.task, self.n = task, n
+        self._taken = itertools.count()  # next() on a C iterator is atomic under the GIL
+        self._finished = itertools.count(1)
+        self._all_done = threading.Lock()
+        self._all_done.acquire()  # released by the thread that finishes the last task
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        while (i := next(self._taken)) < self.n:
+            try:
+                self.task(i)
+            except BaseException as e:  # handed to the caller, which re-raises it
+                self.error = self.error or e
+            if next(self._finished) == self.n:
+                self._all_done.release()
+
+    def wait(self) -> None:
+        self._all_done.acquire()
+        if self.error is not None:
+            raise self.error
+
+
+class ThreadPool:
+    """The calling thread and `size - 1` daemon workers that sleep until a job arrives."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._inboxes: list[queue.SimpleQueue] = []
+        for k in range(1, size):
+            inbox: queue.SimpleQueue = queue.SimpleQueue()
+            threading.Thread(target=self._work, args=(inbox,), name=f"llama3_np-{k}", daemon=True).start()
+            self._inboxes.append(inbox)
+
+    @staticmethod
+    def _work(inbox: queue.SimpleQueue) -> None:
+        while (job := inbox.get()) is not None:
+            job.run()
+
+    def run(self, task: Callable[[int], None], n: int, threads: int) -> None:
+        """task(0), ..., task(n - 1) on up to `threads` threads, the calling one included."""
+        job = _Job(task, n)
+        for inbox in self._inboxes[:threads - 1]:
+            inbox.put(job)
+        job.run()
+        job.wait()
+
+    def close(self) -> None:
+        for inbox in self._inboxes:
+            inbox.put(None)
+        self._inboxes = []
+
+
+_threads = default_threads()
+_pool: Optional[ThreadPool] = None
+_pool_lock = threading.Lock()
+
+
+def set_threads(n: int) -> None:
+    """Compute llama3_np's products on `n` threads (the calling one included) from now on, and
+    hold NumPy's OpenBLAS to one thread. Raises Llama3Error when n < 1."""
+    global _threads, _pool
+    if int(n) != n or n < 1:
+        raise Llama3Error(f"threads must be an integer >= 1, got {n}")
+    with _pool_lock:
+        _threads = int(n)
+        if _pool is not None and _pool.size != _threads:
+            _pool.close()
+            _pool = None
+    hold_blas_to_one_thread()
+
+
+def get_threads() -> int:
+    """How many threads llama3_np's products run on."""
+    return _threads
+
+
+def _get_pool() -> ThreadPool:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool.size != _threads:
+            _pool = ThreadPool(_threads)
+        return _pool
+
+
+def parallel(task: Callable[[int], None], n: int, threads: Optional[int] = None) -> None:
+    """task(0), ..., task(n - 1) on llama3_np's threads (at most `threads` of them): independent
+    tasks (each writes its own output), in no particular order, all finished when this returns."""
+    if not _blas_held:
+        hold_blas_to_one_thread()
+    threads = min(threads or _threads, _threads, n)
+    if threads == 1:
+        for i in range(n):
+            task(i)
+    else:
+        _get_pool().run(task, n, threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# The products
+
+_buffers = threading.local()
+
+
+def _conversion_buffer(size: int) -> np.ndarray:
+    """This thread's float32 conversion buffer, of at least `size` elements, reused across calls
+    (it grows to the largest block the thread has converted)."""
+    buf = getattr(_buffers, "block", None)
+    if buf is None or buf.size < size:
+        buf = _buffers.block = np.empty(size, dtype=np.float32)
+    return buf
+
+
+def block_rows(T: int, n_out: int, n_in: int, low_precision: bool, threads: int) -> int:
+    """Rows per block of an [n_out, n_in] weight multiplied by T tokens on `threads` threads
+    (n_out when the product runs whole, on the calling thread)."""
+    if low_precision:
+        rows = conversion_rows(n_out, n_in)
+    else:
+        rows = n_out if threads == 1 else max(1, FLOAT32_BLOCK_BYTES // (4 * n_in))
+    if threads > 1 and T * n_out * n_in >= SPLIT_MIN_MACS:
+        rows = min(rows, -(-n_out // threads))  # at least one block per thread
+    return min(rows, n_out)
+
+
+def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_in] -> [T, n_out]
+    """x · wᵀ in float32 for a float32, bfloat16 or float16 weight w, on llama3_np's threads.
+
+    Equals float32 `x @ w.astype(np.float32).T` up to the order of each dot product's sum (the
+    conversion is exact; the blocks split rows, never a sum). x must be float32.
+    """
+    T, n_in = x.shape
+    n_out = w.shape[0]
+    low_precision = w.dtype != np.float32
+    threads = _threads if T * n_out * n_in >= SPLIT_MIN_MACS else 1
+    if not low_precision and threads == 1:
+        if not _blas_held:
+            hold_blas_to_one_thread()
+        return x @ w.T
+    rows = block_rows(T, n_out, n_in, low_precision, threads)
+    out = np.empty((T, n_out), dtype=np.float32)
+
+    def product(i: int) -> None:
+        start = i * rows
+        stop = min(start + rows, n_out)
+        if low_precision:
+            block = _conversion_buffer(rows * n_in)[:(stop - start) * n_in].reshape(stop - start, n_in)
+            np.copyto(block, w[start:stop])
+        else:
+            block = w[start:stop]
+        # np.dot lets other threads run during its BLAS call; np.matmul does only when the output
+        # has more than 500 elements, as a prefill's does, never a decode step's blocks.
+        if T == 1:
+            np.dot(block, x[0], out=out[0, start:stop])
+        else:
+            np.matmul(x, block.T, out=out[:, start:stop])
+
+    parallel(product, -(-n_out // rows), threads)
+    return out
