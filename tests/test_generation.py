@@ -44,12 +44,12 @@ def test_stops_at_a_stop_token_and_keeps_it(model):
     assert out.text_ids == expected[:first]
 
 
-def test_reaching_the_context_stops_with_length(model):
+def test_reaching_the_context_stops_with_context(model):
     weights, config = model
     session = Session(weights, config, ctx=len(PROMPT) + 3)
     out = session.generate(PROMPT, GREEDY, np.random.default_rng(0), max_new=-1).run()
     # 3 free slots: 3 generated tokens are fed back, a 4th comes from the last slot's logits.
-    assert out.stop_reason == "length" and len(out.ids) == 4
+    assert out.stop_reason == "context" and len(out.ids) == 4
     assert session.cache.length == session.ctx
 
 
@@ -134,7 +134,7 @@ def test_after_a_full_context_the_cache_holds_every_slot_it_claims(model):
     weights, config = model
     session = Session(weights, config, ctx=len(PROMPT) + 3)
     out = session.generate(PROMPT, GREEDY, np.random.default_rng(0), -1).run()
-    assert out.stop_reason == "length" and session.history == PROMPT + out.ids[:3] and out.unfed_ids == out.ids[3:]
+    assert out.stop_reason == "context" and session.history == PROMPT + out.ids[:3] and out.unfed_ids == out.ids[3:]
     session.rollback(session.ctx - 2)  # make room: what is left is still what history says
     assert_next_turn_matches_a_fresh_session(session, FOLLOW[:2])
 

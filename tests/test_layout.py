@@ -65,11 +65,11 @@ def requirements(cfg: configparser.ConfigParser, key: str, section: str = "optio
 
 def test_install_requires_is_what_the_package_imports():
     """Run-time requirements are exactly the third-party modules the package imports; an optional
-    extra (`viz`: matplotlib, for the walkthrough's pictures) is imported only inside the function
-    that needs it, so that the package runs without it."""
+    extra (`viz`: matplotlib, for the walkthrough's pictures; `gguf`, for GGUF files) is imported
+    only inside the function that needs it, so that the package runs without it."""
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
-    optional = requirements(cfg, "viz", "options.extras_require")
+    optional = requirements(cfg, "viz", "options.extras_require") | requirements(cfg, "gguf", "options.extras_require")
     imported = {DISTRIBUTIONS.get(m, m) for m in set().union(*(imports(m)[1] for m in MODULES))}
     assert imported - optional == requirements(cfg, "install_requires")
     for m, path in MODULES.items():
@@ -250,4 +250,4 @@ def test_design_lists_the_commands_the_command_line_has():
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     listed = re.search(r"has them: (.*?) \(README", DESIGN.read_text(), re.S).group(1)
-    assert re.findall(r"`([a-z]+)`", listed) == list(sub.choices)
+    assert re.findall(r"`([a-z-]+)`", listed) == list(sub.choices)

@@ -23,16 +23,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from llama3_np.assets import LLAMA3_TOKENIZER
+from llama3_np.assets import llama3_tokenizer_path
 from llama3_np.formats.checkpoint import expected_shapes, load_checkpoint, save_hf_checkpoint
 from llama3_np.config import from_meta_params
 from llama3_np.generation import end_of_generation_ids
+from llama3_np.formats.gguf_import import import_gguf
 from llama3_np.text.tokenizer import load_tokenizer
 from tests.checkpoint_builders import write_meta
 from tests.xcheck.test_dump import assert_one_line_error, run_cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import import_gguf  # noqa: E402
 import make_checkpoint_fixtures as fixtures  # noqa: E402
 
 END_TOKENS = ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]
@@ -78,11 +78,12 @@ def end_ids(names_to_ids) -> dict[int, int]:
 def folders(tmp_path_factory) -> dict[str, Path]:
     """The same kind of model as a Hugging Face folder and a Meta folder (Llama 3's tokenizer.model,
     128,256 tokens) and as an imported GGUF (a 128-token vocabulary with Llama 3's special tokens)."""
-    assert LLAMA3_TOKENIZER.is_file(), f"{LLAMA3_TOKENIZER} is missing: run `python tools/fetch_tokenizer.py`"
+    llama3 = llama3_tokenizer_path()
+    assert llama3.is_file(), f"{llama3} is missing: run `python tools/fetch_tokenizer.py`"
     root = tmp_path_factory.mktemp("stop")
-    special = load_tokenizer(LLAMA3_TOKENIZER).special_tokens
+    special = load_tokenizer(llama3).special_tokens
     config = from_meta_params(params(128256))
-    ends = end_ids(special) | {DECLARED_ONLY_TRIGGER: DECLARED_ONLY, header_end(LLAMA3_TOKENIZER): special["<|eom_id|>"]}
+    ends = end_ids(special) | {DECLARED_ONLY_TRIGGER: DECLARED_ONLY, header_end(llama3): special["<|eom_id|>"]}
     weights = emitting_weights(config, ends)
 
     # An instruct-style Hugging Face folder: config.json names <|eot_id|> only; generation_config.json
@@ -91,10 +92,10 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     save_hf_checkpoint(hf, config, weights, extra_config={"bos_token_id": 128000, "eos_token_id": 128009})
     (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": [128009, DECLARED_ONLY]}))
     (hf / "original").mkdir()
-    shutil.copy(LLAMA3_TOKENIZER, hf / "original" / "tokenizer.model")
+    shutil.copy(llama3, hf / "original" / "tokenizer.model")
 
     meta = write_meta(root / "meta", weights, params=params(128256))
-    shutil.copy(LLAMA3_TOKENIZER, meta / "tokenizer.model")
+    shutil.copy(llama3, meta / "tokenizer.model")
 
     # A GGUF whose metadata names only eos = <|eot_id|> (as Llama 3 instruct GGUFs often do).
     tokens = fixtures.byte_level_alphabet()[:fixtures.BYTES] + [m.replace(" ", "") for m in fixtures.MERGES] \
@@ -105,7 +106,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
         fixtures.byte_level_alphabet().index("Ċ"): tokens.index("<|eom_id|>")}  # "\n\n" is "Ċ" "Ċ" here
     fixtures.write_gguf(gguf_path, small, emitting_weights(small, ends),
                         fixtures.gguf.GGMLQuantizationType.F32, "llama-bpe", specials=GGUF_SPECIALS)
-    gguf = import_gguf.import_gguf(gguf_path, root / "gguf")
+    gguf = import_gguf(gguf_path, root / "gguf")
     assert header_end(gguf) == fixtures.byte_level_alphabet().index("Ċ")
     return {"hf": hf, "meta": meta, "gguf": gguf}
 
@@ -171,8 +172,8 @@ def test_chat_stops_at_the_same_tokens_and_keeps_eom_in_the_dialog(capsys, folde
                         lambda self, ids, *a, **k: fed.append(list(ids)) or real_generate(self, ids, *a, **k))
     code, _, err = run_cli_stdin(capsys, "hi\nagain\n", "chat", "-m", folder)
     assert code == 0, err
-    stats = [line for line in err.splitlines() if line.startswith("load ")]
-    assert len(stats) == 2 and all(line.endswith("stop: stop") for line in stats), err
+    stats = [line for line in err.splitlines() if line.startswith("prompt ")]
+    assert len(stats) == 2 and all(line.endswith("stop: stop token") for line in stats), err
     assert len(fed) == 2 and fed[1][0] == eom
     if fmt != "gguf":  # Llama 3's own vocabulary
         reference = json.loads((Path(__file__).parent / "fixtures" / "tokenizer" / "llama3_turns.json").read_text())

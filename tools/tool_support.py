@@ -1,6 +1,8 @@
 """What the tools/ scripts share: llama3_np importable from this checkout (tools run from a
-checkout, not from an installed package), and user errors as one line on stderr with exit status 2."""
+checkout, not from an installed package), the checkout's weights/ as the asset cache (unless
+LLAMA3_NP_CACHE names another), and user errors as one line on stderr with exit status 2."""
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -8,6 +10,7 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+os.environ.setdefault("LLAMA3_NP_CACHE", str(REPO / "weights"))
 
 from llama3_np.cli.common import error_message  # noqa: E402
 from llama3_np.errors import Llama3Error  # noqa: E402

@@ -14,12 +14,12 @@ import sys
 
 from .. import __version__
 from ..errors import Llama3Error
-from . import bench, chat, compare, dump, generate, inspect, perplexity, trace, walkthrough
+from . import bench, chat, compare, dump, generate, import_gguf, inspect, perplexity, tokenize, trace, walkthrough
 from ..products import set_threads
 from .common import error_message
 
 # The commands, in the order --help lists them.
-COMMANDS = (generate, chat, inspect, dump, compare, trace, walkthrough, perplexity, bench)
+COMMANDS = (generate, chat, inspect, dump, compare, trace, walkthrough, perplexity, bench, tokenize, import_gguf)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:
+            # Flags that belong to no command's parser: point to the help of the command given.
+            prog = "llama3-np" + (f" {args.command}" if args.command else "")
+            raise Llama3Error(f"{prog}: unrecognized arguments: {' '.join(unknown)} (see '{prog} --help')")
         if getattr(args, "func", None) is None:
             raise Llama3Error("no command given (see 'llama3-np --help')")
         if getattr(args, "threads", None) is not None:  # -t/--threads, on every command that computes

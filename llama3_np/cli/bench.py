@@ -12,7 +12,10 @@ from .common import add_model_args, model_dir
 
 
 def add_command(sub) -> None:
-    b = sub.add_parser("bench", help="measure load, prefill and decode speed against this machine's limits")
+    b = sub.add_parser("bench", help="measure load, prefill and decode speed against this machine's limits",
+                       description="Measure load time, prefill and decode speed and peak memory, each speed as a "
+                                   "fraction of this machine's read bandwidth and sgemm rate, measured in the same "
+                                   "process.")
     add_model_args(b)
     b.add_argument("--prompt", type=int, default=512, metavar="N", help="prompt tokens (default 512)")
     b.add_argument("--new", type=int, default=128, metavar="N", help="tokens to generate (default 128)")

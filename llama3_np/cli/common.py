@@ -1,6 +1,6 @@
 """What the commands share: the flags they have in common, reading a prompt, loading the model of
 `-m`, the table that turns a library parameter's name into the flag that sets it, streaming text,
-and what Ctrl-C means during a generation (`consume`).
+what Ctrl-C means during a generation (`consume`), and the statistics line.
 
 This module defines no command; every command module imports it and the library, never another
 command.
@@ -9,7 +9,9 @@ command.
 from __future__ import annotations
 
 import argparse
+import codecs
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -19,9 +21,10 @@ from .. import assets, products
 from ..checks import token_ids
 from ..config import ModelConfig
 from ..errors import Llama3Error, ParameterError
-from ..generation import Generation, Step
+from ..generation import PREFILL_CHUNK, REPEAT_LAST_N, Generation, Session, Step
 from ..load import DEFAULT_CTX, LoadedModel, load_model
 from ..sampling import DEFAULT_SAMPLERS, SAMPLER_ORDERS, SamplingParams, parse_samplers
+from ..text.pieces import format_pieces, pieces
 from ..text.tokenizer import StreamDecoder
 from ..xcheck.bench import peak_rss_mb
 from ..xcheck.dump import Inputs, config_differences, describe_differences, read_dump
@@ -30,10 +33,10 @@ from ..xcheck.dump import Inputs, config_differences, describe_differences, read
 # the flag in front.
 FLAGS = {
     "temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
-    "repeat_penalty": "--repeat-penalty", "max_new": "-n", "ctx": "--ctx", "stages": "--stages",
-    "nmse_tol": "--tol", "rel_tol": "--rel-tol", "batch": "--batch", "chunks": "--chunks",
+    "repeat_penalty": "--repeat-penalty", "max_new": "-n", "ctx": "--ctx-size", "stages": "--stages",
+    "nmse_tol": "--tol", "rel_tol": "--rel-tol", "batch": "--batch-size", "chunks": "--chunks",
     "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
-    "layers": "--layers", "samplers": "--samplers",
+    "layers": "--layers", "samplers": "--samplers", "repeat_last_n": "--repeat-last-n",
 }
 
 
@@ -62,7 +65,7 @@ def thread_count(text: str) -> int:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The flags of every command that loads a model and computes with it."""
     p.add_argument("-m", "--model", metavar="DIR",
-                   help="checkpoint folder (Hugging Face or Meta format); default: the embedded default model")
+                   help="checkpoint folder (Hugging Face or Meta format) or .gguf file; default: the default model")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="weight residency: float32 (fast) or bfloat16 (half the memory)")
     p.add_argument("--rope-factor", type=float, metavar="F",
@@ -80,15 +83,19 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
     p.add_argument("--min-p", type=float, default=d.min_p, help=f"0 = off (default {d.min_p})")
     p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty,
-                   help=f"penalty on the last 64 tokens; 1 = off (default {d.repeat_penalty})")
+                   help=f"penalty on the last --repeat-last-n tokens; 1 = off (default {d.repeat_penalty})")
+    p.add_argument("--repeat-last-n", type=int, default=REPEAT_LAST_N, metavar="N",
+                   help=f"how many recent tokens the repeat penalty looks at; 0 = off, -1 = the whole context "
+                        f"(default {REPEAT_LAST_N})")
     orders = ", ".join(f"{name} = {';'.join(order)}" for name, order in SAMPLER_ORDERS.items())
     p.add_argument("--samplers", default=";".join(DEFAULT_SAMPLERS), metavar="SAMPLERS",
                    help="the samplers to apply, in order, separated by ';', with llama.cpp's names (penalties, "
                         "top_k, top_p, min_p, temperature); a sampler left out is not applied. Or an order by "
                         f"name: {orders}. Each filter acts on the renormalised survivors of the one before "
                         "(default: llama.cpp's order)")
-    p.add_argument("--seed", type=int, help="random seed (default: a random one, printed with the statistics)")
-    p.add_argument("--ctx", type=int, metavar="N",
+    p.add_argument("-s", "--seed", type=int, default=-1,
+                   help="random seed; -1 = a random one, printed with the statistics (default -1)")
+    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
                    help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
     p.add_argument("--ignore-eos", action="store_true",
                    help="never draw an end-of-generation token (their logits become -inf, as in llama.cpp): "
@@ -99,7 +106,7 @@ def add_input_args(p: argparse.ArgumentParser, what: str) -> None:
     """-p/-f/--tokens/--like and --pos: the tokens of one forward pass (dump, trace)."""
     src = p.add_mutually_exclusive_group()
     src.add_argument("-p", "--prompt", help="text to run (tokenized as the model's tokenizer does)")
-    src.add_argument("-f", "--file", help="read the text from a UTF-8 file")
+    src.add_argument("-f", "--file", help="read the text from a UTF-8 file (- for standard input)")
     src.add_argument("--tokens", help="comma-separated token ids (no tokenizer needed)")
     src.add_argument("--like", metavar="DUMP",
                      help=f"{what} the tokens, positions and KV-cache context recorded in another dump file "
@@ -108,14 +115,18 @@ def add_input_args(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def sampling_params(args) -> SamplingParams:
+    if args.repeat_last_n < -1:  # the session is made after the model loads: say it now
+        raise Llama3Error(f"--repeat-last-n must be >= 0 (0 = off), or -1 for the whole context, "
+                          f"got {args.repeat_last_n}")
     return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repeat_penalty=args.repeat_penalty, samplers=parse_samplers(args.samplers))
 
 
 def seeded_rng(args) -> tuple[int, np.random.Generator]:
-    seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**32)
-    if seed < 0:
-        raise Llama3Error(f"--seed must be >= 0, got {seed}")
+    """The seed (-1, as in llama.cpp: a random one) and its generator."""
+    if args.seed < -1:
+        raise Llama3Error(f"--seed must be >= 0, or -1 for a random seed, got {args.seed}")
+    seed = args.seed if args.seed != -1 else int(np.random.SeedSequence().entropy % 2**32)
     return seed, np.random.default_rng(seed)
 
 
@@ -124,36 +135,46 @@ def seeded_rng(args) -> tuple[int, np.random.Generator]:
 
 
 def model_dir(arg: Optional[str]) -> Path:
-    """The checkpoint folder named by -m, or the embedded default model when -m is not given."""
-    if arg is not None:
-        path = Path(arg)
-        if not path.exists():
-            raise Llama3Error(f"model folder {arg} does not exist: pass -m the folder of a Llama 3 "
-                              "checkpoint (Hugging Face or Meta format)")
-        return path
-    return assets.default_model_dir()
+    """The checkpoint folder of -m (a .gguf file: imported into the cache once), or the default model."""
+    if arg is not None and not Path(arg).exists():
+        raise Llama3Error(f"model {arg} does not exist: pass -m the folder of a Llama 3 checkpoint "
+                          "(Hugging Face or Meta format) or a .gguf file")
+    return assets.model_dir(arg)
 
 
 def load(args, need_tokenizer: bool) -> LoadedModel:
-    """The model of -m, --dtype and --rope-factor."""
+    """The model of -m, --dtype and --rope-factor; a -c/--ctx-size beyond its trained context
+    is refused before its weights are read."""
     return load_model(model_dir(args.model), dtype=args.dtype, rope_factor=args.rope_factor,
-                      need_tokenizer=need_tokenizer)
+                      need_tokenizer=need_tokenizer, ctx=getattr(args, "ctx", None))
+
+
+def read_text_file(name: str, what: str = "prompt file") -> str:
+    """The UTF-8 text of file `name` ("-": standard input, as in llama.cpp) without a leading
+    byte-order mark: editors on Windows write one, and it would become three tokens of the prompt."""
+    if name == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        path = Path(name)
+        if not path.exists():
+            raise Llama3Error(f"{what} {name} does not exist: pass -f the path of a UTF-8 text file "
+                              "(or - for standard input)")
+        if path.is_dir():
+            raise Llama3Error(f"{what} {name} is a folder: pass -f the path of a UTF-8 text file")
+        data = path.read_bytes()  # a regular file, or a pipe such as -f <(command)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Llama3Error(f"{what} {name} is not UTF-8 text (byte 0x{data[e.start]:02x} "
+                          f"at offset {e.start}): convert it to UTF-8") from None
+    return text[1:] if data.startswith(codecs.BOM_UTF8) else text
 
 
 def read_prompt(args) -> Optional[str]:
-    if args.file is not None:
-        path = Path(args.file)
-        if not path.exists():
-            raise Llama3Error(f"prompt file {args.file} does not exist: pass -f the path of a UTF-8 text file")
-        if path.is_dir():
-            raise Llama3Error(f"prompt file {args.file} is a folder: pass -f the path of a UTF-8 text file")
-        data = path.read_bytes()  # a regular file, or a pipe such as -f <(command)
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise Llama3Error(f"prompt file {args.file} is not UTF-8 text (byte 0x{data[e.start]:02x} "
-                              f"at offset {e.start}): convert it to UTF-8") from None
-    return args.prompt
+    """The text of -f (when given) or -p; None when neither was given."""
+    if getattr(args, "file", None) is not None:
+        return read_text_file(args.file)
+    return getattr(args, "prompt", None)
 
 
 def parse_token_ids(text: str, vocab_size: int) -> list[int]:
@@ -216,12 +237,30 @@ def resolve_inputs(args, config: ModelConfig, encode: Optional[Callable[[str], l
 # Output
 
 
-def stats_line(loaded: LoadedModel, out: Generation, seed: int) -> str:
-    return (f"load {loaded.load_seconds:.2f} s | prompt {len(out.prompt_ids)} tokens, "
-            f"{out.prefill_tokens_per_second:.1f} tok/s | generated {len(out.ids)} tokens, "
-            f"{out.decode_tokens_per_second:.1f} tok/s | {products.get_threads()} threads | "
-            f"peak RSS {peak_rss_mb():.0f} MB | "
-            f"seed {seed} | stop: {out.stop_reason}")
+def plural(n: int, noun: str) -> str:
+    """`n noun` with an "s" unless n is 1 (every noun the command line counts takes a plain "s")."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+# How the statistics line says why generation ended (Generation.stop_reason).
+STOP_REASONS = {"stop": "stop token", "length": "-n limit", "context": "context full", "interrupted": "interrupted"}
+
+
+def stats_line(loaded: Optional[LoadedModel], out: Generation, seed: Optional[int]) -> str:
+    """load time (None: not shown), prompt and generated counts and speeds, peak RSS, the seed
+    (None for greedy runs, where it changes nothing) and why generation stopped."""
+    parts = [f"load {loaded.load_seconds:.2f} s"] if loaded is not None else []
+    parts += [f"prompt {plural(len(out.prompt_ids), 'token')}, {out.prefill_tokens_per_second:.1f} tok/s",
+              f"generated {plural(len(out.ids), 'token')}, {out.decode_tokens_per_second:.1f} tok/s",
+              plural(products.get_threads(), "thread"), f"peak RSS {peak_rss_mb():.0f} MB"]
+    parts += [f"seed {seed}"] if seed is not None else []
+    return " | ".join(parts + [f"stop: {STOP_REASONS.get(out.stop_reason, out.stop_reason)}"])
+
+
+def verbose_prompt(tokenizer, prompt: list[int]) -> str:
+    """--verbose-prompt: the prompt's token count, then one `id -> 'piece'` line per token."""
+    lines = format_pieces(pieces(tokenizer, prompt)) if tokenizer is not None else " ".join(map(str, prompt))
+    return f"prompt: {plural(len(prompt), 'token')}\n{lines}"
 
 
 class Printer:
@@ -243,8 +282,62 @@ class Printer:
             self.stream.write(text.encode("utf-8"))
             self.stream.flush()
 
+    def echo(self, prompt: list[int]) -> None:
+        """Print the prompt as the model reads it (special tokens by name), without the BOS the
+        tokenizer adds."""
+        tok = self.tokenizer
+        if tok is not None and tok.add_bos and prompt[:1] == [tok.bos_id]:
+            prompt = prompt[1:]
+        self.write(tok.decode(prompt) if tok is not None else "".join(f"{i} " for i in prompt))
+
     def finish(self) -> None:
         self.write((self.decoder.flush() if self.decoder else "") + "\n")
+
+
+# A progress line on stderr is shown once a prefill has run for this long.
+PROGRESS_AFTER_SECONDS = 1.0
+
+
+class ProgressLine:
+    """One line on stderr, redrawn in place and wiped at the end; on a terminal only (a log file
+    or a pipe gets no control characters), and only once the work has run for a while."""
+
+    def __init__(self, label: str, stream=None):
+        self.label, self.stream = label, stream or sys.stderr
+        self.on = self.stream.isatty()
+        self.start = time.perf_counter()
+        self.width = 0
+
+    def update(self, done: int, total: int) -> None:
+        if not self.on or time.perf_counter() - self.start <= PROGRESS_AFTER_SECONDS:
+            return
+        line = f"{self.label} {done}/{total} tokens ({100 * done / total:.0f}%)"
+        self.width = max(self.width, len(line))
+        self.stream.write("\r" + line.ljust(self.width))
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
+
+class ProgressSession(Session):
+    """A Session that shows a progress line on stderr (a terminal only) while a long prompt is fed."""
+
+    def feed(self, ids) -> np.ndarray:  # [T] -> [V]
+        ids = list(ids)
+        if len(ids) <= PREFILL_CHUNK:
+            return super().feed(ids)
+        progress = ProgressLine("prefill")
+        try:
+            for start in range(0, len(ids), PREFILL_CHUNK):
+                logits = super().feed(ids[start:start + PREFILL_CHUNK])
+                progress.update(min(start + PREFILL_CHUNK, len(ids)), len(ids))
+        finally:
+            progress.clear()
+        return logits
 
 
 def consume(generation: Generation, on_step) -> Generation:

@@ -27,6 +27,8 @@ def add_command(sub) -> None:
 
 def run(args) -> int:
     output = Path(args.output)
+    if output.suffix != ".safetensors":
+        raise Llama3Error(f"-o {args.output}: a dump is a safetensors file; name it FILE.safetensors")
     if not output.parent.is_dir():
         raise Llama3Error(f"-o {args.output}: folder {output.parent} does not exist")
     loaded, inputs = load_with_inputs(args)

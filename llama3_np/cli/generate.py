@@ -1,6 +1,8 @@
 """`llama3-np generate`: text from a checkpoint, streamed as it is produced.
 
-Text goes to stdout, statistics (load time, prefill and decode speed, peak memory, seed) to stderr.
+Text goes to stdout, statistics (load time, prefill and decode speed, peak memory, the seed of a
+sampled run, why it stopped) to stderr. `--verbose-prompt` first shows the prompt's tokens, `--echo`
+prints the prompt before its continuation.
 `--explain` prints, instead of the text, what each generated token was drawn from: the same
 per-step records (`generation.Step`) the text is printed from.
 """
@@ -13,25 +15,31 @@ import sys
 import numpy as np
 
 from ..errors import Llama3Error
-from ..generation import Session, Step
+from ..generation import Step
 from ..products import get_threads
 from ..sampling import SamplingParams, sampling_probs
 from ..xcheck.bench import peak_rss_mb
-from .common import (Printer, add_model_args, add_sampling_args, consume, load, parse_token_ids, read_prompt,
-                     sampling_params, seeded_rng, stats_line)
+from .common import (Printer, ProgressSession, add_model_args, add_sampling_args, consume, load, parse_token_ids,
+                     read_prompt, sampling_params, seeded_rng, stats_line, verbose_prompt)
 
 
 def add_command(sub) -> None:
-    g = sub.add_parser("generate", help="continue a prompt (or answer it as a chat turn with --chat)")
+    g = sub.add_parser("generate", help="continue a prompt (or answer it as a chat turn with --chat)",
+                       description="Continue a prompt, streaming the text to stdout and statistics to stderr; "
+                                   "with --chat, answer it as a user turn in the model's chat format.")
     add_model_args(g)
     src = g.add_mutually_exclusive_group()
     src.add_argument("-p", "--prompt", help="prompt text")
-    src.add_argument("-f", "--file", help="read the prompt from a UTF-8 text file")
+    src.add_argument("-f", "--file", help="read the prompt from a UTF-8 text file (- for standard input)")
     src.add_argument("--tokens", help="prompt as comma-separated token ids (no tokenizer needed)")
     add_sampling_args(g)
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the model's chat format")
-    g.add_argument("--system", help="system message (with --chat)")
+    g.add_argument("-sys", "--system-prompt", "--system", dest="system", metavar="TEXT",
+                   help="system message (with --chat)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--verbose-prompt", action="store_true",
+                   help="first print the prompt's tokens to stderr: each id and the text it stands for")
+    g.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
     g.add_argument("--explain", nargs="?", const=5, type=int, metavar="K",
                    help="instead of the text, show for every generated token the K most probable candidates "
                         "(default 5) and the one chosen; with --json, one JSON line per token")
@@ -87,7 +95,9 @@ def run_generate(args) -> int:
     if text is None and args.tokens is None:
         raise Llama3Error("give a prompt: -p TEXT, -f FILE or --tokens 1,2,3")
     if args.system is not None and not args.chat:
-        raise Llama3Error("--system goes with --chat")
+        raise Llama3Error("--system-prompt goes with --chat")
+    if args.echo and (args.json or args.explain is not None):
+        raise Llama3Error("--echo goes with streamed text, not with --json or --explain")
     if args.ignore_eos and args.chat:
         raise Llama3Error("--ignore-eos does not go with --chat: a chat answer ends at its end-of-turn token")
     loaded = load(args, need_tokenizer=args.tokens is None)
@@ -103,17 +113,21 @@ def run_generate(args) -> int:
         prompt = loaded.encode(text)
     if not prompt:
         raise Llama3Error("the prompt is empty: give some text (-p/-f) or token ids (--tokens)")
+    if args.verbose_prompt:
+        print(verbose_prompt(loaded.tokenizer, prompt), file=sys.stderr, flush=True)
 
     ctx = loaded.ctx(args.ctx)
     if len(prompt) > ctx:
         raise Llama3Error(f"the prompt has {len(prompt)} tokens but the context holds {ctx}: "
-                          "shorten it or raise --ctx")
+                          "shorten it or raise --ctx-size")
     # The cache needs room for the prompt and the new tokens, never more than the context.
     cache_len = ctx if args.n_predict < 0 else min(ctx, len(prompt) + args.n_predict)
     explain = args.explain is not None
-    session = Session(loaded.weights, loaded.config, cache_len)
+    session = ProgressSession(loaded.weights, loaded.config, cache_len, args.repeat_last_n)
     stop_ids = loaded.stop_ids()
     printer = None if args.json or explain else Printer(loaded.tokenizer, stop_ids)
+    if args.echo:
+        printer.echo(prompt)
     on_step = Explainer(loaded.tokenizer, args.explain, args.json) if explain else printer or (lambda step: None)
     # --ignore-eos: the end-of-generation tokens are never drawn, so nothing stops the generation early.
     stop, suppressed = ((), stop_ids) if args.ignore_eos else (stop_ids, ())
@@ -134,5 +148,5 @@ def run_generate(args) -> int:
     else:
         if printer is not None:
             printer.finish()
-        print(stats_line(loaded, out, seed), file=sys.stderr)
+        print(stats_line(loaded, out, seed if not params.greedy else None), file=sys.stderr)
     return 130 if out.stop_reason == "interrupted" else 0

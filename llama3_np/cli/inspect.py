@@ -2,8 +2,8 @@
 
 Reads the config and the tensor headers only (the same validation `load_checkpoint` does first),
 so it is instant even for a 405B checkpoint, and reports: the format and its files, the config,
-the parameter count, the stored bytes per dtype, the memory each residency needs, and whether a
-tokenizer is there.
+the parameter count, the stored bytes per dtype, the memory each residency needs, the tokenizer,
+its chat format and the tokens that end generation, and where an imported folder came from.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from collections import Counter
 
 import numpy as np
 
+from ..assets import import_record
 from ..config import ROPE_FACTOR_SOURCES
+from ..errors import Llama3Error
 from ..formats.checkpoint import CheckpointIndex, scan_checkpoint
 from ..products import conversion_buffer_bytes
 from ..text.tokenizer import TOKENIZER_FILES, find_tokenizer_file
@@ -26,7 +28,7 @@ def add_command(subparsers):
     p = subparsers.add_parser("inspect", help="describe and validate a checkpoint folder without loading it",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", metavar="DIR",
-                   help="checkpoint folder (Hugging Face or Meta format); default: the embedded default model")
+                   help="checkpoint folder (Hugging Face or Meta format) or .gguf file; default: the default model")
     p.add_argument("--rope-factor", type=float, metavar="F",
                    help="Meta checkpoints: override the rope scaling factor use_scaled_rope implies")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -58,8 +60,40 @@ def summarize(index: CheckpointIndex) -> dict:
                          "bfloat16_mapped": sum(stored.values()), "bfloat16_working_float32": working},
         "tokenizer": None if tokenizer is None else str(tokenizer.relative_to(index.path)),
         "eos_ids": list(index.eos_ids),
+        **_tokens(index),
+        "source": import_record(index.path),
         "ignored_tensors": index.ignored,
     }
+
+
+def _tokens(index: CheckpointIndex) -> dict:
+    """The chat format and the tokens that end generation (id -> text), when there is a tokenizer."""
+    from ..generation import end_of_generation_ids
+    from ..text.chat import chat_format_for
+    from ..text.tokenizer import load_tokenizer
+
+    none = {"chat_format": None, "stop_tokens": {str(i): None for i in index.eos_ids}}
+    if index.tokenizer_dir is None:
+        return none
+    try:
+        tok = load_tokenizer(index.tokenizer_dir)
+    except Llama3Error as e:  # inspect reports a broken tokenizer rather than stopping at it
+        return dict(none, tokenizer_error=str(e))
+    try:
+        fmt = chat_format_for(tok)
+    except Llama3Error:
+        fmt = None
+    ids = end_of_generation_ids(tok, index.eos_ids)
+    return {"chat_format": fmt.name if fmt else None,
+            "stop_tokens": {str(i): tok.decode([i]) for i in sorted(ids)}}
+
+
+def _source(record: dict | None) -> str:
+    if record is None:
+        return "as downloaded (not imported by llama3_np)"
+    types = ", ".join(f"{name} x{n}" for name, n in record.get("tensor_types", {}).items())
+    return (f"GGUF {record.get('source')} (sha256 {str(record.get('sha256'))[:16]}..., tensors {types}), "
+            f"dequantized and stored as {record.get('stored_as', 'bf16')}")
 
 
 def _scaled(n: float, unit: str = "") -> str:
@@ -98,6 +132,11 @@ def _text(s: dict) -> str:
         f"({_size(m['bfloat16_mapped'])} mapped from the files + {_size(m['bfloat16_working_float32'])} "
         "of float32 conversion block)",
         f"tokenizer:   {s['tokenizer'] or 'none found (looked for ' + ', '.join(TOKENIZER_FILES) + ')'}",
+        *([f"             unreadable: {s['tokenizer_error']}"] if "tokenizer_error" in s else []),
+        f"chat format: {s['chat_format'] or 'none (plain generation only)'}",
+        "stop tokens: " + (", ".join(f"{i} {json.dumps(t, ensure_ascii=False) if t is not None else ''}".rstrip()
+                                     for i, t in s["stop_tokens"].items()) or "none"),
+        f"source:      {_source(s['source'])}",
     ]
     lines += [f"ignored:     {where} ({why})" for where, why in s["ignored_tensors"].items()]
     return "\n".join(lines)

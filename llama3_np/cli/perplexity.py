@@ -12,17 +12,19 @@ import numpy as np
 from ..errors import Llama3Error
 from ..xcheck.perplexity import (DEFAULT_CTX, BaseLogits, LogitsWriter, Result, first_scored, logits_metadata,
                                  perplexity_estimate, report, run_perplexity, windows)
-from .common import add_model_args, load, read_prompt
+from .common import add_model_args, load, plural, read_prompt
 
 
 def add_command(sub) -> None:
     p = sub.add_parser("perplexity", help="perplexity of a text, by llama.cpp's method; KL against saved logits",
-                       description="Perplexity by llama.cpp's method: windows of --ctx tokens, each scored "
+                       description="Perplexity by llama.cpp's method: windows of --ctx-size tokens, each scored "
                                    "on its second half; final PPL with its standard error.")
     add_model_args(p)
-    p.add_argument("-f", "--file", required=True, help="UTF-8 text file to score")
-    p.add_argument("--ctx", type=int, default=DEFAULT_CTX, metavar="N", help=f"window size (default {DEFAULT_CTX})")
-    p.add_argument("--batch", type=int, metavar="N", help="tokens per forward call (default: the window size)")
+    p.add_argument("-f", "--file", required=True, help="UTF-8 text file to score (- for standard input)")
+    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, default=DEFAULT_CTX, metavar="N",
+                   help=f"window size (default {DEFAULT_CTX})")
+    p.add_argument("-b", "--batch-size", "--batch", dest="batch", type=int, metavar="N",
+                   help="tokens per forward call (default: the window size)")
     p.add_argument("--chunks", type=int, metavar="N", help="score at most N windows")
     p.add_argument("--save-logits", metavar="FILE",
                    help="write the scored logits (float32 safetensors, [scored tokens, vocabulary]) for --kl-base")
@@ -54,7 +56,9 @@ class ProgressBar:
 
 def run(args) -> int:
     if args.ctx is None or args.ctx < 4:
-        raise Llama3Error(f"--ctx must be at least 4, got {args.ctx}")
+        raise Llama3Error(f"--ctx-size must be at least 4, got {args.ctx}")
+    if args.batch is not None and args.batch < 1:
+        raise Llama3Error(f"--batch-size must be >= 1, got {args.batch}")
     text = read_prompt(args)
     if not text or not text.strip():
         raise Llama3Error(f"{args.file} holds no text to score")
@@ -66,9 +70,6 @@ def run(args) -> int:
             raise Llama3Error("--save-logits and --kl-base name the same file: save to another one")
     loaded = load(args, need_tokenizer=True)
     config = loaded.config
-    if args.ctx > config.max_seq_len:
-        raise Llama3Error(f"--ctx {args.ctx} is longer than the {config.max_seq_len} tokens the model was "
-                          "trained for")
     tok = loaded.tokenizer
     ids = tok.encode(text)
     bos = tok.bos_id if tok.add_bos else None
@@ -79,7 +80,8 @@ def run(args) -> int:
     save = (LogitsWriter(args.save_logits, len(wins) * per_window, config.vocab_size,
                          logits_metadata(window_tokens, args.ctx)) if args.save_logits else None)
     if not args.json:
-        print(f"{loaded.checkpoint.path}: {len(ids)} tokens; {len(wins)} windows of {args.ctx}, each scored "
+        print(f"{loaded.checkpoint.path}: {plural(len(ids), 'token')}; {plural(len(wins), 'window')} of "
+              f"{args.ctx}, each scored "
               f"on its last {per_window} tokens; BOS first: {'yes' if bos is not None else 'no'}", flush=True)
 
     bar = ProgressBar(len(wins))

@@ -19,6 +19,7 @@ def add_command(sub) -> None:
 
 
 def run(args) -> int:
+    parse_layers(args.layers, n_layers=None)  # its syntax, before the model loads
     loaded, inputs = load_with_inputs(args)
     c = loaded.config
     layers = parse_layers(args.layers, c.n_layers)

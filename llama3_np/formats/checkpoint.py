@@ -4,7 +4,7 @@
                           with model.safetensors.index.json; q/k rows permuted for rotate-half rope
     Meta folder           params.json + consolidated.00.pth ... consolidated.NN.pth (model-parallel
                           shards), read by `llama3_np.formats.pth` without torch
-    GGUF file             imported into a Hugging Face folder by tools/import_gguf.py
+    GGUF file             imported into a Hugging Face folder by `llama3_np.formats.gguf_import`
 
 The canonical form (`Checkpoint.weights`) uses Meta's state-dict names and Meta's interleaved rope
 row order for wq/wk, whatever the source. With tied embeddings, `weights["output.weight"] is
@@ -230,7 +230,7 @@ def scan_checkpoint(path, rope_factor: Optional[float] = None) -> CheckpointInde
     if path.is_file():
         if path.suffix == ".gguf":
             raise Llama3Error(f"{path}: GGUF files are imported first: "
-                              f"python tools/import_gguf.py {path} OUT_DIR, then pass OUT_DIR")
+                              f"llama3-np import-gguf {path} OUT_DIR, then pass OUT_DIR")
         raise Llama3Error(f"{path}: is a file; pass the checkpoint folder that holds it "
                           "(with config.json or params.json)")
     if (path / "config.json").is_file():
@@ -460,12 +460,14 @@ def _materialize(plan: TensorPlan, residency: str) -> np.ndarray:
 def load_checkpoint(path, dtype: str = "float32", rope_factor: Optional[float] = None) -> Checkpoint:
     """Load a Hugging Face or Meta checkpoint folder into the canonical form.
 
+    path: the folder, or the `CheckpointIndex` a `scan_checkpoint` of it returned (then
+    rope_factor is the scan's).
     dtype: residency, "float32" (convert once at load) or "bfloat16" (keep stored weights, mapped).
     rope_factor: overrides the rope scaling factor a Meta params.json implies (`use_scaled_rope`).
     """
     if dtype not in RESIDENCIES:
         raise Llama3Error(f"dtype must be one of {', '.join(RESIDENCIES)}, got {dtype!r}")
-    index = scan_checkpoint(path, rope_factor)
+    index = path if isinstance(path, CheckpointIndex) else scan_checkpoint(path, rope_factor)
     weights = {name: _materialize(plan, dtype) for name, plan in index.plans.items()}
     if index.config.tie_embeddings:
         weights["output.weight"] = weights["tok_embeddings.weight"]

@@ -26,18 +26,22 @@ class StatsTrace(Trace):
         self[name] = (tuple(x.shape), float(x64.mean()), float(x64.std()), float(np.abs(x64).max()))
 
 
-def parse_layers(text: Optional[str], n_layers: int) -> list[int]:
-    """'0,3,10-12' -> [0, 3, 10, 11, 12]; None -> every layer."""
+def parse_layers(text: Optional[str], n_layers: Optional[int]) -> list[int]:
+    """'0,3,10-12' -> [0, 3, 10, 11, 12]; None -> every layer. n_layers None: the syntax only,
+    before the model is known."""
     if text is None:
-        return list(range(n_layers))
+        return list(range(n_layers or 0))
     layers: set[int] = set()
     try:
         for part in text.replace(" ", "").split(","):
             first, _, last = part.partition("-")
-            layers.update(range(int(first), int(last or first) + 1))
+            first, last = int(first), int(last or first)
+            if last < first:
+                raise ParameterError("layers", f"{text!r}: the range {part} runs backwards; write it {last}-{first}")
+            layers.update(range(first, last + 1))
     except ValueError:
         raise ParameterError("layers", f"layers takes layer numbers and ranges like 0,3,10-12, got {text!r}") from None
-    bad = sorted(i for i in layers if not 0 <= i < n_layers)
+    bad = sorted(i for i in layers if i < 0 or (n_layers is not None and i >= n_layers))
     if bad or not layers:
         raise ParameterError("layers", f"{text!r}: the model has layers 0 to {n_layers - 1}")
     return sorted(layers)

@@ -92,7 +92,7 @@ def test_readable_table_on_the_default_model(capsys):
     assert len(lines) == 4
     assert lines[1].strip().startswith('1. " Paris"') and lines[1].endswith("<- chosen")
     assert [line.strip().split(".")[0] for line in lines[1:]] == ["1", "2", "3"]
-    assert "stop: length" in err
+    assert "stop: -n limit" in err
 
 
 def test_explain_needs_at_least_one_candidate(capsys):

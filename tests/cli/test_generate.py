@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from llama3_np.assets import DEFAULT_MODEL_DIR
+from llama3_np.assets import default_model_dir
 from llama3_np.formats.checkpoint import hf_name, permute_qk
 from llama3_np.cli import main
 from llama3_np.model import forward
@@ -73,13 +73,13 @@ def chain_model(tmp_path: Path) -> tuple[Path, list[int]]:
     each chain token's axis to its successor make every step an exact argmax."""
     from llama3_np.text.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(DEFAULT_MODEL_DIR)
+    tok = load_tokenizer(default_model_dir())
     chain = tok.encode(TARGET, bos=False)
     assert len(set(chain)) == len(chain), "the chain needs distinct tokens"
     assert any("\ufffd" in tok.decode([t]) for t in chain), "no token splits a character: weak test"
     D, V, F = 64, tok.n_vocab, 8
     assert len(chain) < D
-    cfg = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    cfg = json.loads((default_model_dir() / "config.json").read_text())
     cfg.update(hidden_size=D, intermediate_size=F, num_hidden_layers=1, num_attention_heads=4,
                num_key_value_heads=2, head_dim=16, vocab_size=V, tie_word_embeddings=False,
                eos_token_id=cfg["eos_token_id"])
@@ -103,7 +103,7 @@ def chain_model(tmp_path: Path) -> tuple[Path, list[int]]:
                       {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()})
     (folder / "config.json").write_text(json.dumps(cfg))
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(DEFAULT_MODEL_DIR / name, folder / name)
+        shutil.copy(default_model_dir() / name, folder / name)
     return folder, chain
 
 
@@ -151,7 +151,7 @@ def test_streamed_multibyte_characters_arrive_intact(tmp_path, monkeypatch):
     (["generate", "-m", "/no/such/folder", "-p", "hi", "--samplers", "top_k;temp;top-k"], ["--samplers", "'top_k' is given twice"]),
     (["chat", "-m", "/no/such/folder", "--samplers", "xtc"], ["--samplers", "'xtc'", "not implemented"]),
     (["generate", "-m", str(PARITY), "--tokens", "1", "-n", "0"], ["-n: max_new must be >= 1"]),
-    (["generate", "-m", str(PARITY), "--tokens", "1", "--seed", "-1"], ["--seed"]),
+    (["generate", "-m", str(PARITY), "--tokens", "1", "--seed", "-2"], ["--seed", "or -1 for a random seed"]),
     (["generate", "-m", str(PARITY), "--tokens", "1", "--dtype", "int8"], ["--dtype", "invalid choice"]),
     (["generate", "-m", "/no/such/folder", "-p", "hi"], ["/no/such/folder", "does not exist"]),
     (["generate", "-m", str(PARITY), "--tokens", "1,2,3,4,5", "--ctx", "4"], ["5 tokens", "context holds 4"]),
@@ -168,7 +168,7 @@ def test_bad_input_is_one_line_and_exit_2(args, fragments):
 
 
 def test_empty_prompt_and_non_utf8_prompt_file(tmp_path):
-    model = str(DEFAULT_MODEL_DIR)
+    model = str(default_model_dir())
     assert_one_line_error(cli("generate", "-m", model, "-p", ""), "prompt is empty")
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("café".encode("latin-1"))
@@ -179,7 +179,7 @@ def test_empty_prompt_and_non_utf8_prompt_file(tmp_path):
 
 def test_prompt_file_may_be_a_pipe():
     """-f reads what a pipe holds (here /dev/stdin), as it would -f <(command)."""
-    args = ("generate", "-m", str(DEFAULT_MODEL_DIR), "-n", "1", "--temp", "0", "--json")
+    args = ("generate", "-m", str(default_model_dir()), "-n", "1", "--temp", "0", "--json")
     piped = cli(*args, "-f", "/dev/stdin", stdin="Grüße aus Köln")
     direct = cli(*args, "-p", "Grüße aus Köln")
     assert piped.returncode == 0, piped.stderr.decode()
@@ -197,10 +197,10 @@ def test_chat_turns_stop_at_end_of_turn_and_reuse_the_cache():
     proc = cli("chat", "--temp", "0", "-n", "48", stdin="What is the capital of France?\nAnd of Italy?\n")
     err = proc.stderr.decode()
     assert proc.returncode == 0, err
-    stats = [line for line in err.splitlines() if line.startswith("load ")]
+    stats = [line for line in err.splitlines() if line.startswith("prompt ")]
     assert len(stats) == 2, err
-    assert all(line.endswith("stop: stop") for line in stats), err
-    tok = load_tokenizer(DEFAULT_MODEL_DIR)
+    assert all(line.endswith("stop: stop token") for line in stats), err
+    tok = load_tokenizer(default_model_dir())
     first_prompt = len(encode_dialog(tok, [{"role": "user", "content": "What is the capital of France?"}]))
     second_prompt = int(stats[1].split("prompt ")[1].split(" tokens")[0])
     assert f"prompt {first_prompt} tokens" in stats[0]

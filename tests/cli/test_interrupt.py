@@ -50,6 +50,6 @@ def test_ctrl_c_in_chat_ends_the_answer_and_the_chat_goes_on():
     out, err = proc.communicate(b"What is the capital of France?\n", timeout=240)
     assert proc.returncode == 0, err.decode()
     assert b"Traceback" not in err
-    stats = [line for line in err.decode().splitlines() if line.startswith("load ")]
-    assert len(stats) == 2 and stats[0].endswith("stop: interrupted") and stats[1].endswith("stop: stop"), err
+    stats = [line for line in err.decode().splitlines() if line.startswith("prompt ")]
+    assert len(stats) == 2 and stats[0].endswith("stop: interrupted") and stats[1].endswith("stop: stop token"), err
     assert b"Paris" in out

@@ -224,7 +224,7 @@ def _write(relative: str, content: str):
 @pytest.mark.parametrize("make,message", [
     (lambda p: p, "no config.json (Hugging Face) or params.json (Meta) here"),
     (lambda p: p / "nothing", "nothing: no such file or directory"),
-    (_write("m.gguf", "GGUF"), "GGUF files are imported first: python tools/import_gguf.py"),
+    (_write("m.gguf", "GGUF"), "GGUF files are imported first: llama3-np import-gguf"),
     (_write("config.json", "{}"), "config.json: missing key 'hidden_size'"),
     (_write("config.json", "{,"), "config.json: not valid JSON"),
 ])

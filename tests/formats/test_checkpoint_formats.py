@@ -3,7 +3,6 @@ tools/make_checkpoint_fixtures.py with torch, llama-models and gguf) loads to th
 weights: bit-identical for the lossless formats, within quantization error for Q8_0."""
 
 import json
-import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -14,8 +13,7 @@ from llama3_np.formats.checkpoint import load_checkpoint
 from llama3_np.config import ModelConfig, RopeScaling
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-import import_gguf  # noqa: E402  (tools/; needs the gguf extra, which `make test` installs)
+from llama3_np.formats import gguf_import  # noqa: E402  (needs the gguf extra, which `make test` installs)
 
 FIXTURE_CONFIG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, vocab_size=128,
                              norm_eps=1e-5, rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
@@ -27,7 +25,7 @@ LOSSLESS = ["hf", "hf_sharded", "meta", "meta_2shards", "gguf_f32.gguf"]
 def imported(tmp_path_factory):
     """The two GGUF fixtures imported into Hugging Face folders."""
     out = tmp_path_factory.mktemp("imported")
-    return {name: import_gguf.import_gguf(FIXTURES / name, out / name) for name in ("gguf_f32.gguf", "gguf_q8_0.gguf")}
+    return {name: gguf_import.import_gguf(FIXTURES / name, out / name) for name in ("gguf_f32.gguf", "gguf_q8_0.gguf")}
 
 
 def _folder(name, imported):
@@ -96,7 +94,7 @@ def test_imported_tokenizer_follows_the_gguf(imported):
     f32 = json.loads((imported["gguf_f32.gguf"] / "tokenizer.json").read_text())
     q8 = json.loads((imported["gguf_q8_0.gguf"] / "tokenizer.json").read_text())
     assert f32["pre_tokenizer"] == {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": import_gguf.LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+        {"type": "Split", "pattern": {"Regex": gguf_import.LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     assert q8["pre_tokenizer"] == {"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True},
@@ -118,6 +116,6 @@ def test_imported_tokenizer_follows_the_gguf(imported):
         ("<|begin_of_text|>", "<|eot_id|>", True)
     assert config["chat_template"].startswith("{% for m in messages %}")
     assert json.loads((imported["gguf_f32.gguf"] / "config.json").read_text())["eos_token_id"] == 124
-    record = json.loads((imported["gguf_q8_0.gguf"] / import_gguf.IMPORT_RECORD).read_text())
+    record = json.loads((imported["gguf_q8_0.gguf"] / gguf_import.IMPORT_RECORD).read_text())
     assert record["tensor_types"] == {"F32": 6, "Q8_0": 16} and record["source"] == "gguf_q8_0.gguf"
-    assert record["sha256"] == import_gguf.sha256_of(FIXTURES / "gguf_q8_0.gguf")
+    assert record["sha256"] == gguf_import.sha256_of(FIXTURES / "gguf_q8_0.gguf")

@@ -1,6 +1,6 @@
 """The assets the tokenizer tests read, and checks that they are the right ones.
 
-The tokenizers come from `weights/` (fetched by tools, git-ignored); the reference ids come from
+The tokenizers come from the asset cache (`weights/` in a checkout: fetched by tools, git-ignored); the reference ids come from
 `tests/fixtures/tokenizer/` (committed, written by `python tools/make_tokenizer_fixtures.py`).
 A missing asset fails the tests that need it, with the command that fetches it.
 """
@@ -14,18 +14,19 @@ from pathlib import Path
 
 import pytest
 
+from llama3_np.assets import default_model_dir, llama3_tokenizer_path
 from llama3_np.text.tokenizer import Tokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "tokenizer"
-LLAMA3_DIR = ROOT / "weights" / "llama3"
-DEFAULT_DIR = ROOT / "weights" / "default"
+LLAMA3_DIR = llama3_tokenizer_path().parent
+DEFAULT_DIR = default_model_dir()
 LLAMA3_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
 
 
 def require(path: Path, command: str) -> Path:
     if not path.exists():
-        pytest.fail(f"{path.relative_to(ROOT)} is missing: run `{command}` (`make test` does)", pytrace=False)
+        pytest.fail(f"{path} is missing: run `{command}` (`make test` does)", pytrace=False)
     return path
 
 

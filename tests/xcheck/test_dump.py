@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama3_np.assets import DEFAULT_MODEL_DIR
+from llama3_np.assets import default_model_dir
 from llama3_np.cli import main
 from llama3_np.xcheck.compare import compare_dumps
 from llama3_np.stages import stage_shapes
@@ -38,9 +38,9 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
 
 
 def default_model() -> Path:
-    assert (DEFAULT_MODEL_DIR / "config.json").is_file(), (
-        f"the default model is not in {DEFAULT_MODEL_DIR}: run `python tools/fetch_default_model.py` (make test does)")
-    return DEFAULT_MODEL_DIR
+    assert (default_model_dir() / "config.json").is_file(), (
+        f"the default model is not in {default_model_dir()}: run `python tools/fetch_default_model.py` (make test does)")
+    return default_model_dir()
 
 
 @pytest.mark.parametrize("case", ["prompt", "far", "far_decode"])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from llama3_np import model
-from llama3_np.assets import LLAMA3_TOKENIZER
+from llama3_np.assets import llama3_tokenizer_path
 from llama3_np.formats.checkpoint import load_checkpoint, save_hf_checkpoint
 from llama3_np.xcheck.dump import read_dump
 from llama3_np.text.tokenizer import load_tokenizer
@@ -159,11 +159,12 @@ def check_against_dump(page: Page, dump, layers: list[int], heads: list[int], n_
 @pytest.fixture(scope="module")
 def tiny_llama3(tmp_path_factory):
     """A 2-layer random Llama 3 checkpoint with the real 128k tokenizer (tied embeddings)."""
-    assert LLAMA3_TOKENIZER.is_file(), f"run `python tools/fetch_tokenizer.py` (make test does): {LLAMA3_TOKENIZER}"
+    tokenizer = llama3_tokenizer_path()
+    assert tokenizer.is_file(), f"run `python tools/fetch_tokenizer.py` (make test does): {tokenizer}"
     folder = tmp_path_factory.mktemp("tiny_llama3")
     config = tiny_config(vocab_size=128256, tie_embeddings=True)
     save_hf_checkpoint(folder, config, random_weights(config, seed=3))
-    shutil.copy(LLAMA3_TOKENIZER, folder / "tokenizer.model")
+    shutil.copy(tokenizer, folder / "tokenizer.model")
     return folder
 
 

@@ -1,7 +1,7 @@
-#!/usr/bin/env python3
 """Import a Llama-architecture GGUF file (llama.cpp's format) into a Hugging Face checkpoint folder.
 
-    python tools/import_gguf.py IN.gguf OUT_DIR [--force]
+    llama3-np import-gguf IN.gguf OUT_DIR [--force]
+    llama3-np generate -m IN.gguf ...     (imported once into the cache, see `assets`)
 
 OUT_DIR then holds what both llama3_np and Hugging Face `transformers` load:
     config.json             LlamaForCausalLM config from the GGUF metadata
@@ -18,18 +18,17 @@ Hugging Face checkpoints); this tool permutes them back to Hugging Face order fo
 llama3_np's loader un-permutes them again. GGUF lists dimensions innermost first (ne0 = columns),
 the reverse of the NumPy shape.
 
-Needs the `gguf` package (the `gguf` extra). Errors are one line on stderr, exit status 2.
+Needs the `gguf` package (the `gguf` extra), imported only when a GGUF file is read: without it,
+`require_gguf` says how to install it, and the rest of llama3_np runs as before.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -39,17 +38,28 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-import gguf
-from gguf import TokenType
-from tool_support import run_tool  # first: it makes this checkout's llama3_np importable
-
-from llama3_np.formats.checkpoint import expected_shapes, save_hf_checkpoint
-from llama3_np.config import (LLAMA3_ORIGINAL_CONTEXT, META_HIGH_FREQ_FACTOR, META_LOW_FREQ_FACTOR,
-                              ModelConfig, RopeScaling)
-from llama3_np.errors import Llama3Error
-from llama3_np.text.tokenizer import END_OF_GENERATION
+from .checkpoint import expected_shapes, save_hf_checkpoint
+from ..config import (LLAMA3_ORIGINAL_CONTEXT, META_HIGH_FREQ_FACTOR, META_LOW_FREQ_FACTOR,
+                      ModelConfig, RopeScaling)
+from ..errors import Llama3Error
+from ..text.tokenizer import END_OF_GENERATION
 
 IMPORT_RECORD = "llama3_np_import.json"
+# Written into the import record; a cached import made by another version is imported again.
+# Raise it whenever the folder this module writes changes.
+IMPORTER_VERSION = 1
+
+
+INSTALL_GGUF = "pip install 'llama3_np[gguf]'"
+
+
+def require_gguf():
+    """The `gguf` package; a Llama3Error saying how to install it when it is missing."""
+    try:
+        import gguf
+    except ImportError:
+        raise Llama3Error(f"reading a GGUF file needs the gguf package: {INSTALL_GGUF}") from None
+    return gguf
 
 # GGUF tensor names <-> canonical (Meta) names.
 GGUF_GLOBAL_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
@@ -130,7 +140,7 @@ class GGUFModel:
 
 
 class _Fields:
-    def __init__(self, path: Path, reader: gguf.GGUFReader):
+    def __init__(self, path: Path, reader):  # a gguf.GGUFReader
         self.path, self.reader = path, reader
 
     def get(self, key: str, default=None):
@@ -148,7 +158,7 @@ def read_tensor(path: Path, t) -> np.ndarray:
     """One GGUF tensor dequantized to float32, in NumPy (row-major) shape."""
     shape = tuple(int(d) for d in reversed(t.shape))  # GGUF: ne0 (contiguous) first
     try:
-        values = gguf.quants.dequantize(t.data, t.tensor_type)
+        values = require_gguf().quants.dequantize(t.data, t.tensor_type)
     except NotImplementedError:
         raise Llama3Error(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which the gguf package "
                           f"{metadata.version('gguf')} cannot dequantize") from None
@@ -160,6 +170,7 @@ def read_tensor(path: Path, t) -> np.ndarray:
 
 def read_gguf(path) -> GGUFModel:
     """Config and canonical bf16 weights of a Llama-architecture GGUF file."""
+    gguf = require_gguf()
     path = Path(path)
     try:
         reader = gguf.GGUFReader(path)
@@ -255,6 +266,7 @@ def tokenizer_files(path: Path, f: _Fields, context_length: int) -> tuple[dict, 
         raise Llama3Error(f"{path}: tokenizer.ggml.pre is {pre!r}; llama3_np knows smollm and Llama 3's "
                           f"({', '.join(LLAMA3_PRE_NAMES)}) (add its Hugging Face pre-tokenizer here)")
     tokens = f.need("tokenizer.ggml.tokens")
+    TokenType = require_gguf().TokenType
     types = f.get("tokenizer.ggml.token_type", [int(TokenType.NORMAL)] * len(tokens))
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
@@ -354,15 +366,22 @@ def write_folder(gguf_path: Path, out_dir: Path, sha256: str | None = None):
         "source": gguf_path.name, "sha256": sha256 or sha256_of(gguf_path),
         "tensor_types": model.tensor_types, "gguf_package": metadata.version("gguf"),
         "general.name": f.get("general.name"), "tokenizer.ggml.pre": f.get("tokenizer.ggml.pre"),
-        "stored_as": "bf16, Hugging Face names and rope layout",
+        "stored_as": "bf16, Hugging Face names and rope layout", "importer": IMPORTER_VERSION,
     })
+
+
+def is_nonempty_folder(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
 
 
 def import_gguf(gguf_path, out_dir, force: bool = False, sha256: str | None = None) -> Path:
     """Import into `out_dir` atomically: it appears complete or not at all."""
+    require_gguf()
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise Llama3Error(f"{out_dir}: exists and is not empty; pass --force to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise Llama3Error(f"{out_dir}: is a file; name a folder to import into")
+    if is_nonempty_folder(out_dir) and not force:
+        raise Llama3Error(f"{out_dir}: exists and is not empty; name a new folder (or replace it: force=True)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)
@@ -378,19 +397,3 @@ def import_gguf(gguf_path, out_dir, force: bool = False, sha256: str | None = No
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("gguf", type=Path, help="a Llama-architecture .gguf file")
-    parser.add_argument("out_dir", type=Path, help="the checkpoint folder to create")
-    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    args = parser.parse_args(argv)
-
-    def body():
-        print(f"imported {args.gguf} into {import_gguf(args.gguf, args.out_dir, args.force)}")
-
-    return run_tool("import_gguf", body)
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""tools/import_gguf.py: every tensor type it must read comes out in NumPy's row-major shape (GGUF
+"""llama3_np.formats.gguf_import: every tensor type it must read comes out in NumPy's row-major shape (GGUF
 lists dimensions the other way round), and a GGUF that is not a Llama 3 model is refused clearly."""
 
 import json
@@ -13,8 +13,10 @@ import pytest
 from tests.checkpoint_builders import random_weights
 from llama3_np import Llama3Error
 
+from llama3_np.cli import main
+from llama3_np.formats import gguf_import
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-import import_gguf  # noqa: E402
 import make_checkpoint_fixtures as fixtures  # noqa: E402  (its GGUF writer needs only gguf)
 
 T = gguf.GGMLQuantizationType
@@ -49,7 +51,7 @@ def test_float_and_block_quantized_types_dequantize_in_numpy_shape(tmp_path):
                **{t.name: (gguf.quants.quantize(x, t), t) for t in quantized}}
     stored = _write_tensors(tmp_path / "types.gguf", tensors)
     assert list(stored["f32"].shape) == [COLS, ROWS]  # GGUF order: ne0 (the contiguous one) first
-    read = {name: import_gguf.read_tensor(tmp_path, t) for name, t in stored.items()}
+    read = {name: gguf_import.read_tensor(tmp_path, t) for name, t in stored.items()}
     assert all(r.shape == (ROWS, COLS) and r.dtype == np.float32 for r in read.values())
     np.testing.assert_array_equal(read["f32"], x)
     np.testing.assert_array_equal(read["f16"], x.astype(np.float16).astype(np.float32))
@@ -69,7 +71,7 @@ def test_k_quants_dequantize_row_by_row(tmp_path, qtype, scale_bytes):
     raw[:, scale_bytes] = scale[: scale_bytes.stop - scale_bytes.start]
     raw[2] = raw[0]  # rows 0 and 2 hold the same block
     t = _write_tensors(tmp_path / "k.gguf", {"k": (raw, qtype)})["k"]
-    values = import_gguf.read_tensor(tmp_path, t)
+    values = gguf_import.read_tensor(tmp_path, t)
     assert values.shape == (ROWS, COLS) and np.all(np.isfinite(values))
     np.testing.assert_array_equal(values[0], values[2])
     assert not np.array_equal(values[0], values[1])
@@ -84,7 +86,7 @@ def _gguf(tmp_path, **kwargs):
 
 
 def test_round_trip_recovers_the_rope_scaling_from_rope_freqs(tmp_path):
-    model = import_gguf.read_gguf(_gguf(tmp_path))
+    model = gguf_import.read_gguf(_gguf(tmp_path))
     assert model.config == fixtures.fixture_config()
     assert model.config.rope_scaling.factor == 8.0 and model.config.norm_eps == 1e-5
 
@@ -92,7 +94,7 @@ def test_round_trip_recovers_the_rope_scaling_from_rope_freqs(tmp_path):
 def test_llama3_rope_factors_match_llama_models_for_llama_3_1_8b():
     """freqs / apply_scaling(freqs) of llama-models 0.3.0 (llama3/model.py) for theta 500000, Dh 128."""
     from llama3_np.config import RopeScaling
-    f = import_gguf.llama3_rope_factors(128, 500000.0, RopeScaling(8.0, 1.0, 4.0, 8192))
+    f = gguf_import.llama3_rope_factors(128, 500000.0, RopeScaling(8.0, 1.0, 4.0, 8192))
     assert f.shape == (64,) and f.dtype == np.float32
     assert np.all(f[:29] == 1) and np.all(f[35:] == 8)  # wavelength < 2048: unscaled; > 8192: factor 8
     np.testing.assert_allclose(f[29:35], [1.207484, 1.553415, 2.026313, 2.69453, 3.684253, 5.257327], rtol=1e-6)
@@ -106,19 +108,22 @@ def test_llama3_rope_factors_match_llama_models_for_llama_3_1_8b():
 def test_non_llama3_gguf_is_refused(tmp_path, kwargs, message):
     path = _gguf(tmp_path, **kwargs)
     with pytest.raises(Llama3Error) as e:
-        import_gguf.import_gguf(path, tmp_path / "out")
+        gguf_import.import_gguf(path, tmp_path / "out")
     assert str(path) in str(e.value) and message in str(e.value)
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
-def test_import_refuses_to_overwrite_and_main_reports_one_line(tmp_path, capsys):
+def test_import_refuses_to_overwrite_and_the_command_reports_one_line(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep").write_text("x")
-    assert import_gguf.main([str(_gguf(tmp_path)), str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err == f"import_gguf: error: {tmp_path / 'out'}: exists and is not empty; " \
+    assert main(["import-gguf", str(_gguf(tmp_path)), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"llama3-np: error: {tmp_path / 'out'}: exists and is not empty; " \
                                       "pass --force to replace it\n"
-    assert import_gguf.main([str(tmp_path / "m.gguf"), str(tmp_path / "out"), "--force"]) == 0
+    assert main(["import-gguf", str(tmp_path / "m.gguf"), str(tmp_path / "out"), "--force"]) == 0
     assert not (tmp_path / "out" / "keep").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+    (tmp_path / "file").write_text("x")
+    assert main(["import-gguf", str(tmp_path / "m.gguf"), str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err == f"llama3-np: error: {tmp_path / 'file'}: is a file; name a folder to import into\n"
 
 
 # --- tokenizer metadata, read as llama.cpp reads it (src/llama-vocab.cpp, llama_vocab::impl::load) ---
@@ -126,7 +131,7 @@ def test_import_refuses_to_overwrite_and_main_reports_one_line(tmp_path, capsys)
 def _imported_tokenizer(tmp_path, **kwargs):
     from llama3_np.text.tokenizer import load_tokenizer
 
-    out = import_gguf.import_gguf(_gguf(tmp_path, **kwargs), tmp_path / "out")
+    out = gguf_import.import_gguf(_gguf(tmp_path, **kwargs), tmp_path / "out")
     return load_tokenizer(out), out
 
 
@@ -143,13 +148,13 @@ def test_add_bos_follows_the_key_else_llama_cpp_default_for_the_pre_tokenizer(tm
     assert (tok.encode("hea")[:1] == [bos]) is expected
 
 
-@pytest.mark.parametrize("pre", import_gguf.LLAMA3_PRE_NAMES)
+@pytest.mark.parametrize("pre", gguf_import.LLAMA3_PRE_NAMES)
 def test_every_llama_cpp_spelling_of_the_llama3_pre_tokenizer_imports_as_llama_bpe(tmp_path, pre):
     tok, out = _imported_tokenizer(tmp_path, pre=pre, add_bos=None)
     (tmp_path / "ref").mkdir()
     reference, _ = _imported_tokenizer(tmp_path / "ref", pre="llama-bpe", add_bos=None)
     assert json.loads((out / "tokenizer.json").read_text())["pre_tokenizer"]["pretokenizers"][0]["pattern"] == \
-        {"Regex": import_gguf.LLAMA3_PATTERN}
+        {"Regex": gguf_import.LLAMA3_PATTERN}
     text = "he said: 'I'M here' 12345\n\n"
     assert tok.add_bos and tok.encode(text) == reference.encode(text)
 
