@@ -36,20 +36,26 @@ def add_command(sub) -> None:
 
 
 class ProgressBar:
-    """One line on stderr, redrawn in place: window i of n, and how far into it."""
+    """One line on stderr, redrawn in place: window i of n, and how far into it. On a terminal
+    only: a log file or a pipe gets no control characters."""
 
     WIDTH = 30
 
     def __init__(self, n_windows: int, stream=None):
         self.n, self.stream = n_windows, stream or sys.stderr
+        self.on = self.stream.isatty()
 
     def __call__(self, window: int, done: int, ctx: int) -> None:
+        if not self.on:
+            return
         fraction = (window + done / ctx) / self.n
         bar = "#" * int(self.WIDTH * fraction)
         self.stream.write(f"\rperplexity [{bar:<{self.WIDTH}}] window {window + 1}/{self.n} {100 * fraction:5.1f}%")
         self.stream.flush()
 
     def clear(self) -> None:
+        if not self.on:
+            return
         self.stream.write("\r" + " " * (self.WIDTH + 40) + "\r")
         self.stream.flush()
 

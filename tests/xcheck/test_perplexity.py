@@ -118,7 +118,24 @@ def test_default_model_perplexity_equals_hugging_face_float32_within_0_1_percent
     assert rel <= PPL_REL_TOL, f"PPL {ours['ppl']:.6f} vs {ref['ppl']:.6f}: relative difference {rel:.2e}"
     assert ours["ppl_error"] == pytest.approx(ref["ppl_error"], rel=PPL_REL_TOL)
     assert ours["running_ppl"] == pytest.approx(ref["running_ppl"], rel=PPL_REL_TOL)
-    assert "perplexity [" in err and "window 6/6 100.0%" in err  # the progress bar
+    assert "\r" not in err  # stderr is not a terminal here: no progress bar
+
+
+def test_progress_bar_is_drawn_on_a_terminal_only():
+    import io
+
+    from llama3_np.cli.perplexity import ProgressBar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, drawn in ((Terminal(), True), (io.StringIO(), False)):
+        bar = ProgressBar(6, stream)
+        bar(5, 64, 64)
+        assert ("window 6/6 100.0%" in stream.getvalue()) is drawn
+        bar.clear()
+        assert stream.getvalue().endswith("\r") is drawn
 
 
 def test_cli_kl_against_own_saved_logits_is_zero(tmp_path, capsys):
