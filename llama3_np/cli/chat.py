@@ -35,8 +35,6 @@ def say(line: str) -> None:
 def run_chat(args) -> int:
     params = sampling_params(args)
     seed, rng = seeded_rng(args)
-    if args.ignore_eos:
-        raise Llama3Error("--ignore-eos does not go with chat: an answer ends at its end-of-turn token")
     loaded = load(args, need_tokenizer=True)
     tok, fmt = loaded.tokenizer, loaded.chat_format()
     session = ProgressSession(loaded.weights, loaded.config, loaded.ctx(args.ctx), args.repeat_last_n)

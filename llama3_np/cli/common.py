@@ -97,9 +97,6 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="random seed; -1 = a random one, printed with the statistics (default -1)")
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
                    help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
-    p.add_argument("--ignore-eos", action="store_true",
-                   help="never draw an end-of-generation token (their logits become -inf, as in llama.cpp): "
-                        "generate until -n or a full context; not with --chat")
 
 
 def add_input_args(p: argparse.ArgumentParser, what: str) -> None:

@@ -33,6 +33,10 @@ def add_command(sub) -> None:
     src.add_argument("-f", "--file", help="read the prompt from a UTF-8 text file (- for standard input)")
     src.add_argument("--tokens", help="prompt as comma-separated token ids (no tokenizer needed)")
     add_sampling_args(g)
+    # Not a shared sampling flag: a chat answer ends at its end-of-turn token, so `chat` has none.
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="never draw an end-of-generation token (their logits become -inf, as in llama.cpp): "
+                        "generate until -n or a full context; not with --chat")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the model's chat format")
     g.add_argument("-sys", "--system-prompt", "--system", dest="system", metavar="TEXT",
                    help="system message (with --chat)")
