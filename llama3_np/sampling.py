@@ -162,10 +162,8 @@ def _penalties(ids, z, recent, penalty):
 
 def _weights32(z: np.ndarray) -> np.ndarray:
     # [n] float32 logits -> [n] float64 holding float32 values: exp(z - max z), rounded to float32
-    # once (see the module docstring). A +inf logit (a tiny temperature overflowed) takes all the mass.
+    # once (see the module docstring).
     top = z.max()
-    if np.isposinf(top):
-        return (z == top).astype(np.float64)
     return np.exp(z.astype(np.float64) - np.float64(top)).astype(np.float32).astype(np.float64)
 
 
@@ -219,8 +217,14 @@ def _temperature(ids, z, t):
     if np.float32(t) == 0:  # below float32's smallest positive number: its limit, greedy
         i = int(np.argmax(z))  # the first maximum: the lower id
         return ids[i:i + 1], z[i:i + 1]
-    with np.errstate(over="ignore"):  # a tiny t sends logits to +-inf: _weights32 handles it
-        return ids, z / np.float32(t)
+    with np.errstate(over="ignore"):
+        scaled = z / np.float32(t)
+    if not np.isfinite(scaled.max()):
+        # t so small that the largest logit overflowed to +-inf: its limit, the largest logits
+        # share the mass equally (the rest become 0 after the softmax)
+        top = z == z.max()
+        return ids[top], np.zeros(int(top.sum()), dtype=np.float32)
+    return ids, scaled
 
 
 def survivors(logits: np.ndarray, params: SamplingParams,

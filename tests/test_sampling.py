@@ -206,3 +206,14 @@ def test_parse_samplers_refuses_unknown_and_duplicate_names(text, fragment):
     with pytest.raises(ParameterError, match=fragment) as e:
         parse_samplers(text)
     assert e.value.parameter == "samplers"
+
+
+def test_a_temperature_that_overflows_every_logit_leaves_the_largest_sharing_the_mass():
+    # 1e-45 (float32's smallest subnormal) sends -1 / t to -inf for every token: the limit of the
+    # distribution as t -> 0 is the largest logits sharing the mass, not NaN.
+    tiny = 1.401298464324817e-45
+    for logits, expected in (([-1, -1], [0.5, 0.5]), ([-1, -2], [1, 0]), ([3, 1, 3], [0.5, 0, 0.5])):
+        for order in ("llama.cpp", "transformers"):
+            params = SamplingParams(temperature=tiny, samplers=parse_samplers(order))
+            probs = sampling_probs(np.array(logits, dtype=np.float32), params)
+            assert np.array_equal(probs, expected), f"{logits} ({order}): {probs}"
