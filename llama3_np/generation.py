@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import ComputeMode, ModelConfig
 from .errors import Llama3Error, ParameterError
 from .model import KVCache, forward
 from .sampling import SamplingParams, sample, sampling_probs
@@ -131,10 +131,13 @@ class Generation:
 
 
 class Session:
-    """A model and one KV cache of `ctx` tokens; positions continue from call to call."""
+    """A model and one KV cache of `ctx` tokens; positions continue from call to call.
+
+    `compute` is the compute mode of every forward pass (`config.ComputeMode` or its name; a
+    `LoadedModel`'s `compute` for the weights it holds)."""
 
     def __init__(self, weights: Mapping[str, np.ndarray], config: ModelConfig, ctx: int,
-                 repeat_last_n: int = REPEAT_LAST_N):
+                 repeat_last_n: int = REPEAT_LAST_N, compute: str | ComputeMode = "float32"):
         if ctx <= 0:
             raise ParameterError("ctx", f"ctx must be positive, got {ctx}")
         if repeat_last_n < -1:
@@ -142,7 +145,7 @@ class Session:
                                                   f"context, got {repeat_last_n}")
         self.weights, self.config = weights, config
         self.repeat_last_n = ctx if repeat_last_n == -1 else repeat_last_n
-        self.cache = KVCache(config, ctx)
+        self.cache = KVCache(config, ctx, compute)  # the compute mode travels with the cache
         # Ids handed to the model, in order. The cache's first `length` slots hold the first
         # `length` of them; any after those were being fed when something stopped the forward
         # pass, and are not part of `history`.

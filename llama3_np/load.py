@@ -6,15 +6,17 @@ the specification (`llama3_np.model`) only ever sees the weights and the config.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 from . import assets
-from .config import ModelConfig
+from .config import ComputeMode, ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import Checkpoint, load_checkpoint, scan_checkpoint
 from .generation import end_of_generation_ids
+from .linear import mode_weights
 from .text.chat import ChatFormat, chat_format_for, encode_dialog
 from .text.tokenizer import Tokenizer, load_tokenizer
 
@@ -25,11 +27,13 @@ DEFAULT_CTX = 4096
 
 @dataclass
 class LoadedModel:
-    """A checkpoint (`weights`, `config`), its tokenizer (None when it has none) and the load time."""
+    """A checkpoint (`weights`, `config`), its tokenizer (None when it has none), the load time and
+    the compute mode its weights are held for (pass it to `KVCache`, `Session`)."""
 
     checkpoint: Checkpoint
     tokenizer: Optional[Tokenizer]
     load_seconds: float
+    compute: ComputeMode = ComputeMode()  # what the weights are held for (`load_model`'s compute)
 
     @property
     def config(self) -> ModelConfig:
@@ -88,27 +92,56 @@ def check_ctx(ctx: Optional[int], config: ModelConfig) -> None:
                                     f"trained for: at most {config.max_seq_len}")
 
 
-def load_model(path=None, dtype: str = "float32", rope_factor: Optional[float] = None,
-               need_tokenizer: bool = True, ctx: Optional[int] = None) -> LoadedModel:
+def residency(dtype: Optional[str], mode: ComputeMode) -> str:
+    """The weight residency to load a checkpoint with for compute mode `mode`: `dtype` ("float32"
+    or "bfloat16"), or when None the mode's: float32 for float32 and float64 (float64 upcasts the
+    float32 weights once more), bfloat16 for bfloat16 and float16 (they compute with weights held
+    in their own dtype, as the engines do).
+    Raises ParameterError("dtype") for a residency the mode cannot compute with."""
+    wanted = "float32" if mode.dtype in ("float32", "float64") else "bfloat16"
+    if dtype is None or dtype == wanted or mode.dtype == "float32":
+        return dtype or wanted
+    raise ParameterError("dtype", f"dtype {dtype} does not combine with compute {mode.dtype}: it computes with the "
+                                  f"weights held in {mode.storage.name}; leave the residency to the compute mode")
+
+
+def checkpoint_for(checkpoint: Checkpoint, mode: ComputeMode) -> Checkpoint:
+    """`checkpoint` with its weights as `mode` computes with them (`linear.mode_weights`: float64,
+    float16, or bfloat16 where stored otherwise), converted once; `dtype` says how they are held."""
+    if mode.dtype == "float32":
+        return checkpoint
+    weights = mode_weights(checkpoint.weights, mode)
+    return dataclasses.replace(checkpoint, weights=weights, dtype=mode.storage.name)
+
+
+def load_model(path=None, dtype: Optional[str] = None, rope_factor: Optional[float] = None,
+               need_tokenizer: bool = True, ctx: Optional[int] = None, compute: str = "float32",
+               convention: str = "transformers") -> LoadedModel:
     """Load a checkpoint (a Hugging Face or Meta folder, or a GGUF file) and its tokenizer.
 
     path: the folder or .gguf file (imported into the asset cache once, `assets.model_dir`); None
     for the default model. dtype: weight residency, "float32" (converted once, fastest) or
-    "bfloat16" (kept as stored, half the memory). rope_factor: overrides the llama3 rope scaling
-    factor a Meta params.json implies. need_tokenizer: when False, a folder without tokenizer files
-    loads with `tokenizer` None. ctx: a context size to check against the model's trained context
-    before any weight is read (`check_ctx`).
-    Raises Llama3Error for a missing folder or a malformed checkpoint, ParameterError("ctx").
+    "bfloat16" (kept as stored, half the memory); None: the compute mode's (`residency`).
+    rope_factor: overrides the llama3 rope scaling factor a Meta params.json implies.
+    need_tokenizer: when False, a folder without tokenizer files loads with `tokenizer` None. ctx:
+    a context size to check against the model's trained context before any weight is read
+    (`check_ctx`). compute, convention: the compute mode (`config.ComputeMode`: "float32",
+    "float64", "bfloat16", "float16"; "transformers" or "meta" casts) the weights are held for.
+    Raises Llama3Error for a missing folder or a malformed checkpoint, ParameterError("ctx"),
+    ParameterError("compute"/"convention") for an unknown mode, ParameterError("dtype") for a
+    residency the mode cannot compute with.
     """
+    mode = ComputeMode.of(compute, convention)
+    dtype = residency(dtype, mode)
     path = assets.model_dir(path)
     t0 = time.perf_counter()
     index = scan_checkpoint(path, rope_factor=rope_factor)
     check_ctx(ctx, index.config)
-    checkpoint = load_checkpoint(index, dtype=dtype)
+    checkpoint = checkpoint_for(load_checkpoint(index, dtype=dtype), mode)
     try:
         tokenizer = load_tokenizer(path)
     except Llama3Error:
         if need_tokenizer:
             raise
         tokenizer = None
-    return LoadedModel(checkpoint, tokenizer, time.perf_counter() - t0)
+    return LoadedModel(checkpoint, tokenizer, time.perf_counter() - t0, mode)

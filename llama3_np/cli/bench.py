@@ -25,7 +25,8 @@ def add_command(sub) -> None:
 
 
 def run(args) -> int:
-    result = bench(model_dir(args.model), args.dtype, args.prompt, args.new, args.runs, args.rope_factor)
+    result = bench(model_dir(args.model), args.dtype, args.prompt, args.new, args.runs, args.rope_factor,
+                   args.compute, args.convention)
     if args.json:
         sys.stdout.write(json.dumps(asdict(result)) + "\n")
     else:

@@ -37,7 +37,8 @@ def run_chat(args) -> int:
     seed, rng = seeded_rng(args)
     loaded = load(args, need_tokenizer=True)
     tok, fmt = loaded.tokenizer, loaded.chat_format()
-    session = ProgressSession(loaded.weights, loaded.config, loaded.ctx(args.ctx), args.repeat_last_n)
+    session = ProgressSession(loaded.weights, loaded.config, loaded.ctx(args.ctx), args.repeat_last_n,
+                              loaded.compute)
     stop_ids = loaded.stop_ids()
     # Room a new message must leave for its answer before older turns are dropped: the -n limit,
     # but never more than half the context (a longer answer is cut by the context anyway).

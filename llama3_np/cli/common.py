@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import assets, products
 from ..checks import token_ids
-from ..config import ModelConfig
+from ..config import COMPUTE_DTYPES, CONVENTIONS, ModelConfig
 from ..errors import Llama3Error, ParameterError
 from ..generation import PREFILL_CHUNK, REPEAT_LAST_N, Generation, Session, Step
 from ..load import DEFAULT_CTX, LoadedModel, load_model
@@ -37,6 +37,7 @@ FLAGS = {
     "nmse_tol": "--tol", "rel_tol": "--rel-tol", "batch": "--batch-size", "chunks": "--chunks",
     "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
     "layers": "--layers", "samplers": "--samplers", "repeat_last_n": "--repeat-last-n",
+    "compute": "--compute", "convention": "--convention", "dtype": "--dtype",
 }
 
 
@@ -66,8 +67,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """The flags of every command that loads a model and computes with it."""
     p.add_argument("-m", "--model", metavar="DIR",
                    help="checkpoint folder (Hugging Face or Meta format) or .gguf file; default: the default model")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weight residency: float32 (fast) or bfloat16 (half the memory)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="weight residency: float32 (fast) or bfloat16 (half the memory); default float32, "
+                        "or the --compute dtype for bfloat16 and float16")
+    p.add_argument("--compute", choices=COMPUTE_DTYPES, default="float32",
+                   help="what every stage computes in: float32 (default); float64 (the exact value, weights "
+                        "upcast); bfloat16 or float16 (an engine's arithmetic, emulated: products accumulated "
+                        "in float32, each stage rounded to the dtype where the engine rounds it, KV cache in "
+                        "the dtype; llama3_np/model.py cites the cast points)")
+    p.add_argument("--convention", choices=CONVENTIONS, default="transformers",
+                   help="where --compute bfloat16/float16 rounds: as Hugging Face transformers' LlamaForCausalLM "
+                        "(eager attention) does, or as Meta's llama-models reference does; they differ in rope "
+                        "and the attention scale (default transformers)")
     p.add_argument("--rope-factor", type=float, metavar="F",
                    help="override the llama3 rope scaling factor of a Meta params.json")
     p.add_argument("-t", "--threads", type=thread_count, default=products.default_threads(), metavar="N",
@@ -140,9 +151,10 @@ def model_dir(arg: Optional[str]) -> Path:
 
 
 def load(args, need_tokenizer: bool) -> LoadedModel:
-    """The model of -m, --dtype and --rope-factor; a -c/--ctx-size beyond its trained context
-    is refused before its weights are read."""
+    """The model of -m, --dtype, --rope-factor, --compute and --convention; a -c/--ctx-size beyond
+    its trained context is refused before its weights are read."""
     return load_model(model_dir(args.model), dtype=args.dtype, rope_factor=args.rope_factor,
+                      compute=args.compute, convention=args.convention,
                       need_tokenizer=need_tokenizer, ctx=getattr(args, "ctx", None))
 
 

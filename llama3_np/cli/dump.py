@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import Llama3Error
 from ..stages import Trace, check_globs, stage_shapes
-from ..xcheck.dump import dump_metadata, read_dump, run_forward, write_dump
+from ..xcheck.dump import convention_metadata, dump_metadata, read_dump, run_forward, write_dump
 from .common import add_input_args, add_model_args, load_with_inputs
 
 
@@ -40,10 +40,11 @@ def run(args) -> int:
     else:
         globs = ["*"]
     trace = Trace(globs)
-    run_forward(loaded.weights, loaded.config, inputs, trace)
-    write_dump(output, dict(trace), dump_metadata(loaded.config, inputs, "float32",
+    run_forward(loaded.weights, loaded.config, inputs, trace, loaded.compute)
+    write_dump(output, dict(trace), dump_metadata(loaded.config, inputs, loaded.compute.dtype,
                                                   residency=loaded.checkpoint.dtype,
-                                                  format=loaded.checkpoint.format))
+                                                  format=loaded.checkpoint.format,
+                                                  **convention_metadata(loaded.compute)))
     size = output.stat().st_size
     print(f"wrote {len(trace)} stages of {len(inputs.tokens)} tokens ({size / 1e6:.1f} MB) to {output}")
     return 0

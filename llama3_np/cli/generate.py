@@ -127,7 +127,7 @@ def run_generate(args) -> int:
     # The cache needs room for the prompt and the new tokens, never more than the context.
     cache_len = ctx if args.n_predict < 0 else min(ctx, len(prompt) + args.n_predict)
     explain = args.explain is not None
-    session = ProgressSession(loaded.weights, loaded.config, cache_len, args.repeat_last_n)
+    session = ProgressSession(loaded.weights, loaded.config, cache_len, args.repeat_last_n, loaded.compute)
     stop_ids = loaded.stop_ids()
     printer = None if args.json or explain else Printer(loaded.tokenizer, stop_ids)
     if args.echo:
