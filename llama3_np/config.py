@@ -18,9 +18,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-import ml_dtypes
 import numpy as np
 
+from .dtypes import bfloat16
 from .errors import Llama3Error, ParameterError
 
 # Llama 3.0 was trained with an 8,192-token context; 3.1, 3.2 and 3.3 extend it to 131,072 with
@@ -302,8 +302,6 @@ COMPUTE_DTYPES = ("float64", "float32", "bfloat16", "float16")
 # Where a bfloat16 or float16 engine rounds (`ComputeMode.casts`): as Hugging Face transformers'
 # LlamaForCausalLM does, or as Meta's llama-models Transformer does (`model.py` cites both per stage).
 CONVENTIONS = ("transformers", "meta")
-# What keys, values and weights are held in, per mode.
-_STORAGE = {"float64": np.float64, "float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 @dataclass(frozen=True)
@@ -316,7 +314,7 @@ class ComputeMode:
       is measured against.
     - "bfloat16", "float16": the arithmetic of an engine holding weights and activations in that
       dtype on a CPU: every product accumulated in float32, and every stage's result rounded to the
-      dtype (round to nearest even, by ml_dtypes and NumPy's float16 conversion) where the engine
+      dtype (round to nearest even, by ml_dtypes' and NumPy's float16 conversions) where the engine
       rounds it. `convention` says which engine: "transformers" (LlamaForCausalLM, eager attention)
       or "meta" (llama-models' Transformer); they differ in rope and in the attention scale
       (`model.rope`, `model.causal_attention`).
@@ -349,7 +347,7 @@ class ComputeMode:
 
     @property
     def storage(self) -> np.dtype:
-        return np.dtype(_STORAGE[self.dtype])
+        return bfloat16() if self.dtype == "bfloat16" else np.dtype(self.dtype)
 
     @property
     def casts(self) -> Optional[str]:
