@@ -25,10 +25,11 @@ from typing import Mapping, Optional
 import numpy as np
 
 from .checks import expect_shape, forward_arguments
-from .config import ModelConfig
+from .config import ComputeMode, ModelConfig
 from .errors import Llama3Error
-from .model import causal_mask, rope_cos_sin, rope_frequencies, silu, softmax
-from .stages import Trace
+from .linear import linear
+from .model import FeedForwardWeights, LayerWeights, forward, rope_cos_sin, rope_frequencies, silu
+from .stages import Keep, Trace, keep_nothing, scoped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,7 +39,7 @@ from .stages import Trace
 def linear_backward(x: np.ndarray, w: np.ndarray, d_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # [T, n_in], [n_out, n_in], [T, n_out] -> [T, n_in], [n_out, n_in]
     """Of y = x · wᵀ: dL/dx = d_out · w and dL/dw = d_outᵀ · x (a sum over the T tokens)."""
-    return d_out @ w.astype(d_out.dtype, copy=False), d_out.T @ x
+    return d_out @ np.asarray(w, dtype=d_out.dtype), d_out.T @ x
 
 
 def embed_backward(tokens: np.ndarray, d_out: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -123,9 +124,9 @@ def silu_backward(x: np.ndarray, d_out: np.ndarray) -> np.ndarray:  # [...] -> [
     return d_out * sigma * (1 + x * (1 - sigma))
 
 
-def swiglu_backward(x: np.ndarray, w1: np.ndarray, w2: np.ndarray, w3: np.ndarray,
-                    d_out: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    # [T, D], [F, D], [D, F], [F, D], [T, D] -> [T, D], {w1: [F, D], w2: [D, F], w3: [F, D]}
+def swiglu_backward(x: np.ndarray, w: FeedForwardWeights, d_out: np.ndarray,
+                    keep: Keep = keep_nothing) -> tuple[np.ndarray, FeedForwardWeights]:
+    # [T, D], [T, D] -> [T, D], gradients of (w1 [F, D], w2 [D, F], w3 [F, D])
     """Of w2 · (silu(gate) ⊙ up) with gate = w1 · x, up = w3 · x (`model.swiglu`):
 
         dL/dhidden = d_out · w2        dL/dgate = dL/dhidden ⊙ up ⊙ silu'(gate)
@@ -133,12 +134,12 @@ def swiglu_backward(x: np.ndarray, w1: np.ndarray, w2: np.ndarray, w3: np.ndarra
 
     gate and up are recomputed from x (two products) rather than kept by the forward pass.
     """
-    gate, up = x @ w1.T.astype(x.dtype, copy=False), x @ w3.T.astype(x.dtype, copy=False)  # [T, F] each
-    hidden = silu(gate) * up
-    d_hidden, d_w2 = linear_backward(hidden, w2, d_out)
-    d_x_gate, d_w1 = linear_backward(x, w1, silu_backward(gate, d_hidden * up))
-    d_x_up, d_w3 = linear_backward(x, w3, d_hidden * silu(gate))
-    return d_x_gate + d_x_up, {"w1": d_w1, "w2": d_w2, "w3": d_w3}
+    gate, up = linear(x, w.w1), linear(x, w.w3)  # [T, F] each
+    d_hidden, d_w2 = linear_backward(silu(gate) * up, w.w2, d_out)
+    keep("ffn_hidden", d_hidden)
+    d_x_gate, d_w1 = linear_backward(x, w.w1, silu_backward(gate, d_hidden * up))
+    d_x_up, d_w3 = linear_backward(x, w.w3, d_hidden * silu(gate))
+    return d_x_gate + d_x_up, FeedForwardWeights(w1=d_w1, w2=d_w2, w3=d_w3)
 
 
 def cross_entropy(logits: np.ndarray, targets: np.ndarray,
@@ -181,77 +182,79 @@ class Tape(Trace):
 
 
 def model_backward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens: np.ndarray,
-                   pos: int, tape: Mapping[str, np.ndarray], d_logits: np.ndarray) -> dict[str, np.ndarray]:
+                   pos: int, tape: Mapping[str, np.ndarray], d_logits: np.ndarray,
+                   trace: Optional[Trace] = None) -> dict[str, np.ndarray]:
     # [T], [T, V] -> {canonical weight name: gradient of the weight's shape}
     """The gradient of every weight, given the stages of the forward pass over `tokens` (from rope
     position `pos`, without a cache) and dL/dlogits: the stages' backward functions in reverse
     stage order. The residual stream's gradient flows through both branches of each residual add
-    (h = x + attn_out, out = h + ffn_out).
+    (h = x + attn_out, out = h + ffn_out). Gradients are in d_logits' dtype (the forward's compute
+    mode: float32 or float64). `trace` records dL/d(stage) under each stage's own name (`stages.py`).
     """
     T = tokens.shape[0]
     H, KV, Dh, eps = config.n_heads, config.n_kv_heads, config.head_dim, config.norm_eps
-    dtype = d_logits.dtype
-    cos, sin = rope_cos_sin(pos + np.arange(T), rope_frequencies(config))  # [T, Dh/2] each
+    mode = ComputeMode.of(d_logits.dtype.name)
+    cos, sin = rope_cos_sin(pos + np.arange(T), rope_frequencies(config, mode))  # [T, Dh/2] each
+    keep = scoped(trace, "")
     grads: dict[str, np.ndarray] = {}
 
+    d_norm, grads["output.weight"] = linear_backward(tape["norm"], weights["output.weight"],
+                                                     keep("logits", d_logits))
     last_out = tape[f"layers.{config.n_layers - 1}.out"]
-    d_norm, grads["output.weight"] = linear_backward(tape["norm"], weights["output.weight"], d_logits)
-    d_x, grads["norm.weight"] = rmsnorm_backward(last_out, weights["norm.weight"], eps, d_norm)
+    d_x, grads["norm.weight"] = rmsnorm_backward(last_out, weights["norm.weight"], eps, keep("norm", d_norm))
 
     for layer in reversed(range(config.n_layers)):
-        def stage(name):
-            return tape[f"layers.{layer}.{name}"]
+        prefix = f"layers.{layer}."
+        keep = scoped(trace, prefix)
+        w = LayerWeights.of(weights, layer, config)
 
-        def w(name):
-            return weights[f"layers.{layer}.{name}.weight"]
+        def stage(name):
+            return tape[prefix + name]
 
         x = tape[f"layers.{layer - 1}.out"] if layer > 0 else tape["embed"]
-        prefix = f"layers.{layer}."
-        # out = h + swiglu(rmsnorm(h)): d_x reaches h directly and through the feed-forward branch.
-        d_ffn_norm, ffn = swiglu_backward(stage("ffn_norm"), w("feed_forward.w1"), w("feed_forward.w2"),
-                                          w("feed_forward.w3"), d_x)
-        d_h_norm, grads[prefix + "ffn_norm.weight"] = rmsnorm_backward(stage("h"), w("ffn_norm"), eps, d_ffn_norm)
-        d_h = d_x + d_h_norm
+        # out = h + swiglu(rmsnorm(h)): dL/dout reaches h directly and through the feed-forward branch.
+        d_ffn_norm, d_ffn = swiglu_backward(stage("ffn_norm"), w.feed_forward, keep("ffn_out", keep("out", d_x)), keep)
+        d_h_norm, grads[prefix + "ffn_norm.weight"] = rmsnorm_backward(stage("h"), w.ffn_norm, eps,
+                                                                      keep("ffn_norm", d_ffn_norm))
+        d_h = keep("h", d_x + d_h_norm)
         # h = x + wo · attention(rope(wq a), rope(wk a), wv a) with a = rmsnorm(x).
-        d_attn, grads[prefix + "attention.wo.weight"] = linear_backward(stage("attn"), w("attention.wo"), d_h)
-        keys = stage("k_rope").transpose(1, 0, 2)  # [T, KV, Dh] -> [KV, T, Dh]
-        values = stage("v").transpose(1, 0, 2)
+        d_attn, grads[prefix + "attention.wo.weight"] = linear_backward(stage("attn"), w.attention.wo,
+                                                                       keep("attn_out", d_h))
+        keys, values = stage("k_rope").transpose(1, 0, 2), stage("v").transpose(1, 0, 2)  # [KV, T, Dh] each
         d_q_rope, d_keys, d_values = causal_attention_backward(
-            stage("q_rope"), keys, values, stage("probs"), d_attn.reshape(T, H, Dh))
-        d_q = rope_backward(d_q_rope, cos, sin).reshape(T, H * Dh)
-        d_k = rope_backward(d_keys.transpose(1, 0, 2), cos, sin).reshape(T, KV * Dh)
-        d_v = d_values.transpose(1, 0, 2).reshape(T, KV * Dh)
+            stage("q_rope"), keys, values, stage("probs"), keep("attn", d_attn).reshape(T, H, Dh))
+        d_k_rope = keep("k_rope", d_keys.transpose(1, 0, 2))  # [KV, T, Dh] -> [T, KV, Dh]
+        d_q = keep("q", rope_backward(keep("q_rope", d_q_rope), cos, sin)).reshape(T, H * Dh)
+        d_k = keep("k", rope_backward(d_k_rope, cos, sin)).reshape(T, KV * Dh)
+        d_v = keep("v", d_values.transpose(1, 0, 2)).reshape(T, KV * Dh)
         attn_norm = stage("attn_norm")
-        d_a_q, grads[prefix + "attention.wq.weight"] = linear_backward(attn_norm, w("attention.wq"), d_q)
-        d_a_k, grads[prefix + "attention.wk.weight"] = linear_backward(attn_norm, w("attention.wk"), d_k)
-        d_a_v, grads[prefix + "attention.wv.weight"] = linear_backward(attn_norm, w("attention.wv"), d_v)
+        d_a_q, grads[prefix + "attention.wq.weight"] = linear_backward(attn_norm, w.attention.wq, d_q)
+        d_a_k, grads[prefix + "attention.wk.weight"] = linear_backward(attn_norm, w.attention.wk, d_k)
+        d_a_v, grads[prefix + "attention.wv.weight"] = linear_backward(attn_norm, w.attention.wv, d_v)
         d_x_norm, grads[prefix + "attention_norm.weight"] = rmsnorm_backward(
-            x, w("attention_norm"), eps, d_a_q + d_a_k + d_a_v)
-        for name, g in ffn.items():
-            grads[prefix + f"feed_forward.{name}.weight"] = g
+            x, w.attention_norm, eps, keep("attn_norm", d_a_q + d_a_k + d_a_v))
+        for name in ("w1", "w2", "w3"):
+            grads[prefix + f"feed_forward.{name}.weight"] = getattr(d_ffn, name)
         d_x = d_h + d_x_norm
 
-    d_table = embed_backward(tokens, d_x, config.vocab_size)
+    d_table = embed_backward(tokens, scoped(trace, "")("embed", d_x), config.vocab_size)
     if config.tie_embeddings:
         d_table += grads.pop("output.weight")
     grads["tok_embeddings.weight"] = d_table
-    return {name: grads[name].astype(dtype, copy=False) for name in sorted(grads)}
+    return {name: grads[name] for name in sorted(grads)}
 
 
 def loss_and_gradients(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
-                       targets=None, pos: int = 0, forward=None,
-                       ignore_index: int = -100) -> tuple[float, dict[str, np.ndarray]]:
+                       targets=None, pos: int = 0, compute: str = "float32", ignore_index: int = -100,
+                       trace: Optional[Trace] = None) -> tuple[float, dict[str, np.ndarray]]:
     """The next-token cross-entropy of `tokens` and its gradient with respect to every weight.
 
     tokens: ids [T] fed from rope position `pos`; targets: the id each position should predict [T]
     (default: the next token, the last position ignored), `ignore_index` where a position is not
-    scored. `forward` is the forward pass to differentiate (default `llama3_np.model.forward`; it is
-    called with a `Tape`). Returns (loss, {canonical weight name: dL/dweight}), the gradients in the
-    dtype the forward pass computed in. Raises Llama3Error for bad ids or when nothing is scored.
+    scored; compute: the forward's compute mode ("float32" or "float64"), which the gradients are
+    in. Returns (loss, {canonical weight name: dL/dweight}). `trace` records dL/d(stage) of the
+    named stages. Raises Llama3Error for bad ids, targets of another length, or nothing scored.
     """
-    from . import model
-
-    forward = model.forward if forward is None else forward
     ids = forward_arguments(tokens, config.vocab_size, 0, np.size(tokens), pos)
     if targets is None:
         targets = np.append(ids[1:], ignore_index)
@@ -259,6 +262,6 @@ def loss_and_gradients(weights: Mapping[str, np.ndarray], config: ModelConfig, t
     if targets.shape != ids.shape:
         raise Llama3Error(f"targets must have one id per token ({ids.shape[0]}), got shape {targets.shape}")
     tape = Tape()
-    logits = forward(weights, config, ids, pos=pos, trace=tape)
+    logits = forward(weights, config, ids, pos=pos, trace=tape, compute=compute)
     loss, d_logits = cross_entropy(logits, targets, ignore_index)
-    return loss, model_backward(weights, config, ids, pos, tape, d_logits)
+    return loss, model_backward(weights, config, ids, pos, tape, d_logits, trace)

@@ -29,7 +29,9 @@ from llama3_np.backward import (causal_attention_backward, cross_entropy, embed_
                                 linear_backward, loss_and_gradients, rmsnorm_backward, rope_backward,
                                 swiglu_backward)
 from llama3_np.formats.checkpoint import load_checkpoint
-from llama3_np.model import causal_attention, rmsnorm, rope, rope_cos_sin, rope_frequencies, swiglu
+from llama3_np.config import ComputeMode
+from llama3_np.model import (FeedForwardWeights, causal_attention, rmsnorm, rope, rope_cos_sin, rope_frequencies,
+                             swiglu)
 from tests.helpers import assert_close, tiny_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "grad"
@@ -50,19 +52,19 @@ def test_fixtures_cover_the_issue_s_lengths_positions_and_variants():
     assert {v for v, _ in CASES} == {"llama3_0", "llama3_1", "llama3_2"}
 
 
+@pytest.mark.parametrize("compute,tol,loss_tol", [("float32", 1e-10, 1e-6), ("float64", 1e-24, 1e-13)])
 @pytest.mark.parametrize("variant,case", CASES)
-def test_every_gradient_equals_autograd_in_float32(variant, case):
+def test_every_gradient_equals_autograd(variant, case, compute, tol, loss_tol):
     ref, meta = read_case(variant, case)
     ckpt = load_checkpoint(FIXTURES / variant, dtype="float32")
-    config, weights = ckpt.config, ckpt.weights
-    loss, grads = loss_and_gradients(weights, config, json.loads(meta["tokens"]), json.loads(meta["targets"]),
-                                     pos=int(meta["pos"]))
-    expected = {k[len("float32."):]: a for k, a in ref.items() if k.startswith("float32.")}
+    loss, grads = loss_and_gradients(ckpt.weights, ckpt.config, json.loads(meta["tokens"]),
+                                     json.loads(meta["targets"]), pos=int(meta["pos"]), compute=compute)
+    expected = {k[len(compute) + 1:]: a for k, a in ref.items() if k.startswith(compute + ".")}
     assert sorted(grads) == sorted(expected)
-    assert abs(loss - float(meta["loss_float32"])) <= 1e-5 * abs(float(meta["loss_float32"]))
+    assert loss == pytest.approx(float(meta[f"loss_{compute}"]), rel=loss_tol)
     for name, g in grads.items():
-        assert g.dtype == np.float32
-        assert_close(g, expected[name], f"{variant} {case} float32 d{name}", 1e-10)
+        assert g.dtype == np.dtype(compute)
+        assert_close(g, expected[name], f"{variant} {case} {compute} d{name}", tol)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,38 +88,28 @@ D_OUT = RNG.normal(size=(T, D))  # the upstream gradient every check projects on
 def test_rmsnorm_backward():
     x, g = RNG.normal(size=(T, D)), RNG.normal(1, 0.2, size=D)
     d_x, d_g = rmsnorm_backward(x, g, 1e-5, D_OUT)
-    directional_check(lambda x_: np.sum(rmsnorm(x_, g, 1e-5) * D_OUT), x, d_x, "rmsnorm dx")
-    directional_check(lambda g_: np.sum(rmsnorm(x, g_, 1e-5) * D_OUT), g, d_g, "rmsnorm dweight")
+    f64 = ComputeMode("float64")
+    directional_check(lambda x_: np.sum(rmsnorm(x_, g, 1e-5, f64) * D_OUT), x, d_x, "rmsnorm dx")
+    directional_check(lambda g_: np.sum(rmsnorm(x, g_, 1e-5, f64) * D_OUT), g, d_g, "rmsnorm dweight")
 
 
 def test_rope_backward_is_the_inverse_rotation():
-    config = tiny_config(head_dim=Dh)
-    cos, sin = rope_cos_sin(24_571 + np.arange(T), rope_frequencies(config))
-    cos, sin = cos.astype(np.float64), sin.astype(np.float64)
+    cos, sin = rope_cos_sin(24_571 + np.arange(T), rope_frequencies(tiny_config(head_dim=Dh), ComputeMode("float64")))
     x, d_out = RNG.normal(size=(T, H, Dh)), RNG.normal(size=(T, H, Dh))
-
-    def rope64(x_):
-        pairs = x_.reshape(T, H, Dh // 2, 2)
-        a, b = pairs[..., 0], pairs[..., 1]
-        c, s = cos[:, None], sin[:, None]
-        return np.stack([a * c - b * s, a * s + b * c], axis=-1).reshape(T, H, Dh)
-
-    assert_close(rope64(x).astype(np.float32), rope(x.astype(np.float32), cos.astype(np.float32),
-                                                    sin.astype(np.float32)), "the float64 rope used here", 1e-12)
-    directional_check(lambda x_: np.sum(rope64(x_) * d_out), x, rope_backward(d_out, cos, sin), "rope dx")
+    directional_check(lambda x_: np.sum(rope(x_, cos, sin) * d_out), x, rope_backward(d_out, cos, sin), "rope dx")
 
 
 def test_attention_backward_with_grouped_heads_and_the_causal_mask():
     q, k, v = RNG.normal(size=(T, H, Dh)), RNG.normal(size=(KV, T, Dh)), RNG.normal(size=(KV, T, Dh))
     d_out = RNG.normal(size=(T, H, Dh))
-    probs = {}
+    probs = []
 
     def f(q_, k_, v_):
-        out = causal_attention(q_, k_, v_, keep=lambda name, p: probs.setdefault("p", p))
+        out = causal_attention(q_, k_, v_, keep=lambda name, p: probs.append(p) or p, mode=ComputeMode("float64"))
         return np.sum(out * d_out)
 
     f(q, k, v)
-    d_q, d_k, d_v = causal_attention_backward(q, k, v, probs.pop("p").reshape(H, T, T), d_out)
+    d_q, d_k, d_v = causal_attention_backward(q, k, v, probs[0], d_out)
     directional_check(lambda q_: f(q_, k, v), q, d_q, "attention dq")
     directional_check(lambda k_: f(q, k_, v), k, d_k, "attention dk")
     directional_check(lambda v_: f(q, k, v_), v, d_v, "attention dv")
@@ -126,15 +118,15 @@ def test_attention_backward_with_grouped_heads_and_the_causal_mask():
 def test_swiglu_backward():
     x = RNG.normal(size=(T, D))
     w1, w2, w3 = RNG.normal(size=(F, D)) / 4, RNG.normal(size=(D, F)) / 5, RNG.normal(size=(F, D)) / 4
-    d_x, d_w = swiglu_backward(x, w1, w2, w3, D_OUT)
+    d_x, d_w = swiglu_backward(x, FeedForwardWeights(w1, w2, w3), D_OUT)
 
     def f(x_=x, w1_=w1, w2_=w2, w3_=w3):
-        return np.sum(swiglu(x_, w1_, w2_, w3_) * D_OUT)
+        return np.sum(swiglu(x_, FeedForwardWeights(w1_, w2_, w3_), ComputeMode("float64")) * D_OUT)
 
     directional_check(lambda x_: f(x_=x_), x, d_x, "swiglu dx")
-    directional_check(lambda w_: f(w1_=w_), w1, d_w["w1"], "swiglu dw1")
-    directional_check(lambda w_: f(w2_=w_), w2, d_w["w2"], "swiglu dw2")
-    directional_check(lambda w_: f(w3_=w_), w3, d_w["w3"], "swiglu dw3")
+    directional_check(lambda w_: f(w1_=w_), w1, d_w.w1, "swiglu dw1")
+    directional_check(lambda w_: f(w2_=w_), w2, d_w.w2, "swiglu dw2")
+    directional_check(lambda w_: f(w3_=w_), w3, d_w.w3, "swiglu dw3")
 
 
 def test_linear_and_embedding_backward():

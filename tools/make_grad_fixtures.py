@@ -10,16 +10,19 @@ Hugging Face `transformers`' `LlamaForCausalLM` (eager attention) is differentia
 under its canonical (Meta) name and layout: `float32.NAME` and `float64.NAME`, with the losses and
 inputs in the metadata.
 
-The float64 run computes rope's cos/sin in float64 from the float32 frequency table (upcast) rather
-than transformers' own float32 cos/sin: a float32 rounding of cos/sin would bound the float64
-comparison at NMSE ~1e-15, and what these fixtures test is the backward pass, not the rope table
-(tests/test_parity.py proves the table).
+transformers computes three things in float32 whatever the model's dtype (as Meta's reference
+does): RMSNorm, the attention softmax, and rope's cos/sin. The float64 run computes the first two in
+float64 (patched for the run: the same formulas without the cast) and takes cos/sin from llama3_np's
+float64 compute mode (every step of the frequency table and the angles in float64): float32 steps
+would bound the float64 comparison at an NMSE of about 1e-15 (1e-9 at position 24,571), and what
+these fixtures test is the backward pass, not the rope table (tests/test_parity.py proves it).
 
 Needs the tools extra (`make tools`); runs in a few seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -36,7 +39,8 @@ import torch  # noqa: E402
 import torch_reference as ref  # noqa: E402
 from llama3_np.config import from_hf_config  # noqa: E402
 from llama3_np.formats.safetensors_file import write_safetensors  # noqa: E402
-from llama3_np.model import rope_frequencies  # noqa: E402
+from llama3_np.config import ComputeMode  # noqa: E402
+from llama3_np.model import rope_cos_sin, rope_frequencies  # noqa: E402
 
 transformers = ref.transformers_module()
 
@@ -102,23 +106,52 @@ def random_hf_weights(rng: np.random.Generator, tie_embeddings: bool) -> dict[st
 
 
 def float64_rope(model, config, pos: int, T: int):
-    """Replace the model's rotary embedding by cos/sin computed in float64 from the float32
-    frequency table, in transformers' rotate-half layout ([1, T, Dh], each angle twice)."""
-    angles = (pos + np.arange(T, dtype=np.float64))[:, None] * rope_frequencies(config).astype(np.float64)
-    cos, sin = (torch.from_numpy(np.concatenate([f(angles)] * 2, axis=-1))[None] for f in (np.cos, np.sin))
+    """Replace the model's rotary embedding by llama3_np's float64 cos/sin, in transformers'
+    rotate-half layout ([1, T, Dh], each angle twice)."""
+    rotation = rope_cos_sin(pos + np.arange(T), rope_frequencies(config, ComputeMode("float64")))
+    cos, sin = (torch.from_numpy(np.concatenate([f] * 2, axis=-1))[None] for f in rotation)
     model.model.rotary_emb.forward = lambda x, position_ids: (cos, sin)
+
+
+def rmsnorm_in_its_dtype(self, x):
+    """LlamaRMSNorm.forward without its float32 cast."""
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+@contextlib.contextmanager
+def float64_throughout(model, config, pos: int, T: int):
+    """transformers' model with RMSNorm, softmax and rope computed in float64 (see above)."""
+    from transformers.models.llama import modeling_llama
+    softmax = torch.nn.functional.softmax
+
+    def softmax_in_its_dtype(x, dim=None, dtype=None, **kwargs):
+        return softmax(x, dim=dim, dtype=x.dtype if x.dtype == torch.float64 else dtype, **kwargs)
+
+    float64_rope(model, config, pos, T)
+    norm_forward = modeling_llama.LlamaRMSNorm.forward
+    modeling_llama.LlamaRMSNorm.forward = rmsnorm_in_its_dtype
+    torch.nn.functional.softmax = softmax_in_its_dtype
+    try:
+        yield
+    finally:
+        modeling_llama.LlamaRMSNorm.forward = norm_forward
+        torch.nn.functional.softmax = softmax
 
 
 def gradients(folder: Path, config, dtype: torch.dtype, tokens, targets, pos: int):
     """(loss, {canonical name: gradient}) of transformers' model in `dtype`, by autograd."""
     model = ref.load_hf(folder, dtype)
-    if dtype == torch.float64:
-        float64_rope(model, config, pos, len(tokens))
+    with float64_throughout(model, config, pos, len(tokens)) if dtype == torch.float64 else contextlib.nullcontext():
+        return _gradients(model, config, tokens, targets, pos)
+
+
+def _gradients(model, config, tokens, targets, pos: int):
     ids = torch.tensor([tokens])
     position_ids = torch.arange(pos, pos + len(tokens))[None]
     logits = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits[0]
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets), ignore_index=-100)
     loss.backward()
+    loss = loss.detach()
     hf_grads = {name: p.grad for name, p in model.named_parameters()}
     grads = ref.hf_to_meta_state_dict(hf_grads, config)
     if config.tie_embeddings:
@@ -148,8 +181,9 @@ def make_variant(name: str, v: Variant) -> list[str]:
                     "producer": f"transformers {transformers.__version__}, torch {torch.__version__} autograd"}
         path = folder / f"grad_T{T}_pos{pos}.safetensors"
         write_safetensors(path, tensors, metadata)
-        worst = max(ref.nmse(g32[k].astype(np.float64), g64[k]) for k in g64)
-        report.append(f"{name} T={T} pos={pos}: loss {loss64:.6f}, float32 vs float64 worst gradient NMSE "
+        worst = max(ref.nmse(g32[k].astype(np.float64), g64[k]) for k in g64 if g64[k].any())
+        report.append(f"{name} T={T} pos={pos}: loss {loss64:.6f}, worst gradient NMSE of the float32 run "
+                      f"(its own float32 rope angles included) against the float64 run "
                       f"{worst:.2e}, {path.stat().st_size // 1024} KB")
     return report
 
@@ -179,7 +213,7 @@ def make_training_run() -> str:
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), TRAIN["max_norm"])))
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     params = ref.hf_to_meta_state_dict(dict(model.named_parameters()), config)
     if config.tie_embeddings:
         del params["output.weight"]
@@ -193,11 +227,46 @@ def make_training_run() -> str:
             f"{path.stat().st_size // 1024} KB")
 
 
+# Two steps of llama3_np's own trainer, its checkpoint then loaded by transformers: the logits of
+# PROBE by transformers from that folder are what tests/test_train.py compares llama3_np's with.
+TRAINED = dict(variant="llama3_2", steps=2, seq_len=16, batch_size=2, learning_rate=1e-3, warmup_steps=0, seed=3)
+PROBE = [5, 9, 33, 2, 60, 17, 17, 41]
+
+
+def make_trained_checkpoint() -> str:
+    import tempfile
+    from llama3_np.formats.checkpoint import load_checkpoint
+    from llama3_np.model import forward
+    from llama3_np.train import Trainer, TrainingArguments
+
+    s = dict(TRAINED)
+    ckpt = load_checkpoint(OUT / s.pop("variant"), dtype="float32")
+    args = TrainingArguments(max_steps=s.pop("steps"), **s)
+    sequences = np.random.default_rng(7).integers(0, VOCAB, (6, args.seq_len + 1))
+    trainer = Trainer(ckpt.weights, ckpt.config, sequences, None, args)
+    while trainer.step < args.max_steps:
+        trainer.train_step()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "checkpoint"
+        trainer.save(folder)
+        hf = ref.load_hf(folder, torch.float32)
+        with torch.no_grad():
+            logits = hf(input_ids=torch.tensor([PROBE]), use_cache=False).logits[0].numpy()
+        ours = forward(load_checkpoint(folder, dtype="float32").weights, ckpt.config, PROBE)
+    path = OUT / "trained_checkpoint_logits.safetensors"
+    write_safetensors(path, {"logits": logits}, {"settings": json.dumps(TRAINED), "probe": json.dumps(PROBE),
+                                                 "sequences_seed": "7",
+                                                 "producer": f"transformers {transformers.__version__}"})
+    return (f"llama3_np's checkpoint after {args.max_steps} steps, logits from transformers vs llama3_np: "
+            f"NMSE {ref.nmse(ours, logits):.2e}")
+
+
 def main() -> None:
     torch.manual_seed(0)
     for name, v in VARIANTS.items():
         print("\n".join(make_variant(name, v)))
     print(make_training_run())
+    print(make_trained_checkpoint())
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"tests/fixtures/grad/: {total / 1e6:.2f} MB")
 

@@ -37,6 +37,10 @@ FLAGS = {
     "nmse_tol": "--tol", "rel_tol": "--rel-tol", "batch": "--batch-size", "chunks": "--chunks",
     "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
     "layers": "--layers", "samplers": "--samplers", "repeat_last_n": "--repeat-last-n",
+    "lr": "--learning-rate", "betas": "--adam-beta1/--adam-beta2", "eps": "--adam-epsilon",
+    "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm", "max_steps": "--max-steps",
+    "seq_len": "--seq-len", "batch_size": "--batch-size", "warmup_steps": "--warmup-steps",
+    "eval_steps": "--eval-steps", "save_steps": "--save-steps",
 }
 
 
