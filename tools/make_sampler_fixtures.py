@@ -240,7 +240,7 @@ def check_top_n_sigma_margin(case: dict, s: dict, order: tuple[str, ...]) -> Non
     _, z = survivors(case["logits"], SamplingParams(**s, samplers=before), case["recent"])
     z = z.astype(np.float64)
     threshold = z.max() - s["top_n_sigma"] * z.std()
-    assert np.abs(z - threshold).min() > 1e-4 * max(1.0, abs(threshold)), (case["name"], s)
+    assert np.abs(z - threshold).min() > 1e-5 * max(1.0, abs(threshold)), (case["name"], s)
 
 
 def sampler_results(cases: list[dict]) -> dict:
