@@ -172,10 +172,12 @@ class SamplingParams:
         if not (np.isfinite(self.repeat_penalty) and np.float32(self.repeat_penalty) > 1 / np.finfo(np.float32).max):
             raise ParameterError("repeat_penalty", f"repeat_penalty must be > 0 and finite (1 = off), "
                                                        f"got {self.repeat_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not _finite(getattr(self, name)):
-                raise ParameterError(name, f"{name} must be a finite number, negative to favour repeats "
-                                           f"(0 = off), got {getattr(self, name)}")
+        if not _finite(self.presence_penalty):
+            raise ParameterError("presence_penalty", f"presence_penalty must be a finite number, negative to "
+                                                     f"favour repeats (0 = off), got {self.presence_penalty}")
+        if not _finite(self.frequency_penalty):
+            raise ParameterError("frequency_penalty", f"frequency_penalty must be a finite number, negative to "
+                                                      f"favour repeats (0 = off), got {self.frequency_penalty}")
         if not (_finite(self.typical_p) and 0 <= self.typical_p <= 1):
             raise ParameterError("typical_p", f"typical_p must be in [0, 1] (1 = off), got {self.typical_p}")
         if not _finite(self.top_n_sigma):
