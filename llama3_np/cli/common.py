@@ -37,6 +37,7 @@ FLAGS = {
     "nmse_tol": "--tol", "rel_tol": "--rel-tol", "batch": "--batch-size", "chunks": "--chunks",
     "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
     "layers": "--layers", "samplers": "--samplers", "repeat_last_n": "--repeat-last-n",
+    "top_n": "--top-n",
 }
 
 
@@ -75,9 +76,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    d = SamplingParams()
     p.add_argument("-n", "--n-predict", type=int, default=128, metavar="N",
                    help="tokens to generate; -1: until a stop token or the context is full (default 128)")
+    add_chain_args(p)
+    p.add_argument("-s", "--seed", type=int, default=-1,
+                   help="random seed; -1 = a random one, printed with the statistics (default -1)")
+    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
+                   help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
+
+
+def add_chain_args(p: argparse.ArgumentParser) -> None:
+    """The sampler chain's flags (`sampling_params` reads them): generate's, chat's and score's."""
+    d = SamplingParams()
     p.add_argument("--temp", type=float, default=d.temperature, help=f"temperature; 0 = greedy (default {d.temperature})")
     p.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off (default {d.top_k})")
     p.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
@@ -93,10 +103,6 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                         "top_k, top_p, min_p, temperature); a sampler left out is not applied. Or an order by "
                         f"name: {orders}. Each filter acts on the renormalised survivors of the one before "
                         "(default: llama.cpp's order)")
-    p.add_argument("-s", "--seed", type=int, default=-1,
-                   help="random seed; -1 = a random one, printed with the statistics (default -1)")
-    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
-                   help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
 
 
 def add_input_args(p: argparse.ArgumentParser, what: str) -> None:
