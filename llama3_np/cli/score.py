@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -159,10 +160,9 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
 
 
 def chain_text(params: SamplingParams) -> str:
-    values = {"penalties": f"repeat-penalty {params.repeat_penalty:g}", "top_k": f"top-k {params.top_k}",
-              "top_p": f"top-p {params.top_p:g}", "min_p": f"min-p {params.min_p:g}",
-              "temperature": f"temp {params.temperature:g}"}
-    return "; ".join(values[s] for s in params.samplers) or "no samplers (the softmax of the logits)"
+    """The chain's order and every parameter's value (a sampler left out of the order is not applied)."""
+    values = ", ".join(f"{k} {v:g}" for k, v in asdict(params).items() if k != "samplers")
+    return f"{';'.join(params.samplers) or '(none: the softmax of the logits)'} ({values})"
 
 
 def token_names(tokenizer, s: Scores) -> dict[int, str]:
@@ -191,9 +191,7 @@ def to_json(s: Scores, names: dict[int, str]) -> dict:
         "top_ids": [[[i, lp] for i, lp in t.top] if t else None for t in rows],
     }
     if s.params is not None:
-        out["processed"] = {"samplers": list(s.params.samplers), "temperature": s.params.temperature,
-                            "top_k": s.params.top_k, "top_p": s.params.top_p, "min_p": s.params.min_p,
-                            "repeat_penalty": s.params.repeat_penalty,
+        out["processed"] = {**asdict(s.params), "samplers": list(s.params.samplers),
                             "survives": [t.processed.survives if t else None for t in rows],
                             "kept": [t.processed.kept if t else None for t in rows],
                             "token_logprobs": [_finite(t.processed.logprob) if t else None for t in rows]}
@@ -223,8 +221,7 @@ def table(s: Scores, names: dict[int, str]) -> str:
         kept = sum(t.processed.survives for t in scored)
         processed = [t.processed.logprob for t in scored]
         total = math.fsum(processed) if kept == n else -math.inf
-        lines.append(f"sampler chain {';'.join(s.params.samplers) or '(none)'} ({chain_text(s.params)}): "
-                     f"keeps {kept}/{n} tokens, processed sum {total:.4f}")
+        lines.append(f"sampler chain {chain_text(s.params)}: keeps {kept}/{n} tokens, processed sum {total:.4f}")
     return "\n".join(lines)
 
 
