@@ -77,7 +77,10 @@ def replay(weights: Mapping[str, np.ndarray], config: ModelConfig, dump: Dump,
     when its local NMSE exceeds `nmse_tol`.
 
     Raises Llama3Error when the dump records another model (a config field a stage reads
-    differs), has no tokens or no stage, or a stage's shape is not the model's."""
+    differs) or gradients, has no tokens or no stage, or a stage's shape is not the model's."""
+    if "targets" in dump.metadata:
+        raise Llama3Error(f"{dump.path} records gradients (dL/dstage): replay takes a dump of the "
+                          "stages themselves")
     recorded = dump.config()
     if recorded is not None:
         in_math, _ = config_differences(recorded, config)

@@ -122,10 +122,14 @@ def test_reads_follows_the_stage_contract():
     assert reads("logits", 2) == "norm" and reads("embed", 2) is None
 
 
-def test_a_dump_of_another_model_is_refused(capsys):
+def test_a_dump_of_another_model_or_of_gradients_is_refused(capsys, tmp_path):
     code, _, err = run_cli(capsys, "compare", PARITY / "llama3_0" / "hf_prompt.safetensors", "--replay", "-m",
                            PARITY / "llama3_1")
     assert_one_line_error(code, err, "different model")
+    grad = tmp_path / "grad.safetensors"
+    assert run_cli(capsys, "dump", "-m", PARITY / "llama3_1", "--tokens", "1,2,3", "--grad", "-o", grad)[0] == 0
+    code, _, err = run_cli(capsys, "compare", grad, "--replay", "-m", PARITY / "llama3_1")
+    assert_one_line_error(code, err, "records gradients")
 
 
 @pytest.mark.parametrize("args,fragment", [
