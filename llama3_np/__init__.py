@@ -16,6 +16,9 @@ The public API, in the order data flows (README.md, "Python"; docs/DESIGN.md, "T
                                              Step per token, greedy and ending at the model's
                                              end-of-generation ids unless told otherwise
     LoadedModel.chat_session(system)         ChatSession: a multi-turn chat on one KV cache, send(text)
+    score(weights, config, context, continuation=(), top_n=5, params=None)   teacher-forced logprobs
+                                             of given ids: per token logprob, rank, top-N, and under
+                                             a sampler chain; totals (xcheck/score.py)
 """
 
 __version__ = "0.1.0"
@@ -28,10 +31,11 @@ from .sampling import SamplingParams, sample, sampling_probs  # noqa: E402
 from .generation import Generation, Session, Step  # noqa: E402
 from .load import LoadedModel, load_model  # noqa: E402
 from .chat_session import ChatSession  # noqa: E402
+from .xcheck.score import Scores, score  # noqa: E402
 from .text.tokenizer import StreamDecoder, Tokenizer, load_tokenizer  # noqa: E402
 
 __all__ = [
     "Llama3Error", "ParameterError", "ModelConfig", "RopeScaling", "KVCache", "forward", "Trace",
     "stage_shapes", "SamplingParams", "sample", "sampling_probs", "Generation", "Session", "Step",
-    "LoadedModel", "load_model", "ChatSession", "StreamDecoder", "Tokenizer", "load_tokenizer",
+    "LoadedModel", "load_model", "ChatSession", "StreamDecoder", "Tokenizer", "load_tokenizer", "score", "Scores",
 ]
