@@ -21,9 +21,10 @@ from .. import assets, products
 from ..checks import token_ids
 from ..config import COMPUTE_DTYPES, CONVENTIONS, ModelConfig
 from ..errors import Llama3Error, ParameterError
-from ..generation import PREFILL_CHUNK, REPEAT_LAST_N, Generation, Session, Step
+from ..generation import REPEAT_LAST_N, Generation, Step
 from ..load import DEFAULT_CTX, LoadedModel, load_model
-from ..sampling import DEFAULT_SAMPLERS, SAMPLER_ORDERS, SamplingParams, parse_samplers
+from ..sampling import (DEFAULT_SAMPLERS, SAMPLER_CHARS, SAMPLER_NAMES, SAMPLER_ORDERS, SamplingParams,
+                        parse_sampler_chars, parse_samplers)
 from ..text.pieces import format_pieces, pieces
 from ..text.tokenizer import StreamDecoder
 from ..xcheck.bench import peak_rss_mb
@@ -37,6 +38,12 @@ FLAGS = {
     "nmse_tol": "--tol", "rel_tol": "--rel-tol", "batch": "--batch-size", "chunks": "--chunks",
     "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
     "layers": "--layers", "samplers": "--samplers", "repeat_last_n": "--repeat-last-n",
+    "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty", "typical_p": "--typical",
+    "top_n_sigma": "--top-nsigma", "top_n": "--top-n",
+    "lr": "--learning-rate", "betas": "--adam-beta1/--adam-beta2", "eps": "--adam-epsilon",
+    "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm", "max_steps": "--max-steps",
+    "seq_len": "--seq-len", "batch_size": "--batch-size", "warmup_steps": "--warmup-steps",
+    "eval_steps": "--eval-steps", "save_steps": "--save-steps",
     "compute": "--compute", "convention": "--convention", "dtype": "--dtype",
 }
 
@@ -86,9 +93,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    d = SamplingParams()
     p.add_argument("-n", "--n-predict", type=int, default=128, metavar="N",
                    help="tokens to generate; -1: until a stop token or the context is full (default 128)")
+    add_chain_args(p)
+    p.add_argument("-s", "--seed", type=int, default=-1,
+                   help="random seed; -1 = a random one, printed with the statistics (default -1)")
+    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
+                   help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
+
+
+def add_chain_args(p: argparse.ArgumentParser) -> None:
+    """The sampler chain's flags (`sampling_params` reads them): generate's, chat's and score's."""
+    d = SamplingParams()
     p.add_argument("--temp", type=float, default=d.temperature, help=f"temperature; 0 = greedy (default {d.temperature})")
     p.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off (default {d.top_k})")
     p.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
@@ -96,18 +112,30 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty,
                    help=f"penalty on the last --repeat-last-n tokens; 1 = off (default {d.repeat_penalty})")
     p.add_argument("--repeat-last-n", type=int, default=REPEAT_LAST_N, metavar="N",
-                   help=f"how many recent tokens the repeat penalty looks at; 0 = off, -1 = the whole context "
-                        f"(default {REPEAT_LAST_N})")
+                   help=f"how many recent tokens the repeat, frequency and presence penalties look at; 0 = off, "
+                        f"-1 = the whole context (default {REPEAT_LAST_N})")
+    p.add_argument("--presence-penalty", type=float, default=d.presence_penalty, metavar="N",
+                   help=f"subtracted from the logit of each token in the last --repeat-last-n; 0 = off "
+                        f"(default {d.presence_penalty})")
+    p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty, metavar="N",
+                   help=f"subtracted from a token's logit once per occurrence in the last --repeat-last-n; "
+                        f"0 = off (default {d.frequency_penalty})")
+    p.add_argument("--typical", "--typical-p", dest="typical_p", type=float, default=d.typical_p, metavar="N",
+                   help=f"locally typical sampling, parameter p; 1 = off (default {d.typical_p})")
+    p.add_argument("--top-nsigma", "--top-n-sigma", dest="top_n_sigma", type=float, default=d.top_n_sigma,
+                   metavar="N", help=f"keep logits within N standard deviations of the largest; <= 0 = off "
+                                     f"(default {d.top_n_sigma})")
     orders = ", ".join(f"{name} = {';'.join(order)}" for name, order in SAMPLER_ORDERS.items())
-    p.add_argument("--samplers", default=";".join(DEFAULT_SAMPLERS), metavar="SAMPLERS",
-                   help="the samplers to apply, in order, separated by ';', with llama.cpp's names (penalties, "
-                        "top_k, top_p, min_p, temperature); a sampler left out is not applied. Or an order by "
-                        f"name: {orders}. Each filter acts on the renormalised survivors of the one before "
-                        "(default: llama.cpp's order)")
-    p.add_argument("-s", "--seed", type=int, default=-1,
-                   help="random seed; -1 = a random one, printed with the statistics (default -1)")
-    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
-                   help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--samplers", default=";".join(DEFAULT_SAMPLERS), metavar="SAMPLERS",
+                       help=f"the samplers to apply, in order, separated by ';', with llama.cpp's names "
+                            f"({', '.join(SAMPLER_NAMES)}); a sampler left out is not applied. Or an order by "
+                            f"name: {orders}. Each filter acts on the renormalised survivors of the one before "
+                            "(default: llama.cpp's order)")
+    letters = ", ".join(f"{c} = {name}" for c, name in SAMPLER_CHARS.items())
+    order.add_argument("--sampling-seq", "--sampler-seq", metavar="SEQUENCE",
+                       help=f"the samplers as llama.cpp's letters, in order ({letters}; default "
+                            f"{''.join(c for name in DEFAULT_SAMPLERS for c, n in SAMPLER_CHARS.items() if n == name)})")
 
 
 def add_input_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -126,8 +154,11 @@ def sampling_params(args) -> SamplingParams:
     if args.repeat_last_n < -1:  # the session is made after the model loads: say it now
         raise Llama3Error(f"--repeat-last-n must be >= 0 (0 = off), or -1 for the whole context, "
                           f"got {args.repeat_last_n}")
+    samplers = parse_samplers(args.samplers) if args.sampling_seq is None else parse_sampler_chars(args.sampling_seq)
     return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                          repeat_penalty=args.repeat_penalty, samplers=parse_samplers(args.samplers))
+                          repeat_penalty=args.repeat_penalty, samplers=samplers,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          typical_p=args.typical_p, top_n_sigma=args.top_n_sigma)
 
 
 def seeded_rng(args) -> tuple[int, np.random.Generator]:
@@ -309,13 +340,21 @@ PROGRESS_AFTER_SECONDS = 1.0
 
 class ProgressLine:
     """One line on stderr, redrawn in place and wiped at the end; on a terminal only (a log file
-    or a pipe gets no control characters), and only once the work has run for a while."""
+    or a pipe gets no control characters), and only once the work has run for a while. Called as
+    a `Session`'s progress callback: (0, total) starts it, (total, total) wipes it."""
 
     def __init__(self, label: str, stream=None):
         self.label, self.stream = label, stream or sys.stderr
         self.on = self.stream.isatty()
         self.start = time.perf_counter()
         self.width = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if done == 0:
+            self.start = time.perf_counter()
+        self.update(done, total)
+        if done == total:
+            self.clear()
 
     def update(self, done: int, total: int) -> None:
         if not self.on or time.perf_counter() - self.start <= PROGRESS_AFTER_SECONDS:
@@ -332,29 +371,16 @@ class ProgressLine:
             self.width = 0
 
 
-class ProgressSession(Session):
-    """A Session that shows a progress line on stderr (a terminal only) while a long prompt is fed."""
-
-    def feed(self, ids) -> np.ndarray:  # [T] -> [V]
-        ids = list(ids)
-        if len(ids) <= PREFILL_CHUNK:
-            return super().feed(ids)
-        progress = ProgressLine("prefill")
-        try:
-            for start in range(0, len(ids), PREFILL_CHUNK):
-                logits = super().feed(ids[start:start + PREFILL_CHUNK])
-                progress.update(min(start + PREFILL_CHUNK, len(ids)), len(ids))
-        finally:
-            progress.clear()
-        return logits
-
-
 def consume(generation: Generation, on_step) -> Generation:
     """Run a generation, handing each step to `on_step`. Ctrl-C ends it early, with stop reason
-    "interrupted"; what was printed stays, and the session keeps what its cache holds."""
+    "interrupted"; what was printed stays (a prefill's progress line is wiped), and the session
+    keeps what its cache holds."""
     try:
         for step in generation:
             on_step(step)
     except KeyboardInterrupt:
         generation.stop_reason = "interrupted"
+    finally:
+        if isinstance(generation.session.progress, ProgressLine):
+            generation.session.progress.clear()
     return generation
