@@ -54,7 +54,7 @@ tools: $(VENV)/.installed-tools
 
 # Rebuild every committed fixture: the torch reference dumps (tests/fixtures/parity/), the
 # tokenizer reference ids (Meta, llama.cpp), the checkpoint-format fixtures, the default
-# model's transformers continuations, its cross-checking dump, perplexity and the calibration of
+# model's transformers continuations (float32; bfloat16, float16 and llama-models bfloat16), its cross-checking dump, perplexity and the calibration of
 # compare's default tolerance (tests/fixtures/xcheck/), and the sampler chains of llama.cpp and
 # transformers (tests/fixtures/sampling/), the gradients, AdamW steps and trained checkpoint of
 # torch.autograd and torch.optim (tests/fixtures/grad/), the logprobs of transformers and llama.cpp that
@@ -65,6 +65,7 @@ fixtures: tools
 	$(BIN)/python tools/make_checkpoint_fixtures.py
 	$(BIN)/python tools/fetch_default_model.py
 	$(BIN)/python tools/make_default_model_reference.py
+	$(BIN)/python tools/make_precision_reference.py
 	$(BIN)/python tools/torch_dump.py -m weights/default --tokens 504,3575,282 \
 	    --stages embed 'layers.0.*' 'layers.29.*' 'layers.*.out' norm logits -o tests/fixtures/xcheck/default_hf.safetensors
 	$(BIN)/python tools/make_perplexity_reference.py
