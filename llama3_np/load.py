@@ -15,6 +15,7 @@ from .config import ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import Checkpoint, load_checkpoint, scan_checkpoint
 from .generation import end_of_generation_ids
+from .lora import adapted, load_adapter
 from .text.chat import ChatFormat, chat_format_for, encode_dialog
 from .text.tokenizer import Tokenizer, load_tokenizer
 
@@ -89,7 +90,7 @@ def check_ctx(ctx: Optional[int], config: ModelConfig) -> None:
 
 
 def load_model(path=None, dtype: str = "float32", rope_factor: Optional[float] = None,
-               need_tokenizer: bool = True, ctx: Optional[int] = None) -> LoadedModel:
+               need_tokenizer: bool = True, ctx: Optional[int] = None, lora=None) -> LoadedModel:
     """Load a checkpoint (a Hugging Face or Meta folder, or a GGUF file) and its tokenizer.
 
     path: the folder or .gguf file (imported into the asset cache once, `assets.model_dir`); None
@@ -97,14 +98,18 @@ def load_model(path=None, dtype: str = "float32", rope_factor: Optional[float] =
     "bfloat16" (kept as stored, half the memory). rope_factor: overrides the llama3 rope scaling
     factor a Meta params.json implies. need_tokenizer: when False, a folder without tokenizer files
     loads with `tokenizer` None. ctx: a context size to check against the model's trained context
-    before any weight is read (`check_ctx`).
-    Raises Llama3Error for a missing folder or a malformed checkpoint, ParameterError("ctx").
+    before any weight is read (`check_ctx`). lora: a peft LoRA adapter folder, run unmerged
+    (`llama3_np.lora`).
+    Raises Llama3Error for a missing folder, a malformed checkpoint or adapter, ParameterError("ctx").
     """
     path = assets.model_dir(path)
     t0 = time.perf_counter()
     index = scan_checkpoint(path, rope_factor=rope_factor)
     check_ctx(ctx, index.config)
     checkpoint = load_checkpoint(index, dtype=dtype)
+    if lora is not None:
+        adapter, settings = load_adapter(lora, checkpoint.config)
+        checkpoint.weights.update(adapted(checkpoint.weights, adapter, settings.scale))
     try:
         tokenizer = load_tokenizer(path)
     except Llama3Error:

@@ -29,6 +29,7 @@ from .config import ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import expected_shapes, save_hf_checkpoint
 from .formats.safetensors_file import SafetensorsFile, write_safetensors
+from .lora import LoraConfig, adapted, adapter_gradients, init_adapter, load_adapter, save_adapter
 from .model import forward
 from .optim import AdamW, accumulate, clip_grad_norm, cosine_with_warmup
 
@@ -132,11 +133,24 @@ class Trainer:
     optimizer: AdamW = None
     step: int = 0
     history: list[dict] = field(default_factory=list)
+    lora: Optional[LoraConfig] = None  # train LoRA adapters on the frozen weights instead of the weights
+    adapter: Optional[dict[str, np.ndarray]] = None  # the adapters being trained (`llama3_np.lora`)
 
     def __post_init__(self):
-        self.weights = trainable(self.weights, self.config)
+        if self.lora is None:
+            self.weights = trainable(self.weights, self.config)
+        elif self.adapter is None:
+            self.adapter = init_adapter(self.weights, self.config, self.lora, self.args.seed)
         if self.optimizer is None:
             self.optimizer = self.args.optimizer()
+
+    def model_weights(self) -> Mapping[str, np.ndarray]:
+        """What the forward pass computes with: the weights, or the frozen weights with their adapters."""
+        return self.weights if self.lora is None else adapted(self.weights, self.adapter, self.lora.scale)
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """What the optimizer updates: every weight, or only the adapters."""
+        return self.weights if self.lora is None else self.adapter
 
     def sequences(self, step: int) -> np.ndarray:  # -> [batch_size, seq_len + 1]
         """The sequences step `step` (0-based) trains on: the next batch_size of the epoch's
@@ -150,15 +164,18 @@ class Trainer:
     def train_step(self) -> StepReport:
         """One optimizer update; returns what it did."""
         batch = self.sequences(self.step)
+        weights = self.model_weights()
         total, losses = None, []
         for seq in batch:
-            loss, grads = loss_and_gradients(self.weights, self.config, seq[:-1], seq[1:])
+            loss, grads = loss_and_gradients(weights, self.config, seq[:-1], seq[1:])
+            if self.lora is not None:
+                grads = adapter_gradients(grads, self.adapter, self.lora.scale)
             total = accumulate(total, grads, len(batch))
             losses.append(loss)
         norm = clip_grad_norm(total, self.args.max_grad_norm)
         lr = self.args.learning_rate * cosine_with_warmup(self.step, self.args.warmup_steps, self.args.max_steps)
         self.optimizer.lr = lr
-        self.optimizer.step(self.weights, total)
+        self.optimizer.step(self.parameters(), total)
         self.step += 1
         report = StepReport(self.step, float(np.mean(losses)), lr, norm, batch.shape[0] * (batch.shape[1] - 1))
         self.history.append(asdict(report))
@@ -168,26 +185,34 @@ class Trainer:
         """Mean next-token loss over the validation sequences (its exp is their perplexity)."""
         if self.validation is None:
             raise Llama3Error("no validation text was given")
-        losses = [cross_entropy(forward(self.weights, self.config, seq[:-1]), seq[1:])[0] for seq in self.validation]
+        weights = self.model_weights()
+        losses = [cross_entropy(forward(weights, self.config, seq[:-1]), seq[1:])[0] for seq in self.validation]
         return float(np.mean(losses))
 
     def save(self, folder: Path, extra_files: Mapping[str, bytes] = {}) -> None:
         """Write a checkpoint into `folder` (which must not exist yet; the caller renames it into
         place, so that a checkpoint is never seen half-written)."""
         folder.mkdir(parents=True)
-        save_hf_checkpoint(folder, self.config, self.weights, dtype=np.float32, extra_config={"torch_dtype": "float32"})
+        if self.lora is None:
+            save_hf_checkpoint(folder, self.config, self.weights, dtype=np.float32,
+                               extra_config={"torch_dtype": "float32"})
+        else:
+            save_adapter(folder, self.adapter, self.lora, self.config)
         write_safetensors(folder / OPTIMIZER_FILE, self.optimizer.state())
-        state = {"step": self.step, "args": asdict(self.args), "history": self.history}
+        state = {"step": self.step, "args": asdict(self.args), "history": self.history,
+                 "lora": None if self.lora is None else asdict(self.lora)}
         (folder / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         for name, data in extra_files.items():
             (folder / name).write_bytes(data)
 
     @classmethod
     def resume(cls, folder: Path, weights: dict[str, np.ndarray], config: ModelConfig, train: np.ndarray,
-               validation: Optional[np.ndarray], args: TrainingArguments) -> "Trainer":
-        """A run continued from a checkpoint (`weights` and `config` loaded from it): the optimizer
-        state and the step from its files. Raises Llama3Error when the folder is not a checkpoint of
-        a run with the same arguments (the number of steps may grow)."""
+               validation: Optional[np.ndarray], args: TrainingArguments,
+               lora: Optional[LoraConfig] = None) -> "Trainer":
+        """A run continued from a checkpoint: `weights` loaded from it (or, with `lora`, the frozen
+        weights the adapters in it were trained on), the optimizer state and the step from its files.
+        Raises Llama3Error when the folder is not a checkpoint of a run with the same arguments
+        (the number of steps may grow)."""
         try:
             state = json.loads((folder / STATE_FILE).read_text())
         except (OSError, ValueError) as e:
@@ -197,10 +222,15 @@ class Trainer:
             changed = sorted(k for k in saved if saved[k] != asdict(args).get(k))
             raise Llama3Error(f"{folder}: a checkpoint of a run with other settings ({', '.join(changed)}); "
                               "resume with the same settings or train into a new folder")
+        if state.get("lora") != (None if lora is None else asdict(lora)):
+            raise Llama3Error(f"{folder}: a checkpoint of a run with other LoRA settings ({state.get('lora')}); "
+                              "resume with the same settings or train into a new folder")
         optimizer = args.optimizer()
         stored = SafetensorsFile(folder / OPTIMIZER_FILE)
         optimizer.load_state({name: np.array(stored.tensor(name)) for name in stored.names()})
-        return cls(weights, config, train, validation, args, optimizer, int(state["step"]), state["history"])
+        adapter = None if lora is None else load_adapter(folder, config)[0]
+        return cls(weights, config, train, validation, args, optimizer, int(state["step"]), state["history"],
+                   lora, adapter)
 
 
 def trainable(weights: Mapping[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:

@@ -43,7 +43,7 @@ FLAGS = {
     "lr": "--learning-rate", "betas": "--adam-beta1/--adam-beta2", "eps": "--adam-epsilon",
     "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm", "max_steps": "--max-steps",
     "seq_len": "--seq-len", "batch_size": "--batch-size", "warmup_steps": "--warmup-steps",
-    "eval_steps": "--eval-steps", "save_steps": "--save-steps",
+    "eval_steps": "--eval-steps", "save_steps": "--save-steps", "lora_r": "--lora-r", "lora_target": "--lora-target",
 }
 
 
@@ -75,6 +75,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint folder (Hugging Face or Meta format) or .gguf file; default: the default model")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="weight residency: float32 (fast) or bfloat16 (half the memory)")
+    p.add_argument("--lora", metavar="ADAPTER_DIR",
+                   help="run with a LoRA adapter (a peft folder, as `train --lora-r` writes), unmerged")
     p.add_argument("--rope-factor", type=float, metavar="F",
                    help="override the llama3 rope scaling factor of a Meta params.json")
     p.add_argument("-t", "--threads", type=thread_count, default=products.default_threads(), metavar="N",
@@ -169,7 +171,7 @@ def load(args, need_tokenizer: bool) -> LoadedModel:
     """The model of -m, --dtype and --rope-factor; a -c/--ctx-size beyond its trained context
     is refused before its weights are read."""
     return load_model(model_dir(args.model), dtype=args.dtype, rope_factor=args.rope_factor,
-                      need_tokenizer=need_tokenizer, ctx=getattr(args, "ctx", None))
+                      need_tokenizer=need_tokenizer, ctx=getattr(args, "ctx", None), lora=getattr(args, "lora", None))
 
 
 def read_text_file(name: str, what: str = "prompt file") -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..config import from_hf_config
 from ..errors import Llama3Error
 from ..formats.checkpoint import hf_config_dict, load_checkpoint
+from ..lora import TARGETS, LoraConfig
 from ..train import Trainer, TrainingArguments, init_weights, pack
 from .common import add_model_args, load, read_text_file
 
@@ -47,6 +48,14 @@ def add_command(sub) -> None:
     p.add_argument("--from-scratch", metavar="SHAPE",
                    help=f"train new weights of this shape ({', '.join(PRESETS)}, or a config.json file) with "
                         "-m's tokenizer, instead of fine-tuning -m's weights")
+    p.add_argument("--lora-r", type=int, metavar="R",
+                   help="train LoRA adapters of rank R on the frozen weights instead of every weight (peft's r); "
+                        "checkpoints are then peft adapter folders, run with -m BASE --lora ADAPTER_DIR")
+    p.add_argument("--lora-alpha", type=float, default=16, metavar="A", help="peft's lora_alpha: the adapters are "
+                   "scaled by A/R (default 16)")
+    p.add_argument("--lora-target", default="q_proj,v_proj", metavar="NAMES",
+                   help=f"projections to adapt, comma-separated (peft's target_modules: {', '.join(TARGETS)}; "
+                        "default q_proj,v_proj)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR from its latest checkpoint")
     p.add_argument("--max-steps", type=int, default=d.max_steps, metavar="N",
                    help=f"optimizer steps (default {d.max_steps})")
@@ -122,6 +131,9 @@ def run(args) -> int:
     if not args.resume and out.is_dir() and any(out.iterdir()):
         raise Llama3Error(f"-o {out}: exists and is not empty; continue its run with --resume, or name a new folder")
     # From scratch, -m gives only the tokenizer and vocabulary: its weights stay mapped, unconverted.
+    lora = None if args.lora_r is None else LoraConfig(args.lora_r, args.lora_alpha, tuple(args.lora_target.split(",")))
+    if lora is not None and args.from_scratch:
+        raise Llama3Error("--lora-r trains adapters on a model's weights; new weights (--from-scratch) train whole")
     loaded = load(argparse.Namespace(**{**vars(args), "dtype": "bfloat16"}) if args.from_scratch else args,
                   need_tokenizer=True)
     tok = loaded.need_tokenizer()
@@ -139,14 +151,17 @@ def run(args) -> int:
     extra = {name: (tokenizer_dir / name).read_bytes() for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()}
     if args.resume:
         latest = checkpoints(out)[-1]
-        ckpt = load_checkpoint(latest, dtype="float32")
-        trainer = Trainer.resume(latest, ckpt.weights, ckpt.config, train, validation, targs)
+        if lora is None:
+            ckpt = load_checkpoint(latest, dtype="float32")
+            trainer = Trainer.resume(latest, ckpt.weights, ckpt.config, train, validation, targs)
+        else:
+            trainer = Trainer.resume(latest, loaded.weights, config, train, validation, targs, lora)
         print(f"resuming {latest} at step {trainer.step}", file=sys.stderr)
     else:
         weights = loaded.weights if args.from_scratch is None else init_weights(config, targs.seed)
-        trainer = Trainer(weights, config, train, validation, targs)
+        trainer = Trainer(weights, config, train, validation, targs, lora=lora)
     out.mkdir(parents=True, exist_ok=True)
-    n_params = sum(a.size for k, a in trainer.weights.items() if not (k == "output.weight" and config.tie_embeddings))
+    n_params = sum(a.size for k, a in trainer.parameters().items() if not (k == "output.weight" and config.tie_embeddings))
     print(f"training {n_params / 1e6:.1f}M parameters on {len(train)} sequences of {targs.seq_len} tokens "
           f"({len(train) * targs.seq_len} tokens), {targs.batch_size} per step", file=sys.stderr)
     status = Status(targs.max_steps)
