@@ -72,6 +72,7 @@ fixtures: tools
 	$(BIN)/python tools/make_score_fixtures.py
 	$(BIN)/python tools/calibrate_compare.py
 	$(BIN)/python tools/make_grad_fixtures.py
+	$(BIN)/python tools/make_bpe_trainer_fixture.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
