@@ -16,8 +16,8 @@ A checkpoint is a Hugging Face folder (`config.json`, float32 `model.safetensors
 from __future__ import annotations
 
 import json
-import math
-import time
+import os
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
@@ -25,13 +25,26 @@ from typing import Callable, Iterable, Mapping, Optional
 import numpy as np
 
 from .backward import cross_entropy, loss_and_gradients
-from .config import ModelConfig
+from .config import ModelConfig, from_hf_config
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import expected_shapes, save_hf_checkpoint
 from .formats.safetensors_file import SafetensorsFile, write_safetensors
 from .lora import LoraConfig, adapted, adapter_gradients, init_adapter, load_adapter, save_adapter
 from .model import forward
 from .optim import AdamW, accumulate, clip_grad_norm, cosine_with_warmup
+
+# Small Llama 3 shapes to train from scratch, as Hugging Face config.json keys (the vocabulary is
+# the tokenizer's). "15M" is the shape of llama2.c's stories15M (dim 288, 6 layers, 6 heads).
+PRESETS = {
+    "15M": {"hidden_size": 288, "intermediate_size": 768, "num_hidden_layers": 6, "num_attention_heads": 6,
+            "num_key_value_heads": 6, "max_position_embeddings": 256},
+    "tiny": {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "max_position_embeddings": 256},
+}
+# Files a checkpoint folder's tokenizer may consist of, copied into every checkpoint so that it loads alone.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json")
+CHECKPOINT_PREFIX = "checkpoint-"
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -240,3 +253,84 @@ def trainable(weights: Mapping[str, np.ndarray], config: ModelConfig) -> dict[st
     if config.tie_embeddings:
         out["output.weight"] = out["tok_embeddings.weight"]
     return out
+
+
+def scratch_config(shape: str, vocab_size: int) -> ModelConfig:
+    """The config of new weights: a preset (`PRESETS`) or a config.json file's shape, with the
+    tokenizer's vocabulary. Raises Llama3Error for a file that is not a config or a shape that
+    is not a Llama's (heads not dividing the dim or each other, an odd head dim)."""
+    if shape in PRESETS:
+        keys = PRESETS[shape]
+    else:
+        try:
+            keys = json.loads(Path(shape).read_text())
+        except (OSError, ValueError) as e:
+            raise Llama3Error(f"shape {shape}: neither a preset ({', '.join(PRESETS)}) nor a readable "
+                              f"config.json ({e})") from None
+    defaults = {"rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True}
+    keys = {**defaults, **keys, "vocab_size": vocab_size, "model_type": "llama"}
+    try:
+        dim, heads = int(keys["hidden_size"]), int(keys["num_attention_heads"])
+        kv_heads = int(keys.get("num_key_value_heads", heads))
+        head_dim = int(keys.get("head_dim") or dim // max(heads, 1))
+        keys["intermediate_size"], keys["num_hidden_layers"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise Llama3Error(f"shape {shape}: a config needs hidden_size, intermediate_size, "
+                          f"num_hidden_layers and num_attention_heads as integers ({e!r})") from None
+    problems = []
+    if "head_dim" not in keys and (heads < 1 or dim % heads):
+        problems.append(f"hidden_size {dim} is not divisible by num_attention_heads {heads}")
+    if kv_heads < 1 or heads % kv_heads:
+        problems.append(f"num_attention_heads {heads} is not divisible by num_key_value_heads {kv_heads}")
+    if head_dim % 2:
+        problems.append(f"head_dim {head_dim} is odd (rope rotates pairs of dims)")
+    if problems:
+        raise Llama3Error(f"shape {shape}: not a Llama shape: {'; '.join(problems)}")
+    return from_hf_config(keys)
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The checkpoint folders of a run's folder, by step."""
+    found = [p for p in out.glob(CHECKPOINT_PREFIX + "*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def save_checkpoint(trainer: Trainer, out: Path, extra: Mapping[str, bytes] = {}) -> Path:
+    """Write the run's checkpoint `out/checkpoint-STEP` (and `out/loss.png`): beside its final name,
+    then renamed into place, so that it is never half-written. Returns its folder.
+    Raises Llama3Error when it cannot be written."""
+    final = out / f"{CHECKPOINT_PREFIX}{trainer.step}"
+    partial = out / f".{final.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        trainer.save(partial, extra)
+        os.replace(partial, final)
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise Llama3Error(f"cannot write checkpoint {final}: {e.strerror or e}; free space or choose another "
+                          "folder") from None
+    plot_losses(trainer.history, out / "loss.png")
+    return final
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """The training (and validation) loss by step, drawn when matplotlib (the viz extra) is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="training")
+    evals = [h for h in history if "eval_loss" in h]
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.legend()
+    fig.tight_layout()
+    partial = path.with_suffix(".partial.png")
+    fig.savefig(partial)
+    plt.close(fig)
+    os.replace(partial, path)

@@ -42,7 +42,7 @@ def peak_rss_mb() -> float:
 
 def run_llama3_np(preset, steps: int, seq_len: int, batch: int, threads: int) -> dict:
     from llama3_np import assets, products
-    from llama3_np.cli.train import scratch_config
+    from llama3_np.train import scratch_config
     from llama3_np.formats.checkpoint import load_checkpoint
     from llama3_np.train import Trainer, TrainingArguments, init_weights
 
@@ -64,7 +64,7 @@ def run_torch(preset, steps: int, seq_len: int, batch: int, threads: int) -> dic
     import torch
     import transformers
     from llama3_np import assets
-    from llama3_np.cli.train import scratch_config
+    from llama3_np.train import scratch_config
     from llama3_np.formats.checkpoint import hf_config_dict
 
     torch.set_num_threads(threads)
