@@ -15,7 +15,8 @@ from .config import ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import Checkpoint, load_checkpoint, scan_checkpoint
 from .generation import end_of_generation_ids
-from .text.chat import ChatFormat, chat_format_for, encode_dialog
+from .text.chat import ChatFormat, TemplateFormat, chat_format_for, encode_dialog
+from .text.template import ChatTemplate, find_chat_template, template_variables
 from .text.tokenizer import Tokenizer, load_tokenizer
 
 # Without an explicit context size, the KV cache holds at most this many tokens (or the model's own
@@ -53,15 +54,29 @@ class LoadedModel:
         """Token ids of `text` as a plain prompt (with BOS when the tokenizer adds one)."""
         return self.need_tokenizer().encode(text)
 
-    def chat_format(self) -> ChatFormat:
-        return chat_format_for(self.need_tokenizer())
+    def chat_template(self) -> Optional[ChatTemplate]:
+        """The chat template the checkpoint carries (`text.template.TEMPLATE_FILES`), or None."""
+        return find_chat_template(self.checkpoint.path)
 
-    def encode_dialog(self, system: Optional[str], user: str) -> list[int]:
+    def chat_format(self, choice: Optional[str] = None, template: Optional[ChatTemplate] = None,
+                    variables: Optional[dict] = None) -> ChatFormat | TemplateFormat:
+        """The chat format named `choice` ("template", "llama3", "chatml"; None: the checkpoint's
+        template if it has one, else its vocabulary's built-in format), rendering `template`
+        instead of the checkpoint's own when given, with `variables` (such as `date_string`)
+        added to the special tokens a template sees (`text.chat.chat_format_for`)."""
+        tok = self.need_tokenizer()
+        template = template or self.chat_template()
+        if template is not None:
+            variables = template_variables(tok, self.checkpoint.path) | dict(variables or {})
+        return chat_format_for(tok, choice, template, variables)
+
+    def encode_dialog(self, system: Optional[str], user: str,
+                      fmt: ChatFormat | TemplateFormat | None = None) -> list[int]:
         """Token ids of a first chat turn (an optional system message, then `user`), ending with
-        the opening of the assistant's reply, in the checkpoint's chat format."""
+        the opening of the assistant's reply, in `fmt` (default: the checkpoint's chat format)."""
         messages = [{"role": "system", "content": system}] if system is not None else []
         return encode_dialog(self.need_tokenizer(), messages + [{"role": "user", "content": user}],
-                             fmt=self.chat_format())
+                             fmt=fmt or self.chat_format())
 
     def stop_ids(self) -> frozenset[int]:
         """The ids that end a generation (`generation.end_of_generation_ids`): the tokenizer's

@@ -12,10 +12,10 @@ import sys
 
 from ..errors import Llama3Error
 from ..repl import HELP, Colors, TurnReader, message_text, parse_command
-from ..text.chat import encode_turn
+from ..text.chat import describe, encode_turn
 from ..text.dialog import Conversation
-from .common import (Printer, ProgressSession, add_model_args, add_sampling_args, consume, load, sampling_params,
-                     seeded_rng, stats_line)
+from .common import (Printer, ProgressSession, add_chat_args, add_model_args, add_sampling_args, chat_format, consume,
+                     load, sampling_params, seeded_rng, stats_line)
 
 
 def add_command(sub) -> None:
@@ -25,6 +25,7 @@ def add_command(sub) -> None:
     add_model_args(c)
     add_sampling_args(c)
     c.add_argument("-sys", "--system-prompt", "--system", dest="system", metavar="TEXT", help="system message")
+    add_chat_args(c)
     c.set_defaults(func=run_chat, n_predict=-1)
 
 
@@ -36,7 +37,7 @@ def run_chat(args) -> int:
     params = sampling_params(args)
     seed, rng = seeded_rng(args)
     loaded = load(args, need_tokenizer=True)
-    tok, fmt = loaded.tokenizer, loaded.chat_format()
+    tok, fmt = loaded.tokenizer, chat_format(args, loaded)
     session = ProgressSession(loaded.weights, loaded.config, loaded.ctx(args.ctx), args.repeat_last_n)
     stop_ids = loaded.stop_ids()
     # Room a new message must leave for its answer before older turns are dropped: the -n limit,
@@ -48,7 +49,7 @@ def run_chat(args) -> int:
     previous = None  # the last answer, while the cache holds the dialog up to it
     shown_seed = seed if not params.greedy else None
     say(f"chat with {session.config.n_layers}-layer model from {loaded.checkpoint.path}, loaded in "
-        f"{loaded.load_seconds:.2f} s ({fmt.name} format, {session.ctx}-token context"
+        f"{loaded.load_seconds:.2f} s (chat format {describe(fmt)}, {session.ctx}-token context"
         f"{f', seed {seed}' if shown_seed is not None else ''}); /help lists the commands, Ctrl-C stops an "
         "answer, Ctrl-D quits")
     while True:
@@ -82,8 +83,9 @@ def run_chat(args) -> int:
             # the end token the model produced, then adds this turn. Earlier turns stay in the cache.
             unfed = previous.unfed_ids
             end = unfed[-1] if unfed and unfed[-1] in stop_ids else None
-            ids = unfed[:len(unfed) - (end is not None)] + encode_turn(
-                tok, [{"role": "user", "content": text}], fmt, reply_end=end)
+            turn = encode_turn(tok, [{"role": "user", "content": text}], fmt, reply_end=end,
+                               history=conversation.messages())
+            ids = None if turn is None else unfed[:len(unfed) - (end is not None)] + turn
         if ids is None or len(ids) + room > session.ctx - session.cache.length:
             try:
                 ids, dropped = conversation.fit(tok, fmt, text, session.ctx, room)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,9 @@ from ..errors import Llama3Error, ParameterError
 from ..generation import PREFILL_CHUNK, REPEAT_LAST_N, Generation, Session, Step
 from ..load import DEFAULT_CTX, LoadedModel, load_model
 from ..sampling import DEFAULT_SAMPLERS, SAMPLER_ORDERS, SamplingParams, parse_samplers
+from ..text.chat import CHAT_FORMATS
 from ..text.pieces import format_pieces, pieces
+from ..text.template import read_template_file
 from ..text.tokenizer import StreamDecoder
 from ..xcheck.bench import peak_rss_mb
 from ..xcheck.dump import Inputs, config_differences, describe_differences, read_dump
@@ -37,6 +40,7 @@ FLAGS = {
     "nmse_tol": "--tol", "rel_tol": "--rel-tol", "batch": "--batch-size", "chunks": "--chunks",
     "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
     "layers": "--layers", "samplers": "--samplers", "repeat_last_n": "--repeat-last-n",
+    "chat_format": "--chat-format",
 }
 
 
@@ -97,6 +101,36 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="random seed; -1 = a random one, printed with the statistics (default -1)")
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
                    help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
+
+
+def add_chat_args(p: argparse.ArgumentParser) -> None:
+    """How a dialog becomes ids: the chat format, a template file and the template's variables."""
+    p.add_argument("--chat-format", choices=CHAT_FORMATS, metavar="FORMAT",
+                   help="template: the checkpoint's chat template (Jinja, as transformers renders it; the default "
+                        "when the checkpoint carries one); llama3: Meta's ChatFormat (the default for a Llama 3 "
+                        "checkpoint without a template, such as a Meta folder); chatml: <|im_start|>role ... "
+                        "<|im_end|>")
+    p.add_argument("--chat-template-file", metavar="FILE",
+                   help="render this Jinja chat template instead of the checkpoint's")
+    p.add_argument("--chat-template-kwargs", metavar="JSON",
+                   help='variables for the template, as a JSON object, e.g. \'{"date_string": "26 Jul 2024"}\'')
+
+
+def chat_format(args, loaded: LoadedModel):
+    """The chat format --chat-format, --chat-template-file and --chat-template-kwargs choose."""
+    template = read_template_file(args.chat_template_file) if args.chat_template_file else None
+    variables = None
+    if args.chat_template_kwargs is not None:
+        try:
+            variables = json.loads(args.chat_template_kwargs)
+        except ValueError as e:
+            variables = e
+        if not isinstance(variables, dict):
+            raise Llama3Error(f"--chat-template-kwargs takes a JSON object, got {args.chat_template_kwargs!r}")
+    if template is not None and args.chat_format not in (None, "template"):
+        raise Llama3Error(f"--chat-template-file goes with --chat-format template, not {args.chat_format}")
+    choice = args.chat_format or ("template" if template is not None else None)
+    return loaded.chat_format(choice, template, variables)
 
 
 def add_input_args(p: argparse.ArgumentParser, what: str) -> None:
