@@ -53,11 +53,12 @@ test: $(VENV)/.installed-test
 tools: $(VENV)/.installed-tools
 
 # Rebuild every committed fixture: the torch reference dumps (tests/fixtures/parity/), the
-# tokenizer reference ids (Meta, llama.cpp), the checkpoint-format fixtures, the default
-# model's transformers continuations, its cross-checking dump, perplexity and the calibration of
-# compare's default tolerance (tests/fixtures/xcheck/), and the sampler chains of llama.cpp and
-# transformers (tests/fixtures/sampling/), and the chat templates' renderings by transformers and Meta's
-# ChatFormat (tests/fixtures/chat/). Each directory's README.md says how its files were made.
+# tokenizer reference ids (Meta, llama.cpp; added tokens: tokenizers, llama.cpp), the
+# checkpoint-format fixtures, the default model's transformers continuations, its cross-checking
+# dump, perplexity and the calibration of compare's default tolerance (tests/fixtures/xcheck/),
+# the sampler chains of llama.cpp and transformers (tests/fixtures/sampling/), and the chat
+# templates' renderings by transformers and Meta's ChatFormat (tests/fixtures/chat/). Each
+# directory's README.md says how its files were made.
 fixtures: tools
 	$(BIN)/python tools/make_reference_dumps.py
 	$(BIN)/python tools/make_tokenizer_fixtures.py
@@ -69,6 +70,7 @@ fixtures: tools
 	$(BIN)/python tools/make_perplexity_reference.py
 	$(BIN)/python tools/make_sampler_fixtures.py
 	$(BIN)/python tools/make_chat_fixtures.py
+	$(BIN)/python tools/make_added_token_fixtures.py
 	$(BIN)/python tools/calibrate_compare.py
 
 clean:
