@@ -59,16 +59,17 @@ class LoadedModel:
         return find_chat_template(self.checkpoint.path)
 
     def chat_format(self, choice: Optional[str] = None, template: Optional[ChatTemplate] = None,
-                    variables: Optional[dict] = None) -> ChatFormat | TemplateFormat:
+                    variables: Optional[dict] = None, tools: Optional[list] = None) -> ChatFormat | TemplateFormat:
         """The chat format named `choice` ("template", "llama3", "chatml"; None: the checkpoint's
         template if it has one, else its vocabulary's built-in format), rendering `template`
         instead of the checkpoint's own when given, with `variables` (such as `date_string`)
-        added to the special tokens a template sees (`text.chat.chat_format_for`)."""
+        added to the special tokens a template sees, and the tool definitions `tools`
+        (`text.tools.read_tools`) for the template to place (`text.chat.chat_format_for`)."""
         tok = self.need_tokenizer()
-        template = template or self.chat_template()
+        template = template or find_chat_template(self.checkpoint.path, tools=tools is not None)
         if template is not None:
             variables = template_variables(tok, self.checkpoint.path) | dict(variables or {})
-        return chat_format_for(tok, choice, template, variables)
+        return chat_format_for(tok, choice, template, variables, tools)
 
     def encode_dialog(self, system: Optional[str], user: str,
                       fmt: ChatFormat | TemplateFormat | None = None) -> list[int]:

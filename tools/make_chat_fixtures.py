@@ -11,7 +11,9 @@
 - reference.json: for each template and dialog, the ids of `transformers`' `apply_chat_template`
   (the Llama 3 templates with the Llama 3 tokenizer.model converted by transformers'
   `TikTokenConverter`; ChatML with the default model's tokenizer.json) or the error it raised;
-  and Meta's `ChatFormat.encode_dialog_prompt` (llama-models) for the dialogs it can encode.
+  and Meta's `ChatFormat.encode_dialog_prompt` (llama-models) for the dialogs it can encode;
+  and Meta's `ChatFormat.decode_assistant_message_from_content` on model answers in each
+  published form of a tool call (the call it finds, or none).
 """
 
 from __future__ import annotations
@@ -79,7 +81,52 @@ DIALOGS = [
                        {"role": "ipython", "content": "Sunny, 21 C"}], None,
      dict(DATE, builtin_tools=["brave_search", "wolfram_alpha", "code_interpreter"])),
     ("tools without a user message", [SYSTEM], [WEATHER], DATE),
+    ("custom tool call, text result", [{"role": "user", "content": "Weather in Paris?"}, CALL,
+                                       {"role": "tool", "content": "21 C"}, {"role": "assistant", "content": "21."}],
+     [WEATHER], DATE),
+    ("code interpreter call", [{"role": "user", "content": "What is 6*7? Use Python."},
+                               {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+                                   "name": "code_interpreter", "arguments": {"code": "print(6*7)"}}}]},
+                               {"role": "ipython", "content": "42"}], None, DATE),
 ]
+
+
+# Model answers, in each published form of a tool call and a few that are not calls.
+ANSWERS = [
+    '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}',
+    '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}<|eom_id|>',
+    '{"type": "function", "name": "get_weather", "parameters": {"city": "Nice"}}<|eot_id|>',
+    '<function=get_weather>{"city": "Paris"}</function>',
+    "<function=get_weather>{'city': 'Rome'}</function>",
+    '[get_weather(city="Paris", unit="celsius")]',
+    '[get_weather(city="Paris"), get_time(zone="CET")]',
+    '[get_forecast(days=3, cities=["Paris", "Rome"], detail={"hourly": True})]',
+    '<|python_tag|>brave_search.call(query="weather in Paris")<|eom_id|>',
+    'wolfram_alpha.call(query="integral of x^2")',
+    '<|python_tag|>import math\nprint(math.pi)',
+    '{"name": "brave_search", "parameters": {"query": "news"}}',
+    "The weather in Paris is sunny.",
+    '{"answer": 42}',
+    "[1, 2, 3]",
+    "[print('hi')]",
+    '  <|python_tag|>[get_weather(city="Oslo")]<|eot_id|>',
+]
+
+
+def meta_tool_calls() -> list:
+    """Meta's decoding of each answer: the call's tool name and arguments, or None."""
+    from llama_models.datatypes import StopReason
+    from llama_models.llama3.chat_format import ChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    fmt = ChatFormat(Tokenizer(Path(LLAMA3_TOKENIZER)))
+    out = []
+    for answer in ANSWERS:
+        message = fmt.decode_assistant_message_from_content(answer, StopReason.end_of_turn)
+        call = message.tool_calls[0] if message.tool_calls else None
+        name = getattr(call.tool_name, "value", call.tool_name) if call else None
+        out.append({"answer": answer, "call": {"name": name, "arguments": call.arguments} if call else None})
+    return out
 
 
 def llama_cpp_templates(source: Path | None) -> Path:
@@ -125,15 +172,23 @@ def apply(tokenizer, template: str, messages, tools, variables):
 
 
 def meta_ids(messages) -> list[int] | None:
-    """Meta's ChatFormat ids, for dialogs of plain text messages (the tool calls are item 2)."""
-    from llama_models.datatypes import RawMessage
+    """Meta's ChatFormat ids (its default JSON tool format), for dialogs whose messages it can hold:
+    text content, tool calls as its ToolCall (None for the others)."""
+    from llama_models.datatypes import BuiltinTool, RawMessage, ToolCall
     from llama_models.llama3.chat_format import ChatFormat
     from llama_models.llama3.tokenizer import Tokenizer
 
-    if any("tool_calls" in m or not isinstance(m.get("content"), str) for m in messages):
+    if any(not isinstance(m.get("content", ""), str) for m in messages):
         return None
+    builtin = {t.value: t for t in BuiltinTool}
+
+    def calls(m):
+        return [ToolCall(call_id=str(n), tool_name=builtin.get(c["function"]["name"], c["function"]["name"]),
+                         arguments=c["function"]["arguments"]) for n, c in enumerate(m.get("tool_calls", []))]
+
     role = {"ipython": "tool"}
-    raw = [RawMessage(role=role.get(m["role"], m["role"]), content=m["content"]) for m in messages]
+    raw = [RawMessage(role=role.get(m["role"], m["role"]), content=m.get("content", ""), tool_calls=calls(m))
+           for m in messages]
     fmt = ChatFormat(Tokenizer(Path(LLAMA3_TOKENIZER)))
     return fmt.encode_dialog_prompt(raw).tokens
 
@@ -164,9 +219,12 @@ def main() -> int:
         reference["templates"][file] = {d["name"]: apply(tok, template, d["messages"], d["tools"], d["variables"])
                                         for d in dialogs}
     reference["meta"] = {d["name"]: meta_ids(d["messages"]) for d in dialogs}
+    reference["tool_calls"] = meta_tool_calls()
     for name, data in (("dialogs.json", {"dialogs": dialogs}), ("reference.json", reference)):
         text = json.dumps(data, ensure_ascii=False, indent=1)
-        text = re.sub(r"\[\s*(-?[0-9]+(?:,\s*-?[0-9]+)*)\s*\]", lambda m: "[" + "".join(m.group(1).split()) + "]", text)
+        # Lists of ids on one line each (json.dumps puts every number on a line of its own).
+        text = re.sub(r"\[\n\s*(-?[0-9]+(?:,\n\s*-?[0-9]+)*)\n\s*\]", lambda m: "[" + "".join(m.group(1).split()) + "]",
+                      text)
         (OUT / name).write_text(text + "\n", encoding="utf-8")
         print(f"wrote {OUT / name}")
     return 0

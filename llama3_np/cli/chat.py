@@ -8,11 +8,13 @@ fills, is `llama3_np.text.dialog`.
 
 from __future__ import annotations
 
+import json
 import sys
 
 from ..errors import Llama3Error
 from ..repl import HELP, Colors, TurnReader, message_text, parse_command
 from ..text.chat import describe, encode_turn
+from ..text.tools import parse_tool_call, tool_calls_expected
 from ..text.dialog import Conversation
 from .common import (Printer, ProgressSession, add_chat_args, add_model_args, add_sampling_args, chat_format, consume,
                      load, sampling_params, seeded_rng, stats_line)
@@ -47,6 +49,7 @@ def run_chat(args) -> int:
     reader = TurnReader(colors)
     conversation = Conversation(args.system)
     previous = None  # the last answer, while the cache holds the dialog up to it
+    role = "user"  # of the next message: "tool" after an answer that called a tool
     shown_seed = seed if not params.greedy else None
     say(f"chat with {session.config.n_layers}-layer model from {loaded.checkpoint.path}, loaded in "
         f"{loaded.load_seconds:.2f} s (chat format {describe(fmt)}, {session.ctx}-token context"
@@ -71,11 +74,12 @@ def run_chat(args) -> int:
                     conversation.system = command.text or None
                 conversation.turns.clear()
                 session.rollback(0)
-                previous = None
+                previous, role = None, "user"
                 say("new conversation" + (f" (system prompt: {conversation.system})"
                                           if command.name == "system" and conversation.system else ""))
             continue
         text = message_text(turn)
+        message = {"role": role, "content": text}
         ids = None
         if previous is not None:
             # The previous answer's last drawn token was never fed (a stop token, or the token
@@ -83,12 +87,11 @@ def run_chat(args) -> int:
             # the end token the model produced, then adds this turn. Earlier turns stay in the cache.
             unfed = previous.unfed_ids
             end = unfed[-1] if unfed and unfed[-1] in stop_ids else None
-            turn = encode_turn(tok, [{"role": "user", "content": text}], fmt, reply_end=end,
-                               history=conversation.messages())
+            turn = encode_turn(tok, [message], fmt, reply_end=end, history=conversation.messages())
             ids = None if turn is None else unfed[:len(unfed) - (end is not None)] + turn
         if ids is None or len(ids) + room > session.ctx - session.cache.length:
             try:
-                ids, dropped = conversation.fit(tok, fmt, text, session.ctx, room)
+                ids, dropped = conversation.fit(tok, fmt, message, session.ctx, room)
             except Llama3Error as e:
                 say(f"not sent: {e} (a shorter message, or a larger --ctx-size)")
                 continue
@@ -108,6 +111,12 @@ def run_chat(args) -> int:
             previous = previous if session.cache.length else None
             continue
         previous = out
-        conversation.turns.append((text, tok.decode(out.text_ids)))
+        answer = tok.decode(out.ids)  # with the end token, <|eom_id|> after a call
+        conversation.turns.append((message, tok.decode(out.text_ids)))
+        call = parse_tool_call(answer) if tool_calls_expected(fmt, answer) else None
+        role = "tool" if call is not None else "user"
+        if call is not None:
+            say(f"tool call: {call.name} {json.dumps(call.arguments, ensure_ascii=False)} (llama3_np runs no "
+                "tool: type its result as the next message, which goes to the model in the ipython role)")
         if out.stop_reason == "context":
             say("(the context is full: the answer was cut short; the next message drops the oldest turns)")

@@ -28,6 +28,7 @@ from ..sampling import DEFAULT_SAMPLERS, SAMPLER_ORDERS, SamplingParams, parse_s
 from ..text.chat import CHAT_FORMATS
 from ..text.pieces import format_pieces, pieces
 from ..text.template import read_template_file
+from ..text.tools import read_tools
 from ..text.tokenizer import StreamDecoder
 from ..xcheck.bench import peak_rss_mb
 from ..xcheck.dump import Inputs, config_differences, describe_differences, read_dump
@@ -40,7 +41,7 @@ FLAGS = {
     "nmse_tol": "--tol", "rel_tol": "--rel-tol", "batch": "--batch-size", "chunks": "--chunks",
     "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
     "layers": "--layers", "samplers": "--samplers", "repeat_last_n": "--repeat-last-n",
-    "chat_format": "--chat-format",
+    "chat_format": "--chat-format", "tools": "--tools",
 }
 
 
@@ -114,6 +115,10 @@ def add_chat_args(p: argparse.ArgumentParser) -> None:
                    help="render this Jinja chat template instead of the checkpoint's")
     p.add_argument("--chat-template-kwargs", metavar="JSON",
                    help='variables for the template, as a JSON object, e.g. \'{"date_string": "26 Jul 2024"}\'')
+    p.add_argument("--tools", metavar="FILE",
+                   help='tool definitions, a JSON list ([{"type": "function", "function": {"name": ..., "parameters": '
+                        '...}}]), placed in the prompt by the chat template; built-in tools (brave_search, '
+                        'wolfram_alpha) go in --chat-template-kwargs \'{"builtin_tools": [...]}\'')
 
 
 def chat_format(args, loaded: LoadedModel):
@@ -130,7 +135,8 @@ def chat_format(args, loaded: LoadedModel):
     if template is not None and args.chat_format not in (None, "template"):
         raise Llama3Error(f"--chat-template-file goes with --chat-format template, not {args.chat_format}")
     choice = args.chat_format or ("template" if template is not None else None)
-    return loaded.chat_format(choice, template, variables)
+    tools = read_tools(args.tools) if args.tools is not None else None
+    return loaded.chat_format(choice, template, variables, tools)
 
 
 def add_input_args(p: argparse.ArgumentParser, what: str) -> None:

@@ -102,7 +102,7 @@ def run_generate(args) -> int:
         raise Llama3Error("give a prompt: -p TEXT, -f FILE or --tokens 1,2,3")
     if args.system is not None and not args.chat:
         raise Llama3Error("--system-prompt goes with --chat")
-    for flag in ("chat_format", "chat_template_file", "chat_template_kwargs"):
+    for flag in ("chat_format", "chat_template_file", "chat_template_kwargs", "tools"):
         if getattr(args, flag) is not None and not args.chat:
             raise Llama3Error(f"--{flag.replace('_', '-')} goes with --chat")
     if args.echo and (args.json or args.explain is not None):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from ..errors import Llama3Error, ParameterError
 from .template import ChatTemplate, encode_rendered
+from .tools import meta_tool_call
 from .tokenizer import Tokenizer
 
 
@@ -63,10 +64,12 @@ _LITERAL_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_e
 
 @dataclass(frozen=True)
 class TemplateFormat:
-    """A checkpoint's Jinja chat template and the variables it is rendered with (`bos_token`,
-    `eos_token`, and what the user adds: `date_string`, `builtin_tools`, ...)."""
+    """A checkpoint's Jinja chat template, the variables it is rendered with (`bos_token`,
+    `eos_token`, and what the user adds: `date_string`, `builtin_tools`, ...) and the tool
+    definitions it places (`text.tools`; None: no tools)."""
     template: ChatTemplate
     variables: dict = field(default_factory=dict)
+    tools: list | None = None
     name: str = "template"
 
 
@@ -75,12 +78,14 @@ CHAT_FORMATS = ("template", "llama3", "chatml")
 
 
 def chat_format_for(tok: Tokenizer, choice: str | None = None, template: ChatTemplate | None = None,
-                    variables: dict | None = None) -> ChatFormat | TemplateFormat:
+                    variables: dict | None = None, tools: list | None = None) -> ChatFormat | TemplateFormat:
     """The chat format named `choice` (one of CHAT_FORMATS), for this tokenizer and the checkpoint's
     chat `template` (None: it has none). Without a choice: the template when there is one, else
     the built-in format of the vocabulary (Llama 3 when it has <|start_header_id|>, else ChatML).
+    `tools`: tool definitions (`text.tools.read_tools`), which a template places in the prompt.
 
-    Raises ParameterError("chat_format") for an unknown choice or one this checkpoint cannot use.
+    Raises ParameterError("chat_format") for an unknown choice or one this checkpoint cannot use,
+    ParameterError("tools") for tools with a built-in format.
     """
     if choice is not None and choice not in CHAT_FORMATS:
         raise ParameterError("chat_format", f"chat format must be one of {', '.join(CHAT_FORMATS)}, got {choice!r}")
@@ -88,7 +93,10 @@ def chat_format_for(tok: Tokenizer, choice: str | None = None, template: ChatTem
         if template is None:
             raise ParameterError("chat_format", f"{tok.name}: this checkpoint carries no chat template; give "
                                                 "one as a file, or choose llama3 or chatml")
-        return TemplateFormat(template, dict(variables or {}))
+        return TemplateFormat(template, dict(variables or {}), list(tools) if tools is not None else None)
+    if tools is not None:
+        raise ParameterError("tools", "tool definitions are placed in the prompt by a chat template; the built-in "
+                                      "formats (Meta's ChatFormat, ChatML) leave that to the system message")
     llama3 = "<|start_header_id|>" in tok.special_tokens
     if choice == "llama3" or (choice is None and llama3):
         if not llama3:
@@ -118,14 +126,29 @@ def encode_dialog(tok: Tokenizer, messages: list[dict], add_generation_prompt: b
     header when `add_generation_prompt`."""
     fmt = fmt or chat_format_for(tok)
     if isinstance(fmt, TemplateFormat):
-        return encode_rendered(tok, fmt.template, _checked(messages, fmt), add_generation_prompt, tools, fmt.variables)
+        return encode_rendered(tok, fmt.template, _checked(messages, fmt), add_generation_prompt,
+                               fmt.tools if tools is None else tools, fmt.variables)
     messages = _checked(messages)
     if fmt.default_system is not None and messages and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": fmt.default_system}] + messages
     ids = _render(tok, fmt.begin)
     for m in messages:
-        ids += _render(tok, fmt.message, role=fmt.roles.get(m["role"], m["role"]), content=m["content"])
+        ids += _message(tok, fmt, m)
     return ids + (_render(tok, fmt.generation_prompt) if add_generation_prompt else [])
+
+
+def _message(tok: Tokenizer, fmt: ChatFormat, m: dict) -> list[int]:
+    """One message's ids. An assistant's tool calls follow its content as Meta's ChatFormat writes
+    them (`text.tools.meta_tool_call`), after <|python_tag|> when the first is code_interpreter."""
+    parts, content = fmt.message, m.get("content") or ""
+    calls = m.get("tool_calls") or []
+    if calls:
+        calls = [meta_tool_call(c, fmt.name) for c in calls]
+        content += "".join(text for _, text in calls)
+        if calls[0][0] == "code_interpreter":
+            at = parts.index("{content}")
+            parts = parts[:at] + ("<|python_tag|>",) + parts[at:]
+    return _render(tok, parts, role=fmt.roles.get(m["role"], m["role"]), content=content)
 
 
 def encode_turn(tok: Tokenizer, messages: list[dict], fmt: ChatFormat | TemplateFormat | None = None,
@@ -136,9 +159,10 @@ def encode_turn(tok: Tokenizer, messages: list[dict], fmt: ChatFormat | Template
     earlier turns are not encoded again.
 
     A template is rendered for the whole dialog (`history`, which ends with the reply, then
-    `messages`): the continuation is what follows the reply's text, when the dialog before the
-    reply renders as it did before. When it does not (a template that rewrites earlier turns),
-    the result is None: the whole dialog must be encoded again (`encode_dialog`).
+    `messages`; without a history, one empty exchange stands for it): the continuation is what
+    follows the reply's text, when the dialog before the reply renders as it did before. When it
+    does not (a template that rewrites earlier turns), the result is None: the whole dialog must
+    be encoded again (`encode_dialog`).
 
     `reply_end` is the token that ended the reply, if a stop token did: when it is the format's
     end of a message or one of its `reply_ends` (Llama 3: <|eot_id|>, <|eom_id|>), the dialog keeps
@@ -154,13 +178,18 @@ def encode_turn(tok: Tokenizer, messages: list[dict], fmt: ChatFormat | Template
     if reply_end is not None and reply_end in _special_ids(tok, (fmt.message[content_at + 1],) + fmt.reply_ends):
         ids[0] = reply_end
     for m in _checked(messages):
-        ids += _render(tok, fmt.message, role=fmt.roles.get(m["role"], m["role"]), content=m["content"])
+        ids += _message(tok, fmt, m)
     return ids + _render(tok, fmt.generation_prompt)
+
+
+# The dialog a template's turn is cut from when the caller gives none: one exchange before it.
+_STAND_IN = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
 
 
 def _template_turn(tok: Tokenizer, fmt: TemplateFormat, history: list[dict], messages: list[dict],
                    reply_end: int | None, tools: list | None) -> list[int] | None:
-    if not history or history[-1]["role"] != "assistant":
+    history = history or _STAND_IN
+    if history[-1]["role"] != "assistant":
         return None
     fed = encode_dialog(tok, history[:-1], True, fmt, tools)
     whole = encode_dialog(tok, history + messages, True, fmt, tools)
@@ -199,7 +228,9 @@ def _checked(messages: list[dict], fmt: ChatFormat | TemplateFormat | None = Non
     for itself what it reads, also takes other content (a tool's result as JSON) and tool calls."""
     template = isinstance(fmt, TemplateFormat)
     for n, m in enumerate(messages):
+        calls = isinstance(m, dict) and m.get("role") == "assistant" and "tool_calls" in m
         if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and (isinstance(m.get("content"), str) or template and ("content" in m or "tool_calls" in m))):
+                and (isinstance(m.get("content"), str) or calls and m.get("content") is None
+                     or template and "content" in m)):
             raise Llama3Error(f"chat message {n}: expected {{\"role\": str, \"content\": str}}, got {m!r:.80}")
     return list(messages)

@@ -22,16 +22,18 @@ from .tokenizer import Tokenizer
 @dataclass
 class Conversation:
     system: Optional[str] = None  # None: the chat format's default, if it has one
-    turns: list[tuple[str, str]] = field(default_factory=list)  # (user, assistant), oldest first
+    # (user, assistant), oldest first; a message that is not the user's is a {"role", "content"} dict
+    turns: list[tuple[str | dict, str]] = field(default_factory=list)
 
-    def messages(self, user: Optional[str] = None) -> list[dict]:
+    def messages(self, user: Optional[str | dict] = None) -> list[dict]:
         """The conversation as chat messages, with `user`'s new message last when given."""
         out = [{"role": "system", "content": self.system}] if self.system is not None else []
-        for question, answer in self.turns:
-            out += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        return out + ([{"role": "user", "content": user}] if user is not None else [])
+        for question, answer in self.turns + ([(user, None)] if user is not None else []):
+            out += [question if isinstance(question, dict) else {"role": "user", "content": question}]
+            out += [{"role": "assistant", "content": answer}] if answer is not None else []
+        return out
 
-    def fit(self, tok: Tokenizer, fmt: ChatFormat, user: str, ctx: int, room: int) -> tuple[list[int], int]:
+    def fit(self, tok: Tokenizer, fmt: ChatFormat, user: str | dict, ctx: int, room: int) -> tuple[list[int], int]:
         """The ids of the whole conversation and `user`'s message, up to the assistant's header,
         after dropping the fewest oldest turns that leave `room` of the `ctx` tokens for the
         answer; and how many turns were dropped (they are gone from `turns`).

@@ -57,19 +57,19 @@ def test_dialogs_equal_apply_chat_template(file):
             continue
         got = encode_dialog(tok, d["messages"], fmt=fmt, tools=d["tools"])
         assert got == want["ids"], f"{file}, {d['name']}: {first_difference(got, want['ids'])}"
-    assert failures <= 2
+    assert len(dialogs()) - failures >= 10
 
 
 def test_the_llama3_choice_equals_metas_chat_format():
     checked = 0
     for d in dialogs():
         want = chat_fixture("reference.json")["meta"][d["name"]]
-        if want is None:  # tool calls: Meta's ChatFormat encodes them with its own tool formats
+        if want is None:  # a tool's result as JSON: Meta's ChatFormat takes text only
             continue
         got = encode_dialog(llama3(), d["messages"], fmt=LLAMA3)
         assert got == want, f"{d['name']}: {first_difference(got, want)}"
         checked += 1
-    assert checked >= 8
+    assert checked >= 13
 
 
 def test_the_31_template_opens_with_its_system_block():
