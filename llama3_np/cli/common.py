@@ -44,6 +44,10 @@ FLAGS = {
     "layers": "--layers", "samplers": "--samplers", "repeat_last_n": "--repeat-last-n",
     "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty", "typical_p": "--typical",
     "top_n_sigma": "--top-nsigma", "chat_format": "--chat-format", "tools": "--tools",
+    "lr": "--learning-rate", "betas": "--adam-beta1/--adam-beta2", "eps": "--adam-epsilon",
+    "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm", "max_steps": "--max-steps",
+    "seq_len": "--seq-len", "batch_size": "--batch-size", "warmup_steps": "--warmup-steps",
+    "eval_steps": "--eval-steps", "save_steps": "--save-steps",
 }
 
 
