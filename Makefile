@@ -57,9 +57,10 @@ tools: $(VENV)/.installed-tools
 # checkpoint-format fixtures, the default model's transformers continuations, its cross-checking
 # dump, perplexity and the calibration of compare's default tolerance (tests/fixtures/xcheck/),
 # the sampler chains of llama.cpp and transformers (tests/fixtures/sampling/), the chat
-# templates' renderings by transformers and Meta's ChatFormat (tests/fixtures/chat/), and the
+# templates' renderings by transformers and Meta's ChatFormat (tests/fixtures/chat/), the
 # gradients, AdamW steps and trained checkpoint of torch.autograd and torch.optim
-# (tests/fixtures/grad/). Each directory's README.md says how its files were made.
+# (tests/fixtures/grad/), the logprobs of transformers and llama.cpp that score is held to
+# (tests/fixtures/score/). Each directory's README.md says how its files were made.
 fixtures: tools
 	$(BIN)/python tools/make_reference_dumps.py
 	$(BIN)/python tools/make_tokenizer_fixtures.py
@@ -72,6 +73,7 @@ fixtures: tools
 	$(BIN)/python tools/make_sampler_fixtures.py
 	$(BIN)/python tools/make_chat_fixtures.py
 	$(BIN)/python tools/make_added_token_fixtures.py
+	$(BIN)/python tools/make_score_fixtures.py
 	$(BIN)/python tools/calibrate_compare.py
 	$(BIN)/python tools/make_grad_fixtures.py
 

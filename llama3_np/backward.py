@@ -32,6 +32,9 @@ from .model import FeedForwardWeights, LayerWeights, forward, rope_cos_sin, rope
 from .stages import Keep, Trace, keep_nothing, scoped
 
 
+# The target of a position that is not scored (torch.nn.functional.cross_entropy's default).
+IGNORE_INDEX = -100
+
 # ---------------------------------------------------------------------------------------------
 # The stages, one backward each
 
@@ -143,7 +146,7 @@ def swiglu_backward(x: np.ndarray, w: FeedForwardWeights, d_out: np.ndarray,
 
 
 def cross_entropy(logits: np.ndarray, targets: np.ndarray,
-                  ignore_index: int = -100) -> tuple[float, np.ndarray]:  # [T, V], [T] -> loss, [T, V]
+                  ignore_index: int = IGNORE_INDEX) -> tuple[float, np.ndarray]:  # [T, V], [T] -> loss, [T, V]
     """The mean negative log-likelihood of `targets` and its gradient with respect to `logits`.
 
     loss = -(1/N) Σ_t log softmax(logits_t)[target_t] over the N positions whose target is not
@@ -245,7 +248,7 @@ def model_backward(weights: Mapping[str, np.ndarray], config: ModelConfig, token
 
 
 def loss_and_gradients(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
-                       targets=None, pos: int = 0, compute: str = "float32", ignore_index: int = -100,
+                       targets=None, pos: int = 0, compute: str = "float32", ignore_index: int = IGNORE_INDEX,
                        trace: Optional[Trace] = None) -> tuple[float, dict[str, np.ndarray]]:
     """The next-token cross-entropy of `tokens` and its gradient with respect to every weight.
 

@@ -149,3 +149,27 @@ def test_cross_entropy_and_its_gradient():
     directional_check(lambda z: cross_entropy(z, targets)[0], logits, d_logits, "cross-entropy")
     with pytest.raises(Llama3Error, match="at least one target"):
         cross_entropy(logits, np.full(T, -100))
+
+
+# ---------------------------------------------------------------------------------------------
+# Named gradients, dumped like stages
+
+
+def test_dump_grad_matches_transformers_stage_gradients_through_compare(tmp_path, capsys):
+    from llama3_np.cli import main
+
+    reference = FIXTURES / "llama3_0" / "hf_grad_stages.safetensors"
+    with safe_open(str(reference), framework="numpy") as f:
+        tokens = json.loads(f.metadata()["tokens"])
+    grad, stages = tmp_path / "grad.safetensors", tmp_path / "stages.safetensors"
+    model = ["-m", str(FIXTURES / "llama3_0"), "--tokens", ",".join(map(str, tokens))]
+    assert main(["dump", *model, "--grad", "-o", str(grad)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(grad), str(reference), "--all", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["stages"]) == 21, report  # every stage transformers' modules expose
+    assert max(s["nmse"] for s in report["stages"]) <= 1e-10, report
+    assert main(["dump", *model, "-o", str(stages)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(stages), str(reference)]) == 2
+    assert "records gradients" in capsys.readouterr().err

@@ -37,10 +37,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import torch_reference as ref  # noqa: E402
-from llama3_np.config import from_hf_config  # noqa: E402
+from llama3_np.config import ComputeMode, from_hf_config  # noqa: E402
 from llama3_np.formats.safetensors_file import write_safetensors  # noqa: E402
-from llama3_np.config import ComputeMode  # noqa: E402
 from llama3_np.model import rope_cos_sin, rope_frequencies  # noqa: E402
+from llama3_np.stages import stage_shapes  # noqa: E402
+from llama3_np.xcheck.dump import Inputs, dump_metadata, write_dump  # noqa: E402
 
 transformers = ref.transformers_module()
 
@@ -261,12 +262,56 @@ def make_trained_checkpoint() -> str:
             f"NMSE {ref.nmse(ours, logits):.2e}")
 
 
+# The gradient of every named stage that transformers' modules expose (all but q, k and rope's),
+# for `llama3-np dump --grad` to be compared with (`llama3-np compare`).
+STAGE_GRADIENT_TOKENS = [3, 41, 17, 60, 9, 9, 22, 51]
+
+
+def make_stage_gradients() -> str:
+    folder = OUT / "llama3_0"
+    config = from_hf_config(json.loads((folder / "config.json").read_text()))
+    model = ref.load_hf(folder, torch.float32)
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, t):
+        t = t[0] if isinstance(t, tuple) else t
+        t.retain_grad()
+        kept[name] = t
+
+    def watch(module, name: str, where: str):
+        if where == "output":
+            module.register_forward_hook(lambda m, args, out: keep(name, out))
+        else:
+            module.register_forward_pre_hook(lambda m, args: keep(name, args[0]))
+
+    for i, layer in enumerate(model.model.layers):
+        for stage, (path, where) in ref.HF_LAYER_POINTS.items():
+            watch(layer.get_submodule(path) if path else layer, f"layers.{i}.{stage}", where)
+    for stage, (path, where) in ref.HF_MODEL_POINTS.items():
+        watch(model.get_submodule(path), stage, where)
+    ids = torch.tensor([STAGE_GRADIENT_TOKENS])
+    logits = model(input_ids=ids, use_cache=False).logits[0]
+    loss = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:])
+    loss.backward()
+    T = len(STAGE_GRADIENT_TOKENS)
+    shapes = {name: shape for name, shape in stage_shapes(config, T, probs=False).items() if name in kept}
+    stages = {name: kept[name].grad[0].reshape(shape).numpy().astype(np.float32) for name, shape in shapes.items()}
+    targets = STAGE_GRADIENT_TOKENS[1:] + [-100]
+    path = folder / "hf_grad_stages.safetensors"
+    write_dump(path, stages, dump_metadata(
+        config, Inputs(STAGE_GRADIENT_TOKENS, 0, [], 0), "float32",
+        producer=f"transformers {transformers.__version__}, torch {torch.__version__} autograd",
+        targets=json.dumps(targets), loss=repr(float(loss.detach()))))
+    return f"stage gradients: {len(stages)} stages, {path.stat().st_size // 1024} KB"
+
+
 def main() -> None:
     torch.manual_seed(0)
     for name, v in VARIANTS.items():
         print("\n".join(make_variant(name, v)))
     print(make_training_run())
     print(make_trained_checkpoint())
+    print(make_stage_gradients())
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"tests/fixtures/grad/: {total / 1e6:.2f} MB")
 

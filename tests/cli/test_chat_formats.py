@@ -9,6 +9,7 @@ import re
 import pytest
 
 from llama3_np.assets import default_model_dir
+from llama3_np.text.chat import encode_dialog
 from llama3_np.text.dialog import Conversation
 from llama3_np.text.tools import tool_calls_expected
 from tests.cli.test_flags import run
@@ -63,11 +64,25 @@ def test_a_tool_result_is_a_message_in_the_tool_role():
     """After an answer that called a tool, `chat` sends the next message in the tool role, which
     the Llama 3 templates and Meta's ChatFormat write under the ipython header."""
     tok, fmt = template_format(LLAMA3_TEMPLATES[0], {"date_string": "26 Jul 2024"})
-    conv = Conversation(None, [("Weather in Paris?", '{"name": "get_weather", "parameters": {"city": "Paris"}}')])
-    ids, dropped = conv.fit(tok, fmt, {"role": "tool", "content": "21 C"}, ctx=1000, room=10)
+    conv = Conversation(tok, fmt)
+    conv.message_ids("Weather in Paris?")
     # The 3.1 template writes a tool's result through tojson, a text too (Jinja finds a string iterable).
-    assert dropped == 0 and tok.decode(ids).endswith(
+    assert tok.decode(conv.message_ids("21 C", role="tool")) == (
         '<|start_header_id|>ipython<|end_header_id|>\n\n"21 C"<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n')
     assert tool_calls_expected(fmt, "plain answer") is False
     assert tool_calls_expected(fmt, "<|python_tag|>brave_search.call(query=\"x\")<|eom_id|>")
     assert tool_calls_expected(template_format(LLAMA3_TEMPLATES[0], {"builtin_tools": ["brave_search"]})[1], "x")
+
+
+def test_tool_definitions_in_the_first_user_message_stay_in_the_head():
+    """The Llama 3 templates write the tool definitions into the first user message, which then
+    encodes unlike later ones: it joins the head, which a full context never drops."""
+    tok, fmt = template_format(LLAMA3_TEMPLATES[0], {"date_string": "26 Jul 2024"})
+    fmt = type(fmt)(fmt.template, fmt.variables, TOOLS)
+    conv = Conversation(tok, fmt, "Be brief.")
+    assert conv.message_ids("Weather in Paris?") == []
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
+    assert conv.ids() == encode_dialog(tok, first, fmt=fmt) and "get_weather" in tok.decode(conv.head)
+    later = conv.message_ids("And Rome?")
+    assert tok.decode(later) == ("<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nAnd Rome?<|eot_id|>"
+                                 "<|start_header_id|>assistant<|end_header_id|>\n\n")[len("<|eot_id|>"):]
