@@ -1,5 +1,5 @@
-"""README.md's Python example runs, and continues its prompt as Hugging Face transformers does
-(greedy, float32: tests/fixtures/default_model/greedy.json)."""
+"""README.md's Python examples run: the first continues its prompt as Hugging Face transformers does
+(greedy, float32: tests/fixtures/default_model/greedy.json), the second patches activations as it says."""
 
 import json
 import re
@@ -12,10 +12,12 @@ REPO = Path(__file__).resolve().parents[1]
 GREEDY = json.loads((REPO / "tests" / "fixtures" / "default_model" / "greedy.json").read_text())
 
 
-def python_example() -> str:
+def python_example(n: int = 0) -> str:
+    """The n-th Python block of README.md's Python section."""
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("\n## Python\n"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    section = section[:section.index("\n## ", 1)]
+    return re.findall(r"```python\n(.*?)```", section, re.S)[n]
 
 
 def test_readme_python_example_produces_the_default_model_greedy_continuation(capsys):
@@ -31,3 +33,10 @@ def test_readme_python_example_produces_the_default_model_greedy_continuation(ca
     max_new = int(re.search(r"max_new=(\d+)", code).group(1))
     want = load_tokenizer(default_model_dir()).decode(case["ids"][:max_new])
     assert "".join(lines[2:]) == want.replace("\n", ""), f"README example printed {lines[2:]!r}, transformers {want!r}"
+
+
+def test_readme_activation_patching_example_moves_the_answer_until_the_layer_it_says(capsys):
+    code = python_example(1)
+    assert "Edit(" in code and len(code.strip().splitlines()) <= 16, "the example should stay short"
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.splitlines() == ["10  Paris", "24  Rome"]
