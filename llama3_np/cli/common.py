@@ -13,22 +13,21 @@ import codecs
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
 from .. import assets, products
 from ..checks import token_ids
-from ..config import ModelConfig
 from ..errors import Llama3Error, ParameterError
-from ..generation import PREFILL_CHUNK, REPEAT_LAST_N, Generation, Session, Step
+from ..generation import REPEAT_LAST_N, Generation, Step
 from ..load import DEFAULT_CTX, LoadedModel, load_model
 from ..sampling import (DEFAULT_SAMPLERS, SAMPLER_CHARS, SAMPLER_NAMES, SAMPLER_ORDERS, SamplingParams,
                         parse_sampler_chars, parse_samplers)
 from ..text.pieces import format_pieces, pieces
 from ..text.tokenizer import StreamDecoder
 from ..xcheck.bench import peak_rss_mb
-from ..xcheck.dump import Inputs, config_differences, describe_differences, read_dump
+from ..xcheck.dump import Inputs, resolve_inputs
 
 # Library parameter -> the flag that sets it. A ParameterError about one of these is reported with
 # the flag in front.
@@ -44,6 +43,7 @@ FLAGS = {
     "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm", "max_steps": "--max-steps",
     "seq_len": "--seq-len", "batch_size": "--batch-size", "warmup_steps": "--warmup-steps",
     "eval_steps": "--eval-steps", "save_steps": "--save-steps",
+    "pos": "--pos", "like": "--like", "k": "--explain",
 }
 
 
@@ -214,51 +214,21 @@ def parse_token_ids(text: str, vocab_size: int) -> list[int]:
 
 
 def load_with_inputs(args) -> tuple[LoadedModel, Inputs]:
-    """The model of -m (with its tokenizer when the input is text) and the inputs to run; what
-    the user should know about them (`Inputs.notes`) goes to stderr."""
+    """The model of -m (with its tokenizer when the input is text) and the inputs to run
+    (`xcheck.dump.resolve_inputs` of -p/-f/--tokens/--like and --pos); what the user should know
+    about them (`Inputs.notes`) goes to stderr."""
     if args.prompt is None and args.file is None and args.tokens is None and args.like is None:
         raise Llama3Error("give the input: -p TEXT, -f FILE, --tokens 1,2,3 or --like DUMP")
+    if args.pos is not None and args.like is not None:
+        raise Llama3Error("--pos goes with -p/-f/--tokens; --like takes the positions of its dump")
     loaded = load(args, need_tokenizer=args.prompt is not None or args.file is not None)
     encode = loaded.tokenizer.encode if loaded.tokenizer is not None else None
-    inputs = resolve_inputs(args, loaded.config, encode, loaded.checkpoint.path)
+    tokens = parse_token_ids(args.tokens, loaded.config.vocab_size) if args.tokens is not None else None
+    inputs = resolve_inputs(loaded.config, text=read_prompt(args), tokens=tokens, like=args.like, pos=args.pos,
+                            encode=encode, model=loaded.checkpoint.path)
     for note in inputs.notes:
         print(f"note: {note}", file=sys.stderr)
     return loaded, inputs
-
-
-def resolve_inputs(args, config: ModelConfig, encode: Optional[Callable[[str], list[int]]], model) -> Inputs:
-    """The tokens named by -p/-f/--tokens/--like (and --pos), checked against the model's config.
-
-    encode: the model's tokenizer (text -> ids, as the model adds BOS), needed for -p/-f only.
-    Also used by tools/torch_dump.py, so that both sides of a comparison read their input alike.
-    """
-    if args.pos is not None and args.pos < 0:
-        raise Llama3Error(f"--pos must be >= 0, got {args.pos}")
-    if args.pos is not None and args.like is not None:
-        raise Llama3Error("--pos goes with -p/-f/--tokens; --like takes the positions of its dump")
-    pos = args.pos or 0
-    if args.like is not None:
-        like = read_dump(args.like)
-        in_math, outside = config_differences(like.config(), config) if like.config() is not None else ({}, {})
-        if in_math:
-            raise Llama3Error(f"--like {args.like} was made from a different model than {model} "
-                              f"(config {describe_differences(in_math)}): pass the same checkpoint")
-        inputs = like.inputs()
-        inputs.notes = [f"the config recorded in --like {args.like} differs from {model}'s only in what no "
-                        f"stage computes: {describe_differences(outside)}"] if outside else []
-        if not inputs.tokens:
-            raise Llama3Error(f"--like {args.like}: its metadata has no 'tokens' to run")
-    elif args.tokens is not None:
-        inputs = Inputs(parse_token_ids(args.tokens, config.vocab_size), pos, [], pos)
-    else:
-        text = read_prompt(args)
-        if text is None:
-            raise Llama3Error("give the input: -p TEXT, -f FILE, --tokens 1,2,3 or --like DUMP")
-        if text == "":
-            raise Llama3Error("the text is empty: give some text")
-        inputs = Inputs(encode(text), pos, [], pos)
-    inputs.check(config)
-    return inputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,13 +298,21 @@ PROGRESS_AFTER_SECONDS = 1.0
 
 class ProgressLine:
     """One line on stderr, redrawn in place and wiped at the end; on a terminal only (a log file
-    or a pipe gets no control characters), and only once the work has run for a while."""
+    or a pipe gets no control characters), and only once the work has run for a while. Called as
+    a `Session`'s progress callback: (0, total) starts it, (total, total) wipes it."""
 
     def __init__(self, label: str, stream=None):
         self.label, self.stream = label, stream or sys.stderr
         self.on = self.stream.isatty()
         self.start = time.perf_counter()
         self.width = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if done == 0:
+            self.start = time.perf_counter()
+        self.update(done, total)
+        if done == total:
+            self.clear()
 
     def update(self, done: int, total: int) -> None:
         if not self.on or time.perf_counter() - self.start <= PROGRESS_AFTER_SECONDS:
@@ -351,29 +329,16 @@ class ProgressLine:
             self.width = 0
 
 
-class ProgressSession(Session):
-    """A Session that shows a progress line on stderr (a terminal only) while a long prompt is fed."""
-
-    def feed(self, ids) -> np.ndarray:  # [T] -> [V]
-        ids = list(ids)
-        if len(ids) <= PREFILL_CHUNK:
-            return super().feed(ids)
-        progress = ProgressLine("prefill")
-        try:
-            for start in range(0, len(ids), PREFILL_CHUNK):
-                logits = super().feed(ids[start:start + PREFILL_CHUNK])
-                progress.update(min(start + PREFILL_CHUNK, len(ids)), len(ids))
-        finally:
-            progress.clear()
-        return logits
-
-
 def consume(generation: Generation, on_step) -> Generation:
     """Run a generation, handing each step to `on_step`. Ctrl-C ends it early, with stop reason
-    "interrupted"; what was printed stays, and the session keeps what its cache holds."""
+    "interrupted"; what was printed stays (a prefill's progress line is wiped), and the session
+    keeps what its cache holds."""
     try:
         for step in generation:
             on_step(step)
     except KeyboardInterrupt:
         generation.stop_reason = "interrupted"
+    finally:
+        if isinstance(generation.session.progress, ProgressLine):
+            generation.session.progress.clear()
     return generation
