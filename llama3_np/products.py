@@ -14,12 +14,6 @@ here changes its value beyond the order of a sum:
   0.6.0's) and on the CPU, so the first bfloat16 product times both on one block and keeps the
   faster (`bfloat16_conversion`). A weight of another kind (quantized blocks) plugs in by the same
   hook: `rows_into(w)` is how rows start..stop of w become float32 in a thread's buffer.
-- **Weights that share an input.** A layer's q, k and v multiply the same input, as do its gate
-  and up projections: registered as a group at load (`share_inputs`), they are computed as one
-  product, whose columns the calls that follow take (float32 weights stacked into one matrix, one
-  BLAS call; bfloat16 ones left where they are mapped, one set of blocks). The specification still
-  names and multiplies Meta's separate matrices; a default-model decode step makes 121 products
-  instead of 211.
 - **Threads.** `get_threads()` threads share the blocks of one product: the calling thread and
   `get_threads() - 1` workers of a pool, each taking the next block not yet taken until none is
   left. A thread slowed by another process on its core simply takes fewer blocks, so a busy
@@ -49,7 +43,6 @@ import os
 import queue
 import threading
 import time
-import weakref
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -401,18 +394,15 @@ def _conversion_buffer(size: int) -> np.ndarray:
     return buf
 
 
-def block_rows(T: int, n_out: int, n_in: int, low_precision: bool, threads: int,
-               n_total: Optional[int] = None) -> int:
+def block_rows(T: int, n_out: int, n_in: int, low_precision: bool, threads: int) -> int:
     """Rows per block of an [n_out, n_in] weight multiplied by T tokens on `threads` threads
-    (n_out when the product runs whole, on the calling thread), in a product of n_total rows in
-    all (default n_out; more when it is one of a group, `product`)."""
-    n_total = n_total or n_out
+    (n_out when the product runs whole, on the calling thread)."""
     if low_precision:
         rows = conversion_rows(n_out, n_in)
     else:
         rows = n_out if threads == 1 else max(1, FLOAT32_BLOCK_BYTES // (4 * n_in))
-    if threads > 1 and T * n_total * n_in >= SPLIT_MIN_MACS:
-        rows = min(rows, -(-n_total // threads))  # at least one block per thread
+    if threads > 1 and T * n_out * n_in >= SPLIT_MIN_MACS:
+        rows = min(rows, -(-n_out // threads))  # at least one block per thread
     return min(rows, n_out)
 
 
@@ -421,123 +411,34 @@ def linear(x: np.ndarray, w) -> np.ndarray:  # [T, n_in], [n_out, n_in] -> [T, n
     `rows_into`), on llama3_np's threads.
 
     Equals float32 `x @ w.astype(np.float32).T` up to the order of each dot product's sum (the
-    conversion is exact; the blocks split rows, never a sum). x must be float32. A weight of a
-    group that shares its input (`share_input`) is computed with the others of its group, as one
-    product, and their results handed to the calls that follow.
+    conversion is exact; the blocks split rows, never a sum). x must be float32.
     """
-    member = _groups.get(id(w))
-    if member is not None and member[0]() is w:
-        return member[1].product(x, member[2])
-    return product(x, (w,))
-
-
-def product(x: np.ndarray, weights) -> np.ndarray:  # [T, n_in], k x [n_out_j, n_in] -> [T, Σ n_out_j]
-    """x times each of `weights` (all [n_out_j, n_in]), as one product: their results side by side,
-    in order, [T, Σ n_out_j]. Their rows are cut into blocks that the threads share as those of one
-    matrix, so a group of small weights pays for one hand-off to the workers, not one each."""
     T, n_in = x.shape
-    n_total = sum(w.shape[0] for w in weights)
-    threads = _threads if T * n_total * n_in >= SPLIT_MIN_MACS else 1
-    converts = [rows_into(w) for w in weights]
-    if len(weights) == 1 and converts[0] is None and threads == 1:
+    n_out = w.shape[0]
+    convert = rows_into(w)
+    low_precision = convert is not None
+    threads = _threads if T * n_out * n_in >= SPLIT_MIN_MACS else 1
+    if not low_precision and threads == 1:
         if not _blas_held:
             hold_blas_to_one_thread()
-        return x @ weights[0].T
-    out = np.empty((T, n_total), dtype=np.float32)
-    blocks = []  # (weight, its converter, first row, end row, first column of out)
-    column = 0
-    for w, convert in zip(weights, converts):
-        n_out = w.shape[0]
-        rows = block_rows(T, n_out, n_in, convert is not None, threads, n_total)
-        blocks += [(w, convert, start, min(start + rows, n_out), column + start) for start in range(0, n_out, rows)]
-        column += n_out
-    buffer_rows = max(stop - start for _, convert, start, stop, _ in blocks if convert is not None) if any(converts) else 0
+        return x @ w.T
+    rows = block_rows(T, n_out, n_in, low_precision, threads)
+    out = np.empty((T, n_out), dtype=np.float32)
 
-    def block_product(i: int) -> None:
-        w, convert, start, stop, col = blocks[i]
-        if convert is not None:
-            block = _conversion_buffer(buffer_rows * n_in)[:(stop - start) * n_in].reshape(stop - start, n_in)
+    def product(i: int) -> None:
+        start = i * rows
+        stop = min(start + rows, n_out)
+        if low_precision:
+            block = _conversion_buffer(rows * n_in)[:(stop - start) * n_in].reshape(stop - start, n_in)
             convert(start, stop, block)
         else:
             block = w[start:stop]
         # np.dot lets other threads run during its BLAS call; np.matmul does only when the output
         # has more than 500 elements, as a prefill's does, never a decode step's blocks.
         if T == 1:
-            np.dot(block, x[0], out=out[0, col:col + stop - start])
+            np.dot(block, x[0], out=out[0, start:stop])
         else:
-            np.matmul(x, block.T, out=out[:, col:col + stop - start])
+            np.matmul(x, block.T, out=out[:, start:stop])
 
-    parallel(block_product, len(blocks), threads)
+    parallel(product, -(-n_out // rows), threads)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Weights that share their input
-
-# A layer's projections that multiply the same input, by canonical name: q, k and v (attention's
-# input), the gate w1 and the up projection w3 (the feed-forward's).
-SHARED_INPUTS = (("attention.wq", "attention.wk", "attention.wv"), ("feed_forward.w1", "feed_forward.w3"))
-
-
-class _Group:
-    """Weights that are multiplied by the same input, one after the other: the call of `linear`
-    with the first computes all (`product`), and the calls with the others that follow, in order,
-    with an input of the same values take their columns of that result; any other call computes
-    its own weight alone."""
-
-    def __init__(self, weights, stacked: Optional[np.ndarray]):
-        self.refs = [weakref.ref(w) for w in weights]
-        self.stacked = stacked  # their rows in one matrix, or None
-        ends = np.cumsum([w.shape[0] for w in weights])
-        self.columns = [slice(end - w.shape[0], end) for w, end in zip(weights, ends.tolist())]
-
-    def product(self, x: np.ndarray, i: int) -> np.ndarray:
-        last = getattr(_results, "last", None)  # (group, its input's values, result, next weight)
-        if (last is not None and last[0] is self and last[3] == i and last[1].shape == x.shape
-                and (last[1] == x).all()):
-            _results.last = (self, last[1], last[2], i + 1)
-            return last[2][:, self.columns[i]]
-        weights = [ref() for ref in self.refs]
-        if i != 0 or any(w is None for w in weights):  # not the group's first call: this one alone
-            return product(x, (weights[i],))
-        out = product(x, weights if self.stacked is None else (self.stacked,))
-        _results.last = (self, x.copy(), out, 1)
-        return out[:, self.columns[0]]
-
-
-# id of a weight -> (a weak reference to it, its group, its place in the group); the reference
-# tells a weight from a later one given the same id
-_groups: dict[int, tuple] = {}
-_results = threading.local()  # each thread's last group product
-
-
-def share_input(*weights, stacked: Optional[np.ndarray] = None) -> None:
-    """Make `weights` (all [n_out_j, n_in], multiplied by the same input one after the other, as a
-    layer's q, k and v are) one group: `linear` computes them as one product, on `stacked` when
-    given (a matrix whose rows are theirs, in order: one BLAS call instead of one per weight). The
-    values are those of the separate products up to the order of each sum."""
-    if len({w.shape[1] for w in weights}) != 1:
-        raise ValueError(f"weights sharing an input need the same n_in, got {[w.shape for w in weights]}")
-    group = _Group(weights, stacked)
-    for i, w in enumerate(weights):
-        _groups[id(w)] = (group.refs[i], group, i)
-        weakref.finalize(w, _groups.pop, id(w), None)
-
-
-def share_inputs(weights: dict, n_layers: int, stack: bool) -> None:
-    """Group every layer's projections of `SHARED_INPUTS` in a canonical weight mapping
-    (`share_input`). With `stack`, each group's weights are first copied into one matrix and
-    replaced in `weights` by views of its rows (same values, same names and shapes): float32
-    residency's weights are process memory already, while bfloat16 residency's stay mapped from
-    their files (so pages can be dropped and read again) and are grouped where they are."""
-    for layer in range(n_layers):
-        for names in SHARED_INPUTS:
-            keys = [f"layers.{layer}.{name}.weight" for name in names]
-            stacked = np.concatenate([weights[k] for k in keys]) if stack else None
-            if stacked is not None:
-                start = 0
-                for k in keys:
-                    n_out = weights[k].shape[0]
-                    weights[k] = stacked[start:start + n_out]
-                    start += n_out
-            share_input(*(weights[k] for k in keys), stacked=stacked)

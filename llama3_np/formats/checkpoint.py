@@ -36,7 +36,6 @@ import numpy as np
 from ..config import ROPE_FACTOR_SOURCES, ModelConfig, from_hf_config, from_meta_params
 from ..dtypes import bfloat16, is_bfloat16
 from ..errors import Llama3Error, warn
-from ..products import share_inputs
 from ..text.tokenizer import find_tokenizer_file
 from .pth import PthFile
 from .safetensors_file import SafetensorsFile, write_safetensors
@@ -471,9 +470,6 @@ def load_checkpoint(path, dtype: str = "float32", rope_factor: Optional[float] =
         raise Llama3Error(f"dtype must be one of {', '.join(RESIDENCIES)}, got {dtype!r}")
     index = path if isinstance(path, CheckpointIndex) else scan_checkpoint(path, rope_factor)
     weights = {name: _materialize(plan, dtype) for name, plan in index.plans.items()}
-    # An execution detail, not a change of the canonical form: the projections that share an input
-    # become one product each (`products.share_inputs`), under their own names and shapes.
-    share_inputs(weights, index.config.n_layers, stack=dtype == "float32")
     if index.config.tie_embeddings:
         weights["output.weight"] = weights["tok_embeddings.weight"]
     return Checkpoint(index.path, index.format, index.config, weights, dtype, index.tokenizer_dir, index.eos_ids)
