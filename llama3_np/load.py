@@ -20,10 +20,12 @@ from . import assets
 from .config import ComputeMode, ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import Checkpoint, load_checkpoint, scan_checkpoint
-from .generation import REPEAT_LAST_N, Session, end_of_generation_ids
+from .generation import REPEAT_LAST_N, Session
 from .linear import mode_weights
+from .lora import adapted, load_adapter
 from .sampling import SamplingParams
-from .text.chat import ChatFormat, chat_format_for, encode_dialog
+from .text.chat import ChatFormat, TemplateFormat, chat_format_for, encode_dialog
+from .text.template import ChatTemplate, find_chat_template, template_variables
 from .text.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 # Without an explicit context size, the KV cache holds at most this many tokens (or the model's own
@@ -63,20 +65,35 @@ class LoadedModel:
         """Token ids of `text` as a plain prompt (with BOS when the tokenizer adds one)."""
         return self.need_tokenizer().encode(text)
 
-    def chat_format(self) -> ChatFormat:
-        return chat_format_for(self.need_tokenizer())
+    def chat_template(self) -> Optional[ChatTemplate]:
+        """The chat template the checkpoint carries (`text.template.TEMPLATE_FILES`), or None."""
+        return find_chat_template(self.checkpoint.path)
 
-    def encode_dialog(self, system: Optional[str], user: str) -> list[int]:
+    def chat_format(self, choice: Optional[str] = None, template: Optional[ChatTemplate] = None,
+                    variables: Optional[dict] = None, tools: Optional[list] = None) -> ChatFormat | TemplateFormat:
+        """The chat format named `choice` ("template", "llama3", "chatml"; None: the checkpoint's
+        template if it has one, else its vocabulary's built-in format), rendering `template`
+        instead of the checkpoint's own when given, with `variables` (such as `date_string`)
+        added to the special tokens a template sees, and the tool definitions `tools`
+        (`text.tools.read_tools`) for the template to place (`text.chat.chat_format_for`)."""
+        tok = self.need_tokenizer()
+        template = template or find_chat_template(self.checkpoint.path, tools=tools is not None)
+        if template is not None:
+            variables = template_variables(tok, self.checkpoint.path) | dict(variables or {})
+        return chat_format_for(tok, choice, template, variables, tools)
+
+    def encode_dialog(self, system: Optional[str], user: str,
+                      fmt: ChatFormat | TemplateFormat | None = None) -> list[int]:
         """Token ids of a first chat turn (an optional system message, then `user`), ending with
-        the opening of the assistant's reply, in the checkpoint's chat format."""
+        the opening of the assistant's reply, in `fmt` (default: the checkpoint's chat format)."""
         messages = [{"role": "system", "content": system}] if system is not None else []
         return encode_dialog(self.need_tokenizer(), messages + [{"role": "user", "content": user}],
-                             fmt=self.chat_format())
+                             fmt=fmt or self.chat_format())
 
     def stop_ids(self) -> frozenset[int]:
-        """The ids that end a generation (`generation.end_of_generation_ids`): the tokenizer's
-        and those the checkpoint's config files declare; the same in completion and in chat."""
-        return end_of_generation_ids(self.tokenizer, self.checkpoint.eos_ids)
+        """The ids that end a generation, the same in completion and in chat: those the
+        checkpoint's config files declare and the vocabulary's (`Tokenizer.end_of_generation_ids`)."""
+        return frozenset(self.checkpoint.eos_ids) | (self.tokenizer.end_of_generation_ids if self.tokenizer else set())
 
     def session(self, ctx: Optional[int] = None, repeat_last_n: int = REPEAT_LAST_N,
                 progress: Optional[Callable[[int, int], None]] = None) -> Session:
@@ -88,11 +105,12 @@ class LoadedModel:
 
     def chat_session(self, system: Optional[str] = None, ctx: Optional[int] = None,
                      repeat_last_n: int = REPEAT_LAST_N,
-                     progress: Optional[Callable[[int, int], None]] = None):
-        """A multi-turn chat keeping the KV cache between turns (`chat_session.ChatSession`)."""
+                     progress: Optional[Callable[[int, int], None]] = None, fmt=None):
+        """A multi-turn chat keeping the KV cache between turns (`chat_session.ChatSession`), in
+        the chat format `fmt` (`chat_format`; None: the checkpoint's)."""
         from .chat_session import ChatSession
 
-        return ChatSession(self, ctx, system, repeat_last_n, progress)
+        return ChatSession(self, ctx, system, repeat_last_n, progress, fmt)
 
     def stream(self, prompt: str, max_new: int = -1, params: Optional[SamplingParams] = None,
                rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None) -> Iterator[str]:
@@ -172,7 +190,7 @@ def checkpoint_for(checkpoint: Checkpoint, mode: ComputeMode) -> Checkpoint:
 
 def load_model(path=None, dtype: Optional[str] = None, rope_factor: Optional[float] = None,
                need_tokenizer: bool = True, ctx: Optional[int] = None, compute: str = "float32",
-               convention: str = "transformers") -> LoadedModel:
+               convention: str = "transformers", lora=None) -> LoadedModel:
     """Load a checkpoint (a Hugging Face or Meta folder, or a GGUF file) and its tokenizer.
 
     path: the folder or .gguf file (imported into the asset cache once, `assets.model_dir`); None
@@ -183,7 +201,8 @@ def load_model(path=None, dtype: Optional[str] = None, rope_factor: Optional[flo
     a context size to check against the model's trained context before any weight is read
     (`check_ctx`). compute, convention: the compute mode (`config.ComputeMode`: "float32",
     "float64", "bfloat16", "float16"; "transformers" or "meta" casts) the weights are held for.
-    Raises Llama3Error for a missing folder or a malformed checkpoint, ParameterError("ctx"),
+    lora: a peft LoRA adapter folder, run unmerged (`llama3_np.lora`; float32 compute only).
+    Raises Llama3Error for a missing folder or a malformed checkpoint or adapter, ParameterError("ctx"),
     ParameterError("compute"/"convention") for an unknown mode, ParameterError("dtype") for a
     residency the mode cannot compute with.
     """
@@ -194,6 +213,11 @@ def load_model(path=None, dtype: Optional[str] = None, rope_factor: Optional[flo
     index = scan_checkpoint(path, rope_factor=rope_factor)
     check_ctx(ctx, index.config)
     checkpoint = checkpoint_for(load_checkpoint(index, dtype=dtype), mode)
+    if lora is not None:
+        if mode.dtype != "float32":
+            raise ParameterError("compute", f"a LoRA adapter runs in float32 compute only, not {mode.dtype}")
+        adapter, settings = load_adapter(lora, checkpoint.config)
+        checkpoint.weights.update(adapted(checkpoint.weights, adapter, settings.scale))
     try:
         tokenizer = load_tokenizer(path)
     except Llama3Error:

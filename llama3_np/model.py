@@ -40,7 +40,7 @@ import numpy as np
 from .checks import expect_shape, finite_stages, forward_arguments, forward_mode
 from .config import ComputeMode, ModelConfig
 from .linear import linear
-from .stages import Keep, Trace, keep_nothing, legend, scoped
+from .stages import Keep, Trace, keep_nothing, legend, scoped, start_point
 
 FLOAT32 = ComputeMode("float32")
 
@@ -425,7 +425,8 @@ def transformer_block(x: np.ndarray, w: LayerWeights, rotation: Rotation, cache:
 def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
             cache: Optional[KVCache] = None, pos: Optional[int] = None,
             trace: Optional[Trace] = None, last_only: bool = False,
-            compute: str | ComputeMode | None = None) -> np.ndarray:  # [T] -> [T, V]
+            compute: str | ComputeMode | None = None,
+            start_from: Optional[tuple[str, np.ndarray]] = None) -> np.ndarray:  # [T] -> [T, V]
     """Logits for each of `tokens`, the first at rope position `pos`.
 
     tokens: token ids (a list or int array, [T]); weights: canonical names, float32 or bfloat16
@@ -442,6 +443,11 @@ def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
     Raises Llama3Error for token ids outside the vocabulary, a full cache or a negative position;
     ParameterError("compute") for an unknown mode, one the cache was not made for, and a float16
     run whose activations overflow (naming the first stage that does).
+    Interventions: `trace`'s edits (`stages.Edit`) change stages as they are computed, and
+    `start_from` = (name, value) resumes the residual stream at `embed` or `layers.i.out` ([T, D])
+    and runs only the layers after it (their keys and values alone enter the cache, so it takes
+    no cache that could be used again); Llama3Error for a `start_from` at another stage, of another
+    shape or with a cache.
 
     Source: llama-models Transformer.forward; HF LlamaForCausalLM.forward (logits in the dtype:
     `lm_head(hidden_states)`; Meta's `self.output(h).float()` is the same values in float32).
@@ -456,7 +462,10 @@ def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
     rotation = rope_cos_sin(pos + np.arange(T), rope_frequencies(config, mode))  # [T, Dh/2] each
     keep = finite_stages(scoped(trace, ""), "", mode)
     x = keep("embed", expect_shape(embed(tokens, weights["tok_embeddings.weight"], mode), (T, config.dim), "embed"))
-    for layer in range(config.n_layers):
+    first = 0
+    if start_from is not None:  # an intervention: the residual stream resumes from a given value
+        first, x = start_point(start_from, config.n_layers, x, cache.length, cache.max_len)
+    for layer in range(first, config.n_layers):
         prefix = f"layers.{layer}."
         x = transformer_block(x, LayerWeights.of(weights, layer, config, mode), rotation, cache.layer(layer),
                               config, mode, finite_stages(scoped(trace, prefix), prefix, mode))

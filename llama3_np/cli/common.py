@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -25,10 +26,13 @@ from ..generation import REPEAT_LAST_N, Generation, Step
 from ..load import DEFAULT_CTX, LoadedModel, load_model
 from ..sampling import (DEFAULT_SAMPLERS, SAMPLER_CHARS, SAMPLER_NAMES, SAMPLER_ORDERS, SamplingParams,
                         parse_sampler_chars, parse_samplers)
+from ..text.chat import CHAT_FORMATS
 from ..text.pieces import format_pieces, pieces
+from ..text.template import read_template_file
+from ..text.tools import read_tools
 from ..text.tokenizer import StreamDecoder
 from ..xcheck.bench import peak_rss_mb
-from ..xcheck.dump import Inputs, config_differences, describe_differences, read_dump
+from ..xcheck.dump import Inputs, resolve_inputs
 
 # Library parameter -> the flag that sets it. A ParameterError about one of these is reported with
 # the flag in front.
@@ -39,11 +43,12 @@ FLAGS = {
     "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
     "layers": "--layers", "samplers": "--samplers", "repeat_last_n": "--repeat-last-n",
     "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty", "typical_p": "--typical",
-    "top_n_sigma": "--top-nsigma", "top_n": "--top-n",
+    "top_n_sigma": "--top-nsigma", "top_n": "--top-n", "chat_format": "--chat-format", "tools": "--tools",
     "lr": "--learning-rate", "betas": "--adam-beta1/--adam-beta2", "eps": "--adam-epsilon",
     "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm", "max_steps": "--max-steps",
     "seq_len": "--seq-len", "batch_size": "--batch-size", "warmup_steps": "--warmup-steps",
-    "eval_steps": "--eval-steps", "save_steps": "--save-steps",
+    "eval_steps": "--eval-steps", "save_steps": "--save-steps", "lora_r": "--lora-r", "lora_target": "--lora-target",
+    "pos": "--pos", "like": "--like", "k": "--explain",
     "compute": "--compute", "convention": "--convention", "dtype": "--dtype",
 }
 
@@ -86,6 +91,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="where --compute bfloat16/float16 rounds: as Hugging Face transformers' LlamaForCausalLM "
                         "(eager attention) does, or as Meta's llama-models reference does; they differ in rope "
                         "and the attention scale (default transformers)")
+    p.add_argument("--lora", metavar="ADAPTER_DIR",
+                   help="run with a LoRA adapter (a peft folder, as `train --lora-r` writes), unmerged")
     p.add_argument("--rope-factor", type=float, metavar="F",
                    help="override the llama3 rope scaling factor of a Meta params.json")
     p.add_argument("-t", "--threads", type=thread_count, default=products.default_threads(), metavar="N",
@@ -138,6 +145,41 @@ def add_chain_args(p: argparse.ArgumentParser) -> None:
                             f"{''.join(c for name in DEFAULT_SAMPLERS for c, n in SAMPLER_CHARS.items() if n == name)})")
 
 
+def add_chat_args(p: argparse.ArgumentParser) -> None:
+    """How a dialog becomes ids: the chat format, a template file and the template's variables."""
+    p.add_argument("--chat-format", choices=CHAT_FORMATS, metavar="FORMAT",
+                   help="template: the checkpoint's chat template (Jinja, as transformers renders it; the default "
+                        "when the checkpoint carries one); llama3: Meta's ChatFormat (the default for a Llama 3 "
+                        "checkpoint without a template, such as a Meta folder); chatml: <|im_start|>role ... "
+                        "<|im_end|>")
+    p.add_argument("--chat-template-file", metavar="FILE",
+                   help="render this Jinja chat template instead of the checkpoint's")
+    p.add_argument("--chat-template-kwargs", metavar="JSON",
+                   help='variables for the template, as a JSON object, e.g. \'{"date_string": "26 Jul 2024"}\'')
+    p.add_argument("--tools", metavar="FILE",
+                   help='tool definitions, a JSON list ([{"type": "function", "function": {"name": ..., "parameters": '
+                        '...}}]), placed in the prompt by the chat template; built-in tools (brave_search, '
+                        'wolfram_alpha) go in --chat-template-kwargs \'{"builtin_tools": [...]}\'')
+
+
+def chat_format(args, loaded: LoadedModel):
+    """The chat format --chat-format, --chat-template-file and --chat-template-kwargs choose."""
+    template = read_template_file(args.chat_template_file) if args.chat_template_file else None
+    variables = None
+    if args.chat_template_kwargs is not None:
+        try:
+            variables = json.loads(args.chat_template_kwargs)
+        except ValueError as e:
+            variables = e
+        if not isinstance(variables, dict):
+            raise Llama3Error(f"--chat-template-kwargs takes a JSON object, got {args.chat_template_kwargs!r}")
+    if template is not None and args.chat_format not in (None, "template"):
+        raise Llama3Error(f"--chat-template-file goes with --chat-format template, not {args.chat_format}")
+    choice = args.chat_format or ("template" if template is not None else None)
+    tools = read_tools(args.tools) if args.tools is not None else None
+    return loaded.chat_format(choice, template, variables, tools)
+
+
 def add_input_args(p: argparse.ArgumentParser, what: str) -> None:
     """-p/-f/--tokens/--like and --pos: the tokens of one forward pass (dump, trace)."""
     src = p.add_mutually_exclusive_group()
@@ -185,7 +227,7 @@ def load(args, need_tokenizer: bool) -> LoadedModel:
     """The model of -m, --dtype, --rope-factor, --compute and --convention; a -c/--ctx-size beyond
     its trained context is refused before its weights are read."""
     return load_model(model_dir(args.model), dtype=args.dtype, rope_factor=args.rope_factor,
-                      compute=args.compute, convention=args.convention,
+                      compute=args.compute, convention=args.convention, lora=getattr(args, "lora", None),
                       need_tokenizer=need_tokenizer, ctx=getattr(args, "ctx", None))
 
 
@@ -226,51 +268,21 @@ def parse_token_ids(text: str, vocab_size: int) -> list[int]:
 
 
 def load_with_inputs(args) -> tuple[LoadedModel, Inputs]:
-    """The model of -m (with its tokenizer when the input is text) and the inputs to run; what
-    the user should know about them (`Inputs.notes`) goes to stderr."""
+    """The model of -m (with its tokenizer when the input is text) and the inputs to run
+    (`xcheck.dump.resolve_inputs` of -p/-f/--tokens/--like and --pos); what the user should know
+    about them (`Inputs.notes`) goes to stderr."""
     if args.prompt is None and args.file is None and args.tokens is None and args.like is None:
         raise Llama3Error("give the input: -p TEXT, -f FILE, --tokens 1,2,3 or --like DUMP")
+    if args.pos is not None and args.like is not None:
+        raise Llama3Error("--pos goes with -p/-f/--tokens; --like takes the positions of its dump")
     loaded = load(args, need_tokenizer=args.prompt is not None or args.file is not None)
     encode = loaded.tokenizer.encode if loaded.tokenizer is not None else None
-    inputs = resolve_inputs(args, loaded.config, encode, loaded.checkpoint.path)
+    tokens = parse_token_ids(args.tokens, loaded.config.vocab_size) if args.tokens is not None else None
+    inputs = resolve_inputs(loaded.config, text=read_prompt(args), tokens=tokens, like=args.like, pos=args.pos,
+                            encode=encode, model=loaded.checkpoint.path)
     for note in inputs.notes:
         print(f"note: {note}", file=sys.stderr)
     return loaded, inputs
-
-
-def resolve_inputs(args, config: ModelConfig, encode: Optional[Callable[[str], list[int]]], model) -> Inputs:
-    """The tokens named by -p/-f/--tokens/--like (and --pos), checked against the model's config.
-
-    encode: the model's tokenizer (text -> ids, as the model adds BOS), needed for -p/-f only.
-    Also used by tools/torch_dump.py, so that both sides of a comparison read their input alike.
-    """
-    if args.pos is not None and args.pos < 0:
-        raise Llama3Error(f"--pos must be >= 0, got {args.pos}")
-    if args.pos is not None and args.like is not None:
-        raise Llama3Error("--pos goes with -p/-f/--tokens; --like takes the positions of its dump")
-    pos = args.pos or 0
-    if args.like is not None:
-        like = read_dump(args.like)
-        in_math, outside = config_differences(like.config(), config) if like.config() is not None else ({}, {})
-        if in_math:
-            raise Llama3Error(f"--like {args.like} was made from a different model than {model} "
-                              f"(config {describe_differences(in_math)}): pass the same checkpoint")
-        inputs = like.inputs()
-        inputs.notes = [f"the config recorded in --like {args.like} differs from {model}'s only in what no "
-                        f"stage computes: {describe_differences(outside)}"] if outside else []
-        if not inputs.tokens:
-            raise Llama3Error(f"--like {args.like}: its metadata has no 'tokens' to run")
-    elif args.tokens is not None:
-        inputs = Inputs(parse_token_ids(args.tokens, config.vocab_size), pos, [], pos)
-    else:
-        text = read_prompt(args)
-        if text is None:
-            raise Llama3Error("give the input: -p TEXT, -f FILE, --tokens 1,2,3 or --like DUMP")
-        if text == "":
-            raise Llama3Error("the text is empty: give some text")
-        inputs = Inputs(encode(text), pos, [], pos)
-    inputs.check(config)
-    return inputs
 
 
 # ---------------------------------------------------------------------------------------------
