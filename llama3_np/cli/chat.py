@@ -14,8 +14,8 @@ from ..errors import Llama3Error
 from ..repl import HELP, Colors, TurnReader, message_text, parse_command
 from ..text.chat import encode_turn
 from ..text.dialog import Conversation
-from .common import (Printer, ProgressSession, add_model_args, add_sampling_args, consume, load, sampling_params,
-                     seeded_rng, stats_line)
+from .common import (Printer, ProgressSession, add_model_args, add_sampling_args, consume, for_model, load,
+                     sampling_params, seeded_rng, stats_line)
 
 
 def add_command(sub) -> None:
@@ -37,7 +37,8 @@ def run_chat(args) -> int:
     seed, rng = seeded_rng(args)
     loaded = load(args, need_tokenizer=True)
     tok, fmt = loaded.tokenizer, loaded.chat_format()
-    session = ProgressSession(loaded.weights, loaded.config, loaded.ctx(args.ctx), args.repeat_last_n)
+    session = ProgressSession(loaded.weights, loaded.config, loaded.ctx(args.ctx))
+    params = for_model(params, loaded)
     stop_ids = loaded.stop_ids()
     # Room a new message must leave for its answer before older turns are dropped: the -n limit,
     # but never more than half the context (a longer answer is cut by the context anyway).
