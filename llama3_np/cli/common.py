@@ -43,6 +43,10 @@ FLAGS = {
     "dry_allowed_length": "--dry-allowed-length", "dry_penalty_last_n": "--dry-penalty-last-n",
     "dry_sequence_breakers": "--dry-sequence-breaker", "xtc_probability": "--xtc-probability",
     "xtc_threshold": "--xtc-threshold",
+    "lr": "--learning-rate", "betas": "--adam-beta1/--adam-beta2", "eps": "--adam-epsilon",
+    "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm", "max_steps": "--max-steps",
+    "seq_len": "--seq-len", "batch_size": "--batch-size", "warmup_steps": "--warmup-steps",
+    "eval_steps": "--eval-steps", "save_steps": "--save-steps",
 }
 
 
