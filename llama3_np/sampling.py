@@ -64,7 +64,7 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
-from .errors import ParameterError
+from .errors import Llama3Error, ParameterError
 
 SAMPLER_NAMES = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature")
 
@@ -617,23 +617,32 @@ def sampling_probs(logits: np.ndarray, params: SamplingParams, recent: Iterable[
     return probs
 
 
-def xtc_draw(params: SamplingParams, rng: np.random.Generator) -> Optional[float]:
+def xtc_draw(params: SamplingParams, rng: Optional[np.random.Generator]) -> Optional[float]:
     """XTC's uniform draw in [0, 1) for one step, from `rng` (None when XTC is off: no draw).
-    llama.cpp draws from a generator of XTC's own, only when two tokens or more reach XTC."""
-    return float(rng.random()) if params.xtc_on else None
+    llama.cpp draws from a generator of XTC's own, only when two tokens or more reach XTC.
+    Raises Llama3Error when XTC is on and rng is None."""
+    if not params.xtc_on:
+        return None
+    if rng is None:
+        raise Llama3Error("XTC draws at random: pass rng, a numpy Generator such as np.random.default_rng(seed)")
+    return float(rng.random())
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator | None = None,
            recent: Iterable[int] = (), xtc: Optional[float] = None) -> int:  # [V] -> token id
     """Draw the next token id from `sampling_probs` (no draw when a single token survives).
 
     logits: float32 [V], the model's for the last position; recent: the ids before it (the
     penalties and DRY look at the last `params.history_window`); rng: consumed only when more
-    than one token survives the filters, and first for XTC's draw unless `xtc` gives it
-    (`xtc_draw`, for a caller that records it). Returns an id in 0 .. V-1. Source: llama.cpp's
-    sampler chain (the module docstring)."""
+    than one token survives the filters, so greedy decoding needs none, and first for XTC's draw
+    unless `xtc` gives it (`xtc_draw`, for a caller that records it). Returns an id in 0 .. V-1.
+    Raises Llama3Error when a draw is needed and rng is None. Source: llama.cpp's sampler chain
+    (the module docstring)."""
     ids, z = survivors(logits, params, recent, xtc_draw(params, rng) if xtc is None else xtc)
     if ids.size == 1:
         return int(ids[0])
+    if rng is None:
+        raise Llama3Error("sampling draws at random: pass rng, a numpy Generator such as "
+                          "np.random.default_rng(seed), or greedy parameters (temperature=0)")
     cdf = np.cumsum(_softmax64(z))
     return int(ids[min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), ids.size - 1)])

@@ -21,7 +21,7 @@ from .. import assets, products
 from ..checks import token_ids
 from ..config import ModelConfig
 from ..errors import Llama3Error, ParameterError
-from ..generation import PREFILL_CHUNK, Generation, Session, Step
+from ..generation import Generation, Step
 from ..load import DEFAULT_CTX, LoadedModel, load_model
 from ..sampling import (DEFAULT_SAMPLERS, SAMPLER_CHARS, SAMPLER_NAMES, SAMPLER_ORDERS, SamplingParams,
                         parse_sampler_chars, parse_samplers)
@@ -42,7 +42,7 @@ FLAGS = {
     "top_n_sigma": "--top-nsigma", "dry_multiplier": "--dry-multiplier", "dry_base": "--dry-base",
     "dry_allowed_length": "--dry-allowed-length", "dry_penalty_last_n": "--dry-penalty-last-n",
     "dry_sequence_breakers": "--dry-sequence-breaker", "xtc_probability": "--xtc-probability",
-    "xtc_threshold": "--xtc-threshold",
+    "xtc_threshold": "--xtc-threshold", "top_n": "--top-n",
     "lr": "--learning-rate", "betas": "--adam-beta1/--adam-beta2", "eps": "--adam-epsilon",
     "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm", "max_steps": "--max-steps",
     "seq_len": "--seq-len", "batch_size": "--batch-size", "warmup_steps": "--warmup-steps",
@@ -85,9 +85,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    d = SamplingParams()
     p.add_argument("-n", "--n-predict", type=int, default=128, metavar="N",
                    help="tokens to generate; -1: until a stop token or the context is full (default 128)")
+    add_chain_args(p)
+    p.add_argument("-s", "--seed", type=int, default=-1,
+                   help="random seed; -1 = a random one, printed with the statistics (default -1)")
+    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
+                   help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
+
+
+def add_chain_args(p: argparse.ArgumentParser) -> None:
+    """The sampler chain's flags (`sampling_params` reads them): generate's, chat's and score's."""
+    d = SamplingParams()
     p.add_argument("--temp", type=float, default=d.temperature, help=f"temperature; 0 = greedy (default {d.temperature})")
     p.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off (default {d.top_k})")
     p.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
@@ -137,10 +146,6 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     order.add_argument("--sampling-seq", "--sampler-seq", metavar="SEQUENCE",
                        help=f"the samplers as llama.cpp's letters, in order ({letters}; default "
                             f"{''.join(c for name in DEFAULT_SAMPLERS for c, n in SAMPLER_CHARS.items() if n == name)})")
-    p.add_argument("-s", "--seed", type=int, default=-1,
-                   help="random seed; -1 = a random one, printed with the statistics (default -1)")
-    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
-                   help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
 
 
 def add_input_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -366,13 +371,21 @@ PROGRESS_AFTER_SECONDS = 1.0
 
 class ProgressLine:
     """One line on stderr, redrawn in place and wiped at the end; on a terminal only (a log file
-    or a pipe gets no control characters), and only once the work has run for a while."""
+    or a pipe gets no control characters), and only once the work has run for a while. Called as
+    a `Session`'s progress callback: (0, total) starts it, (total, total) wipes it."""
 
     def __init__(self, label: str, stream=None):
         self.label, self.stream = label, stream or sys.stderr
         self.on = self.stream.isatty()
         self.start = time.perf_counter()
         self.width = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if done == 0:
+            self.start = time.perf_counter()
+        self.update(done, total)
+        if done == total:
+            self.clear()
 
     def update(self, done: int, total: int) -> None:
         if not self.on or time.perf_counter() - self.start <= PROGRESS_AFTER_SECONDS:
@@ -389,29 +402,16 @@ class ProgressLine:
             self.width = 0
 
 
-class ProgressSession(Session):
-    """A Session that shows a progress line on stderr (a terminal only) while a long prompt is fed."""
-
-    def feed(self, ids) -> np.ndarray:  # [T] -> [V]
-        ids = list(ids)
-        if len(ids) <= PREFILL_CHUNK:
-            return super().feed(ids)
-        progress = ProgressLine("prefill")
-        try:
-            for start in range(0, len(ids), PREFILL_CHUNK):
-                logits = super().feed(ids[start:start + PREFILL_CHUNK])
-                progress.update(min(start + PREFILL_CHUNK, len(ids)), len(ids))
-        finally:
-            progress.clear()
-        return logits
-
-
 def consume(generation: Generation, on_step) -> Generation:
     """Run a generation, handing each step to `on_step`. Ctrl-C ends it early, with stop reason
-    "interrupted"; what was printed stays, and the session keeps what its cache holds."""
+    "interrupted"; what was printed stays (a prefill's progress line is wiped), and the session
+    keeps what its cache holds."""
     try:
         for step in generation:
             on_step(step)
     except KeyboardInterrupt:
         generation.stop_reason = "interrupted"
+    finally:
+        if isinstance(generation.session.progress, ProgressLine):
+            generation.session.progress.clear()
     return generation
