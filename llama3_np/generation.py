@@ -115,7 +115,8 @@ class Generation:
         self.start = session.cache.length  # what the session held before this prompt
         self.ids: list[int] = []  # generated ids so far, including a final stop token
         # "stop" (a stop token), "length" (max_new tokens), "context" (a full context); "" while
-        # running and when the caller left the loop early (the command line records "interrupted").
+        # running and when the caller left the loop early (the command line records "interrupted";
+        # a caller that found a stop string in the text, `text.stop`, records "stop_string").
         self.stop_reason = ""
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -24,7 +24,8 @@ from .lora import adapted, load_adapter
 from .sampling import SamplingParams
 from .text.chat import ChatFormat, TemplateFormat, chat_format_for, encode_dialog
 from .text.template import ChatTemplate, find_chat_template, template_variables
-from .text.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from .text.stop import StopText, check_stop_strings
+from .text.tokenizer import Tokenizer, load_tokenizer
 
 # Without an explicit context size, the KV cache holds at most this many tokens (or the model's own
 # context if smaller): a 131,072-token float32 cache for an 8B model would need 34 GB.
@@ -105,36 +106,45 @@ class LoadedModel:
         return ChatSession(self, ctx, system, progress, fmt)
 
     def stream(self, prompt: str, max_new: int = -1, params: Optional[SamplingParams] = None,
-               rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None) -> Iterator[str]:
+               rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None,
+               stop: Iterable[str] = ()) -> Iterator[str]:
         """The continuation of `prompt` as pieces of text, each as soon as it is whole UTF-8:
         up to `max_new` tokens (-1: until an end-of-generation token or a full context), greedy
-        unless `params` (with `rng`) sample; the end token itself is not text. mlx-lm's
-        `stream_generate`, llama-models' `completion`, token by token."""
-        yield from self._text(self.encode(prompt), max_new, params, rng, ctx)
+        unless `params` (with `rng`) sample; the end token itself is not text. `stop`: stop
+        strings, the OpenAI API's (`text.stop`): the text ends before the first one generated, and
+        text that could begin one is held back until it cannot. mlx-lm's `stream_generate`,
+        llama-models' `completion`, token by token. Raises ParameterError("stop") for an empty
+        stop string."""
+        yield from self._text(self.encode(prompt), max_new, params, rng, ctx, stop)
 
     def generate(self, prompt: str, max_new: int = -1, params: Optional[SamplingParams] = None,
-                 rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None) -> str:
+                 rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None,
+                 stop: Iterable[str] = ()) -> str:
         """The continuation of `prompt` as one text (`stream`'s pieces joined)."""
-        return "".join(self.stream(prompt, max_new, params, rng, ctx))
+        return "".join(self.stream(prompt, max_new, params, rng, ctx, stop))
 
     def chat(self, messages: list[dict], max_new: int = -1, params: Optional[SamplingParams] = None,
-             rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None) -> str:
+             rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None, stop: Iterable[str] = ()) -> str:
         """The assistant's answer to a dialog (`[{"role": "user", "content": ...}, ...]`, in the
         checkpoint's chat format), as llama-models' `chat_completion`; `stream`'s arguments."""
         ids = encode_dialog(self.need_tokenizer(), messages, fmt=self.chat_format())
-        return "".join(self._text(ids, max_new, params, rng, ctx))
+        return "".join(self._text(ids, max_new, params, rng, ctx, stop))
 
-    def _text(self, ids: list[int], max_new: int, params, rng, ctx) -> Iterator[str]:
+    def _text(self, ids: list[int], max_new: int, params, rng, ctx, stop) -> Iterator[str]:
+        text = StopText(self.need_tokenizer(), check_stop_strings(stop))
+        params = params.for_tokenizer(self.tokenizer) if params is not None else None
         context = self.ctx(ctx)
         # The cache needs room for the prompt and the new tokens, never more than the context.
         session = self.session(context if max_new < 0 else min(context, len(ids) + max_new))
-        decoder = StreamDecoder(self.need_tokenizer())
         out = session.generate(ids, params, rng, max_new)
         for step in out:
-            piece = "" if step.token in session.stop_ids else decoder.push(step.token)
+            piece = "" if step.token in session.stop_ids else text.push(step.token)
             if piece:
                 yield piece
-        tail = decoder.flush()
+            if text.found is not None:
+                out.stop_reason = "stop_string"
+                return
+        tail = text.flush()
         if tail:
             yield tail
 

@@ -29,7 +29,7 @@ from ..text.chat import CHAT_FORMATS
 from ..text.pieces import format_pieces, pieces
 from ..text.template import read_template_file
 from ..text.tools import read_tools
-from ..text.tokenizer import StreamDecoder
+from ..text.stop import StopText
 from ..xcheck.bench import peak_rss_mb
 from ..xcheck.dump import Inputs, resolve_inputs
 
@@ -46,6 +46,7 @@ FLAGS = {
     "dry_allowed_length": "--dry-allowed-length", "dry_penalty_last_n": "--dry-penalty-last-n",
     "dry_sequence_breakers": "--dry-sequence-breaker", "xtc_probability": "--xtc-probability",
     "xtc_threshold": "--xtc-threshold", "top_n": "--top-n", "chat_format": "--chat-format", "tools": "--tools",
+    "stop": "-r",
     "lr": "--learning-rate", "betas": "--adam-beta1/--adam-beta2", "eps": "--adam-epsilon",
     "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm", "max_steps": "--max-steps",
     "seq_len": "--seq-len", "batch_size": "--batch-size", "warmup_steps": "--warmup-steps",
@@ -325,7 +326,8 @@ def plural(n: int, noun: str) -> str:
 
 
 # How the statistics line says why generation ended (Generation.stop_reason).
-STOP_REASONS = {"stop": "stop token", "length": "-n limit", "context": "context full", "interrupted": "interrupted"}
+STOP_REASONS = {"stop": "stop token", "stop_string": "stop string", "length": "-n limit", "context": "context full",
+                "interrupted": "interrupted"}
 
 
 def stats_line(loaded: Optional[LoadedModel], out: Generation, seed: Optional[int]) -> str:
@@ -346,22 +348,25 @@ def verbose_prompt(tokenizer, prompt: list[int]) -> str:
 
 
 class Printer:
-    """Streams generated ids to stdout as UTF-8 text (ids themselves when there is no tokenizer)."""
+    """Streams generated ids to stdout as UTF-8 text (ids themselves when there is no tokenizer),
+    ending the text before a stop string (`stop_text`, which then ends the generation: `consume`).
+    `shown` is all the text so far; quiet: print nothing (--json, --explain keep only `shown`)."""
 
-    def __init__(self, tokenizer, stop_ids):
+    def __init__(self, tokenizer, stop_ids, stop_text: Optional[StopText] = None, quiet: bool = False):
         self.tokenizer, self.stop_ids = tokenizer, stop_ids
-        self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
-        self.stream = sys.stdout.buffer
+        self.text = stop_text if stop_text is not None else StopText(tokenizer) if tokenizer is not None else None
+        self.stream = None if quiet else sys.stdout.buffer
+        self.shown = ""
 
     def __call__(self, step: Step) -> None:
         if step.token in self.stop_ids:
             return
-        text = self.decoder.push(step.token) if self.decoder else f"{step.token} "
-        self.write(text)
+        self.write(self.text.push(step.token) if self.text else f"{step.token} ")
 
-    def write(self, text: str) -> None:
-        if text:
-            self.stream.write(text.encode("utf-8"))
+    def write(self, text: str, end: str = "") -> None:
+        self.shown += text
+        if self.stream is not None and text + end:
+            self.stream.write((text + end).encode("utf-8"))
             self.stream.flush()
 
     def echo(self, prompt: list[int]) -> None:
@@ -373,7 +378,7 @@ class Printer:
         self.write(tok.decode(prompt) if tok is not None else "".join(f"{i} " for i in prompt))
 
     def finish(self) -> None:
-        self.write((self.decoder.flush() if self.decoder else "") + "\n")
+        self.write(self.text.flush() if self.text else "", end="\n")
 
 
 # A progress line on stderr is shown once a prefill has run for this long.
@@ -413,13 +418,17 @@ class ProgressLine:
             self.width = 0
 
 
-def consume(generation: Generation, on_step) -> Generation:
-    """Run a generation, handing each step to `on_step`. Ctrl-C ends it early, with stop reason
-    "interrupted"; what was printed stays (a prefill's progress line is wiped), and the session
-    keeps what its cache holds."""
+def consume(generation: Generation, on_step, stop_text: Optional[StopText] = None) -> Generation:
+    """Run a generation, handing each step to `on_step`. A stop string found by `stop_text` ends
+    it, with stop reason "stop_string"; Ctrl-C ends it early, with stop reason "interrupted"; what
+    was printed stays (a prefill's progress line is wiped), and the session keeps what its cache
+    holds."""
     try:
         for step in generation:
             on_step(step)
+            if stop_text is not None and stop_text.found is not None:
+                generation.stop_reason = "stop_string"
+                break
     except KeyboardInterrupt:
         generation.stop_reason = "interrupted"
     finally:
