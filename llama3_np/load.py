@@ -40,13 +40,14 @@ class LoadedModel:
         return self.checkpoint.weights
 
     def ctx(self, requested: Optional[int] = None) -> int:
-        """The context size in tokens: `requested`, or the model's own, at most DEFAULT_CTX.
+        """The context size in tokens: `requested`, 0 for the model's trained context (as llama.cpp's
+        n_ctx 0), or by default the model's own, at most DEFAULT_CTX.
 
-        Raises ParameterError("ctx") when `requested` is not positive or longer than the context
-        the model was trained for."""
+        Raises ParameterError("ctx") when `requested` is negative or longer than the context the
+        model was trained for."""
         if requested is not None:
             check_ctx(requested, self.config)
-            return requested
+            return requested or self.config.max_seq_len
         return min(self.config.max_seq_len, DEFAULT_CTX)
 
     def encode(self, text: str) -> list[int]:
@@ -76,13 +77,14 @@ class LoadedModel:
 
 
 def check_ctx(ctx: Optional[int], config: ModelConfig) -> None:
-    """A context size, checked against the context the model was trained for (None: no check).
+    """A context size, checked against the context the model was trained for (None: no check; 0
+    stands for the trained context).
 
     Raises ParameterError("ctx")."""
     if ctx is None:
         return
-    if ctx <= 0:
-        raise ParameterError("ctx", f"ctx must be positive, got {ctx}")
+    if ctx < 0:
+        raise ParameterError("ctx", f"ctx must be positive, or 0 for the model's context, got {ctx}")
     if ctx > config.max_seq_len:
         raise ParameterError("ctx", f"ctx {ctx} is longer than the {config.max_seq_len} tokens the model was "
                                     f"trained for: at most {config.max_seq_len}")

@@ -17,9 +17,9 @@ def add_command(sub) -> None:
                                    "fraction of this machine's read bandwidth and sgemm rate, measured in the same "
                                    "process.")
     add_model_args(b)
-    b.add_argument("--prompt", type=int, default=512, metavar="N", help="prompt tokens (default 512)")
-    b.add_argument("--new", type=int, default=128, metavar="N", help="tokens to generate (default 128)")
-    b.add_argument("--runs", type=int, default=3, metavar="N", help="timed runs after the warm-up (default 3)")
+    b.add_argument("--prompt", type=int, default=512, metavar="N", help="prompt tokens (default %(default)s)")
+    b.add_argument("--new", type=int, default=128, metavar="N", help="tokens to generate (default %(default)s)")
+    b.add_argument("--runs", type=int, default=3, metavar="N", help="timed runs after the warm-up (default %(default)s)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     b.set_defaults(func=run)
 

@@ -40,6 +40,80 @@ FLAGS = {
 }
 
 
+# llama.cpp's flags (its common/arg.cpp) that llama3_np does not take: (spellings, what the flag
+# does in llama.cpp, what llama3_np does instead or what to do). Every command refuses them by name, unless it
+# takes that flag itself; unknown to argparse, -ngl 99 would be read as -n gl and -fa as -f a.
+LLAMA_CPP_ONLY_FLAGS = [
+    (("-ngl", "--gpu-layers", "--n-gpu-layers"), "offloads layers to a GPU", "llama3_np runs on the CPU"),
+    (("-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu", "-dev", "--device", "--list-devices",
+      "-kvo", "--kv-offload", "-nkvo", "--no-kv-offload", "-ot", "--override-tensor", "--rpc"),
+     "places work on GPUs or other devices", "llama3_np runs on the CPU"),
+    (("-fa", "--flash-attn"), "selects a flash-attention kernel",
+     "llama3_np computes attention one way, the specification's (model.attention)"),
+    (("-ctk", "--cache-type-k", "-ctv", "--cache-type-v"), "sets the data type of the KV cache",
+     "llama3_np's KV cache is float32"),
+    (("-np", "--parallel", "-ns", "--sequences", "-cb", "--cont-batching", "-nocb", "--no-cont-batching"),
+     "decodes several sequences at once", "llama3_np decodes one"),
+    (("-cnv", "--conversation", "-no-cnv", "--no-conversation", "-i", "--interactive", "-if", "--interactive-first",
+      "-st", "--single-turn", "-mli", "--multiline-input"), "switches between completion and conversation",
+     "use the chat command for a conversation and generate for a completion"),
+    (("-co", "--color"), "colours the output",
+     "chat colours the user's and the model's text on a terminal by itself (NO_COLOR turns it off)"),
+    (("--mlock", "--mmap", "--no-mmap"), "controls how the weights are mapped into memory",
+     "--dtype bfloat16 keeps them memory-mapped, float32 converts them once"),
+    (("-b", "--batch-size", "-ub", "--ubatch-size"), "sets how many prompt tokens a forward call takes",
+     f"llama3_np feeds a prompt {PREFILL_CHUNK} tokens at a time (perplexity takes -b)"),
+    (("-tb", "--threads-batch"), "sets the threads of the prompt apart",
+     "-t/--threads sets the threads of the prompt and of generation"),
+    (("-C", "--cpu-mask", "-Cr", "--cpu-range", "--cpu-strict", "--prio", "--poll", "--numa"),
+     "places threads on cores", "the operating system places llama3_np's threads (taskset does it by hand)"),
+    (("--rope-freq-base", "--rope-freq-scale", "--rope-scaling", "--rope-scale", "--yarn-orig-ctx",
+      "--yarn-ext-factor", "--yarn-attn-factor", "--yarn-beta-slow", "--yarn-beta-fast"), "overrides the model's rope",
+     "the checkpoint's config decides; --rope-factor overrides the factor of a Meta params.json"),
+    (("--display-prompt", "--no-display-prompt"), "shows or hides the prompt",
+     "llama3_np shows the prompt only when asked: generate --echo"),
+    (("--kl-divergence-base", "--save-all-logits", "--kl-divergence"), "saves or compares logits",
+     "use perplexity --save-logits FILE, then perplexity --kl-base FILE"),
+    (("--presence-penalty", "--frequency-penalty", "--mirostat", "--mirostat-lr", "--mirostat-ent", "--typical",
+      "--typical-p", "--top-nsigma", "--top-n-sigma", "--xtc-probability", "--xtc-threshold", "--dry-multiplier",
+      "--dry-base", "--dry-allowed-length", "--dry-penalty-last-n", "--dry-sequence-breaker", "--dynatemp-range",
+      "--dynatemp-exp", "-l", "--logit-bias", "--grammar", "--grammar-file", "-j", "--json-schema", "-jf",
+      "--json-schema-file"), "is a sampler or constraint llama3_np does not have",
+     "llama3_np samples with the repetition penalty, top-k, top-p, min-p and temperature (--samplers)"),
+    (("-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-hft", "--hf-token", "-mu", "--model-url"),
+     "downloads a model", "llama3_np uses no network: download the model yourself and pass -m its folder or .gguf file"),
+    (("--jinja", "--chat-template", "--chat-template-file"), "chooses the chat template",
+     "llama3_np reads the chat format from the checkpoint (Llama 3 or ChatML)"),
+    (("-r", "--reverse-prompt", "--in-prefix", "--in-suffix", "--in-prefix-bos", "-e", "--escape", "--no-escape",
+      "--keep", "--prompt-cache", "--prompt-cache-all", "--prompt-cache-ro", "--lora", "--lora-scaled",
+      "--control-vector", "-sysf", "--system-prompt-file", "-sp", "--special", "--no-warmup", "-v", "--verbose",
+      "--log-disable", "--log-file"), "is a llama.cpp feature llama3_np does not have",
+     "the command's --help lists the flags it takes"),
+]
+
+
+class RefusedFlag(argparse.Action):
+    """A llama.cpp flag llama3_np does not take: refused with what it does and what to do instead
+    (an optional value is swallowed, so the error names the flag and not its value)."""
+
+    def __init__(self, option_strings, dest, does: str, instead: str):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs="?", default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
+        self.does, self.instead = does, instead
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise Llama3Error(f"{option_string} {self.does}; {self.instead}")
+
+
+def refuse_llama_cpp_flags(p: argparse.ArgumentParser) -> None:
+    """Make the command `p` refuse every flag of LLAMA_CPP_ONLY_FLAGS it does not take itself."""
+    taken = {s for action in p._actions for s in action.option_strings}
+    for flags, does, instead in LLAMA_CPP_ONLY_FLAGS:
+        refused = [f for f in flags if f not in taken]
+        if refused:
+            p.add_argument(*refused, action=RefusedFlag, does=does, instead=instead)
+
+
 def error_message(e: Llama3Error) -> str:
     """The one line the command line prints for a library error: flags, not parameter names."""
     if isinstance(e, ParameterError) and e.parameter in FLAGS:
@@ -67,36 +141,38 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", metavar="DIR",
                    help="checkpoint folder (Hugging Face or Meta format) or .gguf file; default: the default model")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weight residency: float32 (fast) or bfloat16 (half the memory)")
+                   help="weight residency: float32 (fast) or bfloat16 (half the memory) (default %(default)s)")
     p.add_argument("--rope-factor", type=float, metavar="F",
                    help="override the llama3 rope scaling factor of a Meta params.json")
     p.add_argument("-t", "--threads", type=thread_count, default=products.default_threads(), metavar="N",
-                   help=f"threads to compute with (default: one per core, here {products.default_threads()})")
+                   help="threads to compute with (default: one per core, here %(default)s)")
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, n_predict: int = 128) -> None:
+    """The sampling flags and -n, whose default (`n_predict`) is the command's."""
     d = SamplingParams()
-    p.add_argument("-n", "--n-predict", type=int, default=128, metavar="N",
-                   help="tokens to generate; -1: until a stop token or the context is full (default 128)")
-    p.add_argument("--temp", type=float, default=d.temperature, help=f"temperature; 0 = greedy (default {d.temperature})")
-    p.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off (default {d.top_k})")
-    p.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
-    p.add_argument("--min-p", type=float, default=d.min_p, help=f"0 = off (default {d.min_p})")
+    p.add_argument("-n", "--n-predict", "--predict", dest="n_predict", type=int, default=n_predict, metavar="N",
+                   help="tokens to generate; -1: until a stop token or the context is full (default %(default)s)")
+    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=d.temperature,
+                   help="temperature; 0 = greedy (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="1 = off (default %(default)s)")
+    p.add_argument("--min-p", type=float, default=d.min_p, help="0 = off (default %(default)s)")
     p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty,
-                   help=f"penalty on the last --repeat-last-n tokens; 1 = off (default {d.repeat_penalty})")
+                   help="penalty on the last --repeat-last-n tokens; 1 = off (default %(default)s)")
     p.add_argument("--repeat-last-n", type=int, default=REPEAT_LAST_N, metavar="N",
-                   help=f"how many recent tokens the repeat penalty looks at; 0 = off, -1 = the whole context "
-                        f"(default {REPEAT_LAST_N})")
+                   help="how many recent tokens the repeat penalty looks at; 0 = off, -1 = the whole context "
+                        "(default %(default)s)")
     orders = ", ".join(f"{name} = {';'.join(order)}" for name, order in SAMPLER_ORDERS.items())
     p.add_argument("--samplers", default=";".join(DEFAULT_SAMPLERS), metavar="SAMPLERS",
                    help="the samplers to apply, in order, separated by ';', with llama.cpp's names (penalties, "
                         "top_k, top_p, min_p, temperature); a sampler left out is not applied. Or an order by "
                         f"name: {orders}. Each filter acts on the renormalised survivors of the one before "
-                        "(default: llama.cpp's order)")
+                        "(default: llama.cpp's order, %(default)s)")
     p.add_argument("-s", "--seed", type=int, default=-1,
-                   help="random seed; -1 = a random one, printed with the statistics (default -1)")
+                   help="random seed; -1 = a random one, printed with the statistics (default %(default)s)")
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
-                   help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
+                   help=f"context size in tokens; 0 = the model's (default: the model's, at most {DEFAULT_CTX})")
 
 
 def add_input_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -167,10 +243,15 @@ def read_text_file(name: str, what: str = "prompt file") -> str:
     return text[1:] if data.startswith(codecs.BOM_UTF8) else text
 
 
-def read_prompt(args) -> Optional[str]:
-    """The text of -f (when given) or -p; None when neither was given."""
+def read_prompt(args, verbatim: bool = False) -> Optional[str]:
+    """The text of -f (when given) or -p; None when neither was given.
+
+    As llama.cpp's -f, one final newline of the file is dropped (an editor ends every file with
+    one; it would be a token of the prompt), unless `verbatim` (tokenize: the bytes as they are,
+    as llama-tokenize reads its file)."""
     if getattr(args, "file", None) is not None:
-        return read_text_file(args.file)
+        text = read_text_file(args.file)
+        return text[:-1] if text.endswith("\n") and not verbatim else text
     return getattr(args, "prompt", None)
 
 

@@ -22,7 +22,7 @@ def add_command(sub) -> None:
     add_model_args(p)
     p.add_argument("-f", "--file", required=True, help="UTF-8 text file to score (- for standard input)")
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, default=DEFAULT_CTX, metavar="N",
-                   help=f"window size (default {DEFAULT_CTX})")
+                   help="window size; 0 = the model's context (default %(default)s)")
     p.add_argument("-b", "--batch-size", "--batch", dest="batch", type=int, metavar="N",
                    help="tokens per forward call (default: the window size)")
     p.add_argument("--chunks", type=int, metavar="N", help="score at most N windows")
@@ -61,8 +61,8 @@ class ProgressBar:
 
 
 def run(args) -> int:
-    if args.ctx is None or args.ctx < 4:
-        raise Llama3Error(f"--ctx-size must be at least 4, got {args.ctx}")
+    if args.ctx is None or args.ctx < 4 and args.ctx != 0:
+        raise Llama3Error(f"--ctx-size must be at least 4, or 0 for the model's context, got {args.ctx}")
     if args.batch is not None and args.batch < 1:
         raise Llama3Error(f"--batch-size must be >= 1, got {args.batch}")
     text = read_prompt(args)
@@ -75,6 +75,7 @@ def run(args) -> int:
         if args.kl_base is not None and Path(args.save_logits).resolve() == Path(args.kl_base).resolve():
             raise Llama3Error("--save-logits and --kl-base name the same file: save to another one")
     loaded = load(args, need_tokenizer=True)
+    args.ctx = loaded.ctx(args.ctx)  # -c 0: the model's context, as in llama.cpp
     config = loaded.config
     tok = loaded.tokenizer
     ids = tok.encode(text)
