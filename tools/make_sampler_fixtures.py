@@ -39,6 +39,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 
+from llama3_np.files import make_folder, write_bytes  # noqa: E402
 from llama3_np.sampling import SAMPLER_ORDERS  # noqa: E402
 
 OUT = REPO / "tests" / "fixtures" / "sampling" / "chains.json.gz"
@@ -229,11 +230,9 @@ def main() -> int:
         "settings": [settings_of(change) for change in GRID],
         "results": results,
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix(".tmp")
     # gzip (200 KB of JSON, 40 KB compressed), with no time stamp so the bytes depend on the content only
-    tmp.write_bytes(gzip.compress((json.dumps(doc, separators=(",", ":")) + "\n").encode(), mtime=0))
-    tmp.replace(OUT)
+    write_bytes(make_folder(OUT.parent) / OUT.name,
+                gzip.compress((json.dumps(doc, separators=(",", ":")) + "\n").encode(), mtime=0))
     print(f"wrote {OUT.relative_to(REPO)} ({OUT.stat().st_size // 1024} KB): {len(cases)} logit vectors x "
           f"{len(GRID)} settings x 2 orders", file=sys.stderr)
     return 0

@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
@@ -42,6 +39,7 @@ from .checkpoint import expected_shapes, save_hf_checkpoint
 from ..config import (LLAMA3_ORIGINAL_CONTEXT, META_HIGH_FREQ_FACTOR, META_LOW_FREQ_FACTOR,
                       ModelConfig, RopeScaling)
 from ..errors import Llama3Error
+from ..files import atomic_folder, write_text
 from ..text.tokenizer import END_OF_GENERATION
 
 IMPORT_RECORD = "llama3_np_import.json"
@@ -343,7 +341,7 @@ def sha256_of(path: Path) -> str:
 
 
 def _write_json(path: Path, obj):
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_folder(gguf_path: Path, out_dir: Path, sha256: str | None = None):
@@ -375,25 +373,16 @@ def is_nonempty_folder(path: Path) -> bool:
 
 
 def import_gguf(gguf_path, out_dir, force: bool = False, sha256: str | None = None) -> Path:
-    """Import into `out_dir` atomically: it appears complete or not at all."""
+    """Import into `out_dir` atomically: it appears complete or not at all (`files.atomic_folder`).
+
+    Raises Llama3Error for a file that is not a Llama 3 GGUF, WriteError for a folder that cannot
+    be written."""
     require_gguf()
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise Llama3Error(f"{out_dir}: is a file; name a folder to import into")
     if is_nonempty_folder(out_dir) and not force:
         raise Llama3Error(f"{out_dir}: exists and is not empty; name a new folder (or replace it: force=True)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_folder(out_dir, replace=True) as tmp:
         write_folder(gguf_path, tmp, sha256)
-        if out_dir.exists():
-            old = out_dir.with_name(tmp.name + ".old")
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
