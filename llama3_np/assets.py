@@ -64,7 +64,8 @@ def cache_advice() -> str:
     return f"set {CACHE_ENV} to a folder you can write"
 
 
-def import_into_cache(gguf_path: Path, folder: Path, sha256: str, note: str, say: Callable[[str], None]) -> Path:
+def import_into_cache(gguf_path: Path, folder: Path, sha256: str, note: str, say: Callable[[str], None],
+                      progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """Import a GGUF file into its cache folder, saying `note` first; a cache that cannot be
     written is a WriteError that says which variable to set (said before the note when the
     cache folder cannot even be created)."""
@@ -73,7 +74,7 @@ def import_into_cache(gguf_path: Path, folder: Path, sha256: str, note: str, say
     try:
         make_folder(folder.parent)
         say(note)
-        return import_gguf(gguf_path, folder, force=True, sha256=sha256)
+        return import_gguf(gguf_path, folder, force=True, sha256=sha256, progress=progress)
     except WriteError as e:
         raise WriteError(folder, e.reason, cache_advice(), what="the cache folder") from None
 
@@ -117,7 +118,7 @@ def installed_default_gguf() -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def default_model(say: Callable[[str], None] = _say) -> Path:
+def default_model(say: Callable[[str], None] = _say, progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """The default model's folder, imported into the cache first if it is not there yet."""
     folder = default_model_dir()
     if is_import_of(folder, DEFAULT_MODEL_SHA256):
@@ -135,10 +136,10 @@ def default_model(say: Callable[[str], None] = _say) -> Path:
         raise Llama3Error(f"{gguf_path} has sha256 {digest}, not the {DEFAULT_MODEL_REQUIREMENT} release "
                           f"llama3_np was tested with: install that release again (`{REINSTALL_DEFAULT_MODEL}`)")
     return import_into_cache(gguf_path, folder, digest, f"importing the default model ({DEFAULT_MODEL_NAME}, "
-                             f"{DEFAULT_MODEL_GGUF}) into {folder} (once) ...", say)
+                             f"{DEFAULT_MODEL_GGUF}) into {folder} (once) ...", say, progress)
 
 
-def imported_gguf(path: Path, say: Callable[[str], None] = _say) -> Path:
+def imported_gguf(path: Path, say: Callable[[str], None] = _say, progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """The cache folder of GGUF file `path`, keyed by its content: imported on first use, reused after."""
     from .formats.gguf_import import IMPORTER_VERSION, require_gguf, sha256_of
 
@@ -150,20 +151,21 @@ def imported_gguf(path: Path, say: Callable[[str], None] = _say) -> Path:
     if is_import_of(folder, digest) and import_record(folder).get("importer") == IMPORTER_VERSION:
         return folder
     return import_into_cache(path, folder, digest, f"importing {path} into {folder} (once; later runs reuse it) ...",
-                             say)
+                             say, progress)
 
 
-def model_dir(model=None) -> Path:
+def model_dir(model=None, progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """The checkpoint folder of `model`: a folder as it is, a GGUF file's imported folder (imported
-    on first use), and for None the default model."""
+    on first use, calling `progress(done, total)` as tensors are imported), and for None the
+    default model."""
     if model is None:
-        return default_model()
+        return default_model(progress=progress)
     path = Path(model)
     if not path.exists():
         raise Llama3Error(f"model {model} does not exist: name the folder of a Llama 3 checkpoint "
                           "(Hugging Face or Meta format) or a .gguf file")
     if path.is_file() and is_gguf_file(path):
-        return imported_gguf(path)
+        return imported_gguf(path, progress=progress)
     return path
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from . import assets
 from .config import ModelConfig
@@ -91,7 +91,8 @@ def check_ctx(ctx: Optional[int], config: ModelConfig) -> None:
 
 
 def load_model(path=None, dtype: str = "float32", rope_factor: Optional[float] = None,
-               need_tokenizer: bool = True, ctx: Optional[int] = None) -> LoadedModel:
+               need_tokenizer: bool = True, ctx: Optional[int] = None,
+               progress: Optional[Callable[[int, int], None]] = None) -> LoadedModel:
     """Load a checkpoint (a Hugging Face or Meta folder, or a GGUF file) and its tokenizer.
 
     path: the folder or .gguf file (imported into the asset cache once, `assets.model_dir`); None
@@ -99,11 +100,12 @@ def load_model(path=None, dtype: str = "float32", rope_factor: Optional[float] =
     "bfloat16" (kept as stored, half the memory). rope_factor: overrides the llama3 rope scaling
     factor a Meta params.json implies. need_tokenizer: when False, a folder without tokenizer files
     loads with `tokenizer` None. ctx: a context size to check against the model's trained context
-    before any weight is read (`check_ctx`).
+    before any weight is read (`check_ctx`). progress: called with (done, total) tensors while a
+    GGUF file is imported on first use. `load_seconds` counts that import too.
     Raises Llama3Error for a missing folder or a malformed checkpoint, ParameterError("ctx").
     """
-    path = assets.model_dir(path)
     t0 = time.perf_counter()
+    path = assets.model_dir(path, progress=progress)
     index = scan_checkpoint(path, rope_factor=rope_factor)
     check_ctx(ctx, index.config)
     checkpoint = load_checkpoint(index, dtype=dtype)

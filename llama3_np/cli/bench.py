@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 
 from ..xcheck.bench import bench, report
-from .common import add_model_args, model_dir
+from .common import ProgressLine, add_model_args, model_dir
 
 
 def add_command(sub) -> None:
@@ -25,7 +25,12 @@ def add_command(sub) -> None:
 
 
 def run(args) -> int:
-    result = bench(model_dir(args.model), args.dtype, args.prompt, args.new, args.runs, args.rope_factor)
+    progress = ProgressLine("bench", "steps")  # about half a minute on the default model
+    try:
+        result = bench(model_dir(args.model), args.dtype, args.prompt, args.new, args.runs, args.rope_factor,
+                       progress.update)
+    finally:
+        progress.clear()
     if args.json:
         sys.stdout.write(json.dumps(asdict(result)) + "\n")
     else:

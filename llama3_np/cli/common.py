@@ -207,19 +207,33 @@ def seeded_rng(args) -> tuple[int, np.random.Generator]:
 # Inputs
 
 
-def model_dir(arg: Optional[str]) -> Path:
-    """The checkpoint folder of -m (a .gguf file: imported into the cache once), or the default model."""
+def check_model_arg(arg: Optional[str]) -> None:
     if arg is not None and not Path(arg).exists():
         raise Llama3Error(f"model {arg} does not exist: pass -m the folder of a Llama 3 checkpoint "
                           "(Hugging Face or Meta format) or a .gguf file")
-    return assets.model_dir(arg)
+
+
+def model_dir(arg: Optional[str]) -> Path:
+    """The checkpoint folder of -m (a .gguf file: imported into the cache once, with a progress
+    line), or the default model."""
+    check_model_arg(arg)
+    progress = ProgressLine("importing", "tensors")
+    try:
+        return assets.model_dir(arg, progress=progress.update)
+    finally:
+        progress.clear()
 
 
 def load(args, need_tokenizer: bool) -> LoadedModel:
     """The model of -m, --dtype and --rope-factor; a -c/--ctx-size beyond its trained context
-    is refused before its weights are read."""
-    return load_model(model_dir(args.model), dtype=args.dtype, rope_factor=args.rope_factor,
-                      need_tokenizer=need_tokenizer, ctx=getattr(args, "ctx", None))
+    is refused before its weights are read. The load time includes a first-use import."""
+    check_model_arg(args.model)
+    progress = ProgressLine("importing", "tensors")
+    try:
+        return load_model(args.model, dtype=args.dtype, rope_factor=args.rope_factor, need_tokenizer=need_tokenizer,
+                          ctx=getattr(args, "ctx", None), progress=progress.update)
+    finally:
+        progress.clear()
 
 
 def read_text_file(name: str, what: str = "prompt file") -> str:
@@ -372,16 +386,18 @@ class Printer:
         self.write((self.decoder.flush() if self.decoder else "") + "\n")
 
 
-# A progress line on stderr is shown once a prefill has run for this long.
+# A progress line on stderr is shown once the work has run for this long.
 PROGRESS_AFTER_SECONDS = 1.0
 
 
 class ProgressLine:
-    """One line on stderr, redrawn in place and wiped at the end; on a terminal only (a log file
-    or a pipe gets no control characters), and only once the work has run for a while."""
+    """The command line's one progress display: a line on stderr, `label done/total unit (pct%)`,
+    redrawn in place and wiped at the end; on a terminal only (a log file or a pipe gets no
+    control characters), and only once the work has run for a while. `update` is the progress
+    callback (done, total) the library's long operations take (imports, bench, prefill)."""
 
-    def __init__(self, label: str, stream=None):
-        self.label, self.stream = label, stream or sys.stderr
+    def __init__(self, label: str, unit: str = "tokens", stream=None):
+        self.label, self.unit, self.stream = label, unit, stream or sys.stderr
         self.on = self.stream.isatty()
         self.start = time.perf_counter()
         self.width = 0
@@ -389,7 +405,7 @@ class ProgressLine:
     def update(self, done: int, total: int) -> None:
         if not self.on or time.perf_counter() - self.start <= PROGRESS_AFTER_SECONDS:
             return
-        line = f"{self.label} {done}/{total} tokens ({100 * done / total:.0f}%)"
+        line = f"{self.label} {done}/{total} {self.unit} ({100 * done / total:.0f}%)"
         self.width = max(self.width, len(line))
         self.stream.write("\r" + line.ljust(self.width))
         self.stream.flush()

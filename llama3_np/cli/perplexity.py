@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import Llama3Error
 from ..xcheck.perplexity import (DEFAULT_CTX, BaseLogits, LogitsWriter, Result, first_scored, logits_metadata,
                                  perplexity_estimate, report, run_perplexity, windows)
-from .common import add_model_args, load, plural, read_prompt
+from .common import ProgressLine, add_model_args, load, plural, read_prompt
 
 
 def add_command(sub) -> None:
@@ -33,31 +33,6 @@ def add_command(sub) -> None:
                         "report KL divergence and top-1 agreement against them")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of the report")
     p.set_defaults(func=run, prompt=None)
-
-
-class ProgressBar:
-    """One line on stderr, redrawn in place: window i of n, and how far into it. On a terminal
-    only: a log file or a pipe gets no control characters."""
-
-    WIDTH = 30
-
-    def __init__(self, n_windows: int, stream=None):
-        self.n, self.stream = n_windows, stream or sys.stderr
-        self.on = self.stream.isatty()
-
-    def __call__(self, window: int, done: int, ctx: int) -> None:
-        if not self.on:
-            return
-        fraction = (window + done / ctx) / self.n
-        bar = "#" * int(self.WIDTH * fraction)
-        self.stream.write(f"\rperplexity [{bar:<{self.WIDTH}}] window {window + 1}/{self.n} {100 * fraction:5.1f}%")
-        self.stream.flush()
-
-    def clear(self) -> None:
-        if not self.on:
-            return
-        self.stream.write("\r" + " " * (self.WIDTH + 40) + "\r")
-        self.stream.flush()
 
 
 def run(args) -> int:
@@ -91,10 +66,13 @@ def run(args) -> int:
               f"{args.ctx}, each scored "
               f"on its last {per_window} tokens; BOS first: {'yes' if bos is not None else 'no'}", flush=True)
 
-    bar = ProgressBar(len(wins))
+    progress = ProgressLine("perplexity")
+
+    def bar(window: int, done: int, ctx: int) -> None:  # tokens of `window` run so far: `done`
+        progress.update(window * ctx + done, len(wins) * ctx)
 
     def on_window(r: Result):
-        bar.clear()
+        progress.clear()
         if not args.json:
             print(f"[{len(r.nll)}] {perplexity_estimate(np.concatenate(r.nll)).value:.4f}", flush=True)
 
@@ -102,6 +80,7 @@ def run(args) -> int:
         result = run_perplexity(loaded.checkpoint.weights, config, ids, args.ctx, args.batch, bos, args.chunks,
                                 save, base, bar, on_window)
     except BaseException:
+        progress.clear()
         if save is not None:
             save.abort()
         raise

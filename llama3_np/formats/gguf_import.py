@@ -31,6 +31,7 @@ from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Callable, Optional
 
 import ml_dtypes
 import numpy as np
@@ -166,8 +167,9 @@ def read_tensor(path: Path, t) -> np.ndarray:
     return np.array(values.reshape(shape), np.float32)
 
 
-def read_gguf(path) -> GGUFModel:
-    """Config and canonical bf16 weights of a Llama-architecture GGUF file."""
+def read_gguf(path, progress: Optional[Callable[[int, int], None]] = None) -> GGUFModel:
+    """Config and canonical bf16 weights of a Llama-architecture GGUF file; `progress(done,
+    total)` is called as each tensor is read."""
     gguf = require_gguf()
     path = Path(path)
     try:
@@ -208,7 +210,7 @@ def read_gguf(path) -> GGUFModel:
     )
     shapes = expected_shapes(config)
     weights = {}
-    for name, t in tensors.items():
+    for done, (name, t) in enumerate(tensors.items(), 1):
         canonical = canonical_name(name)
         if canonical not in shapes:
             raise Llama3Error(f"{path}: unexpected tensor {name!r}; it is not part of a "
@@ -217,6 +219,8 @@ def read_gguf(path) -> GGUFModel:
         if weights[canonical].shape != shapes[canonical]:
             raise Llama3Error(f"{path}: tensor {name!r} ({canonical}) has shape {weights[canonical].shape}, "
                               f"but the metadata implies {shapes[canonical]}")
+        if progress is not None:
+            progress(done, len(tensors))
     for canonical in shapes:
         if canonical not in weights and not (canonical == "output.weight" and config.tie_embeddings):
             raise Llama3Error(f"{path}: tensor {gguf_name(canonical)!r} is missing")
@@ -344,9 +348,10 @@ def _write_json(path: Path, obj):
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_folder(gguf_path: Path, out_dir: Path, sha256: str | None = None):
+def write_folder(gguf_path: Path, out_dir: Path, sha256: str | None = None,
+                 progress: Optional[Callable[[int, int], None]] = None):
     """Import `gguf_path` into the (new or empty) folder `out_dir`."""
-    model = read_gguf(gguf_path)
+    model = read_gguf(gguf_path, progress)
     f = model.fields
     tokenizer_json, tokenizer_config = tokenizer_files(gguf_path, f, model.config.max_seq_len)
     ids = {key: int(f.get(f"tokenizer.ggml.{key}_token_id")) for key in ("bos", "eos", "eot", "eom")
@@ -372,11 +377,12 @@ def is_nonempty_folder(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
-def import_gguf(gguf_path, out_dir, force: bool = False, sha256: str | None = None) -> Path:
+def import_gguf(gguf_path, out_dir, force: bool = False, sha256: str | None = None,
+                progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """Import into `out_dir` atomically: it appears complete or not at all (`files.atomic_folder`).
 
-    Raises Llama3Error for a file that is not a Llama 3 GGUF, WriteError for a folder that cannot
-    be written."""
+    progress: called with (done, total) as the tensors are read. Raises Llama3Error for a file
+    that is not a Llama 3 GGUF, WriteError for a folder that cannot be written."""
     require_gguf()
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -384,5 +390,5 @@ def import_gguf(gguf_path, out_dir, force: bool = False, sha256: str | None = No
     if is_nonempty_folder(out_dir) and not force:
         raise Llama3Error(f"{out_dir}: exists and is not empty; name a new folder (or replace it: force=True)")
     with atomic_folder(out_dir, replace=True) as tmp:
-        write_folder(gguf_path, tmp, sha256)
+        write_folder(gguf_path, tmp, sha256, progress)
     return out_dir
