@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import ml_dtypes
 import numpy as np
 
 from ..config import ROPE_FACTOR_SOURCES, ModelConfig, from_hf_config, from_meta_params
+from ..dtypes import bfloat16, is_bfloat16
 from ..errors import Llama3Error, warn
 from ..files import make_folder, write_text
 from ..text.tokenizer import find_tokenizer_file
@@ -42,7 +42,8 @@ from .pth import PthFile
 from .safetensors_file import SafetensorsFile, write_safetensors
 
 RESIDENCIES = ("float32", "bfloat16")
-FLOAT_DTYPES = (np.dtype("<f4"), np.dtype("<f2"), np.dtype(ml_dtypes.bfloat16))
+# The weight dtypes read: float32, float16 and bfloat16 (`is_bfloat16`, which needs no ml_dtypes).
+FLOAT_DTYPES = (np.dtype("<f4"), np.dtype("<f2"))
 
 # --- names ---------------------------------------------------------------------------------------
 
@@ -212,7 +213,7 @@ def _stored(file, path: Path, name: str) -> StoredTensor:
 
 
 def _check_dtype(t: StoredTensor, what: str):
-    if t.dtype not in FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES and not is_bfloat16(t.dtype):
         raise Llama3Error(f"{t.file}: tensor {t.name!r} ({what}) is stored as {t.dtype}; "
                           "llama3_np reads float32, float16 and bfloat16 weights")
 
@@ -495,13 +496,14 @@ def hf_config_dict(c: ModelConfig) -> dict:
 
 
 def save_hf_checkpoint(directory, config: ModelConfig, weights: dict[str, np.ndarray], shards: int = 1,
-                       extra_config: Optional[dict] = None, dtype=ml_dtypes.bfloat16):
+                       extra_config: Optional[dict] = None, dtype=None):
     """Write canonical weights as a Hugging Face folder (config.json, safetensors, index if sharded).
 
-    q/k rows are permuted back to rotate-half order and stored, like everything, as `dtype`; tied
-    embeddings are stored once. With shards > 1, tensors are dealt out in name order into
-    model-0000N-of-0000M.safetensors files of about equal size.
+    q/k rows are permuted back to rotate-half order and stored, like everything, as `dtype`
+    (default bfloat16); tied embeddings are stored once. With shards > 1, tensors are dealt out in
+    name order into model-0000N-of-0000M.safetensors files of about equal size.
     """
+    dtype = bfloat16() if dtype is None else dtype
     directory = make_folder(directory)
     heads = {"wq": config.n_heads, "wk": config.n_kv_heads}
     tensors = {}

@@ -33,10 +33,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Optional
 
-import ml_dtypes
 import numpy as np
 
 from .checkpoint import expected_shapes, save_hf_checkpoint
+from ..dtypes import bfloat16
 from ..config import (LLAMA3_ORIGINAL_CONTEXT, META_HIGH_FREQ_FACTOR, META_LOW_FREQ_FACTOR,
                       ModelConfig, RopeScaling)
 from ..errors import Llama3Error
@@ -215,7 +215,7 @@ def read_gguf(path, progress: Optional[Callable[[int, int], None]] = None) -> GG
         if canonical not in shapes:
             raise Llama3Error(f"{path}: unexpected tensor {name!r}; it is not part of a "
                               f"{config.n_layers}-layer Llama 3 model")
-        weights[canonical] = read_tensor(path, t).astype(ml_dtypes.bfloat16)
+        weights[canonical] = read_tensor(path, t).astype(bfloat16())
         if weights[canonical].shape != shapes[canonical]:
             raise Llama3Error(f"{path}: tensor {name!r} ({canonical}) has shape {weights[canonical].shape}, "
                               f"but the metadata implies {shapes[canonical]}")

@@ -40,8 +40,8 @@ def test_bench_shows_its_steps(tiny_checkpoint, capsys, monkeypatch):  # noqa: F
     shown = terminal(monkeypatch)
     assert llama3_np.cli.main(["bench", "-m", str(path), "--prompt", "4", "--new", "2", "--runs", "2", "--json"]) == 0
     json.loads(capsys.readouterr().out)
-    # the load, the warm-up, two runs, three limits
-    assert lines_drawn(shown.getvalue()) == [f"bench {i}/7 steps ({100 * i / 7:.0f}%)" for i in range(1, 8)]
+    # the load, the warm-up, two runs, three limits, the bfloat16 conversions
+    assert lines_drawn(shown.getvalue()) == [f"bench {i}/8 steps ({100 * i / 8:.0f}%)" for i in range(1, 9)]
 
 
 def test_import_gguf_shows_the_tensors_read(tiny_gguf, capsys, monkeypatch, tmp_path):  # noqa: F811
