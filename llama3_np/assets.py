@@ -118,7 +118,8 @@ def installed_default_gguf() -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def default_model(say: Callable[[str], None] = _say, progress: Optional[Callable[[int, int], None]] = None) -> Path:
+def default_model(say: Callable[[str], None] = _say,
+                  progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """The default model's folder, imported into the cache first if it is not there yet."""
     folder = default_model_dir()
     if is_import_of(folder, DEFAULT_MODEL_SHA256):
@@ -139,7 +140,8 @@ def default_model(say: Callable[[str], None] = _say, progress: Optional[Callable
                              f"{DEFAULT_MODEL_GGUF}) into {folder} (once) ...", say, progress)
 
 
-def imported_gguf(path: Path, say: Callable[[str], None] = _say, progress: Optional[Callable[[int, int], None]] = None) -> Path:
+def imported_gguf(path: Path, say: Callable[[str], None] = _say,
+                  progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """The cache folder of GGUF file `path`, keyed by its content: imported on first use, reused after."""
     from .formats.gguf_import import IMPORTER_VERSION, require_gguf, sha256_of
 

@@ -87,7 +87,8 @@ def test_a_read_only_cache_is_one_line_and_leaves_nothing(capsys, monkeypatch, t
     code, out, err = run(capsys, "tokenize", "-m", tiny_gguf, "-p", "hi")
     assert (code, out) == (2, "")
     assert err.endswith(": the file system is read-only; set LLAMA3_NP_CACHE to a folder you can write\n"), err
-    assert err.startswith(f"llama3-np: error: cannot write the cache folder {tmp_path}/cache/gguf/") and err.count("\n") == 1
+    assert err.startswith(f"llama3-np: error: cannot write the cache folder {tmp_path}/cache/gguf/")
+    assert err.count("\n") == 1
     assert files_under(tmp_path) == ["cache"]
 
 
@@ -96,8 +97,8 @@ def test_a_read_only_cache_is_one_line_and_leaves_nothing(capsys, monkeypatch, t
 def test_an_out_dir_that_cannot_be_written_is_one_line_and_leaves_nothing(capsys, monkeypatch, tmp_path, tiny_gguf):
     (tmp_path / "file").write_text("x")
     code, out, err = run(capsys, "import-gguf", tiny_gguf, tmp_path / "file" / "out")
-    assert (code, out, err) == (2, "", f"llama3-np: error: cannot write {tmp_path}/file/out: {tmp_path}/file is a file, "
-                                       "not a folder; name an OUT_DIR where you can write\n")
+    assert (code, out, err) == (2, "", f"llama3-np: error: cannot write {tmp_path}/file/out: {tmp_path}/file is a "
+                                       "file, not a folder; name an OUT_DIR where you can write\n")
     read_only_below(monkeypatch, tmp_path / "ro")
     (tmp_path / "ro").mkdir()
     code, out, err = run(capsys, "import-gguf", tiny_gguf, tmp_path / "ro" / "out")

@@ -19,7 +19,8 @@ def add_command(sub) -> None:
     add_model_args(b)
     b.add_argument("--prompt", type=int, default=512, metavar="N", help="prompt tokens (default %(default)s)")
     b.add_argument("--new", type=int, default=128, metavar="N", help="tokens to generate (default %(default)s)")
-    b.add_argument("--runs", type=int, default=3, metavar="N", help="timed runs after the warm-up (default %(default)s)")
+    b.add_argument("--runs", type=int, default=3, metavar="N",
+                   help="timed runs after the warm-up (default %(default)s)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     b.set_defaults(func=run)
 
