@@ -23,7 +23,8 @@ from ..config import ModelConfig
 from ..errors import Llama3Error, ParameterError
 from ..generation import PREFILL_CHUNK, REPEAT_LAST_N, Generation, Session, Step
 from ..load import DEFAULT_CTX, LoadedModel, load_model
-from ..sampling import DEFAULT_SAMPLERS, SAMPLER_ORDERS, SamplingParams, parse_samplers
+from ..sampling import (DEFAULT_SAMPLERS, SAMPLER_CHARS, SAMPLER_NAMES, SAMPLER_ORDERS, SamplingParams,
+                        parse_sampler_chars, parse_samplers)
 from ..text.pieces import format_pieces, pieces
 from ..text.tokenizer import StreamDecoder
 from ..xcheck.bench import peak_rss_mb
@@ -37,6 +38,8 @@ FLAGS = {
     "nmse_tol": "--tol", "rel_tol": "--rel-tol", "batch": "--batch-size", "chunks": "--chunks",
     "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
     "layers": "--layers", "samplers": "--samplers", "repeat_last_n": "--repeat-last-n",
+    "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty", "typical_p": "--typical",
+    "top_n_sigma": "--top-nsigma",
 }
 
 
@@ -74,12 +77,11 @@ LLAMA_CPP_ONLY_FLAGS = [
      "llama3_np shows the prompt only when asked: generate --echo"),
     (("--kl-divergence-base", "--save-all-logits", "--kl-divergence"), "saves or compares logits",
      "use perplexity --save-logits FILE, then perplexity --kl-base FILE"),
-    (("--presence-penalty", "--frequency-penalty", "--mirostat", "--mirostat-lr", "--mirostat-ent", "--typical",
-      "--typical-p", "--top-nsigma", "--top-n-sigma", "--xtc-probability", "--xtc-threshold", "--dry-multiplier",
+    (("--mirostat", "--mirostat-lr", "--mirostat-ent", "--xtc-probability", "--xtc-threshold", "--dry-multiplier",
       "--dry-base", "--dry-allowed-length", "--dry-penalty-last-n", "--dry-sequence-breaker", "--dynatemp-range",
       "--dynatemp-exp", "-l", "--logit-bias", "--grammar", "--grammar-file", "-j", "--json-schema", "-jf",
       "--json-schema-file"), "is a sampler or constraint llama3_np does not have",
-     "llama3_np samples with the repetition penalty, top-k, top-p, min-p and temperature (--samplers)"),
+     "generate --help lists the samplers llama3_np has (--samplers)"),
     (("-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-hft", "--hf-token", "-mu", "--model-url"),
      "downloads a model",
      "llama3_np uses no network: download the model yourself and pass -m its folder or .gguf file"),
@@ -162,14 +164,30 @@ def add_sampling_args(p: argparse.ArgumentParser, n_predict: int = 128) -> None:
     p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty,
                    help="penalty on the last --repeat-last-n tokens; 1 = off (default %(default)s)")
     p.add_argument("--repeat-last-n", type=int, default=REPEAT_LAST_N, metavar="N",
-                   help="how many recent tokens the repeat penalty looks at; 0 = off, -1 = the whole context "
+                   help="how many recent tokens the repeat, frequency and presence penalties look at; 0 = off, "
+                        "-1 = the whole context (default %(default)s)")
+    p.add_argument("--presence-penalty", type=float, default=d.presence_penalty, metavar="N",
+                   help="subtracted from the logit of each token in the last --repeat-last-n; 0 = off "
                         "(default %(default)s)")
+    p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty, metavar="N",
+                   help="subtracted from a token's logit once per occurrence in the last --repeat-last-n; "
+                        "0 = off (default %(default)s)")
+    p.add_argument("--typical", "--typical-p", dest="typical_p", type=float, default=d.typical_p, metavar="N",
+                   help="locally typical sampling, parameter p; 1 = off (default %(default)s)")
+    p.add_argument("--top-nsigma", "--top-n-sigma", dest="top_n_sigma", type=float, default=d.top_n_sigma,
+                   metavar="N", help="keep logits within N standard deviations of the largest; <= 0 = off "
+                                     "(default %(default)s)")
     orders = ", ".join(f"{name} = {';'.join(order)}" for name, order in SAMPLER_ORDERS.items())
-    p.add_argument("--samplers", default=";".join(DEFAULT_SAMPLERS), metavar="SAMPLERS",
-                   help="the samplers to apply, in order, separated by ';', with llama.cpp's names (penalties, "
-                        "top_k, top_p, min_p, temperature); a sampler left out is not applied. Or an order by "
-                        f"name: {orders}. Each filter acts on the renormalised survivors of the one before "
-                        "(default: llama.cpp's order, %(default)s)")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--samplers", default=";".join(DEFAULT_SAMPLERS), metavar="SAMPLERS",
+                       help=f"the samplers to apply, in order, separated by ';', with llama.cpp's names "
+                            f"({', '.join(SAMPLER_NAMES)}); a sampler left out is not applied. Or an order by "
+                            f"name: {orders}. Each filter acts on the renormalised survivors of the one before "
+                            "(default: llama.cpp's order, %(default)s)")
+    letters = ", ".join(f"{c} = {name}" for c, name in SAMPLER_CHARS.items())
+    order.add_argument("--sampling-seq", "--sampler-seq", metavar="SEQUENCE",
+                       help=f"the samplers as llama.cpp's letters, in order ({letters}; default "
+                            f"{''.join(c for name in DEFAULT_SAMPLERS for c, n in SAMPLER_CHARS.items() if n == name)})")
     p.add_argument("-s", "--seed", type=int, default=-1,
                    help="random seed; -1 = a random one, printed with the statistics (default %(default)s)")
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
@@ -192,8 +210,11 @@ def sampling_params(args) -> SamplingParams:
     if args.repeat_last_n < -1:  # the session is made after the model loads: say it now
         raise Llama3Error(f"--repeat-last-n must be >= 0 (0 = off), or -1 for the whole context, "
                           f"got {args.repeat_last_n}")
+    samplers = parse_samplers(args.samplers) if args.sampling_seq is None else parse_sampler_chars(args.sampling_seq)
     return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                          repeat_penalty=args.repeat_penalty, samplers=parse_samplers(args.samplers))
+                          repeat_penalty=args.repeat_penalty, samplers=samplers,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          typical_p=args.typical_p, top_n_sigma=args.top_n_sigma)
 
 
 def seeded_rng(args) -> tuple[int, np.random.Generator]:
