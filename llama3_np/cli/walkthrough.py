@@ -46,9 +46,9 @@ def parse_list(text: str | None, n: int, default: list[int], flag: str, what: st
 
 
 def run(args) -> int:
-    from ..xcheck.walkthrough import load_matplotlib, trace_patterns, walkthrough_page
+    from ..xcheck.walkthrough import require_viz, trace_patterns, walkthrough_page
 
-    load_matplotlib()  # before the model loads: a missing extra is the first thing to say
+    require_viz()  # before the model loads: a missing extra is the first thing to say
     try:
         output = AtomicFile(args.output, "w")  # a folder that cannot be written is said before the work
     except WriteError as e:
