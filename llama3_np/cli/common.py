@@ -21,7 +21,7 @@ from .. import assets, products
 from ..checks import token_ids
 from ..config import ModelConfig
 from ..errors import Llama3Error, ParameterError
-from ..generation import REPEAT_LAST_N, Generation, Step
+from ..generation import PREFILL_CHUNK, REPEAT_LAST_N, Generation, Step
 from ..load import DEFAULT_CTX, LoadedModel, load_model
 from ..sampling import (DEFAULT_SAMPLERS, SAMPLER_CHARS, SAMPLER_NAMES, SAMPLER_ORDERS, SamplingParams,
                         parse_sampler_chars, parse_samplers)
