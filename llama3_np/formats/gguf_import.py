@@ -41,7 +41,7 @@ from ..config import (LLAMA3_ORIGINAL_CONTEXT, META_HIGH_FREQ_FACTOR, META_LOW_F
                       ModelConfig, RopeScaling)
 from ..errors import Llama3Error
 from ..files import atomic_folder, write_text
-from ..text.tokenizer import END_OF_GENERATION
+from ..text.tokenizer import END_OF_GENERATION, LLAMA3_PATTERN, end_of_generation_ids
 
 IMPORT_RECORD = "llama3_np_import.json"
 # Written into the import record; a cached import made by another version is imported again.
@@ -232,10 +232,7 @@ def read_gguf(path, progress: Optional[Callable[[int, int], None]] = None) -> GG
 
 # --- tokenizer -----------------------------------------------------------------------------------
 
-# Meta's Llama 3 pre-tokenizer regex, as Hugging Face's Llama 3 tokenizer.json spells it.
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
+# Meta's Llama 3 pre-tokenizer regex (LLAMA3_PATTERN), as Hugging Face's Llama 3 tokenizer.json places it.
 _LLAMA3_PRE = ({"type": "Sequence", "pretokenizers": [
     {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
     {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}, True)
@@ -326,14 +323,6 @@ def tokenizer_files(path: Path, f: _Fields, context_length: int) -> tuple[dict, 
     return tokenizer_json, tokenizer_config
 
 
-def end_of_generation_ids(tokens: list[str], declared: list[int]) -> list[int]:
-    """The ids that end a generation, as llama.cpp's end-of-generation set finds them: the eos,
-    eot and eom ids the metadata declares, then every token of the vocabulary named in
-    llama3_np's END_OF_GENERATION (llama.cpp matches the same texts), in id order."""
-    found = [i for i, token in enumerate(tokens) if token in END_OF_GENERATION]
-    return list(dict.fromkeys(declared + found))
-
-
 # --- the folder ----------------------------------------------------------------------------------
 
 def sha256_of(path: Path) -> str:
@@ -362,7 +351,8 @@ def write_folder(gguf_path: Path, out_dir: Path, sha256: str | None = None,
     save_hf_checkpoint(out_dir, model.config, model.weights,
                        extra_config={k: v for k, v in extra.items() if v is not None})
     _write_json(out_dir / "generation_config.json", {
-        "bos_token_id": ids.get("bos"), "eos_token_id": end_of_generation_ids(f.need("tokenizer.ggml.tokens"), eos)})
+        "bos_token_id": ids.get("bos"), "eos_token_id": end_of_generation_ids(  # found as llama.cpp's end-of-generation set finds them
+            {token: i for i, token in enumerate(f.need("tokenizer.ggml.tokens"))}, eos)})
     _write_json(out_dir / "tokenizer.json", tokenizer_json)
     _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
     _write_json(out_dir / IMPORT_RECORD, {
