@@ -20,8 +20,10 @@ from .config import ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import Checkpoint, load_checkpoint, scan_checkpoint
 from .generation import REPEAT_LAST_N, Session
+from .lora import adapted, load_adapter
 from .sampling import SamplingParams
-from .text.chat import ChatFormat, chat_format_for, encode_dialog
+from .text.chat import ChatFormat, TemplateFormat, chat_format_for, encode_dialog
+from .text.template import ChatTemplate, find_chat_template, template_variables
 from .text.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 # Without an explicit context size, the KV cache holds at most this many tokens (or the model's own
@@ -60,15 +62,30 @@ class LoadedModel:
         """Token ids of `text` as a plain prompt (with BOS when the tokenizer adds one)."""
         return self.need_tokenizer().encode(text)
 
-    def chat_format(self) -> ChatFormat:
-        return chat_format_for(self.need_tokenizer())
+    def chat_template(self) -> Optional[ChatTemplate]:
+        """The chat template the checkpoint carries (`text.template.TEMPLATE_FILES`), or None."""
+        return find_chat_template(self.checkpoint.path)
 
-    def encode_dialog(self, system: Optional[str], user: str) -> list[int]:
+    def chat_format(self, choice: Optional[str] = None, template: Optional[ChatTemplate] = None,
+                    variables: Optional[dict] = None, tools: Optional[list] = None) -> ChatFormat | TemplateFormat:
+        """The chat format named `choice` ("template", "llama3", "chatml"; None: the checkpoint's
+        template if it has one, else its vocabulary's built-in format), rendering `template`
+        instead of the checkpoint's own when given, with `variables` (such as `date_string`)
+        added to the special tokens a template sees, and the tool definitions `tools`
+        (`text.tools.read_tools`) for the template to place (`text.chat.chat_format_for`)."""
+        tok = self.need_tokenizer()
+        template = template or find_chat_template(self.checkpoint.path, tools=tools is not None)
+        if template is not None:
+            variables = template_variables(tok, self.checkpoint.path) | dict(variables or {})
+        return chat_format_for(tok, choice, template, variables, tools)
+
+    def encode_dialog(self, system: Optional[str], user: str,
+                      fmt: ChatFormat | TemplateFormat | None = None) -> list[int]:
         """Token ids of a first chat turn (an optional system message, then `user`), ending with
-        the opening of the assistant's reply, in the checkpoint's chat format."""
+        the opening of the assistant's reply, in `fmt` (default: the checkpoint's chat format)."""
         messages = [{"role": "system", "content": system}] if system is not None else []
         return encode_dialog(self.need_tokenizer(), messages + [{"role": "user", "content": user}],
-                             fmt=self.chat_format())
+                             fmt=fmt or self.chat_format())
 
     def stop_ids(self) -> frozenset[int]:
         """The ids that end a generation, the same in completion and in chat: those the
@@ -83,11 +100,12 @@ class LoadedModel:
 
     def chat_session(self, system: Optional[str] = None, ctx: Optional[int] = None,
                      repeat_last_n: int = REPEAT_LAST_N,
-                     progress: Optional[Callable[[int, int], None]] = None):
-        """A multi-turn chat keeping the KV cache between turns (`chat_session.ChatSession`)."""
+                     progress: Optional[Callable[[int, int], None]] = None, fmt=None):
+        """A multi-turn chat keeping the KV cache between turns (`chat_session.ChatSession`), in
+        the chat format `fmt` (`chat_format`; None: the checkpoint's)."""
         from .chat_session import ChatSession
 
-        return ChatSession(self, ctx, system, repeat_last_n, progress)
+        return ChatSession(self, ctx, system, repeat_last_n, progress, fmt)
 
     def stream(self, prompt: str, max_new: int = -1, params: Optional[SamplingParams] = None,
                rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None) -> Iterator[str]:
@@ -145,7 +163,7 @@ def check_ctx(ctx: Optional[int], config: ModelConfig) -> None:
 
 
 def load_model(path=None, dtype: str = "float32", rope_factor: Optional[float] = None,
-               need_tokenizer: bool = True, ctx: Optional[int] = None,
+               need_tokenizer: bool = True, ctx: Optional[int] = None, lora=None,
                progress: Optional[Callable[[int, int], None]] = None) -> LoadedModel:
     """Load a checkpoint (a Hugging Face or Meta folder, or a GGUF file) and its tokenizer.
 
@@ -154,15 +172,19 @@ def load_model(path=None, dtype: str = "float32", rope_factor: Optional[float] =
     "bfloat16" (kept as stored, half the memory). rope_factor: overrides the llama3 rope scaling
     factor a Meta params.json implies. need_tokenizer: when False, a folder without tokenizer files
     loads with `tokenizer` None. ctx: a context size to check against the model's trained context
-    before any weight is read (`check_ctx`). progress: called with (done, total) tensors while a
-    GGUF file is imported on first use. `load_seconds` counts that import too.
-    Raises Llama3Error for a missing folder or a malformed checkpoint, ParameterError("ctx").
+    before any weight is read (`check_ctx`). lora: a peft LoRA adapter folder, run unmerged
+    (`llama3_np.lora`). progress: called with (done, total) tensors while a GGUF file is imported
+    on first use. `load_seconds` counts that import too.
+    Raises Llama3Error for a missing folder, a malformed checkpoint or adapter, ParameterError("ctx").
     """
     t0 = time.perf_counter()
     path = assets.model_dir(path, progress=progress)
     index = scan_checkpoint(path, rope_factor=rope_factor)
     check_ctx(ctx, index.config)
     checkpoint = load_checkpoint(index, dtype=dtype)
+    if lora is not None:
+        adapter, settings = load_adapter(lora, checkpoint.config)
+        checkpoint.weights.update(adapted(checkpoint.weights, adapter, settings.scale))
     try:
         tokenizer = load_tokenizer(path)
     except Llama3Error:

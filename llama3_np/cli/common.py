@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,10 @@ from ..generation import PREFILL_CHUNK, REPEAT_LAST_N, Generation, Step
 from ..load import DEFAULT_CTX, LoadedModel, load_model
 from ..sampling import (DEFAULT_SAMPLERS, SAMPLER_CHARS, SAMPLER_NAMES, SAMPLER_ORDERS, SamplingParams,
                         parse_sampler_chars, parse_samplers)
+from ..text.chat import CHAT_FORMATS
 from ..text.pieces import format_pieces, pieces
+from ..text.template import read_template_file
+from ..text.tools import read_tools
 from ..text.tokenizer import StreamDecoder
 from ..xcheck.bench import peak_rss_mb
 from ..xcheck.dump import Inputs, resolve_inputs
@@ -38,11 +42,11 @@ FLAGS = {
     "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
     "layers": "--layers", "samplers": "--samplers", "repeat_last_n": "--repeat-last-n",
     "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty", "typical_p": "--typical",
-    "top_n_sigma": "--top-nsigma", "top_n": "--top-n",
+    "top_n_sigma": "--top-nsigma", "top_n": "--top-n", "chat_format": "--chat-format", "tools": "--tools",
     "lr": "--learning-rate", "betas": "--adam-beta1/--adam-beta2", "eps": "--adam-epsilon",
     "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm", "max_steps": "--max-steps",
     "seq_len": "--seq-len", "batch_size": "--batch-size", "warmup_steps": "--warmup-steps",
-    "eval_steps": "--eval-steps", "save_steps": "--save-steps",
+    "eval_steps": "--eval-steps", "save_steps": "--save-steps", "lora_r": "--lora-r", "lora_target": "--lora-target",
     "pos": "--pos", "like": "--like", "k": "--explain",
 }
 
@@ -149,6 +153,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint folder (Hugging Face or Meta format) or .gguf file; default: the default model")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="weight residency: float32 (fast) or bfloat16 (half the memory) (default %(default)s)")
+    p.add_argument("--lora", metavar="ADAPTER_DIR",
+                   help="run with a LoRA adapter (a peft folder, as `train --lora-r` writes), unmerged")
     p.add_argument("--rope-factor", type=float, metavar="F",
                    help="override the llama3 rope scaling factor of a Meta params.json")
     p.add_argument("-t", "--threads", type=thread_count, default=products.default_threads(), metavar="N",
@@ -201,6 +207,41 @@ def add_chain_args(p: argparse.ArgumentParser) -> None:
     order.add_argument("--sampling-seq", "--sampler-seq", metavar="SEQUENCE",
                        help=f"the samplers as llama.cpp's letters, in order ({letters}; default "
                             f"{''.join(c for name in DEFAULT_SAMPLERS for c, n in SAMPLER_CHARS.items() if n == name)})")
+
+
+def add_chat_args(p: argparse.ArgumentParser) -> None:
+    """How a dialog becomes ids: the chat format, a template file and the template's variables."""
+    p.add_argument("--chat-format", choices=CHAT_FORMATS, metavar="FORMAT",
+                   help="template: the checkpoint's chat template (Jinja, as transformers renders it; the default "
+                        "when the checkpoint carries one); llama3: Meta's ChatFormat (the default for a Llama 3 "
+                        "checkpoint without a template, such as a Meta folder); chatml: <|im_start|>role ... "
+                        "<|im_end|>")
+    p.add_argument("--chat-template-file", metavar="FILE",
+                   help="render this Jinja chat template instead of the checkpoint's")
+    p.add_argument("--chat-template-kwargs", metavar="JSON",
+                   help='variables for the template, as a JSON object, e.g. \'{"date_string": "26 Jul 2024"}\'')
+    p.add_argument("--tools", metavar="FILE",
+                   help='tool definitions, a JSON list ([{"type": "function", "function": {"name": ..., "parameters": '
+                        '...}}]), placed in the prompt by the chat template; built-in tools (brave_search, '
+                        'wolfram_alpha) go in --chat-template-kwargs \'{"builtin_tools": [...]}\'')
+
+
+def chat_format(args, loaded: LoadedModel):
+    """The chat format --chat-format, --chat-template-file and --chat-template-kwargs choose."""
+    template = read_template_file(args.chat_template_file) if args.chat_template_file else None
+    variables = None
+    if args.chat_template_kwargs is not None:
+        try:
+            variables = json.loads(args.chat_template_kwargs)
+        except ValueError as e:
+            variables = e
+        if not isinstance(variables, dict):
+            raise Llama3Error(f"--chat-template-kwargs takes a JSON object, got {args.chat_template_kwargs!r}")
+    if template is not None and args.chat_format not in (None, "template"):
+        raise Llama3Error(f"--chat-template-file goes with --chat-format template, not {args.chat_format}")
+    choice = args.chat_format or ("template" if template is not None else None)
+    tools = read_tools(args.tools) if args.tools is not None else None
+    return loaded.chat_format(choice, template, variables, tools)
 
 
 def add_input_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -262,7 +303,7 @@ def load(args, need_tokenizer: bool) -> LoadedModel:
     progress = ProgressLine("importing", "tensors")
     try:
         return load_model(args.model, dtype=args.dtype, rope_factor=args.rope_factor, need_tokenizer=need_tokenizer,
-                          ctx=getattr(args, "ctx", None), progress=progress.update)
+                          ctx=getattr(args, "ctx", None), lora=getattr(args, "lora", None), progress=progress.update)
     finally:
         progress.clear()
 

@@ -156,7 +156,7 @@ def test_input_mistakes_are_named_before_the_model_is_looked_at(capsys, argv, me
 def test_inspect_shows_chat_format_stop_tokens_and_source(capsys):
     code, out, _ = run(capsys, "inspect", "-m", default_model_dir())
     assert code == 0
-    assert "\nchat format: chatml\n" in out
+    assert f"\nchat format: template ({default_model_dir() / 'tokenizer_config.json'})\n" in out
     assert '\nstop tokens: 0 "<|endoftext|>", 2 "<|im_end|>"\n' in out
     assert ("\nsource:      GGUF SmolLM2-135M-Instruct.Q4_1.gguf (sha256 b179c9523d0e6a0f..., tensors F32 x61, "
             "Q4_1 x210, Q8_0 x1), dequantized and stored as bf16") in out
