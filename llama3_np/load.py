@@ -19,7 +19,7 @@ from . import assets
 from .config import ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import Checkpoint, load_checkpoint, scan_checkpoint
-from .generation import REPEAT_LAST_N, Session
+from .generation import Session
 from .lora import adapted, load_adapter
 from .sampling import SamplingParams
 from .text.chat import ChatFormat, TemplateFormat, chat_format_for, encode_dialog
@@ -92,20 +92,18 @@ class LoadedModel:
         checkpoint's config files declare and the vocabulary's (`Tokenizer.end_of_generation_ids`)."""
         return frozenset(self.checkpoint.eos_ids) | (self.tokenizer.end_of_generation_ids if self.tokenizer else set())
 
-    def session(self, ctx: Optional[int] = None, repeat_last_n: int = REPEAT_LAST_N,
-                progress: Optional[Callable[[int, int], None]] = None) -> Session:
+    def session(self, ctx: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None) -> Session:
         """A `Session` of `ctx` tokens (`LoadedModel.ctx`) whose generations end at the model's
         end-of-generation ids (`stop_ids`) unless told otherwise."""
-        return Session(self.weights, self.config, self.ctx(ctx), repeat_last_n, self.stop_ids(), progress)
+        return Session(self.weights, self.config, self.ctx(ctx), self.stop_ids(), progress)
 
     def chat_session(self, system: Optional[str] = None, ctx: Optional[int] = None,
-                     repeat_last_n: int = REPEAT_LAST_N,
                      progress: Optional[Callable[[int, int], None]] = None, fmt=None):
         """A multi-turn chat keeping the KV cache between turns (`chat_session.ChatSession`), in
         the chat format `fmt` (`chat_format`; None: the checkpoint's)."""
         from .chat_session import ChatSession
 
-        return ChatSession(self, ctx, system, repeat_last_n, progress, fmt)
+        return ChatSession(self, ctx, system, progress, fmt)
 
     def stream(self, prompt: str, max_new: int = -1, params: Optional[SamplingParams] = None,
                rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None) -> Iterator[str]:

@@ -21,7 +21,7 @@ import numpy as np
 from .. import assets, products
 from ..checks import token_ids
 from ..errors import Llama3Error, ParameterError
-from ..generation import PREFILL_CHUNK, REPEAT_LAST_N, Generation, Step
+from ..generation import PREFILL_CHUNK, Generation, Step
 from ..load import DEFAULT_CTX, LoadedModel, load_model
 from ..sampling import (DEFAULT_SAMPLERS, SAMPLER_CHARS, SAMPLER_NAMES, SAMPLER_ORDERS, SamplingParams,
                         parse_sampler_chars, parse_samplers)
@@ -42,7 +42,10 @@ FLAGS = {
     "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
     "layers": "--layers", "samplers": "--samplers", "repeat_last_n": "--repeat-last-n",
     "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty", "typical_p": "--typical",
-    "top_n_sigma": "--top-nsigma", "top_n": "--top-n", "chat_format": "--chat-format", "tools": "--tools",
+    "top_n_sigma": "--top-nsigma", "dry_multiplier": "--dry-multiplier", "dry_base": "--dry-base",
+    "dry_allowed_length": "--dry-allowed-length", "dry_penalty_last_n": "--dry-penalty-last-n",
+    "dry_sequence_breakers": "--dry-sequence-breaker", "xtc_probability": "--xtc-probability",
+    "xtc_threshold": "--xtc-threshold", "top_n": "--top-n", "chat_format": "--chat-format", "tools": "--tools",
     "lr": "--learning-rate", "betas": "--adam-beta1/--adam-beta2", "eps": "--adam-epsilon",
     "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm", "max_steps": "--max-steps",
     "seq_len": "--seq-len", "batch_size": "--batch-size", "warmup_steps": "--warmup-steps",
@@ -85,9 +88,7 @@ LLAMA_CPP_ONLY_FLAGS = [
      "llama3_np shows the prompt only when asked: generate --echo"),
     (("--kl-divergence-base", "--save-all-logits", "--kl-divergence"), "saves or compares logits",
      "use perplexity --save-logits FILE, then perplexity --kl-base FILE"),
-    (("--mirostat", "--mirostat-lr", "--mirostat-ent", "--xtc-probability", "--xtc-threshold", "--dry-multiplier",
-      "--dry-base", "--dry-allowed-length", "--dry-penalty-last-n", "--dry-sequence-breaker", "--dynatemp-range",
-      "--dynatemp-exp", "-l", "--logit-bias", "--grammar", "--grammar-file", "-j", "--json-schema", "-jf",
+    (("--mirostat", "--mirostat-lr", "--mirostat-ent", "--dynatemp-range", "--dynatemp-exp", "-l", "--logit-bias", "--grammar", "--grammar-file", "-j", "--json-schema", "-jf",
       "--json-schema-file"), "is a sampler or constraint llama3_np does not have",
      "generate --help lists the samplers llama3_np has (--samplers)"),
     (("-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-hft", "--hf-token", "-mu", "--model-url"),
@@ -182,7 +183,7 @@ def add_chain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=d.min_p, help="0 = off (default %(default)s)")
     p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty,
                    help="penalty on the last --repeat-last-n tokens; 1 = off (default %(default)s)")
-    p.add_argument("--repeat-last-n", type=int, default=REPEAT_LAST_N, metavar="N",
+    p.add_argument("--repeat-last-n", type=int, default=d.repeat_last_n, metavar="N",
                    help="how many recent tokens the repeat, frequency and presence penalties look at; 0 = off, "
                         "-1 = the whole context (default %(default)s)")
     p.add_argument("--presence-penalty", type=float, default=d.presence_penalty, metavar="N",
@@ -196,6 +197,24 @@ def add_chain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-nsigma", "--top-n-sigma", dest="top_n_sigma", type=float, default=d.top_n_sigma,
                    metavar="N", help="keep logits within N standard deviations of the largest; <= 0 = off "
                                      "(default %(default)s)")
+    p.add_argument("--dry-multiplier", type=float, default=d.dry_multiplier, metavar="N",
+                   help=f"DRY: the penalty on a token that would extend a repeat, multiplier * base ^ (length - "
+                        f"allowed length); 0 = off (default {d.dry_multiplier})")
+    p.add_argument("--dry-base", type=float, default=d.dry_base, metavar="N", help=f"DRY (default {d.dry_base})")
+    p.add_argument("--dry-allowed-length", type=int, default=d.dry_allowed_length, metavar="N",
+                   help=f"DRY: repeats up to this long are not penalised (default {d.dry_allowed_length})")
+    p.add_argument("--dry-penalty-last-n", type=int, default=d.dry_penalty_last_n, metavar="N",
+                   help=f"DRY: how many recent tokens to look for repeats in; 0 = off, -1 = the whole context "
+                        f"(default {d.dry_penalty_last_n})")
+    p.add_argument("--dry-sequence-breaker", action="append", metavar="STRING",
+                   help="DRY: text that ends a repeat; each use adds one and the first clears the defaults "
+                        f"({', '.join(map(repr, d.dry_sequence_breakers))}); 'none': no breakers")
+    p.add_argument("--xtc-probability", type=float, default=d.xtc_probability, metavar="N",
+                   help=f"XTC: the chance of removing the likely tokens but the least of them at each step; "
+                        f"0 = off (default {d.xtc_probability})")
+    p.add_argument("--xtc-threshold", type=float, default=d.xtc_threshold, metavar="N",
+                   help=f"XTC: the probability a token needs to count as likely; above 0.5 = off "
+                        f"(default {d.xtc_threshold})")
     orders = ", ".join(f"{name} = {';'.join(order)}" for name, order in SAMPLER_ORDERS.items())
     order = p.add_mutually_exclusive_group()
     order.add_argument("--samplers", default=";".join(DEFAULT_SAMPLERS), metavar="SAMPLERS",
@@ -256,15 +275,37 @@ def add_input_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--pos", type=int, metavar="N", help="rope position of the first token (default 0)")
 
 
+def dry_sequence_breakers(values: Optional[list[str]]) -> tuple[str, ...]:
+    """The breakers of --dry-sequence-breaker, as llama.cpp reads them: the defaults when the flag
+    is not given, else the values given ('none' drops those before it)."""
+    if values is None:
+        return SamplingParams().dry_sequence_breakers
+    out: list[str] = []
+    for value in values:
+        out = [] if value == "none" else out + [value]
+    return tuple(out)
+
+
 def sampling_params(args) -> SamplingParams:
-    if args.repeat_last_n < -1:  # the session is made after the model loads: say it now
-        raise Llama3Error(f"--repeat-last-n must be >= 0 (0 = off), or -1 for the whole context, "
-                          f"got {args.repeat_last_n}")
+    """The sampling flags as SamplingParams; DRY's sequence breakers become token ids when the
+    model is loaded (`for_model`)."""
     samplers = parse_samplers(args.samplers) if args.sampling_seq is None else parse_sampler_chars(args.sampling_seq)
     return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repeat_penalty=args.repeat_penalty, samplers=samplers,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                          typical_p=args.typical_p, top_n_sigma=args.top_n_sigma)
+                          typical_p=args.typical_p, top_n_sigma=args.top_n_sigma, repeat_last_n=args.repeat_last_n,
+                          dry_multiplier=args.dry_multiplier, dry_base=args.dry_base,
+                          dry_allowed_length=args.dry_allowed_length, dry_penalty_last_n=args.dry_penalty_last_n,
+                          dry_sequence_breakers=dry_sequence_breakers(args.dry_sequence_breaker),
+                          xtc_probability=args.xtc_probability, xtc_threshold=args.xtc_threshold)
+
+
+def for_model(params: SamplingParams, loaded: LoadedModel) -> SamplingParams:
+    """`params` with DRY's sequence breakers as ids of the model's vocabulary."""
+    if params.dry_on and params.dry_sequence_breakers and loaded.tokenizer is None:
+        raise Llama3Error("DRY's sequence breakers are text and this model has no tokenizer: "
+                          "add --dry-sequence-breaker none, or use a checkpoint with its tokenizer")
+    return params.for_tokenizer(loaded.tokenizer) if loaded.tokenizer is not None else params
 
 
 def seeded_rng(args) -> tuple[int, np.random.Generator]:

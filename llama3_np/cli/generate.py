@@ -19,7 +19,8 @@ from ..products import get_threads
 from ..text.chat import describe
 from ..xcheck.bench import peak_rss_mb
 from .common import (Printer, ProgressLine, add_chat_args, add_model_args, add_sampling_args, chat_format, consume,
-                     load, parse_token_ids, read_prompt, sampling_params, seeded_rng, stats_line, verbose_prompt)
+                     for_model, load, parse_token_ids, read_prompt, sampling_params, seeded_rng, stats_line,
+                     verbose_prompt)
 
 
 def add_command(sub) -> None:
@@ -123,8 +124,9 @@ def run_generate(args) -> int:
     # The cache needs room for the prompt and the new tokens, never more than the context.
     cache_len = ctx if args.n_predict < 0 else min(ctx, len(prompt) + args.n_predict)
     explain = args.explain is not None
-    session = loaded.session(cache_len, args.repeat_last_n, ProgressLine("prefill"))
+    session = loaded.session(cache_len, ProgressLine("prefill"))
     stop_ids = session.stop_ids
+    params = for_model(params, loaded)
     printer = None if args.json or explain else Printer(loaded.tokenizer, stop_ids)
     if args.echo:
         printer.echo(prompt)

@@ -161,7 +161,8 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
 
 def chain_text(params: SamplingParams) -> str:
     """The chain's order and every parameter's value (a sampler left out of the order is not applied)."""
-    values = ", ".join(f"{k} {v:g}" for k, v in asdict(params).items() if k != "samplers")
+    values = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v!r}"
+                       for k, v in asdict(params).items() if k not in ("samplers", "dry_breaker_ids"))
     return f"{';'.join(params.samplers) or '(none: the softmax of the logits)'} ({values})"
 
 

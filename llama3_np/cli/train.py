@@ -113,6 +113,9 @@ def run(args) -> int:
     print(f"training {n_params / 1e6:.1f}M parameters on {len(train)} sequences of {targs.seq_len} tokens "
           f"({len(train) * targs.seq_len} tokens), {targs.batch_size} per step", file=sys.stderr)
     status = StatusPrinter(targs.max_steps)
+    if validation is not None and trainer.step == 0:
+        loss = trainer.evaluate()
+        status.say(f"step 0: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 700)):.2f}")
     try:
         while trainer.step < targs.max_steps:
             report = trainer.train_step()
