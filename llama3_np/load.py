@@ -49,13 +49,14 @@ class LoadedModel:
         return self.checkpoint.weights
 
     def ctx(self, requested: Optional[int] = None) -> int:
-        """The context size in tokens: `requested`, or the model's own, at most DEFAULT_CTX.
+        """The context size in tokens: `requested`, 0 for the model's trained context (as llama.cpp's
+        n_ctx 0), or by default the model's own, at most DEFAULT_CTX.
 
-        Raises ParameterError("ctx") when `requested` is not positive or longer than the context
-        the model was trained for."""
+        Raises ParameterError("ctx") when `requested` is negative or longer than the context the
+        model was trained for."""
         if requested is not None:
             check_ctx(requested, self.config)
-            return requested
+            return requested or self.config.max_seq_len
         return min(self.config.max_seq_len, DEFAULT_CTX)
 
     def encode(self, text: str) -> list[int]:
@@ -156,20 +157,22 @@ class LoadedModel:
 
 
 def check_ctx(ctx: Optional[int], config: ModelConfig) -> None:
-    """A context size, checked against the context the model was trained for (None: no check).
+    """A context size, checked against the context the model was trained for (None: no check; 0
+    stands for the trained context).
 
     Raises ParameterError("ctx")."""
     if ctx is None:
         return
-    if ctx <= 0:
-        raise ParameterError("ctx", f"ctx must be positive, got {ctx}")
+    if ctx < 0:
+        raise ParameterError("ctx", f"ctx must be positive, or 0 for the model's context, got {ctx}")
     if ctx > config.max_seq_len:
         raise ParameterError("ctx", f"ctx {ctx} is longer than the {config.max_seq_len} tokens the model was "
                                     f"trained for: at most {config.max_seq_len}")
 
 
 def load_model(path=None, dtype: str = "float32", rope_factor: Optional[float] = None,
-               need_tokenizer: bool = True, ctx: Optional[int] = None, lora=None) -> LoadedModel:
+               need_tokenizer: bool = True, ctx: Optional[int] = None, lora=None,
+               progress: Optional[Callable[[int, int], None]] = None) -> LoadedModel:
     """Load a checkpoint (a Hugging Face or Meta folder, or a GGUF file) and its tokenizer.
 
     path: the folder or .gguf file (imported into the asset cache once, `assets.model_dir`); None
@@ -178,11 +181,12 @@ def load_model(path=None, dtype: str = "float32", rope_factor: Optional[float] =
     factor a Meta params.json implies. need_tokenizer: when False, a folder without tokenizer files
     loads with `tokenizer` None. ctx: a context size to check against the model's trained context
     before any weight is read (`check_ctx`). lora: a peft LoRA adapter folder, run unmerged
-    (`llama3_np.lora`).
+    (`llama3_np.lora`). progress: called with (done, total) tensors while a GGUF file is imported
+    on first use. `load_seconds` counts that import too.
     Raises Llama3Error for a missing folder, a malformed checkpoint or adapter, ParameterError("ctx").
     """
-    path = assets.model_dir(path)
     t0 = time.perf_counter()
+    path = assets.model_dir(path, progress=progress)
     index = scan_checkpoint(path, rope_factor=rope_factor)
     check_ctx(ctx, index.config)
     checkpoint = load_checkpoint(index, dtype=dtype)

@@ -58,6 +58,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 
+from llama3_np.files import make_folder, write_bytes  # noqa: E402
 from llama3_np.sampling import DRY_SEQUENCE_BREAKERS, SAMPLER_ORDERS, SamplingParams, survivors  # noqa: E402
 
 OUT = REPO / "tests" / "fixtures" / "sampling" / "chains.json.gz"
@@ -357,11 +358,9 @@ def check_xtc_draw(case: dict, s: dict, order: tuple[str, ...], recent: list[int
 
 
 def write_gzip_json(path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     # no time stamp, so that the bytes depend on the content only
-    tmp.write_bytes(gzip.compress((json.dumps(doc, separators=(",", ":")) + "\n").encode(), mtime=0))
-    tmp.replace(path)
+    write_bytes(make_folder(path.parent) / path.name,
+                gzip.compress((json.dumps(doc, separators=(",", ":")) + "\n").encode(), mtime=0))
 
 
 def main() -> int:

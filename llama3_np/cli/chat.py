@@ -25,10 +25,10 @@ def add_command(sub) -> None:
                        description="Chat with the model in its chat format (Llama 3 or ChatML), keeping the "
                                    "conversation in the KV cache between turns.")
     add_model_args(c)
-    add_sampling_args(c)
+    add_sampling_args(c, n_predict=-1)
     c.add_argument("-sys", "--system-prompt", "--system", dest="system", metavar="TEXT", help="system message")
     add_chat_args(c)
-    c.set_defaults(func=run_chat, n_predict=-1)
+    c.set_defaults(func=run_chat)
 
 
 def say(line: str) -> None:
