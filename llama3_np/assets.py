@@ -11,8 +11,9 @@ In it:
     llama3/tokenizer.model   Meta's Llama 3 tokenizer (tools/fetch_tokenizer.py; the tests use it)
 
 Nothing here downloads anything: the default model comes from a package already installed, GGUF
-files from the user. Imports are atomic (`formats.gguf_import.import_gguf`): an interrupted one leaves no
-folder that a later run would take for complete.
+files from the user. Imports are atomic (`files.atomic_folder`): an interrupted one leaves no folder
+that a later run would take for complete; a cache that cannot be written is one line that says
+which variable to set.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import Llama3Error
+from .files import WriteError, make_folder
 
 CACHE_ENV = "LLAMA3_NP_CACHE"
 
@@ -52,6 +54,29 @@ def cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache") / "llama3_np"
+
+
+def cache_advice() -> str:
+    """What to do about a cache folder that cannot be written: set the variable that chose it."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if not os.environ.get(CACHE_ENV) and xdg and Path(xdg).is_absolute():
+        return f"set XDG_CACHE_HOME, or {CACHE_ENV}, to a folder you can write"
+    return f"set {CACHE_ENV} to a folder you can write"
+
+
+def import_into_cache(gguf_path: Path, folder: Path, sha256: str, note: str, say: Callable[[str], None],
+                      progress: Optional[Callable[[int, int], None]] = None) -> Path:
+    """Import a GGUF file into its cache folder, saying `note` first; a cache that cannot be
+    written is a WriteError that says which variable to set (said before the note when the
+    cache folder cannot even be created)."""
+    from .formats.gguf_import import import_gguf
+
+    try:
+        make_folder(folder.parent)
+        say(note)
+        return import_gguf(gguf_path, folder, force=True, sha256=sha256, progress=progress)
+    except WriteError as e:
+        raise WriteError(folder, e.reason, cache_advice(), what="the cache folder") from None
 
 
 def default_model_dir() -> Path:
@@ -93,7 +118,8 @@ def installed_default_gguf() -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def default_model(say: Callable[[str], None] = _say) -> Path:
+def default_model(say: Callable[[str], None] = _say,
+                  progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """The default model's folder, imported into the cache first if it is not there yet."""
     folder = default_model_dir()
     if is_import_of(folder, DEFAULT_MODEL_SHA256):
@@ -103,20 +129,21 @@ def default_model(say: Callable[[str], None] = _say) -> Path:
         raise Llama3Error(f"no model given and the default model is not in {folder}: install it with "
                           f"`{INSTALL_DEFAULT_MODEL}` (its GGUF file, no network needed afterwards) or name "
                           "a model")
-    from .formats.gguf_import import import_gguf, require_gguf, sha256_of
+    from .formats.gguf_import import require_gguf, sha256_of
 
     require_gguf()
     digest = sha256_of(gguf_path)
     if digest != DEFAULT_MODEL_SHA256:
         raise Llama3Error(f"{gguf_path} has sha256 {digest}, not the {DEFAULT_MODEL_REQUIREMENT} release "
                           f"llama3_np was tested with: install that release again (`{REINSTALL_DEFAULT_MODEL}`)")
-    say(f"importing the default model ({DEFAULT_MODEL_NAME}, {DEFAULT_MODEL_GGUF}) into {folder} (once) ...")
-    return import_gguf(gguf_path, folder, force=True, sha256=digest)
+    return import_into_cache(gguf_path, folder, digest, f"importing the default model ({DEFAULT_MODEL_NAME}, "
+                             f"{DEFAULT_MODEL_GGUF}) into {folder} (once) ...", say, progress)
 
 
-def imported_gguf(path: Path, say: Callable[[str], None] = _say) -> Path:
+def imported_gguf(path: Path, say: Callable[[str], None] = _say,
+                  progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """The cache folder of GGUF file `path`, keyed by its content: imported on first use, reused after."""
-    from .formats.gguf_import import IMPORTER_VERSION, import_gguf, require_gguf, sha256_of
+    from .formats.gguf_import import IMPORTER_VERSION, require_gguf, sha256_of
 
     require_gguf()
     digest = sha256_of(path)
@@ -125,21 +152,22 @@ def imported_gguf(path: Path, say: Callable[[str], None] = _say) -> Path:
     folder = cache_dir() / "gguf" / digest
     if is_import_of(folder, digest) and import_record(folder).get("importer") == IMPORTER_VERSION:
         return folder
-    say(f"importing {path} into {folder} (once; later runs reuse it) ...")
-    return import_gguf(path, folder, force=True, sha256=digest)
+    return import_into_cache(path, folder, digest, f"importing {path} into {folder} (once; later runs reuse it) ...",
+                             say, progress)
 
 
-def model_dir(model=None) -> Path:
+def model_dir(model=None, progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """The checkpoint folder of `model`: a folder as it is, a GGUF file's imported folder (imported
-    on first use), and for None the default model."""
+    on first use, calling `progress(done, total)` as tensors are imported), and for None the
+    default model."""
     if model is None:
-        return default_model()
+        return default_model(progress=progress)
     path = Path(model)
     if not path.exists():
         raise Llama3Error(f"model {model} does not exist: name the folder of a Llama 3 checkpoint "
                           "(Hugging Face or Meta format) or a .gguf file")
     if path.is_file() and is_gguf_file(path):
-        return imported_gguf(path)
+        return imported_gguf(path, progress=progress)
     return path
 
 

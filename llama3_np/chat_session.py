@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .generation import REPEAT_LAST_N, Generation
+from .generation import Generation
 from .sampling import SamplingParams
 from .text.dialog import Conversation, Turn, common_prefix
 
@@ -31,11 +31,11 @@ class ChatSession:
     """
 
     def __init__(self, model, ctx: Optional[int] = None, system: Optional[str] = None,
-                 repeat_last_n: int = REPEAT_LAST_N, progress: Optional[Callable[[int, int], None]] = None,
+                 progress: Optional[Callable[[int, int], None]] = None,
                  fmt=None):
         self.tokenizer = model.need_tokenizer()
         self.format = fmt or model.chat_format()
-        self.session = model.session(ctx, repeat_last_n, progress)
+        self.session = model.session(ctx, progress)
         self.conversation = Conversation(self.tokenizer, self.format, system)
         self.dropped = 0  # how many of the oldest turns the last `send` dropped
         self._pending: Optional[tuple[str, list[int], Generation]] = None  # the answer last sent

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -20,13 +20,14 @@ from . import assets
 from .config import ComputeMode, ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import Checkpoint, load_checkpoint, scan_checkpoint
-from .generation import REPEAT_LAST_N, Session
+from .generation import Session
 from .linear import mode_weights
 from .lora import adapted, load_adapter
 from .sampling import SamplingParams
 from .text.chat import ChatFormat, TemplateFormat, chat_format_for, encode_dialog
 from .text.template import ChatTemplate, find_chat_template, template_variables
-from .text.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from .text.stop import StopText, check_stop_strings
+from .text.tokenizer import Tokenizer, load_tokenizer
 
 # Without an explicit context size, the KV cache holds at most this many tokens (or the model's own
 # context if smaller): a 131,072-token float32 cache for an 8B model would need 34 GB.
@@ -52,13 +53,14 @@ class LoadedModel:
         return self.checkpoint.weights
 
     def ctx(self, requested: Optional[int] = None) -> int:
-        """The context size in tokens: `requested`, or the model's own, at most DEFAULT_CTX.
+        """The context size in tokens: `requested`, 0 for the model's trained context (as llama.cpp's
+        n_ctx 0), or by default the model's own, at most DEFAULT_CTX.
 
-        Raises ParameterError("ctx") when `requested` is not positive or longer than the context
-        the model was trained for."""
+        Raises ParameterError("ctx") when `requested` is negative or longer than the context the
+        model was trained for."""
         if requested is not None:
             check_ctx(requested, self.config)
-            return requested
+            return requested or self.config.max_seq_len
         return min(self.config.max_seq_len, DEFAULT_CTX)
 
     def encode(self, text: str) -> list[int]:
@@ -95,54 +97,60 @@ class LoadedModel:
         checkpoint's config files declare and the vocabulary's (`Tokenizer.end_of_generation_ids`)."""
         return frozenset(self.checkpoint.eos_ids) | (self.tokenizer.end_of_generation_ids if self.tokenizer else set())
 
-    def session(self, ctx: Optional[int] = None, repeat_last_n: int = REPEAT_LAST_N,
-                progress: Optional[Callable[[int, int], None]] = None) -> Session:
+    def session(self, ctx: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None) -> Session:
         """A `Session` of `ctx` tokens (`LoadedModel.ctx`) whose generations end at the model's
         end-of-generation ids (`stop_ids`) unless told otherwise, computing in the model's
         compute mode (`compute`)."""
-        return Session(self.weights, self.config, self.ctx(ctx), repeat_last_n, self.stop_ids(), progress,
-                       self.compute)
+        return Session(self.weights, self.config, self.ctx(ctx), self.stop_ids(), progress, self.compute)
 
     def chat_session(self, system: Optional[str] = None, ctx: Optional[int] = None,
-                     repeat_last_n: int = REPEAT_LAST_N,
                      progress: Optional[Callable[[int, int], None]] = None, fmt=None):
         """A multi-turn chat keeping the KV cache between turns (`chat_session.ChatSession`), in
         the chat format `fmt` (`chat_format`; None: the checkpoint's)."""
         from .chat_session import ChatSession
 
-        return ChatSession(self, ctx, system, repeat_last_n, progress, fmt)
+        return ChatSession(self, ctx, system, progress, fmt)
 
     def stream(self, prompt: str, max_new: int = -1, params: Optional[SamplingParams] = None,
-               rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None) -> Iterator[str]:
+               rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None,
+               stop: Iterable[str] = ()) -> Iterator[str]:
         """The continuation of `prompt` as pieces of text, each as soon as it is whole UTF-8:
         up to `max_new` tokens (-1: until an end-of-generation token or a full context), greedy
-        unless `params` (with `rng`) sample; the end token itself is not text. mlx-lm's
-        `stream_generate`, llama-models' `completion`, token by token."""
-        yield from self._text(self.encode(prompt), max_new, params, rng, ctx)
+        unless `params` (with `rng`) sample; the end token itself is not text. `stop`: stop
+        strings, the OpenAI API's (`text.stop`): the text ends before the first one generated, and
+        text that could begin one is held back until it cannot. mlx-lm's `stream_generate`,
+        llama-models' `completion`, token by token. Raises ParameterError("stop") for an empty
+        stop string."""
+        yield from self._text(self.encode(prompt), max_new, params, rng, ctx, stop)
 
     def generate(self, prompt: str, max_new: int = -1, params: Optional[SamplingParams] = None,
-                 rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None) -> str:
+                 rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None,
+                 stop: Iterable[str] = ()) -> str:
         """The continuation of `prompt` as one text (`stream`'s pieces joined)."""
-        return "".join(self.stream(prompt, max_new, params, rng, ctx))
+        return "".join(self.stream(prompt, max_new, params, rng, ctx, stop))
 
     def chat(self, messages: list[dict], max_new: int = -1, params: Optional[SamplingParams] = None,
-             rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None) -> str:
+             rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None, stop: Iterable[str] = ()) -> str:
         """The assistant's answer to a dialog (`[{"role": "user", "content": ...}, ...]`, in the
         checkpoint's chat format), as llama-models' `chat_completion`; `stream`'s arguments."""
         ids = encode_dialog(self.need_tokenizer(), messages, fmt=self.chat_format())
-        return "".join(self._text(ids, max_new, params, rng, ctx))
+        return "".join(self._text(ids, max_new, params, rng, ctx, stop))
 
-    def _text(self, ids: list[int], max_new: int, params, rng, ctx) -> Iterator[str]:
+    def _text(self, ids: list[int], max_new: int, params, rng, ctx, stop) -> Iterator[str]:
+        text = StopText(self.need_tokenizer(), check_stop_strings(stop))
+        params = params.for_tokenizer(self.tokenizer) if params is not None else None
         context = self.ctx(ctx)
         # The cache needs room for the prompt and the new tokens, never more than the context.
         session = self.session(context if max_new < 0 else min(context, len(ids) + max_new))
-        decoder = StreamDecoder(self.need_tokenizer())
         out = session.generate(ids, params, rng, max_new)
         for step in out:
-            piece = "" if step.token in session.stop_ids else decoder.push(step.token)
+            piece = "" if step.token in session.stop_ids else text.push(step.token)
             if piece:
                 yield piece
-        tail = decoder.flush()
+            if text.found is not None:
+                out.stop_reason = "stop_string"
+                return
+        tail = text.flush()
         if tail:
             yield tail
 
@@ -154,13 +162,14 @@ class LoadedModel:
 
 
 def check_ctx(ctx: Optional[int], config: ModelConfig) -> None:
-    """A context size, checked against the context the model was trained for (None: no check).
+    """A context size, checked against the context the model was trained for (None: no check; 0
+    stands for the trained context).
 
     Raises ParameterError("ctx")."""
     if ctx is None:
         return
-    if ctx <= 0:
-        raise ParameterError("ctx", f"ctx must be positive, got {ctx}")
+    if ctx < 0:
+        raise ParameterError("ctx", f"ctx must be positive, or 0 for the model's context, got {ctx}")
     if ctx > config.max_seq_len:
         raise ParameterError("ctx", f"ctx {ctx} is longer than the {config.max_seq_len} tokens the model was "
                                     f"trained for: at most {config.max_seq_len}")
@@ -190,7 +199,8 @@ def checkpoint_for(checkpoint: Checkpoint, mode: ComputeMode) -> Checkpoint:
 
 def load_model(path=None, dtype: Optional[str] = None, rope_factor: Optional[float] = None,
                need_tokenizer: bool = True, ctx: Optional[int] = None, compute: str = "float32",
-               convention: str = "transformers", lora=None) -> LoadedModel:
+               convention: str = "transformers", lora=None,
+               progress: Optional[Callable[[int, int], None]] = None) -> LoadedModel:
     """Load a checkpoint (a Hugging Face or Meta folder, or a GGUF file) and its tokenizer.
 
     path: the folder or .gguf file (imported into the asset cache once, `assets.model_dir`); None
@@ -202,14 +212,16 @@ def load_model(path=None, dtype: Optional[str] = None, rope_factor: Optional[flo
     (`check_ctx`). compute, convention: the compute mode (`config.ComputeMode`: "float32",
     "float64", "bfloat16", "float16"; "transformers" or "meta" casts) the weights are held for.
     lora: a peft LoRA adapter folder, run unmerged (`llama3_np.lora`; float32 compute only).
+    progress: called with (done, total) tensors while a GGUF file is imported on first use.
+    `load_seconds` counts that import too.
     Raises Llama3Error for a missing folder or a malformed checkpoint or adapter, ParameterError("ctx"),
     ParameterError("compute"/"convention") for an unknown mode, ParameterError("dtype") for a
     residency the mode cannot compute with.
     """
     mode = ComputeMode.of(compute, convention)
     dtype = residency(dtype, mode)
-    path = assets.model_dir(path)
     t0 = time.perf_counter()
+    path = assets.model_dir(path, progress=progress)
     index = scan_checkpoint(path, rope_factor=rope_factor)
     check_ctx(ctx, index.config)
     checkpoint = checkpoint_for(load_checkpoint(index, dtype=dtype), mode)

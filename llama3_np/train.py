@@ -16,8 +16,6 @@ A checkpoint is a Hugging Face folder (`config.json`, float32 `model.safetensors
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
@@ -27,6 +25,7 @@ import numpy as np
 from .backward import cross_entropy, loss_and_gradients
 from .config import ModelConfig, from_hf_config
 from .errors import Llama3Error, ParameterError
+from .files import AtomicFile, WriteError, atomic_folder, make_folder, write_bytes, write_text
 from .formats.checkpoint import expected_shapes, save_hf_checkpoint
 from .formats.safetensors_file import SafetensorsFile, write_safetensors
 from .lora import LoraConfig, adapted, adapter_gradients, init_adapter, load_adapter, save_adapter
@@ -203,9 +202,9 @@ class Trainer:
         return float(np.mean(losses))
 
     def save(self, folder: Path, extra_files: Mapping[str, bytes] = {}) -> None:
-        """Write a checkpoint into `folder` (which must not exist yet; the caller renames it into
-        place, so that a checkpoint is never seen half-written)."""
-        folder.mkdir(parents=True)
+        """Write a checkpoint into `folder` (new or empty; `save_checkpoint` renames it into place,
+        `files.atomic_folder`, so that a checkpoint is never seen half-written)."""
+        make_folder(folder)
         if self.lora is None:
             save_hf_checkpoint(folder, self.config, self.weights, dtype=np.float32,
                                extra_config={"torch_dtype": "float32"})
@@ -214,9 +213,9 @@ class Trainer:
         write_safetensors(folder / OPTIMIZER_FILE, self.optimizer.state())
         state = {"step": self.step, "args": asdict(self.args), "history": self.history,
                  "lora": None if self.lora is None else asdict(self.lora)}
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        write_text(folder / STATE_FILE, json.dumps(state, indent=1) + "\n")
         for name, data in extra_files.items():
-            (folder / name).write_bytes(data)
+            write_bytes(folder / name, data)
 
     @classmethod
     def resume(cls, folder: Path, weights: dict[str, np.ndarray], config: ModelConfig, train: np.ndarray,
@@ -300,15 +299,11 @@ def save_checkpoint(trainer: Trainer, out: Path, extra: Mapping[str, bytes] = {}
     then renamed into place, so that it is never half-written. Returns its folder.
     Raises Llama3Error when it cannot be written."""
     final = out / f"{CHECKPOINT_PREFIX}{trainer.step}"
-    partial = out / f".{final.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
     try:
-        trainer.save(partial, extra)
-        os.replace(partial, final)
-    except OSError as e:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise Llama3Error(f"cannot write checkpoint {final}: {e.strerror or e}; free space or choose another "
-                          "folder") from None
+        with atomic_folder(final) as folder:
+            trainer.save(folder, extra)
+    except WriteError as e:
+        raise e.advise("free space or choose another folder", what="checkpoint") from None
     plot_losses(trainer.history, out / "loss.png")
     return final
 
@@ -330,7 +325,6 @@ def plot_losses(history: list[dict], path: Path) -> None:
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.legend()
     fig.tight_layout()
-    partial = path.with_suffix(".partial.png")
-    fig.savefig(partial)
+    with AtomicFile(path) as f:
+        fig.savefig(f.file, format="png")
     plt.close(fig)
-    os.replace(partial, path)

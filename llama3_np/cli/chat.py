@@ -17,7 +17,7 @@ from ..repl import HELP, Colors, TurnReader, message_text, parse_command
 from ..text.chat import describe
 from ..text.tools import parse_tool_call, tool_calls_expected
 from .common import (Printer, ProgressLine, add_chat_args, add_model_args, add_sampling_args, chat_format, consume,
-                     load, sampling_params, seeded_rng, stats_line)
+                     for_model, load, sampling_params, seeded_rng, stats_line)
 
 
 def add_command(sub) -> None:
@@ -25,10 +25,10 @@ def add_command(sub) -> None:
                        description="Chat with the model in its chat format (Llama 3 or ChatML), keeping the "
                                    "conversation in the KV cache between turns.")
     add_model_args(c)
-    add_sampling_args(c)
+    add_sampling_args(c, n_predict=-1)
     c.add_argument("-sys", "--system-prompt", "--system", dest="system", metavar="TEXT", help="system message")
     add_chat_args(c)
-    c.set_defaults(func=run_chat, n_predict=-1)
+    c.set_defaults(func=run_chat)
 
 
 def say(line: str) -> None:
@@ -39,10 +39,11 @@ def run_chat(args) -> int:
     params = sampling_params(args)
     seed, rng = seeded_rng(args)
     loaded = load(args, need_tokenizer=True)
-    chat = loaded.chat_session(args.system, args.ctx, args.repeat_last_n, ProgressLine("prefill"),
+    chat = loaded.chat_session(args.system, args.ctx, ProgressLine("prefill"),
                                chat_format(args, loaded))
     role = "user"  # of the next message: "tool" after an answer that called a tool
     tok, stop_ids = chat.tokenizer, chat.session.stop_ids
+    params = for_model(params, loaded)
     colors = Colors(sys.stdout)
     reader = TurnReader(colors)
     shown_seed = seed if not params.greedy else None

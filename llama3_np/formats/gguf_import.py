@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -42,6 +40,7 @@ from ..dtypes import bfloat16
 from ..config import (LLAMA3_ORIGINAL_CONTEXT, META_HIGH_FREQ_FACTOR, META_LOW_FREQ_FACTOR,
                       ModelConfig, RopeScaling)
 from ..errors import Llama3Error
+from ..files import atomic_folder, write_text
 from ..text.tokenizer import END_OF_GENERATION, LLAMA3_PATTERN, end_of_generation_ids
 
 IMPORT_RECORD = "llama3_np_import.json"
@@ -168,8 +167,9 @@ def read_tensor(path: Path, t) -> np.ndarray:
     return np.array(values.reshape(shape), np.float32)
 
 
-def read_gguf(path) -> GGUFModel:
-    """Config and canonical bf16 weights of a Llama-architecture GGUF file."""
+def read_gguf(path, progress: Optional[Callable[[int, int], None]] = None) -> GGUFModel:
+    """Config and canonical bf16 weights of a Llama-architecture GGUF file; `progress(done,
+    total)` is called as each tensor is read."""
     gguf = require_gguf()
     path = Path(path)
     try:
@@ -210,7 +210,7 @@ def read_gguf(path) -> GGUFModel:
     )
     shapes = expected_shapes(config)
     weights = {}
-    for name, t in tensors.items():
+    for done, (name, t) in enumerate(tensors.items(), 1):
         canonical = canonical_name(name)
         if canonical not in shapes:
             raise Llama3Error(f"{path}: unexpected tensor {name!r}; it is not part of a "
@@ -219,6 +219,8 @@ def read_gguf(path) -> GGUFModel:
         if weights[canonical].shape != shapes[canonical]:
             raise Llama3Error(f"{path}: tensor {name!r} ({canonical}) has shape {weights[canonical].shape}, "
                               f"but the metadata implies {shapes[canonical]}")
+        if progress is not None:
+            progress(done, len(tensors))
     for canonical in shapes:
         if canonical not in weights and not (canonical == "output.weight" and config.tie_embeddings):
             raise Llama3Error(f"{path}: tensor {gguf_name(canonical)!r} is missing")
@@ -332,12 +334,13 @@ def sha256_of(path: Path) -> str:
 
 
 def _write_json(path: Path, obj):
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_folder(gguf_path: Path, out_dir: Path, sha256: str | None = None):
+def write_folder(gguf_path: Path, out_dir: Path, sha256: str | None = None,
+                 progress: Optional[Callable[[int, int], None]] = None):
     """Import `gguf_path` into the (new or empty) folder `out_dir`."""
-    model = read_gguf(gguf_path)
+    model = read_gguf(gguf_path, progress)
     f = model.fields
     tokenizer_json, tokenizer_config = tokenizer_files(gguf_path, f, model.config.max_seq_len)
     ids = {key: int(f.get(f"tokenizer.ggml.{key}_token_id")) for key in ("bos", "eos", "eot", "eom")
@@ -364,26 +367,18 @@ def is_nonempty_folder(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
-def import_gguf(gguf_path, out_dir, force: bool = False, sha256: str | None = None) -> Path:
-    """Import into `out_dir` atomically: it appears complete or not at all."""
+def import_gguf(gguf_path, out_dir, force: bool = False, sha256: str | None = None,
+                progress: Optional[Callable[[int, int], None]] = None) -> Path:
+    """Import into `out_dir` atomically: it appears complete or not at all (`files.atomic_folder`).
+
+    progress: called with (done, total) as the tensors are read. Raises Llama3Error for a file
+    that is not a Llama 3 GGUF, WriteError for a folder that cannot be written."""
     require_gguf()
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise Llama3Error(f"{out_dir}: is a file; name a folder to import into")
     if is_nonempty_folder(out_dir) and not force:
         raise Llama3Error(f"{out_dir}: exists and is not empty; name a new folder (or replace it: force=True)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
-        write_folder(gguf_path, tmp, sha256)
-        if out_dir.exists():
-            old = out_dir.with_name(tmp.name + ".old")
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(out_dir, replace=True) as tmp:
+        write_folder(gguf_path, tmp, sha256, progress)
     return out_dir
