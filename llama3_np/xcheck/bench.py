@@ -34,8 +34,6 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from typing import Optional
-
 from ..config import ComputeMode, ModelConfig
 from ..errors import Llama3Error, ParameterError
 from ..generation import Session
