@@ -203,3 +203,10 @@ def test_a_lora_target_that_names_no_projection_is_refused(tmp_path, corpus, cap
     err = capsys.readouterr().err
     assert code == 2 and "--lora-target: attn names no projection" in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_an_output_folder_under_a_file_is_one_line(tmp_path, corpus, capsys):
+    (tmp_path / "afile").write_text("")
+    assert train(tmp_path, corpus, tmp_path / "afile" / "sub") == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and len(err.strip().splitlines()) == 1, err

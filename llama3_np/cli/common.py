@@ -68,7 +68,7 @@ LLAMA_CPP_ONLY_FLAGS = [
     (("-fa", "--flash-attn"), "selects a flash-attention kernel",
      "llama3_np computes attention one way, the specification's (model.attention)"),
     (("-ctk", "--cache-type-k", "-ctv", "--cache-type-v"), "sets the data type of the KV cache",
-     "llama3_np's KV cache is float32"),
+     "llama3_np's KV cache holds the compute mode's dtype: choose it with --compute"),
     (("-np", "--parallel", "-ns", "--sequences", "-cb", "--cont-batching", "-nocb", "--no-cont-batching"),
      "decodes several sequences at once", "llama3_np decodes one"),
     (("-cnv", "--conversation", "-no-cnv", "--no-conversation", "-i", "--interactive", "-if", "--interactive-first",
@@ -99,11 +99,12 @@ LLAMA_CPP_ONLY_FLAGS = [
      "llama3_np uses no network: download the model yourself and pass -m its folder or .gguf file"),
     (("--jinja", "--chat-template", "--chat-template-file"), "chooses the chat template",
      "a checkpoint's template is used by default; --chat-format llama3, chatml or template chooses"),
-    (("-r", "--reverse-prompt", "--in-prefix", "--in-suffix", "--in-prefix-bos", "-e", "--escape", "--no-escape",
+    (("--in-prefix", "--in-suffix", "--in-prefix-bos", "-e", "--escape", "--no-escape",
       "--keep", "--prompt-cache", "--prompt-cache-all", "--prompt-cache-ro", "--lora-scaled",
       "--control-vector", "-sysf", "--system-prompt-file", "-sp", "--special", "--no-warmup", "-v", "--verbose",
       "--log-disable", "--log-file"), "is a llama.cpp feature llama3_np does not have",
      "the command's --help lists the flags it takes"),
+    (("-r", "--reverse-prompt"), "stops generation at a string", "generate takes it; chat does not yet"),
 ]
 
 

@@ -223,6 +223,23 @@ def _shape_error(t: StoredTensor, canonical: str, expected, source: str) -> Llam
                        f"implies {tuple(expected)}; the config does not belong to these weights")
 
 
+def what_the_file_is(path: Path) -> str:
+    """What a file that should be a checkpoint file starts with, in words: empty, an HTML page (a
+    failed download or a login page), a git-lfs pointer (the file itself was never fetched)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError as e:
+        return f"it cannot be read: {e.strerror}"
+    if not head:
+        return "it is empty"
+    if head.startswith(b"version https://git-lfs"):
+        return "it is a git-lfs pointer, not the file: fetch the file itself (git lfs pull)"
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        return "it is an HTML page, not a model: the download failed or needed a login"
+    return f"it starts with {head[:16]!r}"
+
+
 def scan_checkpoint(path, rope_factor: Optional[float] = None) -> CheckpointIndex:
     """Read and cross-check the config and the tensor headers of a checkpoint folder."""
     path = Path(path)
@@ -230,9 +247,8 @@ def scan_checkpoint(path, rope_factor: Optional[float] = None) -> CheckpointInde
         raise Llama3Error(f"{path}: no such file or directory; pass a checkpoint folder "
                           "(with config.json or params.json)")
     if path.is_file():
-        if path.suffix == ".gguf":
-            raise Llama3Error(f"{path}: GGUF files are imported first: "
-                              f"llama3-np import-gguf {path} OUT_DIR, then pass OUT_DIR")
+        if path.suffix == ".gguf":  # a real GGUF file is imported before it gets here (assets.model_dir)
+            raise Llama3Error(f"{path}: not a GGUF file ({what_the_file_is(path)}); download it again")
         raise Llama3Error(f"{path}: is a file; pass the checkpoint folder that holds it "
                           "(with config.json or params.json)")
     if (path / "config.json").is_file():
