@@ -247,8 +247,12 @@ def scan_checkpoint(path, rope_factor: Optional[float] = None) -> CheckpointInde
         raise Llama3Error(f"{path}: no such file or directory; pass a checkpoint folder "
                           "(with config.json or params.json)")
     if path.is_file():
-        if path.suffix == ".gguf":  # a real GGUF file is imported before it gets here (assets.model_dir)
-            raise Llama3Error(f"{path}: not a GGUF file ({what_the_file_is(path)}); download it again")
+        what = what_the_file_is(path)
+        if what.startswith("it starts with b'GGUF"):  # assets.model_dir imports it; this reader does not
+            raise Llama3Error(f"{path}: GGUF files are imported first: "
+                              f"llama3-np import-gguf {path} OUT_DIR, then pass OUT_DIR")
+        if path.suffix == ".gguf":
+            raise Llama3Error(f"{path}: not a GGUF file ({what}); download it again")
         raise Llama3Error(f"{path}: is a file; pass the checkpoint folder that holds it "
                           "(with config.json or params.json)")
     if (path / "config.json").is_file():
