@@ -13,7 +13,7 @@ import sys
 from ..errors import Llama3Error
 from ..xcheck.compare import DEFAULT_NMSE_TOL, compare_dumps, format_table, to_json
 from ..xcheck.dump import read_dump
-from ..xcheck.replay import replay, replay_json, replay_table
+from ..xcheck.replay import declared_mode, replay, replay_json, replay_table
 from .common import add_model_args, load
 
 
@@ -48,10 +48,11 @@ def run_replay(args) -> int:
     dump = read_dump(args.a)
     loaded = load(args, need_tokenizer=False)
     stages = replay(loaded.weights, loaded.config, dump, args.tol)
+    mode = declared_mode(dump).name
     if args.json:
-        sys.stdout.write(json.dumps(replay_json(args.a, stages, args.tol)) + "\n")
+        sys.stdout.write(json.dumps(replay_json(args.a, stages, args.tol, mode)) + "\n")
     else:
-        print(replay_table(args.a, stages, args.tol, args.all))
+        print(replay_table(args.a, stages, args.tol, args.all, mode))
     return 1 if any(r.local.diverged for r in stages) else 0
 
 

@@ -18,6 +18,11 @@ attention probabilities, which the torch references do not record) is computed b
 the nearest recorded stages and is part of the next recorded stage's local error. The KV-cache
 context of a dump (`context_tokens`) is llama3_np's own. Sorted by local error, the stage that
 adds the error comes first even when no stage exceeds a tolerance alone.
+
+llama3_np computes in the mode the dump declares (its `dtype` and `convention` metadata, the
+transformers convention when a bfloat16 or float16 dump names none): a stage of a bfloat16 engine
+is measured against llama3_np's bfloat16 stage on the same input, so that its rounding is not
+counted as its error, and a rounding the engine leaves out is.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import ComputeMode, ModelConfig
 from ..errors import Llama3Error
 from ..stages import EMBED, HEAD, LAYER, Trace, split, stage_order
 from .compare import DEFAULT_NMSE_TOL, StageError, stage_error
@@ -60,7 +65,19 @@ class _Replaying(Trace):
 
     def keep(self, name: str, x: np.ndarray) -> np.ndarray:
         x = super().keep(name, x)
-        return np.asarray(self.other[name], dtype=np.float32) if name in self.other else x
+        return np.asarray(self.other[name], dtype=x.dtype) if name in self.other else x
+
+
+def declared_mode(dump: Dump) -> ComputeMode:
+    """The compute mode `dump` declares: its `dtype` metadata (float32 when absent) and, in
+    bfloat16 and float16, its `convention` (transformers when absent).
+    Raises Llama3Error for a dtype or convention llama3_np has no mode for."""
+    dtype, convention = dump.metadata.get("dtype", "float32"), dump.metadata.get("convention", "transformers")
+    try:
+        return ComputeMode(dtype, convention)
+    except Llama3Error:
+        raise Llama3Error(f"{dump.path} declares dtype {dtype!r}, convention {convention!r}: llama3_np computes "
+                          "in float64, float32, bfloat16 or float16, by the transformers or meta convention") from None
 
 
 @dataclass
@@ -74,8 +91,8 @@ class ReplayedStage:
 def replay(weights: Mapping[str, np.ndarray], config: ModelConfig, dump: Dump,
            nmse_tol: float = DEFAULT_NMSE_TOL) -> list[ReplayedStage]:
     """Local and inherited error of every stage `dump` holds, sorted by local NMSE (largest
-    first), against llama3_np's model `weights`/`config` (module docstring). A stage diverges
-    when its local NMSE exceeds `nmse_tol`.
+    first), against llama3_np's model `weights`/`config` computing in the mode the dump declares
+    (`declared_mode`; module docstring). A stage diverges when its local NMSE exceeds `nmse_tol`.
 
     Raises Llama3Error when the dump records another model (a config field a stage reads
     differs) or gradients, has no tokens or no stage, or a stage's shape is not the model's."""
@@ -96,8 +113,9 @@ def replay(weights: Mapping[str, np.ndarray], config: ModelConfig, dump: Dump,
     if not names:
         raise Llama3Error(f"{dump.path} holds no stage to replay")
     other = {n: dump.stage(n) for n in names}
+    mode = declared_mode(dump)
     clean = Trace(["*"] + [n for n in names if split(n)[1] == "probs"])
-    run_forward(weights, config, inputs, clean)
+    run_forward(weights, config, inputs, clean, mode)
     for n in names:
         if n not in clean:
             raise Llama3Error(f"{dump.path}: {n!r} is not a stage llama3_np computes for this model")
@@ -105,7 +123,7 @@ def replay(weights: Mapping[str, np.ndarray], config: ModelConfig, dump: Dump,
             raise Llama3Error(f"{dump.path}: stage {n!r} has shape {list(other[n].shape)}, this model computes "
                               f"{list(clean[n].shape)} for these tokens: was it made from another model?")
     replayed = _Replaying(other)
-    run_forward(weights, config, inputs, replayed)
+    run_forward(weights, config, inputs, replayed, mode)
     out = []
     for n in names:
         source = reads(n, config.n_layers)
@@ -116,13 +134,14 @@ def replay(weights: Mapping[str, np.ndarray], config: ModelConfig, dump: Dump,
     return sorted(out, key=lambda r: (-r.local.nmse, stage_order(r.name)))
 
 
-def replay_table(path: str, stages: list[ReplayedStage], tol: float, all_stages: bool = False) -> str:
+def replay_table(path: str, stages: list[ReplayedStage], tol: float, all_stages: bool = False,
+                 compute: str = "float32") -> str:
     """The report `llama3-np compare --replay` prints: every stage (`all_stages`) or the 20 with the
-    largest local error, largest first, then a verdict."""
+    largest local error, largest first, then a verdict. `compute` names the mode replayed in."""
     shown = stages if all_stages else stages[:20]
     width = max(len("stage"), *(len(r.name) for r in shown))
     in_width = max(len("input"), *(len(r.input or "tokens") for r in shown))
-    lines = [f"A: {path}, each stage replayed by llama3_np on A's own input (sorted by local error)",
+    lines = [f"A: {path}, each stage replayed by llama3_np in {compute} on A's own input (sorted by local error)",
              f"{'stage':<{width}}  {'input':<{in_width}}  {'local NMSE':>10}  {'local max abs':>13}  "
              f"{'inherited NMSE':>14}"]
     for r in shown:
@@ -140,11 +159,12 @@ def replay_table(path: str, stages: list[ReplayedStage], tol: float, all_stages:
     return "\n".join(lines)
 
 
-def replay_json(path: str, stages: list[ReplayedStage], tol: float) -> dict:
-    """What `llama3-np compare --replay --json` prints (non-finite numbers as null)."""
+def replay_json(path: str, stages: list[ReplayedStage], tol: float, compute: str = "float32") -> dict:
+    """What `llama3-np compare --replay --json` prints (non-finite numbers as null); `compute` names
+    the mode replayed in."""
     def err(e):
         return None if e is None else {"max_abs": _finite(e.max_abs), "nmse": _finite(e.nmse), "diverged": e.diverged}
-    return {"a": path, "nmse_tol": tol, "stages": [{"name": r.name, "input": r.input, "local": err(r.local),
+    return {"a": path, "compute": compute, "nmse_tol": tol, "stages": [{"name": r.name, "input": r.input, "local": err(r.local),
                                                     "inherited": err(r.inherited)} for r in stages],
             "largest_local": stages[0].name, "past_tolerance": [r.name for r in stages if r.local.diverged]}
 

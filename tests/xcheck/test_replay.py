@@ -1,6 +1,6 @@
 """compare --replay names the stage that adds the error: engines made by these tests (llama3_np
-with one stage computed wrongly: a wrong rope factor in one layer, a wrong eps in one norm) are
-dumped, and the corrupted stage must have the largest local error, also when the corruption is so
+with one stage computed wrongly: a wrong rope factor in one layer, a wrong eps in one norm, a
+bfloat16 engine that leaves one product's result unrounded) are dumped, and the corrupted stage must have the largest local error, also when the corruption is so
 small that no stage but the logits passes the tolerance in a plain comparison."""
 
 import dataclasses
@@ -9,7 +9,9 @@ import json
 import numpy as np
 import pytest
 
+from llama3_np.config import ComputeMode
 from llama3_np.formats.checkpoint import load_checkpoint
+from llama3_np.linear import linear
 from llama3_np.model import forward, rmsnorm, rope, rope_cos_sin, rope_frequencies
 from llama3_np.stages import Trace, split
 from llama3_np.xcheck.compare import DEFAULT_NMSE_TOL, compare_stages
@@ -18,15 +20,24 @@ from llama3_np.xcheck.replay import reads, replay
 from tests.xcheck.test_dump import PARITY, assert_one_line_error, default_model, run_cli
 
 
+# A layer's products: the stage each reads and its weight.
+PRODUCTS = {"q": ("attn_norm", "attention.wq"), "k": ("attn_norm", "attention.wk"), "v": ("attn_norm", "attention.wv"),
+            "attn_out": ("attn", "attention.wo"), "ffn_out": ("ffn_hidden", "feed_forward.w2")}
+
+
 class CorruptedEngine(Trace):
-    """llama3_np computing one stage of one layer wrongly: `rope_factor` (q_rope and k_rope with
-    the llama3 rope scaling factor replaced) or `eps` (the norm `stage` with another epsilon).
+    """llama3_np computing one stage of one layer wrongly: `rope_factor` or `rope_theta` (q_rope and
+    k_rope with the llama3 rope scaling factor or the rope base replaced), `eps` (the norm `stage`
+    with another epsilon) or `unrounded` (the product `stage`, a key of PRODUCTS, left in float32 by
+    an engine that computes in the low-precision mode `compute`: the cast to its dtype missing).
     Everything after computes from the wrong value, as in a real faulty engine."""
 
-    def __init__(self, config, weights, layer, stage, rope_factor=None, eps=None):
+    def __init__(self, config, weights, layer, stage, rope_factor=None, rope_theta=None, eps=None, unrounded=False,
+                 compute="float32"):
         super().__init__(["*"])
         self.config, self.weights, self.layer, self.stage = config, weights, layer, stage
-        self.rope_factor, self.eps = rope_factor, eps
+        self.rope_factor, self.rope_theta, self.eps = rope_factor, rope_theta, eps
+        self.unrounded, self.mode = unrounded, ComputeMode(compute)
         self.seen = {}
 
     def keep(self, name, x):
@@ -35,24 +46,29 @@ class CorruptedEngine(Trace):
             self.seen["x"] = x
         if layer == self.layer:
             self.seen[stage] = x
-            if self.rope_factor is not None and stage in ("q_rope", "k_rope"):
+            if (self.rope_factor or self.rope_theta) and stage in ("q_rope", "k_rope"):
                 s = self.config.rope_scaling
-                wrong = dataclasses.replace(self.config, rope_scaling=dataclasses.replace(s, factor=self.rope_factor))
+                wrong = (dataclasses.replace(self.config, rope_scaling=dataclasses.replace(s, factor=self.rope_factor))
+                         if self.rope_factor else dataclasses.replace(self.config, rope_theta=self.rope_theta))
                 cos, sin = rope_cos_sin(np.arange(x.shape[0]), rope_frequencies(wrong))
                 x = rope(self.seen[stage[0]], cos, sin)
             if self.eps is not None and stage == self.stage:
                 source, weight = {"attn_norm": ("x", "attention_norm"), "ffn_norm": ("h", "ffn_norm")}[stage]
                 x = rmsnorm(self.seen[source], self.weights[f"layers.{layer}.{weight}.weight"], self.eps)
+            if self.unrounded and stage == self.stage:
+                source, weight = PRODUCTS[stage]
+                w = self.mode.weight(self.weights[f"layers.{layer}.{weight}.weight"])
+                x = linear(self.seen[source].reshape(x.shape[0], -1), w).reshape(x.shape)
         return super().keep(name, x)
 
 
-def engine_dump(tmp_path, model, tokens, **corruption):
-    engine = CorruptedEngine(model.config, model.weights, **corruption)
-    forward(model.weights, model.config, tokens, trace=engine)
+def engine_dump(tmp_path, model, tokens, compute="float32", **corruption):
+    engine = CorruptedEngine(model.config, model.weights, compute=compute, **corruption)
+    forward(model.weights, model.config, tokens, trace=engine, compute=compute)
     path = tmp_path / "engine.safetensors"
-    write_dump(path, engine, dump_metadata(model.config, Inputs(tokens, 0, [], 0), "float32", producer="crafted"))
+    write_dump(path, engine, dump_metadata(model.config, Inputs(tokens, 0, [], 0), compute, producer="crafted"))
     clean = Trace(["*"])
-    forward(model.weights, model.config, tokens, trace=clean)
+    forward(model.weights, model.config, tokens, trace=clean, compute=compute)
     return path, compare_stages(engine, clean)
 
 
@@ -83,6 +99,27 @@ def test_replay_names_the_corrupted_stage_of_a_tiny_engine(tmp_path, capsys, tin
     first = next(s.name for s in plain if s.diverged)
     # The plain comparison sees every stage after the fault diverge; replay sees only the fault.
     assert set(result["past_tolerance"]) <= culprits < {s.name for s in plain if s.diverged} | {first}
+
+
+@pytest.mark.parametrize("layer,stage", [(0, "attn_out"), (1, "q"), (1, "ffn_out")])
+def test_replay_names_the_product_a_bfloat16_engine_leaves_unrounded(tmp_path, capsys, tiny, layer, stage):
+    """A missing cast makes the engine more precise, not less: only a replay in the engine's own
+    mode (the dump's dtype) sees it, as the one stage whose local error is not zero."""
+    path, _ = engine_dump(tmp_path, tiny, TOKENS, compute="bfloat16", layer=layer, stage=stage, unrounded=True)
+    code, out, _ = run_cli(capsys, "compare", path, "--replay", "-m", PARITY / "llama3_1", "--json")
+    result = json.loads(out)
+    assert code == 1 and result["compute"] == "bfloat16" and result["past_tolerance"] == [f"layers.{layer}.{stage}"]
+    culprit, *others = result["stages"]
+    assert culprit["local"]["nmse"] > 1e-7  # a bfloat16 rounding: relative error up to 2^-9
+    assert max(s["local"]["nmse"] for s in others) == 0  # llama3_np's own arithmetic on the same inputs
+
+
+def test_replay_names_an_unrounded_product_of_the_default_model(tmp_path, default):
+    path, plain = engine_dump(tmp_path, default, DEFAULT_TOKENS, compute="bfloat16", layer=12, stage="attn_out",
+                              unrounded=True)
+    assert {s.name for s in plain if s.diverged} > {"layers.29.out", "logits"}  # the plain comparison sees it spread
+    stages = replay(default.weights, default.config, read_dump(path))
+    assert stages[0].name == "layers.12.attn_out" and stages[1].local.nmse == 0, (stages[1].name, stages[1].local.nmse)
 
 
 def test_replay_finds_a_fault_that_only_the_logits_show_in_a_plain_comparison(tmp_path, capsys, default):
