@@ -95,8 +95,8 @@ def chat_format_for(tok: Tokenizer, choice: str | None = None, template: ChatTem
                                                 "one as a file, or choose llama3 or chatml")
         if tools is not None and not template.reads("tools"):
             raise ParameterError("tools", f"{template.origin}: this chat template never reads `tools`, so the tool "
-                                          "definitions would not reach the prompt: give a template that places them "
-                                          "(--chat-template-file), or describe the tools in the system message")
+                                          "definitions would not reach the prompt: give a chat template that places them, "
+                                          "or describe the tools in the system message")
         return TemplateFormat(template, dict(variables or {}), list(tools) if tools is not None else None)
     if tools is not None:
         raise ParameterError("tools", "tool definitions are placed in the prompt by a chat template; the built-in "
