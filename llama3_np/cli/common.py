@@ -278,6 +278,17 @@ def chat_format(args, loaded: LoadedModel):
     return loaded.chat_format(choice, template, variables, tools)
 
 
+def add_prompt_args(p: argparse.ArgumentParser, what: str = "the prompt") -> argparse._MutuallyExclusiveGroup:
+    """-p/-f/--tokens, one of them: `what` as text, as a file's text or as ids (generate, score,
+    adjudicate; read by `read_prompt` and `parse_token_ids`). Returns the group, for a command's
+    other sources."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("-p", "--prompt", help=f"{what} as text (encoded as the model's tokenizer does)")
+    src.add_argument("-f", "--file", help=f"read {what} from a UTF-8 text file (- for standard input)")
+    src.add_argument("--tokens", help=f"{what} as comma-separated token ids (no tokenizer needed)")
+    return src
+
+
 def add_input_args(p: argparse.ArgumentParser, what: str) -> None:
     """-p/-f/--tokens/--like and --pos: the tokens of one forward pass (dump, trace)."""
     src = p.add_mutually_exclusive_group()

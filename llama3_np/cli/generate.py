@@ -19,9 +19,9 @@ from ..products import get_threads
 from ..text.chat import describe
 from ..text.stop import StopText, check_stop_strings
 from ..xcheck.bench import peak_rss_mb
-from .common import (Printer, ProgressLine, add_chat_args, add_model_args, add_sampling_args, chat_format, consume,
-                     for_model, load, parse_token_ids, read_prompt, sampling_params, seeded_rng, stats_line,
-                     verbose_prompt)
+from .common import (Printer, ProgressLine, add_chat_args, add_model_args, add_prompt_args, add_sampling_args,
+                     chat_format, consume, for_model, load, parse_token_ids, read_prompt, sampling_params, seeded_rng,
+                     stats_line, verbose_prompt)
 
 
 def add_command(sub) -> None:
@@ -29,10 +29,7 @@ def add_command(sub) -> None:
                        description="Continue a prompt, streaming the text to stdout and statistics to stderr; "
                                    "with --chat, answer it as a user turn in the model's chat format.")
     add_model_args(g)
-    src = g.add_mutually_exclusive_group()
-    src.add_argument("-p", "--prompt", help="prompt text")
-    src.add_argument("-f", "--file", help="read the prompt from a UTF-8 text file (- for standard input)")
-    src.add_argument("--tokens", help="prompt as comma-separated token ids (no tokenizer needed)")
+    add_prompt_args(g)
     add_sampling_args(g)
     # Not a shared sampling flag: a chat answer ends at its end-of-turn token, so `chat` has none.
     g.add_argument("-r", "--reverse-prompt", action="append", metavar="PROMPT",

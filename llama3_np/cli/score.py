@@ -17,7 +17,8 @@ from ..errors import Llama3Error
 from ..files import AtomicFile, WriteError
 from ..xcheck.score import (DEFAULT_TOP_N, encode_pair, encode_request, read_requests, request_result, score,
                             scores_json, scores_table, token_names)
-from .common import add_chain_args, add_model_args, load, parse_token_ids, read_prompt, read_text_file, sampling_params
+from .common import (add_chain_args, add_model_args, add_prompt_args, load, parse_token_ids, read_prompt,
+                     read_text_file, sampling_params)
 
 
 def add_command(sub) -> None:
@@ -28,10 +29,7 @@ def add_command(sub) -> None:
                                    "its log-probability renormalised over that set; totals: sum, mean, "
                                    "perplexity, greedy agreement.")
     add_model_args(p)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("-p", "--prompt", help="the text (or the context of --continuation)")
-    src.add_argument("-f", "--file", help="read the text from a UTF-8 file (- for standard input)")
-    src.add_argument("--tokens", help="the text as comma-separated token ids")
+    src = add_prompt_args(p, "the text (or the context of --continuation)")
     src.add_argument("--jsonl", metavar="FILE",
                      help="many inputs, one JSON object a line (- for standard input): {\"context\": TEXT, "
                           "\"continuation\": TEXT} (encoded as lm-evaluation-harness encodes a loglikelihood "
