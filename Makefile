@@ -68,6 +68,7 @@ fixtures: tools
 	$(BIN)/python tools/fetch_default_model.py
 	$(BIN)/python tools/make_default_model_reference.py
 	$(BIN)/python tools/make_precision_reference.py
+	$(BIN)/python tools/calibrate_adjudicate.py
 	$(BIN)/python tools/torch_dump.py -m weights/default --tokens 504,3575,282 \
 	    --stages embed 'layers.0.*' 'layers.29.*' 'layers.*.out' norm logits -o tests/fixtures/xcheck/default_hf.safetensors
 	$(BIN)/python tools/make_perplexity_reference.py

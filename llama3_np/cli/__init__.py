@@ -14,14 +14,14 @@ import sys
 
 from .. import __version__
 from ..errors import Llama3Error
-from . import (bench, chat, compare, dump, generate, import_gguf, inspect, perplexity, score, tokenize, trace,
-               train, walkthrough)
+from . import (adjudicate, bench, chat, compare, dump, generate, import_gguf, inspect, perplexity, score, tokenize,
+               trace, train, walkthrough)
 from ..products import set_threads
 from .common import error_message, refuse_llama_cpp_flags
 
 # The commands, in the order --help lists them.
-COMMANDS = (generate, chat, inspect, dump, compare, trace, walkthrough, perplexity, score, bench, tokenize,
-            import_gguf, train)
+COMMANDS = (generate, chat, inspect, dump, compare, trace, walkthrough, perplexity, score, adjudicate, bench,
+            tokenize, import_gguf, train)
 
 
 class _Parser(argparse.ArgumentParser):
