@@ -40,7 +40,7 @@ FLAGS = {
     "temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
     "repeat_penalty": "--repeat-penalty", "max_new": "-n", "ctx": "--ctx-size", "stages": "--stages",
     "nmse_tol": "--tol", "rel_tol": "--rel-tol", "batch": "--batch-size", "chunks": "--chunks",
-    "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
+    "kl_base": "--kl-base", "kl_divergence_base": "--kl-divergence-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
     "layers": "--layers", "samplers": "--samplers", "repeat_last_n": "--repeat-last-n",
     "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty", "typical_p": "--typical",
     "top_n_sigma": "--top-nsigma", "dry_multiplier": "--dry-multiplier", "dry_base": "--dry-base",
@@ -90,7 +90,8 @@ LLAMA_CPP_ONLY_FLAGS = [
     (("--display-prompt", "--no-display-prompt"), "shows or hides the prompt",
      "llama3_np shows the prompt only when asked: generate --echo"),
     (("--kl-divergence-base", "--save-all-logits", "--kl-divergence"), "saves or compares logits",
-     "use perplexity --save-logits FILE, then perplexity --kl-base FILE"),
+     "perplexity takes them: perplexity -f TEXT --kl-divergence-base FILE writes a base, "
+     "perplexity --kl-divergence-base FILE --kl-divergence compares with it"),
     (("--mirostat", "--mirostat-lr", "--mirostat-ent", "--dynatemp-range", "--dynatemp-exp", "-l", "--logit-bias", "--grammar", "--grammar-file", "-j", "--json-schema", "-jf",
       "--json-schema-file"), "is a sampler or constraint llama3_np does not have",
      "generate --help lists the samplers llama3_np has (--samplers)"),
