@@ -436,7 +436,20 @@ def plural(n: int, noun: str) -> str:
 
 # How the statistics line says why generation ended (Generation.stop_reason).
 STOP_REASONS = {"stop": "stop token", "stop_string": "stop string", "length": "-n limit", "context": "context full",
-                "interrupted": "interrupted"}
+                "interrupted": "interrupted", "output_closed": "output closed"}
+
+# The exit status of a command whose reader went away (`llama3-np generate ... | head -1`): that of
+# a program ended by SIGPIPE, as the shell reports it (128 + 13) for head's other writers.
+EXIT_OUTPUT_CLOSED = 141
+
+
+def silence_stdout() -> None:
+    """Point standard output at /dev/null once its reader has gone, so that nothing buffered fails
+    again when Python flushes it at exit."""
+    import os
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def stats_line(loaded: Optional[LoadedModel], out: Generation, seed: Optional[int]) -> str:
@@ -475,8 +488,13 @@ class Printer:
     def write(self, text: str, end: str = "") -> None:
         self.shown += text
         if self.stream is not None and text + end:
-            self.stream.write((text + end).encode("utf-8"))
-            self.stream.flush()
+            try:
+                self.stream.write((text + end).encode("utf-8"))
+                self.stream.flush()
+            except BrokenPipeError:  # the reader went away: nothing more is printed (`consume` stops)
+                self.stream = None
+                silence_stdout()
+                raise
 
     def echo(self, prompt: list[int]) -> None:
         """Print the prompt as the model reads it (special tokens by name), without the BOS the
@@ -531,9 +549,9 @@ class ProgressLine:
 
 def consume(generation: Generation, on_step, stop_text: Optional[StopText] = None) -> Generation:
     """Run a generation, handing each step to `on_step`. A stop string found by `stop_text` ends
-    it, with stop reason "stop_string"; Ctrl-C ends it early, with stop reason "interrupted"; what
-    was printed stays (a prefill's progress line is wiped), and the session keeps what its cache
-    holds."""
+    it, with stop reason "stop_string"; Ctrl-C ends it early, with stop reason "interrupted", and
+    a reader of the output that went away (`| head -1`) with "output_closed"; what was printed
+    stays (a prefill's progress line is wiped), and the session keeps what its cache holds."""
     try:
         for step in generation:
             on_step(step)
@@ -542,6 +560,8 @@ def consume(generation: Generation, on_step, stop_text: Optional[StopText] = Non
                 break
     except KeyboardInterrupt:
         generation.stop_reason = "interrupted"
+    except BrokenPipeError:
+        generation.stop_reason = "output_closed"
     finally:
         if isinstance(generation.session.progress, ProgressLine):
             generation.session.progress.clear()
