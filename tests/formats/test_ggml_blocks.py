@@ -1,0 +1,73 @@
+"""llama3_np.formats.ggml_blocks: every supported type's dequantizer is bit-equal to the gguf
+package's NumPy reference (`gguf.quants.dequantize`), on random blocks whose scales take both signs
+(and zero, subnormal, the largest half values, infinities and NaNs), row by row. (ggml never cuts
+a block across rows, so there is no partial block to test: a row length that is not a whole
+number of blocks is refused when a file is read, tests/formats/test_gguf_file.py.)"""
+
+import gguf
+import numpy as np
+import pytest
+
+from llama3_np.formats import ggml_blocks
+from llama3_np.formats.ggml_blocks import SUPPORTED
+
+ROWS, BLOCKS_PER_ROW = 7, 3
+
+# Half-precision scales of both signs: ±0, the smallest subnormal, ordinary values, the largest finite.
+SPECIAL_HALVES = np.array([0.0, -0.0, 6e-8, -6e-8, 1.0, -1.0, 0.01, -0.01, 65504.0, -65504.0], np.float16)
+
+
+def random_blocks(t, rng) -> np.ndarray:  # -> [ROWS, BLOCKS_PER_ROW * type_size] uint8
+    """Random bytes (so every half-precision field, d, m or dmin, takes random values of both signs,
+    infinities and NaNs included), then a tenth of those fields set to the special values above."""
+    raw = rng.integers(0, 256, (ROWS, BLOCKS_PER_ROW * t.type_size), dtype=np.uint8)
+    blocks = raw.view(t.block)
+    for name in (t.block.names or ()):
+        if t.block[name] == np.dtype("<f2"):
+            special = rng.random(blocks.shape) < 0.1
+            blocks[name][special] = rng.choice(SPECIAL_HALVES, special.sum())
+    return raw
+
+
+def same_bits(a, b) -> bool:
+    return a.shape == b.shape and np.array_equal(np.asarray(a, np.float32).view(np.uint32),
+                                                 np.asarray(b, np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("t", SUPPORTED.values(), ids=lambda t: t.name)
+@np.errstate(invalid="ignore", over="ignore")  # inf · 0 and overflows are part of what is compared
+def test_dequantizer_is_bit_equal_to_gguf_on_random_blocks(t):
+    rng = np.random.default_rng(t.id)
+    for _ in range(20):
+        raw = random_blocks(t, rng)
+        ours = ggml_blocks.dequantize_rows(raw, t)
+        reference = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(t.id))
+        assert ours.shape == (ROWS, BLOCKS_PER_ROW * t.block_size) and ours.dtype == np.float32
+        differ = ours.view(np.uint32) != np.asarray(reference, np.float32).view(np.uint32)
+        assert not differ.any(), f"{t.name}: {differ.sum()} values differ, first at {np.argwhere(differ)[0]}"
+
+
+@pytest.mark.parametrize("t", SUPPORTED.values(), ids=lambda t: t.name)
+def test_table_agrees_with_ggml_sizes(t):
+    """Block size and bytes per block as ggml's type_traits (through the gguf package) give them."""
+    assert (t.block_size, t.type_size) == gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.id)]
+    assert t.name == gguf.GGMLQuantizationType(t.id).name
+
+
+def test_scale_signs_reach_the_values():
+    """A negative d flips a Q8_0 block, a negative m moves a Q4_1 block down: the fields are read
+    where ggml puts them (a misplaced field would still pass a test on zeros)."""
+    q8 = np.zeros(1, ggml_blocks.BLOCK_Q8_0)
+    q8["d"], q8["qs"] = -0.5, np.arange(-16, 16)
+    np.testing.assert_array_equal(ggml_blocks.dequantize_q8_0(q8), -0.5 * np.arange(-16, 16))
+    q41 = np.zeros(1, ggml_blocks.BLOCK_Q4_1)
+    q41["d"], q41["m"], q41["qs"] = 1.0, -3.0, 0x21  # low nibbles 1 (values 0-15), high 2 (16-31)
+    np.testing.assert_array_equal(ggml_blocks.dequantize_q4_1(q41), np.repeat([-2.0, -1.0], 16))
+
+
+def test_dequantize_rows_writes_into_a_buffer():
+    t = SUPPORTED[12]  # Q4_K
+    raw = random_blocks(t, np.random.default_rng(5))
+    out = np.full((ROWS, BLOCKS_PER_ROW * t.block_size), np.nan, np.float32)
+    assert ggml_blocks.dequantize_rows(raw, t, out=out) is out
+    assert same_bits(out, gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K))
