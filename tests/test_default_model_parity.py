@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama3_np.assets import default_model_dir
+from llama3_np.assets import DEFAULT_MODEL_SHA256, default_model
 from llama3_np.formats.checkpoint import load_checkpoint
 from llama3_np.model import KVCache, forward
 
@@ -19,9 +19,8 @@ REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "default_model" / "
 
 @pytest.fixture(scope="module")
 def smollm2():
-    record = json.loads((default_model_dir() / "llama3_np_import.json").read_text())
-    assert record["sha256"] == REFERENCE["model"]["sha256"], "weights/default is not the model of the fixture"
-    return load_checkpoint(default_model_dir(), dtype="float32")
+    assert REFERENCE["model"]["sha256"] == DEFAULT_MODEL_SHA256, "the fixture is of another file"
+    return load_checkpoint(default_model(), dtype="float32")  # default_model() checks the file's sha256
 
 
 @pytest.mark.parametrize("case", REFERENCE["cases"], ids=["text", "chat", "digits"])

@@ -5,7 +5,7 @@ import json
 import re
 from pathlib import Path
 
-from llama3_np.assets import default_model_dir
+from llama3_np.assets import default_model
 from llama3_np.text.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ def python_example() -> str:
 
 
 def test_readme_python_example_produces_the_default_model_greedy_continuation(capsys):
-    assert (default_model_dir() / "config.json").is_file(), "run `python tools/fetch_default_model.py` (make test does)"
+    assert default_model().is_file(), "run `python tools/fetch_default_model.py` (make test does)"
     code = python_example()
     assert len(code.strip().splitlines()) <= 16, "the example should stay short"
     exec(compile(code, "README.md", "exec"), {})
@@ -29,5 +29,5 @@ def test_readme_python_example_produces_the_default_model_greedy_continuation(ca
     assert lines[0] == "(5, 9, 64)"
     assert lines[1] == str(case["ids"][0])
     max_new = int(re.search(r"max_new=(\d+)", code).group(1))
-    want = load_tokenizer(default_model_dir()).decode(case["ids"][:max_new])
+    want = load_tokenizer(default_model()).decode(case["ids"][:max_new])
     assert "".join(lines[2:]) == want.replace("\n", ""), f"README example printed {lines[2:]!r}, transformers {want!r}"

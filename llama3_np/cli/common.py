@@ -66,8 +66,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """The flags of every command that loads a model and computes with it."""
     p.add_argument("-m", "--model", metavar="DIR",
                    help="checkpoint folder (Hugging Face or Meta format) or .gguf file; default: the default model")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weight residency: float32 (fast) or bfloat16 (half the memory)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "gguf"], default="float32",
+                   help="weight residency: float32 (fast), bfloat16 (half the memory; a GGUF's quantized "
+                        "values only where bfloat16 holds them exactly) or gguf (a GGUF file's own "
+                        "quantized blocks, dequantized row block by row block in each product)")
     p.add_argument("--rope-factor", type=float, metavar="F",
                    help="override the llama3 rope scaling factor of a Meta params.json")
     p.add_argument("-t", "--threads", type=thread_count, default=products.default_threads(), metavar="N",

@@ -4,7 +4,8 @@
                           with model.safetensors.index.json; q/k rows permuted for rotate-half rope
     Meta folder           params.json + consolidated.00.pth ... consolidated.NN.pth (model-parallel
                           shards), read by `llama3_np.formats.pth` without torch
-    GGUF file             imported into a Hugging Face folder by `llama3_np.formats.gguf_import`
+    GGUF file             one .gguf file (llama.cpp's format), read as it is, memory-mapped
+                          (`llama3_np.formats.gguf_import.scan_gguf`); q/k already in Meta order
 
 The canonical form (`Checkpoint.weights`) uses Meta's state-dict names and Meta's interleaved rope
 row order for wq/wk, whatever the source. With tied embeddings, `weights["output.weight"] is
@@ -21,6 +22,11 @@ residencies:
   time (`llama3_np.linear`).
   Nothing is ever rounded: a float32 or float16 file stays float32 or float16. Copies are made only
   where the layout must change: HF q/k (row order) and tensors merged from Meta shards.
+  A GGUF's quantized tensors are dequantized to their exact values, kept as bfloat16 where every
+  value is a bfloat16 number and as float32 otherwise (with a note saying how many).
+- "gguf" (GGUF files only): every tensor stays as the file stores it, memory-mapped: quantized
+  matrices as their ggml blocks (`QuantizedWeight`), dequantized a block of rows at a time by
+  each product (`llama3_np.products`), float tensors as in "bfloat16".
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import ml_dtypes
 import numpy as np
@@ -37,10 +43,11 @@ import numpy as np
 from ..config import ROPE_FACTOR_SOURCES, ModelConfig, from_hf_config, from_meta_params
 from ..errors import Llama3Error, warn
 from ..text.tokenizer import find_tokenizer_file
+from .gguf_file import is_gguf
 from .pth import PthFile
 from .safetensors_file import SafetensorsFile, write_safetensors
 
-RESIDENCIES = ("float32", "bfloat16")
+RESIDENCIES = ("float32", "bfloat16", "gguf")
 FLOAT_DTYPES = (np.dtype("<f4"), np.dtype("<f2"), np.dtype(ml_dtypes.bfloat16))
 
 # --- names ---------------------------------------------------------------------------------------
@@ -152,6 +159,7 @@ class StoredTensor:
     dtype: np.dtype
     shape: tuple[int, ...]
     read: Callable[[], np.ndarray]  # the stored array, memory-mapped where the file allows
+    gguf: Optional[Any] = None  # a GGUF file's tensor (`gguf_file.GGUFTensor`): its blocks as stored
 
 
 @dataclass(frozen=True)
@@ -173,7 +181,7 @@ class CheckpointIndex:
     """A validated checkpoint before any tensor data is read."""
 
     path: Path
-    format: str  # "hf" | "meta"
+    format: str  # "hf" | "meta" | "gguf"
     config: ModelConfig
     plans: dict[str, TensorPlan]  # canonical name -> plan; "output.weight" absent when tied
     files: list[Path]
@@ -187,10 +195,10 @@ class Checkpoint:
     """Canonical weights (Meta names and rope layout) and the config they belong to."""
 
     path: Path
-    format: str  # "hf" | "meta"
+    format: str  # "hf" | "meta" | "gguf"
     config: ModelConfig
-    weights: dict[str, np.ndarray]
-    dtype: str  # residency: "float32" | "bfloat16"
+    weights: dict[str, np.ndarray]  # (and `QuantizedWeight`s in "gguf" residency)
+    dtype: str  # residency: "float32" | "bfloat16" | "gguf"
     tokenizer_dir: Optional[Path] = None  # the folder holding the tokenizer files, if any
     # End-of-sequence ids the checkpoint's own config declares (Hugging Face config.json and
     # generation_config.json); empty for Meta folders, whose tokenizer says it.
@@ -228,11 +236,14 @@ def scan_checkpoint(path, rope_factor: Optional[float] = None) -> CheckpointInde
         raise Llama3Error(f"{path}: no such file or directory; pass a checkpoint folder "
                           "(with config.json or params.json)")
     if path.is_file():
-        if path.suffix == ".gguf":
-            raise Llama3Error(f"{path}: GGUF files are imported first: "
-                              f"llama3-np import-gguf {path} OUT_DIR, then pass OUT_DIR")
+        if path.suffix == ".gguf" or is_gguf(path):
+            if rope_factor is not None:
+                raise Llama3Error(f"{path}: a rope factor override applies to Meta params.json only; "
+                                  "a GGUF file states its rope scaling")
+            from .gguf_import import scan_gguf
+            return scan_gguf(path)
         raise Llama3Error(f"{path}: is a file; pass the checkpoint folder that holds it "
-                          "(with config.json or params.json)")
+                          "(with config.json or params.json), or a .gguf file")
     if (path / "config.json").is_file():
         index = _scan_hf(path)
     elif (path / "params.json").is_file():
@@ -457,18 +468,49 @@ def _materialize(plan: TensorPlan, residency: str) -> np.ndarray:
     return array
 
 
-def load_checkpoint(path, dtype: str = "float32", rope_factor: Optional[float] = None) -> Checkpoint:
-    """Load a Hugging Face or Meta checkpoint folder into the canonical form.
+def _materialize_gguf(plan: TensorPlan, residency: str) -> Any:
+    """A GGUF tensor in a residency, with its exact values (`ggml_blocks`)."""
+    from .gguf_import import exact_dtype
 
-    path: the folder, or the `CheckpointIndex` a `scan_checkpoint` of it returned (then
+    t = plan.pieces[0].gguf
+    if residency == "float32":
+        return np.array(t.values(), np.float32)
+    if t.type.block_size == 1:  # F32, F16, BF16: the mapped values, exact in any residency
+        return t.stored()
+    if residency == "gguf":
+        return t.quantized()
+    values = t.values()
+    return values.astype(exact_dtype(values), copy=False)
+
+
+def load_checkpoint(path, dtype: str = "float32", rope_factor: Optional[float] = None) -> Checkpoint:
+    """Load a Hugging Face or Meta checkpoint folder, or a GGUF file, into the canonical form.
+
+    path: the folder or file, or the `CheckpointIndex` a `scan_checkpoint` of it returned (then
     rope_factor is the scan's).
-    dtype: residency, "float32" (convert once at load) or "bfloat16" (keep stored weights, mapped).
+    dtype: residency, "float32" (convert once at load), "bfloat16" (keep stored weights, mapped;
+    a GGUF's quantized tensors as exact bfloat16 where they can be, else float32) or "gguf" (a GGUF
+    file's tensors as stored, quantized blocks included).
     rope_factor: overrides the rope scaling factor a Meta params.json implies (`use_scaled_rope`).
     """
     if dtype not in RESIDENCIES:
         raise Llama3Error(f"dtype must be one of {', '.join(RESIDENCIES)}, got {dtype!r}")
     index = path if isinstance(path, CheckpointIndex) else scan_checkpoint(path, rope_factor)
-    weights = {name: _materialize(plan, dtype) for name, plan in index.plans.items()}
+    if index.format == "gguf":
+        weights = {name: _materialize_gguf(plan, dtype) for name, plan in index.plans.items()}
+        inexact = [name for name, plan in index.plans.items()
+                   if dtype == "bfloat16" and plan.pieces[0].gguf.type.block_size > 1
+                   and weights[name].dtype == np.float32]
+        if inexact:
+            types = sorted({index.plans[name].pieces[0].gguf.type.name for name in inexact})
+            warn(f"{index.path}: {len(inexact)} of {len(index.plans)} tensors ({', '.join(types)}) have values "
+                 "that bfloat16 cannot hold exactly; they are kept in float32 (--dtype gguf keeps every "
+                 "tensor in the file's own blocks)", kind="note")
+    elif dtype == "gguf":
+        raise Llama3Error(f"{index.path}: dtype gguf keeps a GGUF file's own blocks; this is a "
+                          f"{index.format} checkpoint: use float32 or bfloat16")
+    else:
+        weights = {name: _materialize(plan, dtype) for name, plan in index.plans.items()}
     if index.config.tie_embeddings:
         weights["output.weight"] = weights["tok_embeddings.weight"]
     return Checkpoint(index.path, index.format, index.config, weights, dtype, index.tokenizer_dir, index.eos_ids)
@@ -497,7 +539,8 @@ def save_hf_checkpoint(directory, config: ModelConfig, weights: dict[str, np.nda
                        extra_config: Optional[dict] = None, dtype=ml_dtypes.bfloat16):
     """Write canonical weights as a Hugging Face folder (config.json, safetensors, index if sharded).
 
-    q/k rows are permuted back to rotate-half order and stored, like everything, as `dtype`; tied
+    q/k rows are permuted back to rotate-half order and stored, like everything, as `dtype` (None:
+    each tensor's own dtype); tied
     embeddings are stored once. With shards > 1, tensors are dealt out in name order into
     model-0000N-of-0000M.safetensors files of about equal size.
     """
@@ -508,7 +551,8 @@ def save_hf_checkpoint(directory, config: ModelConfig, weights: dict[str, np.nda
     for name in expected_shapes(config):
         if name == "output.weight" and config.tie_embeddings:
             continue
-        w = np.asarray(weights[name]).astype(dtype, copy=False)
+        w = np.asarray(weights[name])
+        w = w if dtype is None else w.astype(dtype, copy=False)
         n_heads = heads.get(name.split(".")[-2])
         tensors[hf_name(name)] = permute_qk(w, n_heads) if n_heads else w
     (directory / "config.json").write_text(json.dumps(dict(hf_config_dict(config), **(extra_config or {})),

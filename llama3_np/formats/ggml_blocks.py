@@ -227,3 +227,41 @@ def dequantize_rows(raw: np.ndarray, ggml_type: GGMLType, out: Optional[np.ndarr
         return values if values.dtype == np.float32 else values.astype(np.float32)
     np.copyto(out, values)
     return out
+
+
+class QuantizedWeight:
+    """A matrix [n_out, n_in] kept in ggml blocks, as a GGUF file stores it: n_out rows of
+    n_in / block_size blocks (`raw`, uint8 [n_out, row_bytes], memory-mapped from the file).
+
+    What the model does with a weight, it does here on exact values: `w[ids]` gives float32 rows
+    (the embedding lookup), and `llama3_np.products.linear` dequantizes a block of rows at a time
+    into its per-thread float32 buffer (`dequantize_rows_into`)."""
+
+    ndim = 2
+
+    def __init__(self, raw: np.ndarray, ggml_type: GGMLType, shape: tuple[int, int]):
+        if raw.shape != (shape[0], ggml_type.row_bytes(shape[1])):
+            raise ValueError(f"{ggml_type.name} rows {raw.shape} do not hold a {shape} matrix")
+        self.raw, self.type, self.shape = raw, ggml_type, tuple(shape)
+
+    @property
+    def dtype(self) -> str:  # the storage, named as ggml names it
+        return self.type.name
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.nbytes
+
+    @property
+    def itemsize(self) -> float:  # bytes per value, averaged over a block (Q4_1: 20 / 32 = 0.625)
+        return self.type.type_size / self.type.block_size
+
+    def dequantize_rows_into(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """Rows start..stop as float32, written into `out` ([stop - start, n_in] float32)."""
+        return dequantize_rows(self.raw[start:stop], self.type, out=out)
+
+    def __getitem__(self, ids) -> np.ndarray:  # [T] ints -> [T, n_in] float32
+        return dequantize_rows(self.raw[np.asarray(ids)], self.type)
+
+    def __repr__(self):
+        return f"QuantizedWeight({self.type.name}, shape={self.shape})"

@@ -103,6 +103,12 @@ class Tokenizer:
         path = Path(path)
         return _from_hf(path, _read_json(path), _read_json(path.with_name("tokenizer_config.json"), {}))
 
+    @classmethod
+    def from_hf_objects(cls, source: str | Path, tokenizer_json: dict, tokenizer_config: dict) -> "Tokenizer":
+        """As `from_hf_json`, from the two files' objects (a GGUF's metadata gives them); `source`
+        names where they came from in errors."""
+        return _from_hf(Path(source), tokenizer_json, tokenizer_config)
+
     # -- text -> ids ----------------------------------------------------------------------------
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
@@ -190,8 +196,14 @@ def find_tokenizer_file(directory: Path) -> Path | None:
 
 def load_tokenizer(checkpoint_dir: str | Path) -> Tokenizer:
     """The tokenizer of a checkpoint folder, the first of `TOKENIZER_FILES` found there.
-    A path to one of those files works too. Raises Llama3Error when there is none."""
+    A path to one of those files works too, and a GGUF file (its metadata's vocabulary,
+    `formats.gguf_import.gguf_tokenizer`). Raises Llama3Error when there is none."""
     path = Path(checkpoint_dir)
+    if path.is_file() and path.suffix not in (".json", ".model"):
+        from ..formats.gguf_file import is_gguf
+        from ..formats.gguf_import import gguf_tokenizer
+        if path.suffix == ".gguf" or is_gguf(path):
+            return gguf_tokenizer(path)  # or an error that says what the file is instead
     if not path.is_file():
         if not path.is_dir():
             raise Llama3Error(f"{path}: no such checkpoint directory")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llama3_np.assets import default_model_dir
+from llama3_np.assets import default_model
 from llama3_np.text.chat import encode_dialog
 from llama3_np.text.dialog import Conversation
 from llama3_np.repl import message_text, parse_command
@@ -82,7 +82,7 @@ def prompt_tokens(term: Terminal) -> int:
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer(default_model_dir())
+    return load_tokenizer(default_model())
 
 
 def test_a_chat_on_a_terminal(tok):

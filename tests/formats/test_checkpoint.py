@@ -224,7 +224,7 @@ def _write(relative: str, content: str):
 @pytest.mark.parametrize("make,message", [
     (lambda p: p, "no config.json (Hugging Face) or params.json (Meta) here"),
     (lambda p: p / "nothing", "nothing: no such file or directory"),
-    (_write("m.gguf", "GGUF"), "GGUF files are imported first: llama3-np import-gguf"),
+    (_write("m.gguf", "GGUF"), "m.gguf: the file is truncated: it ends at byte 4, inside the header"),
     (_write("config.json", "{}"), "config.json: missing key 'hidden_size'"),
     (_write("config.json", "{,"), "config.json: not valid JSON"),
 ])

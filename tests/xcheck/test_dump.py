@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama3_np.assets import default_model_dir
+from llama3_np import assets
 from llama3_np.cli import main
 from llama3_np.xcheck.compare import compare_dumps
 from llama3_np.stages import stage_shapes
@@ -38,9 +38,8 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
 
 
 def default_model() -> Path:
-    assert (default_model_dir() / "config.json").is_file(), (
-        f"the default model is not in {default_model_dir()}: run `python tools/fetch_default_model.py` (make test does)")
-    return default_model_dir()
+    """The default model's GGUF file (`python tools/fetch_default_model.py` puts it in weights/; make test does)."""
+    return assets.default_model()
 
 
 @pytest.mark.parametrize("case", ["prompt", "far", "far_decode"])
