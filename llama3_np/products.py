@@ -311,8 +311,7 @@ def block_rows(T: int, n_out: int, n_in: int, low_precision: bool, threads: int)
 
 
 def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_in] -> [T, n_out]
-    """x · wᵀ in float32 for a float32, bfloat16 or float16 weight w, or a GGUF matrix kept in its
-    quantized blocks (`formats.ggml_blocks.QuantizedWeight`), on llama3_np's threads.
+    """x · wᵀ in float32 for a float32, bfloat16 or float16 weight w, on llama3_np's threads.
 
     Equals float32 `x @ w.astype(np.float32).T` up to the order of each dot product's sum (the
     conversion is exact; the blocks split rows, never a sum). x must be float32.
@@ -333,10 +332,7 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_
         stop = min(start + rows, n_out)
         if low_precision:
             block = _conversion_buffer(rows * n_in)[:(stop - start) * n_in].reshape(stop - start, n_in)
-            if isinstance(w, np.ndarray):
-                np.copyto(block, w[start:stop])
-            else:  # a GGUF matrix in its blocks (formats.ggml_blocks.QuantizedWeight): exact values
-                w.dequantize_rows_into(start, stop, block)
+            np.copyto(block, w[start:stop])
         else:
             block = w[start:stop]
         # np.dot lets other threads run during its BLAS call; np.matmul does only when the output

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llama3_np.formats import ggml_blocks
-from llama3_np.formats.ggml_blocks import SUPPORTED
+from llama3_np.formats.ggml_blocks import QK_K, SUPPORTED
 
 ROWS, BLOCKS_PER_ROW = 7, 3
 
@@ -71,3 +71,33 @@ def test_dequantize_rows_writes_into_a_buffer():
     out = np.full((ROWS, BLOCKS_PER_ROW * t.block_size), np.nan, np.float32)
     assert ggml_blocks.dequantize_rows(raw, t, out=out) is out
     assert same_bits(out, gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K))
+
+
+@pytest.mark.parametrize("t", [t for t in SUPPORTED.values() if t.block_size > 1], ids=lambda t: t.name)
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_products_with_a_quantized_weight_equal_the_dequantized_matrix(t, tokens):
+    """`--dtype gguf`: products.linear dequantizes blocks of rows of a QuantizedWeight into its
+    float32 buffer, on two threads: the values are the exact ones, so the result equals the product
+    with the dequantized matrix up to the order of each sum; the embedding lookup is exact."""
+    from llama3_np import products
+
+    rng = np.random.default_rng(7)
+    n_out, n_in = 600, 8 * QK_K  # with 5 tokens, large enough to be split between the threads
+    raw = rng.integers(0, 256, (n_out, t.row_bytes(n_in)), dtype=np.uint8)
+    for name in (t.block.names or ()):  # finite, modest scales, so that the sums are well conditioned
+        if t.block[name] == np.dtype("<f2"):
+            raw.view(t.block)[name] = rng.uniform(-0.01, 0.01, raw.view(t.block).shape)
+    w = ggml_blocks.QuantizedWeight(raw, t, (n_out, n_in))
+    dense = ggml_blocks.dequantize_rows(raw, t)
+    x = rng.standard_normal((tokens, n_in)).astype(np.float32)
+    before = products.get_threads()
+    products.set_threads(2)
+    try:
+        got = products.linear(x, w)
+    finally:
+        products.set_threads(before)
+    want = x.astype(np.float64) @ dense.T.astype(np.float64)
+    nmse = float(np.mean((got - want) ** 2) / np.mean(want ** 2))
+    assert got.shape == (tokens, n_out) and got.dtype == np.float32 and nmse < 1e-12, nmse
+    ids = np.array([3, 0, 599, 3])
+    assert same_bits(w[ids], dense[ids])
