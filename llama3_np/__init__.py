@@ -5,9 +5,10 @@ The public API, in the order data flows (README.md, "Python"; docs/DESIGN.md, "T
 
     load_model(path=None, dtype="float32")   a checkpoint folder -> LoadedModel (.config, .weights,
                                              .tokenizer: .encode(text) / .decode(ids))
-    forward(weights, config, tokens, cache=None, pos=None, trace=None)   token ids -> logits [T, V]
-                                             (pos: where the cache ends, unless given)
-    KVCache(config, max_len)                 keys and values of the tokens seen so far
+    forward(weights, config, tokens, cache=None, pos=None, trace=None, compute=None)
+                                             token ids -> logits [T, V] (pos: where the cache
+                                             ends, unless given; compute: "float32" or "float64")
+    KVCache(config, max_len, compute="float32")   keys and values of the tokens seen so far
     Trace(patterns)                          the named stages of one forward call (stages.py)
     SamplingParams(...), sample(logits, params, rng)   logits [V] -> the next token id
     Session(weights, config, ctx)            prefill, then decode: generate() yields one Step per token

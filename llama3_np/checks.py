@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import ComputeMode
 from .errors import Llama3Error
 
 
@@ -46,3 +47,16 @@ def forward_arguments(tokens, vocab_size: int, cache_length: int, cache_max_len:
     if pos < 0:
         raise Llama3Error(f"position must be >= 0, got {pos}")
     return ids
+
+
+def forward_mode(compute, cache_mode):
+    """The compute mode of a `forward` call: `compute` (a name or a ComputeMode), or the cache's
+    when None. Raises Llama3Error for an unknown mode, or one the cache (which holds
+    keys and values in its own mode's dtype) was not made for."""
+    if compute is None:
+        return cache_mode
+    mode = ComputeMode.of(compute)
+    if mode != cache_mode:
+        raise Llama3Error(f"compute {mode.dtype!r} needs a KV cache made for it: KVCache(config, "
+                          f"max_len, compute={mode.dtype!r}), not one made for {cache_mode.dtype!r}")
+    return mode

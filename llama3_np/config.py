@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+import numpy as np
+
 from .errors import Llama3Error
 
 # Llama 3.0 was trained with an 8,192-token context; 3.1, 3.2 and 3.3 extend it to 131,072 with
@@ -289,3 +291,43 @@ def from_meta_params(params: Mapping[str, Any], tie_embeddings: bool = False,
         max_seq_len=LLAMA31_CONTEXT if scaled else LLAMA3_ORIGINAL_CONTEXT,
         tie_embeddings=tie_embeddings,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Compute modes
+
+# The dtypes `forward` can compute in (`ComputeMode.dtype`), most precise first.
+COMPUTE_DTYPES = ("float64", "float32")
+
+
+@dataclass(frozen=True)
+class ComputeMode:
+    """What `model.forward` computes in: the dtype every stage's result has (`dtype`).
+
+    - "float32" (the default): every stage in float32, weights converted exactly from bfloat16.
+    - "float64": every stage in float64, weights upcast exactly: the value float32 (and any engine)
+      is measured against.
+
+    `work` is the NumPy dtype arrays are held in between stages; `rounded(x)` is the rounding an
+    engine computing in `dtype` applies to a stage's result (the identity in float32 and float64:
+    each operation already rounds to the working dtype).
+    Raises Llama3Error for a dtype not in COMPUTE_DTYPES.
+    """
+
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.dtype not in COMPUTE_DTYPES:
+            raise Llama3Error(f"compute must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def work(self) -> np.dtype:
+        return np.dtype(np.float64 if self.dtype == "float64" else np.float32)
+
+    def rounded(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    @classmethod
+    def of(cls, compute: "str | ComputeMode") -> "ComputeMode":
+        """`compute` itself, or the mode of that name."""
+        return compute if isinstance(compute, ComputeMode) else cls(compute)

@@ -3,7 +3,7 @@
 `llama3_np.model` calls `linear(x, w)` for every weight product and nothing else; whether `w` is
 float32 or bfloat16 is decided here, outside the specification, and how the product runs fast (in
 blocks of rows, bfloat16 converted block by block, on llama3_np's own threads) in
-`llama3_np.products`. Compute is always float32.
+`llama3_np.products`. Compute is float32, or float64 for a float64 `x` (float64 mode).
 """
 
 from __future__ import annotations
@@ -23,5 +23,9 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_
 
     x is float32; w is float32, or bfloat16/float16, converted exactly to float32 a block of rows at
     a time (`products.linear`). The result is float32 [T, n_out] either way, equal to float32
-    `x @ w.T` up to the order of each dot product's sum."""
+    `x @ w.T` up to the order of each dot product's sum. A float64 x (float64 mode) is multiplied
+    in float64 by w upcast exactly (a copy unless w is float64 already), with NumPy's own product:
+    float64 is the mode of the exact value, not of speed."""
+    if x.dtype == np.float64:
+        return x @ np.asarray(w, dtype=np.float64).T
     return products.linear(x, w)

@@ -11,83 +11,172 @@ Dimensions, used in every shape comment:
     H   query heads (config.n_heads)    KV  key/value heads (config.n_kv_heads)
     Dh  head dim (config.head_dim)      V   vocabulary size (config.vocab_size)
 
-Weights use Meta's names (`layers.0.attention.wq.weight`, ...) and Meta's rope layout: dims 2i and
-2i+1 of every head rotate together; float32 or bfloat16, compute float32. Each stage names its
-source: the Llama 3 paper (arXiv 2407.21783), RMSNorm (1910.07467), RoFormer (2104.09864), GQA
-(2305.13245), GLU variants (2002.05202), and the function of Meta's `llama-models` reference
-(`models/llama3/model.py`) it matches. `keep(name, x)` records a named stage (`llama3_np.stages`)
-and returns x.
+Weights use Meta's names (`layers.0.attention.wq.weight`, ...; `LayerWeights` declares a layer's)
+and Meta's rope layout: dims 2i and 2i+1 of every head rotate together; float32 or bfloat16.
+The compute mode (`config.ComputeMode`) says what every stage computes in: float32 by default,
+or float64; `rounded(x)` marks where an engine computing in a lower precision rounds a stage's
+result (the identity in float32 and float64). Each stage names its source: the Llama 3 paper
+(arXiv 2407.21783), RMSNorm (1910.07467), RoFormer (2104.09864), GQA (2305.13245), GLU variants
+(2002.05202), and the function of Meta's `llama-models` reference (`models/llama3/model.py`) it
+matches. `keep(name, x)` records a named stage (`llama3_np.stages`) and returns x.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from dataclasses import dataclass, fields
+from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 
-from .checks import expect_shape, forward_arguments
-from .config import ModelConfig
-from .linear import as_float32, linear
-from .stages import Keep, Trace, keep_nothing, scoped
+from .checks import expect_shape, forward_arguments, forward_mode
+from .config import ComputeMode, ModelConfig
+from .linear import linear
+from .stages import Keep, Trace, keep_nothing, legend, scoped
+
+FLOAT32 = ComputeMode("float32")
 
 
-def embed(tokens: np.ndarray, tok_embeddings: np.ndarray) -> np.ndarray:  # [T], [V, D] -> [T, D]
+# ---------------------------------------------------------------------------------------------
+# Weights: Meta's names, as the fields of one value per layer
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    """`layers.i.attention.*.weight`. Source: llama-models Attention."""
+
+    wq: np.ndarray  # [H*Dh, D]
+    wk: np.ndarray  # [KV*Dh, D]
+    wv: np.ndarray  # [KV*Dh, D]
+    wo: np.ndarray  # [D, H*Dh]
+
+
+@dataclass(frozen=True)
+class FeedForwardWeights:
+    """`layers.i.feed_forward.*.weight`. Source: llama-models FeedForward."""
+
+    w1: np.ndarray  # [F, D]  the gate
+    w2: np.ndarray  # [D, F]  the down projection
+    w3: np.ndarray  # [F, D]  the up projection
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One transformer block's weights, `layers.i.<field>...weight` in the canonical mapping.
+
+    Source: llama-models TransformerBlock.
+    """
+
+    attention_norm: np.ndarray  # [D]
+    attention: AttentionWeights
+    ffn_norm: np.ndarray  # [D]
+    feed_forward: FeedForwardWeights
+
+    @classmethod
+    def of(cls, weights: Mapping[str, np.ndarray], layer: int, config: ModelConfig) -> "LayerWeights":
+        """Layer `layer`'s weights from the canonical mapping, each checked against its shape.
+
+        Raises KeyError for a missing name, ValueError for a shape the config does not imply."""
+        prefix = f"layers.{layer}."
+        sizes = legend(config, 0)
+
+        def tensor(name: str) -> np.ndarray:
+            return expect_shape(weights[prefix + name + ".weight"], WEIGHT_SHAPES[name](sizes), prefix + name)
+
+        def group(kind, name: str):
+            return kind(**{f.name: tensor(f"{name}.{f.name}") for f in fields(kind)})
+
+        return cls(attention_norm=tensor("attention_norm"), attention=group(AttentionWeights, "attention"),
+                   ffn_norm=tensor("ffn_norm"), feed_forward=group(FeedForwardWeights, "feed_forward"))
+
+
+# The shape of each of a layer's weights, in the legend's sizes (`stages.legend`).
+WEIGHT_SHAPES = {
+    "attention_norm": lambda s: (s["D"],),
+    "attention.wq": lambda s: (s["H"] * s["Dh"], s["D"]),
+    "attention.wk": lambda s: (s["KV"] * s["Dh"], s["D"]),
+    "attention.wv": lambda s: (s["KV"] * s["Dh"], s["D"]),
+    "attention.wo": lambda s: (s["D"], s["H"] * s["Dh"]),
+    "ffn_norm": lambda s: (s["D"],),
+    "feed_forward.w1": lambda s: (s["F"], s["D"]),
+    "feed_forward.w2": lambda s: (s["D"], s["F"]),
+    "feed_forward.w3": lambda s: (s["F"], s["D"]),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages
+
+
+def embed(tokens: np.ndarray, tok_embeddings: np.ndarray, mode: ComputeMode = FLOAT32) -> np.ndarray:
+    # [T], [V, D] -> [T, D]
     """Row lookup: token id t becomes row t of the embedding matrix.
 
     Source: llama-models Transformer.tok_embeddings.
     """
-    return as_float32(tok_embeddings[tokens])
+    return np.asarray(tok_embeddings[tokens], dtype=mode.work)
 
 
-def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:  # [T, D], [D] -> [T, D]
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, mode: ComputeMode = FLOAT32) -> np.ndarray:
+    # [T, D], [D] -> [T, D]
     """x / sqrt(mean(x²) + eps) · weight, per row (no mean subtraction, no bias).
 
     Source: RMSNorm (arXiv 1910.07467); llama-models RMSNorm.
     """
     expect_shape(weight, x.shape[-1:], "rmsnorm weight")
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * as_float32(weight)
+    rounded = mode.rounded
+    normed = rounded(x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + x.dtype.type(eps)))
+    return rounded(normed * np.asarray(weight, dtype=x.dtype))
 
 
-def rope_frequencies(config: ModelConfig) -> np.ndarray:  # -> [Dh/2]
+def rope_frequencies(config: ModelConfig, mode: ComputeMode = FLOAT32) -> np.ndarray:  # -> [Dh/2]
     """The rotation frequency of each dim pair: θ^(-2i/Dh), i = 0 .. Dh/2-1, then "llama3" scaling.
 
     Llama 3.1+ scaling (config.rope_scaling) leaves short wavelengths (< original_context /
     high_freq_factor) alone, divides long ones (> original_context / low_freq_factor) by `factor`,
     and blends the two in between, linearly in original_context / wavelength.
 
-    The float32 table of Meta's `precompute_freqs_cis`/`apply_scaling` and Hugging Face's
+    In float32, the table of Meta's `precompute_freqs_cis`/`apply_scaling` and Hugging Face's
     `_compute_llama3_parameters`, bit for bit, on every CPU: each power θ^(2i/Dh) is the correctly
     rounded float32 value, and every later step is an exactly rounded float32 operation (division,
     multiplication, subtraction, addition) in the references' order. The power is computed in
     float64 by the C library's scalar `pow` and rounded to float32 once, which is correct unless it
     lies within a float64 rounding error of a float32 rounding boundary (the tests check that it
     does not, for the released shapes); NumPy's float32 `**` is not correctly rounded, and its
-    AVX-512 kernel misses Meta's 8B table by 1-2 ulp in 13 of 64 entries.
+    AVX-512 kernel misses Meta's 8B table by 1-2 ulp in 13 of 64 entries. In float64 mode every
+    step is float64.
 
     Source: RoFormer θ_i (arXiv 2104.09864); llama-models precompute_freqs_cis and apply_scaling.
     """
     Dh = config.head_dim
-    theta = float(np.float32(config.rope_theta))
-    exponents = np.arange(0, Dh, 2, dtype=np.float32) / np.float32(Dh)  # float32, as the references
-    powers = np.array([math.pow(theta, float(e)) for e in exponents], dtype=np.float32)
-    freqs = np.float32(1) / powers
+    f = mode.work.type  # float32, as the references; float64 in float64 mode
+    theta = float(f(config.rope_theta))
+    exponents = np.arange(0, Dh, 2, dtype=f) / f(Dh)
+    powers = np.array([math.pow(theta, float(e)) for e in exponents], dtype=f)
+    freqs = f(1) / powers
     s = config.rope_scaling
     if s is not None:
-        wavelen = np.float32(2 * math.pi) / freqs
+        wavelen = f(2 * math.pi) / freqs
         low_freq_wavelen = s.original_context / s.low_freq_factor
         high_freq_wavelen = s.original_context / s.high_freq_factor
-        smooth = (np.float32(s.original_context) / wavelen - np.float32(s.low_freq_factor)) / np.float32(
+        smooth = (f(s.original_context) / wavelen - f(s.low_freq_factor)) / f(
             s.high_freq_factor - s.low_freq_factor)
-        blended = (1 - smooth) * freqs / np.float32(s.factor) + smooth * freqs
-        freqs = np.where(wavelen > low_freq_wavelen, freqs / np.float32(s.factor),
+        blended = (1 - smooth) * freqs / f(s.factor) + smooth * freqs
+        freqs = np.where(wavelen > low_freq_wavelen, freqs / f(s.factor),
                          np.where(wavelen < high_freq_wavelen, freqs, blended))
-    return expect_shape(freqs.astype(np.float32), (Dh // 2,), "rope frequencies")
+    return expect_shape(freqs.astype(f), (Dh // 2,), "rope frequencies")
 
 
-def rope_cos_sin(positions: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+class Rotation(NamedTuple):
+    """cos and sin of every token's rotation angles, [T, Dh/2] each (`rope_cos_sin`)."""
+
+    cos: np.ndarray
+    sin: np.ndarray
+
+
+def rope_cos_sin(positions: np.ndarray, freqs: np.ndarray) -> Rotation:
     # [T], [Dh/2] -> [T, Dh/2], [T, Dh/2]
-    """cos and sin of the rotation angle position · frequency.
+    """cos and sin of the rotation angle position · frequency, in the frequencies' dtype.
 
     The angle is rounded to float32 before cos/sin, as Meta's and Hugging Face's references do
     (a float32 outer product of positions and frequencies). At position p the angle's float32
@@ -96,8 +185,8 @@ def rope_cos_sin(positions: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, 
 
     Source: RoFormer eq. 34's cos(m θ_i), sin(m θ_i) (arXiv 2104.09864); llama-models precompute_freqs_cis.
     """
-    angles = positions.astype(np.float32)[:, None] * freqs[None, :]
-    return np.cos(angles), np.sin(angles)
+    angles = positions.astype(freqs.dtype)[:, None] * freqs[None, :]
+    return Rotation(np.cos(angles), np.sin(angles))
 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -106,15 +195,16 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
     As in Meta's reference, the pair is the complex number a + ib and the rotation is a product
     with e^(iθ) = cos θ + i sin θ: (a + ib) · e^(iθ) = (a·cos - b·sin) + i(a·sin + b·cos).
-    A float32 [..., Dh] array viewed as complex64 is exactly these Dh/2 pairs.
+    A float32 [..., Dh] array viewed as complex64 (float64 as complex128) is exactly these Dh/2 pairs.
 
     Source: RoFormer eq. 34 (arXiv 2104.09864); llama-models apply_rotary_emb.
     """
     T, n, Dh = x.shape
     expect_shape(cos, (T, Dh // 2), "rope cos")
-    pairs = np.ascontiguousarray(x, dtype=np.float32).view(np.complex64)  # [T, n, Dh/2]
-    rotation = (cos + 1j * sin)[:, None, :]  # [T, 1, Dh/2] complex64
-    return (pairs * rotation).view(np.float32)
+    work = np.result_type(x.dtype, cos.dtype)
+    pairs = np.ascontiguousarray(x, dtype=work).view(np.result_type(work, np.complex64))  # [T, n, Dh/2]
+    rotation = (cos + 1j * sin)[:, None, :]  # [T, 1, Dh/2]
+    return (pairs * rotation).view(work)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:  # [..., S] -> [..., S]
@@ -139,7 +229,7 @@ def causal_mask(T: int, S: int) -> np.ndarray:  # -> [T, S]
 
 
 def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
-                     keep: Keep = keep_nothing) -> np.ndarray:
+                     keep: Keep = keep_nothing, mode: ComputeMode = FLOAT32) -> np.ndarray:
     # [T, H, Dh], [KV, S, Dh], [KV, S, Dh] -> [T, H, Dh]
     """softmax(q · kᵀ / √Dh + causal mask) · v, with grouped-query attention.
 
@@ -147,69 +237,87 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
     Query head h reads key/value head h // (H / KV): splitting H into (KV, H/KV) groups the
     query heads that share one key/value head, without copying keys and values H/KV times.
 
-    Source: scaled dot-product attention (arXiv 1706.03762 eq. 1) with GQA (arXiv 2305.13245).
+    Source: scaled dot-product attention (arXiv 1706.03762 eq. 1) with GQA (arXiv 2305.13245);
+    llama-models Attention.forward.
     """
     T, H, Dh = q.shape
     KV, S, _ = keys.shape
     expect_shape(values, (KV, S, Dh), "attention values")
+    rounded = mode.rounded
     n_rep = H // KV
     q_groups = q.reshape(T, KV, n_rep, Dh).transpose(1, 2, 0, 3)  # [KV, H/KV, T, Dh]
-    scores = q_groups @ keys[:, None].swapaxes(-1, -2)  # [KV, H/KV, T, S]
-    scores /= np.float32(math.sqrt(Dh))
+    scores = rounded(q_groups @ keys[:, None].swapaxes(-1, -2))  # [KV, H/KV, T, S]
+    scores /= scores.dtype.type(math.sqrt(Dh))
+    scores = rounded(scores)
     scores += causal_mask(T, S)
-    probs = softmax(scores)  # [KV, H/KV, T, S]
-    keep("probs", probs.reshape(H, T, S))
-    out = probs @ values[:, None]  # [KV, H/KV, T, Dh]
+    probs = keep("probs", rounded(softmax(scores)).reshape(H, T, S)).reshape(KV, n_rep, T, S)
+    out = rounded(probs @ values[:, None])  # [KV, H/KV, T, Dh]
     return out.transpose(2, 0, 1, 3).reshape(T, H, Dh)
 
 
+class LayerCache(NamedTuple):
+    """One layer's slice of the KV cache during one `forward` call: its key and value slots
+    ([KV, max_len, Dh] each) and `start`, the first slot this call's tokens go into."""
+
+    k: np.ndarray
+    v: np.ndarray
+    start: int
+
+    def store(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # [T, KV, Dh], [T, KV, Dh] -> [KV, S, Dh], [KV, S, Dh] with S = start + T
+        """Write the keys and values of T tokens into slots start .. start+T-1; return slots
+        0 .. start+T-1 (the earlier tokens', then these)."""
+        end = self.start + k.shape[0]
+        self.k[:, self.start:end] = k.transpose(1, 0, 2)
+        self.v[:, self.start:end] = v.transpose(1, 0, 2)
+        return self.k[:, :end], self.v[:, :end]
+
+
 class KVCache:
-    """Keys (after rope) and values of every token seen so far, for every layer.
+    """Keys (after rope) and values of every token seen so far, for every layer, in the compute
+    mode's dtype.
 
     Preallocated for `max_len` tokens. Slots 0 .. length-1 hold the tokens fed so far; `forward`
-    writes each layer's keys and values into the next free slots (`store`) and advances `length`
-    once every layer holds them. A token's rope position is independent of its slot (`forward`'s
-    `pos`), so a cache may start at any position.
+    hands each layer its slice (`layer`), which writes the layer's keys and values into the next
+    free slots, and advances `length` once every layer holds them. A token's rope position is
+    independent of its slot (`forward`'s `pos`), so a cache may start at any position.
 
     Source: llama-models Attention.cache_k / cache_v.
     """
 
-    def __init__(self, config: ModelConfig, max_len: int):
+    def __init__(self, config: ModelConfig, max_len: int, compute: str | ComputeMode = "float32"):
+        self.mode = ComputeMode.of(compute)
         shape = (config.n_layers, config.n_kv_heads, max_len, config.head_dim)  # [L, KV, max_len, Dh]
-        self.k = np.zeros(shape, dtype=np.float32)
-        self.v = np.zeros(shape, dtype=np.float32)
+        self.k = np.zeros(shape, dtype=self.mode.work)
+        self.v = np.zeros(shape, dtype=self.mode.work)
         self.max_len = max_len
         self.length = 0  # slots holding tokens, in every layer
 
-    def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # [T, KV, Dh], [T, KV, Dh] -> [KV, S, Dh], [KV, S, Dh] with S = start + T
-        """Write one layer's keys and values of T tokens into slots start .. start+T-1; return
-        the layer's slots 0 .. start+T-1. `length` is left alone (see `forward`)."""
-        end = start + k.shape[0]
-        self.k[layer, :, start:end] = k.transpose(1, 0, 2)
-        self.v[layer, :, start:end] = v.transpose(1, 0, 2)
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+    def layer(self, i: int) -> LayerCache:
+        """Layer i's slots, with the next token going into slot `length`."""
+        return LayerCache(self.k[i], self.v[i], self.length)
 
 
-def attention(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, wo: np.ndarray,
-              cos: np.ndarray, sin: np.ndarray, cache: KVCache, layer: int, start: int,
-              config: ModelConfig, keep: Keep = keep_nothing) -> np.ndarray:  # [T, D] -> [T, D]
+def attention(x: np.ndarray, w: AttentionWeights, rotation: Rotation, cache: LayerCache,
+              config: ModelConfig, mode: ComputeMode = FLOAT32,
+              keep: Keep = keep_nothing) -> np.ndarray:  # [T, D] -> [T, D]
     """Project to query/key/value heads, rotate q and k by position, attend causally over the
-    cache's first `start` slots plus these tokens (stored from slot `start` on), project back:
+    cache's earlier slots plus these tokens (stored into it), project back:
     wo · attention(rope(wq x), rope(wk x), wv x).
 
     Source: llama-models Attention.forward.
     """
     T = x.shape[0]
     H, KV, Dh = config.n_heads, config.n_kv_heads, config.head_dim
-    q = keep("q", linear(x, wq).reshape(T, H, Dh))  # [T, D] -> [T, H, Dh]
-    k = keep("k", linear(x, wk).reshape(T, KV, Dh))  # [T, D] -> [T, KV, Dh]
-    v = keep("v", linear(x, wv).reshape(T, KV, Dh))  # [T, D] -> [T, KV, Dh]
-    q_rope = keep("q_rope", rope(q, cos, sin))
-    k_rope = keep("k_rope", rope(k, cos, sin))
-    keys, values = cache.store(layer, start, k_rope, v)  # [KV, S, Dh] each
-    attn = keep("attn", causal_attention(q_rope, keys, values, keep).reshape(T, H * Dh))  # [T, H*Dh]
-    return keep("attn_out", linear(attn, wo))  # [T, H*Dh] -> [T, D]
+    rounded = mode.rounded
+    q = keep("q", rounded(linear(x, w.wq)).reshape(T, H, Dh))  # [T, D] -> [T, H, Dh]
+    k = keep("k", rounded(linear(x, w.wk)).reshape(T, KV, Dh))  # [T, D] -> [T, KV, Dh]
+    v = keep("v", rounded(linear(x, w.wv)).reshape(T, KV, Dh))  # [T, D] -> [T, KV, Dh]
+    q_rope = keep("q_rope", rounded(rope(q, rotation.cos, rotation.sin)))
+    k_rope = keep("k_rope", rounded(rope(k, rotation.cos, rotation.sin)))
+    keys, values = cache.store(k_rope, v)  # [KV, S, Dh] each
+    attn = keep("attn", causal_attention(q_rope, keys, values, keep, mode).reshape(T, H * Dh))  # [T, H*Dh]
+    return keep("attn_out", rounded(linear(attn, w.wo)))  # [T, H*Dh] -> [T, D]
 
 
 def silu(x: np.ndarray) -> np.ndarray:  # [...] -> [...]
@@ -221,64 +329,69 @@ def silu(x: np.ndarray) -> np.ndarray:  # [...] -> [...]
         return x / (1 + np.exp(-x))
 
 
-def swiglu(x: np.ndarray, w1: np.ndarray, w2: np.ndarray, w3: np.ndarray,
-           keep: Keep = keep_nothing) -> np.ndarray:  # [T, D], [F, D], [D, F], [F, D] -> [T, D]
+def swiglu(x: np.ndarray, w: FeedForwardWeights, mode: ComputeMode = FLOAT32,
+           keep: Keep = keep_nothing) -> np.ndarray:  # [T, D] -> [T, D]
     """w2 · (silu(w1 · x) ⊙ (w3 · x)): a gated feed-forward; w1 is the gate, w3 the up projection.
 
     Source: FFN_SwiGLU of GLU variants (arXiv 2002.05202); llama-models FeedForward.
     """
-    hidden = keep("ffn_hidden", silu(linear(x, w1)) * linear(x, w3))  # [T, F]
-    return keep("ffn_out", linear(hidden, w2))  # [T, F] -> [T, D]
+    rounded = mode.rounded
+    gate = rounded(silu(rounded(linear(x, w.w1))))  # [T, D] -> [T, F]
+    up = rounded(linear(x, w.w3))  # [T, D] -> [T, F]
+    hidden = keep("ffn_hidden", rounded(gate * up))  # [T, F]
+    return keep("ffn_out", rounded(linear(hidden, w.w2)))  # [T, F] -> [T, D]
 
 
-def transformer_block(x: np.ndarray, weights: Mapping[str, np.ndarray], layer: int,
-                      config: ModelConfig, cos: np.ndarray, sin: np.ndarray, cache: KVCache,
-                      start: int, keep: Keep = keep_nothing) -> np.ndarray:  # [T, D] -> [T, D]
+def transformer_block(x: np.ndarray, w: LayerWeights, rotation: Rotation, cache: LayerCache,
+                      config: ModelConfig, mode: ComputeMode = FLOAT32,
+                      keep: Keep = keep_nothing) -> np.ndarray:  # [T, D] -> [T, D]
     """h = x + attention(rmsnorm(x)); out = h + swiglu(rmsnorm(h)).
 
     Source: the Llama 3 paper's pre-norm block (arXiv 2407.21783); llama-models TransformerBlock.
     """
-    def w(name):  # this layer's weight
-        return weights[f"layers.{layer}.{name}.weight"]
-
-    eps = config.norm_eps
-    wq, wk, wv, wo = (w(f"attention.{n}") for n in ("wq", "wk", "wv", "wo"))
-    w1, w2, w3 = (w(f"feed_forward.{n}") for n in ("w1", "w2", "w3"))
-    h = keep("h", x + attention(keep("attn_norm", rmsnorm(x, w("attention_norm"), eps)),
-                                wq, wk, wv, wo, cos, sin, cache, layer, start, config, keep))
-    return keep("out", h + swiglu(keep("ffn_norm", rmsnorm(h, w("ffn_norm"), eps)), w1, w2, w3, keep))
+    rounded, eps = mode.rounded, config.norm_eps
+    attn_norm = keep("attn_norm", rmsnorm(x, w.attention_norm, eps, mode))  # [T, D]
+    h = keep("h", rounded(x + attention(attn_norm, w.attention, rotation, cache, config, mode, keep)))
+    ffn_norm = keep("ffn_norm", rmsnorm(h, w.ffn_norm, eps, mode))  # [T, D]
+    return keep("out", rounded(h + swiglu(ffn_norm, w.feed_forward, mode, keep)))  # [T, D]
 
 
 def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
             cache: Optional[KVCache] = None, pos: Optional[int] = None,
-            trace: Optional[Trace] = None, last_only: bool = False) -> np.ndarray:  # [T] -> [T, V]
+            trace: Optional[Trace] = None, last_only: bool = False,
+            compute: str | ComputeMode | None = None) -> np.ndarray:  # [T] -> [T, V]
     """Logits for each of `tokens`, the first at rope position `pos`.
 
-    tokens: token ids (a list or int array, [T]); weights: canonical names, float32 or bfloat16;
-    returns float32 logits [T, V] (with `last_only`, only the last token's, [1, V]: all that
-    generation needs after a prefill). The tokens attend to what `cache` holds (from earlier
-    calls) and to each other, causally, and are added to it; without a cache they attend only to
-    each other. `pos` defaults to the number of tokens the cache holds (0 without a cache): the
-    tokens continue what was fed before. `trace` records the named stages (`llama3_np.stages`).
-    Raises Llama3Error for token ids outside the vocabulary, a full cache or a negative position.
+    tokens: token ids (a list or int array, [T]); weights: canonical names, float32 or bfloat16
+    (float64 in float64 mode saves a conversion in every product); returns logits [T, V] in the
+    compute mode's working dtype (float32, or float64; with `last_only`, only the last token's,
+    [1, V]: all that generation needs after a prefill). The tokens attend to what `cache` holds
+    (from earlier calls) and to each other, causally, and are added to it; without a cache they
+    attend only to each other. `pos` defaults to the number of tokens the cache holds (0 without a
+    cache): the tokens continue what was fed before. `trace` records the named stages
+    (`llama3_np.stages`). `compute` is the compute mode (`config.ComputeMode`: "float32", the
+    default, or "float64"); the cache's own mode when None, which a given mode must equal.
+    Raises Llama3Error for token ids outside the vocabulary, a full cache or a negative position,
+    and for an unknown mode or one the cache was not made for.
 
     Source: llama-models Transformer.forward.
     """
     if cache is None:
-        cache = KVCache(config, np.size(tokens))
+        cache = KVCache(config, np.size(tokens), compute or FLOAT32)
+    mode = forward_mode(compute, cache.mode)
     start = cache.length  # these tokens go into cache slots start .. start+T-1
     pos = start if pos is None else pos
     tokens = forward_arguments(tokens, config.vocab_size, start, cache.max_len, pos)  # [T]
     T = tokens.shape[0]
-    cos, sin = rope_cos_sin(pos + np.arange(T), rope_frequencies(config))  # [T, Dh/2] each
+    rotation = rope_cos_sin(pos + np.arange(T), rope_frequencies(config, mode))  # [T, Dh/2] each
     keep = scoped(trace, "")
-    x = keep("embed", expect_shape(embed(tokens, weights["tok_embeddings.weight"]), (T, config.dim), "embed"))
+    x = keep("embed", expect_shape(embed(tokens, weights["tok_embeddings.weight"], mode), (T, config.dim), "embed"))
     for layer in range(config.n_layers):
-        x = transformer_block(x, weights, layer, config, cos, sin, cache, start,
-                              scoped(trace, f"layers.{layer}."))
+        x = transformer_block(x, LayerWeights.of(weights, layer, config), rotation, cache.layer(layer),
+                              config, mode, scoped(trace, f"layers.{layer}."))
     cache.length = start + T  # every layer now holds these tokens: the cache advances once, here
     if last_only:
         x = x[-1:]
-    x = keep("norm", rmsnorm(x, weights["norm.weight"], config.norm_eps))
-    logits = keep("logits", linear(x, weights["output.weight"]))  # [T, D] -> [T, V]
+    x = keep("norm", rmsnorm(x, weights["norm.weight"], config.norm_eps, mode))
+    logits = keep("logits", mode.rounded(linear(x, weights["output.weight"])))  # [T, D] -> [T, V]
     return expect_shape(logits, (x.shape[0], config.vocab_size), "logits")

@@ -8,6 +8,12 @@ here changes its value beyond the order of a sum:
   converted into a float32 buffer the thread reuses for every block (the conversion is exact),
   then multiplied while it is still in the CPU cache: a model kept in bfloat16 reads 2 bytes per
   weight from memory and never holds, nor allocates per token, a float32 copy of a matrix.
+- **Conversion.** bfloat16 is the high half of a float32, so a bit shift of its 16-bit patterns
+  into the high half of 32-bit words is the exact conversion, as is ml_dtypes' cast; which of the
+  two runs faster depends on the installed ml_dtypes (0.7.0's cast is several times slower than
+  0.6.0's) and on the CPU, so the first bfloat16 product times both on one block and keeps the
+  faster (`bfloat16_conversion`). A weight of another kind (quantized blocks) plugs in by the same
+  hook: `rows_into(w)` is how rows start..stop of w become float32 in a thread's buffer.
 - **Threads.** `get_threads()` threads share the blocks of one product: the calling thread and
   `get_threads() - 1` workers of a pool, each taking the next block not yet taken until none is
   left. A thread slowed by another process on its core simply takes fewer blocks, so a busy
@@ -36,11 +42,13 @@ import itertools
 import os
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
+from .dtypes import is_bfloat16
 from .errors import Llama3Error
 
 # A bfloat16 block is converted into a float32 buffer of at most this many bytes: small enough that
@@ -284,6 +292,94 @@ def parallel(task: Callable[[int], None], n: int, threads: Optional[int] = None)
 
 
 # ---------------------------------------------------------------------------------------------
+# Rows of a weight as float32
+
+# rows_into(start, stop, out): write rows start..stop of a weight as float32 into `out`, a C-contiguous
+# float32 [stop - start, n_in] buffer, exactly (the value each stored element stands for).
+RowsInto = Callable[[int, int, np.ndarray], None]
+
+
+def shift_bfloat16(src: np.ndarray, out: np.ndarray) -> None:
+    """bfloat16 [r, n] -> float32 `out` [r, n]: each 16-bit pattern shifted into the high half of a
+    32-bit word, the low half zero. Exact for every pattern, NaN payloads and subnormals included
+    (bfloat16 is a float32 with its low 16 mantissa bits dropped)."""
+    np.left_shift(src.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+
+
+def cast(src: np.ndarray, out: np.ndarray) -> None:
+    """float16 or bfloat16 [r, n] -> float32 `out` [r, n] through NumPy's cast (for bfloat16, the one
+    ml_dtypes registers); exact, as float32 holds every value of either."""
+    np.copyto(out, src)
+
+
+# The exact bfloat16 -> float32 conversions, by the name `bench` prints.
+BFLOAT16_CONVERSIONS: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {
+    "bit shift": shift_bfloat16,
+    "ml_dtypes cast": cast,
+}
+# The trial that chooses one: each conversion this many times on a block of this many bfloat16
+# bytes, interleaved, the fastest time of each compared (other processes only ever slow a run).
+CONVERSION_TRIAL_BYTES, CONVERSION_TRIALS = 1 << 20, 5
+_bfloat16_conversion: Optional[str] = None
+
+
+def time_conversions(src: np.ndarray, out: np.ndarray, repeats: int) -> dict[str, float]:
+    """The fastest of `repeats` interleaved runs of each bfloat16 conversion of `src` into `out`, in seconds."""
+    best = {name: float("inf") for name in BFLOAT16_CONVERSIONS}
+    for _ in range(repeats):
+        for name, convert in BFLOAT16_CONVERSIONS.items():
+            t0 = time.perf_counter()
+            convert(src, out)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def bfloat16_conversion() -> str:
+    """The name of the bfloat16 conversion products use: chosen on first call by timing each of
+    `BFLOAT16_CONVERSIONS` on a block of CONVERSION_TRIAL_BYTES (about a millisecond in all), unless
+    `set_bfloat16_conversion` named one. Both are exact, so the choice changes speed, never a value."""
+    global _bfloat16_conversion
+    if _bfloat16_conversion is None:
+        from .dtypes import bfloat16
+
+        n = CONVERSION_TRIAL_BYTES // 2
+        src = (np.arange(n, dtype=np.uint32) * 2654435761 >> 16).astype(np.uint16).view(bfloat16())
+        times = time_conversions(src, np.empty(n, dtype=np.float32), CONVERSION_TRIALS)
+        _bfloat16_conversion = min(times, key=times.get)
+    return _bfloat16_conversion
+
+
+def set_bfloat16_conversion(name: Optional[str]) -> None:
+    """Convert bfloat16 by `name` (a key of BFLOAT16_CONVERSIONS) from now on; None chooses again
+    by timing at the next bfloat16 product. Raises Llama3Error for an unknown name."""
+    global _bfloat16_conversion
+    if name is not None and name not in BFLOAT16_CONVERSIONS:
+        raise Llama3Error(f"bfloat16 conversion must be one of {', '.join(BFLOAT16_CONVERSIONS)}, got {name!r}")
+    _bfloat16_conversion = name
+
+
+def rows_into(w) -> Optional[RowsInto]:
+    """How a weight's rows become float32 in a product's buffer; None for a float32 array, whose
+    rows are multiplied where they are.
+
+    bfloat16 by `bfloat16_conversion()`, float16 by NumPy's cast. A weight of a kind of its own
+    (quantized blocks, say) is any object with `shape` (n_out, n_in) and a method
+    `rows_into(start, stop, out)` that writes rows start..stop as float32 into `out` (`RowsInto`);
+    products then convert it block by block into each thread's buffer like a bfloat16 weight.
+    """
+    if not isinstance(w, np.ndarray):
+        return w.rows_into
+    if w.dtype == np.float32:
+        return None
+    convert = BFLOAT16_CONVERSIONS[bfloat16_conversion()] if is_bfloat16(w.dtype) else cast
+
+    def rows(start: int, stop: int, out: np.ndarray) -> None:
+        convert(w[start:stop], out)
+
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # The products
 
 _buffers = threading.local()
@@ -310,15 +406,17 @@ def block_rows(T: int, n_out: int, n_in: int, low_precision: bool, threads: int)
     return min(rows, n_out)
 
 
-def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_in] -> [T, n_out]
-    """x · wᵀ in float32 for a float32, bfloat16 or float16 weight w, on llama3_np's threads.
+def linear(x: np.ndarray, w) -> np.ndarray:  # [T, n_in], [n_out, n_in] -> [T, n_out]
+    """x · wᵀ in float32 for a float32, bfloat16 or float16 weight w (or a weight of its own kind,
+    `rows_into`), on llama3_np's threads.
 
     Equals float32 `x @ w.astype(np.float32).T` up to the order of each dot product's sum (the
     conversion is exact; the blocks split rows, never a sum). x must be float32.
     """
     T, n_in = x.shape
     n_out = w.shape[0]
-    low_precision = w.dtype != np.float32
+    convert = rows_into(w)
+    low_precision = convert is not None
     threads = _threads if T * n_out * n_in >= SPLIT_MIN_MACS else 1
     if not low_precision and threads == 1:
         if not _blas_held:
@@ -332,7 +430,7 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_
         stop = min(start + rows, n_out)
         if low_precision:
             block = _conversion_buffer(rows * n_in)[:(stop - start) * n_in].reshape(stop - start, n_in)
-            np.copyto(block, w[start:stop])
+            convert(start, stop, block)
         else:
             block = w[start:stop]
         # np.dot lets other threads run during its BLAS call; np.matmul does only when the output

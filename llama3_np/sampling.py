@@ -3,31 +3,32 @@
 `sampling_probs` builds the distribution the sampler draws from; `sample` draws from it. The
 samplers form a chain, as in llama.cpp (`llama_sampler_chain`, `src/llama-sampler.cpp`): each one
 acts on the tokens that survived the one before, and every probability it looks at is the softmax
-of those survivors only (renormalised), never of the whole vocabulary. Names are llama.cpp's:
+of those survivors only (renormalised), never of the whole vocabulary. Names are llama.cpp's
+(`common/sampling.cpp` `common_sampler_type_to_str`); each sampler's rule and source is in the
+docstring of its function below:
 
-    penalties    CTRL repetition penalty on the logits of recently seen tokens: positive ones
-                 divided by r, the others multiplied by r (Keskar et al. 2019, arXiv 1909.05858,
-                 with llama.cpp's and Hugging Face's fix for negative logits)
-    top_k        keep the k largest logits (k = 0 or k >= the survivors: keep all); on equal
-                 logits the lower id is kept
-    top_p        keep the smallest set of most probable survivors whose mass reaches p: token i
-                 (most probable first) is kept when the mass before it is < p, so at an exact
-                 boundary the token that completes p is the last one kept (Holtzman et al. 2020,
-                 arXiv 1904.09751; llama.cpp `cum_sum >= p`); p = 1: keep all; at least one is kept
-    min_p        keep survivors whose probability is >= p times the largest survivor's
-                 (Nguyen et al. 2024, arXiv 2407.01082); the largest is always kept
-    temperature  divide the survivors' logits by T; T = 0 keeps only the largest (greedy; the
-                 lower id on equal logits)
+    penalties    repetition penalty (CTRL), then frequency and presence penalties (`_penalties`)
+    top_n_sigma  keep logits within n standard deviations of the largest (`_top_n_sigma`)
+    top_k        keep the k largest logits (`_top_k`)
+    typ_p        locally typical sampling (`_typical`)
+    top_p        nucleus sampling (`_top_p`)
+    min_p        keep probabilities >= p times the largest (`_min_p`)
+    temperature  divide the logits by T; T = 0 is greedy (`_temperature`)
 
 After the chain, the survivors' softmax is the distribution; a seeded numpy Generator draws from it.
-Filters never add tokens back, and only `penalties` and `temperature` change logits.
+Filters never add tokens back, and only `penalties` and `temperature` change logits. Where
+llama.cpp sets a filtered-out logit to -inf instead of removing it (top-n-sigma, greedy
+temperature), llama3_np removes the token: the two agree wherever a later sampler gives -inf
+logits probability 0 (all of them but one: llama.cpp's typical sampling computes 0 * log 0 = NaN
+for such a token, which makes its entropy NaN; llama3_np's entropy is that of the survivors).
 
 Two orders, with the same samplers:
 
-    llama.cpp (the default)  penalties, top_k, top_p, min_p, temperature
+    llama.cpp (the default)  penalties, top_n_sigma, top_k, typ_p, top_p, min_p, temperature
         llama.cpp's default `--samplers` (`common/common.h` `common_params_sampling::samplers`,
         built into a chain by `common/sampling.cpp` `common_sampler_init`) without the samplers
-        llama3_np does not have (dry, top_n_sigma, typ_p, xtc, all off by default). Temperature
+        llama3_np does not have. Every sampler is in the chain; those left at their default
+        values (frequency and presence 0, top-n-sigma -1, typical 1) change nothing. Temperature
         comes last, so it only reshapes the survivors: it does not change which tokens top-p and
         min-p keep.
     transformers             penalties, temperature, top_k, top_p, min_p
@@ -38,15 +39,15 @@ Two orders, with the same samplers:
         k-th; here exactly k are kept.)
 
 Any order of any subset can be given by name (`parse_samplers("top_k;top_p;temperature")`,
-llama.cpp's `--samplers` syntax); a sampler left out is not applied, as in llama.cpp.
+llama.cpp's `--samplers` syntax, or `parse_sampler_chars("kpt")`, its `--sampling-seq`); a
+sampler left out is not applied, as in llama.cpp.
 
 Arithmetic follows the references where a boundary depends on it: logits stay float32 (the
-penalty and temperature divide in float32, like llama.cpp and torch), and the unnormalised
-probabilities exp(z - max) that top-p and min-p compare are rounded to float32 once (from float64,
-whose last-bit differences between CPUs lie far below float32's resolution), as the references'
-float32 softmax rounds them. A boundary
-that is exact in their arithmetic (weights 1, 1/2, 1/4 from the float32 logits 0, ln 1/2, ln 1/4)
-is then exact here too.
+penalties and temperature compute in float32, like llama.cpp and torch), and the unnormalised
+probabilities exp(z - max) that top-p, min-p and typical sampling compare are rounded to float32
+once (from float64, whose last-bit differences between CPUs lie far below float32's resolution),
+as the references' float32 softmax rounds them. A boundary that is exact in their arithmetic
+(weights 1, 1/2, 1/4 from the float32 logits 0, ln 1/2, ln 1/4) is then exact here too.
 """
 
 from __future__ import annotations
@@ -58,20 +59,30 @@ import numpy as np
 
 from .errors import ParameterError
 
-SAMPLER_NAMES = ("penalties", "top_k", "top_p", "min_p", "temperature")
+SAMPLER_NAMES = ("penalties", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "temperature")
 
 # Order presets, by name (see the module docstring for their sources).
 SAMPLER_ORDERS = {
-    "llama.cpp": ("penalties", "top_k", "top_p", "min_p", "temperature"),
+    "llama.cpp": ("penalties", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "temperature"),
     "transformers": ("penalties", "temperature", "top_k", "top_p", "min_p"),
 }
 DEFAULT_SAMPLERS = SAMPLER_ORDERS["llama.cpp"]
 
-# llama.cpp's other spellings (`common_sampler_types_from_names`, alternative names)...
-_ALT_NAMES = {"top-k": "top_k", "top-p": "top_p", "nucleus": "top_p", "min-p": "min_p", "temp": "temperature"}
-# ...and the samplers llama.cpp has that llama3_np does not.
-_NOT_IMPLEMENTED = {"dry", "top_n_sigma", "top-n-sigma", "typ_p", "typ-p", "typical", "typical-p", "typ",
-                    "xtc", "infill", "adaptive_p", "adaptive-p"}
+# llama.cpp's one-letter names (`common_sampler_type_to_chr`, for --sampling-seq).
+SAMPLER_CHARS = {"e": "penalties", "s": "top_n_sigma", "k": "top_k", "y": "typ_p", "p": "top_p", "m": "min_p",
+                 "t": "temperature"}
+# The samplers llama.cpp has that llama3_np does not (by their llama.cpp names and letters).
+_NOT_IMPLEMENTED = {"dry": "d", "xtc": "x", "infill": "i", "adaptive_p": "a"}
+
+
+def _spellings(canonical: str) -> list[str]:
+    # llama.cpp's `common_sampler_types_from_names`: a name with '_' is also accepted with '-' and
+    # without it ("top-k", "topk")
+    return [canonical, canonical.replace("_", "-"), canonical.replace("_", "")]
+
+
+_NAME_OF = {**{alias: name for name in (*SAMPLER_NAMES, *_NOT_IMPLEMENTED) for alias in _spellings(name)},
+            "nucleus": "top_p", "temp": "temperature", "typ": "typ_p"}
 
 # Above this many survivors, top-p first looks for its cut among the largest few (llama.cpp's
 # adaptive sort does the same): a full sort of a 128k vocabulary costs more than the forward pass
@@ -79,40 +90,62 @@ _NOT_IMPLEMENTED = {"dry", "top_n_sigma", "top-n-sigma", "typ_p", "typ-p", "typi
 _TOP_P_FIRST_LOOK = 256
 
 
+def _checked_order(names: list[str], text: str) -> tuple[str, ...]:
+    choices = f"choose from {', '.join(SAMPLER_NAMES)}, or the order {' or '.join(SAMPLER_ORDERS)}"
+    seen: list[str] = []
+    for raw, name in names:
+        if name is None:
+            raise ParameterError("samplers", f"unknown sampler {raw!r} ({choices})")
+        if name in _NOT_IMPLEMENTED:
+            raise ParameterError("samplers", f"sampler {raw!r} is llama.cpp's but not implemented in llama3_np "
+                                             f"({choices})")
+        if name in seen:
+            raise ParameterError("samplers", f"sampler {name!r} is given twice in {text!r}: each may appear once")
+        seen.append(name)
+    return tuple(seen)
+
+
 def parse_samplers(text: str) -> tuple[str, ...]:
     """A sampler order from llama.cpp's `--samplers` syntax: names separated by ';' (for example
-    "top_k;top_p;min_p;temperature"), or an order preset's name ("llama.cpp", "transformers").
+    "top_k;top_p;min_p;temperature"; llama.cpp's other spellings too, in any case: "top-k",
+    "topk", "nucleus", "temp", "typ"), or an order preset's name ("llama.cpp", "transformers").
     An empty string is the empty chain (softmax of the raw logits).
 
     Raises ParameterError (parameter "samplers") for an unknown name, a sampler llama3_np does
-    not have, an empty name or a name given twice."""
+    not have, an empty name or a name given twice (llama.cpp skips an unknown name with a warning;
+    llama3_np refuses it rather than run another chain than the one asked for)."""
     if text in SAMPLER_ORDERS:
         return SAMPLER_ORDERS[text]
     if text.strip() == "":
         return ()
-    choices = f"choose from {', '.join(SAMPLER_NAMES)}, or the order {' or '.join(SAMPLER_ORDERS)}"
-    names: list[str] = []
+    names = []
     for raw in text.split(";"):
-        name = _ALT_NAMES.get(raw.strip(), raw.strip())
-        if name == "":
+        if raw.strip() == "":
             raise ParameterError("samplers", f"empty sampler name in {text!r}: separate names by a single ';'")
-        if name in _NOT_IMPLEMENTED:
-            raise ParameterError("samplers", f"sampler {raw.strip()!r} is llama.cpp's but not implemented "
-                                                 f"in llama3_np ({choices})")
-        if name not in SAMPLER_NAMES:
-            raise ParameterError("samplers", f"unknown sampler {raw.strip()!r} ({choices})")
-        if name in names:
-            raise ParameterError("samplers", f"sampler {name!r} is given twice in {text!r}: each may appear once")
-        names.append(name)
-    return tuple(names)
+        names.append((raw.strip(), _NAME_OF.get(raw.strip().lower())))
+    return _checked_order(names, text)
+
+
+def parse_sampler_chars(text: str) -> tuple[str, ...]:
+    """A sampler order from llama.cpp's `--sampling-seq` syntax: one letter per sampler (e
+    penalties, s top_n_sigma, k top_k, y typ_p, p top_p, m min_p, t temperature; "eskypmt" is
+    the default order). Raises ParameterError (parameter "samplers") as `parse_samplers` does."""
+    letters = {**SAMPLER_CHARS, **{c: name for name, c in _NOT_IMPLEMENTED.items()}}
+    return _checked_order([(c, letters.get(c)) for c in text], text)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and bool(np.isfinite(value))
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """Defaults follow llama.cpp's command line (`common_params_sampling`): temperature 0.8,
-    top-k 40, top-p 0.95, min-p 0.05, no repetition penalty, llama.cpp's order.
+    top-k 40, top-p 0.95, min-p 0.05, and off: no repetition, frequency or presence penalty,
+    top-n-sigma -1, typical 1; llama.cpp's order.
 
-    Raises ParameterError naming the parameter that is out of range."""
+    Raises ParameterError naming the parameter that is out of range, and the range."""
 
     temperature: float = 0.8
     top_k: int = 40
@@ -120,6 +153,10 @@ class SamplingParams:
     min_p: float = 0.05
     repeat_penalty: float = 1.0
     samplers: tuple[str, ...] = DEFAULT_SAMPLERS
+    presence_penalty: float = 0.0  # subtracted once from each token in the penalty window
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the penalty window
+    typical_p: float = 1.0
+    top_n_sigma: float = -1.0
 
     def __post_init__(self):
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
@@ -131,9 +168,21 @@ class SamplingParams:
             raise ParameterError("top_p", f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if not (0 <= self.min_p < 1):
             raise ParameterError("min_p", f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
-        if not (self.repeat_penalty > 0 and np.isfinite(self.repeat_penalty)):
-            raise ParameterError("repeat_penalty", f"repeat_penalty must be > 0 (1 = off), "
+        # llama.cpp also refuses a penalty whose float32 reciprocal overflows
+        if not (np.isfinite(self.repeat_penalty) and np.float32(self.repeat_penalty) > 1 / np.finfo(np.float32).max):
+            raise ParameterError("repeat_penalty", f"repeat_penalty must be > 0 and finite (1 = off), "
                                                        f"got {self.repeat_penalty}")
+        if not _finite(self.presence_penalty):
+            raise ParameterError("presence_penalty", f"presence_penalty must be a finite number, negative to "
+                                                     f"favour repeats (0 = off), got {self.presence_penalty}")
+        if not _finite(self.frequency_penalty):
+            raise ParameterError("frequency_penalty", f"frequency_penalty must be a finite number, negative to "
+                                                      f"favour repeats (0 = off), got {self.frequency_penalty}")
+        if not (_finite(self.typical_p) and 0 <= self.typical_p <= 1):
+            raise ParameterError("typical_p", f"typical_p must be in [0, 1] (1 = off), got {self.typical_p}")
+        if not _finite(self.top_n_sigma):
+            raise ParameterError("top_n_sigma", f"top_n_sigma must be a finite number, > 0 to filter "
+                                                f"(<= 0, such as -1, = off), got {self.top_n_sigma}")
         unknown = [s for s in self.samplers if s not in SAMPLER_NAMES]
         if unknown or len(set(self.samplers)) != len(self.samplers):
             raise ParameterError("samplers", f"samplers must be distinct names from {', '.join(SAMPLER_NAMES)}, "
@@ -145,18 +194,30 @@ class SamplingParams:
         return self.temperature == 0 and "temperature" in self.samplers
 
 
-def _penalties(ids, z, recent, penalty):
-    if penalty == 1:
+def _penalties(ids, z, recent, repeat, frequency, presence):
+    """Penalties on the tokens of the penalty window (`recent`, the last --repeat-last-n ids),
+    each token once however often it occurs there. A seen token's logit z becomes
+
+        z / r if z > 0 else z * r                (CTRL, Keskar et al. 2019, arXiv 1909.05858,
+                                                  with the fix for negative logits)
+        minus  c * frequency + (c > 0) * presence  (c: its count in the window)
+
+    The second line is OpenAI's definition of the frequency and presence penalties (API reference,
+    "Parameter details"), which counts the tokens sampled so far; llama.cpp
+    (`llama_sampler_penalties_apply`) counts the window, as llama3_np does. In float32, in that
+    order, as llama.cpp computes it. Off when r = 1 and both alphas are 0."""
+    if repeat == 1 and frequency == 0 and presence == 0:
         return z
-    seen = np.unique(np.fromiter(recent, dtype=np.int64))  # each seen token once, however often
+    seen, counts = np.unique(np.fromiter(recent, dtype=np.int64), return_counts=True)
     pos = np.searchsorted(ids, seen)  # ids are ascending
     inside = pos < ids.size
-    pos, seen = pos[inside], seen[inside]
-    pos = pos[ids[pos] == seen]  # seen tokens that are still candidates
-    # In float32, as llama.cpp (`llama_sampler_penalties_apply`) and torch compute it.
-    r = np.float32(penalty)
+    pos, seen, counts = pos[inside], seen[inside], counts[inside]
+    here = ids[pos] == seen  # seen tokens that are still candidates
+    pos, counts = pos[here], counts[here]
+    r = np.float32(repeat)
     z = z.copy()
-    z[pos] = np.where(z[pos] > 0, z[pos] / r, z[pos] * r)
+    v = np.where(z[pos] > 0, z[pos] / r, z[pos] * r)
+    z[pos] = v - (counts.astype(np.float32) * np.float32(frequency) + np.float32(presence))
     return z
 
 
@@ -172,7 +233,26 @@ def _most_probable_first(z: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.lexsort((ids, -z))
 
 
+def _top_n_sigma(ids, z, n):
+    """Top-n-sigma (Tang et al. 2024, arXiv 2411.07641; llama.cpp `llama_sampler_top_n_sigma_apply`):
+    keep the tokens whose logit is >= max - n * sigma, sigma the standard deviation (over N, not
+    N - 1) of the survivors' finite logits; the largest is always kept. Off for n <= 0 or a single
+    survivor. The mean and sigma are computed in float64, the threshold in float32 as llama.cpp
+    does (its float32 sums differ from float64's in the last bits, which moves the threshold by
+    about n * 1e-7 * sigma)."""
+    if n <= 0 or z.size <= 1:
+        return ids, z
+    finite = z[np.isfinite(z)].astype(np.float64)
+    if finite.size == 0:
+        return ids, z
+    sigma = np.float32(np.sqrt(np.mean((finite - finite.mean()) ** 2)))
+    keep = z >= np.float32(finite.max()) - np.float32(n) * sigma
+    return ids[keep], z[keep]
+
+
 def _top_k(ids, z, k):
+    """Keep the k largest logits (k = 0 or k >= the survivors: keep all); on equal logits the
+    lower id is kept (llama.cpp `llama_sampler_top_k_impl` keeps an unspecified one of them)."""
     if k == 0 or k >= z.size:
         return ids, z
     kth = z[np.argpartition(-z, k - 1)[k - 1]]  # the k-th largest logit, without a full sort
@@ -183,6 +263,11 @@ def _top_k(ids, z, k):
 
 
 def _top_p(ids, z, p):
+    """Nucleus sampling (Holtzman et al. 2020, arXiv 1904.09751; llama.cpp
+    `llama_sampler_top_p_apply`): keep the smallest set of most probable survivors whose mass
+    reaches p: token i (most probable first) is kept when the mass before it is < p, so at an
+    exact boundary the token that completes p is the last one kept (llama.cpp `cum_sum >= p`).
+    p = 1: keep all; at least one is kept."""
     if p >= 1 or z.size == 1:
         return ids, z
     w = _weights32(z)
@@ -206,7 +291,30 @@ def _top_p_count(mass: np.ndarray, p: float) -> int:
     return min(int(np.searchsorted(mass, p, side="left")) + 1, mass.size)
 
 
+def _typical(ids, z, p):
+    """Locally typical sampling (Meister et al. 2023, arXiv 2202.00666; llama.cpp
+    `llama_sampler_typical_apply`): with the survivors' probabilities p_i and their entropy
+    H = -sum p_i ln p_i, rank the tokens by |-ln p_i - H| (the most typical first) and keep them
+    in that order until their mass exceeds p: token i is kept when the mass before it is <= p, so
+    at an exact boundary one more token is kept than top-p would (llama.cpp `cum_sum > p`, where
+    top-p has `>=`). p = 1: keep all; at least one is kept. On equal scores the more probable,
+    then the lower id comes first (llama.cpp's `std::sort` leaves that order unspecified)."""
+    if p >= 1 or z.size == 1:
+        return ids, z
+    w = _weights32(z)
+    probs = w / w.sum()
+    with np.errstate(divide="ignore"):
+        surprise = -np.log(probs)  # +inf for a -inf logit
+    entropy = float(np.sum(probs[probs > 0] * surprise[probs > 0]))
+    order = np.lexsort((ids, -z, np.abs(surprise - entropy)))
+    n = min(int(np.searchsorted(np.cumsum(probs[order]), p, side="right")) + 1, z.size)
+    keep = np.sort(order[:n])
+    return ids[keep], z[keep]
+
+
 def _min_p(ids, z, p):
+    """Keep survivors whose probability is >= p times the largest survivor's (Nguyen et al. 2024,
+    arXiv 2407.01082; llama.cpp `llama_sampler_min_p_apply`); the largest is always kept."""
     if p <= 0:
         return ids, z
     keep = _weights32(z) >= p  # p_i / p_max = exp(z_i - z_max)
@@ -214,6 +322,8 @@ def _min_p(ids, z, p):
 
 
 def _temperature(ids, z, t):
+    """Divide the survivors' logits by T in float32; T = 0 keeps only the largest (greedy; the
+    lower id on equal logits), as llama.cpp's `llama_sampler_temp_impl`."""
     if np.float32(t) == 0:  # below float32's smallest positive number: its limit, greedy
         i = int(np.argmax(z))  # the first maximum: the lower id
         return ids[i:i + 1], z[i:i + 1]
@@ -234,18 +344,22 @@ def survivors(logits: np.ndarray, params: SamplingParams,
     penalty and temperature). Their softmax is the distribution `sample` draws from."""
     z = np.array(logits, dtype=np.float32).reshape(-1)
     ids = np.arange(z.size)
-    # Every filter keeps its input's most probable token, and temperature 0 keeps only that one:
-    # with temperature 0, filters before it cannot change the outcome, and after it nothing is left
-    # to filter.
+    # These filters keep their input's most probable token, and temperature 0 keeps only that one:
+    # with temperature 0, they cannot change the outcome before it, and after it nothing is left
+    # to filter. (Typical sampling may drop the most probable token, so it always runs.)
     skip_filters = params.greedy
     for name in params.samplers:
         if name == "penalties":
-            z = _penalties(ids, z, recent, params.repeat_penalty)
+            z = _penalties(ids, z, recent, params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
         elif name == "temperature":
             ids, z = _temperature(ids, z, params.temperature)
             skip_filters = False
+        elif name == "typ_p":
+            ids, z = _typical(ids, z, params.typical_p)
         elif skip_filters:
             continue
+        elif name == "top_n_sigma":
+            ids, z = _top_n_sigma(ids, z, params.top_n_sigma)
         elif name == "top_k":
             ids, z = _top_k(ids, z, int(params.top_k))
         elif name == "top_p":

@@ -174,12 +174,13 @@ def test_ctrl_c_inside_a_decode_step_leaves_the_drawn_token_unfed(model, monkeyp
     out = session.generate(PROMPT, GREEDY, np.random.default_rng(0), 10)
     steps = iter(out)
     next(steps), next(steps)  # two tokens drawn, the first fed
-    block = model_module.transformer_block
+    block, layers = model_module.transformer_block, []
 
-    def interrupted_in_layer_1(x, weights, layer, *rest):
-        if layer == 1:
+    def interrupted_in_layer_1(*args):
+        layers.append(len(layers))  # the token's layers run in order: 0, then 1
+        if layers[-1] == 1:
             raise KeyboardInterrupt
-        return block(x, weights, layer, *rest)
+        return block(*args)
 
     monkeypatch.setattr(model_module, "transformer_block", interrupted_in_layer_1)
     with pytest.raises(KeyboardInterrupt):

@@ -166,3 +166,80 @@ def test_generate_runs_on_the_threads_asked_and_says_so():
                           "-n", "3", "--temp", "0", "-t", "3"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "| 3 threads |" in out.stderr, out.stderr
+
+
+# --- rows of a weight as float32 -----------------------------------------------------------------
+
+ALL_BFLOAT16 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(256, 256)
+
+
+@pytest.mark.parametrize("name", list(products.BFLOAT16_CONVERSIONS))
+def test_every_bfloat16_pattern_converts_exactly(name):
+    """All 65,536 patterns (zeros, subnormals, normals, infinities, quiet and signalling NaNs with
+    their payloads): float32 bits = bfloat16 bits << 16, the definition of bfloat16."""
+    out = np.full((256, 256), np.nan, dtype=np.float32)
+    products.BFLOAT16_CONVERSIONS[name](ALL_BFLOAT16.view(ml_dtypes.bfloat16), out)
+    want = ALL_BFLOAT16.astype(np.uint32) << 16
+    wrong = np.flatnonzero(out.view(np.uint32) != want)
+    assert wrong.size == 0, (f"{name}: {wrong.size} patterns differ, first 0x{ALL_BFLOAT16.flat[wrong[0]]:04x} -> "
+                             f"0x{out.view(np.uint32).flat[wrong[0]]:08x}")
+
+
+@pytest.fixture
+def conversion():
+    """Name the bfloat16 conversion for one test, then let products choose again."""
+    yield products.set_bfloat16_conversion
+    products.set_bfloat16_conversion(None)
+
+
+@pytest.mark.parametrize("name", list(products.BFLOAT16_CONVERSIONS))
+def test_rows_into_converts_the_rows_asked_by_either_method(conversion, name):
+    conversion(name)
+    w = ALL_BFLOAT16.view(ml_dtypes.bfloat16)
+    out = np.empty((7, 256), dtype=np.float32)
+    products.rows_into(w)(100, 107, out)
+    assert np.array_equal(out.view(np.uint32), ALL_BFLOAT16[100:107].astype(np.uint32) << 16)
+    assert products.rows_into(np.zeros((2, 2), np.float32)) is None
+
+
+def test_the_conversion_is_chosen_by_timing_and_either_gives_the_same_product(conversion, threads):
+    conversion(None)
+    assert products.bfloat16_conversion() in products.BFLOAT16_CONVERSIONS
+    threads(2)
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(3000, 700)).astype(ml_dtypes.bfloat16)
+    x = rng.normal(size=(3, 700)).astype(np.float32)
+    got = {}
+    for name in products.BFLOAT16_CONVERSIONS:
+        conversion(name)
+        got[name] = products.linear(x, w)
+    first, *others = got.values()
+    assert all(np.array_equal(first, o) for o in others), "both conversions are exact: same blocks, same bits"
+    with pytest.raises(Llama3Error, match="bfloat16 conversion must be one of"):
+        conversion("truncate")
+
+
+class RowsOfItsOwn:
+    """A weight of another kind (as quantized blocks would be): shape, and rows_into(start, stop, out)."""
+
+    def __init__(self, values: np.ndarray):
+        self.shape, self.values, self.calls = values.shape, values, []
+
+    def rows_into(self, start, stop, out):
+        self.calls.append((start, stop))
+        out[...] = self.values[start:stop]
+
+
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_a_weight_of_its_own_kind_plugs_in_by_rows_into(monkeypatch, threads, n_threads):
+    """Such a weight is converted block by block into the threads' buffers like bfloat16, and its
+    product is the float32 product of the values it writes."""
+    monkeypatch.setattr(products, "CONVERT_BLOCK_BYTES", 4 * 300 * 10)  # blocks of 10 rows
+    monkeypatch.setattr(products, "SPLIT_MIN_MACS", 0)
+    threads(n_threads)
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(67, 300)).astype(np.float32)
+    w = RowsOfItsOwn(values)
+    x = rng.normal(size=(2, 300)).astype(np.float32)
+    assert_within_dot_bound(products.linear(x, w), x, values, "rows_into weight")
+    assert sorted(w.calls) == [(s, min(s + 10, 67)) for s in range(0, 67, 10)]

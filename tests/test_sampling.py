@@ -1,6 +1,8 @@
 """The sampler chain leaves exactly the distribution llama.cpp's chain and transformers' logits
 processors leave (tests/fixtures/sampling/chains.json.gz, tools/make_sampler_fixtures.py), in their
-orders; each filter only removes tokens; a seed reproduces a draw."""
+orders, and llama.cpp's other samplers each alone and in its default chain
+(tests/fixtures/sampling/llama_cpp_samplers.json.gz); each filter only removes tokens; a seed
+reproduces a draw."""
 
 import gzip
 import json
@@ -12,10 +14,11 @@ from hypothesis import given, settings, strategies as st
 
 from llama3_np.errors import ParameterError
 from llama3_np.sampling import (DEFAULT_SAMPLERS, SAMPLER_NAMES, SAMPLER_ORDERS, SamplingParams,
-                                parse_samplers, sample, sampling_probs, survivors)
+                                parse_sampler_chars, parse_samplers, sample, sampling_probs, survivors)
 
-FIXTURE_FILE = Path(__file__).parent / "fixtures" / "sampling" / "chains.json.gz"
-FIXTURE = json.loads(gzip.decompress(FIXTURE_FILE.read_bytes()))
+FIXTURES = Path(__file__).parent / "fixtures" / "sampling"
+FIXTURE = json.loads(gzip.decompress((FIXTURES / "chains.json.gz").read_bytes()))
+SAMPLERS_FIXTURE = json.loads(gzip.decompress((FIXTURES / "llama_cpp_samplers.json.gz").read_bytes()))
 OFF = dict(top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
 LOGITS = np.log(np.array([0.05, 0.30, 0.10, 0.25, 0.02, 0.08, 0.20], dtype=np.float32))
 LLAMA_CPP, TRANSFORMERS = SAMPLER_ORDERS["llama.cpp"], SAMPLER_ORDERS["transformers"]
@@ -46,6 +49,35 @@ def test_distribution_matches_the_reference_in_its_order(case, setting, ref):
     l1 = np.abs(got - want).sum()
     assert l1 <= 1e-6, (f"{ref['order']} on {case['name']} with {setting}: L1 {l1:.3g}; kept "
                         f"{np.flatnonzero(got).tolist()}, reference kept {ref['ids']}")
+
+
+def sampler_points():
+    for r in SAMPLERS_FIXTURE["results"]:
+        case, setting = SAMPLERS_FIXTURE["cases"][r["case"]], SAMPLERS_FIXTURE["settings"][r["setting"]]
+        yield pytest.param(case, setting, r, id=f"{r['chain']}-{case['name']}-{r['setting']}")
+
+
+@pytest.mark.parametrize("case,setting,ref", list(sampler_points()))
+def test_llama_cpp_samplers_alone_and_in_the_default_chain(case, setting, ref):
+    """Frequency and presence penalties, typical sampling and top-n-sigma against llama.cpp's, alone
+    and in its default chain: L1 <= 1e-6."""
+    logits = np.array(case["logits"], dtype=np.float32)
+    want = np.zeros(logits.size)
+    want[ref["ids"]] = ref["probs"]
+    got = sampling_probs(logits, SamplingParams(**setting, samplers=tuple(ref["samplers"])), case["recent"])
+    l1 = np.abs(got - want).sum()
+    assert l1 <= 1e-6, (f"{ref['samplers']} on {case['name']} with {setting}: L1 {l1:.3g}; kept "
+                        f"{np.flatnonzero(got).tolist()}, reference kept {ref['ids']}")
+
+
+def test_the_sampler_fixture_covers_each_sampler_alone_and_in_the_default_chain():
+    chains = {(r["chain"], tuple(r["samplers"])) for r in SAMPLERS_FIXTURE["results"]}
+    assert ("llama.cpp", DEFAULT_SAMPLERS) in chains
+    for name in ("penalties", "typ_p", "top_n_sigma"):
+        assert ("alone", (name,)) in chains, name
+    settings = SAMPLERS_FIXTURE["settings"]
+    assert {0.25, 0.75, 0.875} <= {s["typical_p"] for s in settings}  # exact boundaries on `exact`
+    assert any(s["frequency_penalty"] < 0 for s in settings) and any(s["presence_penalty"] < 0 for s in settings)
 
 
 def test_the_fixture_covers_what_it_claims():
@@ -122,6 +154,44 @@ def test_repeat_penalty_ctrl_rule():
     np.testing.assert_allclose(probs, softmax64(np.array([1.0, -4.0, 1.0, 0.5])), rtol=1e-12)
 
 
+def test_frequency_and_presence_penalties_subtract_per_occurrence_and_once():
+    # token 1 twice, token 0 once: z - c * frequency - presence, after the CTRL penalty
+    logits = np.array([2.0, -2.0, 1.0, 0.5], dtype=np.float32)
+    params = SamplingParams(1.0, 0, 1.0, 0.0, 2.0, samplers=("penalties",), frequency_penalty=0.5, presence_penalty=0.25)
+    probs = sampling_probs(logits, params, [0, 1, 1])
+    np.testing.assert_allclose(probs, softmax64(np.array([1.0 - 0.75, -4.0 - 1.25, 1.0, 0.5])), rtol=1e-12)
+
+
+# float32 weights exactly 1, 1/2, 1/4, 1/8, 1/16, 3/64, 1/64 (sum 2): the most typical tokens are those
+# of probability 1/4, 1/2, 1/8, 1/16, ... (entropy 1.36 nats), masses .25, .75, .875, .9375 exact.
+EXACT = np.log(np.array([1, 0.5, 0.25, 0.125, 0.0625, 0.046875, 0.015625])).astype(np.float32)
+
+
+@pytest.mark.parametrize("p,kept", [(0.0, {1}), (0.2, {1}), (0.25, {1, 0}), (0.5, {1, 0}), (0.75, {1, 0, 2}),
+                                    (0.7499999, {1, 0}), (0.875, {1, 0, 2, 3}), (0.999, set(range(7)))])
+def test_typical_keeps_the_most_typical_until_their_mass_exceeds_p(p, kept):
+    # Strictly exceeds: at an exact boundary the token after it is kept too (top-p stops there).
+    probs = sampling_probs(EXACT, SamplingParams(1.0, 0, 1.0, 0.0, samplers=("typ_p",), typical_p=p))
+    assert set(np.flatnonzero(probs)) == kept
+
+
+def test_typical_can_drop_the_most_probable_token_even_when_greedy():
+    # p(.5) is less typical than p(.25): with typical .2 only the .25 token is left, and temperature 0
+    # after it picks it, not the argmax of the logits.
+    params = SamplingParams(0.0, 0, 1.0, 0.0, samplers=("typ_p", "temperature"), typical_p=0.2)
+    assert sample(EXACT, params, np.random.default_rng(0)) == 1
+
+
+def test_top_n_sigma_keeps_logits_within_n_standard_deviations_of_the_largest():
+    logits = np.array([0.0, 1.0, 2.0, 3.0, 10.0, -np.inf], dtype=np.float32)  # -inf: not in the statistics
+    sigma = np.std([0.0, 1.0, 2.0, 3.0, 10.0])  # 3.54
+    for n in (0.5, 2.0, 2.5, 3.0):
+        probs = sampling_probs(logits, SamplingParams(1.0, 0, 1.0, 0.0, samplers=("top_n_sigma",), top_n_sigma=n))
+        assert set(np.flatnonzero(probs)) == set(np.flatnonzero(logits >= 10 - n * sigma)), n
+    off = SamplingParams(1.0, 0, 1.0, 0.0, samplers=("top_n_sigma",), top_n_sigma=0.0)
+    assert np.count_nonzero(sampling_probs(logits, off)) == 5
+
+
 def test_top_p_on_a_large_vocabulary_finds_its_cut_beyond_the_first_look():
     # A flat 50,000-token tail: top-p .95 needs far more than the 256 largest.
     rng = np.random.default_rng(0)
@@ -155,11 +225,13 @@ ORDERS = st.permutations(SAMPLER_NAMES).flatmap(lambda names: st.integers(0, len
 
 @settings(max_examples=300, deadline=None)
 @given(LOGIT_VECTORS, st.floats(0.0, 3), st.integers(0, 70), st.floats(0.01, 1.0), st.floats(0, 0.99),
-       st.floats(0.5, 2), ORDERS, st.lists(st.integers(0, 59), max_size=8))
+       st.floats(0.5, 2), ORDERS, st.lists(st.integers(0, 59), max_size=8),
+       st.fixed_dictionaries({"typical_p": st.floats(0, 1), "top_n_sigma": st.floats(-1, 4),
+                              "frequency_penalty": st.floats(-2, 2), "presence_penalty": st.floats(-2, 2)}))
 def test_each_filter_only_removes_tokens_and_the_result_is_a_distribution(z, temp, k, top_p, min_p, penalty,
-                                                                          order, recent):
+                                                                          order, recent, more):
     order = tuple(order)
-    full = SamplingParams(temp, k, top_p, min_p, penalty, samplers=order)
+    full = SamplingParams(temp, k, top_p, min_p, penalty, samplers=order, **more)
     probs = sampling_probs(z, full, recent)
     assert abs(probs.sum() - 1) < 1e-9 and np.all(probs >= 0)
     kept = set(np.flatnonzero(probs))
@@ -167,7 +239,7 @@ def test_each_filter_only_removes_tokens_and_the_result_is_a_distribution(z, tem
     # Each prefix of the chain keeps a superset of what the longer chain keeps.
     before = set(range(z.size))
     for n in range(len(order) + 1):
-        ids, _ = survivors(z, SamplingParams(temp, k, top_p, min_p, penalty, samplers=order[:n]), recent)
+        ids, _ = survivors(z, SamplingParams(temp, k, top_p, min_p, penalty, samplers=order[:n], **more), recent)
         now = set(ids.tolist())
         assert now <= before
         before = now
@@ -182,6 +254,9 @@ def test_each_filter_only_removes_tokens_and_the_result_is_a_distribution(z, tem
     (dict(temperature=-0.1), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"), (dict(min_p=1.0), "min_p"), (dict(repeat_penalty=0), "repeat_penalty"),
     (dict(temperature=float("nan")), "temperature"), (dict(samplers=("top_k", "top_k")), "samplers"),
+    (dict(presence_penalty=float("nan")), "presence_penalty"), (dict(frequency_penalty=float("inf")), "frequency_penalty"),
+    (dict(typical_p=1.5), "typical_p"), (dict(typical_p=-0.1), "typical_p"), (dict(top_n_sigma=float("nan")), "top_n_sigma"),
+    (dict(repeat_penalty=1e-40), "repeat_penalty"),
 ])
 def test_invalid_values_are_rejected_naming_the_parameter(kwargs, parameter):
     with pytest.raises(ParameterError, match=parameter) as e:
@@ -192,7 +267,14 @@ def test_invalid_values_are_rejected_naming_the_parameter(kwargs, parameter):
 def test_parse_samplers_takes_llama_cpp_names_and_the_order_presets():
     assert parse_samplers("top_k;top_p;min_p;temperature") == ("top_k", "top_p", "min_p", "temperature")
     assert parse_samplers("top-k;nucleus;min-p;temp") == ("top_k", "top_p", "min_p", "temperature")
-    assert parse_samplers("llama.cpp") == DEFAULT_SAMPLERS == ("penalties", "top_k", "top_p", "min_p", "temperature")
+    assert parse_samplers("llama.cpp") == DEFAULT_SAMPLERS == (
+        "penalties", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "temperature")
+    # llama.cpp's other spellings (`common_sampler_types_from_names`), in any case
+    assert parse_samplers("Top-N-Sigma;TOPK;typ;typ-p".replace(";typ-p", "")) == ("top_n_sigma", "top_k", "typ_p")
+    assert parse_samplers("typp;topnsigma") == ("typ_p", "top_n_sigma")
+    # --sampling-seq: llama.cpp's letters
+    assert parse_sampler_chars("eskypmt") == DEFAULT_SAMPLERS
+    assert parse_sampler_chars("kt") == ("top_k", "temperature")
     assert parse_samplers("transformers") == ("penalties", "temperature", "top_k", "top_p", "min_p")
     assert parse_samplers("") == ()
 
@@ -200,11 +282,20 @@ def test_parse_samplers_takes_llama_cpp_names_and_the_order_presets():
 @pytest.mark.parametrize("text,fragment", [
     ("foo", "unknown sampler 'foo'"), ("top_k;top_k", "'top_k' is given twice"),
     ("top_k;top-k", "'top_k' is given twice"), ("dry;top_k", "'dry' is llama.cpp's but not implemented"),
-    ("top_k;;top_p", "empty sampler name"),
+    ("top_k;;top_p", "empty sampler name"), ("typical", "unknown sampler 'typical'"),
+    ("infill", "'infill' is llama.cpp's but not implemented"),
 ])
 def test_parse_samplers_refuses_unknown_and_duplicate_names(text, fragment):
     with pytest.raises(ParameterError, match=fragment) as e:
         parse_samplers(text)
+    assert e.value.parameter == "samplers"
+
+
+@pytest.mark.parametrize("text,fragment", [("kz", "unknown sampler 'z'"), ("kk", "'top_k' is given twice"),
+                                           ("ai", "'a' is llama.cpp's but not implemented")])
+def test_parse_sampler_chars_refuses_unknown_and_duplicate_letters(text, fragment):
+    with pytest.raises(ParameterError, match=fragment) as e:
+        parse_sampler_chars(text)
     assert e.value.parameter == "samplers"
 
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Write tests/fixtures/sampling/chains.json.gz: the distributions two reference samplers draw from,
-for a grid of settings on a few logit vectors.
+for a grid of settings on a few logit vectors; and tests/fixtures/sampling/llama_cpp_samplers.json.gz:
+llama.cpp's other samplers (frequency and presence penalties, typical, top-n-sigma), each alone
+and in llama.cpp's default chain.
 
     python tools/make_sampler_fixtures.py      (needs `make tools`: transformers, llama-cpp-python)
 
@@ -22,6 +24,12 @@ meet their boundary exactly in the references' arithmetic; two random ones (64 a
 and two realistic ones, the 128 largest logits of the default model (weights/default) after two
 prompts, renumbered 0..127 in id order. No logit vector has two equal logits where a top-k could
 split them.
+
+llama_cpp_samplers.json.gz: the same logit vectors; for each setting of SAMPLER_GRID, llama.cpp's
+chain of the samplers that setting turns on ("alone", no temperature) and its default chain
+(`common_params_sampling::samplers`, every sampler llama3_np has, llama.cpp's default values for
+the settings not changed), built as above with `llama_sampler_init_typical(p, 0)` and
+`_top_n_sigma(n)` besides.
 """
 
 from __future__ import annotations
@@ -39,9 +47,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 
-from llama3_np.sampling import SAMPLER_ORDERS  # noqa: E402
+from llama3_np.sampling import SAMPLER_ORDERS, SamplingParams, survivors  # noqa: E402
 
 OUT = REPO / "tests" / "fixtures" / "sampling" / "chains.json.gz"
+OUT_SAMPLERS = REPO / "tests" / "fixtures" / "sampling" / "llama_cpp_samplers.json.gz"
 REPEAT_LAST_N = 64  # llama.cpp's penalty_last_n default, and llama3_np's window
 
 # Exact in binary: the whole vocabulary sums to 2.
@@ -52,7 +61,9 @@ EXACT_TOP4_WEIGHTS = [1, 0.5, 0.375, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125
 REALISTIC_VOCAB = 128
 REALISTIC_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 
-OFF = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
+OFF = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0, presence_penalty=0.0,
+           frequency_penalty=0.0, typical_p=1.0, top_n_sigma=-1.0)
+LLAMA_CPP_DEFAULTS = {**OFF, **dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)}
 GRID = [
     {},
     dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),  # llama.cpp's defaults
@@ -69,6 +80,24 @@ GRID = [
     dict(temperature=1.5, top_k=20, top_p=0.9, min_p=0.05), dict(temperature=0.5, top_p=0.8),
     dict(temperature=2.0, min_p=0.1), dict(temperature=0.6, top_k=10, min_p=0.1, repeat_penalty=1.2),
 ]
+
+
+# llama.cpp's other samplers: each setting alone (the samplers it turns on, in llama.cpp's order) and
+# in the default chain. Typical p 0.25, 0.75, 0.875 are exact boundaries on the `exact` vector (its
+# most typical tokens weigh 1/4, then 1/2, 1/8, 1/16: masses .25, .75, .875, .9375).
+SAMPLER_GRID = [
+    dict(frequency_penalty=0.5), dict(presence_penalty=0.5), dict(frequency_penalty=1.0, presence_penalty=0.5),
+    dict(frequency_penalty=-0.5), dict(presence_penalty=-1.0), dict(frequency_penalty=2.0),
+    dict(repeat_penalty=1.3, frequency_penalty=0.3, presence_penalty=0.2),
+    dict(typical_p=0.0), dict(typical_p=0.2), dict(typical_p=0.25), dict(typical_p=0.5), dict(typical_p=0.75),
+    dict(typical_p=0.875), dict(typical_p=0.9), dict(typical_p=0.95), dict(typical_p=0.99),
+    dict(top_n_sigma=0.5), dict(top_n_sigma=1.0), dict(top_n_sigma=1.5), dict(top_n_sigma=2.0),
+    dict(top_n_sigma=3.0), dict(top_n_sigma=0.0),
+    dict(frequency_penalty=0.5, typical_p=0.9), dict(presence_penalty=0.5, top_n_sigma=1.0),
+]
+# Which sampler each setting belongs to.
+SAMPLER_OF = {"repeat_penalty": "penalties", "frequency_penalty": "penalties", "presence_penalty": "penalties",
+              "typical_p": "typ_p", "top_n_sigma": "top_n_sigma"}
 
 
 def float32_list(x: np.ndarray) -> list[float]:
@@ -126,7 +155,8 @@ def llama_cpp_probs(logits: np.ndarray, recent: list[int], s: dict, order: tuple
     import llama_cpp as L
 
     n = logits.size
-    penalties = (REPEAT_LAST_N, s["repeat_penalty"], 0.0, 0.0)  # last n, repeat, frequency, presence
+    # last n, repeat, frequency, presence
+    penalties = (REPEAT_LAST_N, s["repeat_penalty"], s["frequency_penalty"], s["presence_penalty"])
     if len(L.llama_sampler_init_penalties.argtypes) == 5:  # some llama.cpp versions take n_vocab first
         penalties = (n, *penalties)
     chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
@@ -136,6 +166,8 @@ def llama_cpp_probs(logits: np.ndarray, recent: list[int], s: dict, order: tuple
         "top_p": lambda: L.llama_sampler_init_top_p(s["top_p"], 0),
         "min_p": lambda: L.llama_sampler_init_min_p(s["min_p"], 0),
         "temperature": lambda: L.llama_sampler_init_temp_ext(s["temperature"], 0.0, 1.0),
+        "typ_p": lambda: L.llama_sampler_init_typical(s["typical_p"], 0),
+        "top_n_sigma": lambda: L.llama_sampler_init_top_n_sigma(s["top_n_sigma"]),
     }
     for name in order:
         L.llama_sampler_chain_add(chain, make[name]())
@@ -199,6 +231,42 @@ def check_exact(case: dict, weights: list[float]) -> None:
     assert np.array_equal(np.sort(ours), want) and np.array_equal(np.sort(theirs), want), (ours, theirs)
 
 
+def check_top_n_sigma_margin(case: dict, s: dict, order: tuple[str, ...]) -> None:
+    """No logit lies so near top-n-sigma's threshold that float32 rounding of its mean and sigma
+    (llama.cpp sums in float32) could move it to the other side."""
+    if "top_n_sigma" not in order or s["top_n_sigma"] <= 0:
+        return
+    before = order[:order.index("top_n_sigma")]
+    _, z = survivors(case["logits"], SamplingParams(**s, samplers=before), case["recent"])
+    z = z.astype(np.float64)
+    threshold = z.max() - s["top_n_sigma"] * z.std()
+    assert np.abs(z - threshold).min() > 1e-5 * max(1.0, abs(threshold)), (case["name"], s)
+
+
+def sampler_results(cases: list[dict]) -> dict:
+    settings, results = [], []
+    for change in SAMPLER_GRID:
+        alone = tuple(name for name in SAMPLER_ORDERS["llama.cpp"] if name in {SAMPLER_OF[k] for k in change})
+        for chain, base, order in (("alone", OFF, alone), ("llama.cpp", LLAMA_CPP_DEFAULTS, SAMPLER_ORDERS["llama.cpp"])):
+            s = {**base, **change}
+            settings.append(s)
+            for ci, case in enumerate(cases):
+                check_top_n_sigma_margin(case, s, order)
+                probs = llama_cpp_probs(case["logits"], case["recent"], s, order)
+                kept = np.flatnonzero(probs)
+                results.append({"case": ci, "setting": len(settings) - 1, "chain": chain, "samplers": list(order),
+                                "ids": [int(i) for i in kept], "probs": [float(f"{p:.8g}") for p in probs[kept]]})
+    return {"settings": settings, "results": results}
+
+
+def write_gzip_json(path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    # no time stamp, so that the bytes depend on the content only
+    tmp.write_bytes(gzip.compress((json.dumps(doc, separators=(",", ":")) + "\n").encode(), mtime=0))
+    tmp.replace(path)
+
+
 def main() -> int:
     cases = [exact_case("exact", EXACT_WEIGHTS, 1), exact_case("exact_top4", EXACT_TOP4_WEIGHTS, 2)]
     check_exact(cases[0], EXACT_WEIGHTS)
@@ -229,13 +297,18 @@ def main() -> int:
         "settings": [settings_of(change) for change in GRID],
         "results": results,
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix(".tmp")
-    # gzip (200 KB of JSON, 40 KB compressed), with no time stamp so the bytes depend on the content only
-    tmp.write_bytes(gzip.compress((json.dumps(doc, separators=(",", ":")) + "\n").encode(), mtime=0))
-    tmp.replace(OUT)
+    write_gzip_json(OUT, doc)  # 200 KB of JSON, 40 KB compressed
     print(f"wrote {OUT.relative_to(REPO)} ({OUT.stat().st_size // 1024} KB): {len(cases)} logit vectors x "
           f"{len(GRID)} settings x 2 orders", file=sys.stderr)
+
+    doc = {"producer": {"script": "tools/make_sampler_fixtures.py",
+                        "llama-cpp-python": metadata.version("llama_cpp_python")},
+           "repeat_last_n": REPEAT_LAST_N,
+           "cases": [{**c, "logits": float32_list(c["logits"])} for c in cases],
+           **sampler_results(cases)}
+    write_gzip_json(OUT_SAMPLERS, doc)
+    print(f"wrote {OUT_SAMPLERS.relative_to(REPO)} ({OUT_SAMPLERS.stat().st_size // 1024} KB): {len(cases)} logit "
+          f"vectors x {len(SAMPLER_GRID)} settings x 2 chains", file=sys.stderr)
     return 0
 
 

@@ -23,7 +23,8 @@ from ..config import ModelConfig
 from ..errors import Llama3Error, ParameterError
 from ..generation import PREFILL_CHUNK, REPEAT_LAST_N, Generation, Session, Step
 from ..load import DEFAULT_CTX, LoadedModel, load_model
-from ..sampling import DEFAULT_SAMPLERS, SAMPLER_ORDERS, SamplingParams, parse_samplers
+from ..sampling import (DEFAULT_SAMPLERS, SAMPLER_CHARS, SAMPLER_NAMES, SAMPLER_ORDERS, SamplingParams,
+                        parse_sampler_chars, parse_samplers)
 from ..text.pieces import format_pieces, pieces
 from ..text.tokenizer import StreamDecoder
 from ..xcheck.bench import peak_rss_mb
@@ -37,6 +38,8 @@ FLAGS = {
     "nmse_tol": "--tol", "rel_tol": "--rel-tol", "batch": "--batch-size", "chunks": "--chunks",
     "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
     "layers": "--layers", "samplers": "--samplers", "repeat_last_n": "--repeat-last-n",
+    "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty", "typical_p": "--typical",
+    "top_n_sigma": "--top-nsigma",
 }
 
 
@@ -87,14 +90,30 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty,
                    help=f"penalty on the last --repeat-last-n tokens; 1 = off (default {d.repeat_penalty})")
     p.add_argument("--repeat-last-n", type=int, default=REPEAT_LAST_N, metavar="N",
-                   help=f"how many recent tokens the repeat penalty looks at; 0 = off, -1 = the whole context "
-                        f"(default {REPEAT_LAST_N})")
+                   help=f"how many recent tokens the repeat, frequency and presence penalties look at; 0 = off, "
+                        f"-1 = the whole context (default {REPEAT_LAST_N})")
+    p.add_argument("--presence-penalty", type=float, default=d.presence_penalty, metavar="N",
+                   help=f"subtracted from the logit of each token in the last --repeat-last-n; 0 = off "
+                        f"(default {d.presence_penalty})")
+    p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty, metavar="N",
+                   help=f"subtracted from a token's logit once per occurrence in the last --repeat-last-n; "
+                        f"0 = off (default {d.frequency_penalty})")
+    p.add_argument("--typical", "--typical-p", dest="typical_p", type=float, default=d.typical_p, metavar="N",
+                   help=f"locally typical sampling, parameter p; 1 = off (default {d.typical_p})")
+    p.add_argument("--top-nsigma", "--top-n-sigma", dest="top_n_sigma", type=float, default=d.top_n_sigma,
+                   metavar="N", help=f"keep logits within N standard deviations of the largest; <= 0 = off "
+                                     f"(default {d.top_n_sigma})")
     orders = ", ".join(f"{name} = {';'.join(order)}" for name, order in SAMPLER_ORDERS.items())
-    p.add_argument("--samplers", default=";".join(DEFAULT_SAMPLERS), metavar="SAMPLERS",
-                   help="the samplers to apply, in order, separated by ';', with llama.cpp's names (penalties, "
-                        "top_k, top_p, min_p, temperature); a sampler left out is not applied. Or an order by "
-                        f"name: {orders}. Each filter acts on the renormalised survivors of the one before "
-                        "(default: llama.cpp's order)")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--samplers", default=";".join(DEFAULT_SAMPLERS), metavar="SAMPLERS",
+                       help=f"the samplers to apply, in order, separated by ';', with llama.cpp's names "
+                            f"({', '.join(SAMPLER_NAMES)}); a sampler left out is not applied. Or an order by "
+                            f"name: {orders}. Each filter acts on the renormalised survivors of the one before "
+                            "(default: llama.cpp's order)")
+    letters = ", ".join(f"{c} = {name}" for c, name in SAMPLER_CHARS.items())
+    order.add_argument("--sampling-seq", "--sampler-seq", metavar="SEQUENCE",
+                       help=f"the samplers as llama.cpp's letters, in order ({letters}; default "
+                            f"{''.join(c for name in DEFAULT_SAMPLERS for c, n in SAMPLER_CHARS.items() if n == name)})")
     p.add_argument("-s", "--seed", type=int, default=-1,
                    help="random seed; -1 = a random one, printed with the statistics (default -1)")
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
@@ -117,8 +136,11 @@ def sampling_params(args) -> SamplingParams:
     if args.repeat_last_n < -1:  # the session is made after the model loads: say it now
         raise Llama3Error(f"--repeat-last-n must be >= 0 (0 = off), or -1 for the whole context, "
                           f"got {args.repeat_last_n}")
+    samplers = parse_samplers(args.samplers) if args.sampling_seq is None else parse_sampler_chars(args.sampling_seq)
     return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                          repeat_penalty=args.repeat_penalty, samplers=parse_samplers(args.samplers))
+                          repeat_penalty=args.repeat_penalty, samplers=samplers,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          typical_p=args.typical_p, top_n_sigma=args.top_n_sigma)
 
 
 def seeded_rng(args) -> tuple[int, np.random.Generator]:

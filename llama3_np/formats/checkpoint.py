@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import ml_dtypes
 import numpy as np
 
 from ..config import ROPE_FACTOR_SOURCES, ModelConfig, from_hf_config, from_meta_params
+from ..dtypes import bfloat16, is_bfloat16
 from ..errors import Llama3Error, warn
 from ..text.tokenizer import find_tokenizer_file
 from .gguf_file import is_gguf
@@ -48,7 +48,8 @@ from .pth import PthFile
 from .safetensors_file import SafetensorsFile, write_safetensors
 
 RESIDENCIES = ("float32", "bfloat16", "gguf")
-FLOAT_DTYPES = (np.dtype("<f4"), np.dtype("<f2"), np.dtype(ml_dtypes.bfloat16))
+# The weight dtypes read: float32, float16 and bfloat16 (`is_bfloat16`, which needs no ml_dtypes).
+FLOAT_DTYPES = (np.dtype("<f4"), np.dtype("<f2"))
 
 # --- names ---------------------------------------------------------------------------------------
 
@@ -219,7 +220,7 @@ def _stored(file, path: Path, name: str) -> StoredTensor:
 
 
 def _check_dtype(t: StoredTensor, what: str):
-    if t.dtype not in FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES and not is_bfloat16(t.dtype):
         raise Llama3Error(f"{t.file}: tensor {t.name!r} ({what}) is stored as {t.dtype}; "
                           "llama3_np reads float32, float16 and bfloat16 weights")
 
@@ -536,14 +537,15 @@ def hf_config_dict(c: ModelConfig) -> dict:
 
 
 def save_hf_checkpoint(directory, config: ModelConfig, weights: dict[str, np.ndarray], shards: int = 1,
-                       extra_config: Optional[dict] = None, dtype=ml_dtypes.bfloat16):
+                       extra_config: Optional[dict] = None, dtype=None, keep_dtype: bool = False):
     """Write canonical weights as a Hugging Face folder (config.json, safetensors, index if sharded).
 
-    q/k rows are permuted back to rotate-half order and stored, like everything, as `dtype` (None:
-    each tensor's own dtype); tied
-    embeddings are stored once. With shards > 1, tensors are dealt out in name order into
-    model-0000N-of-0000M.safetensors files of about equal size.
+    q/k rows are permuted back to rotate-half order and stored, like everything, as `dtype`
+    (default bfloat16), or each in its own dtype with keep_dtype; tied embeddings are stored once.
+    With shards > 1, tensors are dealt out in name order into model-0000N-of-0000M.safetensors
+    files of about equal size.
     """
+    dtype = bfloat16() if dtype is None else dtype
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     heads = {"wq": config.n_heads, "wk": config.n_kv_heads}
@@ -552,7 +554,7 @@ def save_hf_checkpoint(directory, config: ModelConfig, weights: dict[str, np.nda
         if name == "output.weight" and config.tie_embeddings:
             continue
         w = np.asarray(weights[name])
-        w = w if dtype is None else w.astype(dtype, copy=False)
+        w = w if keep_dtype else w.astype(dtype, copy=False)
         n_heads = heads.get(name.split(".")[-2])
         tensors[hf_name(name)] = permute_qk(w, n_heads) if n_heads else w
     (directory / "config.json").write_text(json.dumps(dict(hf_config_dict(config), **(extra_config or {})),

@@ -235,7 +235,7 @@ class QuantizedWeight:
 
     What the model does with a weight, it does here on exact values: `w[ids]` gives float32 rows
     (the embedding lookup), and `llama3_np.products.linear` dequantizes a block of rows at a time
-    into its per-thread float32 buffer (`dequantize_rows_into`)."""
+    into its per-thread float32 buffer (`rows_into`).""""
 
     ndim = 2
 
@@ -256,9 +256,10 @@ class QuantizedWeight:
     def itemsize(self) -> float:  # bytes per value, averaged over a block (Q4_1: 20 / 32 = 0.625)
         return self.type.type_size / self.type.block_size
 
-    def dequantize_rows_into(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
-        """Rows start..stop as float32, written into `out` ([stop - start, n_in] float32)."""
-        return dequantize_rows(self.raw[start:stop], self.type, out=out)
+    def rows_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows start..stop as float32, written into `out` ([stop - start, n_in] float32): the
+        hook by which `products` converts a weight of its own kind (`products.rows_into`)."""
+        dequantize_rows(self.raw[start:stop], self.type, out=out)
 
     def __getitem__(self, ids) -> np.ndarray:  # [T] ints -> [T, n_in] float32
         return dequantize_rows(self.raw[np.asarray(ids)], self.type)

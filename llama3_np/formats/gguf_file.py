@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ..dtypes import bfloat16
 from ..errors import Llama3Error
 from .ggml_blocks import SUPPORTED, GGMLType, QuantizedWeight, dequantize_rows, supported_names, type_name
 
@@ -88,10 +89,7 @@ class GGUFTensor:
         """A float tensor's values as stored, a read-only view of the mapped file."""
         if self.type.block_size != 1:
             raise ValueError(f"{self.name} is {self.type.name}, not a float type")
-        dtype = self.type.block
-        if self.type.name == "BF16":
-            import ml_dtypes
-            dtype = np.dtype(ml_dtypes.bfloat16)
+        dtype = bfloat16() if self.type.name == "BF16" else self.type.block
         return self.raw().view(dtype).reshape(self.shape)
 
     def quantized(self) -> QuantizedWeight:

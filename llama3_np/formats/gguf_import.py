@@ -44,6 +44,7 @@ import numpy as np
 
 from .checkpoint import CheckpointIndex, StoredTensor, TensorPlan, expected_shapes, save_hf_checkpoint
 from .gguf_file import GGUFFile, GGUFTensor
+from ..dtypes import bfloat16
 from ..config import (LLAMA3_ORIGINAL_CONTEXT, META_HIGH_FREQ_FACTOR, META_LOW_FREQ_FACTOR,
                       ModelConfig, RopeScaling)
 from ..errors import Llama3Error, warn
@@ -371,11 +372,8 @@ def gguf_tokenizer(path) -> "Tokenizer":
 
 def exact_dtype(values: np.ndarray) -> np.dtype:
     """bfloat16 when every value is a bfloat16 number (the conversion is exact), else float32."""
-    import ml_dtypes
-
-    as_bf16 = values.astype(ml_dtypes.bfloat16)
-    same = np.array_equal(as_bf16.astype(np.float32), values, equal_nan=True)
-    return np.dtype(ml_dtypes.bfloat16) if same else np.dtype(np.float32)
+    same = np.array_equal(values.astype(bfloat16()).astype(np.float32), values, equal_nan=True)
+    return bfloat16() if same else np.dtype(np.float32)
 
 
 def write_folder(gguf_path: Path, out_dir: Path, sha256: str | None = None):
@@ -395,7 +393,7 @@ def write_folder(gguf_path: Path, out_dir: Path, sha256: str | None = None):
     if config.tie_embeddings:
         weights["output.weight"] = weights["tok_embeddings.weight"]
     save_hf_checkpoint(out_dir, config, weights, extra_config={k: v for k, v in extra.items() if v is not None},
-                       dtype=None)
+                       keep_dtype=True)
     _write_json(out_dir / "generation_config.json", {"bos_token_id": ids.get("bos"), "eos_token_id": stop_ids})
     _write_json(out_dir / "tokenizer.json", tokenizer_json)
     _write_json(out_dir / "tokenizer_config.json", tokenizer_config)

@@ -25,24 +25,29 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
+from ..dtypes import bfloat16
 from ..errors import Llama3Error
 from .safetensors_file import map_array
 
-# The storage classes a weights file uses; each stands for its element type.
+# The storage classes a weights file uses; each stands for its element type (bfloat16 is made
+# when a file holds one: llama3_np.dtypes).
 STORAGE_DTYPES = {
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "HalfStorage": np.dtype("<f2"),
-    "FloatStorage": np.dtype("<f4"),
+    "BFloat16Storage": "bfloat16",
+    "HalfStorage": "<f2",
+    "FloatStorage": "<f4",
 }
 
 
 @dataclass(frozen=True, slots=True)
 class _StorageType:
     name: str
-    dtype: np.dtype
+
+    @property
+    def dtype(self) -> np.dtype:
+        spec = STORAGE_DTYPES[self.name]
+        return bfloat16() if spec == "bfloat16" else np.dtype(spec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +97,7 @@ _ALLOWED_GLOBALS = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    **{("torch", name): _StorageType(name, dtype) for name, dtype in STORAGE_DTYPES.items()},
+    **{("torch", name): _StorageType(name) for name in STORAGE_DTYPES},
 }
 
 

@@ -25,19 +25,29 @@ import struct
 from pathlib import Path
 from typing import Mapping, Optional
 
-import ml_dtypes
 import numpy as np
 
+from ..dtypes import bfloat16, is_bfloat16
 from ..errors import Llama3Error
 
-# safetensors dtype names <-> NumPy dtypes (little-endian, as the format prescribes).
-DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
+# safetensors dtype names <-> NumPy dtypes (little-endian, as the format prescribes). BF16 is
+# ml_dtypes' bfloat16, imported only when a BF16 tensor is read (`llama3_np.dtypes`).
+DTYPES: dict[str, Optional[np.dtype]] = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": None,
     "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
     "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
-DTYPE_NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
+DTYPE_NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items() if v is not None}
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a safetensors dtype name of `DTYPES`."""
+    return bfloat16() if name == "BF16" else DTYPES[name]
+
+
+def stored_name(dtype: np.dtype) -> Optional[str]:
+    """The safetensors name of a little-endian NumPy dtype, None when the format has none."""
+    return "BF16" if is_bfloat16(dtype) else DTYPE_NAMES.get(dtype)
 
 # The reference implementation refuses headers above 100 MB; a real one is a few hundred KB.
 MAX_HEADER_BYTES = 100_000_000
@@ -113,7 +123,7 @@ class SafetensorsFile:
         if not 0 <= begin <= end <= self.data_size:
             raise self._error(f"tensor {name!r}: data offsets [{begin}, {end}] are out of range: the data "
                               f"section holds {self.data_size} bytes; the file is truncated or corrupted")
-        dtype = DTYPES[dtype_name]
+        dtype = numpy_dtype(dtype_name)
         expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if end - begin != expected:
             raise self._error(f"tensor {name!r}: {end - begin} bytes for a {dtype_name} tensor of shape "
@@ -165,10 +175,10 @@ class SafetensorsWriter:
         offset = 0
         for name in sorted(layout):
             dtype, shape = np.dtype(layout[name][0]).newbyteorder("<"), tuple(layout[name][1])
-            if dtype not in DTYPE_NAMES:
+            if stored_name(dtype) is None:
                 raise Llama3Error(f"{path}: cannot store tensor {name!r} of dtype {dtype} in safetensors")
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": stored_name(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         self.remaining = offset
         raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")

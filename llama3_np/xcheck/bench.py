@@ -12,6 +12,11 @@ The read bandwidth is what the memory delivers to all threads (row sums of a 1 G
 float32 matrix-vector rate (x · Wᵀ through llama3_np's products) is reported beside it, with the
 decode fraction of that too: it is what NumPy's BLAS makes of the bandwidth, and it is lower.
 
+bfloat16 residency converts every weight to float32 block by block as it multiplies, so the rate
+of that conversion bounds its decode too: `bench` prints the conversion products chose (bit shift or
+ml_dtypes' cast, timed at the first bfloat16 product) and the rate of each, in bytes of bfloat16 read
+per second on all threads, blocks of the size products convert.
+
 The prompt is a fixed synthetic list of token ids (no tokenizer needed); every run is greedy, has
 no stop token, and starts from an empty KV cache. Speeds are medians over `runs` runs after a warm-up.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import os
 import resource
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 
@@ -29,7 +35,8 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import Llama3Error, ParameterError
 from ..generation import Session
-from ..products import get_threads, linear, parallel
+from ..products import (BFLOAT16_CONVERSIONS, bfloat16_conversion, conversion_rows, get_threads, linear,
+                        parallel)
 from ..sampling import SamplingParams
 
 # The limits (each the best of several runs): row sums of a float32 array 32 times the size of a
@@ -41,6 +48,7 @@ READ_ARRAY_BYTES = 1 << 30
 READ_ROW, READ_BLOCK_ROWS = 4096, 512  # blocks of 8 MiB
 BANDWIDTH_MATRIX = (8192, 8192)  # 256 MiB
 SGEMM_SHAPE = (512, 2048, 2048)  # [M, K] @ [K, N]
+CONVERSION_MATRIX = (32768, 4096)  # 256 MiB of bfloat16, 8 times that cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +155,30 @@ def measure_sgemm(repeats: int = 9) -> float:
     return 2 * M * K * N / _best_seconds(lambda: linear(a, b), repeats)
 
 
+def measure_conversions(repeats: int = 5) -> dict[str, float]:
+    """bfloat16 -> float32 conversion rate of each of products' conversions, in bytes of bfloat16 read
+    per second: a matrix read from memory, converted block by block into each thread's buffer, the
+    blocks shared by llama3_np's threads, as bfloat16 products convert (without their products)."""
+    from ..dtypes import bfloat16
+
+    n_out, n_in = CONVERSION_MATRIX
+    rng = np.random.default_rng(0)
+    w = rng.integers(0, 1 << 16, size=CONVERSION_MATRIX, dtype=np.uint16).view(bfloat16())
+    rows = conversion_rows(n_out, n_in)
+    n_blocks = -(-n_out // rows)
+    buffers = threading.local()
+    rates = {}
+    for name, convert in BFLOAT16_CONVERSIONS.items():
+        def block(i: int) -> None:
+            if not hasattr(buffers, "block"):
+                buffers.block = np.empty((rows, n_in), dtype=np.float32)
+            part = w[i * rows:(i + 1) * rows]
+            convert(part, buffers.block[:part.shape[0]])
+
+        rates[name] = w.nbytes / _best_seconds(lambda: parallel(block, n_blocks), repeats)
+    return rates
+
+
 def peak_rss_mb() -> float:
     """The largest resident memory of this process so far, in MB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -181,6 +213,9 @@ class BenchResult:
     decode_fraction: float  # of the read bandwidth
     decode_fraction_of_matvec: float
     prefill_fraction: float
+    bfloat16_conversion: str  # the one products use (timed at the first bfloat16 product)
+    conversion_gb_s: dict  # every conversion's rate, GB of bfloat16 read per second on all threads
+    ml_dtypes_version: str
     ids: list[int]  # the greedy ids of the last run, to compare across versions
 
 
@@ -223,6 +258,8 @@ def bench(path, dtype: str = "float32", prompt_tokens: int = 512, new_tokens: in
     rss = peak_rss_mb()  # before the limit measurements allocate their own matrices
     itemsize = 4 if dtype == "float32" else max(w.itemsize for w in checkpoint.weights.values())
     bandwidth, matvec, sgemm = measure_read_bandwidth(), measure_matvec(), measure_sgemm()
+    conversions = measure_conversions()
+    import ml_dtypes  # imported by now: the conversions made bfloat16 arrays
     bytes_per_token = decode_bytes_per_token(config, itemsize, prompt_tokens, new_tokens)
     flops_per_token = prefill_flops(config, prompt_tokens) / prompt_tokens
     return BenchResult(
@@ -234,7 +271,9 @@ def bench(path, dtype: str = "float32", prompt_tokens: int = 512, new_tokens: in
         prefill_flops_per_token=flops_per_token, bandwidth_gb_s=bandwidth / 1e9, matvec_gb_s=matvec / 1e9,
         sgemm_gflop_s=sgemm / 1e9, decode_fraction=fraction(bytes_per_token, decode, bandwidth),
         decode_fraction_of_matvec=fraction(bytes_per_token, decode, matvec),
-        prefill_fraction=fraction(flops_per_token, prefill, sgemm), ids=ids)
+        prefill_fraction=fraction(flops_per_token, prefill, sgemm), bfloat16_conversion=bfloat16_conversion(),
+        conversion_gb_s={name: rate / 1e9 for name, rate in conversions.items()},
+        ml_dtypes_version=ml_dtypes.__version__, ids=ids)
 
 
 def report(r: BenchResult) -> str:
@@ -253,4 +292,7 @@ def report(r: BenchResult) -> str:
         f"float32 matrix-vector {r.matvec_gb_s:.1f} GB/s ({BANDWIDTH_MATRIX[0] * BANDWIDTH_MATRIX[1] * 4 >> 20} MiB "
         f"matrix); sgemm {r.sgemm_gflop_s:.1f} GFLOP/s ({'x'.join(map(str, SGEMM_SHAPE))}); "
         f"all on {r.threads} threads",
+        f"bfloat16 conversion: {r.bfloat16_conversion} (the faster at the first bfloat16 product); "
+        + ", ".join(f"{name} {rate:.1f} GB/s" for name, rate in r.conversion_gb_s.items())
+        + f" of bfloat16 on {r.threads} threads (ml_dtypes {r.ml_dtypes_version})",
     ])
