@@ -63,15 +63,20 @@ def greedy(model, prompt_ids: list[int]) -> tuple[list[int], list[float]]:
 
 
 def llama_cpp_greedy(path, prompt_ids: list[int]) -> list[int]:
-    """llama.cpp's greedy continuation of the same ids on the same file (llama-cpp-python, CPU)."""
+    """llama.cpp's greedy continuation of the same ids on the same file (llama-cpp-python, CPU,
+    its default arithmetic), the last position's logits read from its context after each eval."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt_ids) + NEW_TOKENS, n_threads=2,
-                          logits_all=False, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt_ids) + NEW_TOKENS, n_threads=2, verbose=False)
+    vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+
     llm.eval(prompt_ids)
     ids = []
     for _ in range(NEW_TOKENS):
-        ids.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        ids.append(int(np.argmax(last_logits())))
         llm.eval([ids[-1]])
     return ids
 

@@ -235,7 +235,7 @@ class QuantizedWeight:
 
     What the model does with a weight, it does here on exact values: `w[ids]` gives float32 rows
     (the embedding lookup), and `llama3_np.products.linear` dequantizes a block of rows at a time
-    into its per-thread float32 buffer (`rows_into`).""""
+    into its per-thread float32 buffer (`rows_into`)."""
 
     ndim = 2
 
