@@ -131,3 +131,21 @@ def test_a_gguf_without_tokenizer_pre_is_read_as_llama3_when_the_vocabulary_is(t
     f.metadata["tokenizer.ggml.tokens"] = tokens[:100]
     with pytest.raises(Llama3Error, match="no tokenizer.ggml.pre and the vocabulary is not Llama 3's"):
         pre_tokenizer_name(path, _Fields(path, f))
+
+
+def test_inspect_and_tokenize_read_the_metadata_only(tmp_path, monkeypatch, capsys):
+    """No tensor's bytes are touched (every read of them goes through GGUFTensor.raw), and nothing
+    is written."""
+    from llama3_np.formats.gguf_file import GGUFTensor
+
+    def refuse(self):
+        raise AssertionError(f"tensor {self.name} was read")
+
+    path = assets.default_model()
+    monkeypatch.setattr(GGUFTensor, "raw", refuse)
+    monkeypatch.setenv("LLAMA3_NP_CACHE", str(tmp_path / "cache"))
+    assert main(["tokenize", "-m", str(path), "-p", "The three primary colors are", "--json"]) == 0
+    assert '"ids": [504, 1296, 3003, 4683, 359]' in capsys.readouterr().out
+    assert main(["inspect", "-m", str(path)]) == 0
+    assert "format:      GGUF" in capsys.readouterr().out
+    assert not (tmp_path / "cache").exists()
