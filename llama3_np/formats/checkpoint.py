@@ -474,8 +474,8 @@ def _materialize_gguf(plan: TensorPlan, residency: str) -> Any:
     from .gguf_import import exact_dtype
 
     t = plan.pieces[0].gguf
-    if residency == "float32":
-        return np.array(t.values(), np.float32)
+    if residency == "float32":  # a new array, except an F32 tensor's view of the file, copied
+        return np.array(t.values()) if t.type.name == "F32" else t.values()
     if t.type.block_size == 1:  # F32, F16, BF16: the mapped values, exact in any residency
         return t.stored()
     if residency == "gguf":

@@ -36,6 +36,7 @@ MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
+VALUES_PER_STEP = 1 << 18  # values dequantized at a time by `GGUFTensor.values`
 
 # Metadata value types (gguf.md, GGUFValueType): struct format of the scalars.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -97,8 +98,17 @@ class GGUFTensor:
         return QuantizedWeight(self.raw(), self.type, self.shape)
 
     def values(self) -> np.ndarray:  # -> float32, `shape`
-        """The exact float32 values (ggml_blocks): a view of the file for F32, else a new array."""
-        return dequantize_rows(self.raw(), self.type).reshape(self.shape)
+        """The exact float32 values (ggml_blocks): a view of the file for F32, else a new array,
+        filled a few rows at a time (the dequantizers' temporaries stay small and are reused,
+        instead of each costing the page faults of a tensor-sized allocation)."""
+        raw = self.raw()
+        if self.type.name == "F32":
+            return raw.view(np.float32).reshape(self.shape)
+        out = np.empty((raw.shape[0], self.shape[-1]), np.float32)
+        step = max(1, VALUES_PER_STEP // self.shape[-1])
+        for start in range(0, raw.shape[0], step):
+            dequantize_rows(raw[start:start + step], self.type, out=out[start:start + step])
+        return out.reshape(self.shape)
 
 
 class GGUFFile:
