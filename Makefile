@@ -56,7 +56,9 @@ tools: $(VENV)/.installed-tools
 # tokenizer reference ids (Meta, llama.cpp), the checkpoint-format fixtures, the default
 # model's transformers continuations, its cross-checking dump, perplexity and the calibration of
 # compare's default tolerance (tests/fixtures/xcheck/), and the sampler chains of llama.cpp and
-# transformers (tests/fixtures/sampling/). Each directory's README.md says how its files were made.
+# transformers (tests/fixtures/sampling/), the gradients, AdamW steps and trained checkpoint of
+# torch.autograd and torch.optim (tests/fixtures/grad/), the logprobs of transformers and llama.cpp that
+# score is held to (tests/fixtures/score/). Each directory's README.md says how its files were made.
 fixtures: tools
 	$(BIN)/python tools/make_reference_dumps.py
 	$(BIN)/python tools/make_tokenizer_fixtures.py
@@ -68,7 +70,9 @@ fixtures: tools
 	    --stages embed 'layers.0.*' 'layers.29.*' 'layers.*.out' norm logits -o tests/fixtures/xcheck/default_hf.safetensors
 	$(BIN)/python tools/make_perplexity_reference.py
 	$(BIN)/python tools/make_sampler_fixtures.py
+	$(BIN)/python tools/make_score_fixtures.py
 	$(BIN)/python tools/calibrate_compare.py
+	$(BIN)/python tools/make_grad_fixtures.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -12,6 +12,9 @@ The public API, in the order data flows (README.md, "Python"; docs/DESIGN.md, "T
     Trace(patterns)                          the named stages of one forward call (stages.py)
     SamplingParams(...), sample(logits, params, rng)   logits [V] -> the next token id
     Session(weights, config, ctx)            prefill, then decode: generate() yields one Step per token
+    score(weights, config, context, continuation=(), top_n=5, params=None)   teacher-forced logprobs
+                                             of given ids: per token logprob, rank, top-N, and under
+                                             a sampler chain; totals (xcheck/score.py)
 """
 
 __version__ = "0.1.0"
@@ -23,10 +26,11 @@ from .stages import Trace, stage_shapes  # noqa: E402
 from .sampling import SamplingParams, sample, sampling_probs  # noqa: E402
 from .generation import Generation, Session, Step  # noqa: E402
 from .load import LoadedModel, load_model  # noqa: E402
+from .xcheck.score import Scores, score  # noqa: E402
 from .text.tokenizer import StreamDecoder, Tokenizer, load_tokenizer  # noqa: E402
 
 __all__ = [
     "Llama3Error", "ParameterError", "ModelConfig", "RopeScaling", "KVCache", "forward", "Trace",
     "stage_shapes", "SamplingParams", "sample", "sampling_probs", "Generation", "Session", "Step",
-    "LoadedModel", "load_model", "StreamDecoder", "Tokenizer", "load_tokenizer",
+    "LoadedModel", "load_model", "StreamDecoder", "Tokenizer", "load_tokenizer", "score", "Scores",
 ]

@@ -14,12 +14,14 @@ import sys
 
 from .. import __version__
 from ..errors import Llama3Error
-from . import bench, chat, compare, dump, generate, import_gguf, inspect, perplexity, tokenize, trace, walkthrough
+from . import (bench, chat, compare, dump, generate, import_gguf, inspect, perplexity, score, tokenize, trace,
+               train, walkthrough)
 from ..products import set_threads
 from .common import error_message
 
 # The commands, in the order --help lists them.
-COMMANDS = (generate, chat, inspect, dump, compare, trace, walkthrough, perplexity, bench, tokenize, import_gguf)
+COMMANDS = (generate, chat, inspect, dump, compare, trace, walkthrough, perplexity, score, bench, tokenize,
+            import_gguf, train)
 
 
 class _Parser(argparse.ArgumentParser):

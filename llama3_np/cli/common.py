@@ -39,7 +39,11 @@ FLAGS = {
     "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
     "layers": "--layers", "samplers": "--samplers", "repeat_last_n": "--repeat-last-n",
     "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty", "typical_p": "--typical",
-    "top_n_sigma": "--top-nsigma",
+    "top_n_sigma": "--top-nsigma", "top_n": "--top-n",
+    "lr": "--learning-rate", "betas": "--adam-beta1/--adam-beta2", "eps": "--adam-epsilon",
+    "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm", "max_steps": "--max-steps",
+    "seq_len": "--seq-len", "batch_size": "--batch-size", "warmup_steps": "--warmup-steps",
+    "eval_steps": "--eval-steps", "save_steps": "--save-steps",
 }
 
 
@@ -80,9 +84,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    d = SamplingParams()
     p.add_argument("-n", "--n-predict", type=int, default=128, metavar="N",
                    help="tokens to generate; -1: until a stop token or the context is full (default 128)")
+    add_chain_args(p)
+    p.add_argument("-s", "--seed", type=int, default=-1,
+                   help="random seed; -1 = a random one, printed with the statistics (default -1)")
+    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
+                   help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
+
+
+def add_chain_args(p: argparse.ArgumentParser) -> None:
+    """The sampler chain's flags (`sampling_params` reads them): generate's, chat's and score's."""
+    d = SamplingParams()
     p.add_argument("--temp", type=float, default=d.temperature, help=f"temperature; 0 = greedy (default {d.temperature})")
     p.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off (default {d.top_k})")
     p.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
@@ -114,10 +127,6 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     order.add_argument("--sampling-seq", "--sampler-seq", metavar="SEQUENCE",
                        help=f"the samplers as llama.cpp's letters, in order ({letters}; default "
                             f"{''.join(c for name in DEFAULT_SAMPLERS for c, n in SAMPLER_CHARS.items() if n == name)})")
-    p.add_argument("-s", "--seed", type=int, default=-1,
-                   help="random seed; -1 = a random one, printed with the statistics (default -1)")
-    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
-                   help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
 
 
 def add_input_args(p: argparse.ArgumentParser, what: str) -> None:

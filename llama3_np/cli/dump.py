@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from ..backward import IGNORE_INDEX, loss_and_gradients
 from ..errors import Llama3Error
 from ..stages import Trace, check_globs, stage_shapes
 from ..xcheck.dump import dump_metadata, read_dump, run_forward, write_dump
@@ -22,6 +24,10 @@ def add_command(sub) -> None:
                    help="keep only stages matching these globs (default: every stage, or those of --like); "
                         "attention probabilities layers.N.probs [H, T, S] only when a glob other than '*' "
                         "matches them, e.g. --stages '*' 'layers.0.probs'")
+    p.add_argument("--grad", action="store_true",
+                   help="write the gradient of each stage, dL/dstage, of the mean next-token cross-entropy of "
+                        "the tokens (the last one predicts nothing) instead of the stage; the metadata holds the "
+                        "targets and the loss. Compare it with another implementation's gradient dump")
     p.set_defaults(func=run)
 
 
@@ -40,10 +46,19 @@ def run(args) -> int:
     else:
         globs = ["*"]
     trace = Trace(globs)
-    run_forward(loaded.weights, loaded.config, inputs, trace)
+    extra = {}
+    if args.grad:
+        if inputs.context:
+            raise Llama3Error("--grad: the gradient is of one pass over the tokens from their position, "
+                              "without a KV-cache context; dump the context and the tokens together")
+        targets = list(inputs.tokens[1:]) + [IGNORE_INDEX]
+        loss, _ = loss_and_gradients(loaded.weights, loaded.config, inputs.tokens, targets, inputs.pos, trace=trace)
+        extra = {"targets": json.dumps(targets), "loss": repr(loss)}
+    else:
+        run_forward(loaded.weights, loaded.config, inputs, trace)
     write_dump(output, dict(trace), dump_metadata(loaded.config, inputs, "float32",
                                                   residency=loaded.checkpoint.dtype,
-                                                  format=loaded.checkpoint.format))
+                                                  format=loaded.checkpoint.format, **extra))
     size = output.stat().st_size
     print(f"wrote {len(trace)} stages of {len(inputs.tokens)} tokens ({size / 1e6:.1f} MB) to {output}")
     return 0

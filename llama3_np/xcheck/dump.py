@@ -120,9 +120,17 @@ def metadata_differences(a: Dump, b: Dump) -> dict[str, tuple[str, str]]:
     and dtype (`PRODUCER_KEYS`), which say who made each file.
 
     Raises Llama3Error when they record different computations: the config's math (dimensions,
-    norm eps, rope), the tokens, the positions or the KV-cache context differ.
+    norm eps, rope), the tokens, the positions or the KV-cache context differ, or one holds
+    gradients (a `targets` key: `llama3-np dump --grad`) and the other does not, or the targets differ.
     """
     listed: dict[str, tuple[str, str]] = {}
+    if ("targets" in a.metadata) != ("targets" in b.metadata):
+        grad, act = (a, b) if "targets" in a.metadata else (b, a)
+        raise Llama3Error(f"{grad.path} records gradients (dL/dstage) and {act.path} the stages "
+                          "themselves; compare a gradient dump with another gradient dump")
+    if "targets" in a.metadata and a.json_list("targets") != b.json_list("targets"):
+        raise Llama3Error(f"{a.path} and {b.path} are gradients of different losses: metadata 'targets' differs "
+                          f"({_short(a.metadata['targets'])} vs {_short(b.metadata['targets'])})")
     for key in INPUT_KEYS:
         if key not in a.metadata or key not in b.metadata:
             continue

@@ -1,0 +1,233 @@
+"""`llama3-np train`: train a Llama 3 model from scratch or fine-tune a checkpoint on text files
+(`llama3_np.train`), writing Hugging Face checkpoints that resume bit for bit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+from ..config import from_hf_config
+from ..errors import Llama3Error
+from ..formats.checkpoint import hf_config_dict, load_checkpoint
+from ..train import Trainer, TrainingArguments, init_weights, pack
+from .common import add_model_args, load, read_text_file
+
+# Small Llama 3 shapes to train from scratch, as Hugging Face config.json keys (the vocabulary is
+# the tokenizer's). "15M" is the shape of llama2.c's stories15M (dim 288, 6 layers, 6 heads).
+PRESETS = {
+    "15M": {"hidden_size": 288, "intermediate_size": 768, "num_hidden_layers": 6, "num_attention_heads": 6,
+            "num_key_value_heads": 6, "max_position_embeddings": 256},
+    "tiny": {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "max_position_embeddings": 256},
+}
+# Files a checkpoint folder's tokenizer may consist of, copied into every checkpoint so that it loads alone.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json")
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("train", help="train a model from scratch or fine-tune a checkpoint on text files",
+                       description="Train with AdamW on the next-token cross-entropy of text files (each file a "
+                                   "document framed by BOS/EOS, packed into sequences). Checkpoints are Hugging "
+                                   "Face folders in OUT_DIR/checkpoint-STEP with the optimizer state; --resume "
+                                   "continues the latest bit for bit; Ctrl-C saves one and stops. Setting names "
+                                   "follow transformers' TrainingArguments.")
+    add_model_args(p)
+    d = TrainingArguments()
+    p.add_argument("-f", "--file", nargs="+", required=True, metavar="FILE", help="training text files (UTF-8)")
+    p.add_argument("--val-file", nargs="+", metavar="FILE", help="held-out text for validation loss and perplexity")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the checkpoints")
+    p.add_argument("--from-scratch", metavar="SHAPE",
+                   help=f"train new weights of this shape ({', '.join(PRESETS)}, or a config.json file) with "
+                        "-m's tokenizer, instead of fine-tuning -m's weights")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR from its latest checkpoint")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, metavar="N",
+                   help=f"optimizer steps (default {d.max_steps})")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, metavar="N",
+                   help=f"tokens per training sequence (default {d.seq_len})")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=d.batch_size, metavar="N",
+                   help=f"sequences per step, their gradients averaged (default {d.batch_size})")
+    p.add_argument("-lr", "--learning-rate", type=float, default=d.learning_rate, metavar="LR",
+                   help=f"peak learning rate (default {d.learning_rate})")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, metavar="N",
+                   help=f"steps of linear warmup before the cosine decay to 0 (default {d.warmup_steps})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW's (default {d.weight_decay})")
+    p.add_argument("--adam-beta1", type=float, default=d.adam_beta1, help=f"(default {d.adam_beta1})")
+    p.add_argument("--adam-beta2", type=float, default=d.adam_beta2, help=f"(default {d.adam_beta2})")
+    p.add_argument("--adam-epsilon", type=float, default=d.adam_epsilon, help=f"(default {d.adam_epsilon})")
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+                   help=f"clip the gradients' global norm to this (default {d.max_grad_norm})")
+    p.add_argument("--eval-steps", type=int, default=d.eval_steps, metavar="N",
+                   help=f"validate every N steps (default {d.eval_steps})")
+    p.add_argument("--save-steps", type=int, default=d.save_steps, metavar="N",
+                   help=f"write a checkpoint every N steps, and at the end (default {d.save_steps})")
+    p.add_argument("-s", "--seed", type=int, default=d.seed, help=f"seed of the data order and new weights (default {d.seed})")
+    p.set_defaults(func=run)
+
+
+def training_arguments(args) -> TrainingArguments:
+    return TrainingArguments(**{f.name: getattr(args, f.name) for f in fields(TrainingArguments)})
+
+
+def scratch_config(shape: str, vocab_size: int):
+    if shape in PRESETS:
+        keys = PRESETS[shape]
+    else:
+        try:
+            keys = json.loads(Path(shape).read_text())
+        except (OSError, ValueError) as e:
+            raise Llama3Error(f"--from-scratch {shape}: neither a preset ({', '.join(PRESETS)}) nor a readable "
+                              f"config.json ({e})") from None
+    defaults = {"rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True}
+    keys = {**defaults, **keys, "vocab_size": vocab_size, "model_type": "llama"}
+    try:
+        dim, heads = int(keys["hidden_size"]), int(keys["num_attention_heads"])
+        kv_heads = int(keys.get("num_key_value_heads", heads))
+        head_dim = int(keys.get("head_dim") or dim // max(heads, 1))
+        keys["intermediate_size"], keys["num_hidden_layers"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise Llama3Error(f"--from-scratch {shape}: a config needs hidden_size, intermediate_size, "
+                          f"num_hidden_layers and num_attention_heads as integers ({e!r})") from None
+    problems = []
+    if "head_dim" not in keys and (heads < 1 or dim % heads):
+        problems.append(f"hidden_size {dim} is not divisible by num_attention_heads {heads}")
+    if kv_heads < 1 or heads % kv_heads:
+        problems.append(f"num_attention_heads {heads} is not divisible by num_key_value_heads {kv_heads}")
+    if head_dim % 2:
+        problems.append(f"head_dim {head_dim} is odd (rope rotates pairs of dims)")
+    if problems:
+        raise Llama3Error(f"--from-scratch {shape}: not a Llama shape: {'; '.join(problems)}")
+    return from_hf_config(keys)
+
+
+def checkpoints(out: Path) -> list[Path]:
+    found = [p for p in out.glob(CHECKPOINT_PREFIX + "*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def run(args) -> int:
+    out = Path(args.output)
+    targs = training_arguments(args)
+    if out.exists() and not out.is_dir():
+        raise Llama3Error(f"-o {out}: is a file; name a folder for the checkpoints")
+    if args.resume and not (out.is_dir() and checkpoints(out)):
+        raise Llama3Error(f"-o {out}: holds no checkpoint to resume; train without --resume first")
+    if not args.resume and out.is_dir() and any(out.iterdir()):
+        raise Llama3Error(f"-o {out}: exists and is not empty; continue its run with --resume, or name a new folder")
+    # From scratch, -m gives only the tokenizer and vocabulary: its weights stay mapped, unconverted.
+    loaded = load(argparse.Namespace(**{**vars(args), "dtype": "bfloat16"}) if args.from_scratch else args,
+                  need_tokenizer=True)
+    tok = loaded.need_tokenizer()
+    config = loaded.config if args.from_scratch is None else scratch_config(args.from_scratch, loaded.config.vocab_size)
+    if targs.seq_len > config.max_seq_len:
+        raise Llama3Error(f"--seq-len {targs.seq_len}: the model's context is {config.max_seq_len} tokens")
+
+    def tokenized(paths):
+        return pack([tok.encode(read_text_file(p, "text file"), bos=False) for p in paths], targs.seq_len,
+                    tok.bos_id if tok.add_bos else None, tok.eos_id)
+
+    train = tokenized(args.file)
+    validation = tokenized(args.val_file) if args.val_file else None
+    tokenizer_dir = loaded.checkpoint.tokenizer_dir or loaded.checkpoint.path
+    extra = {name: (tokenizer_dir / name).read_bytes() for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()}
+    if args.resume:
+        latest = checkpoints(out)[-1]
+        ckpt = load_checkpoint(latest, dtype="float32")
+        trainer = Trainer.resume(latest, ckpt.weights, ckpt.config, train, validation, targs)
+        print(f"resuming {latest} at step {trainer.step}", file=sys.stderr)
+    else:
+        weights = loaded.weights if args.from_scratch is None else init_weights(config, targs.seed)
+        trainer = Trainer(weights, config, train, validation, targs)
+    out.mkdir(parents=True, exist_ok=True)
+    n_params = sum(a.size for k, a in trainer.weights.items() if not (k == "output.weight" and config.tie_embeddings))
+    print(f"training {n_params / 1e6:.1f}M parameters on {len(train)} sequences of {targs.seq_len} tokens "
+          f"({len(train) * targs.seq_len} tokens), {targs.batch_size} per step", file=sys.stderr)
+    status = Status(targs.max_steps)
+    try:
+        while trainer.step < targs.max_steps:
+            report = trainer.train_step()
+            status.step(report)
+            if validation is not None and (trainer.step % targs.eval_steps == 0 or trainer.step == targs.max_steps):
+                loss = trainer.evaluate()
+                trainer.history[-1]["eval_loss"] = loss
+                status.say(f"step {trainer.step}: validation loss {loss:.4f}, perplexity {_exp(loss):.2f}")
+            if trainer.step % targs.save_steps == 0 or trainer.step == targs.max_steps:
+                save(trainer, out, extra, status)
+    except KeyboardInterrupt:
+        if trainer.step and not (out / f"{CHECKPOINT_PREFIX}{trainer.step}").exists():
+            save(trainer, out, extra, status)
+        raise
+    return 0
+
+
+def save(trainer: Trainer, out: Path, extra: dict, status: "Status") -> None:
+    """A checkpoint written beside its final name and renamed into place: never half-written."""
+    final = out / f"{CHECKPOINT_PREFIX}{trainer.step}"
+    partial = out / f".{final.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        trainer.save(partial, extra)
+        os.replace(partial, final)
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise Llama3Error(f"cannot write checkpoint {final}: {e.strerror or e}; free space or choose another -o") from None
+    plot_losses(trainer.history, out / "loss.png")
+    status.say(f"step {trainer.step}: saved {final}")
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """The training (and validation) loss by step, drawn when matplotlib (the viz extra) is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="training")
+    evals = [h for h in history if "eval_loss" in h]
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.legend()
+    fig.tight_layout()
+    partial = path.with_suffix(".partial.png")
+    fig.savefig(partial)
+    plt.close(fig)
+    os.replace(partial, path)
+
+
+def _exp(x: float) -> float:
+    return float("inf") if x > 700 else 2.718281828459045 ** x
+
+
+class Status:
+    """The run's progress on stderr: one line per step (redrawn in place on a terminal) with the
+    loss, learning rate, gradient norm, tokens per second and time left."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.stream = total, stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start, self.steps, self.tokens = time.perf_counter(), 0, 0
+
+    def step(self, r) -> None:
+        self.steps += 1
+        self.tokens += r.tokens
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / self.steps * (self.total - r.step)
+        line = (f"step {r.step}/{self.total}  loss {r.loss:.4f}  lr {r.learning_rate:.2e}  |g| {r.grad_norm:.3f}  "
+                f"{self.tokens / elapsed:.0f} tok/s  {int(left) // 60}:{int(left) % 60:02d} left")
+        self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
+        self.stream.flush()
+
+    def say(self, text: str) -> None:
+        self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+        self.stream.flush()

@@ -1,0 +1,216 @@
+"""Teacher-forced log-probabilities of a given text: what the model thinks of every token of it.
+
+One forward pass over `context + continuation` gives the logits of every position; the logits at
+position i are the model's distribution for token i + 1. For every token after the first, `score`
+reports
+
+    logprob     log softmax(logits)[token], over the whole vocabulary, in float64 from the float32
+                logits (the "raw" log-probability evaluation harnesses sum)
+    rank        1 + the number of tokens with a larger logit (1: no token is more probable)
+    top         the N most probable tokens and their logprobs (most probable first, the lower id
+                first on equal logits)
+    processed   under a sampler chain (`llama3_np.sampling`, the chain `generate` draws from):
+                whether the token survives it, how many tokens do (the kept set), and its
+                log-probability renormalised over the kept set: log of the probability
+                `sampling.sampling_probs` gives it (-inf when the chain filters it out). The
+                repetition penalty looks at the `repeat_last_n` tokens before the scored one, as
+                in a generation that had drawn them.
+
+Totals are over the scored tokens: the continuation's when one is given, else every token after
+the first. sum and mean of the logprobs, perplexity exp(-mean), and greedy agreement: the
+fraction of scored tokens that are the argmax of their logits (the lower id on equal logits, as
+greedy `sample` picks); `is_greedy` when all are. An evaluation harness's loglikelihood request
+(context, continuation) is answered by (sum, is_greedy) of one `score` call, which is what
+EleutherAI lm-evaluation-harness's `LM.loglikelihood` returns.
+
+Long inputs go through the model PREFILL_CHUNK tokens at a time (as generate's prefill: same
+logits, smaller attention arrays); an input that fits in a chunk is one `forward` call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..checks import token_ids
+from ..config import ModelConfig
+from ..errors import Llama3Error, ParameterError
+from ..generation import PREFILL_CHUNK, REPEAT_LAST_N
+from ..model import KVCache, forward
+from ..sampling import SamplingParams, survivors
+from .perplexity import log_softmax
+
+DEFAULT_TOP_N = 5
+
+
+@dataclass(frozen=True)
+class Processed:
+    """A token as a sampler chain sees it."""
+
+    survives: bool
+    kept: int  # how many tokens survive the chain
+    logprob: float  # renormalised over the kept set; -inf when the token does not survive
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    position: int  # index of the token in the scored ids (its logits are those of position - 1)
+    id: int
+    logprob: float  # log p(token | the tokens before it), float64
+    rank: int  # 1 + the number of tokens with a larger logit
+    greedy: bool  # the token is the argmax of its logits (the lower id on equal logits)
+    top: tuple[tuple[int, float], ...]  # the N most probable (id, logprob), most probable first
+    processed: Optional[Processed] = None
+
+
+@dataclass
+class Scores:
+    """The scores of one input: `ids` = context + continuation; `tokens` holds every token after
+    the first (positions 1 .. len(ids) - 1); the totals count positions `first_scored` on."""
+
+    ids: list[int]
+    first_scored: int
+    tokens: list[TokenScore] = field(default_factory=list)
+    params: Optional[SamplingParams] = None
+
+    @property
+    def scored(self) -> list[TokenScore]:
+        return [t for t in self.tokens if t.position >= self.first_scored]
+
+    @property
+    def sum_logprob(self) -> float:
+        return math.fsum(t.logprob for t in self.scored)
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.sum_logprob / len(self.scored)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-self.mean_logprob)
+
+    @property
+    def greedy_agreement(self) -> float:
+        return sum(t.greedy for t in self.scored) / len(self.scored)
+
+    @property
+    def is_greedy(self) -> bool:
+        return all(t.greedy for t in self.scored)
+
+    def totals(self) -> dict:
+        return {"tokens": len(self.scored), "sum_logprob": self.sum_logprob, "mean_logprob": self.mean_logprob,
+                "perplexity": self.perplexity, "greedy_agreement": self.greedy_agreement,
+                "is_greedy": self.is_greedy}
+
+
+def processed(logits: np.ndarray, token: int, params: SamplingParams, recent: Sequence[int] = ()) -> Processed:
+    # [V] -> Processed
+    """Token `token` under the chain `params` applied to `logits` (float32 [V]) with `recent` the
+    ids the repetition penalty looks at: whether it survives, the size of the kept set, and its
+    log-probability under the chain's distribution (`sampling.sampling_probs`), computed as
+    z - logsumexp(z) over the survivors' final logits z in float64.
+
+    Raises Llama3Error when the chain keeps no token (logits that are all -inf or NaN)."""
+    ids, z = survivors(logits, params, recent) if np.isfinite(logits).any() else (np.zeros(0, np.int64), None)
+    if ids.size == 0:
+        raise Llama3Error("the sampler chain keeps no token (the logits are all -inf or NaN): "
+                          "check the logits or the sampler chain")
+    i = int(np.searchsorted(ids, token))  # survivors' ids are ascending
+    if i == ids.size or ids[i] != token:
+        return Processed(False, int(ids.size), -math.inf)
+    z = z.astype(np.float64)
+    top = z.max()
+    return Processed(True, int(ids.size), float(z[i] - top - np.log(np.sum(np.exp(z - top)))))
+
+
+def token_scores(logits: np.ndarray, ids: Sequence[int], first_position: int, top_n: int = DEFAULT_TOP_N,
+                 params: Optional[SamplingParams] = None, repeat_last_n: int = REPEAT_LAST_N) -> list[TokenScore]:
+    # [n, V] logits of positions first_position - 1 .. first_position + n - 2 -> n scores
+    """The scores of tokens ids[first_position .. first_position + n - 1], from the logits that
+    predict them: row r of `logits` is the model's output at position first_position - 1 + r.
+    `ids` is the whole input (the repetition penalty reads the tokens before each scored one).
+    params: a sampler chain for the processed view (None: raw logprobs only). repeat_last_n: how
+    many tokens before the scored one the penalty looks at (0: none, -1: all)."""
+    logits = np.asarray(logits, dtype=np.float32)
+    logprobs = log_softmax(logits)  # [n, V] float64
+    out = []
+    for r, row in enumerate(logits):
+        position = first_position + r
+        token = int(ids[position])
+        lp = logprobs[r]
+        k = min(top_n, row.size)
+        top = np.argpartition(-row, k - 1)[:k] if k > 0 else np.zeros(0, dtype=np.int64)
+        top = top[np.lexsort((top, -row[top]))]  # most probable first, lower id first on ties
+        rank = 1 + int(np.count_nonzero(row > row[token]))
+        view = None
+        if params is not None:
+            start = 0 if repeat_last_n == -1 else max(position - repeat_last_n, 0)
+            recent = ids[start:position] if repeat_last_n != 0 else []
+            view = processed(row, token, params, recent)
+        out.append(TokenScore(position, token, float(lp[token]), rank, int(np.argmax(row)) == token,
+                              tuple((int(i), float(lp[i])) for i in top), view))
+    return out
+
+
+def score(weights: Mapping[str, np.ndarray], config: ModelConfig, context: Sequence[int],
+          continuation: Sequence[int] = (), top_n: int = DEFAULT_TOP_N, params: Optional[SamplingParams] = None,
+          repeat_last_n: int = REPEAT_LAST_N) -> Scores:
+    """Teacher-forced scores of `context` + `continuation` (token ids), in one forward pass.
+
+    The totals count the continuation's tokens, or, without one, every token of `context` after
+    the first (the first has no logits before it). top_n: alternatives listed per token (>= 0).
+    params: also score each token under this sampler chain (module docstring). Positions start
+    at 0 on an empty KV cache.
+
+    Raises Llama3Error for ids outside the vocabulary, an empty context, a context of one token
+    without a continuation, an input longer than the model's trained context, a negative top_n
+    or repeat_last_n below -1.
+    """
+    context, continuation = [int(i) for i in context], [int(i) for i in continuation]
+    if not context:
+        raise Llama3Error("the context is empty: give at least one token to condition on (a BOS token)")
+    if not continuation and len(context) < 2:
+        raise Llama3Error("one token alone has nothing to score: give a longer text or a continuation")
+    if top_n < 0:
+        raise ParameterError("top_n", f"top_n must be >= 0, got {top_n}")
+    if repeat_last_n < -1:
+        raise ParameterError("repeat_last_n", f"repeat_last_n must be >= 0 (0 = off), or -1 for the whole "
+                                              f"context, got {repeat_last_n}")
+    ids = context + continuation
+    token_ids(ids, config.vocab_size)
+    if len(ids) > config.max_seq_len:
+        raise Llama3Error(f"the input has {len(ids)} tokens, more than the {config.max_seq_len} the model was "
+                          "trained for: shorten it")
+    result = Scores(ids, len(context) if continuation else 1, params=params)
+    cache = KVCache(config, len(ids))
+    for start in range(0, len(ids), PREFILL_CHUNK):
+        chunk = ids[start:start + PREFILL_CHUNK]
+        logits = forward(weights, config, chunk, cache)  # [len(chunk), V]
+        # Row r predicts token start + r + 1; the last row of the input predicts nothing.
+        rows = logits[:len(ids) - 1 - start]
+        result.tokens += token_scores(rows, ids, start + 1, top_n, params, repeat_last_n)
+    return result
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of a (context, continuation) pair as lm-evaluation-harness encodes a loglikelihood
+    request (lm-eval 0.4, `TemplateLM.loglikelihood` and `HFLM._encode_pair`): whitespace at the end
+    of the context moves to the front of the continuation; the continuation's ids are those that
+    follow the context's own encoding in the encoding of the whole text. An empty context is the
+    prefix token alone (BOS, else the end-of-text token), and the continuation is encoded alone.
+    `tokenizer.encode` adds BOS when the checkpoint does (`Tokenizer.add_bos`)."""
+    if context == "":
+        prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        if prefix is None:
+            raise Llama3Error("the context is empty and the tokenizer has no BOS or end-of-text token to "
+                              "stand for it: give a context")
+        return [prefix], tokenizer.encode(continuation, bos=False)
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    context_ids = tokenizer.encode(context)
+    return context_ids, whole[len(context_ids):]

@@ -1,0 +1,139 @@
+"""Training (`llama3_np.train`, `llama3-np train`): checkpoints transformers loads with the same
+logits, resumption bit for bit (after Ctrl-C too), packing, and every bad input as one line.
+
+The transformers logits come from tests/fixtures/grad/trained_checkpoint_logits.safetensors
+(`python tools/make_grad_fixtures.py`): the same two training steps run by the tool, the checkpoint
+written by `Trainer.save` and loaded by `LlamaForCausalLM.from_pretrained`. Tolerance: NMSE 1e-10
+(measured 1.8e-13: llama3_np and transformers float32 differ by summation order only).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+from llama3_np.cli import main
+from llama3_np.formats.checkpoint import load_checkpoint
+from llama3_np.model import forward
+from llama3_np.train import Trainer, TrainingArguments, pack
+from tests.helpers import assert_close
+
+GRAD = Path(__file__).parent / "fixtures" / "grad"
+
+
+def test_a_trained_checkpoint_loads_in_transformers_with_the_same_logits(tmp_path):
+    path = GRAD / "trained_checkpoint_logits.safetensors"
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata()
+    s = json.loads(meta["settings"])
+    ckpt = load_checkpoint(GRAD / s.pop("variant"), dtype="float32")
+    args = TrainingArguments(max_steps=s.pop("steps"), **s)
+    sequences = np.random.default_rng(int(meta["sequences_seed"])).integers(0, ckpt.config.vocab_size,
+                                                                          (6, args.seq_len + 1))
+    trainer = Trainer(ckpt.weights, ckpt.config, sequences, None, args)
+    while trainer.step < args.max_steps:
+        trainer.train_step()
+    trainer.save(tmp_path / "checkpoint")
+    saved = load_checkpoint(tmp_path / "checkpoint", dtype="float32")
+    assert json.loads((tmp_path / "checkpoint" / "config.json").read_text())["torch_dtype"] == "float32"
+    logits = forward(saved.weights, saved.config, json.loads(meta["probe"]))
+    assert_close(logits, load_file(str(path))["logits"], "logits of the trained checkpoint", 1e-10)
+
+
+def test_pack_frames_documents_and_cuts_overlapping_windows():
+    seqs = pack([[5, 6, 7], [8, 9]], 3, bos=1, eos=2)  # stream 1 5 6 7 2 1 8 9 2
+    assert seqs.tolist() == [[1, 5, 6, 7], [7, 2, 1, 8]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "the", "a", "of", "model", "token", "NumPy"]
+    path = tmp_path / "train.txt"
+    path.write_text(" ".join(rng.choice(words, 600)) + "\n")
+    return path
+
+
+def train(tmp_path, corpus, out, *extra):
+    return main(["train", "--from-scratch", "tiny", "-f", str(corpus), "-o", str(out), "--seq-len", "16",
+                 "--batch-size", "2", "--max-steps", "4", "--save-steps", "2", "-lr", "1e-2", "--warmup-steps",
+                 "1", "-t", "1", *extra])
+
+
+def checkpoint_bytes(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in ("model.safetensors", "optimizer.safetensors")}
+
+
+def test_a_run_stopped_by_ctrl_c_resumes_bit_for_bit(tmp_path, corpus, monkeypatch, capsys):
+    assert train(tmp_path, corpus, tmp_path / "whole") == 0
+    steps = []
+    original = Trainer.train_step
+
+    def interrupted(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        steps.append(self.step)
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    assert train(tmp_path, corpus, tmp_path / "stopped") == 130
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == ["checkpoint-2", "checkpoint-3", "loss.png"]
+    assert train(tmp_path, corpus, tmp_path / "stopped", "--resume") == 0
+    assert "resuming" in capsys.readouterr().err
+    assert checkpoint_bytes(tmp_path / "stopped" / "checkpoint-4") == checkpoint_bytes(tmp_path / "whole" / "checkpoint-4")
+    state = json.loads((tmp_path / "whole" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["history"]] == [1, 2, 3, 4]
+    assert state["history"][-1]["loss"] < state["history"][0]["loss"]
+
+
+def empty_file(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("")
+    return path
+
+
+def bad_config(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+                                "num_attention_heads": 5, "num_key_value_heads": 5, "max_position_embeddings": 64}))
+    return ["--from-scratch", str(path)]
+
+
+@pytest.mark.parametrize("make_args,message", [
+    (lambda tmp: ["-lr", "0"], "--learning-rate: learning rate must be > 0"),
+    (lambda tmp: ["--batch-size", "0"], "--batch-size: the batch size must be >= 1"),
+    (lambda tmp: ["--max-grad-norm", "-1"], "--max-grad-norm: the gradient norm limit must be > 0"),
+    (lambda tmp: ["--adam-beta2", "1"], "--adam-beta1/--adam-beta2: betas must be in [0, 1)"),
+    (lambda tmp: ["--seq-len", "100000"], "--seq-len 100000: the model's context is 256 tokens"),
+    (lambda tmp: ["-f", str(empty_file(tmp))], "the text is 1 tokens long; a sequence needs 17"),
+    (bad_config, "not divisible"),
+])
+def test_bad_settings_end_in_one_line_and_write_nothing(tmp_path, corpus, capsys, make_args, message):
+    out = tmp_path / "out"
+    args = make_args(tmp_path)
+    if args[0] == "--from-scratch":
+        code = main(["train", *args, "-f", str(corpus), "-o", str(out), "--seq-len", "16"])
+    else:
+        code = train(tmp_path, corpus, out, *args)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_an_output_folder_of_something_else_is_refused(tmp_path, corpus, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert train(tmp_path, corpus, out) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert train(tmp_path, corpus, tmp_path / "empty", "--resume") == 2
+    assert "no checkpoint to resume" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
