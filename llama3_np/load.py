@@ -7,6 +7,7 @@ the specification (`llama3_np.model`) only ever sees the weights and the config.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,7 +17,10 @@ from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import Checkpoint, load_checkpoint, scan_checkpoint
 from .generation import end_of_generation_ids
 from .text.chat import ChatFormat, chat_format_for, encode_dialog
-from .text.tokenizer import Tokenizer, load_tokenizer
+from .formats.gguf_file import is_gguf
+from .formats.gguf_import import gguf_tokenizer
+from .text import tokenizer as text_tokenizer
+from .text.tokenizer import Tokenizer
 
 # Without an explicit context size, the KV cache holds at most this many tokens (or the model's own
 # context if smaller): a 131,072-token float32 cache for an 8B model would need 34 GB.
@@ -73,6 +77,16 @@ class LoadedModel:
             raise Llama3Error(f"{self.checkpoint.path} has no tokenizer: give token ids, or copy the "
                               "checkpoint's tokenizer files into its folder")
         return self.tokenizer
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """The tokenizer of a checkpoint: a folder's tokenizer files, or one of them
+    (`text.tokenizer.load_tokenizer`), or a GGUF file's metadata (`formats.gguf_import.gguf_tokenizer`,
+    which reads no tensor). Raises Llama3Error when there is none, or the file is not what it claims."""
+    path = Path(path)
+    if path.is_file() and (path.suffix == ".gguf" or is_gguf(path)):
+        return gguf_tokenizer(path)
+    return text_tokenizer.load_tokenizer(path)
 
 
 def check_ctx(ctx: Optional[int], config: ModelConfig) -> None:

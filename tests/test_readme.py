@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from llama3_np.assets import default_model
-from llama3_np.text.tokenizer import load_tokenizer
+from llama3_np.load import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 GREEDY = json.loads((REPO / "tests" / "fixtures" / "default_model" / "greedy.json").read_text())

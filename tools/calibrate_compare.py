@@ -49,7 +49,7 @@ from llama3_np.model import forward  # noqa: E402
 from llama3_np.stages import Trace  # noqa: E402
 from llama3_np.xcheck.compare import (DEFAULT_NMSE_TOL, STAGE_KINDS, compare_dumps, compare_stages,  # noqa: E402
                                       stage_kind)
-from llama3_np.text.tokenizer import load_tokenizer  # noqa: E402
+from llama3_np.load import load_tokenizer  # noqa: E402
 from make_perplexity_reference import model_name  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures"

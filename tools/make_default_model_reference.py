@@ -5,7 +5,7 @@ of the embedded default model, computed in float32 on exactly the values llama3_
     python tools/fetch_default_model.py && python tools/make_default_model_reference.py
 
 (needs `make tools`). The model is the default model's Q4_1 GGUF (SmolLM2-135M-Instruct), imported
-by `llama3_np.formats.gguf_import.import_gguf` into a temporary Hugging Face folder of its exact
+by `llama3_np.formats.gguf_to_hf.import_gguf` into a temporary Hugging Face folder of its exact
 dequantized values in float32 (`ggml_blocks`, bit-equal to `gguf.quants.dequantize`, which this
 script checks again on every tensor). For three fixed prompts, the prompt ids come
 from the folder's own tokenizer.json through `PreTrainedTokenizerFast`, and 64 tokens are chosen
@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 from llama3_np.assets import DEFAULT_MODEL_GGUF, DEFAULT_MODEL_SHA256, default_model  # noqa: E402
 from llama3_np.formats.gguf_file import GGUFFile  # noqa: E402
-from llama3_np.formats.gguf_import import import_gguf  # noqa: E402
+from llama3_np.formats.gguf_to_hf import import_gguf  # noqa: E402
 
 OUT = REPO / "tests" / "fixtures" / "default_model" / "greedy.json"
 NEW_TOKENS = 64

@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from llama3_np.errors import Llama3Error  # noqa: E402
 from llama3_np.xcheck.perplexity import (LogitsWriter, first_scored, logits_metadata,  # noqa: E402
                                   perplexity_estimate, token_nll, windows)
-from llama3_np.text.tokenizer import load_tokenizer  # noqa: E402
+from llama3_np.load import load_tokenizer  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures" / "xcheck"
 DEFAULT_TEXT = FIXTURES / "jargon_hack.txt"

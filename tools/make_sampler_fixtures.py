@@ -126,7 +126,7 @@ def realistic_cases() -> list[dict]:
     from llama3_np.assets import default_model
     from llama3_np.formats.checkpoint import load_checkpoint
     from llama3_np.model import forward
-    from llama3_np.text.tokenizer import load_tokenizer
+    from llama3_np.load import load_tokenizer
 
     ckpt = load_checkpoint(default_model(), dtype="float32")
     tok = load_tokenizer(default_model())

@@ -51,7 +51,7 @@ import transformers  # noqa: E402
 
 from llama3_np.assets import DEFAULT_MODEL_GGUF, cache_dir  # noqa: E402
 from llama3_np.errors import Llama3Error  # noqa: E402
-from llama3_np.text.tokenizer import load_tokenizer  # noqa: E402
+from llama3_np.load import load_tokenizer  # noqa: E402
 
 OUT = REPO / "tests" / "fixtures" / "score" / "reference.json"
 FIXTURES = REPO / "tests" / "fixtures"

@@ -81,7 +81,7 @@ def _tokens(index: CheckpointIndex) -> dict:
     """The chat format and the tokens that end generation (id -> text), when there is a tokenizer."""
     from ..generation import end_of_generation_ids
     from ..text.chat import chat_format_for
-    from ..text.tokenizer import load_tokenizer
+    from ..load import load_tokenizer
 
     none = {"chat_format": None, "stop_tokens": {str(i): None for i in index.eos_ids}}
     if index.tokenizer_dir is None:

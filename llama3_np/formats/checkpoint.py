@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -43,6 +43,7 @@ from ..config import ROPE_FACTOR_SOURCES, ModelConfig, from_hf_config, from_meta
 from ..dtypes import bfloat16, is_bfloat16
 from ..errors import Llama3Error, warn
 from ..text.tokenizer import find_tokenizer_file
+from .canonical import CheckpointIndex, StoredTensor, TensorPlan, expected_shapes
 from .gguf_file import is_gguf
 from .pth import PthFile
 from .safetensors_file import SafetensorsFile, write_safetensors
@@ -110,27 +111,6 @@ def _ignorable(name: str) -> Optional[str]:
     return next((why for pattern, why in IGNORABLE.items() if pattern.fullmatch(name)), None)
 
 
-def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every canonical tensor name and the shape the config implies for it."""
-    shapes = {"tok_embeddings.weight": (c.vocab_size, c.dim)}
-    for i in range(c.n_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "attention.wq.weight": (c.n_heads * c.head_dim, c.dim),
-            p + "attention.wk.weight": (c.n_kv_heads * c.head_dim, c.dim),
-            p + "attention.wv.weight": (c.n_kv_heads * c.head_dim, c.dim),
-            p + "attention.wo.weight": (c.dim, c.n_heads * c.head_dim),
-            p + "attention_norm.weight": (c.dim,),
-            p + "feed_forward.w1.weight": (c.ffn_dim, c.dim),
-            p + "feed_forward.w2.weight": (c.dim, c.ffn_dim),
-            p + "feed_forward.w3.weight": (c.ffn_dim, c.dim),
-            p + "ffn_norm.weight": (c.dim,),
-        })
-    shapes["norm.weight"] = (c.dim,)
-    shapes["output.weight"] = (c.vocab_size, c.dim)
-    return shapes
-
-
 # --- the rope row order of q/k -------------------------------------------------------------------
 
 def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:  # [n_heads*Dh, D] -> [n_heads*Dh, D]
@@ -150,46 +130,6 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:  # [n_heads*Dh, D] 
 
 
 # --- the scanned checkpoint ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """One tensor as one file stores it (a whole tensor, or one model-parallel shard of it)."""
-
-    file: Path
-    name: str  # its name in that file
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    read: Callable[[], np.ndarray]  # the stored array, memory-mapped where the file allows
-    gguf: Optional[Any] = None  # a GGUF file's tensor (`gguf_file.GGUFTensor`): its blocks as stored
-
-
-@dataclass(frozen=True)
-class TensorPlan:
-    """How one canonical tensor is made from what is stored."""
-
-    pieces: tuple[StoredTensor, ...]  # one per file; several for Meta model-parallel shards
-    shape: tuple[int, ...]  # canonical shape
-    shard_axis: Optional[int] = None  # pieces concatenate along it; None: replicas, must be equal
-    unpermute_heads: Optional[int] = None  # Hugging Face q/k: heads to un-permute
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.pieces[0].dtype
-
-
-@dataclass
-class CheckpointIndex:
-    """A validated checkpoint before any tensor data is read."""
-
-    path: Path
-    format: str  # "hf" | "meta" | "gguf"
-    config: ModelConfig
-    plans: dict[str, TensorPlan]  # canonical name -> plan; "output.weight" absent when tied
-    files: list[Path]
-    ignored: dict[str, str] = field(default_factory=dict)  # "file: tensor" -> why it is not needed
-    tokenizer_dir: Optional[Path] = None
-    eos_ids: tuple[int, ...] = ()
-
 
 @dataclass
 class Checkpoint:

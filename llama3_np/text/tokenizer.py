@@ -196,14 +196,9 @@ def find_tokenizer_file(directory: Path) -> Path | None:
 
 def load_tokenizer(checkpoint_dir: str | Path) -> Tokenizer:
     """The tokenizer of a checkpoint folder, the first of `TOKENIZER_FILES` found there.
-    A path to one of those files works too, and a GGUF file (its metadata's vocabulary,
-    `formats.gguf_import.gguf_tokenizer`). Raises Llama3Error when there is none."""
+    A path to one of those files works too (a GGUF file's tokenizer: `llama3_np.load.load_tokenizer`).
+    Raises Llama3Error when there is none."""
     path = Path(checkpoint_dir)
-    if path.is_file() and path.suffix not in (".json", ".model"):
-        from ..formats.gguf_file import is_gguf
-        from ..formats.gguf_import import gguf_tokenizer
-        if path.suffix == ".gguf" or is_gguf(path):
-            return gguf_tokenizer(path)  # or an error that says what the file is instead
     if not path.is_file():
         if not path.is_dir():
             raise Llama3Error(f"{path}: no such checkpoint directory")

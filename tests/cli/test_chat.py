@@ -17,7 +17,7 @@ from llama3_np.assets import default_model
 from llama3_np.text.chat import encode_dialog
 from llama3_np.text.dialog import Conversation
 from llama3_np.repl import message_text, parse_command
-from llama3_np.text.tokenizer import load_tokenizer
+from llama3_np.load import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|[\x01\x02]")

@@ -112,7 +112,7 @@ def _prompt_ids(capsys, *flags) -> list[int]:
 
 def test_system_prompt_spellings_and_stdin_prompt(capsys, monkeypatch, tmp_path):
     from llama3_np.text.chat import encode_dialog
-    from llama3_np.text.tokenizer import load_tokenizer
+    from llama3_np.load import load_tokenizer
 
     want = encode_dialog(load_tokenizer(default_model()), [{"role": "system", "content": "Be brief."},
                                                                {"role": "user", "content": "Hi"}])
@@ -169,7 +169,7 @@ def test_inspect_shows_chat_format_stop_tokens_and_source(capsys):
 # --- the prompt made visible ----------------------------------------------------------------------
 
 def test_verbose_prompt_lists_the_tokens_and_echo_prints_the_prompt_first(capsys):
-    from llama3_np.text.tokenizer import load_tokenizer
+    from llama3_np.load import load_tokenizer
 
     tok = load_tokenizer(default_model())
     code, out, err = run(capsys, "generate", "-m", default_model(), "-p", "The sky is", "-n", "2", "--temp", "0",

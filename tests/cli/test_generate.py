@@ -72,7 +72,7 @@ def chain_model(tmp_path: Path) -> tuple[Path, list[int]]:
     chain[i] is followed by chain[i+1]. Attention and FFN outputs are zero (wo = w2 = 0), so the
     logits are rmsnorm(embedding) · output: one-hot embeddings and an output matrix that maps
     each chain token's axis to its successor make every step an exact argmax."""
-    from llama3_np.text.tokenizer import load_tokenizer
+    from llama3_np.load import load_tokenizer
 
     tok = load_tokenizer(default_model())
     chain = tok.encode(TARGET, bos=False)
@@ -131,7 +131,7 @@ def test_streamed_multibyte_characters_arrive_intact(tmp_path, monkeypatch):
     assert main(args) == 0
     for piece in rec.writes:
         piece.decode("utf-8")  # no write may hold part of a character
-    from llama3_np.text.tokenizer import load_tokenizer
+    from llama3_np.load import load_tokenizer
     first = load_tokenizer(folder).decode(chain[:1])
     assert first + b"".join(rec.writes).decode() == TARGET + "\n"
     assert len(rec.writes) > 5  # it streamed, piece by piece
@@ -201,7 +201,7 @@ def test_chat_turns_stop_at_end_of_turn_and_reuse_the_cache():
     """Two turns with the default model (ChatML): each answer ends at <|im_end|>, and the second
     turn feeds only its own tokens, the first turn staying in the KV cache."""
     from llama3_np.text.chat import encode_dialog, encode_turn
-    from llama3_np.text.tokenizer import load_tokenizer
+    from llama3_np.load import load_tokenizer
 
     proc = cli("chat", "--temp", "0", "-n", "48", stdin="What is the capital of France?\nAnd of Italy?\n")
     err = proc.stderr.decode()

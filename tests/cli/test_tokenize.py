@@ -7,7 +7,7 @@ import json
 import pytest
 
 import llama3_np.cli.tokenize
-from llama3_np.text.tokenizer import load_tokenizer
+from llama3_np.load import load_tokenizer
 from llama3_np.assets import default_model, llama3_tokenizer_path
 from llama3_np.cli import main
 from tests.text.test_tokenizer_assets import corpus, fixture

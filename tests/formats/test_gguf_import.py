@@ -15,7 +15,7 @@ from tests.checkpoint_builders import random_weights
 from llama3_np import Llama3Error
 
 from llama3_np.cli import main
-from llama3_np.formats import gguf_import
+from llama3_np.formats import gguf_import, gguf_to_hf
 from llama3_np.formats.gguf_file import GGUFFile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
@@ -109,7 +109,7 @@ def test_llama3_rope_factors_match_llama_models_for_llama_3_1_8b():
 def test_non_llama3_gguf_is_refused(tmp_path, kwargs, message):
     path = _gguf(tmp_path, **kwargs)
     with pytest.raises(Llama3Error) as e:
-        gguf_import.import_gguf(path, tmp_path / "out")
+        gguf_to_hf.import_gguf(path, tmp_path / "out")
     assert str(path) in str(e.value) and message in str(e.value)
     assert not (tmp_path / "out").exists()  # nothing half-written
 
@@ -130,9 +130,9 @@ def test_import_refuses_to_overwrite_and_the_command_reports_one_line(tmp_path, 
 # --- tokenizer metadata, read as llama.cpp reads it (src/llama-vocab.cpp, llama_vocab::impl::load) ---
 
 def _imported_tokenizer(tmp_path, **kwargs):
-    from llama3_np.text.tokenizer import load_tokenizer
+    from llama3_np.load import load_tokenizer
 
-    out = gguf_import.import_gguf(_gguf(tmp_path, **kwargs), tmp_path / "out")
+    out = gguf_to_hf.import_gguf(_gguf(tmp_path, **kwargs), tmp_path / "out")
     return load_tokenizer(out), out
 
 

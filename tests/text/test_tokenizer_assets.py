@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from llama3_np.assets import cached_default_gguf, llama3_tokenizer_path
-from llama3_np.text.tokenizer import Tokenizer, load_tokenizer
+from llama3_np.load import load_tokenizer
+from llama3_np.text.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "tokenizer"
