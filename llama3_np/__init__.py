@@ -4,14 +4,18 @@ The specification is `llama3_np.model`; everything else feeds it arrays or consu
 The public API, in the order data flows (README.md, "Python"; docs/DESIGN.md, "The data path"):
 
     load_model(path=None, dtype="float32")   a checkpoint folder -> LoadedModel (.config, .weights,
-                                             .tokenizer: .encode(text) / .decode(ids))
+                                             .tokenizer: .encode(text) / .decode(ids)); text in, text
+                                             out: .generate(prompt), .stream(prompt), .chat(messages)
     forward(weights, config, tokens, cache=None, pos=None, trace=None, compute=None)
                                              token ids -> logits [T, V] (pos: where the cache
                                              ends, unless given; compute: "float32" or "float64")
     KVCache(config, max_len, compute="float32")   keys and values of the tokens seen so far
     Trace(patterns)                          the named stages of one forward call (stages.py)
     SamplingParams(...), sample(logits, params, rng)   logits [V] -> the next token id
-    Session(weights, config, ctx)            prefill, then decode: generate() yields one Step per token
+    LoadedModel.session(ctx)                 a Session: prefill, then decode; generate(ids) yields one
+                                             Step per token, greedy and ending at the model's
+                                             end-of-generation ids unless told otherwise
+    LoadedModel.chat_session(system)         ChatSession: a multi-turn chat on one KV cache, send(text)
     score(weights, config, context, continuation=(), top_n=5, params=None)   teacher-forced logprobs
                                              of given ids: per token logprob, rank, top-N, and under
                                              a sampler chain; totals (xcheck/score.py)
@@ -26,11 +30,12 @@ from .stages import Trace, stage_shapes  # noqa: E402
 from .sampling import SamplingParams, sample, sampling_probs  # noqa: E402
 from .generation import Generation, Session, Step  # noqa: E402
 from .load import LoadedModel, load_model, load_tokenizer  # noqa: E402
+from .chat_session import ChatSession  # noqa: E402
 from .xcheck.score import Scores, score  # noqa: E402
 from .text.tokenizer import StreamDecoder, Tokenizer  # noqa: E402
 
 __all__ = [
     "Llama3Error", "ParameterError", "ModelConfig", "RopeScaling", "KVCache", "forward", "Trace",
     "stage_shapes", "SamplingParams", "sample", "sampling_probs", "Generation", "Session", "Step",
-    "LoadedModel", "load_model", "StreamDecoder", "Tokenizer", "load_tokenizer", "score", "Scores",
+    "LoadedModel", "load_model", "ChatSession", "StreamDecoder", "Tokenizer", "load_tokenizer", "score", "Scores",
 ]

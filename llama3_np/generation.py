@@ -8,14 +8,20 @@ any point), the cache holds exactly the ids `history` lists.
 `Session.generate` returns a `Generation`; iterating it runs the model and yields one `Step` per
 generated token (the id, and the logits and sampler settings it was drawn from), so printing,
 explaining and chatting are loops over the same records. Text is not handled here: token ids in,
-token ids out. What to do on Ctrl-C is the caller's decision: a KeyboardInterrupt goes through.
+token ids out (`LoadedModel.generate`, `stream` and `chat` are the text-level calls). What to do
+on Ctrl-C is the caller's decision: a KeyboardInterrupt goes through.
+
+Safe by default, as Meta's `llama-models` and `mlx-lm` are: a generation ends at the session's
+end-of-generation ids unless the call says otherwise (`LoadedModel.session` gives a session the
+model's, `end_of_generation_ids`), runs greedy unless given sampling parameters, and needs a random
+generator only when it samples.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -33,6 +39,9 @@ REPEAT_LAST_N = 64
 # ([H, chunk, cached + chunk] scores) stays small for long prompts. Measured on the default model,
 # 512-token prompt: 158 tok/s in one call, 172 in chunks of 256, 169 in chunks of 128.
 PREFILL_CHUNK = 256
+
+# What `generate` samples with when given no parameters: greedy, as mlx-lm's generate.
+GREEDY = SamplingParams(temperature=0)
 
 
 def end_of_generation_ids(tokenizer=None, declared: Iterable[int] = ()) -> frozenset[int]:
@@ -131,10 +140,17 @@ class Generation:
 
 
 class Session:
-    """A model and one KV cache of `ctx` tokens; positions continue from call to call."""
+    """A model and one KV cache of `ctx` tokens; positions continue from call to call.
+
+    stop_ids: the ids that end a generation unless `generate` is told otherwise. Bare weights
+    carry no tokenizer, so a Session made from them knows none; `LoadedModel.session` passes the
+    model's end-of-generation ids. progress: for a prompt fed in more than one chunk, called as
+    progress(0, total) before the first and progress(done, total) after each (a progress display).
+    """
 
     def __init__(self, weights: Mapping[str, np.ndarray], config: ModelConfig, ctx: int,
-                 repeat_last_n: int = REPEAT_LAST_N):
+                 repeat_last_n: int = REPEAT_LAST_N, stop_ids: Iterable[int] = (),
+                 progress: Optional[Callable[[int, int], None]] = None):
         if ctx <= 0:
             raise ParameterError("ctx", f"ctx must be positive, got {ctx}")
         if repeat_last_n < -1:
@@ -143,6 +159,8 @@ class Session:
         self.weights, self.config = weights, config
         self.repeat_last_n = ctx if repeat_last_n == -1 else repeat_last_n
         self.cache = KVCache(config, ctx)
+        self.stop_ids = frozenset(int(i) for i in stop_ids)
+        self.progress = progress
         # Ids handed to the model, in order. The cache's first `length` slots hold the first
         # `length` of them; any after those were being fed when something stopped the forward
         # pass, and are not part of `history`.
@@ -174,9 +192,14 @@ class Session:
             raise Llama3Error("feed needs at least one token id")
         del self._fed[self.cache.length:]
         self._fed.extend(ids)  # `history` takes them as the cache does, chunk by chunk
+        progress = self.progress if len(ids) > PREFILL_CHUNK else None
         for start in range(0, len(ids), PREFILL_CHUNK):
+            if progress is not None:
+                progress(start, len(ids))
             logits = forward(self.weights, self.config, ids[start:start + PREFILL_CHUNK], self.cache,
                              last_only=True)
+        if progress is not None:
+            progress(len(ids), len(ids))
         return logits[0]
 
     def rollback(self, length: int) -> None:
@@ -185,12 +208,15 @@ class Session:
             raise Llama3Error(f"cannot roll back to {length} tokens: the session holds {self.cache.length}")
         self.cache.length = length
 
-    def generate(self, prompt_ids: Iterable[int], params: SamplingParams, rng: np.random.Generator,
-                 max_new: int, stop_ids: Iterable[int] = (), suppress_ids: Iterable[int] = ()) -> Generation:
+    def generate(self, prompt_ids: Iterable[int], params: Optional[SamplingParams] = None,
+                 rng: Optional[np.random.Generator] = None, max_new: int = -1,
+                 stop_ids: Optional[Iterable[int]] = None, suppress_ids: Iterable[int] = ()) -> Generation:
         """A generation that feeds `prompt_ids` after what the session holds, then draws up to
         `max_new` tokens (-1: until a stop token or a full context), ending after a token of
-        `stop_ids`. `suppress_ids` are never drawn (llama.cpp's --ignore-eos: the end-of-generation
-        ids get a logit of -inf). Nothing runs until the returned `Generation` is iterated.
+        `stop_ids` (None: the session's own, `Session.stop_ids`; () for none). `params` None is
+        greedy (`GREEDY`); `rng` draws the sampled tokens and is needed only when `params` sample.
+        `suppress_ids` are never drawn (llama.cpp's --ignore-eos: the end-of-generation ids get a
+        logit of -inf). Nothing runs until the returned `Generation` is iterated.
 
         The prompt enters the cache whole or not at all: an exception while it is fed (Ctrl-C)
         rolls the session back. Each drawn token is fed when the next step is asked for, so after
@@ -198,9 +224,10 @@ class Session:
         `Generation.unfed_ids`.
 
         Raises Llama3Error when max_new is 0 or below -1, or the prompt is empty or does not fit
-        the free part of the context.
+        the free part of the context; iterating raises it when `params` sample without an `rng`.
         """
         prompt_ids = [int(i) for i in prompt_ids]
+        params = GREEDY if params is None else params
         if max_new == 0 or max_new < -1:
             raise ParameterError("max_new", f"max_new must be >= 1, or -1 for no limit, got {max_new}")
         if not prompt_ids:
@@ -209,12 +236,13 @@ class Session:
         if len(prompt_ids) > free:
             raise Llama3Error(f"the prompt has {len(prompt_ids)} tokens but only {free} of the "
                               f"{self.ctx}-token context are free: shorten it or use a larger context")
-        stop_ids, suppress_ids = frozenset(int(i) for i in stop_ids), frozenset(int(i) for i in suppress_ids)
+        stop_ids = self.stop_ids if stop_ids is None else frozenset(int(i) for i in stop_ids)
+        suppress_ids = frozenset(int(i) for i in suppress_ids)
         out = Generation(self, prompt_ids)
         out._steps = self._steps(out, params, rng, max_new, stop_ids, suppress_ids)
         return out
 
-    def _steps(self, out: Generation, params: SamplingParams, rng: np.random.Generator, max_new: int,
+    def _steps(self, out: Generation, params: SamplingParams, rng: Optional[np.random.Generator], max_new: int,
                stop_ids: frozenset[int], suppressed: frozenset[int]) -> Iterator[Step]:
         t0 = time.perf_counter()
         try:

@@ -1,7 +1,10 @@
 """A model ready to run: a checkpoint folder's canonical weights, its tokenizer and its chat format.
 
 `load_model` is where the formats (`llama3_np.formats`) and the text side (`llama3_np.text`) meet;
-the specification (`llama3_np.model`) only ever sees the weights and the config.
+the specification (`llama3_np.model`) only ever sees the weights and the config. A `LoadedModel`
+also speaks text, as Meta's `llama-models` and `mlx-lm` do: `generate` (text in, text out),
+`stream` (the text as it comes), `chat` (a dialog's next answer), each ending at the model's
+end-of-generation ids and greedy unless given sampling parameters.
 """
 
 from __future__ import annotations
@@ -9,18 +12,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Iterator, Optional
+
+import numpy as np
 
 from . import assets
 from .config import ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import Checkpoint, load_checkpoint, scan_checkpoint
-from .generation import end_of_generation_ids
+from .generation import REPEAT_LAST_N, Session, end_of_generation_ids
+from .sampling import SamplingParams
 from .text.chat import ChatFormat, chat_format_for, encode_dialog
 from .formats.gguf_file import is_gguf
 from .formats.gguf_import import gguf_tokenizer
 from .text import tokenizer as text_tokenizer
-from .text.tokenizer import Tokenizer
+from .text.tokenizer import StreamDecoder, Tokenizer
 
 # Without an explicit context size, the KV cache holds at most this many tokens (or the model's own
 # context if smaller): a 131,072-token float32 cache for an 8B model would need 34 GB.
@@ -71,6 +77,54 @@ class LoadedModel:
         """The ids that end a generation (`generation.end_of_generation_ids`): the tokenizer's
         and those the checkpoint's config files declare; the same in completion and in chat."""
         return end_of_generation_ids(self.tokenizer, self.checkpoint.eos_ids)
+
+    def session(self, ctx: Optional[int] = None, repeat_last_n: int = REPEAT_LAST_N,
+                progress: Optional[Callable[[int, int], None]] = None) -> Session:
+        """A `Session` of `ctx` tokens (`LoadedModel.ctx`) whose generations end at the model's
+        end-of-generation ids (`stop_ids`) unless told otherwise."""
+        return Session(self.weights, self.config, self.ctx(ctx), repeat_last_n, self.stop_ids(), progress)
+
+    def chat_session(self, system: Optional[str] = None, ctx: Optional[int] = None,
+                     repeat_last_n: int = REPEAT_LAST_N,
+                     progress: Optional[Callable[[int, int], None]] = None):
+        """A multi-turn chat keeping the KV cache between turns (`chat_session.ChatSession`)."""
+        from .chat_session import ChatSession
+
+        return ChatSession(self, ctx, system, repeat_last_n, progress)
+
+    def stream(self, prompt: str, max_new: int = -1, params: Optional[SamplingParams] = None,
+               rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None) -> Iterator[str]:
+        """The continuation of `prompt` as pieces of text, each as soon as it is whole UTF-8:
+        up to `max_new` tokens (-1: until an end-of-generation token or a full context), greedy
+        unless `params` (with `rng`) sample; the end token itself is not text. mlx-lm's
+        `stream_generate`, llama-models' `completion`, token by token."""
+        yield from self._text(self.encode(prompt), max_new, params, rng, ctx)
+
+    def generate(self, prompt: str, max_new: int = -1, params: Optional[SamplingParams] = None,
+                 rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None) -> str:
+        """The continuation of `prompt` as one text (`stream`'s pieces joined)."""
+        return "".join(self.stream(prompt, max_new, params, rng, ctx))
+
+    def chat(self, messages: list[dict], max_new: int = -1, params: Optional[SamplingParams] = None,
+             rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None) -> str:
+        """The assistant's answer to a dialog (`[{"role": "user", "content": ...}, ...]`, in the
+        checkpoint's chat format), as llama-models' `chat_completion`; `stream`'s arguments."""
+        ids = encode_dialog(self.need_tokenizer(), messages, fmt=self.chat_format())
+        return "".join(self._text(ids, max_new, params, rng, ctx))
+
+    def _text(self, ids: list[int], max_new: int, params, rng, ctx) -> Iterator[str]:
+        context = self.ctx(ctx)
+        # The cache needs room for the prompt and the new tokens, never more than the context.
+        session = self.session(context if max_new < 0 else min(context, len(ids) + max_new))
+        decoder = StreamDecoder(self.need_tokenizer())
+        out = session.generate(ids, params, rng, max_new)
+        for step in out:
+            piece = "" if step.token in session.stop_ids else decoder.push(step.token)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
 
     def need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

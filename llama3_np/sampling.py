@@ -57,7 +57,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import ParameterError
+from .errors import Llama3Error, ParameterError
 
 SAMPLER_NAMES = ("penalties", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "temperature")
 
@@ -383,15 +383,19 @@ def sampling_probs(logits: np.ndarray, params: SamplingParams, recent: Iterable[
     return probs
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator | None = None,
            recent: Iterable[int] = ()) -> int:  # [V] -> token id
     """Draw the next token id from `sampling_probs` (no draw when a single token survives).
 
     logits: float32 [V], the model's for the last position; recent: the ids the repetition
-    penalty looks at; rng: consumed only when more than one token survives the filters.
-    Returns an id in 0 .. V-1. Source: llama.cpp's sampler chain (the module docstring)."""
+    penalty looks at; rng: consumed only when more than one token survives the filters, so greedy
+    decoding needs none. Returns an id in 0 .. V-1. Raises Llama3Error when a draw is needed and
+    rng is None. Source: llama.cpp's sampler chain (the module docstring)."""
     ids, z = survivors(logits, params, recent)
     if ids.size == 1:
         return int(ids[0])
+    if rng is None:
+        raise Llama3Error("sampling draws at random: pass rng, a numpy Generator such as "
+                          "np.random.default_rng(seed), or greedy parameters (temperature=0)")
     cdf = np.cumsum(_softmax64(z))
     return int(ids[min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), ids.size - 1)])

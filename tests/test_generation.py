@@ -245,3 +245,42 @@ def test_a_prompt_fed_in_chunks_gives_the_logits_of_one_forward(monkeypatch, chu
     # The cache the chunks filled continues like the cache of one call.
     follow = session.feed([7])
     assert_close(follow, forward(weights, config, prompt + [7])[-1], "logits after the prompt", 1e-10)
+
+
+def test_a_session_ends_at_its_stop_ids_unless_told_otherwise(model):
+    """Safe by default, as llama-models and mlx-lm: a session knowing its model's end-of-generation
+    ids (`LoadedModel.session` gives them) stops there without being told; `stop_ids=()` runs on."""
+    weights, config = model
+    expected = greedy_without_cache(weights, config, PROMPT, 12)
+    stop = expected[4]
+    session = Session(weights, config, ctx=64, stop_ids=[stop])
+    out = session.generate(PROMPT, max_new=12).run()
+    assert out.stop_reason == "stop" and out.ids == expected[:expected.index(stop) + 1]
+    again = Session(weights, config, ctx=64, stop_ids=[stop]).generate(PROMPT, max_new=12, stop_ids=()).run()
+    assert again.stop_reason == "length" and again.ids == expected
+
+
+def test_greedy_decoding_needs_no_random_generator(model):
+    from llama3_np.sampling import sample
+
+    weights, config = model
+    out = Session(weights, config, ctx=64).generate(PROMPT, max_new=6).run()  # no params: greedy
+    assert out.ids == greedy_without_cache(weights, config, PROMPT, 6)
+    logits = forward(weights, config, PROMPT)[-1]
+    assert sample(logits, GREEDY) == int(np.argmax(logits))
+    with pytest.raises(Llama3Error, match="sampling draws at random: pass rng"):
+        sample(logits, SamplingParams(temperature=1.0))
+    with pytest.raises(Llama3Error, match="sampling draws at random: pass rng"):
+        Session(weights, config, ctx=64).generate(PROMPT, SamplingParams(temperature=1.0)).run()
+
+
+def test_a_long_prompt_reports_its_progress_to_the_callback(monkeypatch, model):
+    from llama3_np import generation
+
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 4)
+    weights, config = model
+    seen = []
+    session = Session(weights, config, ctx=64, progress=lambda done, total: seen.append((done, total)))
+    session.feed(list(range(1, 11)))
+    session.feed([3, 4])  # one chunk: nothing to report
+    assert seen == [(0, 10), (4, 10), (8, 10), (10, 10)]

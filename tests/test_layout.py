@@ -251,3 +251,16 @@ def test_design_lists_the_commands_the_command_line_has():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     listed = re.search(r"has them: (.*?) \(README", DESIGN.read_text(), re.S).group(1)
     assert re.findall(r"`([a-z-]+)`", listed) == list(sub.choices)
+
+
+HTML_TAG = re.compile(r"</?[a-z][a-z0-9]*[\s>/]")
+
+
+def test_the_walkthrough_page_is_a_template_not_python_strings():
+    """The page's HTML is in `xcheck/walkthrough.html.jinja` (Jinja2, escaping every value): the
+    module computes what the page shows and holds no markup."""
+    path = MODULES["llama3_np.xcheck.walkthrough"]
+    markup = [f"{path.relative_to(REPO)}:{node.lineno}: {node.value[:40]!r}" for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.Constant) and isinstance(node.value, str) and HTML_TAG.search(node.value)]
+    assert not markup, "\n".join(markup)
+    assert (path.parent / "walkthrough.html.jinja").is_file()

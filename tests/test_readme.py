@@ -1,33 +1,61 @@
-"""README.md's Python example runs, and continues its prompt as Hugging Face transformers does
-(greedy, float32: tests/fixtures/default_model/greedy.json)."""
+"""README.md's Python examples run, and print what Hugging Face transformers computes (greedy,
+float32: tests/fixtures/default_model/greedy.json): text-level generation that stops by itself,
+streaming, chat, and the parts underneath."""
 
 import json
 import re
 from pathlib import Path
 
+import numpy as np
+
 from llama3_np.assets import default_model
-from llama3_np.load import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 GREEDY = json.loads((REPO / "tests" / "fixtures" / "default_model" / "greedy.json").read_text())
 
 
-def python_example() -> str:
+def python_examples() -> list[str]:
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("\n## Python\n"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    section = section[:section.index("\n## ", 1)]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
 
 
-def test_readme_python_example_produces_the_default_model_greedy_continuation(capsys):
+def case(start: str) -> dict:
+    return next(c for c in GREEDY["cases"] if c["prompt"].startswith(start) or start in c["prompt"])
+
+
+def test_readme_python_examples_print_the_default_model_greedy_continuations(capsys):
     assert default_model().is_file(), "run `python tools/fetch_default_model.py` (make test does)"
-    code = python_example()
-    assert len(code.strip().splitlines()) <= 16, "the example should stay short"
-    exec(compile(code, "README.md", "exec"), {})
-    lines = capsys.readouterr().out.splitlines()
+    text_level, parts = python_examples()
+    assert len(text_level.strip().splitlines()) <= 20 and len(parts.strip().splitlines()) <= 16, \
+        "the examples should stay short"
+    namespace = {}
+    exec(compile(text_level, "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out
+    model = namespace["model"]
+    tok = model.tokenizer
 
-    case = next(c for c in GREEDY["cases"] if c["prompt"] == "The three primary colors are")
-    assert lines[0] == "(5, 9, 64)"
-    assert lines[1] == str(case["ids"][0])
-    max_new = int(re.search(r"max_new=(\d+)", code).group(1))
-    want = load_tokenizer(default_model()).decode(case["ids"][:max_new])
-    assert "".join(lines[2:]) == want.replace("\n", ""), f"README example printed {lines[2:]!r}, transformers {want!r}"
+    colors = case("The three primary colors are")
+    max_new = int(re.search(r"max_new=(\d+)", text_level).group(1))
+    continuation = tok.decode(colors["ids"][:max_new])
+    # The chat answer ends where transformers' greedy continuation reaches <|im_end|>: nothing
+    # told the call how long to run.
+    france = case("What is the capital of France?")
+    end = tok.encode_special("<|im_end|>")
+    assert end in france["ids"]
+    answer = tok.decode(france["ids"][:france["ids"].index(end)])
+    assert answer == "The capital of France is Paris, France."
+    sampled = namespace["sampled"]
+    story = model.generate("Once upon a time", max_new=12, params=sampled, rng=np.random.default_rng(0))
+    system = {"role": "system", "content": "Answer in one sentence."}
+    q1 = {"role": "user", "content": "What is the capital of France?"}
+    a1 = model.chat([system, q1])
+    a2 = model.chat([system, q1, {"role": "assistant", "content": a1}, {"role": "user", "content": "And of Italy?"}])
+    want = "\n".join([continuation, continuation, answer, story, a1, a2]) + "\n"
+    assert printed == want, f"README example printed {printed!r}, expected {want!r}"
+
+    exec(compile(parts, "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out
+    max_new = int(re.search(r"max_new=(\d+)", parts).group(1))
+    assert printed == f"(5, 9, 64)\n{colors['ids'][0]}\n{tok.decode(colors['ids'][:max_new])}", printed

@@ -21,7 +21,7 @@ from .. import assets, products
 from ..checks import token_ids
 from ..config import ModelConfig
 from ..errors import Llama3Error, ParameterError
-from ..generation import PREFILL_CHUNK, REPEAT_LAST_N, Generation, Session, Step
+from ..generation import REPEAT_LAST_N, Generation, Step
 from ..load import DEFAULT_CTX, LoadedModel, load_model
 from ..sampling import (DEFAULT_SAMPLERS, SAMPLER_CHARS, SAMPLER_NAMES, SAMPLER_ORDERS, SamplingParams,
                         parse_sampler_chars, parse_samplers)
@@ -330,13 +330,21 @@ PROGRESS_AFTER_SECONDS = 1.0
 
 class ProgressLine:
     """One line on stderr, redrawn in place and wiped at the end; on a terminal only (a log file
-    or a pipe gets no control characters), and only once the work has run for a while."""
+    or a pipe gets no control characters), and only once the work has run for a while. Called as
+    a `Session`'s progress callback: (0, total) starts it, (total, total) wipes it."""
 
     def __init__(self, label: str, stream=None):
         self.label, self.stream = label, stream or sys.stderr
         self.on = self.stream.isatty()
         self.start = time.perf_counter()
         self.width = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if done == 0:
+            self.start = time.perf_counter()
+        self.update(done, total)
+        if done == total:
+            self.clear()
 
     def update(self, done: int, total: int) -> None:
         if not self.on or time.perf_counter() - self.start <= PROGRESS_AFTER_SECONDS:
@@ -353,29 +361,16 @@ class ProgressLine:
             self.width = 0
 
 
-class ProgressSession(Session):
-    """A Session that shows a progress line on stderr (a terminal only) while a long prompt is fed."""
-
-    def feed(self, ids) -> np.ndarray:  # [T] -> [V]
-        ids = list(ids)
-        if len(ids) <= PREFILL_CHUNK:
-            return super().feed(ids)
-        progress = ProgressLine("prefill")
-        try:
-            for start in range(0, len(ids), PREFILL_CHUNK):
-                logits = super().feed(ids[start:start + PREFILL_CHUNK])
-                progress.update(min(start + PREFILL_CHUNK, len(ids)), len(ids))
-        finally:
-            progress.clear()
-        return logits
-
-
 def consume(generation: Generation, on_step) -> Generation:
     """Run a generation, handing each step to `on_step`. Ctrl-C ends it early, with stop reason
-    "interrupted"; what was printed stays, and the session keeps what its cache holds."""
+    "interrupted"; what was printed stays (a prefill's progress line is wiped), and the session
+    keeps what its cache holds."""
     try:
         for step in generation:
             on_step(step)
     except KeyboardInterrupt:
         generation.stop_reason = "interrupted"
+    finally:
+        if isinstance(generation.session.progress, ProgressLine):
+            generation.session.progress.clear()
     return generation

@@ -19,7 +19,7 @@ from ..generation import Step
 from ..products import get_threads
 from ..sampling import SamplingParams, sampling_probs
 from ..xcheck.bench import peak_rss_mb
-from .common import (Printer, ProgressSession, add_model_args, add_sampling_args, consume, load, parse_token_ids,
+from .common import (Printer, ProgressLine, add_model_args, add_sampling_args, consume, load, parse_token_ids,
                      read_prompt, sampling_params, seeded_rng, stats_line, verbose_prompt)
 
 
@@ -127,8 +127,8 @@ def run_generate(args) -> int:
     # The cache needs room for the prompt and the new tokens, never more than the context.
     cache_len = ctx if args.n_predict < 0 else min(ctx, len(prompt) + args.n_predict)
     explain = args.explain is not None
-    session = ProgressSession(loaded.weights, loaded.config, cache_len, args.repeat_last_n)
-    stop_ids = loaded.stop_ids()
+    session = loaded.session(cache_len, args.repeat_last_n, ProgressLine("prefill"))
+    stop_ids = session.stop_ids
     printer = None if args.json or explain else Printer(loaded.tokenizer, stop_ids)
     if args.echo:
         printer.echo(prompt)

@@ -72,9 +72,9 @@ class AtomicFile:
 
 
 def run(args) -> int:
-    from ..xcheck.walkthrough import load_matplotlib, trace_patterns, walkthrough_page
+    from ..xcheck.walkthrough import require_viz, trace_patterns, walkthrough_page
 
-    load_matplotlib()  # before the model loads: a missing extra is the first thing to say
+    require_viz()  # before the model loads: a missing extra is the first thing to say
     output = AtomicFile(Path(args.output), "-o")
     try:
         loaded, inputs = load_with_inputs(args)

@@ -15,7 +15,6 @@ import pytest
 
 from llama3_np.assets import default_model
 from llama3_np.text.chat import encode_dialog
-from llama3_np.text.dialog import Conversation
 from llama3_np.repl import message_text, parse_command
 from llama3_np.load import load_tokenizer
 
@@ -170,23 +169,6 @@ def test_commands_and_messages_are_told_apart():
     c = parse_command("/system Be brief.  ")
     assert (c.name, c.text, c.known) == ("system", "Be brief.", True)
     assert parse_command("/bogus x").known is False and parse_command("/quit").known is True
-
-
-def test_conversation_drops_the_oldest_whole_turns_and_keeps_the_system_prompt(tok):
-    from llama3_np.text.chat import chat_format_for
-
-    fmt = chat_format_for(tok)
-    conv = Conversation("Be brief.", [("q1 " * 20, "a1 " * 20), ("q2", "a2")])
-    whole = encode_dialog(tok, conv.messages("q3"), fmt=fmt)
-    ids, dropped = conv.fit(tok, fmt, "q3", ctx=len(whole) + 10, room=10)
-    assert (ids, dropped) == (whole, 0)
-    ids, dropped = conv.fit(tok, fmt, "q3", ctx=len(whole) + 9, room=10)
-    assert dropped == 1 and conv.turns == [("q2", "a2")]
-    assert ids == encode_dialog(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q2"},
-                                      {"role": "assistant", "content": "a2"}, {"role": "user", "content": "q3"}],
-                                fmt=fmt)
-    with pytest.raises(Exception, match="this message takes .* and its answer 5 more: the context holds 20"):
-        conv.fit(tok, fmt, "q3 " * 30, ctx=20, room=5)
 
 
 def test_a_message_too_long_for_the_context_is_not_sent_and_the_chat_goes_on():

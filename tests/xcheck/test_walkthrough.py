@@ -124,6 +124,9 @@ def check_against_dump(page: Page, dump, layers: list[int], heads: list[int], n_
     before = "embed" if first == 0 else f"layers.{first - 1}.out"
     for k in range(T):
         assert v[f"rms:{before}:{k}"] == pytest.approx(rms(dump.stage(before)[k]), rel=REL)
+        # The RMS after the norm (about 1: eps makes it a little less) and after the gain, both drawn.
+        x = dump.stage(before)[k].astype(np.float64)
+        assert v[f"rms:normed:{k}"] == pytest.approx(rms(x / np.sqrt(np.mean(x * x) + eps)), rel=1e-6)
         assert v[f"rms:layers.{first}.attn_norm:{k}"] == pytest.approx(rms(dump.stage(f"layers.{first}.attn_norm")[k]), rel=REL)
         for i in (0, n_layers - 1):
             assert v[f"norm:layers.{i}.out:{k}"] == pytest.approx(norm(dump.stage(f"layers.{i}.out")[k]), rel=REL)
@@ -133,6 +136,21 @@ def check_against_dump(page: Page, dump, layers: list[int], heads: list[int], n_
         hidden = dump.stage(f"layers.{i}.ffn_hidden").astype(np.float64)
         assert v[f"std:layers.{i}.ffn_hidden"] == pytest.approx(hidden.std(), rel=1e-6)
         assert v[f"max_abs:layers.{i}.ffn_hidden"] == np.abs(hidden).max()
+
+    # The first token against the others: its largest norm ratio over the layers, the attention
+    # sink's signature, with the number.
+    norms = np.stack([norm(dump.stage(f"layers.{i}.out")) for i in range(n_layers)])  # [L, T]
+    ratios = norms[:, 0] / np.median(norms[:, 1:], axis=1)
+    assert v["sink:norm_ratio"] == pytest.approx(ratios.max(), rel=REL)
+    sink = next(text for t, a, text in page.elements if t == "p" and a.get("class") == "sink")
+    assert f"After layer {int(np.argmax(ratios))}, the first token's vector" in sink
+    assert ("This is the attention sink" in sink) == (ratios.max() >= 5) != ("does not stand out" in sink)
+    if f"layers.{layers[-1]}.probs" in dump.names:
+        probs = dump.stage(f"layers.{layers[-1]}.probs")[heads, 1:, 0]
+        assert v["sink:attention"] == pytest.approx(probs.astype(np.float64).mean(), rel=1e-6)
+    # The glyphs that make spaces, line breaks and tabs visible are explained.
+    glyphs = next(text for t, a, text in page.elements if t == "p" and a.get("class") == "glyphs")
+    assert "␣ stands for a space, ↵ for a line break and ⇥ for a tab" in glyphs
 
     # The next-token candidates: the page's float32 softmax against float64 (rel 1e-5: float32 exp).
     logits = dump.stage("logits")[-1]
@@ -195,6 +213,7 @@ def test_page_of_the_default_model(capsys, tmp_path):
     dump = dump_of(capsys, tmp_path, *args)
     ckpt = load_checkpoint(default_model())
     check_against_dump(page, dump, [0, 29], [0, 1, 2], 30, ckpt.weights, ckpt.config.norm_eps)
+    assert page.values()["sink:norm_ratio"] > 100  # "The": 163 times the others after layer 11
     config = {a["data-config"]: text for _, a, text in page.having("data-config")}
     assert (config["dim"], config["n_heads"], config["n_kv_heads"], config["rope_scaling"]) == ("576", "9", "3", "none")
     # The page of every layer and head (30 x 9 maps, measured by tools/render_walkthrough.py
@@ -245,3 +264,17 @@ def test_missing_matplotlib_names_the_extra(capsys, tmp_path, monkeypatch):
     code, _, err = run_cli(capsys, "walkthrough", "-m", PARITY / "llama3_0", "--tokens", "1", "-o", tmp_path / "w.html")
     assert_one_line_error(code, err, "matplotlib", "pip install 'llama3_np[viz]'")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_wrapped_angle_is_drawn_without_a_line_across_the_jump():
+    """The rope angle plot wraps at ±π: a line from just below π to just above −π would cross the
+    whole picture, so the points are broken there (NaN between them) and nowhere else."""
+    from llama3_np.xcheck.walkthrough import broken_at_wraps
+
+    positions = np.arange(40)
+    angle = np.arctan2(np.sin(0.7 * positions), np.cos(0.7 * positions))  # wraps every ~9 positions
+    x, y = broken_at_wraps(positions, angle)
+    assert np.array_equal(x[np.isfinite(x)], positions) and np.array_equal(y[np.isfinite(y)], angle)
+    steps = np.abs(np.diff(y))
+    assert np.all(steps[np.isfinite(steps)] < np.pi)  # no segment across the jump
+    assert np.isnan(y).sum() == np.sum(np.abs(np.diff(angle)) > np.pi) == 4
