@@ -37,9 +37,8 @@ $(VENV)/.installed-tools: setup.cfg pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-run
 	$(BIN)/llama3-np generate -p "$(PROMPT)" -n 64 --temp 0
 
-# NumPy's float32 exp, pow, cos and sin give other last bits in its AVX-512 kernels than in its
-# AVX2 ones, so `make test` runs the parity and rope tests a second time with NumPy's AVX-512
-# targets switched off: every run proves both dispatch paths. NumPy ignores the names a CPU lacks
+# `make test` runs the parity and rope tests a second time with NumPy's AVX-512 targets switched
+# off, so that every run proves both of NumPy's dispatch paths (why: docs/DESIGN.md, "Numerical facts"). NumPy ignores the names a CPU lacks
 # (then the second run repeats the first); tests/conftest.py stops the run if one stays on.
 NUMPY_AVX512_TARGETS := X86_V4 AVX512_ICL AVX512_SPR
 PARITY_TESTS := tests/test_parity.py tests/test_model.py tests/test_default_model_parity.py

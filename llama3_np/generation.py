@@ -13,7 +13,7 @@ on Ctrl-C is the caller's decision: a KeyboardInterrupt goes through.
 
 Safe by default, as Meta's `llama-models` and `mlx-lm` are: a generation ends at the session's
 end-of-generation ids unless the call says otherwise (`LoadedModel.session` gives a session the
-model's, `end_of_generation_ids`), runs greedy unless given sampling parameters, and needs a random
+model's, `LoadedModel.stop_ids`), runs greedy unless given sampling parameters, and needs a random
 generator only when it samples.
 """
 
@@ -44,20 +44,6 @@ PREFILL_CHUNK = 256
 GREEDY = SamplingParams(temperature=0)
 
 
-def end_of_generation_ids(tokenizer=None, declared: Iterable[int] = ()) -> frozenset[int]:
-    """The ids that end a generation, in plain completion and in chat alike: the tokenizer's
-    (`Tokenizer.end_of_generation_ids`; for Llama 3 <|end_of_text|>, <|eom_id|> and <|eot_id|>)
-    and those the checkpoint declares (`Checkpoint.eos_ids`: config.json, generation_config.json).
-
-    Meta's reference stops on Llama 3's three in `completion` as in `chat_completion`; llama.cpp
-    stops on its end-of-generation set, found by the same token names.
-    """
-    ids = {int(i) for i in declared}
-    if tokenizer is not None:
-        ids |= tokenizer.end_of_generation_ids
-    return frozenset(ids)
-
-
 def suppress(logits: np.ndarray, ids: frozenset[int]) -> np.ndarray:  # [V] -> [V]
     """`logits` with `ids` at -inf, so that no sampler can draw them (llama.cpp's logit bias of
     -inf on every end-of-generation token, which is what its --ignore-eos does)."""
@@ -66,6 +52,23 @@ def suppress(logits: np.ndarray, ids: frozenset[int]) -> np.ndarray:  # [V] -> [
     out = np.array(logits, dtype=np.float32)
     out[sorted(ids)] = -np.inf
     return out
+
+
+# The model's own distribution: every sampler off (what `Step.candidates` ranks by).
+PLAIN = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One token a step could have drawn: its rank by the model's probability (1 = most probable,
+    the lower id first on equal logits), its logit, that probability, and the probability the
+    sampler gave it after its filters (`Step.probs`)."""
+
+    rank: int
+    id: int
+    logit: float
+    p: float
+    sampled_p: float
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,20 @@ class Step:
     def probs(self) -> np.ndarray:  # -> [V] float64
         """The distribution the token was drawn from (`sampling_probs` of what `sample` saw)."""
         return sampling_probs(self.sampler_logits(), self.params, self.recent)
+
+    def candidates(self, k: int) -> list[Candidate]:
+        """The `k` most probable tokens by the model's own distribution, most probable first, and
+        the token drawn after them when it ranks lower (what `llama3-np generate --explain` shows).
+        Raises ParameterError("k") when k < 1."""
+        if k < 1:
+            raise ParameterError("k", f"the number of candidates must be >= 1, got {k}")
+        p = sampling_probs(self.logits, PLAIN)  # [V]
+        sampled = self.probs()  # [V]
+        order = np.argsort(-self.logits, kind="stable")  # [V]: most probable first, lower id first on ties
+        rank = np.empty(order.size, dtype=np.int64)
+        rank[order] = np.arange(1, order.size + 1)
+        shown = [int(t) for t in order[:k]] + ([self.token] if rank[self.token] > k else [])
+        return [Candidate(int(rank[t]), t, float(self.logits[t]), float(p[t]), float(sampled[t])) for t in shown]
 
 
 class Generation:

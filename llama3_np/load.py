@@ -20,7 +20,7 @@ from . import assets
 from .config import ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import Checkpoint, load_checkpoint, scan_checkpoint
-from .generation import REPEAT_LAST_N, Session, end_of_generation_ids
+from .generation import REPEAT_LAST_N, Session
 from .sampling import SamplingParams
 from .text.chat import ChatFormat, chat_format_for, encode_dialog
 from .formats.gguf_file import is_gguf
@@ -74,9 +74,9 @@ class LoadedModel:
                              fmt=self.chat_format())
 
     def stop_ids(self) -> frozenset[int]:
-        """The ids that end a generation (`generation.end_of_generation_ids`): the tokenizer's
-        and those the checkpoint's config files declare; the same in completion and in chat."""
-        return end_of_generation_ids(self.tokenizer, self.checkpoint.eos_ids)
+        """The ids that end a generation, the same in completion and in chat: those the
+        checkpoint's config files declare and the vocabulary's (`Tokenizer.end_of_generation_ids`)."""
+        return frozenset(self.checkpoint.eos_ids) | (self.tokenizer.end_of_generation_ids if self.tokenizer else set())
 
     def session(self, ctx: Optional[int] = None, repeat_last_n: int = REPEAT_LAST_N,
                 progress: Optional[Callable[[int, int], None]] = None) -> Session:

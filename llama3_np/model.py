@@ -32,7 +32,7 @@ import numpy as np
 from .checks import expect_shape, forward_arguments, forward_mode
 from .config import ComputeMode, ModelConfig
 from .linear import linear
-from .stages import Keep, Trace, keep_nothing, legend, scoped
+from .stages import Keep, Trace, keep_nothing, legend, scoped, start_point
 
 FLOAT32 = ComputeMode("float32")
 
@@ -359,7 +359,8 @@ def transformer_block(x: np.ndarray, w: LayerWeights, rotation: Rotation, cache:
 def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
             cache: Optional[KVCache] = None, pos: Optional[int] = None,
             trace: Optional[Trace] = None, last_only: bool = False,
-            compute: str | ComputeMode | None = None) -> np.ndarray:  # [T] -> [T, V]
+            compute: str | ComputeMode | None = None,
+            start_from: Optional[tuple[str, np.ndarray]] = None) -> np.ndarray:  # [T] -> [T, V]
     """Logits for each of `tokens`, the first at rope position `pos`.
 
     tokens: token ids (a list or int array, [T]); weights: canonical names, float32 or bfloat16
@@ -371,8 +372,13 @@ def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
     cache): the tokens continue what was fed before. `trace` records the named stages
     (`llama3_np.stages`). `compute` is the compute mode (`config.ComputeMode`: "float32", the
     default, or "float64"); the cache's own mode when None, which a given mode must equal.
+    Interventions: `trace`'s edits (`stages.Edit`) change stages as they are computed, and
+    `start_from` = (name, value) resumes the residual stream at `embed` or `layers.i.out` ([T, D])
+    and runs only the layers after it (their keys and values alone enter the cache, so it takes
+    no cache that could be used again).
     Raises Llama3Error for token ids outside the vocabulary, a full cache or a negative position,
-    and for an unknown mode or one the cache was not made for.
+    for an unknown mode or one the cache was not made for, and for a `start_from` at another
+    stage, of another shape or with a cache.
 
     Source: llama-models Transformer.forward.
     """
@@ -386,7 +392,10 @@ def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
     rotation = rope_cos_sin(pos + np.arange(T), rope_frequencies(config, mode))  # [T, Dh/2] each
     keep = scoped(trace, "")
     x = keep("embed", expect_shape(embed(tokens, weights["tok_embeddings.weight"], mode), (T, config.dim), "embed"))
-    for layer in range(config.n_layers):
+    first = 0
+    if start_from is not None:  # an intervention: the residual stream resumes from a given value
+        first, x = start_point(start_from, config.n_layers, x, cache.length, cache.max_len)
+    for layer in range(first, config.n_layers):
         x = transformer_block(x, LayerWeights.of(weights, layer, config), rotation, cache.layer(layer),
                               config, mode, scoped(trace, f"layers.{layer}."))
     cache.length = start + T  # every layer now holds these tokens: the cache advances once, here

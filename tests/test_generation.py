@@ -284,3 +284,25 @@ def test_a_long_prompt_reports_its_progress_to_the_callback(monkeypatch, model):
     session.feed(list(range(1, 11)))
     session.feed([3, 4])  # one chunk: nothing to report
     assert seen == [(0, 10), (4, 10), (8, 10), (10, 10)]
+
+
+def test_a_step_explains_its_candidates_by_the_model_s_probability(model):
+    """What --explain prints is the library's: the k most probable tokens (ranked by the model's
+    own softmax, all samplers off), the drawn one after them when it ranks lower, and what the
+    sampler gave each."""
+    weights, config = model
+    params = SamplingParams(temperature=1.0, top_k=3, top_p=1.0, min_p=0.0)
+    steps = list(Session(weights, config, ctx=64).generate(PROMPT, params, np.random.default_rng(3), 6))
+    for step in steps:
+        z = step.logits.astype(np.float64)
+        model_p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        rows = step.candidates(2)
+        assert [c.id for c in rows[:2]] == list(np.argsort(-step.logits, kind="stable")[:2])
+        assert [c.rank for c in rows[:2]] == [1, 2] and step.token in [c.id for c in rows]
+        for c in rows:
+            assert c.p == pytest.approx(model_p[c.id], rel=1e-6) and c.logit == step.logits[c.id]
+            assert c.sampled_p == step.probs()[c.id]
+        assert len(rows) == 2 + (rows[-1].rank > 2)
+    assert any(len(step.candidates(1)) == 2 for step in steps)  # a draw that was not the most probable
+    with pytest.raises(ParameterError, match="must be >= 1"):
+        steps[0].candidates(0)

@@ -1,6 +1,6 @@
 """README.md's Python examples run, and print what Hugging Face transformers computes (greedy,
 float32: tests/fixtures/default_model/greedy.json): text-level generation that stops by itself,
-streaming, chat, and the parts underneath."""
+streaming, chat, and the parts underneath; then activation patching moves an answer as it says."""
 
 import json
 import re
@@ -27,7 +27,7 @@ def case(start: str) -> dict:
 
 def test_readme_python_examples_print_the_default_model_greedy_continuations(capsys):
     assert default_model().is_file(), "run `python tools/fetch_default_model.py` (make test does)"
-    text_level, parts = python_examples()
+    text_level, parts = python_examples()[:2]
     assert len(text_level.strip().splitlines()) <= 20 and len(parts.strip().splitlines()) <= 16, \
         "the examples should stay short"
     namespace = {}
@@ -59,3 +59,10 @@ def test_readme_python_examples_print_the_default_model_greedy_continuations(cap
     printed = capsys.readouterr().out
     max_new = int(re.search(r"max_new=(\d+)", parts).group(1))
     assert printed == f"(5, 9, 64)\n{colors['ids'][0]}\n{tok.decode(colors['ids'][:max_new])}", printed
+
+
+def test_readme_activation_patching_example_moves_the_answer_until_the_layer_it_says(capsys):
+    code = python_examples()[2]
+    assert "Edit(" in code and len(code.strip().splitlines()) <= 16, "the example should stay short"
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.splitlines() == ["10  Paris", "24  Rome"]

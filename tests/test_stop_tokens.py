@@ -26,7 +26,6 @@ import pytest
 from llama3_np.assets import llama3_tokenizer_path
 from llama3_np.formats.checkpoint import expected_shapes, load_checkpoint, save_hf_checkpoint
 from llama3_np.config import from_meta_params
-from llama3_np.generation import end_of_generation_ids
 from llama3_np.formats.gguf_to_hf import import_gguf
 from llama3_np.load import load_tokenizer
 from tests.checkpoint_builders import write_meta
@@ -184,7 +183,7 @@ def test_chat_stops_at_the_same_tokens_and_keeps_eom_in_the_dialog(capsys, folde
 def test_every_format_knows_all_three(folders, fmt):
     ckpt = load_checkpoint(folders[fmt])
     tok = tokenizer(folders[fmt])
-    ids = end_of_generation_ids(tok, ckpt.eos_ids)
+    ids = tok.end_of_generation_ids | set(ckpt.eos_ids)
     assert {tok.encode_special(name) for name in END_TOKENS} <= ids
 
 

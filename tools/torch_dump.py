@@ -31,9 +31,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from llama3_np.config import from_hf_config  # noqa: E402
-from llama3_np.cli.common import resolve_inputs  # noqa: E402
+from llama3_np.cli.common import parse_token_ids, read_prompt  # noqa: E402
 from llama3_np.stages import check_globs, stage_shapes  # noqa: E402
-from llama3_np.xcheck.dump import Inputs, dump_metadata, write_dump  # noqa: E402
+from llama3_np.xcheck.dump import Inputs, dump_metadata, resolve_inputs, write_dump  # noqa: E402
 from llama3_np.errors import Llama3Error  # noqa: E402
 from llama3_np.load import load_tokenizer  # noqa: E402
 
@@ -97,7 +97,10 @@ def main(argv=None) -> int:
     if not output.resolve().parent.is_dir():
         raise Llama3Error(f"-o {args.output}: folder {output.parent} does not exist")
     config = from_hf_config(json.loads((checkpoint / "config.json").read_text()))
-    inputs = resolve_inputs(args, config, lambda text: load_tokenizer(checkpoint).encode(text), checkpoint)
+    # The command line's own readers of -f and --tokens, and the library's of the rest: `llama3-np dump` reads them so.
+    tokens = parse_token_ids(args.tokens, config.vocab_size) if args.tokens is not None else None
+    inputs = resolve_inputs(config, text=read_prompt(args), tokens=tokens, like=args.like, pos=args.pos,
+                            encode=lambda text: load_tokenizer(checkpoint).encode(text), model=checkpoint)
     for note in inputs.notes:
         print(f"note: {note}", file=sys.stderr)
     names = stage_shapes(config, len(inputs.tokens), probs=False)  # the references record no probs

@@ -13,13 +13,12 @@ import codecs
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
 from .. import assets, products
 from ..checks import token_ids
-from ..config import ModelConfig
 from ..errors import Llama3Error, ParameterError
 from ..generation import REPEAT_LAST_N, Generation, Step
 from ..load import DEFAULT_CTX, LoadedModel, load_model
@@ -28,7 +27,7 @@ from ..sampling import (DEFAULT_SAMPLERS, SAMPLER_CHARS, SAMPLER_NAMES, SAMPLER_
 from ..text.pieces import format_pieces, pieces
 from ..text.tokenizer import StreamDecoder
 from ..xcheck.bench import peak_rss_mb
-from ..xcheck.dump import Inputs, config_differences, describe_differences, read_dump
+from ..xcheck.dump import Inputs, resolve_inputs
 
 # Library parameter -> the flag that sets it. A ParameterError about one of these is reported with
 # the flag in front.
@@ -44,6 +43,7 @@ FLAGS = {
     "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm", "max_steps": "--max-steps",
     "seq_len": "--seq-len", "batch_size": "--batch-size", "warmup_steps": "--warmup-steps",
     "eval_steps": "--eval-steps", "save_steps": "--save-steps",
+    "pos": "--pos", "like": "--like", "k": "--explain",
 }
 
 
@@ -216,51 +216,21 @@ def parse_token_ids(text: str, vocab_size: int) -> list[int]:
 
 
 def load_with_inputs(args) -> tuple[LoadedModel, Inputs]:
-    """The model of -m (with its tokenizer when the input is text) and the inputs to run; what
-    the user should know about them (`Inputs.notes`) goes to stderr."""
+    """The model of -m (with its tokenizer when the input is text) and the inputs to run
+    (`xcheck.dump.resolve_inputs` of -p/-f/--tokens/--like and --pos); what the user should know
+    about them (`Inputs.notes`) goes to stderr."""
     if args.prompt is None and args.file is None and args.tokens is None and args.like is None:
         raise Llama3Error("give the input: -p TEXT, -f FILE, --tokens 1,2,3 or --like DUMP")
+    if args.pos is not None and args.like is not None:
+        raise Llama3Error("--pos goes with -p/-f/--tokens; --like takes the positions of its dump")
     loaded = load(args, need_tokenizer=args.prompt is not None or args.file is not None)
     encode = loaded.tokenizer.encode if loaded.tokenizer is not None else None
-    inputs = resolve_inputs(args, loaded.config, encode, loaded.checkpoint.path)
+    tokens = parse_token_ids(args.tokens, loaded.config.vocab_size) if args.tokens is not None else None
+    inputs = resolve_inputs(loaded.config, text=read_prompt(args), tokens=tokens, like=args.like, pos=args.pos,
+                            encode=encode, model=loaded.checkpoint.path)
     for note in inputs.notes:
         print(f"note: {note}", file=sys.stderr)
     return loaded, inputs
-
-
-def resolve_inputs(args, config: ModelConfig, encode: Optional[Callable[[str], list[int]]], model) -> Inputs:
-    """The tokens named by -p/-f/--tokens/--like (and --pos), checked against the model's config.
-
-    encode: the model's tokenizer (text -> ids, as the model adds BOS), needed for -p/-f only.
-    Also used by tools/torch_dump.py, so that both sides of a comparison read their input alike.
-    """
-    if args.pos is not None and args.pos < 0:
-        raise Llama3Error(f"--pos must be >= 0, got {args.pos}")
-    if args.pos is not None and args.like is not None:
-        raise Llama3Error("--pos goes with -p/-f/--tokens; --like takes the positions of its dump")
-    pos = args.pos or 0
-    if args.like is not None:
-        like = read_dump(args.like)
-        in_math, outside = config_differences(like.config(), config) if like.config() is not None else ({}, {})
-        if in_math:
-            raise Llama3Error(f"--like {args.like} was made from a different model than {model} "
-                              f"(config {describe_differences(in_math)}): pass the same checkpoint")
-        inputs = like.inputs()
-        inputs.notes = [f"the config recorded in --like {args.like} differs from {model}'s only in what no "
-                        f"stage computes: {describe_differences(outside)}"] if outside else []
-        if not inputs.tokens:
-            raise Llama3Error(f"--like {args.like}: its metadata has no 'tokens' to run")
-    elif args.tokens is not None:
-        inputs = Inputs(parse_token_ids(args.tokens, config.vocab_size), pos, [], pos)
-    else:
-        text = read_prompt(args)
-        if text is None:
-            raise Llama3Error("give the input: -p TEXT, -f FILE, --tokens 1,2,3 or --like DUMP")
-        if text == "":
-            raise Llama3Error("the text is empty: give some text")
-        inputs = Inputs(encode(text), pos, [], pos)
-    inputs.check(config)
-    return inputs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import sys
-
-import numpy as np
+from dataclasses import asdict
 
 from ..errors import Llama3Error
 from ..generation import Step
 from ..products import get_threads
-from ..sampling import SamplingParams, sampling_probs
 from ..xcheck.bench import peak_rss_mb
 from .common import (Printer, ProgressLine, add_model_args, add_sampling_args, consume, load, parse_token_ids,
                      read_prompt, sampling_params, seeded_rng, stats_line, verbose_prompt)
@@ -50,46 +48,34 @@ def add_command(sub) -> None:
     g.set_defaults(func=run_generate)
 
 
-class Explainer:
-    """--explain: for each generated token, the top-k candidates by model probability, with the
-    probability the sampler gave each after its filters, and the token chosen."""
+def print_explanation(tokenizer, k: int, as_json: bool):
+    """--explain: a step consumer printing `Step.candidates(k)`, as text or one JSON line per step."""
+    def text(token: int) -> str:
+        return tokenizer.decode([token]) if tokenizer is not None else f"<{token}>"
 
-    def __init__(self, tokenizer, k: int, as_json: bool):
-        if k < 1:
-            raise Llama3Error(f"--explain takes a number of candidates >= 1, got {k}")
-        self.tokenizer, self.k, self.as_json = tokenizer, k, as_json
-        self.n = 0
-        # The model's own distribution: every sampling filter off.
-        self.plain = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
+    n = 0
 
-    def text(self, token: int) -> str:
-        return self.tokenizer.decode([token]) if self.tokenizer is not None else f"<{token}>"
-
-    def __call__(self, step: Step) -> None:
-        token, logits = step.token, step.logits
-        sampled = step.probs()
-        p = sampling_probs(logits, self.plain)
-        order = np.argsort(-logits, kind="stable")  # most probable first, lower id first on ties
-        rank_of = np.empty(order.size, dtype=np.int64)
-        rank_of[order] = np.arange(1, order.size + 1)
-        rank = int(rank_of[token])
-        self.n += 1
-        shown = [int(t) for t in order[:self.k]] + ([token] if rank > self.k else [])
-        rows = [{"rank": int(rank_of[t]), "id": t, "token": self.text(t),
-                 "logit": float(logits[t]), "p": float(p[t]), "sampled_p": float(sampled[t])} for t in shown]
-        if self.as_json:
-            sys.stdout.write(json.dumps({"step": self.n, "id": token, "token": self.text(token),
-                                         "rank": rank, "p": float(p[token]), "sampled_p": float(sampled[token]),
-                                         "top": rows}, ensure_ascii=False) + "\n")
+    def explain(step: Step) -> None:
+        nonlocal n
+        n += 1
+        rows = step.candidates(k)
+        chosen = next(c for c in rows if c.id == step.token)
+        if as_json:
+            sys.stdout.write(json.dumps({"step": n, "id": chosen.id, "token": text(chosen.id), "rank": chosen.rank,
+                                         "p": chosen.p, "sampled_p": chosen.sampled_p,
+                                         "top": [dict(asdict(c), token=text(c.id)) for c in rows]},
+                                        ensure_ascii=False) + "\n")
             return
-        lines = [f"#{self.n}  chose {json.dumps(self.text(token), ensure_ascii=False)} "
-                 f"(id {token}, rank {rank}, p {p[token]:.4f}, sampled p {sampled[token]:.4f})"]
-        for r in rows:
-            mark = "  <- chosen" if r["id"] == token else ""
-            lines.append(f"   {r['rank']:>5}. {json.dumps(r['token'], ensure_ascii=False):<16} id {r['id']:>6}  "
-                         f"logit {r['logit']:8.3f}  p {r['p']:.4f}  sampled p {r['sampled_p']:.4f}{mark}")
+        lines = [f"#{n}  chose {json.dumps(text(chosen.id), ensure_ascii=False)} "
+                 f"(id {chosen.id}, rank {chosen.rank}, p {chosen.p:.4f}, sampled p {chosen.sampled_p:.4f})"]
+        for c in rows:
+            mark = "  <- chosen" if c.id == chosen.id else ""
+            lines.append(f"   {c.rank:>5}. {json.dumps(text(c.id), ensure_ascii=False):<16} id {c.id:>6}  "
+                         f"logit {c.logit:8.3f}  p {c.p:.4f}  sampled p {c.sampled_p:.4f}{mark}")
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
+
+    return explain
 
 
 def run_generate(args) -> int:
@@ -100,6 +86,8 @@ def run_generate(args) -> int:
         raise Llama3Error("give a prompt: -p TEXT, -f FILE or --tokens 1,2,3")
     if args.system is not None and not args.chat:
         raise Llama3Error("--system-prompt goes with --chat")
+    if args.explain is not None and args.explain < 1:
+        raise Llama3Error(f"--explain takes a number of candidates >= 1, got {args.explain}")
     if args.echo and (args.json or args.explain is not None):
         raise Llama3Error("--echo goes with streamed text, not with --json or --explain")
     if args.ignore_eos and args.chat:
@@ -132,7 +120,7 @@ def run_generate(args) -> int:
     printer = None if args.json or explain else Printer(loaded.tokenizer, stop_ids)
     if args.echo:
         printer.echo(prompt)
-    on_step = Explainer(loaded.tokenizer, args.explain, args.json) if explain else printer or (lambda step: None)
+    on_step = print_explanation(loaded.tokenizer, args.explain, args.json) if explain else printer or (lambda step: None)
     # --ignore-eos: the end-of-generation tokens are never drawn, so nothing stops the generation early.
     stop, suppressed = ((), stop_ids) if args.ignore_eos else (stop_ids, ())
     out = consume(session.generate(prompt, params, rng, args.n_predict, stop, suppressed), on_step)

@@ -7,11 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import Llama3Error
-from ..xcheck.perplexity import (DEFAULT_CTX, BaseLogits, LogitsWriter, Result, first_scored, logits_metadata,
-                                 perplexity_estimate, report, run_perplexity, windows)
+from ..xcheck.perplexity import (DEFAULT_CTX, BaseLogits, LogitsWriter, Result, first_scored, logits_metadata, report,
+                                 run_perplexity, windows)
 from .common import add_model_args, load, plural, read_prompt
 
 
@@ -95,7 +93,7 @@ def run(args) -> int:
     def on_window(r: Result):
         bar.clear()
         if not args.json:
-            print(f"[{len(r.nll)}] {perplexity_estimate(np.concatenate(r.nll)).value:.4f}", flush=True)
+            print(f"[{len(r.nll)}] {r.ppl.value:.4f}", flush=True)
 
     try:
         result = run_perplexity(loaded.checkpoint.weights, config, ids, args.ctx, args.batch, bos, args.chunks,

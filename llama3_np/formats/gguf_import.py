@@ -31,7 +31,7 @@ from ..dtypes import bfloat16
 from ..config import (LLAMA3_ORIGINAL_CONTEXT, META_HIGH_FREQ_FACTOR, META_LOW_FREQ_FACTOR,
                       ModelConfig, RopeScaling)
 from ..errors import Llama3Error, warn
-from ..text.tokenizer import END_OF_GENERATION
+from ..text.tokenizer import END_OF_GENERATION, LLAMA3_PATTERN, end_of_generation_ids
 
 IMPORT_RECORD = "llama3_np_import.json"
 
@@ -193,10 +193,7 @@ def scan_gguf(path) -> CheckpointIndex:
 
 # --- tokenizer -----------------------------------------------------------------------------------
 
-# Meta's Llama 3 pre-tokenizer regex, as Hugging Face's Llama 3 tokenizer.json spells it.
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
+# Meta's Llama 3 pre-tokenizer regex (LLAMA3_PATTERN), as Hugging Face's Llama 3 tokenizer.json places it.
 _LLAMA3_PRE = ({"type": "Sequence", "pretokenizers": [
     {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
     {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}, True)
@@ -307,14 +304,6 @@ def tokenizer_files(path: Path, f: _Fields, context_length: int) -> tuple[dict, 
     return tokenizer_json, tokenizer_config
 
 
-def end_of_generation_ids(tokens: list[str], declared: list[int]) -> list[int]:
-    """The ids that end a generation, as llama.cpp's end-of-generation set finds them: the eos,
-    eot and eom ids the metadata declares, then every token of the vocabulary named in
-    llama3_np's END_OF_GENERATION (llama.cpp matches the same texts), in id order."""
-    found = [i for i, token in enumerate(tokens) if token in END_OF_GENERATION]
-    return list(dict.fromkeys(declared + found))
-
-
 # --- the folder ----------------------------------------------------------------------------------
 
 def sha256_of(path: Path) -> str:
@@ -331,7 +320,7 @@ def _eos_ids(f: _Fields) -> tuple[dict[str, int], list[int]]:
            if f.get(f"tokenizer.ggml.{key}_token_id") is not None}
     # Instruct models end a turn with eot (<|eot_id|>) or eom as well as eos: Hugging Face lists all.
     eos = list(dict.fromkeys(ids[k] for k in ("eos", "eot", "eom") if k in ids))
-    return ids, end_of_generation_ids(f.need("tokenizer.ggml.tokens"), eos)
+    return ids, end_of_generation_ids({token: i for i, token in enumerate(f.need("tokenizer.ggml.tokens"))}, eos)
 
 
 def tokenizer_objects(path) -> tuple[dict, dict]:

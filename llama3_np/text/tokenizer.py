@@ -20,6 +20,7 @@ import codecs
 import json
 import re
 from pathlib import Path
+from typing import Iterable, Mapping
 
 import tiktoken
 
@@ -45,6 +46,16 @@ LLAMA3_SPECIAL_TOKENS = [
 # ChatML's end of turn and end of text (the default model). llama.cpp builds its end-of-generation
 # set from the same token texts (`llama_vocab::impl::load` in src/llama-vocab.cpp).
 END_OF_GENERATION = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>", "<|im_end|>", "<|endoftext|>")
+
+
+
+def end_of_generation_ids(tokens: Mapping[str, int], declared: Iterable[int] = ()) -> list[int]:
+    """The ids that end a generation in a vocabulary (`tokens`: token text -> id): the `declared`
+    ones (a checkpoint's or a GGUF's eos, eot, eom ids) first, then every token of
+    END_OF_GENERATION the vocabulary holds, in id order, each id once."""
+    found = sorted(tokens[name] for name in END_OF_GENERATION if name in tokens)
+    return list(dict.fromkeys([*(int(i) for i in declared), *found]))
+
 
 # Meta's tokenizer hands tiktoken at most this many characters at a time ...
 MAX_CHUNK_CHARS = 400_000
@@ -134,10 +145,9 @@ class Tokenizer:
 
     @property
     def end_of_generation_ids(self) -> frozenset[int]:
-        """Ids that end a generation: the tokens of `END_OF_GENERATION` this vocabulary has as
-        special tokens, and its EOS (for Llama 3: 128001, 128008, 128009)."""
-        ids = {self.special_tokens[name] for name in END_OF_GENERATION if name in self.special_tokens}
-        return frozenset(ids | ({self.eos_id} if self.eos_id is not None else set()))
+        """Ids that end a generation: its EOS and the tokens of `END_OF_GENERATION` this vocabulary
+        has as special tokens (`end_of_generation_ids`; for Llama 3: 128001, 128008, 128009)."""
+        return frozenset(end_of_generation_ids(self.special_tokens, [self.eos_id] if self.eos_id is not None else []))
 
     def _special(self, what: str, token_id: int | None) -> int:
         if token_id is None:

@@ -17,18 +17,8 @@ checkpoint stores tied embeddings, its format) may differ and are listed; dumps 
 computations are refused (`dump.metadata_differences`, a Llama3Error). `llama3-np compare` exits
 with status 1 when a stage diverges, 0 otherwise, 2 when the two files cannot be compared.
 
-The default tolerance, NMSE 3e-9, is measured (tools/calibrate_compare.py, whose result is
-tests/fixtures/xcheck/compare_calibration.json). Two float32 implementations of the same model
-differ by rounding alone, and how much depends on the CPU's float32 kernels: llama3_np against
-Hugging Face transformers on the default model, over 31 prompts of 1 to 512 tokens (several
-languages, code) and four sets of kernels (OpenBLAS's native, AVX and SSE sgemm; NumPy with and
-without its SIMD dispatch), differ at a stage by NMSE 2.1e-10 at worst (layers.10.ffn_out of a
-5-token prompt under the SSE sgemm); the median stage of each kind is at most 3e-12. The smallest
-known real fault, Meta's reference with the rope factor 8 its code hard-codes on a model trained
-with 32, moves `q_rope` by NMSE 1e-7 and the logits by 3e-8 at positions 0-15 (a tiny model; about
-1e-7 at Llama 3.2 1B's shape). So 3e-9 is 15x above the worst noise and 35x below the fault where
-it first shows. One number serves every stage kind: each kind carries the same rounding along the
-residual stream, and their worst noise spans 13x only.
+The default tolerance, NMSE 3e-9, is measured: docs/DESIGN.md ("Numerical facts") gives the
+measurement and why one number serves every stage kind.
 """
 
 from __future__ import annotations
@@ -41,9 +31,9 @@ import numpy as np
 
 from ..errors import Llama3Error, ParameterError
 from ..stages import LAYER_STAGES, stage_order
-from .dump import PRODUCER_KEYS, Dump, metadata_differences, read_dump
+from .dump import PRODUCER_KEYS, Dump, format_shape, metadata_differences, read_dump
 
-DEFAULT_NMSE_TOL = 3e-9  # measured: see the module docstring
+DEFAULT_NMSE_TOL = 3e-9  # measured: docs/DESIGN.md, "Numerical facts"
 STAGE_KINDS = ("embed", *(s for s in LAYER_STAGES if s != "probs"), "norm", "logits")
 
 
@@ -171,6 +161,36 @@ def verdict(c: Comparison) -> str:
     if c.first_divergence is None:
         return f"verdict: agree ({n} of {n} common stages within {tol})"
     return f"verdict: diverge at {c.first_divergence} ({len(c.diverged)} of {n} stages past {tol})"
+
+
+def format_table(c: Comparison, all_stages: bool = False) -> str:
+    """The report `llama3-np compare` prints: the two files, metadata that differ, the stages past
+    tolerance (every stage with `all_stages`), stages in one file only, a summary line and the
+    verdict line."""
+    lines = [f"A: {c.a} ({c.a_producer})", f"B: {c.b} ({c.b_producer}), the reference"]
+    if c.metadata_differences:
+        lines.append("metadata that differ (the inputs agree): " + "; ".join(
+            f"{key} {va} vs {vb}" for key, (va, vb) in c.metadata_differences.items()))
+    rows = c.stages if all_stages else [s for s in c.stages if s.diverged]
+    if rows:
+        width = max(len("stage"), *(len(s.name) for s in rows))
+        shape_width = max(len("shape"), *(len(format_shape(s.shape)) for s in rows))
+        lines.append(f"{'stage':<{width}}  {'shape':<{shape_width}}  {'max abs':>10}  {'max rel':>10}  "
+                     f"{'NMSE':>10}  {'cosine':>12}")
+        first = c.first_divergence
+        for s in rows:
+            mark = "  <- first divergence" if s.name == first else ("  diverges" if s.diverged else "")
+            lines.append(f"{s.name:<{width}}  {format_shape(s.shape):<{shape_width}}  {s.max_abs:10.3e}  "
+                         f"{s.max_rel:10.3e}  {s.nmse:10.3e}  {s.cosine:12.10f}{mark}")
+    for label, names in (("only in A", c.only_in_a), ("only in B", c.only_in_b)):
+        if names:
+            lines.append(f"{label} ({len(names)}): {', '.join(names)}")
+    worst = max(c.stages, key=lambda s: s.nmse)
+    hidden = "" if len(rows) == len(c.stages) else "; --all lists every stage"
+    lines.append(f"{len(c.stages)} common stages, {len(c.diverged)} past tolerance; largest NMSE "
+                 f"{worst.nmse:.2e} ({worst.name}){hidden}")
+    lines.append(verdict(c))
+    return "\n".join(lines)
 
 
 def _finite_or_none(x: float) -> Optional[float]:

@@ -20,14 +20,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 
 from .. import __version__
 from ..checks import token_ids
 from ..config import ModelConfig
-from ..errors import Llama3Error
+from ..errors import Llama3Error, ParameterError
 from ..formats.safetensors_file import SafetensorsFile, write_safetensors
 from ..model import KVCache, forward
 from ..stages import Trace, stage_order
@@ -70,6 +70,45 @@ class Inputs:
         token_ids(self.context + self.tokens, config.vocab_size)
         if min(self.pos, self.context_pos) < 0:
             raise Llama3Error("rope positions must be >= 0")
+
+
+def resolve_inputs(config: ModelConfig, *, text: Optional[str] = None, tokens: Optional[list[int]] = None,
+                   like: Optional[str] = None, pos: Optional[int] = None,
+                   encode: Optional[Callable[[str], list[int]]] = None, model: object = "the model") -> Inputs:
+    """The inputs of one forward pass, from exactly one of: `text` (tokenized by `encode`, the
+    model's tokenizer as it adds BOS), `tokens` (ids), or `like` (the path of a dump file whose
+    tokens, positions and KV-cache context are run again; its model must be `config`'s, `model`
+    naming it in errors). `pos`: the rope position of the first token (0 when None; not with `like`).
+
+    `dump` and `tools/torch_dump.py` both read their inputs here, so that the two sides of a
+    comparison run the same ids. Raises ParameterError("pos" or "like") and Llama3Error.
+    """
+    if pos is not None and pos < 0:
+        raise ParameterError("pos", f"the position must be >= 0, got {pos}")
+    if pos is not None and like is not None:
+        raise ParameterError("pos", "a position goes with text or token ids; a dump to run again brings its own")
+    pos = pos or 0
+    if like is not None:
+        dump = read_dump(like)
+        in_math, outside = config_differences(dump.config(), config) if dump.config() is not None else ({}, {})
+        if in_math:
+            raise ParameterError("like", f"{like} was made from a different model than {model} "
+                                         f"(config {describe_differences(in_math)}): pass the same checkpoint")
+        inputs = dump.inputs()
+        inputs.notes = [f"the config recorded in {like} differs from {model}'s only in what no stage computes: "
+                        f"{describe_differences(outside)}"] if outside else []
+        if not inputs.tokens:
+            raise ParameterError("like", f"{like}: its metadata has no 'tokens' to run")
+    elif tokens is not None:
+        inputs = Inputs(list(tokens), pos, [], pos)
+    elif text is not None:
+        if text == "":
+            raise Llama3Error("the text is empty: give some text")
+        inputs = Inputs(encode(text), pos, [], pos)
+    else:
+        raise Llama3Error("no input: give text, token ids or a dump to run again")
+    inputs.check(config)
+    return inputs
 
 
 def dump_metadata(config: ModelConfig, inputs: Inputs, dtype: str, producer: Optional[str] = None,

@@ -22,6 +22,7 @@ adds the error comes first even when no stage exceeds a tolerance alone.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -113,3 +114,40 @@ def replay(weights: Mapping[str, np.ndarray], config: ModelConfig, dump: Dump,
         inherited = stage_error(source, other[source], clean[source], nmse_tol) if source else None
         out.append(ReplayedStage(n, source, stage_error(n, other[n], replayed[n], nmse_tol), inherited))
     return sorted(out, key=lambda r: (-r.local.nmse, stage_order(r.name)))
+
+
+def replay_table(path: str, stages: list[ReplayedStage], tol: float, all_stages: bool = False) -> str:
+    """The report `llama3-np compare --replay` prints: every stage (`all_stages`) or the 20 with the
+    largest local error, largest first, then a verdict."""
+    shown = stages if all_stages else stages[:20]
+    width = max(len("stage"), *(len(r.name) for r in shown))
+    in_width = max(len("input"), *(len(r.input or "tokens") for r in shown))
+    lines = [f"A: {path}, each stage replayed by llama3_np on A's own input (sorted by local error)",
+             f"{'stage':<{width}}  {'input':<{in_width}}  {'local NMSE':>10}  {'local max abs':>13}  "
+             f"{'inherited NMSE':>14}"]
+    for r in shown:
+        inherited = f"{r.inherited.nmse:14.3e}" if r.inherited else f"{'-':>14}"
+        mark = "  past tolerance" if r.local.diverged else ""
+        lines.append(f"{r.name:<{width}}  {r.input or 'tokens':<{in_width}}  {r.local.nmse:10.3e}  "
+                     f"{r.local.max_abs:13.3e}  {inherited}{mark}")
+    if len(shown) < len(stages):
+        lines.append(f"... {len(stages) - len(shown)} more stages (--all lists them)")
+    bad = [r.name for r in stages if r.local.diverged]
+    worst = stages[0]
+    lines.append(f"verdict: {worst.name} adds the largest error (local NMSE {worst.local.nmse:.2e}); "
+                 + (f"{len(bad)} of {len(stages)} stages add more than NMSE {tol:.0e}" if bad
+                    else f"no stage adds more than NMSE {tol:.0e}"))
+    return "\n".join(lines)
+
+
+def replay_json(path: str, stages: list[ReplayedStage], tol: float) -> dict:
+    """What `llama3-np compare --replay --json` prints (non-finite numbers as null)."""
+    def err(e):
+        return None if e is None else {"max_abs": _finite(e.max_abs), "nmse": _finite(e.nmse), "diverged": e.diverged}
+    return {"a": path, "nmse_tol": tol, "stages": [{"name": r.name, "input": r.input, "local": err(r.local),
+                                                    "inherited": err(r.inherited)} for r in stages],
+            "largest_local": stages[0].name, "past_tolerance": [r.name for r in stages if r.local.diverged]}
+
+
+def _finite(x: float):
+    return x if math.isfinite(x) else None  # JSON has no inf or nan

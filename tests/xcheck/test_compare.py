@@ -273,7 +273,7 @@ def test_hugging_face_and_meta_dumps_of_the_same_weights_compare_and_list_what_d
     # --like accepts the other format's dump and says what it let through.
     code, _, err = run_cli(capsys, "dump", "-m", meta, "--rope-factor", "32", "--like", hf_dump, "-o", meta_dump)
     assert code == 0, err
-    assert err.strip() == (f"note: the config recorded in --like {hf_dump} differs from {meta}'s only in what "
+    assert err.strip() == (f"note: the config recorded in {hf_dump} differs from {meta}'s only in what "
                            "no stage computes: tie_embeddings true vs false"), err
     code, out, err = run_cli(capsys, "compare", meta_dump, hf_dump)
     assert code == 0, out + err
