@@ -15,8 +15,9 @@ from pathlib import Path
 from ..config import from_hf_config
 from ..errors import Llama3Error
 from ..formats.checkpoint import hf_config_dict, load_checkpoint
+from ..formats.gguf_file import is_gguf
 from ..train import Trainer, TrainingArguments, init_weights, pack
-from .common import add_model_args, load, read_text_file
+from .common import add_model_args, load, model_dir, read_text_file
 
 # Small Llama 3 shapes to train from scratch, as Hugging Face config.json keys (the vocabulary is
 # the tokenizer's). "15M" is the shape of llama2.c's stories15M (dim 288, 6 layers, 6 heads).
@@ -121,8 +122,10 @@ def run(args) -> int:
         raise Llama3Error(f"-o {out}: holds no checkpoint to resume; train without --resume first")
     if not args.resume and out.is_dir() and any(out.iterdir()):
         raise Llama3Error(f"-o {out}: exists and is not empty; continue its run with --resume, or name a new folder")
-    # From scratch, -m gives only the tokenizer and vocabulary: its weights stay mapped, unconverted.
-    loaded = load(argparse.Namespace(**{**vars(args), "dtype": "bfloat16"}) if args.from_scratch else args,
+    # From scratch, -m gives only the tokenizer and vocabulary: its weights stay mapped, unconverted
+    # (a GGUF file's in its own blocks).
+    unconverted = "gguf" if is_gguf(model_dir(args.model)) else "bfloat16"
+    loaded = load(argparse.Namespace(**{**vars(args), "dtype": unconverted}) if args.from_scratch else args,
                   need_tokenizer=True)
     tok = loaded.need_tokenizer()
     config = loaded.config if args.from_scratch is None else scratch_config(args.from_scratch, loaded.config.vocab_size)
