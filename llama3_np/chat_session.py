@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .generation import REPEAT_LAST_N, Generation
+from .generation import Generation
 from .sampling import SamplingParams
 from .text.dialog import Conversation, Turn, common_prefix
 
@@ -26,14 +26,16 @@ class ChatSession:
     """A chat with `model` (a `load.LoadedModel`) in its chat format, keeping the KV cache between turns.
 
     ctx: the context in tokens (None: the model's, at most `load.DEFAULT_CTX`); system: the system
-    message (None: the chat format's default, if it has one); progress: as `Session`'s.
+    message (None: the chat format's default, if it has one); progress: as `Session`'s; fmt: the
+    chat format (`LoadedModel.chat_format`; None: the checkpoint's).
     """
 
     def __init__(self, model, ctx: Optional[int] = None, system: Optional[str] = None,
-                 repeat_last_n: int = REPEAT_LAST_N, progress: Optional[Callable[[int, int], None]] = None):
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 fmt=None):
         self.tokenizer = model.need_tokenizer()
-        self.format = model.chat_format()
-        self.session = model.session(ctx, repeat_last_n, progress)
+        self.format = fmt or model.chat_format()
+        self.session = model.session(ctx, progress)
         self.conversation = Conversation(self.tokenizer, self.format, system)
         self.dropped = 0  # how many of the oldest turns the last `send` dropped
         self._pending: Optional[tuple[str, list[int], Generation]] = None  # the answer last sent
@@ -53,15 +55,16 @@ class ChatSession:
         return max(min(max_new if max_new > 0 else self.ctx // 4, self.ctx // 2), 1)
 
     def send(self, text: str, params: Optional[SamplingParams] = None, rng: Optional[np.random.Generator] = None,
-             max_new: int = -1) -> Generation:
-        """The model's answer to the user's message `text`, as a `Generation` to iterate (the
-        `Session.generate` arguments), ending at the model's end-of-generation ids.
+             max_new: int = -1, role: str = "user") -> Generation:
+        """The model's answer to the user's message `text` (or, with `role` "tool", a tool's
+        result), as a `Generation` to iterate (the `Session.generate` arguments), ending at the
+        model's end-of-generation ids.
 
         Raises Llama3Error, leaving the conversation as it was, when the message does not fit the
         context even with every earlier turn dropped; `dropped` tells how many were dropped.
         """
         self._settle()
-        message = self.conversation.message_ids(text)
+        message = self.conversation.message_ids(text, role)
         self.dropped = self.conversation.fit(message, self.ctx, self.room(max_new))
         ids = self.conversation.ids() + message
         # What the cache holds of these ids stays (all of them but the new ones, unless turns
@@ -69,7 +72,7 @@ class ChatSession:
         kept = common_prefix(self.session.history, ids)
         self.session.rollback(kept)
         out = self.session.generate(ids[kept:], params, rng, max_new)
-        self._pending = (text, message, out)
+        self._pending = (text, message, out, role)
         return out
 
     def _settle(self) -> None:
@@ -78,13 +81,16 @@ class ChatSession:
         the cache (Ctrl-C during the prefill) leaves no turn."""
         if self._pending is None:
             return
-        text, message, out = self._pending
+        text, message, out, role = self._pending
         self._pending = None
         if not out.prompt_fed:
             return
         end = out.ids[-1] if out.stop_reason == "stop" else None
         ids = message + out.text_ids + self.conversation.close_ids(end)
-        self.conversation.turns.append(Turn(text, self.tokenizer.decode(out.text_ids), ids))
+        if not message:  # the first message is in the head (`Conversation.message_ids`)
+            self.conversation.keep_in_head(ids)
+            return
+        self.conversation.turns.append(Turn(text, self.tokenizer.decode(out.text_ids), ids, role))
 
     def messages(self) -> list[dict]:
         """The conversation so far as chat messages, the last answer included."""

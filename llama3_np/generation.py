@@ -28,10 +28,11 @@ import numpy as np
 from .config import ModelConfig
 from .errors import Llama3Error, ParameterError
 from .model import KVCache, forward
-from .sampling import SamplingParams, sample, sampling_probs
+from .sampling import SamplingParams, sample, sampling_probs, xtc_draw
 
-# Like llama.cpp's `repeat_last_n`: the repetition penalty looks at this many most recent tokens.
-REPEAT_LAST_N = 64
+# How many of the latest ids the penalties look at by default (llama.cpp's `repeat_last_n`): the
+# sampling parameters' (`SamplingParams.repeat_last_n`).
+REPEAT_LAST_N = SamplingParams.repeat_last_n
 
 # A prompt goes through the model this many tokens at a time, each chunk attending to the cache
 # the earlier ones filled (like llama.cpp's batches). The logits are the same as in one call, but
@@ -78,8 +79,9 @@ class Step:
     token: int
     logits: np.ndarray  # [V] float32: the model's logits for the position this token fills
     params: SamplingParams
-    recent: tuple[int, ...]  # the ids the repetition penalty looked at
+    recent: tuple[int, ...]  # the ids before it that the samplers looked at (`params.history_window`)
     suppressed: frozenset[int] = frozenset()  # ids the draw could not choose (ignore_eos)
+    xtc_draw: Optional[float] = None  # XTC's draw at this step (None: XTC off)
 
     def sampler_logits(self) -> np.ndarray:  # -> [V]
         """The logits the sampler was given: the model's, with suppressed ids at -inf."""
@@ -87,7 +89,7 @@ class Step:
 
     def probs(self) -> np.ndarray:  # -> [V] float64
         """The distribution the token was drawn from (`sampling_probs` of what `sample` saw)."""
-        return sampling_probs(self.sampler_logits(), self.params, self.recent)
+        return sampling_probs(self.sampler_logits(), self.params, self.recent, self.xtc_draw)
 
     def candidates(self, k: int) -> list[Candidate]:
         """The `k` most probable tokens by the model's own distribution, most probable first, and
@@ -166,15 +168,10 @@ class Session:
     """
 
     def __init__(self, weights: Mapping[str, np.ndarray], config: ModelConfig, ctx: int,
-                 repeat_last_n: int = REPEAT_LAST_N, stop_ids: Iterable[int] = (),
-                 progress: Optional[Callable[[int, int], None]] = None):
+                 stop_ids: Iterable[int] = (), progress: Optional[Callable[[int, int], None]] = None):
         if ctx <= 0:
             raise ParameterError("ctx", f"ctx must be positive, got {ctx}")
-        if repeat_last_n < -1:
-            raise ParameterError("repeat_last_n", f"repeat_last_n must be >= 0 (0 = off), or -1 for the whole "
-                                                  f"context, got {repeat_last_n}")
         self.weights, self.config = weights, config
-        self.repeat_last_n = ctx if repeat_last_n == -1 else repeat_last_n
         self.cache = KVCache(config, ctx)
         self.stop_ids = frozenset(int(i) for i in stop_ids)
         self.progress = progress
@@ -192,11 +189,11 @@ class Session:
         """Every id the KV cache holds, in order (a copy)."""
         return self._fed[:self.cache.length]
 
-    def recent_ids(self) -> list[int]:
-        """The window the repetition penalty looks at: the last `repeat_last_n` ids fed so far
-        (prompt and generated tokens alike; every sampled token is fed before the next is drawn)."""
+    def recent_ids(self, n: int) -> list[int]:
+        """The last `n` ids the cache holds (-1: all of them), what the samplers look at (prompt
+        and generated tokens alike; every sampled token is fed before the next is drawn)."""
         end = self.cache.length
-        return self._fed[max(end - self.repeat_last_n, 0):end] if self.repeat_last_n else []
+        return self._fed[:end] if n == -1 else self._fed[max(end - n, 0):end]
 
     def feed(self, ids: Iterable[int]) -> np.ndarray:  # [T] -> [V]
         """Run `ids` through the model after what the cache holds; the last token's logits.
@@ -270,8 +267,9 @@ class Session:
         out.prefill_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         while True:
-            recent = tuple(self.recent_ids())
-            token = sample(suppress(logits, suppressed), params, rng, recent=recent)
+            recent = tuple(self.recent_ids(params.history_window))
+            draw = xtc_draw(params, rng)
+            token = sample(suppress(logits, suppressed), params, rng, recent=recent, xtc=draw)
             out.ids.append(token)
             if token in stop_ids:
                 out.stop_reason = "stop"
@@ -280,7 +278,7 @@ class Session:
             elif self.cache.length == self.ctx:
                 out.stop_reason = "context"
             out.decode_seconds = time.perf_counter() - t0
-            yield Step(token, logits, params, recent, suppressed)
+            yield Step(token, logits, params, recent, suppressed, draw)
             if out.stop_reason:
                 return
             logits = self.feed([token])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import products
+from .lora import LoraWeight
 
 
 def as_float32(w: np.ndarray) -> np.ndarray:
@@ -25,7 +26,10 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_
     a time (`products.linear`). The result is float32 [T, n_out] either way, equal to float32
     `x @ w.T` up to the order of each dot product's sum. A float64 x (float64 mode) is multiplied
     in float64 by w upcast exactly (a copy unless w is float64 already), with NumPy's own product:
-    float64 is the mode of the exact value, not of speed."""
+    float64 is the mode of the exact value, not of speed. A weight with an unmerged LoRA adapter
+    (`lora.LoraWeight`) adds s·B·(A·x) to the base weight's product."""
+    if isinstance(w, LoraWeight):
+        return linear(x, w.base) + linear(linear(x, w.a), w.b) * x.dtype.type(w.scale)
     if x.dtype == np.float64:
         return x @ np.asarray(w, dtype=np.float64).T
     return products.linear(x, w)

@@ -20,9 +20,11 @@ from . import assets
 from .config import ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import Checkpoint, load_checkpoint, scan_checkpoint
-from .generation import REPEAT_LAST_N, Session
+from .generation import Session
+from .lora import adapted, load_adapter
 from .sampling import SamplingParams
-from .text.chat import ChatFormat, chat_format_for, encode_dialog
+from .text.chat import ChatFormat, TemplateFormat, chat_format_for, encode_dialog
+from .text.template import ChatTemplate, find_chat_template, template_variables
 from .formats.gguf_file import is_gguf
 from .formats.gguf_import import gguf_tokenizer
 from .text import tokenizer as text_tokenizer
@@ -50,47 +52,62 @@ class LoadedModel:
         return self.checkpoint.weights
 
     def ctx(self, requested: Optional[int] = None) -> int:
-        """The context size in tokens: `requested`, or the model's own, at most DEFAULT_CTX.
+        """The context size in tokens: `requested`, 0 for the model's trained context (as llama.cpp's
+        n_ctx 0), or by default the model's own, at most DEFAULT_CTX.
 
-        Raises ParameterError("ctx") when `requested` is not positive or longer than the context
-        the model was trained for."""
+        Raises ParameterError("ctx") when `requested` is negative or longer than the context the
+        model was trained for."""
         if requested is not None:
             check_ctx(requested, self.config)
-            return requested
+            return requested or self.config.max_seq_len
         return min(self.config.max_seq_len, DEFAULT_CTX)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` as a plain prompt (with BOS when the tokenizer adds one)."""
         return self.need_tokenizer().encode(text)
 
-    def chat_format(self) -> ChatFormat:
-        return chat_format_for(self.need_tokenizer())
+    def chat_template(self) -> Optional[ChatTemplate]:
+        """The chat template the checkpoint carries (`text.template.TEMPLATE_FILES`), or None."""
+        return find_chat_template(self.checkpoint.path)
 
-    def encode_dialog(self, system: Optional[str], user: str) -> list[int]:
+    def chat_format(self, choice: Optional[str] = None, template: Optional[ChatTemplate] = None,
+                    variables: Optional[dict] = None, tools: Optional[list] = None) -> ChatFormat | TemplateFormat:
+        """The chat format named `choice` ("template", "llama3", "chatml"; None: the checkpoint's
+        template if it has one, else its vocabulary's built-in format), rendering `template`
+        instead of the checkpoint's own when given, with `variables` (such as `date_string`)
+        added to the special tokens a template sees, and the tool definitions `tools`
+        (`text.tools.read_tools`) for the template to place (`text.chat.chat_format_for`)."""
+        tok = self.need_tokenizer()
+        template = template or find_chat_template(self.checkpoint.path, tools=tools is not None)
+        if template is not None:
+            variables = template_variables(tok, self.checkpoint.path) | dict(variables or {})
+        return chat_format_for(tok, choice, template, variables, tools)
+
+    def encode_dialog(self, system: Optional[str], user: str,
+                      fmt: ChatFormat | TemplateFormat | None = None) -> list[int]:
         """Token ids of a first chat turn (an optional system message, then `user`), ending with
-        the opening of the assistant's reply, in the checkpoint's chat format."""
+        the opening of the assistant's reply, in `fmt` (default: the checkpoint's chat format)."""
         messages = [{"role": "system", "content": system}] if system is not None else []
         return encode_dialog(self.need_tokenizer(), messages + [{"role": "user", "content": user}],
-                             fmt=self.chat_format())
+                             fmt=fmt or self.chat_format())
 
     def stop_ids(self) -> frozenset[int]:
         """The ids that end a generation, the same in completion and in chat: those the
         checkpoint's config files declare and the vocabulary's (`Tokenizer.end_of_generation_ids`)."""
         return frozenset(self.checkpoint.eos_ids) | (self.tokenizer.end_of_generation_ids if self.tokenizer else set())
 
-    def session(self, ctx: Optional[int] = None, repeat_last_n: int = REPEAT_LAST_N,
-                progress: Optional[Callable[[int, int], None]] = None) -> Session:
+    def session(self, ctx: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None) -> Session:
         """A `Session` of `ctx` tokens (`LoadedModel.ctx`) whose generations end at the model's
         end-of-generation ids (`stop_ids`) unless told otherwise."""
-        return Session(self.weights, self.config, self.ctx(ctx), repeat_last_n, self.stop_ids(), progress)
+        return Session(self.weights, self.config, self.ctx(ctx), self.stop_ids(), progress)
 
     def chat_session(self, system: Optional[str] = None, ctx: Optional[int] = None,
-                     repeat_last_n: int = REPEAT_LAST_N,
-                     progress: Optional[Callable[[int, int], None]] = None):
-        """A multi-turn chat keeping the KV cache between turns (`chat_session.ChatSession`)."""
+                     progress: Optional[Callable[[int, int], None]] = None, fmt=None):
+        """A multi-turn chat keeping the KV cache between turns (`chat_session.ChatSession`), in
+        the chat format `fmt` (`chat_format`; None: the checkpoint's)."""
         from .chat_session import ChatSession
 
-        return ChatSession(self, ctx, system, repeat_last_n, progress)
+        return ChatSession(self, ctx, system, progress, fmt)
 
     def stream(self, prompt: str, max_new: int = -1, params: Optional[SamplingParams] = None,
                rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None) -> Iterator[str]:
@@ -144,35 +161,39 @@ def load_tokenizer(path) -> Tokenizer:
 
 
 def check_ctx(ctx: Optional[int], config: ModelConfig) -> None:
-    """A context size, checked against the context the model was trained for (None: no check).
+    """A context size, checked against the context the model was trained for (None: no check; 0
+    stands for the trained context).
 
     Raises ParameterError("ctx")."""
     if ctx is None:
         return
-    if ctx <= 0:
-        raise ParameterError("ctx", f"ctx must be positive, got {ctx}")
+    if ctx < 0:
+        raise ParameterError("ctx", f"ctx must be positive, or 0 for the model's context, got {ctx}")
     if ctx > config.max_seq_len:
         raise ParameterError("ctx", f"ctx {ctx} is longer than the {config.max_seq_len} tokens the model was "
                                     f"trained for: at most {config.max_seq_len}")
 
 
 def load_model(path=None, dtype: str = "float32", rope_factor: Optional[float] = None,
-               need_tokenizer: bool = True, ctx: Optional[int] = None) -> LoadedModel:
+               need_tokenizer: bool = True, ctx: Optional[int] = None, lora=None) -> LoadedModel:
     """Load a checkpoint (a Hugging Face or Meta folder, or a GGUF file) and its tokenizer.
 
-    path: the folder or .gguf file (imported into the asset cache once, `assets.model_dir`); None
-    for the default model. dtype: weight residency, "float32" (converted once, fastest) or
+    path: the folder or .gguf file (read as it is, `assets.model_dir`); None for the default model. dtype: weight residency, "float32" (converted once, fastest) or
     "bfloat16" (kept as stored, half the memory). rope_factor: overrides the llama3 rope scaling
     factor a Meta params.json implies. need_tokenizer: when False, a folder without tokenizer files
     loads with `tokenizer` None. ctx: a context size to check against the model's trained context
-    before any weight is read (`check_ctx`).
-    Raises Llama3Error for a missing folder or a malformed checkpoint, ParameterError("ctx").
+    before any weight is read (`check_ctx`). lora: a peft LoRA adapter folder, run unmerged
+    (`llama3_np.lora`).
+    Raises Llama3Error for a missing folder, a malformed checkpoint or adapter, ParameterError("ctx").
     """
-    path = assets.model_dir(path)
     t0 = time.perf_counter()
+    path = assets.model_dir(path)
     index = scan_checkpoint(path, rope_factor=rope_factor)
     check_ctx(ctx, index.config)
     checkpoint = load_checkpoint(index, dtype=dtype)
+    if lora is not None:
+        adapter, settings = load_adapter(lora, checkpoint.config)
+        checkpoint.weights.update(adapted(checkpoint.weights, adapter, settings.scale))
     try:
         tokenizer = load_tokenizer(path)
     except Llama3Error:

@@ -68,10 +68,11 @@ def summarize(index: CheckpointIndex) -> dict:
 
 def _tokens(index: CheckpointIndex) -> dict:
     """The chat format and the tokens that end generation (id -> text), when there is a tokenizer."""
-    from .text.chat import chat_format_for
     from .load import load_tokenizer
+    from .text.chat import chat_format_for, describe
+    from .text.template import find_chat_template
 
-    none = {"chat_format": None, "stop_tokens": {str(i): None for i in index.eos_ids}}
+    none = {"chat_format": None, "chat_format_source": None, "stop_tokens": {str(i): None for i in index.eos_ids}}
     if index.tokenizer_dir is None:
         return none
     try:
@@ -79,11 +80,11 @@ def _tokens(index: CheckpointIndex) -> dict:
     except Llama3Error as e:  # inspect reports a broken tokenizer rather than stopping at it
         return dict(none, tokenizer_error=str(e))
     try:
-        fmt = chat_format_for(tok)
+        fmt = chat_format_for(tok, template=find_chat_template(index.path))
     except Llama3Error:
         fmt = None
     ids = set(index.eos_ids) | tok.end_of_generation_ids  # as LoadedModel.stop_ids
-    return {"chat_format": fmt.name if fmt else None,
+    return {"chat_format": fmt.name if fmt else None, "chat_format_source": describe(fmt) if fmt else None,
             "stop_tokens": {str(i): tok.decode([i]) for i in sorted(ids)}}
 
 
@@ -133,7 +134,7 @@ def summary_text(s: dict) -> str:
         "of float32 conversion block)" + (f"; --dtype gguf: {_size(m['gguf'])}" if "gguf" in m else ""),
         f"tokenizer:   {s['tokenizer'] or 'none found (looked for ' + ', '.join(TOKENIZER_FILES) + ')'}",
         *([f"             unreadable: {s['tokenizer_error']}"] if "tokenizer_error" in s else []),
-        f"chat format: {s['chat_format'] or 'none (plain generation only)'}",
+        f"chat format: {s['chat_format_source'] or 'none (plain generation only)'}",
         "stop tokens: " + (", ".join(f"{i} {json.dumps(t, ensure_ascii=False) if t is not None else ''}".rstrip()
                                      for i, t in s["stop_tokens"].items()) or "none"),
         f"source:      {'the GGUF file as it is, read in place' if s['format'] == 'gguf' else _source(s['source'])}",

@@ -37,7 +37,7 @@ def chat(model, monkeypatch, exchanges, ctx):
     """A ChatSession through `exchanges`, the model's draws scripted; the session, and how many
     turns each message dropped."""
     script = [i for _, tag, text, end in exchanges for i in answer_ids(model.tokenizer, tag, text, end)]
-    monkeypatch.setattr(generation, "sample", lambda logits, params, rng=None, recent=(): script.pop(0))
+    monkeypatch.setattr(generation, "sample", lambda logits, params, rng=None, recent=(), xtc=None: script.pop(0))
     session = model.chat_session(system="You can search the web.", ctx=ctx)
     dropped = []
     for user, *_ in exchanges:

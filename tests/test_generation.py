@@ -82,7 +82,7 @@ def test_repeat_penalty_window_is_the_last_64_ids_fed(model, monkeypatch):
     seen = []
     real_sample = generation.sample
     monkeypatch.setattr(generation, "sample",
-                        lambda logits, params, rng, recent: seen.append(list(recent)) or real_sample(logits, params, rng, recent))
+                        lambda logits, params, rng, recent, xtc=None: seen.append(list(recent)) or real_sample(logits, params, rng, recent, xtc))
     prompt = [i % config.vocab_size for i in range(70)]
     session = Session(weights, config, ctx=128)
     out = session.generate(prompt, SamplingParams(temperature=0, repeat_penalty=1.3), np.random.default_rng(0), 5).run()
@@ -218,6 +218,28 @@ def test_each_step_records_what_its_token_was_drawn_from(model):
         assert_close(s.logits, forward(weights, config, context)[-1], f"step {n} logits", 1e-10)
         assert s.recent == tuple(context[-64:])
         assert np.array_equal(s.probs(), sampling_probs(s.logits, params, context[-64:])) and s.probs()[s.token] > 0
+
+
+def test_steps_record_xtc_draws_and_dry_windows_so_their_distributions_replay(model):
+    """XTC's draw comes from the generation's generator and is recorded; DRY looks at its own
+    window (here longer than the penalties')."""
+    from llama3_np.sampling import sampling_probs
+
+    weights, config = model
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_last_n=4, dry_multiplier=0.8,
+                            dry_allowed_length=1, dry_penalty_last_n=-1, dry_sequence_breakers=(),
+                            xtc_probability=0.5, xtc_threshold=0.01)
+    session = Session(weights, config, ctx=64)
+    steps = list(session.generate(PROMPT, params, np.random.default_rng(5), 8))
+    again = list(Session(weights, config, ctx=64).generate(PROMPT, params, np.random.default_rng(5), 8))
+    assert [s.token for s in steps] == [s.token for s in again]
+    ids = PROMPT + [s.token for s in steps]
+    draws = [s.xtc_draw for s in steps]
+    assert all(d is not None for d in draws) and min(draws) <= 0.5 < max(draws)  # XTC acted at some steps only
+    for n, s in enumerate(steps):
+        assert s.recent == tuple(ids[:len(PROMPT) + n])  # DRY's window: every id before
+        assert np.array_equal(s.probs(), sampling_probs(s.logits, params, s.recent, s.xtc_draw))
+        assert s.probs()[s.token] > 0
 
 
 def test_suppressed_ids_are_never_drawn(model):

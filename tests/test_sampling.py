@@ -4,6 +4,7 @@ orders, and llama.cpp's other samplers each alone and in its default chain
 (tests/fixtures/sampling/llama_cpp_samplers.json.gz); each filter only removes tokens; a seed
 reproduces a draw."""
 
+import functools
 import gzip
 import json
 from pathlib import Path
@@ -12,9 +13,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from llama3_np.assets import llama3_tokenizer_path
 from llama3_np.errors import ParameterError
-from llama3_np.sampling import (DEFAULT_SAMPLERS, SAMPLER_NAMES, SAMPLER_ORDERS, SamplingParams,
-                                parse_sampler_chars, parse_samplers, sample, sampling_probs, survivors)
+from llama3_np.sampling import (DEFAULT_SAMPLERS, SAMPLER_NAMES, SAMPLER_ORDERS, DryBreakers, SamplingParams,
+                                dry_breakers, parse_sampler_chars, parse_samplers, sample, sampling_probs, survivors)
+from llama3_np.text.tokenizer import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sampling"
 FIXTURE = json.loads(gzip.decompress((FIXTURES / "chains.json.gz").read_bytes()))
@@ -44,7 +47,7 @@ def test_distribution_matches_the_reference_in_its_order(case, setting, ref):
     logits = np.array(case["logits"], dtype=np.float32)
     want = np.zeros(logits.size)
     want[ref["ids"]] = ref["probs"]
-    params = SamplingParams(**setting, samplers=tuple(FIXTURE["orders"][ref["order"]]))
+    params = fixture_params(setting, FIXTURE["orders"][ref["order"]])
     got = sampling_probs(logits, params, case["recent"])
     l1 = np.abs(got - want).sum()
     assert l1 <= 1e-6, (f"{ref['order']} on {case['name']} with {setting}: L1 {l1:.3g}; kept "
@@ -57,14 +60,28 @@ def sampler_points():
         yield pytest.param(case, setting, r, id=f"{r['chain']}-{case['name']}-{r['setting']}")
 
 
+@functools.cache
+def llama3_tokenizer():
+    return load_tokenizer(llama3_tokenizer_path().parent)
+
+
+def fixture_params(setting: dict, samplers) -> SamplingParams:
+    params = SamplingParams(**{**setting, "dry_sequence_breakers": tuple(setting.get("dry_sequence_breakers", ()))},
+                            samplers=tuple(samplers))
+    # llama.cpp made the breakers' tokens from its Llama 3 vocabulary; llama3_np from Meta's tokenizer
+    return params.for_tokenizer(llama3_tokenizer()) if params.dry_sequence_breakers else params
+
+
 @pytest.mark.parametrize("case,setting,ref", list(sampler_points()))
 def test_llama_cpp_samplers_alone_and_in_the_default_chain(case, setting, ref):
-    """Frequency and presence penalties, typical sampling and top-n-sigma against llama.cpp's, alone
-    and in its default chain: L1 <= 1e-6."""
+    """Frequency and presence penalties, DRY, typical sampling, top-n-sigma and XTC against
+    llama.cpp's, alone and in its default chain: L1 <= 1e-6. A DRY point brings its own history,
+    an XTC point the draw llama.cpp's XTC made."""
     logits = np.array(case["logits"], dtype=np.float32)
     want = np.zeros(logits.size)
     want[ref["ids"]] = ref["probs"]
-    got = sampling_probs(logits, SamplingParams(**setting, samplers=tuple(ref["samplers"])), case["recent"])
+    got = sampling_probs(logits, fixture_params(setting, ref["samplers"]), ref.get("recent", case["recent"]),
+                         ref.get("xtc_draw"))
     l1 = np.abs(got - want).sum()
     assert l1 <= 1e-6, (f"{ref['samplers']} on {case['name']} with {setting}: L1 {l1:.3g}; kept "
                         f"{np.flatnonzero(got).tolist()}, reference kept {ref['ids']}")
@@ -73,7 +90,7 @@ def test_llama_cpp_samplers_alone_and_in_the_default_chain(case, setting, ref):
 def test_the_sampler_fixture_covers_each_sampler_alone_and_in_the_default_chain():
     chains = {(r["chain"], tuple(r["samplers"])) for r in SAMPLERS_FIXTURE["results"]}
     assert ("llama.cpp", DEFAULT_SAMPLERS) in chains
-    for name in ("penalties", "typ_p", "top_n_sigma"):
+    for name in ("penalties", "dry", "typ_p", "top_n_sigma", "xtc"):
         assert ("alone", (name,)) in chains, name
     settings = SAMPLERS_FIXTURE["settings"]
     assert {0.25, 0.75, 0.875} <= {s["typical_p"] for s in settings}  # exact boundaries on `exact`
@@ -192,6 +209,54 @@ def test_top_n_sigma_keeps_logits_within_n_standard_deviations_of_the_largest():
     assert np.count_nonzero(sampling_probs(logits, off)) == 5
 
 
+def test_xtc_drops_the_likely_tokens_but_the_least_when_its_draw_is_at_most_its_probability():
+    # probabilities .5 .25 .125 ...: threshold .2 -> .5 and .25 reach it, .5 goes; threshold .3 -> only .5: nothing
+    params = SamplingParams(1.0, 0, 1.0, 0.0, samplers=("xtc",), xtc_probability=0.5, xtc_threshold=0.2)
+    assert set(np.flatnonzero(sampling_probs(EXACT, params, xtc_draw=0.5))) == set(range(1, 7))
+    assert np.count_nonzero(sampling_probs(EXACT, params, xtc_draw=0.51)) == 7  # the draw above: no XTC
+    assert np.count_nonzero(sampling_probs(EXACT, params)) == 7  # no draw: no XTC
+    higher = SamplingParams(1.0, 0, 1.0, 0.0, samplers=("xtc",), xtc_probability=1.0, xtc_threshold=0.3)
+    assert np.count_nonzero(sampling_probs(EXACT, higher, xtc_draw=0.0)) == 7
+    # Greedy after XTC picks the most probable survivor, not the argmax.
+    greedy = SamplingParams(0.0, 0, 1.0, 0.0, samplers=("xtc", "temperature"), xtc_probability=1.0, xtc_threshold=0.2)
+    assert sample(EXACT, greedy, np.random.default_rng(0)) == 1
+
+
+def test_dry_penalises_the_token_that_would_extend_a_repeat():
+    # history a b c x a b c: x would make "a b c" a repeat of length 4 > allowed 2:
+    # penalty 0.8 * 1.75 ** (3 - 2) on x; a token that extends nothing keeps its logit
+    logits = np.zeros(8, dtype=np.float32)
+    params = SamplingParams(1.0, 0, 1.0, 0.0, samplers=("dry",), dry_multiplier=0.8, dry_sequence_breakers=())
+    ids, z = survivors(logits, params, [1, 2, 3, 7, 1, 2, 3])
+    np.testing.assert_array_equal(z, np.where(np.arange(8) == 7, np.float32(-0.8 * 1.75), 0).astype(np.float32))
+    # 7 would extend a repeat of 5 (1 2 5 3 4), but a breaker (id 5, a single-token breaker) two ids
+    # before the end limits it to 2: penalty 0.8 * 1.75 ** 0 instead of 0.8 * 1.75 ** 3
+    history = [1, 2, 5, 3, 4, 7, 1, 2, 5, 3, 4]
+    assert survivors(logits, params, history)[1][7] == np.float32(-0.8 * 1.75 ** 3)
+    breaker = DryBreakers(("?",), {5: ((),)})
+    with_breaker = SamplingParams(1.0, 0, 1.0, 0.0, samplers=("dry",), dry_multiplier=0.8, dry_breaker_ids=breaker)
+    assert survivors(logits, with_breaker, history)[1][7] == np.float32(-0.8)
+    # and with only one id after it, below the allowed length: no penalty at all
+    assert not survivors(logits, with_breaker, history[:-1] + [5, 4])[1].any()
+    # breakers given as text but not as ids: refused, not ignored
+    with pytest.raises(ParameterError, match="SamplingParams.for_tokenizer") as e:
+        survivors(logits, SamplingParams(samplers=("dry",), dry_multiplier=0.8), [1, 2, 3, 7, 1, 2, 3])
+    assert e.value.parameter == "dry_sequence_breakers"
+
+
+def test_dry_breakers_are_found_in_the_vocabulary_as_llama_cpp_finds_them():
+    tok = llama3_tokenizer()
+    breakers = dry_breakers(tok, ["\n", " the end"])
+    newline, colon_newline = tok.encode("\n", bos=False), tok.encode(":\n", bos=False)
+    assert breakers.single(newline[0]) and breakers.single(colon_newline[0])  # its text holds "\n"
+    # " the" ends with the start of " the end": head " the", tail the tokens of " end"
+    head = tok.encode(" the", bos=False)[0]
+    assert tuple(tok.encode(" end", bos=False)) in breakers.heads[head] and not breakers.single(head)
+    with pytest.raises(ParameterError, match="1 to 40 bytes") as e:
+        dry_breakers(tok, ["x" * 41])
+    assert e.value.parameter == "dry_sequence_breakers"
+
+
 def test_top_p_on_a_large_vocabulary_finds_its_cut_beyond_the_first_look():
     # A flat 50,000-token tail: top-p .95 needs far more than the 256 largest.
     rng = np.random.default_rng(0)
@@ -256,7 +321,11 @@ def test_each_filter_only_removes_tokens_and_the_result_is_a_distribution(z, tem
     (dict(temperature=float("nan")), "temperature"), (dict(samplers=("top_k", "top_k")), "samplers"),
     (dict(presence_penalty=float("nan")), "presence_penalty"), (dict(frequency_penalty=float("inf")), "frequency_penalty"),
     (dict(typical_p=1.5), "typical_p"), (dict(typical_p=-0.1), "typical_p"), (dict(top_n_sigma=float("nan")), "top_n_sigma"),
-    (dict(repeat_penalty=1e-40), "repeat_penalty"),
+    (dict(repeat_penalty=1e-40), "repeat_penalty"), (dict(repeat_last_n=-2), "repeat_last_n"),
+    (dict(dry_multiplier=-1), "dry_multiplier"), (dict(dry_base=0.5), "dry_base"),
+    (dict(dry_allowed_length=-1), "dry_allowed_length"), (dict(dry_penalty_last_n=-2), "dry_penalty_last_n"),
+    (dict(dry_sequence_breakers=("\n", "")), "dry_sequence_breakers"), (dict(xtc_probability=1.5), "xtc_probability"),
+    (dict(xtc_threshold=-0.1), "xtc_threshold"),
 ])
 def test_invalid_values_are_rejected_naming_the_parameter(kwargs, parameter):
     with pytest.raises(ParameterError, match=parameter) as e:
@@ -268,12 +337,12 @@ def test_parse_samplers_takes_llama_cpp_names_and_the_order_presets():
     assert parse_samplers("top_k;top_p;min_p;temperature") == ("top_k", "top_p", "min_p", "temperature")
     assert parse_samplers("top-k;nucleus;min-p;temp") == ("top_k", "top_p", "min_p", "temperature")
     assert parse_samplers("llama.cpp") == DEFAULT_SAMPLERS == (
-        "penalties", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "temperature")
+        "penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature")
     # llama.cpp's other spellings (`common_sampler_types_from_names`), in any case
     assert parse_samplers("Top-N-Sigma;TOPK;typ;typ-p".replace(";typ-p", "")) == ("top_n_sigma", "top_k", "typ_p")
     assert parse_samplers("typp;topnsigma") == ("typ_p", "top_n_sigma")
     # --sampling-seq: llama.cpp's letters
-    assert parse_sampler_chars("eskypmt") == DEFAULT_SAMPLERS
+    assert parse_sampler_chars("edskypmxt") == DEFAULT_SAMPLERS
     assert parse_sampler_chars("kt") == ("top_k", "temperature")
     assert parse_samplers("transformers") == ("penalties", "temperature", "top_k", "top_p", "min_p")
     assert parse_samplers("") == ()
@@ -281,7 +350,7 @@ def test_parse_samplers_takes_llama_cpp_names_and_the_order_presets():
 
 @pytest.mark.parametrize("text,fragment", [
     ("foo", "unknown sampler 'foo'"), ("top_k;top_k", "'top_k' is given twice"),
-    ("top_k;top-k", "'top_k' is given twice"), ("dry;top_k", "'dry' is llama.cpp's but not implemented"),
+    ("top_k;top-k", "'top_k' is given twice"), ("adaptive-p;top_k", "'adaptive-p' is llama.cpp's but not implemented"),
     ("top_k;;top_p", "empty sampler name"), ("typical", "unknown sampler 'typical'"),
     ("infill", "'infill' is llama.cpp's but not implemented"),
 ])

@@ -157,19 +157,20 @@ def test_chat_stops_at_the_same_tokens_and_keeps_eom_in_the_dialog(capsys, folde
     """A chat prompt ends with the assistant header, whose last token ("\\n\\n") these models answer
     with <|eom_id|>: generate --chat and chat stop there. chat's next turn starts with that
     <|eom_id|> (never fed as the reply ended), and the ids fed over both turns are Meta's ChatFormat
-    encoding of the dialog (llama3_turns.json, `cli_ids`)."""
+    encoding of the dialog (llama3_turns.json, `cli_ids`). The GGUF carries a chat template, which
+    would be the default: `--chat-format llama3` asks for Meta's."""
     from llama3_np.generation import Session
 
     folder = folders[fmt]
     eom = tokenizer(folder).encode_special("<|eom_id|>")
-    out = generate(capsys, folder, "--chat", "-p", "hi", "-n", "8")
+    out = generate(capsys, folder, "--chat", "-p", "hi", "-n", "8", "--chat-format", "llama3")
     assert (out["ids"], out["stop_reason"]) == ([eom], "stop"), out
 
     fed = []
     real_generate = Session.generate
     monkeypatch.setattr(Session, "generate",
                         lambda self, ids, *a, **k: fed.append(list(ids)) or real_generate(self, ids, *a, **k))
-    code, _, err = run_cli_stdin(capsys, "hi\nagain\n", "chat", "-m", folder)
+    code, _, err = run_cli_stdin(capsys, "hi\nagain\n", "chat", "-m", folder, "--chat-format", "llama3")
     assert code == 0, err
     stats = [line for line in err.splitlines() if line.startswith("prompt ")]
     assert len(stats) == 2 and all(line.endswith("stop: stop token") for line in stats), err

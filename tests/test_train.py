@@ -115,6 +115,7 @@ def bad_config(tmp_path):
     (lambda tmp: ["--seq-len", "100000"], "--seq-len 100000: the model's context is 256 tokens"),
     (lambda tmp: ["-f", str(empty_file(tmp))], "the text is 1 tokens long; a sequence needs 17"),
     (bad_config, "not divisible"),
+    (lambda tmp: ["--lora-r", "4"], "--lora-r trains adapters on a model's weights"),
 ])
 def test_bad_settings_end_in_one_line_and_write_nothing(tmp_path, corpus, capsys, make_args, message):
     out = tmp_path / "out"
@@ -137,3 +138,68 @@ def test_an_output_folder_of_something_else_is_refused(tmp_path, corpus, capsys)
     assert train(tmp_path, corpus, tmp_path / "empty", "--resume") == 2
     assert "no checkpoint to resume" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+def lora_run(tmp_path):
+    from llama3_np.lora import LoraConfig
+
+    path = GRAD / "lora_peft.safetensors"
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata()
+    s = json.loads(meta["settings"])
+    ckpt = load_checkpoint(GRAD / s.pop("variant"), dtype="float32")
+    lora = LoraConfig(s.pop("r"), s.pop("lora_alpha"), tuple(s.pop("target_modules")))
+    args = TrainingArguments(max_steps=s.pop("steps"), warmup_steps=0, **s)
+    sequences = np.random.default_rng(int(meta["sequences_seed"])).integers(0, ckpt.config.vocab_size,
+                                                                          (4, args.seq_len + 1))
+    trainer = Trainer(ckpt.weights, ckpt.config, sequences, None, args, lora=lora)
+    while trainer.step < args.max_steps:
+        trainer.train_step()
+    trainer.save(tmp_path / "adapter")
+    return trainer, ckpt, load_file(str(path)), json.loads(meta["probe"])
+
+
+def test_a_lora_adapter_loads_in_peft_with_the_same_logits_and_gradients(tmp_path):
+    from llama3_np.backward import loss_and_gradients
+    from llama3_np.lora import adapted, adapter_gradients, load_adapter
+
+    trainer, ckpt, ref, probe = lora_run(tmp_path)
+    adapter, lora = load_adapter(tmp_path / "adapter", ckpt.config)
+    assert lora == trainer.lora and all(np.array_equal(adapter[k], trainer.adapter[k]) for k in trainer.adapter)
+    weights = adapted(ckpt.weights, adapter, lora.scale)
+    assert_close(forward(weights, ckpt.config, probe), ref["logits"], "logits with the adapter unmerged vs peft", 1e-10)
+    _, grads = loss_and_gradients(weights, ckpt.config, probe)
+    for key, g in adapter_gradients(grads, adapter, lora.scale).items():
+        assert_close(g, ref[f"grad.{key}"], f"d{key} vs peft's autograd", 1e-10)
+    merged = {k: np.asarray(w) for k, w in weights.items()}
+    assert_close(forward(merged, ckpt.config, probe), ref["merged_logits"], "merged logits vs peft's merge_and_unload",
+                 1e-10)
+
+
+def test_generate_with_an_unmerged_lora_equals_the_merged_weights(tmp_path, capsys):
+    from llama3_np.lora import adapted, load_adapter
+    from llama3_np.formats.checkpoint import save_hf_checkpoint
+
+    trainer, ckpt, _, probe = lora_run(tmp_path)
+    adapter, lora = load_adapter(tmp_path / "adapter", ckpt.config)
+    merged = {k: np.asarray(w) for k, w in adapted(ckpt.weights, adapter, lora.scale).items()}
+    save_hf_checkpoint(tmp_path / "merged", ckpt.config, merged, dtype=np.float32)
+    tokens = ",".join(map(str, probe))
+    runs = {}
+    for name, model in (("lora", ["-m", str(GRAD / "llama3_0"), "--lora", str(tmp_path / "adapter")]),
+                        ("merged", ["-m", str(tmp_path / "merged")])):
+        assert main(["generate", *model, "--tokens", tokens, "-n", "12", "--temp", "0", "--ignore-eos", "--json"]) == 0
+        runs[name] = json.loads(capsys.readouterr().out)["ids"]
+    assert runs["lora"] == runs["merged"]
+
+
+def test_a_lora_target_that_names_no_projection_is_refused(tmp_path, corpus, capsys):
+    out = tmp_path / "out"
+    code = main(["train", "-f", str(corpus), "-o", str(out), "--lora-r", "4", "--lora-target", "q_proj,attn"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--lora-target: attn names no projection" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

@@ -199,7 +199,8 @@ def run_llama3_np(path: Path, residency: str, prompt_n: int, new: int, runs: int
             "version": "llama3_np", "decode_fraction": r.decode_fraction, "prefill_fraction": r.prefill_fraction,
             "decode_fraction_of_matvec": r.decode_fraction_of_matvec, "bandwidth_gb_s": r.bandwidth_gb_s,
             "matvec_gb_s": r.matvec_gb_s, "sgemm_gflop_s": r.sgemm_gflop_s,
-            "decode_bytes_per_token": r.decode_bytes_per_token}
+            "decode_bytes_per_token": r.decode_bytes_per_token, "bfloat16_conversion": r.bfloat16_conversion,
+            "conversion_gb_s": r.conversion_gb_s, "ml_dtypes_version": r.ml_dtypes_version}
 
 
 def worker(engine: str, path: Path, prompt_n: int, new: int, runs: int, threads: int, gguf_dir: Path) -> dict:
@@ -289,6 +290,9 @@ def table(results: dict, args, load_average: float, config) -> str:
                      f"({o['decode_fraction_of_matvec']:.2f} of the matrix-vector rate {o['matvec_gb_s']:.1f} GB/s), "
                      f"prefill {o['prefill_fraction']:.2f} of {o['sgemm_gflop_s']:.1f} GFLOP/s (limits measured in "
                      "its process)")
+        lines.append(f"{engine}: bfloat16 conversion {o['bfloat16_conversion']} (timed at the first bfloat16 product); "
+                     + ", ".join(f"{name} {rate:.1f} GB/s" for name, rate in o["conversion_gb_s"].items())
+                     + f" of bfloat16 on {o['threads']} threads (ml_dtypes {o['ml_dtypes_version']})")
     for engine, r in results.items():  # what llama.cpp reads per second while decoding
         if engine.startswith("llama.cpp:"):
             per_token = decode_bytes_per_token(config, 2 if engine.endswith("BF16") else 4, args.prompt, args.new)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from tool_support import run_tool  # first: it makes this checkout's llama3_np i
 
 from llama3_np.assets import llama3_tokenizer_path
 from llama3_np.errors import Llama3Error
+from llama3_np.files import make_folder, write_bytes
 
 LLAMA3_TOKENIZER = llama3_tokenizer_path()
 LLAMA3_REQUIREMENT = "llama-models==0.3.0"
@@ -55,10 +55,7 @@ def fetch(dest: Path, requirement: str, member: str, sha256: str) -> Path:
     got = hashlib.sha256(data).hexdigest()
     if got != sha256:
         raise Llama3Error(f"{member} from {requirement} has sha256 {got}, expected {sha256}; not saved")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(dest.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, dest)
+    write_bytes(make_folder(dest.parent) / dest.name, data)
     print(f"{dest}: fetched from {requirement} ({len(data)} bytes, sha256 ok)")
     return dest
 

@@ -305,6 +305,52 @@ def make_stage_gradients() -> str:
     return f"stage gradients: {len(stages)} stages, {path.stat().st_size // 1024} KB"
 
 
+# Two steps of LoRA training by llama3_np on llama3_0 (q and k, whose rows transformers permutes, and
+# the FFN's down projection), its adapter then loaded by peft: peft's logits on PROBE, merged and
+# unmerged, and the gradients of every lora_A / lora_B for the next-token loss of PROBE.
+LORA = dict(variant="llama3_0", r=4, lora_alpha=8.0, target_modules=["q_proj", "k_proj", "down_proj"], steps=2,
+            seq_len=16, batch_size=2, learning_rate=1e-2, seed=5)
+
+
+def make_lora() -> str:
+    import tempfile
+    import peft
+    from llama3_np.formats.checkpoint import load_checkpoint
+    from llama3_np.lora import LoraConfig, TARGETS, _peft_key, unpermute_qk
+    from llama3_np.train import Trainer, TrainingArguments
+
+    s = dict(LORA)
+    folder = OUT / s.pop("variant")
+    ckpt = load_checkpoint(folder, dtype="float32")
+    lora = LoraConfig(s.pop("r"), s.pop("lora_alpha"), tuple(s.pop("target_modules")))
+    args = TrainingArguments(max_steps=s.pop("steps"), warmup_steps=0, **s)
+    sequences = np.random.default_rng(9).integers(0, VOCAB, (4, args.seq_len + 1))
+    trainer = Trainer(ckpt.weights, ckpt.config, sequences, None, args, lora=lora)
+    while trainer.step < args.max_steps:
+        trainer.train_step()
+    tensors = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer.save(Path(tmp) / "adapter")
+        model = peft.PeftModel.from_pretrained(ref.load_hf(folder, torch.float32), str(Path(tmp) / "adapter"),
+                                               is_trainable=True)
+        ids = torch.tensor([PROBE])
+        logits = model(input_ids=ids, use_cache=False).logits[0]
+        torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:]).backward()
+        tensors["logits"] = logits.detach().numpy()
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                key = next(k for k in trainer.adapter if _peft_key(*k.rsplit(".", 1)) == name.replace(".default", ""))
+                heads = {"wq": ckpt.config.n_heads, "wk": ckpt.config.n_kv_heads}.get(key.split(".")[-3])
+                g = p.grad.numpy()
+                tensors[f"grad.{key}"] = unpermute_qk(g, heads) if heads and key.endswith("lora_B") else g
+        with torch.no_grad():
+            tensors["merged_logits"] = model.merge_and_unload()(input_ids=ids, use_cache=False).logits[0].numpy()
+    path = OUT / "lora_peft.safetensors"
+    write_safetensors(path, tensors, {"settings": json.dumps(LORA), "probe": json.dumps(PROBE), "sequences_seed": "9",
+                                      "producer": f"peft {peft.__version__}, transformers {transformers.__version__}"})
+    return f"LoRA: {sum(k.startswith('grad.') for k in tensors)} adapter gradients, {path.stat().st_size // 1024} KB"
+
+
 def main() -> None:
     torch.manual_seed(0)
     for name, v in VARIANTS.items():
@@ -312,6 +358,7 @@ def main() -> None:
     print(make_training_run())
     print(make_trained_checkpoint())
     print(make_stage_gradients())
+    print(make_lora())
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"tests/fixtures/grad/: {total / 1e6:.2f} MB")
 

@@ -27,9 +27,17 @@ split them.
 
 llama_cpp_samplers.json.gz: the same logit vectors; for each setting of SAMPLER_GRID, llama.cpp's
 chain of the samplers that setting turns on ("alone", no temperature) and its default chain
-(`common_params_sampling::samplers`, every sampler llama3_np has, llama.cpp's default values for
-the settings not changed), built as above with `llama_sampler_init_typical(p, 0)` and
-`_top_n_sigma(n)` besides.
+(`common_params_sampling::samplers`, llama.cpp's default values for the settings not changed),
+built as above with `llama_sampler_init_typical(p, 0)`, `_top_n_sigma(n)`,
+`_xtc(p, t, 0, seed)` and `_dry(vocab, multiplier, base, allowed length, last n, breakers)`
+besides. DRY's points carry their own history (`recent`: ids with repeats, breakers, a window
+longer than 64); those with sequence breakers use llama.cpp's Llama 3 vocabulary
+(`models/ggml-vocab-llama-bpe.gguf` of the llama-cpp-python sdist, fetched with `pip download`)
+to turn the breakers into tokens, as llama3_np does with Meta's tokenizer. XTC's points carry
+the draw XTC made (`xtc_draw`): llama.cpp draws from `std::mt19937(seed)` through
+`std::uniform_real_distribution<float>`, which with libstdc++ is the first 32-bit output rounded
+to float32 and divided by 2^32; numpy's MT19937 with the same (legacy) seeding gives it here,
+and the point's result shows whether XTC acted (the script checks it agrees).
 """
 
 from __future__ import annotations
@@ -38,7 +46,10 @@ import ctypes
 import gzip
 import json
 import os
+import subprocess
 import sys
+import tarfile
+import tempfile
 from importlib import metadata
 
 from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
@@ -47,7 +58,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 
-from llama3_np.sampling import SAMPLER_ORDERS, SamplingParams, survivors  # noqa: E402
+from llama3_np.files import make_folder, write_bytes  # noqa: E402
+from llama3_np.sampling import DRY_SEQUENCE_BREAKERS, SAMPLER_ORDERS, SamplingParams, survivors  # noqa: E402
 
 OUT = REPO / "tests" / "fixtures" / "sampling" / "chains.json.gz"
 OUT_SAMPLERS = REPO / "tests" / "fixtures" / "sampling" / "llama_cpp_samplers.json.gz"
@@ -62,7 +74,9 @@ REALISTIC_VOCAB = 128
 REALISTIC_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 
 OFF = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0, presence_penalty=0.0,
-           frequency_penalty=0.0, typical_p=1.0, top_n_sigma=-1.0)
+           frequency_penalty=0.0, typical_p=1.0, top_n_sigma=-1.0, dry_multiplier=0.0, dry_base=1.75,
+           dry_allowed_length=2, dry_penalty_last_n=64, dry_sequence_breakers=[], xtc_probability=0.0,
+           xtc_threshold=0.1)
 LLAMA_CPP_DEFAULTS = {**OFF, **dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)}
 GRID = [
     {},
@@ -94,10 +108,39 @@ SAMPLER_GRID = [
     dict(top_n_sigma=0.5), dict(top_n_sigma=1.0), dict(top_n_sigma=1.5), dict(top_n_sigma=2.0),
     dict(top_n_sigma=3.0), dict(top_n_sigma=0.0),
     dict(frequency_penalty=0.5, typical_p=0.9), dict(presence_penalty=0.5, top_n_sigma=1.0),
+    # XTC: probability 1 acts at every draw; 0.5 with seeds whose first draw is .417 (acts) and .551 (not).
+    dict(xtc_probability=1.0, xtc_threshold=0.05), dict(xtc_probability=1.0, xtc_threshold=0.1),
+    dict(xtc_probability=1.0, xtc_threshold=0.2), dict(xtc_probability=1.0, xtc_threshold=0.25),
+    dict(xtc_probability=1.0, xtc_threshold=0.3), dict(xtc_probability=1.0, xtc_threshold=0.5),
+    dict(xtc_probability=1.0, xtc_threshold=0.6), dict(xtc_probability=0.5, xtc_threshold=0.1, seed=1),
+    dict(xtc_probability=0.5, xtc_threshold=0.1, seed=3), dict(xtc_probability=1.0, xtc_threshold=0.1, min_p=0.2),
+    # DRY on the histories of DRY_HISTORIES (no breakers, then llama.cpp's)
+    dict(dry_multiplier=0.8), dict(dry_multiplier=0.8, dry_allowed_length=1), dict(dry_multiplier=0.8, dry_allowed_length=4),
+    dict(dry_multiplier=2.0, dry_base=1.1), dict(dry_multiplier=0.5, dry_base=3.0, dry_allowed_length=0),
+    dict(dry_multiplier=0.8, dry_penalty_last_n=16), dict(dry_multiplier=0.8, dry_penalty_last_n=1000),
+    dict(dry_multiplier=0.8, dry_base=1.0), dict(dry_multiplier=1e-3, dry_base=100.0, dry_allowed_length=0),
+    dict(dry_multiplier=0.8, dry_sequence_breakers=list(DRY_SEQUENCE_BREAKERS)),
+    dict(dry_multiplier=0.8, dry_allowed_length=1, dry_sequence_breakers=list(DRY_SEQUENCE_BREAKERS)),
+    dict(dry_multiplier=0.8, dry_sequence_breakers=["(", "a b", " the end"]),
+    dict(dry_multiplier=0.8, repeat_penalty=1.2, frequency_penalty=0.2, xtc_probability=1.0, xtc_threshold=0.1),
 ]
 # Which sampler each setting belongs to.
 SAMPLER_OF = {"repeat_penalty": "penalties", "frequency_penalty": "penalties", "presence_penalty": "penalties",
-              "typical_p": "typ_p", "top_n_sigma": "top_n_sigma"}
+              "typical_p": "typ_p", "top_n_sigma": "top_n_sigma", "xtc_probability": "xtc", "xtc_threshold": "xtc",
+              "seed": "xtc", "min_p": "min_p", "dry_multiplier": "dry", "dry_base": "dry", "dry_allowed_length": "dry",
+              "dry_penalty_last_n": "dry", "dry_sequence_breakers": "dry"}
+XTC_SEED = 1234  # unless a setting gives one
+
+# DRY's histories: ids below 128 (every logit vector but `exact*` has them); a few are Llama 3's
+# breaker tokens (1 '"', 9 '*', 25 ':'), and 64 + a 1000-id window reaches beyond 64 ids.
+DRY_HISTORIES = [
+    [5, 17, 33, 8, 91, 40, 5, 17, 33, 8],                    # 91 would extend a repeat of 4
+    [1, 2, 3, 4, 9, 60, 1, 2, 3, 4, 7, 50, 2, 3, 4],         # 9 and 7 extend repeats of 3
+    [7, 7, 7, 7, 7, 7, 7],                                   # overlapping repeats of one id
+    [40, 41, 42, 25, 70, 40, 41, 42, 43, 12, 40, 41, 42],    # ':' (25) follows a repeat: a breaker, no penalty
+    [30, 31, 32, 33, 34, 9, 30, 31, 32, 33, 1, 30, 31, 32],  # '"' then 3 repeated: breakers limit the repeat
+    [20, 21, 22, 23, 24] + list(range(60, 124)) + [20, 21, 22, 23],  # the earlier copy lies 68 ids back
+]
 
 
 def float32_list(x: np.ndarray) -> list[float]:
@@ -151,7 +194,7 @@ def settings_of(change: dict) -> dict:
 
 # --- llama.cpp ---------------------------------------------------------------------------------
 
-def llama_cpp_probs(logits: np.ndarray, recent: list[int], s: dict, order: tuple[str, ...]) -> np.ndarray:
+def llama_cpp_probs(logits: np.ndarray, recent: list[int], s: dict, order: tuple[str, ...], vocab=None) -> np.ndarray:
     import llama_cpp as L
 
     n = logits.size
@@ -168,11 +211,13 @@ def llama_cpp_probs(logits: np.ndarray, recent: list[int], s: dict, order: tuple
         "temperature": lambda: L.llama_sampler_init_temp_ext(s["temperature"], 0.0, 1.0),
         "typ_p": lambda: L.llama_sampler_init_typical(s["typical_p"], 0),
         "top_n_sigma": lambda: L.llama_sampler_init_top_n_sigma(s["top_n_sigma"]),
+        "xtc": lambda: L.llama_sampler_init_xtc(s["xtc_probability"], s["xtc_threshold"], 0, s.get("seed", XTC_SEED)),
+        "dry": lambda: dry_sampler(L, s, vocab),
     }
     for name in order:
         L.llama_sampler_chain_add(chain, make[name]())
     L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(1234))
-    for t in recent[-REPEAT_LAST_N:]:
+    for t in recent:  # each sampler keeps its own window
         L.llama_sampler_accept(chain, t)
 
     data = (L.llama_token_data * n)()
@@ -186,6 +231,41 @@ def llama_cpp_probs(logits: np.ndarray, recent: list[int], s: dict, order: tuple
         probs[arr.data[i].id] = arr.data[i].p
     L.llama_sampler_free(chain)
     return probs
+
+
+def dry_sampler(L, s: dict, vocab):
+    breakers = [b.encode() for b in s.get("dry_sequence_breakers", [])]
+    assert vocab is not None or not breakers, "breakers need the vocabulary"
+    array = (ctypes.c_char_p * max(len(breakers), 1))(*breakers)
+    return L.llama_sampler_init_dry(vocab, s["dry_multiplier"], s["dry_base"], s["dry_allowed_length"],
+                                    s["dry_penalty_last_n"], array, len(breakers))
+
+
+def llama3_vocab(tmp: str):
+    """llama.cpp's Llama 3 vocabulary (vocab only) from the sdist of the installed llama-cpp-python."""
+    import llama_cpp as L
+
+    version = metadata.version("llama_cpp_python")
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                    f"llama-cpp-python=={version}", "-d", tmp], check=True)
+    with tarfile.open(os.path.join(tmp, f"llama_cpp_python-{version}.tar.gz")) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf"))
+        path = os.path.join(tmp, "ggml-vocab-llama-bpe.gguf")
+        with open(path, "wb") as f:
+            f.write(tar.extractfile(member).read())
+    params = L.llama_model_default_params()
+    params.vocab_only = True
+    model = L.llama_model_load_from_file(path.encode(), params)
+    assert model, path
+    return L.llama_model_get_vocab(model)
+
+
+def first_xtc_draw(seed: int) -> float:
+    # std::uniform_real_distribution<float>(0, 1) of std::mt19937(seed), libstdc++: one 32-bit
+    # output, rounded to float32, divided by 2^32
+    bits = np.random.MT19937()
+    bits._legacy_seeding(seed)
+    return float(np.float32(bits.random_raw())) / 2**32
 
 
 # --- transformers ------------------------------------------------------------------------------
@@ -243,28 +323,44 @@ def check_top_n_sigma_margin(case: dict, s: dict, order: tuple[str, ...]) -> Non
     assert np.abs(z - threshold).min() > 1e-5 * max(1.0, abs(threshold)), (case["name"], s)
 
 
-def sampler_results(cases: list[dict]) -> dict:
+def sampler_results(cases: list[dict], vocab) -> dict:
     settings, results = [], []
     for change in SAMPLER_GRID:
         alone = tuple(name for name in SAMPLER_ORDERS["llama.cpp"] if name in {SAMPLER_OF[k] for k in change})
         for chain, base, order in (("alone", OFF, alone), ("llama.cpp", LLAMA_CPP_DEFAULTS, SAMPLER_ORDERS["llama.cpp"])):
             s = {**base, **change}
-            settings.append(s)
+            settings.append({k: v for k, v in s.items() if k != "seed"})
             for ci, case in enumerate(cases):
-                check_top_n_sigma_margin(case, s, order)
-                probs = llama_cpp_probs(case["logits"], case["recent"], s, order)
-                kept = np.flatnonzero(probs)
-                results.append({"case": ci, "setting": len(settings) - 1, "chain": chain, "samplers": list(order),
-                                "ids": [int(i) for i in kept], "probs": [float(f"{p:.8g}") for p in probs[kept]]})
+                histories = DRY_HISTORIES if "dry" in alone else [case["recent"]]
+                if "dry" in alone and case["logits"].size < 128:
+                    continue
+                for recent in histories:
+                    check_top_n_sigma_margin(case, s, order)
+                    probs = llama_cpp_probs(case["logits"], recent, s, order, vocab)
+                    kept = np.flatnonzero(probs)
+                    r = {"case": ci, "setting": len(settings) - 1, "chain": chain, "samplers": list(order),
+                         "ids": [int(i) for i in kept], "probs": [float(f"{p:.8g}") for p in probs[kept]]}
+                    if "dry" in alone:
+                        r["recent"] = recent
+                    if "xtc" in alone:
+                        r["xtc_draw"] = first_xtc_draw(s.get("seed", XTC_SEED))
+                        check_xtc_draw(case, s, order, recent, r["xtc_draw"], probs, vocab)
+                    results.append(r)
     return {"settings": settings, "results": results}
 
 
+def check_xtc_draw(case: dict, s: dict, order: tuple[str, ...], recent: list[int], draw: float,
+                   probs: np.ndarray, vocab) -> None:
+    """XTC changed the result only where the draw says it acts (draw <= probability)."""
+    without = llama_cpp_probs(case["logits"], recent, {**s, "xtc_probability": 0.0}, order, vocab)
+    changed = not np.array_equal(np.flatnonzero(probs), np.flatnonzero(without))
+    assert draw <= s["xtc_probability"] or not changed, (case["name"], s, draw)
+
+
 def write_gzip_json(path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     # no time stamp, so that the bytes depend on the content only
-    tmp.write_bytes(gzip.compress((json.dumps(doc, separators=(",", ":")) + "\n").encode(), mtime=0))
-    tmp.replace(path)
+    write_bytes(make_folder(path.parent) / path.name,
+                gzip.compress((json.dumps(doc, separators=(",", ":")) + "\n").encode(), mtime=0))
 
 
 def main() -> int:
@@ -298,6 +394,8 @@ def main() -> int:
         "results": results,
     }
     write_gzip_json(OUT, doc)  # 200 KB of JSON, 40 KB compressed
+    tmp = tempfile.mkdtemp(prefix="make_sampler_fixtures.")
+    vocab = llama3_vocab(tmp)
     print(f"wrote {OUT.relative_to(REPO)} ({OUT.stat().st_size // 1024} KB): {len(cases)} logit vectors x "
           f"{len(GRID)} settings x 2 orders", file=sys.stderr)
 
@@ -305,7 +403,7 @@ def main() -> int:
                         "llama-cpp-python": metadata.version("llama_cpp_python")},
            "repeat_last_n": REPEAT_LAST_N,
            "cases": [{**c, "logits": float32_list(c["logits"])} for c in cases],
-           **sampler_results(cases)}
+           **sampler_results(cases, vocab)}
     write_gzip_json(OUT_SAMPLERS, doc)
     print(f"wrote {OUT_SAMPLERS.relative_to(REPO)} ({OUT_SAMPLERS.stat().st_size // 1024} KB): {len(cases)} logit "
           f"vectors x {len(SAMPLER_GRID)} settings x 2 chains", file=sys.stderr)

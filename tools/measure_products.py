@@ -10,7 +10,9 @@ bfloat16, distinct arrays (so each product reads its weight from memory, as in a
 constant values (timing does not depend on them). A decode step is one product of a [1, n_in]
 vector with each matrix, in model order; a prefill chunk the same with [T, n_in]. Variants run
 interleaved, round after round, in one process; the figures are medians over rounds. Not a test:
-its numbers depend on the machine and on what else runs on it.
+its numbers depend on the machine and on what else runs on it. `chosen-shift` and `chosen-cast` are
+llama3_np's constants with the bfloat16 conversion named (bit shift, ml_dtypes' cast) rather than
+timed at the first product; the process's choice is printed.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ VARIANTS = {
     "t2-split4M": (2, MiB, MiB, 1 << 22),
     "chosen": (2, 4 * MiB, 4 * MiB, 1 << 22),  # llama3_np's constants
 }
+# The chosen constants with each bfloat16 conversion named instead of timed at first use.
+CONVERSION_VARIANTS = {"shift": "bit shift", "cast": "ml_dtypes cast"}
+VARIANTS.update({f"chosen-{short}": VARIANTS["chosen"] for short in CONVERSION_VARIANTS})
 
 
 def matrices(config: ModelConfig) -> list[tuple[int, int]]:
@@ -78,6 +83,7 @@ def run(args) -> int:
             threads, cb, fb, split = VARIANTS[v]
             products.CONVERT_BLOCK_BYTES, products.FLOAT32_BLOCK_BYTES, products.SPLIT_MIN_MACS = cb, fb, split
             products.set_threads(threads)
+            products.set_bfloat16_conversion(CONVERSION_VARIANTS.get(v.rpartition("-")[2]))
             for dtype, ws in weights.items():
                 for T in token_counts:
                     t0 = time.perf_counter()
@@ -85,6 +91,9 @@ def run(args) -> int:
                         products.linear(inputs[T][w.shape[1]], w)
                     times[v, dtype, T].append(time.perf_counter() - t0)
     gb = {dtype: sum(w.nbytes for w in ws) / 1e9 for dtype, ws in weights.items()}
+
+    products.set_bfloat16_conversion(None)
+    print(f"bfloat16 conversion chosen by timing: {products.bfloat16_conversion()} (ml_dtypes {ml_dtypes.__version__})")
     print(f"{args.shape}: {len(shapes)} products per token; {gb['float32']:.2f} GB float32, "
           f"{gb['bfloat16']:.2f} GB bfloat16; medians of {args.rounds} rounds")
     print(f"{'variant':12s} {'f32 decode ms':>13s} {'GB/s':>6s} {'bf16 decode ms':>14s} {'GB/s':>6s} "

@@ -17,7 +17,7 @@ from ..errors import Llama3Error
 from . import (bench, chat, compare, dump, generate, import_gguf, inspect, perplexity, score, tokenize, trace,
                train, walkthrough)
 from ..products import set_threads
-from .common import error_message
+from .common import error_message, refuse_llama_cpp_flags
 
 # The commands, in the order --help lists them.
 COMMANDS = (generate, chat, inspect, dump, compare, trace, walkthrough, perplexity, score, bench, tokenize,
@@ -25,7 +25,11 @@ COMMANDS = (generate, chat, inspect, dump, compare, trace, walkthrough, perplexi
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag raises Llama3Error instead of printing usage and exiting."""
+    """argparse, but a bad flag raises Llama3Error instead of printing usage and exiting, and a
+    long flag is taken only as spelled (no abbreviations: --n-pred is not --n-predict)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         raise Llama3Error(f"{self.prog}: {message} (see '{self.prog} --help')")
@@ -38,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS:
         command.add_command(sub)
+    for command_parser in sub.choices.values():
+        refuse_llama_cpp_flags(command_parser)
     return parser
 
 

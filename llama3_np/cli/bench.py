@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 
 from ..xcheck.bench import bench, report
-from .common import add_model_args, model_dir
+from .common import ProgressLine, add_model_args, model_dir
 
 
 def add_command(sub) -> None:
@@ -17,15 +17,21 @@ def add_command(sub) -> None:
                                    "fraction of this machine's read bandwidth and sgemm rate, measured in the same "
                                    "process.")
     add_model_args(b)
-    b.add_argument("--prompt", type=int, default=512, metavar="N", help="prompt tokens (default 512)")
-    b.add_argument("--new", type=int, default=128, metavar="N", help="tokens to generate (default 128)")
-    b.add_argument("--runs", type=int, default=3, metavar="N", help="timed runs after the warm-up (default 3)")
+    b.add_argument("--prompt", type=int, default=512, metavar="N", help="prompt tokens (default %(default)s)")
+    b.add_argument("--new", type=int, default=128, metavar="N", help="tokens to generate (default %(default)s)")
+    b.add_argument("--runs", type=int, default=3, metavar="N",
+                   help="timed runs after the warm-up (default %(default)s)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     b.set_defaults(func=run)
 
 
 def run(args) -> int:
-    result = bench(model_dir(args.model), args.dtype, args.prompt, args.new, args.runs, args.rope_factor)
+    progress = ProgressLine("bench", "steps")  # about half a minute on the default model
+    try:
+        result = bench(model_dir(args.model), args.dtype, args.prompt, args.new, args.runs, args.rope_factor,
+                       progress.update)
+    finally:
+        progress.clear()
     if args.json:
         sys.stdout.write(json.dumps(asdict(result)) + "\n")
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import json
 import sys
 import time
 from pathlib import Path
@@ -20,11 +21,14 @@ import numpy as np
 from .. import assets, products
 from ..checks import token_ids
 from ..errors import Llama3Error, ParameterError
-from ..generation import REPEAT_LAST_N, Generation, Step
+from ..generation import PREFILL_CHUNK, Generation, Step
 from ..load import DEFAULT_CTX, LoadedModel, load_model
 from ..sampling import (DEFAULT_SAMPLERS, SAMPLER_CHARS, SAMPLER_NAMES, SAMPLER_ORDERS, SamplingParams,
                         parse_sampler_chars, parse_samplers)
+from ..text.chat import CHAT_FORMATS
 from ..text.pieces import format_pieces, pieces
+from ..text.template import read_template_file
+from ..text.tools import read_tools
 from ..text.tokenizer import StreamDecoder
 from ..xcheck.bench import peak_rss_mb
 from ..xcheck.dump import Inputs, resolve_inputs
@@ -38,13 +42,88 @@ FLAGS = {
     "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
     "layers": "--layers", "samplers": "--samplers", "repeat_last_n": "--repeat-last-n",
     "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty", "typical_p": "--typical",
-    "top_n_sigma": "--top-nsigma", "top_n": "--top-n",
+    "top_n_sigma": "--top-nsigma", "dry_multiplier": "--dry-multiplier", "dry_base": "--dry-base",
+    "dry_allowed_length": "--dry-allowed-length", "dry_penalty_last_n": "--dry-penalty-last-n",
+    "dry_sequence_breakers": "--dry-sequence-breaker", "xtc_probability": "--xtc-probability",
+    "xtc_threshold": "--xtc-threshold", "top_n": "--top-n", "chat_format": "--chat-format", "tools": "--tools",
     "lr": "--learning-rate", "betas": "--adam-beta1/--adam-beta2", "eps": "--adam-epsilon",
     "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm", "max_steps": "--max-steps",
     "seq_len": "--seq-len", "batch_size": "--batch-size", "warmup_steps": "--warmup-steps",
-    "eval_steps": "--eval-steps", "save_steps": "--save-steps",
+    "eval_steps": "--eval-steps", "save_steps": "--save-steps", "lora_r": "--lora-r", "lora_target": "--lora-target",
     "pos": "--pos", "like": "--like", "k": "--explain",
 }
+
+
+# llama.cpp's flags (its common/arg.cpp) that llama3_np does not take: (spellings, what the flag
+# does in llama.cpp, what llama3_np does instead or what to do). Every command refuses them by name, unless it
+# takes that flag itself; unknown to argparse, -ngl 99 would be read as -n gl and -fa as -f a.
+LLAMA_CPP_ONLY_FLAGS = [
+    (("-ngl", "--gpu-layers", "--n-gpu-layers"), "offloads layers to a GPU", "llama3_np runs on the CPU"),
+    (("-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu", "-dev", "--device", "--list-devices",
+      "-kvo", "--kv-offload", "-nkvo", "--no-kv-offload", "-ot", "--override-tensor", "--rpc"),
+     "places work on GPUs or other devices", "llama3_np runs on the CPU"),
+    (("-fa", "--flash-attn"), "selects a flash-attention kernel",
+     "llama3_np computes attention one way, the specification's (model.attention)"),
+    (("-ctk", "--cache-type-k", "-ctv", "--cache-type-v"), "sets the data type of the KV cache",
+     "llama3_np's KV cache is float32"),
+    (("-np", "--parallel", "-ns", "--sequences", "-cb", "--cont-batching", "-nocb", "--no-cont-batching"),
+     "decodes several sequences at once", "llama3_np decodes one"),
+    (("-cnv", "--conversation", "-no-cnv", "--no-conversation", "-i", "--interactive", "-if", "--interactive-first",
+      "-st", "--single-turn", "-mli", "--multiline-input"), "switches between completion and conversation",
+     "use the chat command for a conversation and generate for a completion"),
+    (("-co", "--color"), "colours the output",
+     "chat colours the user's and the model's text on a terminal by itself (NO_COLOR turns it off)"),
+    (("--mlock", "--mmap", "--no-mmap"), "controls how the weights are mapped into memory",
+     "--dtype bfloat16 keeps them memory-mapped, float32 converts them once"),
+    (("-b", "--batch-size", "-ub", "--ubatch-size"), "sets how many prompt tokens a forward call takes",
+     f"llama3_np feeds a prompt {PREFILL_CHUNK} tokens at a time (perplexity takes -b)"),
+    (("-tb", "--threads-batch"), "sets the threads of the prompt apart",
+     "-t/--threads sets the threads of the prompt and of generation"),
+    (("-C", "--cpu-mask", "-Cr", "--cpu-range", "--cpu-strict", "--prio", "--poll", "--numa"),
+     "places threads on cores", "the operating system places llama3_np's threads (taskset does it by hand)"),
+    (("--rope-freq-base", "--rope-freq-scale", "--rope-scaling", "--rope-scale", "--yarn-orig-ctx",
+      "--yarn-ext-factor", "--yarn-attn-factor", "--yarn-beta-slow", "--yarn-beta-fast"), "overrides the model's rope",
+     "the checkpoint's config decides; --rope-factor overrides the factor of a Meta params.json"),
+    (("--display-prompt", "--no-display-prompt"), "shows or hides the prompt",
+     "llama3_np shows the prompt only when asked: generate --echo"),
+    (("--kl-divergence-base", "--save-all-logits", "--kl-divergence"), "saves or compares logits",
+     "use perplexity --save-logits FILE, then perplexity --kl-base FILE"),
+    (("--mirostat", "--mirostat-lr", "--mirostat-ent", "--dynatemp-range", "--dynatemp-exp", "-l", "--logit-bias", "--grammar", "--grammar-file", "-j", "--json-schema", "-jf",
+      "--json-schema-file"), "is a sampler or constraint llama3_np does not have",
+     "generate --help lists the samplers llama3_np has (--samplers)"),
+    (("-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-hft", "--hf-token", "-mu", "--model-url"),
+     "downloads a model",
+     "llama3_np uses no network: download the model yourself and pass -m its folder or .gguf file"),
+    (("--jinja", "--chat-template", "--chat-template-file"), "chooses the chat template",
+     "a checkpoint's template is used by default; --chat-format llama3, chatml or template chooses"),
+    (("-r", "--reverse-prompt", "--in-prefix", "--in-suffix", "--in-prefix-bos", "-e", "--escape", "--no-escape",
+      "--keep", "--prompt-cache", "--prompt-cache-all", "--prompt-cache-ro", "--lora-scaled",
+      "--control-vector", "-sysf", "--system-prompt-file", "-sp", "--special", "--no-warmup", "-v", "--verbose",
+      "--log-disable", "--log-file"), "is a llama.cpp feature llama3_np does not have",
+     "the command's --help lists the flags it takes"),
+]
+
+
+class RefusedFlag(argparse.Action):
+    """A llama.cpp flag llama3_np does not take: refused with what it does and what to do instead
+    (an optional value is swallowed, so the error names the flag and not its value)."""
+
+    def __init__(self, option_strings, dest, does: str, instead: str):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs="?", default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
+        self.does, self.instead = does, instead
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise Llama3Error(f"{option_string} {self.does}; {self.instead}")
+
+
+def refuse_llama_cpp_flags(p: argparse.ArgumentParser) -> None:
+    """Make the command `p` refuse every flag of LLAMA_CPP_ONLY_FLAGS it does not take itself."""
+    taken = {s for action in p._actions for s in action.option_strings}
+    for flags, does, instead in LLAMA_CPP_ONLY_FLAGS:
+        refused = [f for f in flags if f not in taken]
+        if refused:
+            p.add_argument(*refused, action=RefusedFlag, does=does, instead=instead)
 
 
 def error_message(e: Llama3Error) -> str:
@@ -76,57 +155,114 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "gguf"], default="float32",
                    help="weight residency: float32 (fast), bfloat16 (half the memory; a GGUF's quantized "
                         "values only where bfloat16 holds them exactly) or gguf (a GGUF file's own "
-                        "quantized blocks, dequantized row block by row block in each product)")
+                        "quantized blocks, dequantized row block by row block in each product) (default %(default)s)")
+    p.add_argument("--lora", metavar="ADAPTER_DIR",
+                   help="run with a LoRA adapter (a peft folder, as `train --lora-r` writes), unmerged")
     p.add_argument("--rope-factor", type=float, metavar="F",
                    help="override the llama3 rope scaling factor of a Meta params.json")
     p.add_argument("-t", "--threads", type=thread_count, default=products.default_threads(), metavar="N",
-                   help=f"threads to compute with (default: one per core, here {products.default_threads()})")
+                   help="threads to compute with (default: one per core, here %(default)s)")
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--n-predict", type=int, default=128, metavar="N",
-                   help="tokens to generate; -1: until a stop token or the context is full (default 128)")
+def add_sampling_args(p: argparse.ArgumentParser, n_predict: int = 128) -> None:
+    """-n, whose default (`n_predict`) is the command's, the sampler chain's flags, -s and -c."""
+    p.add_argument("-n", "--n-predict", "--predict", dest="n_predict", type=int, default=n_predict, metavar="N",
+                   help="tokens to generate; -1: until a stop token or the context is full (default %(default)s)")
     add_chain_args(p)
     p.add_argument("-s", "--seed", type=int, default=-1,
-                   help="random seed; -1 = a random one, printed with the statistics (default -1)")
+                   help="random seed; -1 = a random one, printed with the statistics (default %(default)s)")
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, metavar="N",
-                   help=f"context size in tokens (default: the model's, at most {DEFAULT_CTX})")
+                   help=f"context size in tokens; 0 = the model's (default: the model's, at most {DEFAULT_CTX})")
 
 
 def add_chain_args(p: argparse.ArgumentParser) -> None:
     """The sampler chain's flags (`sampling_params` reads them): generate's, chat's and score's."""
     d = SamplingParams()
-    p.add_argument("--temp", type=float, default=d.temperature, help=f"temperature; 0 = greedy (default {d.temperature})")
-    p.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off (default {d.top_k})")
-    p.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
-    p.add_argument("--min-p", type=float, default=d.min_p, help=f"0 = off (default {d.min_p})")
+    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=d.temperature,
+                   help="temperature; 0 = greedy (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="1 = off (default %(default)s)")
+    p.add_argument("--min-p", type=float, default=d.min_p, help="0 = off (default %(default)s)")
     p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty,
-                   help=f"penalty on the last --repeat-last-n tokens; 1 = off (default {d.repeat_penalty})")
-    p.add_argument("--repeat-last-n", type=int, default=REPEAT_LAST_N, metavar="N",
-                   help=f"how many recent tokens the repeat, frequency and presence penalties look at; 0 = off, "
-                        f"-1 = the whole context (default {REPEAT_LAST_N})")
+                   help="penalty on the last --repeat-last-n tokens; 1 = off (default %(default)s)")
+    p.add_argument("--repeat-last-n", type=int, default=d.repeat_last_n, metavar="N",
+                   help="how many recent tokens the repeat, frequency and presence penalties look at; 0 = off, "
+                        "-1 = the whole context (default %(default)s)")
     p.add_argument("--presence-penalty", type=float, default=d.presence_penalty, metavar="N",
-                   help=f"subtracted from the logit of each token in the last --repeat-last-n; 0 = off "
-                        f"(default {d.presence_penalty})")
+                   help="subtracted from the logit of each token in the last --repeat-last-n; 0 = off "
+                        "(default %(default)s)")
     p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty, metavar="N",
-                   help=f"subtracted from a token's logit once per occurrence in the last --repeat-last-n; "
-                        f"0 = off (default {d.frequency_penalty})")
+                   help="subtracted from a token's logit once per occurrence in the last --repeat-last-n; "
+                        "0 = off (default %(default)s)")
     p.add_argument("--typical", "--typical-p", dest="typical_p", type=float, default=d.typical_p, metavar="N",
-                   help=f"locally typical sampling, parameter p; 1 = off (default {d.typical_p})")
+                   help="locally typical sampling, parameter p; 1 = off (default %(default)s)")
     p.add_argument("--top-nsigma", "--top-n-sigma", dest="top_n_sigma", type=float, default=d.top_n_sigma,
-                   metavar="N", help=f"keep logits within N standard deviations of the largest; <= 0 = off "
-                                     f"(default {d.top_n_sigma})")
+                   metavar="N", help="keep logits within N standard deviations of the largest; <= 0 = off "
+                                     "(default %(default)s)")
+    p.add_argument("--dry-multiplier", type=float, default=d.dry_multiplier, metavar="N",
+                   help=f"DRY: the penalty on a token that would extend a repeat, multiplier * base ^ (length - "
+                        f"allowed length); 0 = off (default {d.dry_multiplier})")
+    p.add_argument("--dry-base", type=float, default=d.dry_base, metavar="N", help=f"DRY (default {d.dry_base})")
+    p.add_argument("--dry-allowed-length", type=int, default=d.dry_allowed_length, metavar="N",
+                   help=f"DRY: repeats up to this long are not penalised (default {d.dry_allowed_length})")
+    p.add_argument("--dry-penalty-last-n", type=int, default=d.dry_penalty_last_n, metavar="N",
+                   help=f"DRY: how many recent tokens to look for repeats in; 0 = off, -1 = the whole context "
+                        f"(default {d.dry_penalty_last_n})")
+    p.add_argument("--dry-sequence-breaker", action="append", metavar="STRING",
+                   help="DRY: text that ends a repeat; each use adds one and the first clears the defaults "
+                        f"({', '.join(map(repr, d.dry_sequence_breakers))}); 'none': no breakers")
+    p.add_argument("--xtc-probability", type=float, default=d.xtc_probability, metavar="N",
+                   help=f"XTC: the chance of removing the likely tokens but the least of them at each step; "
+                        f"0 = off (default {d.xtc_probability})")
+    p.add_argument("--xtc-threshold", type=float, default=d.xtc_threshold, metavar="N",
+                   help=f"XTC: the probability a token needs to count as likely; above 0.5 = off "
+                        f"(default {d.xtc_threshold})")
     orders = ", ".join(f"{name} = {';'.join(order)}" for name, order in SAMPLER_ORDERS.items())
     order = p.add_mutually_exclusive_group()
     order.add_argument("--samplers", default=";".join(DEFAULT_SAMPLERS), metavar="SAMPLERS",
                        help=f"the samplers to apply, in order, separated by ';', with llama.cpp's names "
                             f"({', '.join(SAMPLER_NAMES)}); a sampler left out is not applied. Or an order by "
                             f"name: {orders}. Each filter acts on the renormalised survivors of the one before "
-                            "(default: llama.cpp's order)")
+                            "(default: llama.cpp's order, %(default)s)")
     letters = ", ".join(f"{c} = {name}" for c, name in SAMPLER_CHARS.items())
     order.add_argument("--sampling-seq", "--sampler-seq", metavar="SEQUENCE",
                        help=f"the samplers as llama.cpp's letters, in order ({letters}; default "
                             f"{''.join(c for name in DEFAULT_SAMPLERS for c, n in SAMPLER_CHARS.items() if n == name)})")
+
+
+def add_chat_args(p: argparse.ArgumentParser) -> None:
+    """How a dialog becomes ids: the chat format, a template file and the template's variables."""
+    p.add_argument("--chat-format", choices=CHAT_FORMATS, metavar="FORMAT",
+                   help="template: the checkpoint's chat template (Jinja, as transformers renders it; the default "
+                        "when the checkpoint carries one); llama3: Meta's ChatFormat (the default for a Llama 3 "
+                        "checkpoint without a template, such as a Meta folder); chatml: <|im_start|>role ... "
+                        "<|im_end|>")
+    p.add_argument("--chat-template-file", metavar="FILE",
+                   help="render this Jinja chat template instead of the checkpoint's")
+    p.add_argument("--chat-template-kwargs", metavar="JSON",
+                   help='variables for the template, as a JSON object, e.g. \'{"date_string": "26 Jul 2024"}\'')
+    p.add_argument("--tools", metavar="FILE",
+                   help='tool definitions, a JSON list ([{"type": "function", "function": {"name": ..., "parameters": '
+                        '...}}]), placed in the prompt by the chat template; built-in tools (brave_search, '
+                        'wolfram_alpha) go in --chat-template-kwargs \'{"builtin_tools": [...]}\'')
+
+
+def chat_format(args, loaded: LoadedModel):
+    """The chat format --chat-format, --chat-template-file and --chat-template-kwargs choose."""
+    template = read_template_file(args.chat_template_file) if args.chat_template_file else None
+    variables = None
+    if args.chat_template_kwargs is not None:
+        try:
+            variables = json.loads(args.chat_template_kwargs)
+        except ValueError as e:
+            variables = e
+        if not isinstance(variables, dict):
+            raise Llama3Error(f"--chat-template-kwargs takes a JSON object, got {args.chat_template_kwargs!r}")
+    if template is not None and args.chat_format not in (None, "template"):
+        raise Llama3Error(f"--chat-template-file goes with --chat-format template, not {args.chat_format}")
+    choice = args.chat_format or ("template" if template is not None else None)
+    tools = read_tools(args.tools) if args.tools is not None else None
+    return loaded.chat_format(choice, template, variables, tools)
 
 
 def add_input_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -141,15 +277,37 @@ def add_input_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--pos", type=int, metavar="N", help="rope position of the first token (default 0)")
 
 
+def dry_sequence_breakers(values: Optional[list[str]]) -> tuple[str, ...]:
+    """The breakers of --dry-sequence-breaker, as llama.cpp reads them: the defaults when the flag
+    is not given, else the values given ('none' drops those before it)."""
+    if values is None:
+        return SamplingParams().dry_sequence_breakers
+    out: list[str] = []
+    for value in values:
+        out = [] if value == "none" else out + [value]
+    return tuple(out)
+
+
 def sampling_params(args) -> SamplingParams:
-    if args.repeat_last_n < -1:  # the session is made after the model loads: say it now
-        raise Llama3Error(f"--repeat-last-n must be >= 0 (0 = off), or -1 for the whole context, "
-                          f"got {args.repeat_last_n}")
+    """The sampling flags as SamplingParams; DRY's sequence breakers become token ids when the
+    model is loaded (`for_model`)."""
     samplers = parse_samplers(args.samplers) if args.sampling_seq is None else parse_sampler_chars(args.sampling_seq)
     return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repeat_penalty=args.repeat_penalty, samplers=samplers,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                          typical_p=args.typical_p, top_n_sigma=args.top_n_sigma)
+                          typical_p=args.typical_p, top_n_sigma=args.top_n_sigma, repeat_last_n=args.repeat_last_n,
+                          dry_multiplier=args.dry_multiplier, dry_base=args.dry_base,
+                          dry_allowed_length=args.dry_allowed_length, dry_penalty_last_n=args.dry_penalty_last_n,
+                          dry_sequence_breakers=dry_sequence_breakers(args.dry_sequence_breaker),
+                          xtc_probability=args.xtc_probability, xtc_threshold=args.xtc_threshold)
+
+
+def for_model(params: SamplingParams, loaded: LoadedModel) -> SamplingParams:
+    """`params` with DRY's sequence breakers as ids of the model's vocabulary."""
+    if params.dry_on and params.dry_sequence_breakers and loaded.tokenizer is None:
+        raise Llama3Error("DRY's sequence breakers are text and this model has no tokenizer: "
+                          "add --dry-sequence-breaker none, or use a checkpoint with its tokenizer")
+    return params.for_tokenizer(loaded.tokenizer) if loaded.tokenizer is not None else params
 
 
 def seeded_rng(args) -> tuple[int, np.random.Generator]:
@@ -164,19 +322,24 @@ def seeded_rng(args) -> tuple[int, np.random.Generator]:
 # Inputs
 
 
-def model_dir(arg: Optional[str]) -> Path:
-    """The checkpoint folder of -m (a .gguf file: imported into the cache once), or the default model."""
+def check_model_arg(arg: Optional[str]) -> None:
     if arg is not None and not Path(arg).exists():
         raise Llama3Error(f"model {arg} does not exist: pass -m the folder of a Llama 3 checkpoint "
                           "(Hugging Face or Meta format) or a .gguf file")
+
+
+def model_dir(arg: Optional[str]) -> Path:
+    """The checkpoint of -m (a folder, or a .gguf file read as it is), or the default model's GGUF."""
+    check_model_arg(arg)
     return assets.model_dir(arg)
 
 
 def load(args, need_tokenizer: bool) -> LoadedModel:
     """The model of -m, --dtype and --rope-factor; a -c/--ctx-size beyond its trained context
     is refused before its weights are read."""
-    return load_model(model_dir(args.model), dtype=args.dtype, rope_factor=args.rope_factor,
-                      need_tokenizer=need_tokenizer, ctx=getattr(args, "ctx", None))
+    check_model_arg(args.model)
+    return load_model(args.model, dtype=args.dtype, rope_factor=args.rope_factor, need_tokenizer=need_tokenizer,
+                      ctx=getattr(args, "ctx", None), lora=getattr(args, "lora", None))
 
 
 def read_text_file(name: str, what: str = "prompt file") -> str:
@@ -200,10 +363,15 @@ def read_text_file(name: str, what: str = "prompt file") -> str:
     return text[1:] if data.startswith(codecs.BOM_UTF8) else text
 
 
-def read_prompt(args) -> Optional[str]:
-    """The text of -f (when given) or -p; None when neither was given."""
+def read_prompt(args, verbatim: bool = False) -> Optional[str]:
+    """The text of -f (when given) or -p; None when neither was given.
+
+    As llama.cpp's -f, one final newline of the file is dropped (an editor ends every file with
+    one; it would be a token of the prompt), unless `verbatim` (tokenize: the bytes as they are,
+    as llama-tokenize reads its file)."""
     if getattr(args, "file", None) is not None:
-        return read_text_file(args.file)
+        text = read_text_file(args.file)
+        return text[:-1] if text.endswith("\n") and not verbatim else text
     return getattr(args, "prompt", None)
 
 
@@ -294,17 +462,19 @@ class Printer:
         self.write((self.decoder.flush() if self.decoder else "") + "\n")
 
 
-# A progress line on stderr is shown once a prefill has run for this long.
+# A progress line on stderr is shown once the work has run for this long.
 PROGRESS_AFTER_SECONDS = 1.0
 
 
 class ProgressLine:
-    """One line on stderr, redrawn in place and wiped at the end; on a terminal only (a log file
-    or a pipe gets no control characters), and only once the work has run for a while. Called as
-    a `Session`'s progress callback: (0, total) starts it, (total, total) wipes it."""
+    """The command line's one progress display: a line on stderr, `label done/total unit (pct%)`,
+    redrawn in place and wiped at the end; on a terminal only (a log file or a pipe gets no
+    control characters), and only once the work has run for a while. Called as the progress
+    callback (done, total) of the library's long work: a `Session`'s prefill, where (0, total)
+    starts it and (total, total) wipes it; `update` alone for imports and bench, which `clear` it."""
 
-    def __init__(self, label: str, stream=None):
-        self.label, self.stream = label, stream or sys.stderr
+    def __init__(self, label: str, unit: str = "tokens", stream=None):
+        self.label, self.unit, self.stream = label, unit, stream or sys.stderr
         self.on = self.stream.isatty()
         self.start = time.perf_counter()
         self.width = 0
@@ -319,7 +489,7 @@ class ProgressLine:
     def update(self, done: int, total: int) -> None:
         if not self.on or time.perf_counter() - self.start <= PROGRESS_AFTER_SECONDS:
             return
-        line = f"{self.label} {done}/{total} tokens ({100 * done / total:.0f}%)"
+        line = f"{self.label} {done}/{total} {self.unit} ({100 * done / total:.0f}%)"
         self.width = max(self.width, len(line))
         self.stream.write("\r" + line.ljust(self.width))
         self.stream.flush()

@@ -16,9 +16,11 @@ from dataclasses import asdict
 from ..errors import Llama3Error
 from ..generation import Step
 from ..products import get_threads
+from ..text.chat import describe
 from ..xcheck.bench import peak_rss_mb
-from .common import (Printer, ProgressLine, add_model_args, add_sampling_args, consume, load, parse_token_ids,
-                     read_prompt, sampling_params, seeded_rng, stats_line, verbose_prompt)
+from .common import (Printer, ProgressLine, add_chat_args, add_model_args, add_sampling_args, chat_format, consume,
+                     for_model, load, parse_token_ids, read_prompt, sampling_params, seeded_rng, stats_line,
+                     verbose_prompt)
 
 
 def add_command(sub) -> None:
@@ -38,6 +40,7 @@ def add_command(sub) -> None:
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the model's chat format")
     g.add_argument("-sys", "--system-prompt", "--system", dest="system", metavar="TEXT",
                    help="system message (with --chat)")
+    add_chat_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--verbose-prompt", action="store_true",
                    help="first print the prompt's tokens to stderr: each id and the text it stands for")
@@ -86,6 +89,9 @@ def run_generate(args) -> int:
         raise Llama3Error("give a prompt: -p TEXT, -f FILE or --tokens 1,2,3")
     if args.system is not None and not args.chat:
         raise Llama3Error("--system-prompt goes with --chat")
+    for flag in ("chat_format", "chat_template_file", "chat_template_kwargs", "tools"):
+        if getattr(args, flag) is not None and not args.chat:
+            raise Llama3Error(f"--{flag.replace('_', '-')} goes with --chat")
     if args.explain is not None and args.explain < 1:
         raise Llama3Error(f"--explain takes a number of candidates >= 1, got {args.explain}")
     if args.echo and (args.json or args.explain is not None):
@@ -98,7 +104,10 @@ def run_generate(args) -> int:
             raise Llama3Error("--chat needs a text prompt (-p or -f), not --tokens")
         prompt = parse_token_ids(args.tokens, loaded.config.vocab_size)
     elif args.chat:
-        prompt = loaded.encode_dialog(args.system, text)
+        fmt = chat_format(args, loaded)
+        if args.verbose_prompt:
+            print(f"chat format: {describe(fmt)}", file=sys.stderr, flush=True)
+        prompt = loaded.encode_dialog(args.system, text, fmt)
     else:
         if text == "":
             raise Llama3Error("the prompt is empty: give some text")
@@ -115,8 +124,9 @@ def run_generate(args) -> int:
     # The cache needs room for the prompt and the new tokens, never more than the context.
     cache_len = ctx if args.n_predict < 0 else min(ctx, len(prompt) + args.n_predict)
     explain = args.explain is not None
-    session = loaded.session(cache_len, args.repeat_last_n, ProgressLine("prefill"))
+    session = loaded.session(cache_len, ProgressLine("prefill"))
     stop_ids = session.stop_ids
+    params = for_model(params, loaded)
     printer = None if args.json or explain else Printer(loaded.tokenizer, stop_ids)
     if args.echo:
         printer.echo(prompt)

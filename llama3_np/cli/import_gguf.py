@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import Llama3Error
+from ..files import WriteError
+from .common import ProgressLine
 
 
 def add_command(sub) -> None:
@@ -27,5 +29,12 @@ def run(args) -> int:
 
     if is_nonempty_folder(Path(args.out_dir)) and not args.force:
         raise Llama3Error(f"{args.out_dir}: exists and is not empty; pass --force to replace it")
-    print(f"imported {args.gguf} into {import_gguf(args.gguf, args.out_dir, args.force)}")
+    progress = ProgressLine("importing", "tensors")
+    try:
+        out = import_gguf(args.gguf, args.out_dir, args.force, progress=progress.update)
+    except WriteError as e:
+        raise e.advise("name an OUT_DIR where you can write") from None
+    finally:
+        progress.clear()
+    print(f"imported {args.gguf} into {out}")
     return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import Llama3Error
 from ..xcheck.perplexity import (DEFAULT_CTX, BaseLogits, LogitsWriter, Result, first_scored, logits_metadata, report,
                                  run_perplexity, windows)
-from .common import add_model_args, load, plural, read_prompt
+from .common import ProgressLine, add_model_args, load, plural, read_prompt
 
 
 def add_command(sub) -> None:
@@ -20,7 +20,7 @@ def add_command(sub) -> None:
     add_model_args(p)
     p.add_argument("-f", "--file", required=True, help="UTF-8 text file to score (- for standard input)")
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, default=DEFAULT_CTX, metavar="N",
-                   help=f"window size (default {DEFAULT_CTX})")
+                   help="window size; 0 = the model's context (default %(default)s)")
     p.add_argument("-b", "--batch-size", "--batch", dest="batch", type=int, metavar="N",
                    help="tokens per forward call (default: the window size)")
     p.add_argument("--chunks", type=int, metavar="N", help="score at most N windows")
@@ -33,34 +33,9 @@ def add_command(sub) -> None:
     p.set_defaults(func=run, prompt=None)
 
 
-class ProgressBar:
-    """One line on stderr, redrawn in place: window i of n, and how far into it. On a terminal
-    only: a log file or a pipe gets no control characters."""
-
-    WIDTH = 30
-
-    def __init__(self, n_windows: int, stream=None):
-        self.n, self.stream = n_windows, stream or sys.stderr
-        self.on = self.stream.isatty()
-
-    def __call__(self, window: int, done: int, ctx: int) -> None:
-        if not self.on:
-            return
-        fraction = (window + done / ctx) / self.n
-        bar = "#" * int(self.WIDTH * fraction)
-        self.stream.write(f"\rperplexity [{bar:<{self.WIDTH}}] window {window + 1}/{self.n} {100 * fraction:5.1f}%")
-        self.stream.flush()
-
-    def clear(self) -> None:
-        if not self.on:
-            return
-        self.stream.write("\r" + " " * (self.WIDTH + 40) + "\r")
-        self.stream.flush()
-
-
 def run(args) -> int:
-    if args.ctx is None or args.ctx < 4:
-        raise Llama3Error(f"--ctx-size must be at least 4, got {args.ctx}")
+    if args.ctx is None or args.ctx < 4 and args.ctx != 0:
+        raise Llama3Error(f"--ctx-size must be at least 4, or 0 for the model's context, got {args.ctx}")
     if args.batch is not None and args.batch < 1:
         raise Llama3Error(f"--batch-size must be >= 1, got {args.batch}")
     text = read_prompt(args)
@@ -73,6 +48,7 @@ def run(args) -> int:
         if args.kl_base is not None and Path(args.save_logits).resolve() == Path(args.kl_base).resolve():
             raise Llama3Error("--save-logits and --kl-base name the same file: save to another one")
     loaded = load(args, need_tokenizer=True)
+    args.ctx = loaded.ctx(args.ctx)  # -c 0: the model's context, as in llama.cpp
     config = loaded.config
     tok = loaded.tokenizer
     ids = tok.encode(text)
@@ -88,10 +64,13 @@ def run(args) -> int:
               f"{args.ctx}, each scored "
               f"on its last {per_window} tokens; BOS first: {'yes' if bos is not None else 'no'}", flush=True)
 
-    bar = ProgressBar(len(wins))
+    progress = ProgressLine("perplexity")
+
+    def bar(window: int, done: int, ctx: int) -> None:  # tokens of `window` run so far: `done`
+        progress.update(window * ctx + done, len(wins) * ctx)
 
     def on_window(r: Result):
-        bar.clear()
+        progress.clear()
         if not args.json:
             print(f"[{len(r.nll)}] {r.ppl.value:.4f}", flush=True)
 
@@ -99,6 +78,7 @@ def run(args) -> int:
         result = run_perplexity(loaded.checkpoint.weights, config, ids, args.ctx, args.batch, bos, args.chunks,
                                 save, base, bar, on_window)
     except BaseException:
+        progress.clear()
         if save is not None:
             save.abort()
         raise

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 from ..errors import Llama3Error
+from ..files import AtomicFile, WriteError
 from ..sampling import SamplingParams
 from ..text.pieces import pieces, quoted
 from ..xcheck.score import DEFAULT_TOP_N, Scores, encode_pair, score
@@ -161,7 +161,8 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
 
 def chain_text(params: SamplingParams) -> str:
     """The chain's order and every parameter's value (a sampler left out of the order is not applied)."""
-    values = ", ".join(f"{k} {v:g}" for k, v in asdict(params).items() if k != "samplers")
+    values = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v!r}"
+                       for k, v in asdict(params).items() if k not in ("samplers", "dry_breaker_ids"))
     return f"{';'.join(params.samplers) or '(none: the softmax of the logits)'} ({values})"
 
 
@@ -239,28 +240,17 @@ def jsonl_line(obj: dict, s: Scores) -> dict:
     return out
 
 
-class AtomicText:
-    """A text file that appears whole or not at all (written to FILE.partial, then renamed)."""
-
-    def __init__(self, path: str):
-        self.path = Path(path)
-        if not self.path.resolve().parent.is_dir():
-            raise Llama3Error(f"-o {path}: folder {self.path.parent} does not exist")
-        self.partial = self.path.with_name(self.path.name + ".partial")
-        self.f = open(self.partial, "w", encoding="utf-8")
-
-    def write(self, text: str) -> None:
-        self.f.write(text)
-
-    def close(self, keep: bool) -> None:
-        self.f.close()
-        if keep:
-            os.replace(self.partial, self.path)
-        else:
-            self.partial.unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------------------------------------
+
+
+def output_file(path: str) -> AtomicFile:
+    """-o: a file that appears whole or not at all (`files.AtomicFile`)."""
+    if not Path(path).resolve().parent.is_dir():
+        raise Llama3Error(f"-o {path}: folder {Path(path).parent} does not exist")
+    try:
+        return AtomicFile(path, "w")
+    except WriteError as e:
+        raise Llama3Error(f"-o: {e}") from None
 
 
 def run(args) -> int:
@@ -283,16 +273,17 @@ def run(args) -> int:
     weights = loaded.weights
     if lines is not None:
         inputs = [(obj, *encode_line(where, obj, tok, config.vocab_size)) for where, obj in lines]
-        out = AtomicText(args.output) if args.output is not None else sys.stdout
-        done = False
+        out = output_file(args.output) if args.output is not None else sys.stdout
         try:
             for obj, context, continuation in inputs:
                 s = score(weights, config, context, continuation, args.top_n, params, args.repeat_last_n)
                 out.write(json.dumps(jsonl_line(obj, s)) + "\n")
-            done = True
-        finally:
+        except BaseException:
             if out is not sys.stdout:
-                out.close(keep=done)
+                out.discard()
+            raise
+        if out is not sys.stdout:
+            out.commit()
         return 0
     context, continuation = single_input(args, tok, config.vocab_size)
     s = score(weights, config, context, continuation, args.top_n, params, args.repeat_last_n)

@@ -31,7 +31,7 @@ def add_command(sub) -> None:
 
 
 def run(args) -> int:
-    text = read_prompt(args)
+    text = read_prompt(args, verbatim=True)  # as llama-tokenize: a final newline is a token too
     if text is None:
         raise Llama3Error("give a text: -p TEXT or -f FILE")
     tok = load_tokenizer(model_dir(args.model))

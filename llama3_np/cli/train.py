@@ -4,34 +4,19 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
+import math
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
-from ..config import from_hf_config
 from ..errors import Llama3Error
-from ..formats.checkpoint import hf_config_dict, load_checkpoint
+from ..formats.checkpoint import load_checkpoint
 from ..formats.gguf_file import is_gguf
-from ..train import Trainer, TrainingArguments, init_weights, pack
+from ..lora import TARGETS, LoraConfig
+from ..train import (CHECKPOINT_PREFIX, PRESETS, TOKENIZER_FILES, Trainer, TrainingArguments, checkpoints,
+                     init_weights, pack, save_checkpoint, scratch_config)
 from .common import add_model_args, load, model_dir, read_text_file
-
-# Small Llama 3 shapes to train from scratch, as Hugging Face config.json keys (the vocabulary is
-# the tokenizer's). "15M" is the shape of llama2.c's stories15M (dim 288, 6 layers, 6 heads).
-PRESETS = {
-    "15M": {"hidden_size": 288, "intermediate_size": 768, "num_hidden_layers": 6, "num_attention_heads": 6,
-            "num_key_value_heads": 6, "max_position_embeddings": 256},
-    "tiny": {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "max_position_embeddings": 256},
-}
-# Files a checkpoint folder's tokenizer may consist of, copied into every checkpoint so that it loads alone.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json")
-CHECKPOINT_PREFIX = "checkpoint-"
-
 
 def add_command(sub) -> None:
     p = sub.add_parser("train", help="train a model from scratch or fine-tune a checkpoint on text files",
@@ -48,6 +33,14 @@ def add_command(sub) -> None:
     p.add_argument("--from-scratch", metavar="SHAPE",
                    help=f"train new weights of this shape ({', '.join(PRESETS)}, or a config.json file) with "
                         "-m's tokenizer, instead of fine-tuning -m's weights")
+    p.add_argument("--lora-r", type=int, metavar="R",
+                   help="train LoRA adapters of rank R on the frozen weights instead of every weight (peft's r); "
+                        "checkpoints are then peft adapter folders, run with -m BASE --lora ADAPTER_DIR")
+    p.add_argument("--lora-alpha", type=float, default=16, metavar="A", help="peft's lora_alpha: the adapters are "
+                   "scaled by A/R (default 16)")
+    p.add_argument("--lora-target", default="q_proj,v_proj", metavar="NAMES",
+                   help=f"projections to adapt, comma-separated (peft's target_modules: {', '.join(TARGETS)}; "
+                        "default q_proj,v_proj)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR from its latest checkpoint")
     p.add_argument("--max-steps", type=int, default=d.max_steps, metavar="N",
                    help=f"optimizer steps (default {d.max_steps})")
@@ -73,49 +66,13 @@ def add_command(sub) -> None:
     p.set_defaults(func=run)
 
 
-def training_arguments(args) -> TrainingArguments:
+def parse_training_arguments(args) -> TrainingArguments:
     return TrainingArguments(**{f.name: getattr(args, f.name) for f in fields(TrainingArguments)})
-
-
-def scratch_config(shape: str, vocab_size: int):
-    if shape in PRESETS:
-        keys = PRESETS[shape]
-    else:
-        try:
-            keys = json.loads(Path(shape).read_text())
-        except (OSError, ValueError) as e:
-            raise Llama3Error(f"--from-scratch {shape}: neither a preset ({', '.join(PRESETS)}) nor a readable "
-                              f"config.json ({e})") from None
-    defaults = {"rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True}
-    keys = {**defaults, **keys, "vocab_size": vocab_size, "model_type": "llama"}
-    try:
-        dim, heads = int(keys["hidden_size"]), int(keys["num_attention_heads"])
-        kv_heads = int(keys.get("num_key_value_heads", heads))
-        head_dim = int(keys.get("head_dim") or dim // max(heads, 1))
-        keys["intermediate_size"], keys["num_hidden_layers"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise Llama3Error(f"--from-scratch {shape}: a config needs hidden_size, intermediate_size, "
-                          f"num_hidden_layers and num_attention_heads as integers ({e!r})") from None
-    problems = []
-    if "head_dim" not in keys and (heads < 1 or dim % heads):
-        problems.append(f"hidden_size {dim} is not divisible by num_attention_heads {heads}")
-    if kv_heads < 1 or heads % kv_heads:
-        problems.append(f"num_attention_heads {heads} is not divisible by num_key_value_heads {kv_heads}")
-    if head_dim % 2:
-        problems.append(f"head_dim {head_dim} is odd (rope rotates pairs of dims)")
-    if problems:
-        raise Llama3Error(f"--from-scratch {shape}: not a Llama shape: {'; '.join(problems)}")
-    return from_hf_config(keys)
-
-
-def checkpoints(out: Path) -> list[Path]:
-    found = [p for p in out.glob(CHECKPOINT_PREFIX + "*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
 def run(args) -> int:
     out = Path(args.output)
-    targs = training_arguments(args)
+    targs = parse_training_arguments(args)
     if out.exists() and not out.is_dir():
         raise Llama3Error(f"-o {out}: is a file; name a folder for the checkpoints")
     if args.resume and not (out.is_dir() and checkpoints(out)):
@@ -124,7 +81,10 @@ def run(args) -> int:
         raise Llama3Error(f"-o {out}: exists and is not empty; continue its run with --resume, or name a new folder")
     # From scratch, -m gives only the tokenizer and vocabulary: its weights stay mapped, unconverted
     # (a GGUF file's in its own blocks).
-    unconverted = "gguf" if is_gguf(model_dir(args.model)) else "bfloat16"
+    unconverted = "gguf" if args.from_scratch and is_gguf(model_dir(args.model)) else "bfloat16"
+    lora = None if args.lora_r is None else LoraConfig(args.lora_r, args.lora_alpha, tuple(args.lora_target.split(",")))
+    if lora is not None and args.from_scratch:
+        raise Llama3Error("--lora-r trains adapters on a model's weights; new weights (--from-scratch) train whole")
     loaded = load(argparse.Namespace(**{**vars(args), "dtype": unconverted}) if args.from_scratch else args,
                   need_tokenizer=True)
     tok = loaded.need_tokenizer()
@@ -142,77 +102,41 @@ def run(args) -> int:
     extra = {name: (tokenizer_dir / name).read_bytes() for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()}
     if args.resume:
         latest = checkpoints(out)[-1]
-        ckpt = load_checkpoint(latest, dtype="float32")
-        trainer = Trainer.resume(latest, ckpt.weights, ckpt.config, train, validation, targs)
+        if lora is None:
+            ckpt = load_checkpoint(latest, dtype="float32")
+            trainer = Trainer.resume(latest, ckpt.weights, ckpt.config, train, validation, targs)
+        else:
+            trainer = Trainer.resume(latest, loaded.weights, config, train, validation, targs, lora)
         print(f"resuming {latest} at step {trainer.step}", file=sys.stderr)
     else:
         weights = loaded.weights if args.from_scratch is None else init_weights(config, targs.seed)
-        trainer = Trainer(weights, config, train, validation, targs)
+        trainer = Trainer(weights, config, train, validation, targs, lora=lora)
     out.mkdir(parents=True, exist_ok=True)
-    n_params = sum(a.size for k, a in trainer.weights.items() if not (k == "output.weight" and config.tie_embeddings))
+    n_params = sum(a.size for k, a in trainer.parameters().items() if not (k == "output.weight" and config.tie_embeddings))
     print(f"training {n_params / 1e6:.1f}M parameters on {len(train)} sequences of {targs.seq_len} tokens "
           f"({len(train) * targs.seq_len} tokens), {targs.batch_size} per step", file=sys.stderr)
-    status = Status(targs.max_steps)
+    status = StatusPrinter(targs.max_steps)
+    if validation is not None and trainer.step == 0:
+        loss = trainer.evaluate()
+        status.say(f"step 0: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 700)):.2f}")
     try:
         while trainer.step < targs.max_steps:
             report = trainer.train_step()
-            status.step(report)
+            status.print_step(report)
             if validation is not None and (trainer.step % targs.eval_steps == 0 or trainer.step == targs.max_steps):
                 loss = trainer.evaluate()
                 trainer.history[-1]["eval_loss"] = loss
-                status.say(f"step {trainer.step}: validation loss {loss:.4f}, perplexity {_exp(loss):.2f}")
+                status.say(f"step {trainer.step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 700)):.2f}")
             if trainer.step % targs.save_steps == 0 or trainer.step == targs.max_steps:
-                save(trainer, out, extra, status)
+                status.say(f"step {trainer.step}: saved {save_checkpoint(trainer, out, extra)}")
     except KeyboardInterrupt:
         if trainer.step and not (out / f"{CHECKPOINT_PREFIX}{trainer.step}").exists():
-            save(trainer, out, extra, status)
+            status.say(f"step {trainer.step}: saved {save_checkpoint(trainer, out, extra)}")
         raise
     return 0
 
 
-def save(trainer: Trainer, out: Path, extra: dict, status: "Status") -> None:
-    """A checkpoint written beside its final name and renamed into place: never half-written."""
-    final = out / f"{CHECKPOINT_PREFIX}{trainer.step}"
-    partial = out / f".{final.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        trainer.save(partial, extra)
-        os.replace(partial, final)
-    except OSError as e:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise Llama3Error(f"cannot write checkpoint {final}: {e.strerror or e}; free space or choose another -o") from None
-    plot_losses(trainer.history, out / "loss.png")
-    status.say(f"step {trainer.step}: saved {final}")
-
-
-def plot_losses(history: list[dict], path: Path) -> None:
-    """The training (and validation) loss by step, drawn when matplotlib (the viz extra) is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="training")
-    evals = [h for h in history if "eval_loss" in h]
-    if evals:
-        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats / token)")
-    ax.legend()
-    fig.tight_layout()
-    partial = path.with_suffix(".partial.png")
-    fig.savefig(partial)
-    plt.close(fig)
-    os.replace(partial, path)
-
-
-def _exp(x: float) -> float:
-    return float("inf") if x > 700 else 2.718281828459045 ** x
-
-
-class Status:
+class StatusPrinter:
     """The run's progress on stderr: one line per step (redrawn in place on a terminal) with the
     loss, learning rate, gradient norm, tokens per second and time left."""
 
@@ -221,7 +145,7 @@ class Status:
         self.tty = self.stream.isatty()
         self.start, self.steps, self.tokens = time.perf_counter(), 0, 0
 
-    def step(self, r) -> None:
+    def print_step(self, r) -> None:
         self.steps += 1
         self.tokens += r.tokens
         elapsed = time.perf_counter() - self.start

@@ -6,10 +6,10 @@ functions that compute each step, the shapes and pictures. It needs matplotlib, 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..errors import Llama3Error
+from ..files import AtomicFile, WriteError
 from ..stages import Trace
 from ..xcheck.dump import run_forward
 from ..xcheck.trace import parse_layers
@@ -45,37 +45,14 @@ def parse_list(text: str | None, n: int, default: list[int], flag: str, what: st
                           f"{what}s 0 to {n - 1}, got {text!r}") from None
 
 
-class AtomicFile:
-    """A file written under a temporary name in its folder and renamed over `path` only when
-    complete, so that a failure leaves nothing behind. Opened first: a folder that cannot be
-    written is refused before the work is done."""
-
-    def __init__(self, path: Path, flag: str):
-        if path.is_dir():
-            raise Llama3Error(f"{flag} {path} is a folder: pass the path of a file to write")
-        self.tmp = path.parent / f".{path.name}.{os.getpid()}.partial"
-        try:
-            open(self.tmp, "x").close()
-        except OSError as e:
-            raise Llama3Error(f"{flag} {path}: cannot write in {path.parent} ({e.strerror or e})") from None
-        self.path, self.flag = path, flag
-
-    def commit(self, text: str) -> None:
-        try:
-            self.tmp.write_text(text, encoding="utf-8")
-            os.replace(self.tmp, self.path)
-        except OSError as e:
-            raise Llama3Error(f"{self.flag} {self.path}: cannot write ({e.strerror or e})") from None
-
-    def discard(self) -> None:
-        self.tmp.unlink(missing_ok=True)
-
-
 def run(args) -> int:
     from ..xcheck.walkthrough import require_viz, trace_patterns, walkthrough_page
 
     require_viz()  # before the model loads: a missing extra is the first thing to say
-    output = AtomicFile(Path(args.output), "-o")
+    try:
+        output = AtomicFile(args.output, "w")  # a folder that cannot be written is said before the work
+    except WriteError as e:
+        raise Llama3Error(f"-o: {e}") from None
     try:
         loaded, inputs = load_with_inputs(args)
         c = loaded.config
@@ -86,7 +63,8 @@ def run(args) -> int:
         page = walkthrough_page(loaded.checkpoint.weights, c, trace, inputs.tokens, layers=layers, heads=heads,
                                 pos=inputs.pos, context=inputs.context, tokenizer=loaded.tokenizer,
                                 model_name=str(loaded.checkpoint.path))
-        output.commit(page)
+        output.write(page)
+        output.commit()
     finally:
         output.discard()
     size = Path(args.output).stat().st_size

@@ -42,6 +42,7 @@ import numpy as np
 from ..config import ROPE_FACTOR_SOURCES, ModelConfig, from_hf_config, from_meta_params
 from ..dtypes import bfloat16, is_bfloat16
 from ..errors import Llama3Error, warn
+from ..files import make_folder, write_text
 from ..text.tokenizer import find_tokenizer_file
 from .canonical import CheckpointIndex, StoredTensor, TensorPlan, expected_shapes
 from .gguf_file import is_gguf
@@ -486,8 +487,7 @@ def save_hf_checkpoint(directory, config: ModelConfig, weights: dict[str, np.nda
     files of about equal size.
     """
     dtype = bfloat16() if dtype is None else dtype
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = make_folder(directory)
     heads = {"wq": config.n_heads, "wk": config.n_kv_heads}
     tensors = {}
     for name in expected_shapes(config):
@@ -497,8 +497,8 @@ def save_hf_checkpoint(directory, config: ModelConfig, weights: dict[str, np.nda
         w = w if keep_dtype else w.astype(dtype, copy=False)
         n_heads = heads.get(name.split(".")[-2])
         tensors[hf_name(name)] = permute_qk(w, n_heads) if n_heads else w
-    (directory / "config.json").write_text(json.dumps(dict(hf_config_dict(config), **(extra_config or {})),
-                                                      indent=2) + "\n")
+    write_text(directory / "config.json", json.dumps(dict(hf_config_dict(config), **(extra_config or {})),
+                                                     indent=2) + "\n")
     if shards == 1:
         write_safetensors(directory / "model.safetensors", tensors, {"format": "pt"})
         return
@@ -513,5 +513,5 @@ def save_hf_checkpoint(directory, config: ModelConfig, weights: dict[str, np.nda
         file_name = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
         write_safetensors(directory / file_name, {n: tensors[n] for n in group}, {"format": "pt"})
         weight_map.update({n: file_name for n in group})
-    (directory / "model.safetensors.index.json").write_text(json.dumps(
+    write_text(directory / "model.safetensors.index.json", json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")

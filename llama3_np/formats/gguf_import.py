@@ -21,6 +21,7 @@ import hashlib
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Callable, Optional
 
 
 import numpy as np

@@ -21,12 +21,11 @@ un-permutes them again.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import Callable, Optional
 
 from ..errors import Llama3Error
+from ..files import atomic_folder, write_text
 from .checkpoint import save_hf_checkpoint
 from .gguf_file import GGUFFile
 from .gguf_import import (IMPORT_RECORD, _eos_ids, _Fields, exact_dtype, gguf_config, sha256_of, tensor_types,
@@ -34,10 +33,11 @@ from .gguf_import import (IMPORT_RECORD, _eos_ids, _Fields, exact_dtype, gguf_co
 
 
 def _write_json(path: Path, obj):
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_folder(gguf_path: Path, out_dir: Path, sha256: str | None = None):
+def write_folder(gguf_path: Path, out_dir: Path, sha256: str | None = None,
+                 progress: Optional[Callable[[int, int], None]] = None):
     """Import `gguf_path` into the (new or empty) folder `out_dir`: exact values, one tensor at a time
     in memory beside what is written (`save_hf_checkpoint` stores each in its own dtype)."""
     file = GGUFFile(gguf_path)
@@ -48,9 +48,11 @@ def write_folder(gguf_path: Path, out_dir: Path, sha256: str | None = None):
     eos = [i for i in stop_ids if i in (ids.get("eos"), ids.get("eot"), ids.get("eom"))]
     extra = {"bos_token_id": ids.get("bos"), "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
     weights = {}
-    for canonical, t in tensors.items():
+    for done, (canonical, t) in enumerate(tensors.items(), 1):
         values = t.values()
         weights[canonical] = values.astype(exact_dtype(values), copy=False)
+        if progress is not None:
+            progress(done, len(tensors))
     if config.tie_embeddings:
         weights["output.weight"] = weights["tok_embeddings.weight"]
     save_hf_checkpoint(out_dir, config, weights, extra_config={k: v for k, v in extra.items() if v is not None},
@@ -70,25 +72,17 @@ def is_nonempty_folder(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
-def import_gguf(gguf_path, out_dir, force: bool = False, sha256: str | None = None) -> Path:
-    """Import into `out_dir` atomically: it appears complete or not at all."""
+def import_gguf(gguf_path, out_dir, force: bool = False, sha256: str | None = None,
+                progress: Optional[Callable[[int, int], None]] = None) -> Path:
+    """Import into `out_dir` atomically: it appears complete or not at all (`files.atomic_folder`).
+
+    progress: called with (done, total) as the tensors are read. Raises Llama3Error for a file
+    that is not a Llama 3 GGUF, WriteError for a folder that cannot be written."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise Llama3Error(f"{out_dir}: is a file; name a folder to import into")
     if is_nonempty_folder(out_dir) and not force:
         raise Llama3Error(f"{out_dir}: exists and is not empty; name a new folder (or replace it: force=True)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
-        write_folder(gguf_path, tmp, sha256)
-        if out_dir.exists():
-            old = out_dir.with_name(tmp.name + ".old")
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(out_dir, replace=True) as tmp:
+        write_folder(gguf_path, tmp, sha256, progress)
     return out_dir

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..dtypes import bfloat16, is_bfloat16
 from ..errors import Llama3Error
+from ..files import AtomicFile
 
 # safetensors dtype names <-> NumPy dtypes (little-endian, as the format prescribes). BF16 is
 # ml_dtypes' bfloat16, imported only when a BF16 tensor is read (`llama3_np.dtypes`).
@@ -164,13 +165,13 @@ class SafetensorsWriter:
     The JSON header has its keys sorted (as the tools that write the committed fixtures always
     did), so the same tensors give the same bytes on every run, and is padded with spaces to a
     multiple of 8 bytes, as the reference writer does, so that every tensor starts 8-byte aligned.
-    The file is written beside `path` and renamed into place by `close`: a failure leaves nothing.
+    The file is written beside `path` and renamed into place by `close` (`files.AtomicFile`): a
+    failure leaves nothing.
     """
 
     def __init__(self, path, layout: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
                  metadata: Optional[Mapping[str, str]] = None):
         self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
         header: dict = {"__metadata__": dict(metadata)} if metadata else {}
         offset = 0
         for name in sorted(layout):
@@ -183,36 +184,27 @@ class SafetensorsWriter:
         self.remaining = offset
         raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
-        try:
-            self.file = open(self.partial, "wb")
-            self.file.write(struct.pack("<Q", len(raw)) + raw)
-        except OSError as e:
-            raise Llama3Error(f"cannot write {path}: {e.strerror or e}") from None
+        self.file = AtomicFile(self.path)
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
 
     def write(self, array: np.ndarray) -> None:
         """Append the bytes of `array` (little-endian, C order) to the data section."""
         array = np.ascontiguousarray(array)
         data = array.astype(array.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8)
         self.remaining -= data.size
-        try:
-            self.file.write(data)
-        except OSError as e:
-            self.abort()
-            raise Llama3Error(f"cannot write {self.path}: {e.strerror or e}") from None
+        self.file.write(data)
 
     def close(self) -> None:
         """Finish the file; raises RuntimeError (a bug) if the data written is not what was announced."""
-        self.file.close()
         if self.remaining != 0:
-            self.partial.unlink(missing_ok=True)
+            self.file.discard()
             raise RuntimeError(f"{self.path}: {abs(self.remaining)} bytes of data "
                                f"{'missing' if self.remaining > 0 else 'too many'}")
-        os.replace(self.partial, self.path)
+        self.file.commit()
 
     def abort(self) -> None:
         """Give up: close and delete the partial file."""
-        self.file.close()
-        self.partial.unlink(missing_ok=True)
+        self.file.discard()
 
 
 def write_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]] = None):

@@ -89,3 +89,70 @@ def encode(text: str, vocab: Vocab, patterns: list[str], merges: Merges | None =
             if part in vocab:
                 ids.append(vocab[part])
     return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning the merges
+
+
+def train(texts, vocab_size: int, patterns: list[str], min_frequency: int = 0,
+          alphabet_order: list[int] | None = None) -> tuple[Vocab, list[tuple[bytes, bytes]]]:
+    """Learn a byte-level BPE vocabulary from `texts`: (vocabulary, merges in the order learnt).
+
+    1. Pre-tokenize every text as `encode` does and count each piece (a "word") once per occurrence.
+    2. Start from the 256 single bytes, each word a sequence of them.
+    3. Count every adjacent pair of parts over all words (a word seen n times counts n times; "aaa"
+       holds the pair (a, a) twice). Join the most frequent pair everywhere it occurs, left to right
+       without overlap; its concatenation becomes a token. Ties go to the pair whose ids are
+       smallest (first the left part's id, then the right's). Repeat until the vocabulary has
+       `vocab_size` tokens, no pair is left, or the most frequent pair occurs fewer than
+       `min_frequency` times.
+
+    A pair whose concatenation is already a token (made by another pair) is still learnt as a merge,
+    with that token's id. The single bytes' ids follow `alphabet_order` (default: byte value).
+    This is what Hugging Face `tokenizers`' `BpeTrainer` computes with a byte-level alphabet, whose
+    ids follow the code points of the printable characters that stand for the bytes (tokenizers
+    `models/bpe/trainer.rs`, `Merge`'s ordering); `tests/text/test_bpe.py` holds the two equal.
+    Raises ValueError for a vocabulary smaller than the 256 bytes.
+    """
+    if vocab_size < 256:
+        raise ValueError(f"a byte-level vocabulary holds at least the 256 bytes, not {vocab_size}")
+    words: dict[bytes, int] = {}
+    for text in texts:
+        for piece in pretokenize(text, patterns):
+            key = piece.encode("utf-8")
+            words[key] = words.get(key, 0) + 1
+    order = list(range(256)) if alphabet_order is None else alphabet_order
+    vocab: Vocab = {bytes([b]): i for i, b in enumerate(order)}
+    parts = {word: [word[i:i + 1] for i in range(len(word))] for word in words}
+    merges: list[tuple[bytes, bytes]] = []
+    while len(vocab) < vocab_size:
+        counts: dict[tuple[bytes, bytes], int] = {}
+        for word, n in words.items():
+            seq = parts[word]
+            for pair in zip(seq, seq[1:]):
+                counts[pair] = counts.get(pair, 0) + n
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], vocab[p[0]], vocab[p[1]]))
+        if counts[best] < min_frequency:
+            break
+        joined = best[0] + best[1]
+        vocab.setdefault(joined, len(vocab))
+        merges.append(best)
+        for word, seq in parts.items():
+            parts[word] = join_pair(seq, best)
+    return vocab, merges
+
+
+def join_pair(parts: list[bytes], pair: tuple[bytes, bytes]) -> list[bytes]:
+    """`parts` with every occurrence of `pair` joined, left to right without overlap."""
+    out, i = [], 0
+    while i < len(parts):
+        if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+            out.append(parts[i] + parts[i + 1])
+            i += 2
+        else:
+            out.append(parts[i])
+            i += 1
+    return out

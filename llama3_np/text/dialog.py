@@ -28,6 +28,7 @@ class Turn:
     user: str  # the user's message
     answer: str  # the text of the model's answer (without its end token)
     ids: list[int]  # the message, the assistant's header, the answer's ids and the end that closed it
+    role: str = "user"  # of the message: "tool" for a tool's result
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -57,8 +58,10 @@ class Conversation:
     head: Optional[list[int]] = None  # set by the first message
 
     def _generation_prompt(self) -> list[int]:
-        bare = encode_dialog(self.tok, [], add_generation_prompt=False, fmt=self.fmt)
-        return encode_dialog(self.tok, [], fmt=self.fmt)[len(bare):]
+        # Of a one-message dialog: a template may need a message to render at all.
+        one = [{"role": "user", "content": ""}]
+        bare = encode_dialog(self.tok, one, add_generation_prompt=False, fmt=self.fmt)
+        return encode_dialog(self.tok, one, fmt=self.fmt)[len(bare):]
 
     def close_ids(self, end: Optional[int]) -> list[int]:
         """The ids that close an answer: its end token `end` when the chat format keeps it
@@ -68,19 +71,26 @@ class Conversation:
             raise Llama3Error(f"chat format {self.fmt.name}: a turn does not end with the assistant's header")
         return both[:len(both) - len(prompt)]
 
-    def message_ids(self, user: str) -> list[int]:
-        """The ids of `user`'s message and the assistant's header that follows it. The first
-        message also fixes `head`: what the dialog's encoding holds before it."""
-        message = {"role": "user", "content": user}
+    def message_ids(self, user: str, role: str = "user") -> list[int]:
+        """The ids of `user`'s message (in `role`) and the assistant's header that follows it. The
+        first message also fixes `head`: what the dialog's encoding holds before it. A first
+        message that encodes unlike later ones (a template that writes the tool definitions into
+        the first user message) becomes part of the head itself, and [] is returned: it and its
+        answer are never dropped (`keep_in_head`)."""
+        message = {"role": role, "content": user}
         ids = encode_turn(self.tok, [message], self.fmt)[len(self.close_ids(None)):]
         if self.head is None:
             system = [{"role": "system", "content": self.system}] if self.system is not None else []
             first = encode_dialog(self.tok, system + [message], fmt=self.fmt)
             if first[len(first) - len(ids):] != ids:
-                raise Llama3Error(f"chat format {self.fmt.name}: a message does not encode alike in the "
-                                  "first turn and in later ones")
+                self.head = first
+                return []
             self.head = first[:len(first) - len(ids)]
         return ids
+
+    def keep_in_head(self, ids: list[int]) -> None:
+        """An answer to a message that became part of the head (`message_ids` returned []) joins it."""
+        self.head = (self.head or []) + ids
 
     def ids(self) -> list[int]:
         """The whole conversation: the head, then every turn."""
@@ -107,7 +117,7 @@ class Conversation:
         """The conversation as chat messages (the system message first, when one was given)."""
         out = [{"role": "system", "content": self.system}] if self.system is not None else []
         for turn in self.turns:
-            out += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.answer}]
+            out += [{"role": turn.role, "content": turn.user}, {"role": "assistant", "content": turn.answer}]
         return out
 
     def reset(self, system: Optional[str]) -> None:

@@ -9,7 +9,10 @@ tiktoken:
   tokenizer of that checkpoint (for the default model: llama.cpp on its GGUF).
 
 `encode` never turns text into special tokens: a user who types `<|eot_id|>` gets those
-characters. Special tokens enter only through `encode_special` (and the chat formats).
+characters. Special tokens enter only through `encode_special` (and the chat formats). Added tokens
+that are not special (Hugging Face `"special": false`, a GGUF's USER_DEFINED tokens, such as a
+fine-tune's `<think>` or `<tool_call>`) are text: `encode` finds them in the text first, leftmost
+and longest first, as Hugging Face `tokenizers` and llama.cpp do, and runs BPE on the rest.
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ class Tokenizer:
     def __init__(self, *, name: str, vocab: dict[bytes, int], special_tokens: dict[str, int],
                  patterns: list[str], bos_id: int | None, eos_id: int | None, add_bos: bool,
                  merges: bpe.Merges | None = None, whole_first: bool = True,
-                 meta_chunks: bool = False, chat_template: str | None = None):
+                 meta_chunks: bool = False, chat_template: str | None = None,
+                 added_tokens: dict[str, int] | None = None):
         self.name = name
         self.vocab = vocab
         self.merges = merges
@@ -81,11 +85,15 @@ class Tokenizer:
         self.patterns = patterns
         self.special_tokens = dict(special_tokens)
         self.special_ids = frozenset(special_tokens.values())
+        self.added_tokens = dict(added_tokens or {})  # not special: matched in the text by `encode`
+        self._added = _alternation(self.added_tokens)
+        self._specials = _alternation(self.special_tokens)
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
         self.chat_template = chat_template
         self.meta_chunks = meta_chunks
         self._bytes = {i: t for t, i in vocab.items()}
         self._bytes.update((i, s.encode("utf-8")) for s, i in special_tokens.items())
+        self._bytes.update((i, s.encode("utf-8")) for s, i in self.added_tokens.items())
         self.n_vocab = max(self._bytes) + 1
         # tiktoken needs every single byte to have a rank. A byte the vocabulary lacks gets a
         # rank past the vocabulary: it then never merges, and `encode` drops it (see bpe.py).
@@ -127,15 +135,24 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, not {type(text).__name__}")
         ids = [self._special("BOS", self.bos_id)] if (self.add_bos if bos is None else bos) else []
-        chunks = _meta_chunks(text) if self.meta_chunks else [text]
-        for chunk in chunks:
-            for piece in bpe.pretokenize(chunk, self.patterns[:-1]):
-                ids.extend(self._encoding.encode_ordinary(piece))
+        for piece, added in _split(self._added, self.added_tokens, text):
+            if added is not None:
+                ids.append(added)
+                continue
+            for chunk in _meta_chunks(piece) if self.meta_chunks else [piece]:
+                for pre in bpe.pretokenize(chunk, self.patterns[:-1]):
+                    ids.extend(self._encoding.encode_ordinary(pre))
         if eos:
             ids.append(self._special("EOS", self.eos_id))
         if self._drops_bytes:
             ids = [i for i in ids if i < self.n_vocab]
         return ids
+
+    def split_special(self, text: str) -> list[tuple[str, int | None]]:
+        """`text` cut at the special tokens' texts it holds (leftmost, longest first): a list of
+        (text, None) for the text between them and (name, id) for each special token, as
+        Hugging Face's tokenizers cut a chat template's rendered text."""
+        return list(_split(self._specials, self.special_tokens, text))
 
     def encode_special(self, name: str) -> int:
         """The id of special token `name` (e.g. "<|eot_id|>")."""
@@ -220,6 +237,25 @@ def load_tokenizer(checkpoint_dir: str | Path) -> Tokenizer:
     return Tokenizer.from_hf_json(path) if path.suffix == ".json" else Tokenizer.llama3(path)
 
 
+def _alternation(tokens: dict[str, int]):
+    """A regex matching any of `tokens`, the longest first where several match at one place."""
+    if not tokens:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True) if t))
+
+
+def _split(pattern, tokens: dict[str, int], text: str):
+    """(text, None) and (token, id) pieces of `text`, cut at `pattern`'s matches; no empty text."""
+    start = 0
+    for m in pattern.finditer(text) if pattern is not None else ():
+        if m.start() > start:
+            yield text[start:m.start()], None
+        yield m.group(), tokens[m.group()]
+        start = m.end()
+    if start < len(text) or not text:
+        yield text[start:], None
+
+
 # -- Meta's input chunking ------------------------------------------------------------------------
 
 _RUNS = re.compile(r"\s+|\S+")  # the standard library's \s is str.isspace, as in Meta's code
@@ -301,19 +337,23 @@ def _from_hf(path: Path, tj: dict, config: dict) -> Tokenizer:
         raise fail(f"normalizer {tj['normalizer'].get('type')!r} is not supported")
     patterns = _hf_patterns(tj.get("pre_tokenizer"), fail)
 
-    special, plain = {}, []
+    special, added = {}, {}
     for t in tj.get("added_tokens") or []:
         if t.get("special"):
             special[t["content"]] = t["id"]
-        else:
-            plain.append(t["content"])
-    if plain:
-        raise fail(f"non-special added tokens ({plain[:3]}...) are not supported")
+            continue
+        # Matched in the text as they are written; the flags that would widen a match are not read.
+        widening = [flag for flag in ("lstrip", "rstrip", "single_word") if t.get(flag)]
+        if widening:
+            raise fail(f"added token {t['content']!r} has {', '.join(widening)} set, which llama3_np does not "
+                       "support")
+        added[t["content"]] = t["id"]
 
-    # Token strings spell bytes in GPT-2's byte-level alphabet; translate them back to bytes.
+    # Token strings spell bytes in GPT-2's byte-level alphabet; translate them back to bytes. An
+    # added token is written as its text, wherever it is listed.
     to_byte = _byte_decoder()
     unspell = str.maketrans({c: chr(b) for c, b in to_byte.items()})
-    plain_tokens = {t: i for t, i in model["vocab"].items() if special.get(t) != i}
+    plain_tokens = {t: i for t, i in model["vocab"].items() if special.get(t) != i and added.get(t) != i}
     stray = set("".join(plain_tokens)) - to_byte.keys()
     if stray:
         raise fail(f"tokens use characters outside the byte-level alphabet ({sorted(stray)[:5]})")
@@ -338,7 +378,7 @@ def _from_hf(path: Path, tj: dict, config: dict) -> Tokenizer:
         name = name.get("content") if isinstance(name, dict) else name
         if name is None:
             return None
-        found = special.get(name, vocab.get(name.encode("utf-8")))
+        found = special.get(name, added.get(name, vocab.get(name.encode("utf-8"))))
         if found is None:
             raise Llama3Error(f"{path.with_name('tokenizer_config.json')}: {key} {name!r} is not in the vocabulary")
         return found
@@ -352,7 +392,7 @@ def _from_hf(path: Path, tj: dict, config: dict) -> Tokenizer:
     return Tokenizer(name=str(path), vocab=vocab, special_tokens=special, patterns=patterns,
                      bos_id=bos_id, eos_id=eos_id, add_bos=bool(add_bos), merges=merges,
                      whole_first=bool(model.get("ignore_merges")),
-                     chat_template=template if isinstance(template, str) else None)
+                     chat_template=template if isinstance(template, str) else None, added_tokens=added)
 
 
 def _hf_patterns(pre: dict | None, fail) -> list[str]:

@@ -23,12 +23,14 @@ no stop token, and starts from an empty KV cache. Speeds are medians over `runs`
 
 from __future__ import annotations
 
+import itertools
 import os
 import resource
 import statistics
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -219,22 +221,28 @@ class BenchResult:
     ids: list[int]  # the greedy ids of the last run, to compare across versions
 
 
-def run_generations(session_factory, prompt: list[int], new: int, runs: int):
-    """Median prefill and decode speeds of `runs` greedy generations after one short warm-up."""
+def run_generations(session_factory, prompt: list[int], new: int, runs: int, step=lambda: None):
+    """Median prefill and decode speeds of `runs` greedy generations after one short warm-up;
+    `step()` after each generation."""
     greedy = SamplingParams(temperature=0)
     rng = np.random.default_rng(0)
     session_factory().generate(prompt[:16], greedy, rng, max_new=min(new, 4)).run()
+    step()
     prefill, decode, ids = [], [], []
     for _ in range(runs):
         out = session_factory().generate(prompt, greedy, rng, max_new=new).run()
         prefill.append(out.prefill_tokens_per_second)
         decode.append(out.decode_tokens_per_second)
         ids = out.ids
+        step()
     return statistics.median(prefill), statistics.median(decode), ids
 
 
 def bench(path, dtype: str = "float32", prompt_tokens: int = 512, new_tokens: int = 128, runs: int = 3,
-          rope_factor=None) -> BenchResult:
+          rope_factor=None, progress: Optional[Callable[[int, int], None]] = None) -> BenchResult:
+    """Load the checkpoint folder `path` and measure it (see the module docstring). progress:
+    called with (done, total) steps: the load, the warm-up, each run, each limit measured and the
+    bfloat16 conversions."""
     from ..formats.checkpoint import load_checkpoint
 
     if prompt_tokens < 1:
@@ -244,9 +252,17 @@ def bench(path, dtype: str = "float32", prompt_tokens: int = 512, new_tokens: in
     if runs < 1:
         raise ParameterError("runs", f"runs must be at least 1, got {runs}")
     load_average = os.getloadavg()[0]
+    steps = itertools.count(1)
+    total = 1 + 1 + runs + 4
+
+    def step():
+        if progress is not None:
+            progress(next(steps), total)
+
     t0 = time.perf_counter()
     checkpoint = load_checkpoint(path, dtype=dtype, rope_factor=rope_factor)
     load_s = time.perf_counter() - t0
+    step()
     config = checkpoint.config
     ctx = prompt_tokens + new_tokens
     if ctx > config.max_seq_len:
@@ -254,11 +270,17 @@ def bench(path, dtype: str = "float32", prompt_tokens: int = 512, new_tokens: in
                           f"{config.max_seq_len}")
     prompt = synthetic_prompt(prompt_tokens, config.vocab_size)
     prefill, decode, ids = run_generations(lambda: Session(checkpoint.weights, config, ctx), prompt,
-                                           new_tokens, runs)
+                                           new_tokens, runs, step)
     rss = peak_rss_mb()  # before the limit measurements allocate their own matrices
     itemsize = 4 if dtype == "float32" else max(w.itemsize for w in checkpoint.weights.values())
-    bandwidth, matvec, sgemm = measure_read_bandwidth(), measure_matvec(), measure_sgemm()
+    bandwidth = measure_read_bandwidth()
+    step()
+    matvec = measure_matvec()
+    step()
+    sgemm = measure_sgemm()
+    step()
     conversions = measure_conversions()
+    step()
     import ml_dtypes  # imported by now: the conversions made bfloat16 arrays
     bytes_per_token = decode_bytes_per_token(config, itemsize, prompt_tokens, new_tokens)
     flops_per_token = prefill_flops(config, prompt_tokens) / prompt_tokens

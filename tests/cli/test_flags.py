@@ -156,7 +156,7 @@ def test_input_mistakes_are_named_before_the_model_is_looked_at(capsys, argv, me
 def test_inspect_shows_chat_format_stop_tokens_and_source(capsys):
     code, out, _ = run(capsys, "inspect", "-m", default_model())
     assert code == 0
-    assert "\nchat format: chatml\n" in out
+    assert f"\nchat format: template ({default_model_dir() / 'tokenizer_config.json'})\n" in out
     assert '\nstop tokens: 0 "<|endoftext|>", 2 "<|im_end|>"\n' in out
     assert "\nformat:      GGUF (SmolLM2-135M-Instruct.Q4_1.gguf)\n" in out
     assert "\nstored:      Q8_0 30.1 MB, F32 140.5 KB, Q4_1 66.4 MB\n" in out
@@ -216,12 +216,13 @@ def test_a_long_prefill_shows_progress_on_a_terminal_only(capsys, monkeypatch):
 def test_repeat_last_n_sets_the_window_the_penalty_looks_at(capsys):
     from llama3_np.formats.checkpoint import load_checkpoint
     from llama3_np.generation import Session
+    from llama3_np.sampling import SamplingParams
 
     ckpt = load_checkpoint(PARITY)
     for n, window in [(2, [2, 3]), (0, []), (-1, [1, 2, 3]), (64, [1, 2, 3])]:
-        session = Session(ckpt.weights, ckpt.config, 8, repeat_last_n=n)
+        session = Session(ckpt.weights, ckpt.config, 8)
         session.feed([1, 2, 3])
-        assert session.recent_ids() == window, n
+        assert session.recent_ids(SamplingParams(repeat_last_n=n).history_window) == window, n
 
     def greedy(*flags):
         code, out, err = run(capsys, "generate", "-m", PARITY, "--tokens", "5,5,5", "-n", "8", "--temp", "0",
@@ -231,8 +232,8 @@ def test_repeat_last_n_sets_the_window_the_penalty_looks_at(capsys):
 
     assert greedy("--repeat-penalty", "5", "--repeat-last-n", "0") == greedy("--repeat-penalty", "1")
     code, out, err = run(capsys, "generate", "-m", "/no/such/model", "-p", "x", "--repeat-last-n", "-2")
-    assert (code, out) == (2, "") and err == ("llama3-np: error: --repeat-last-n must be >= 0 (0 = off), or -1 for "
-                                              "the whole context, got -2\n")
+    assert (code, out) == (2, "") and err == ("llama3-np: error: --repeat-last-n: repeat_last_n must be an integer "
+                                              ">= 0 (0 = off), or -1 for every id before the one drawn, got -2\n")
 
 
 def test_stop_reasons_tell_the_n_limit_from_a_full_context(capsys):

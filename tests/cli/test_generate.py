@@ -151,7 +151,14 @@ def test_streamed_multibyte_characters_arrive_intact(tmp_path, monkeypatch):
     # --samplers is checked before the model loads: the missing folder is not what is reported
     (["generate", "-m", "/no/such/folder", "-p", "hi", "--samplers", "top_k;foo"], ["--samplers", "unknown sampler 'foo'"]),
     (["generate", "-m", "/no/such/folder", "-p", "hi", "--samplers", "top_k;temp;top-k"], ["--samplers", "'top_k' is given twice"]),
-    (["chat", "-m", "/no/such/folder", "--samplers", "xtc"], ["--samplers", "'xtc'", "not implemented"]),
+    (["chat", "-m", "/no/such/folder", "--samplers", "infill"], ["--samplers", "'infill'", "not implemented"]),
+    (["generate", "-m", "/no/such/folder", "-p", "hi", "--dry-base", "0.5"], ["--dry-base: dry_base must be a finite number >= 1"]),
+    (["generate", "-m", "/no/such/folder", "-p", "hi", "--dry-multiplier", "-1"], ["--dry-multiplier: dry_multiplier must be >= 0"]),
+    (["chat", "-m", "/no/such/folder", "--dry-sequence-breaker", ""], ["--dry-sequence-breaker", "non-empty strings"]),
+    (["generate", "-m", "/no/such/folder", "-p", "hi", "--xtc-probability", "2"], ["--xtc-probability: xtc_probability must be in [0, 1]"]),
+    (["generate", "-m", "/no/such/folder", "-p", "hi", "--dry-penalty-last-n", "-3"], ["--dry-penalty-last-n: dry_penalty_last_n must be"]),
+    # DRY's breakers are text: a model without a tokenizer cannot have them
+    (["generate", "-m", str(PARITY), "--tokens", "1", "--dry-multiplier", "0.8"], ["DRY's sequence breakers", "--dry-sequence-breaker none"]),
     (["generate", "-m", "/no/such/folder", "-p", "hi", "--sampling-seq", "kq"], ["--samplers", "unknown sampler 'q'"]),
     (["generate", "-m", "/no/such/folder", "-p", "hi", "--presence-penalty", "nan"],
      ["--presence-penalty: presence_penalty must be a finite number"]),

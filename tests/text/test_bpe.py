@@ -87,3 +87,31 @@ def test_default_vocabulary_is_safe_for_tiktoken():
     for rules in (tok.merges, None):
         wrong = [t for t in tok.vocab if bpe.merge(t, tok.vocab, rules, whole_first=False) != [t]]
         assert not wrong, f"{len(wrong)} tokens do not merge back into themselves, e.g. {wrong[:5]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning the merges
+
+
+def test_learnt_merges_equal_hugging_face_bpe_trainer_and_load_as_a_tiktoken_encoding():
+    """tests/fixtures/tokenizer/bpe_trainer.json: `tokenizers`' BpeTrainer on the Jargon File text
+    (tools/make_bpe_trainer_fixture.py); the merges must be the same pairs in the same order."""
+    import json
+    from pathlib import Path
+
+    import tiktoken
+
+    from llama3_np.text.bpe import train
+
+    root = Path(__file__).resolve().parents[1] / "fixtures"
+    ref = json.loads((root / "tokenizer" / "bpe_trainer.json").read_text())
+    alphabet = sorted(ref["alphabet_ids"], key=ref["alphabet_ids"].get)
+    vocab, merges = train([(root / "xcheck" / ref["corpus"]).read_text(encoding="utf-8")], ref["vocab_size"],
+                          [ref["pattern"]], ref["min_frequency"], [bytes.fromhex(b)[0] for b in alphabet])
+    learnt = [[a.hex(), b.hex()] for a, b in merges]
+    first = next((i for i, (x, y) in enumerate(zip(learnt, ref["merges"])) if x != y), None)
+    assert learnt == ref["merges"], f"merge {first} differs: {learnt[first] if first is not None else ''} vs " \
+                                    f"{ref['merges'][first] if first is not None else ''}"
+    assert all(vocab[bytes.fromhex(b)] == i for b, i in ref["alphabet_ids"].items())
+    encoding = tiktoken.Encoding("learnt", pat_str=ref["pattern"], mergeable_ranks=vocab, special_tokens={})
+    assert encoding.encode(ref["sample"]) == ref["sample_ids"]

@@ -193,7 +193,8 @@ def _default_json() -> dict:
     (lambda tj: tj | {"pre_tokenizer": {"type": "Digits", "individual_digits": True}}, "no ByteLevel step"),
     (lambda tj: tj | {"model": tj["model"] | {"vocab": tj["model"]["vocab"] | {"a b": 5}}}, "byte-level alphabet"),
     (lambda tj: tj | {"model": tj["model"] | {"merges": tj["model"]["merges"][::-1]}}, "in id order"),
-    (lambda tj: tj | {"added_tokens": [{"id": 7, "content": "<x>", "special": False}]}, "non-special added"),
+    (lambda tj: tj | {"added_tokens": [{"id": 7, "content": "<x>", "special": False, "lstrip": True}]},
+     "has lstrip set"),
 ])
 def test_damaged_tokenizer_json_is_a_user_error(tmp_path, damage, message):
     tj = damage(_default_json())

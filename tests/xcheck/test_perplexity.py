@@ -121,21 +121,24 @@ def test_default_model_perplexity_equals_hugging_face_float32_within_0_1_percent
     assert "\r" not in err  # stderr is not a terminal here: no progress bar
 
 
-def test_progress_bar_is_drawn_on_a_terminal_only():
+def test_progress_is_the_command_lines_one_progress_line_on_a_terminal_only(monkeypatch, capsys):
     import io
 
-    from llama3_np.cli.perplexity import ProgressBar
+    import llama3_np.cli.common
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
-    for stream, drawn in ((Terminal(), True), (io.StringIO(), False)):
-        bar = ProgressBar(6, stream)
-        bar(5, 64, 64)
-        assert ("window 6/6 100.0%" in stream.getvalue()) is drawn
-        bar.clear()
-        assert stream.getvalue().endswith("\r") is drawn
+    monkeypatch.setattr(llama3_np.cli.common, "PROGRESS_AFTER_SECONDS", 0.0)
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    code, out, _ = run_cli(capsys, "perplexity", "-m", default_model(), "-f", TEXT, "--ctx", "32", "--chunks", "2",
+                           "--batch", "16")
+    assert code == 0
+    shown = terminal.getvalue()
+    assert "\rperplexity 16/64 tokens (25%)" in shown and "\rperplexity 64/64 tokens (100%)" in shown
+    assert shown.endswith("\r" + " " * len("perplexity 64/64 tokens (100%)") + "\r")
 
 
 def test_cli_kl_against_own_saved_logits_is_zero(tmp_path, capsys):
