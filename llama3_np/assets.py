@@ -104,7 +104,7 @@ def default_model() -> Path:
 def model_dir(model=None) -> Path:
     """The checkpoint of `model`: a folder or a GGUF file as it is, and for None the default model."""
     if model is None:
-        return default_model(progress=progress)
+        return default_model()
     path = Path(model)
     if not path.exists():
         raise Llama3Error(f"model {model} does not exist: name the folder of a Llama 3 checkpoint "
