@@ -26,7 +26,7 @@ from .sampling import SamplingParams
 from .text.chat import ChatFormat, TemplateFormat, chat_format_for, encode_dialog
 from .text.template import ChatTemplate, find_chat_template, template_variables
 from .formats.gguf_file import is_gguf
-from .formats.gguf_import import gguf_tokenizer
+from .formats.gguf_import import gguf_tokenizer, tokenizer_objects
 from .text import tokenizer as text_tokenizer
 from .text.tokenizer import StreamDecoder, Tokenizer
 
@@ -66,9 +66,10 @@ class LoadedModel:
         """Token ids of `text` as a plain prompt (with BOS when the tokenizer adds one)."""
         return self.need_tokenizer().encode(text)
 
-    def chat_template(self) -> Optional[ChatTemplate]:
-        """The chat template the checkpoint carries (`text.template.TEMPLATE_FILES`), or None."""
-        return find_chat_template(self.checkpoint.path)
+    def chat_template(self, tools: bool = False) -> Optional[ChatTemplate]:
+        """The chat template the checkpoint carries (`text.template.TEMPLATE_FILES`; a GGUF file's
+        tokenizer.chat_template), or None."""
+        return chat_template_of(self.checkpoint.path, tools)
 
     def chat_format(self, choice: Optional[str] = None, template: Optional[ChatTemplate] = None,
                     variables: Optional[dict] = None, tools: Optional[list] = None) -> ChatFormat | TemplateFormat:
@@ -78,7 +79,7 @@ class LoadedModel:
         added to the special tokens a template sees, and the tool definitions `tools`
         (`text.tools.read_tools`) for the template to place (`text.chat.chat_format_for`)."""
         tok = self.need_tokenizer()
-        template = template or find_chat_template(self.checkpoint.path, tools=tools is not None)
+        template = template or self.chat_template(tools=tools is not None)
         if template is not None:
             variables = template_variables(tok, self.checkpoint.path) | dict(variables or {})
         return chat_format_for(tok, choice, template, variables, tools)
@@ -148,6 +149,16 @@ class LoadedModel:
             raise Llama3Error(f"{self.checkpoint.path} has no tokenizer: give token ids, or copy the "
                               "checkpoint's tokenizer files into its folder")
         return self.tokenizer
+
+
+def chat_template_of(path, tools: bool = False) -> Optional[ChatTemplate]:
+    """The chat template of a checkpoint: a folder's (`text.template.find_chat_template`), or a GGUF
+    file's tokenizer.chat_template; None when it has none."""
+    path = Path(path)
+    if path.is_file() and (path.suffix == ".gguf" or is_gguf(path)):
+        found = tokenizer_objects(path)[1].get("chat_template")
+        return None if found is None else ChatTemplate(found, f"{path}: tokenizer.chat_template")
+    return find_chat_template(path, tools=tools)
 
 
 def load_tokenizer(path) -> Tokenizer:

@@ -68,9 +68,8 @@ def summarize(index: CheckpointIndex) -> dict:
 
 def _tokens(index: CheckpointIndex) -> dict:
     """The chat format and the tokens that end generation (id -> text), when there is a tokenizer."""
-    from .load import load_tokenizer
+    from .load import chat_template_of, load_tokenizer
     from .text.chat import chat_format_for, describe
-    from .text.template import find_chat_template
 
     none = {"chat_format": None, "chat_format_source": None, "stop_tokens": {str(i): None for i in index.eos_ids}}
     if index.tokenizer_dir is None:
@@ -80,7 +79,7 @@ def _tokens(index: CheckpointIndex) -> dict:
     except Llama3Error as e:  # inspect reports a broken tokenizer rather than stopping at it
         return dict(none, tokenizer_error=str(e))
     try:
-        fmt = chat_format_for(tok, template=find_chat_template(index.path))
+        fmt = chat_format_for(tok, template=chat_template_of(index.path))
     except Llama3Error:
         fmt = None
     ids = set(index.eos_ids) | tok.end_of_generation_ids  # as LoadedModel.stop_ids

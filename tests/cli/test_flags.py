@@ -156,7 +156,7 @@ def test_input_mistakes_are_named_before_the_model_is_looked_at(capsys, argv, me
 def test_inspect_shows_chat_format_stop_tokens_and_source(capsys):
     code, out, _ = run(capsys, "inspect", "-m", default_model())
     assert code == 0
-    assert f"\nchat format: template ({default_model_dir() / 'tokenizer_config.json'})\n" in out
+    assert f"\nchat format: template ({default_model()}: tokenizer.chat_template)\n" in out
     assert '\nstop tokens: 0 "<|endoftext|>", 2 "<|im_end|>"\n' in out
     assert "\nformat:      GGUF (SmolLM2-135M-Instruct.Q4_1.gguf)\n" in out
     assert "\nstored:      Q8_0 30.1 MB, F32 140.5 KB, Q4_1 66.4 MB\n" in out

@@ -21,6 +21,7 @@ from llama3_np.text.tokenizer import Tokenizer
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "tokenizer"
 LLAMA3_DIR = llama3_tokenizer_path().parent
+DEFAULT_DIR = cached_default_gguf().parent  # holds the default model's GGUF, no tokenizer_config.json
 LLAMA3_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
 
 
