@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import ComputeMode, ModelConfig
 from .errors import Llama3Error, ParameterError
 from .model import KVCache, forward
 from .sampling import SamplingParams, sample, sampling_probs, xtc_draw
@@ -115,7 +115,8 @@ class Generation:
         self.start = session.cache.length  # what the session held before this prompt
         self.ids: list[int] = []  # generated ids so far, including a final stop token
         # "stop" (a stop token), "length" (max_new tokens), "context" (a full context); "" while
-        # running and when the caller left the loop early (the command line records "interrupted").
+        # running and when the caller left the loop early (the command line records "interrupted";
+        # a caller that found a stop string in the text, `text.stop`, records "stop_string").
         self.stop_reason = ""
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
@@ -165,14 +166,17 @@ class Session:
     carry no tokenizer, so a Session made from them knows none; `LoadedModel.session` passes the
     model's end-of-generation ids. progress: for a prompt fed in more than one chunk, called as
     progress(0, total) before the first and progress(done, total) after each (a progress display).
+    compute: the compute mode of every forward pass (`config.ComputeMode` or its name; a
+    `LoadedModel`'s `compute` for the weights it holds).
     """
 
     def __init__(self, weights: Mapping[str, np.ndarray], config: ModelConfig, ctx: int,
-                 stop_ids: Iterable[int] = (), progress: Optional[Callable[[int, int], None]] = None):
+                 stop_ids: Iterable[int] = (), progress: Optional[Callable[[int, int], None]] = None,
+                 compute: str | ComputeMode = "float32"):
         if ctx <= 0:
             raise ParameterError("ctx", f"ctx must be positive, got {ctx}")
         self.weights, self.config = weights, config
-        self.cache = KVCache(config, ctx)
+        self.cache = KVCache(config, ctx, compute)  # the compute mode travels with the cache
         self.stop_ids = frozenset(int(i) for i in stop_ids)
         self.progress = progress
         # Ids handed to the model, in order. The cache's first `length` slots hold the first

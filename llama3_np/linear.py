@@ -8,9 +8,12 @@ blocks of rows, bfloat16 converted block by block, on llama3_np's own threads) i
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 
 from . import products
+from .config import ComputeMode
 from .lora import LoraWeight
 
 
@@ -33,3 +36,20 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_
     if x.dtype == np.float64:
         return x @ np.asarray(w, dtype=np.float64).T
     return products.linear(x, w)
+
+
+def mode_weights(weights: Mapping[str, np.ndarray], mode: ComputeMode) -> dict[str, np.ndarray]:
+    """The weights as `mode` computes with them, converted once (`forward` would otherwise convert
+    them in every call): upcast to float64 in float64 mode, rounded to bfloat16/float16 (round to
+    nearest even) in those modes unless already stored so, unchanged in float32. Arrays shared
+    between names (tied embeddings) stay shared."""
+    if mode.dtype == "float32":
+        return dict(weights)
+    converted: dict[int, np.ndarray] = {}
+
+    def convert(name: str, w: np.ndarray) -> np.ndarray:
+        if id(w) not in converted:
+            converted[id(w)] = np.asarray(w, dtype=np.float64) if mode.dtype == "float64" else mode.weight(w, name)
+        return converted[id(w)]
+
+    return {name: convert(name, w) for name, w in weights.items()}
