@@ -7,7 +7,7 @@ llama.cpp that llama-cpp-python runs.
 
 The source is `vendor/llama.cpp` of the sdist (downloaded with pip unless --llama-cpp-source names
 that folder). It is configured with cmake (Release, GGML_NATIVE=ON: the kernels of this CPU, as a
-user's own build has them; static libraries, no OpenSSL, no tests/examples/server) into
+user's own build has them; static libraries, no OpenSSL, no tests, examples or server) into
 build/llama.cpp/ (git-ignored) and only the target is built; a second run rebuilds only
 what changed. It prints the path of the binary. Needs cmake, a C++ compiler and ninja or make;
 building llama-perplexity takes about 10 minutes on two busy cores.

@@ -1,7 +1,7 @@
 """llama.cpp's KL-divergence base files and the statistics `llama-perplexity --kl-divergence`
 prints, so that a base written by llama3_np is read by llama.cpp and the other way round.
 
-Source: llama.cpp's tools/perplexity/perplexity.cpp (the version vendored by llama-cpp-python
+Source: llama.cpp's perplexity.cpp (vendor/llama.cpp/tools/perplexity/ of llama-cpp-python
 0.3.36): the file is written by `perplexity()` with `--kl-divergence-base FILE` and read by
 `kl_divergence()`; each row is made by the `log_softmax` overload that takes a `uint16_t *` and
 read by the one that takes a `kl_divergence_result &`.
@@ -334,8 +334,8 @@ class KLDBaseFile:
     give exactly the file's length (here), a vocabulary and tokens of the model's
     (`check_vocabulary`), the windows of the text given (`check_tokens`). Rows are memory-mapped."""
 
-    def __init__(self, path, parameter: str = "kl_divergence_base"):
-        self.path, self.parameter = Path(path), parameter
+    def __init__(self, path):
+        self.path = Path(path)
         if not self.path.is_file():
             raise self._refuse("does not exist: pass a file written by " + WRITTEN_BY)
         size = os.path.getsize(self.path)
@@ -366,7 +366,7 @@ class KLDBaseFile:
                               shape=(n_chunk * self.per_window, row_width(n_vocab)))
 
     def _refuse(self, what: str) -> ParameterError:
-        return ParameterError(self.parameter, f"{self.path} {what}")
+        return ParameterError("kl_divergence_base", f"{self.path} {what}")
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """Refuse a file made with a model of another vocabulary."""
