@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from ..errors import Llama3Error
 from ..files import AtomicFile, WriteError
@@ -81,8 +80,6 @@ def parse_single_input(args, tokenizer, vocab_size: int) -> tuple[list[int], lis
 
 def parse_output(path: str) -> AtomicFile:
     """-o: a file that appears whole or not at all (`files.AtomicFile`)."""
-    if not Path(path).resolve().parent.is_dir():
-        raise Llama3Error(f"-o {path}: folder {Path(path).parent} does not exist")
     try:
         return AtomicFile(path, "w")
     except WriteError as e:
