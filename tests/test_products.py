@@ -145,7 +145,7 @@ def test_openblas_is_held_to_one_thread_from_the_first_product():
 # --- the command line ----------------------------------------------------------------------------
 
 COMPUTING_COMMANDS = ["generate", "chat", "dump", "trace", "walkthrough", "perplexity", "bench", "train",
-                      "score", "compare"]  # compare computes with --replay
+                      "score", "compare", "adjudicate"]  # compare computes with --replay
 
 
 def test_every_command_that_computes_takes_threads():

@@ -5,7 +5,9 @@ tested on: tests/fixtures/adjudicate/calibration.json and honest.json.
     python tools/fetch_default_model.py && python tools/calibrate_adjudicate.py
 
 (needs `make tools`: torch, transformers). The honest engine is transformers' `LlamaForCausalLM` on
-the default model, eager attention, one thread, on the 20 prompts of
+the default model's exact values (its Q4_1 GGUF imported by `gguf_to_hf.import_gguf` into a
+temporary Hugging Face folder, float32, which each engine rounds to its dtype as it loads them, as
+`make_precision_reference.py` does), eager attention, one thread, on the 20 prompts of
 tests/fixtures/default_model/greedy_low_precision.json, whose bfloat16 continuations (64 greedy
 tokens, `make_precision_reference.py`) it holds. This tool:
 
@@ -36,7 +38,9 @@ import json
 import math
 import re
 import sys
+import tempfile
 from importlib import metadata
+from pathlib import Path
 
 from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
 
@@ -44,7 +48,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import torch_reference as ref  # noqa: E402
-from llama3_np.assets import default_model_dir  # noqa: E402
+from llama3_np.assets import default_model  # noqa: E402
+from llama3_np.formats.gguf_to_hf import import_gguf  # noqa: E402
 from llama3_np.load import load_model  # noqa: E402
 from llama3_np.model import forward  # noqa: E402
 from llama3_np.xcheck import adjudicate as adj  # noqa: E402
@@ -61,9 +66,13 @@ def teacher_forced(model, ids: list[int]) -> np.ndarray:  # -> [T, V] float64
 
 
 def main() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        return calibrate(import_gguf(default_model(), Path(tmp) / "default"))
+
+
+def calibrate(folder: Path) -> int:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    folder = default_model_dir()
     loaded = load_model(folder)
     w, c = loaded.weights, loaded.config
     low = json.loads(LOW_PRECISION.read_text())

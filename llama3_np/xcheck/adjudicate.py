@@ -49,7 +49,7 @@ from .dump import Dump
 from .replay import ReplayedStage, declared_mode, replay
 
 TOP_N = 8  # the candidates whose logit errors measure a margin's noise
-NOISE_K = 11  # calibrated: tests/fixtures/adjudicate/ (tools/calibrate_adjudicate.py), docs/DESIGN.md
+NOISE_K = 13  # calibrated: tests/fixtures/adjudicate/ (tools/calibrate_adjudicate.py), docs/DESIGN.md
 
 # What `read_continuation` reads, in the order it tries them (each a JSON value).
 CONTINUATION_FORMATS = {

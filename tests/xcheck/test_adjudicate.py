@@ -6,6 +6,7 @@ generate --json, transformers, vLLM, llama.cpp's server)."""
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from llama3_np.xcheck.dump import read_dump
 from tests.xcheck.test_dump import PARITY, assert_one_line_error, default_model, run_cli
 from tests.xcheck.test_replay import CorruptedEngine, engine_dump
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "tests" / "fixtures"
 HONEST = json.loads((FIXTURES / "adjudicate" / "honest.json").read_text())
 CALIBRATION = json.loads((FIXTURES / "adjudicate" / "calibration.json").read_text())
 LOW_PRECISION = json.loads((FIXTURES / "default_model" / "greedy_low_precision.json").read_text())
@@ -168,3 +170,18 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, content, fragm
     args = [str(tmp_path / "b.json") if a == "FILE" else str(a) for a in args]
     code, out, err = run_cli(capsys, "adjudicate", *args)
     assert_one_line_error(code, err, fragment)
+
+
+def test_the_readme_s_example_prints_what_the_readme_shows(tmp_path, capsys, monkeypatch):
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("\n## Ruling on a divergence\n"):]
+    commands, shown = re.search(r"```sh\n(.*?)```\n```\n(.*?)```", section, re.S).groups()
+    monkeypatch.chdir(tmp_path)
+    for line in commands.strip().splitlines():
+        args = shlex.split(line.removeprefix(".venv/bin/llama3-np "))
+        target = args[args.index(">") + 1] if ">" in args else None
+        code, out, _ = run_cli(capsys, *(args[:args.index(">")] if target else args))
+        assert code == 0, line
+        if target:
+            Path(target).write_text(out)
+    assert out == shown
