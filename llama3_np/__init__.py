@@ -10,6 +10,9 @@ The public API, in the order data flows (README.md, "Python"; docs/DESIGN.md, "T
                                              token ids -> logits [T, V] (pos: where the cache
                                              ends, unless given; compute: "float32" or "float64")
     KVCache(config, max_len, compute="float32")   keys and values of the tokens seen so far
+    forward_batch(weights, config, batch, caches=None, positions=None)   B token-id lists ->
+                                             B logits arrays in one pass (each weight read once for
+                                             all; each sequence its own KVCache and positions)
     Trace(patterns, edits=())                the named stages of one forward call (stages.py), and
                                              interventions: Edit(stage, op, value, heads, tokens)
     SamplingParams(...), sample(logits, params, rng)   logits [V] -> the next token id
@@ -26,7 +29,7 @@ __version__ = "0.1.0"
 
 from .errors import Llama3Error, ParameterError  # noqa: E402
 from .config import ModelConfig, RopeScaling  # noqa: E402
-from .model import KVCache, forward  # noqa: E402
+from .model import KVCache, forward, forward_batch  # noqa: E402
 from .stages import Edit, Trace, stage_shapes  # noqa: E402
 from .sampling import SamplingParams, sample, sampling_probs  # noqa: E402
 from .generation import Generation, Session, Step  # noqa: E402
@@ -36,7 +39,7 @@ from .xcheck.score import Scores, score  # noqa: E402
 from .text.tokenizer import StreamDecoder, Tokenizer, load_tokenizer  # noqa: E402
 
 __all__ = [
-    "Llama3Error", "ParameterError", "ModelConfig", "RopeScaling", "KVCache", "forward", "Trace", "Edit",
+    "Llama3Error", "ParameterError", "ModelConfig", "RopeScaling", "KVCache", "forward", "forward_batch", "Trace", "Edit",
     "stage_shapes", "SamplingParams", "sample", "sampling_probs", "Generation", "Session", "Step",
     "LoadedModel", "load_model", "ChatSession", "StreamDecoder", "Tokenizer", "load_tokenizer", "score", "Scores",
 ]
