@@ -19,6 +19,9 @@ The public API, in the order data flows (README.md, "Python"; docs/DESIGN.md, "T
     LoadedModel.session(ctx)                 a Session: prefill, then decode; generate(ids) yields one
                                              Step per token, greedy and ending at the model's
                                              end-of-generation ids unless told otherwise
+    generate_batch(generations, parallel)   many Session.generate records run `parallel` at a
+                                             time, one forward_batch per step, in input order
+                                             (LoadedModel.generate_batch(prompts): the same for text)
     LoadedModel.chat_session(system)         ChatSession: a multi-turn chat on one KV cache, send(text)
     score(weights, config, context, continuation=(), top_n=5, params=None)   teacher-forced logprobs
                                              of given ids: per token logprob, rank, top-N, and under
@@ -32,7 +35,7 @@ from .config import ModelConfig, RopeScaling  # noqa: E402
 from .model import KVCache, forward, forward_batch  # noqa: E402
 from .stages import Edit, Trace, stage_shapes  # noqa: E402
 from .sampling import SamplingParams, sample, sampling_probs  # noqa: E402
-from .generation import Generation, Session, Step  # noqa: E402
+from .generation import Generation, Session, Step, generate_batch  # noqa: E402
 from .load import LoadedModel, load_model  # noqa: E402
 from .chat_session import ChatSession  # noqa: E402
 from .xcheck.score import Scores, score  # noqa: E402
@@ -40,6 +43,6 @@ from .text.tokenizer import StreamDecoder, Tokenizer, load_tokenizer  # noqa: E4
 
 __all__ = [
     "Llama3Error", "ParameterError", "ModelConfig", "RopeScaling", "KVCache", "forward", "forward_batch", "Trace", "Edit",
-    "stage_shapes", "SamplingParams", "sample", "sampling_probs", "Generation", "Session", "Step",
+    "stage_shapes", "SamplingParams", "sample", "sampling_probs", "Generation", "Session", "Step", "generate_batch",
     "LoadedModel", "load_model", "ChatSession", "StreamDecoder", "Tokenizer", "load_tokenizer", "score", "Scores",
 ]

@@ -16,11 +16,12 @@ from llama3_np import Llama3Error, products
 from llama3_np.assets import default_model_dir
 from llama3_np.errors import ParameterError
 from llama3_np.formats.checkpoint import load_checkpoint
+from llama3_np.generation import Session, generate_batch
 from llama3_np.model import KVCache, forward, forward_batch
 from tests.helpers import nmse, random_weights, tiny_config
 
 # Batch against alone on the default model (30 layers): the worst NMSE measured over the logits of
-# every prefill and decode step is 7e-11 (DESIGN.md, "Batches"); 1e-9 leaves room for other CPUs'
+# every prefill and decode step is 7e-11 (docs/DESIGN.md, "Batches"); 1e-9 leaves room for other CPUs'
 # kernels and is still three times below compare's float32 tolerance of two implementations.
 BATCH_NMSE = 1e-9
 
@@ -146,3 +147,33 @@ def test_the_default_model_batched_equals_alone_within_the_bound_and_greedy_ids_
         assert e <= BATCH_NMSE, f"prompt {b}: NMSE {e:.3e} > {BATCH_NMSE:.0e}"
         assert [int(np.argmax(x[-1])) for x in batched[b]] == [int(np.argmax(x[-1])) for x in alone]
         assert [int(np.argmax(x[-1])) for x in alone[:-1]] == cases[b]["ids"][:4]
+
+
+def test_generate_batch_gives_each_generation_its_run_alone_in_input_order():
+    """Five generations, two at a time: different limits and a stop id make them end at different
+    steps, so later ones join while earlier ones decode (continuous batching); each gives the ids
+    and stop reason of its run alone, and they come out in input order."""
+    config = tiny_config()
+    w = random_weights(config)
+    prompts = PROMPTS + [[60] * 300]  # the last one is fed in two chunks (PREFILL_CHUNK 256)
+    limits = [7, 2, 5, 9, 3]
+
+    def generations():
+        for prompt, limit in zip(prompts, limits):
+            yield Session(w, config, 400).generate(prompt, max_new=limit, stop_ids=[77])
+
+    alone = [g.run() for g in generations()]
+    seen = []
+    batched = list(generate_batch(generations(), 2, on_step=lambda i, step: seen.append(i) and False))
+    assert [g.prompt_ids for g in batched] == [g.prompt_ids for g in alone]
+    assert [(g.ids, g.stop_reason) for g in batched] == [(g.ids, g.stop_reason) for g in alone]
+    assert [g.session.history for g in batched] == [g.session.history for g in alone]
+    assert seen != sorted(seen), "the generations did not overlap"
+
+
+def test_generate_batch_refuses_a_parallel_that_is_not_a_positive_integer():
+    config = tiny_config()
+    w = random_weights(config)
+    for parallel in (0, -1, 1.5, True):
+        with pytest.raises(ParameterError, match="parallel must be an integer >= 1"):
+            list(generate_batch([Session(w, config, 8).generate([1])], parallel))
