@@ -362,11 +362,20 @@ def model_dir(arg: Optional[str]) -> Path:
         progress.clear()
 
 
+def add_batch_invariant_arg(p: argparse.ArgumentParser) -> None:
+    """--batch-invariant, for the commands that run batches (`load` applies it)."""
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="compute every row of every weight product by the same kernel, so that an input's logits "
+                        "in a batch are bit for bit its logits alone (slower prompts; docs/DESIGN.md, Batches)")
+
+
 def load(args, need_tokenizer: bool) -> LoadedModel:
     """The model of -m, --dtype, --rope-factor, --compute and --convention; a -c/--ctx-size beyond
     its trained context is refused before its weights are read. The load time includes a first-use
-    import."""
+    import. --batch-invariant makes the process's products batch-invariant."""
     check_model_arg(args.model)
+    if getattr(args, "batch_invariant", False):
+        products.set_batch_invariant(True)
     progress = ProgressLine("importing", "tensors")
     try:
         return load_model(args.model, dtype=args.dtype, rope_factor=args.rope_factor, need_tokenizer=need_tokenizer,

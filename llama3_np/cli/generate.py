@@ -19,11 +19,11 @@ from dataclasses import asdict
 
 from ..errors import Llama3Error
 from ..generation import Step, generate_batch
-from ..products import get_threads, set_batch_invariant
+from ..products import get_threads
 from ..text.chat import describe
 from ..text.stop import StopText, check_stop_strings
 from ..xcheck.bench import peak_rss_mb
-from .common import (Printer, ProgressLine, add_chat_args, add_model_args, add_sampling_args, chat_format, consume,
+from .common import (Printer, ProgressLine, add_batch_invariant_arg, add_chat_args, add_model_args, add_sampling_args, chat_format, consume,
                      count_of, for_model, load, parse_token_ids, plural, read_prompt, read_text_file,
                      sampling_params, seeded_generator, seeded_rng, stats_line, verbose_prompt)
 
@@ -55,9 +55,7 @@ def add_command(sub) -> None:
                    help="generate the prompts of -f N at a time, each step of all of them in one forward pass "
                         "(llama.cpp's --parallel; each prompt has a context of --ctx-size tokens of its own); "
                         "results in the order of the file")
-    g.add_argument("--batch-invariant", action="store_true",
-                   help="compute every row of every weight product by the same kernel, so that a prompt's logits "
-                        "in a batch are bit for bit its logits alone (slower prompts; docs/DESIGN.md, Batches)")
+    add_batch_invariant_arg(g)
     g.add_argument("--json", action="store_true",
                    help="print one JSON object instead of streaming text (with -np, one JSON line per prompt)")
     g.add_argument("--verbose-prompt", action="store_true",
@@ -184,8 +182,6 @@ def run_many(args, params, seed: int) -> int:
 def run_generate(args) -> int:
     params = sampling_params(args)
     seed, rng = seeded_rng(args)
-    if args.batch_invariant:
-        set_batch_invariant(True)
     if args.parallel is not None:
         return run_many(args, params, seed)
     text = read_prompt(args)

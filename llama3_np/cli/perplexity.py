@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ..errors import Llama3Error
 from ..xcheck.perplexity import (DEFAULT_CTX, BaseLogits, LogitsWriter, Result, first_scored, logits_metadata, report,
-                                 run_perplexity, windows)
-from .common import ProgressLine, add_model_args, load, plural, read_prompt
+                                 run_perplexity, windows, windows_per_pass)
+from .common import ProgressLine, add_batch_invariant_arg, add_model_args, load, plural, read_prompt
 
 
 def add_command(sub) -> None:
@@ -22,8 +22,10 @@ def add_command(sub) -> None:
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, default=DEFAULT_CTX, metavar="N",
                    help="window size; 0 = the model's context (default %(default)s)")
     p.add_argument("-b", "--batch-size", "--batch", dest="batch", type=int, metavar="N",
-                   help="tokens per forward call (default: the window size)")
+                   help="tokens per forward call (default: the window size); a multiple of the window size runs "
+                        "that many windows in one pass, each weight read once for all (llama.cpp's n_seq)")
     p.add_argument("--chunks", type=int, metavar="N", help="score at most N windows")
+    add_batch_invariant_arg(p)
     p.add_argument("--save-logits", metavar="FILE",
                    help="write the scored logits (float32 safetensors, [scored tokens, vocabulary]) for --kl-base")
     p.add_argument("--kl-base", metavar="FILE",
@@ -54,6 +56,7 @@ def run(args) -> int:
     ids = tok.encode(text)
     bos = tok.bos_id if tok.add_bos else None
     wins = windows(ids, args.ctx, bos, args.chunks)
+    per_pass = windows_per_pass(args.ctx, args.batch or args.ctx)
     window_tokens = ids[:len(wins) * args.ctx]
     base = BaseLogits(args.kl_base, window_tokens, args.ctx, config.vocab_size) if args.kl_base else None
     per_window = args.ctx - 1 - first_scored(args.ctx)
@@ -62,7 +65,8 @@ def run(args) -> int:
     if not args.json:
         print(f"{loaded.checkpoint.path}: {plural(len(ids), 'token')}; {plural(len(wins), 'window')} of "
               f"{args.ctx}, each scored "
-              f"on its last {per_window} tokens; BOS first: {'yes' if bos is not None else 'no'}", flush=True)
+              f"on its last {per_window} tokens; BOS first: {'yes' if bos is not None else 'no'}"
+              + (f"; {per_pass} windows a pass" if per_pass > 1 else ""), flush=True)
 
     progress = ProgressLine("perplexity")
 
