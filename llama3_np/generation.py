@@ -278,7 +278,7 @@ class Session:
             self.rollback(out.start)
             raise
         out.prefill_seconds = time.perf_counter() - t0
-        if max_new == 0:
+        if out.max_new == 0:
             out.stop_reason = "length"
             return
         t0 = time.perf_counter()
@@ -364,6 +364,9 @@ def generate_batch(generations: Iterable[Generation], parallel: int,
             now = time.perf_counter()
             if not out.ids:  # its prompt is in: decoding begins
                 out.prefill_seconds, since[i] = now - since[i], now
+                if out.max_new == 0:  # the prompt only
+                    out.stop_reason, done[i] = "length", out
+                    continue
             step = out.session._draw(out, last[0])
             if on_step is not None and on_step(i, step) and not out.stop_reason:
                 out.stop_reason = "stop_string"

@@ -156,7 +156,7 @@ def test_generate_batch_gives_each_generation_its_run_alone_in_input_order():
     config = tiny_config()
     w = random_weights(config)
     prompts = PROMPTS + [[60] * 300]  # the last one is fed in two chunks (PREFILL_CHUNK 256)
-    limits = [7, 2, 5, 9, 3]
+    limits = [7, 2, 0, 9, 3]  # 0: the prompt only
 
     def generations():
         for prompt, limit in zip(prompts, limits):
