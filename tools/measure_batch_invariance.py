@@ -27,7 +27,7 @@ from tool_support import REPO, run_tool  # first: it makes this checkout's llama
 import numpy as np
 
 from llama3_np import products
-from llama3_np.assets import default_model_dir
+from llama3_np.assets import default_model
 from llama3_np.formats.checkpoint import load_checkpoint
 from llama3_np.model import KVCache, forward, forward_batch
 
@@ -75,7 +75,7 @@ def main() -> int:
     args = p.parse_args()
     if args.threads:
         products.set_threads(args.threads)
-    checkpoint = load_checkpoint(default_model_dir(), dtype="float32")
+    checkpoint = load_checkpoint(default_model(), dtype="float32")
     config, weights = checkpoint.config, checkpoint.weights
     cases = json.loads((REPO / "tests" / "fixtures" / "default_model" / "greedy.json").read_text())["cases"]
     prompts = [c["prompt_ids"] for c in cases] + EXTRA_PROMPTS
