@@ -24,7 +24,7 @@ $(VENV)/.installed-run: setup.cfg pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test,gguf]'
+	$(BIN)/python -m pip install --quiet -e '.[test,gguf,eval]'
 	touch $@
 
 # torch first and pinned (a plain `torch` is a multi-GB CUDA build); fairscale builds against it.
@@ -60,7 +60,8 @@ tools: $(VENV)/.installed-tools
 # templates' renderings by transformers and Meta's ChatFormat (tests/fixtures/chat/), the
 # gradients, AdamW steps and trained checkpoint of torch.autograd and torch.optim
 # (tests/fixtures/grad/), the logprobs of transformers and llama.cpp that score is held to
-# (tests/fixtures/score/). Each directory's README.md says how its files were made.
+# (tests/fixtures/score/), lm-eval's hf model on the local tasks (tests/fixtures/lm_eval/).
+# Each directory's README.md says how its files were made.
 fixtures: tools
 	$(BIN)/python tools/make_reference_dumps.py
 	$(BIN)/python tools/make_tokenizer_fixtures.py
@@ -75,6 +76,7 @@ fixtures: tools
 	$(BIN)/python tools/make_chat_fixtures.py
 	$(BIN)/python tools/make_added_token_fixtures.py
 	$(BIN)/python tools/make_score_fixtures.py
+	$(BIN)/python tools/make_lm_eval_fixtures.py
 	$(BIN)/python tools/calibrate_compare.py
 	$(BIN)/python tools/make_grad_fixtures.py
 	$(BIN)/python tools/make_bpe_trainer_fixture.py

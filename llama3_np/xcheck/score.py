@@ -36,7 +36,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from ..checks import token_ids
-from ..config import ModelConfig
+from ..config import ComputeMode, ModelConfig
 from ..errors import Llama3Error, ParameterError
 from ..generation import PREFILL_CHUNK, REPEAT_LAST_N
 from ..model import KVCache, forward
@@ -157,13 +157,14 @@ def token_scores(logits: np.ndarray, ids: Sequence[int], first_position: int, to
 
 def score(weights: Mapping[str, np.ndarray], config: ModelConfig, context: Sequence[int],
           continuation: Sequence[int] = (), top_n: int = DEFAULT_TOP_N, params: Optional[SamplingParams] = None,
-          repeat_last_n: int = REPEAT_LAST_N) -> Scores:
+          repeat_last_n: int = REPEAT_LAST_N, compute: str | ComputeMode = "float32") -> Scores:
     """Teacher-forced scores of `context` + `continuation` (token ids), in one forward pass.
 
     The totals count the continuation's tokens, or, without one, every token of `context` after
     the first (the first has no logits before it). top_n: alternatives listed per token (>= 0).
     params: also score each token under this sampler chain (module docstring). Positions start
-    at 0 on an empty KV cache.
+    at 0 on an empty KV cache. compute: the compute mode (`config.ComputeMode`; a `LoadedModel`'s
+    `compute` for the weights it holds).
 
     Raises Llama3Error for ids outside the vocabulary, an empty context, a context of one token
     without a continuation, an input longer than the model's trained context, a negative top_n
@@ -185,7 +186,7 @@ def score(weights: Mapping[str, np.ndarray], config: ModelConfig, context: Seque
         raise Llama3Error(f"the input has {len(ids)} tokens, more than the {config.max_seq_len} the model was "
                           "trained for: shorten it")
     result = Scores(ids, len(context) if continuation else 1, params=params)
-    cache = KVCache(config, len(ids))
+    cache = KVCache(config, len(ids), compute)
     for start in range(0, len(ids), PREFILL_CHUNK):
         chunk = ids[start:start + PREFILL_CHUNK]
         logits = forward(weights, config, chunk, cache)  # [len(chunk), V]
