@@ -7,10 +7,12 @@ llama3_np's lm-eval adapter (`llama3_np.xcheck.harness`) is held to.
 (needs `make tools` and lm-eval: `pip install lm-eval torch==2.13.0`). Runs
 `lm_eval.simple_evaluate` twice on the three tasks of tests/fixtures/lm_eval/tasks (a JSONL file
 each, no hub: HF_DATASETS_OFFLINE and HF_HUB_OFFLINE are set), on the default model
-(SmolLM2-135M-Instruct, the cache's default/ folder, bf16 weights):
+(SmolLM2-135M-Instruct's Q4_1 GGUF):
 
-    hf          lm-eval's HFLM, dtype float32, batch size 1, on the CPU
-    llama3_np   the adapter, compute float32
+    hf          lm-eval's HFLM, dtype float32, batch size 1, on the CPU, on a temporary Hugging Face
+                folder of the GGUF's exact dequantized values in float32
+                (`llama3_np.formats.gguf_to_hf.import_gguf`, as tools/make_default_model_reference.py)
+    llama3_np   the adapter on the GGUF file itself, compute float32
 
 both with max_length 64, so that the longer documents of the rolling task take several windows.
 The file keeps, per task, every request's arguments and hf's answers (loglikelihood and
@@ -24,7 +26,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from importlib import metadata
+from pathlib import Path
 
 from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
 
@@ -35,7 +39,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import lm_eval  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from llama3_np.assets import default_model_dir  # noqa: E402
+from llama3_np.assets import default_model  # noqa: E402
+from llama3_np.formats.gguf_to_hf import import_gguf  # noqa: E402
 from llama3_np.files import write_text  # noqa: E402
 from llama3_np.xcheck.harness import lm_eval_model  # noqa: E402
 
@@ -71,9 +76,11 @@ def scores(results: dict, task: str) -> dict:
 
 
 def main() -> int:
-    model = default_model_dir()
-    hf = evaluate("hf", f"pretrained={model},dtype=float32,max_length={MAX_LENGTH}", batch_size=1, device="cpu",
-                  torch_random_seed=0)
+    model = default_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = import_gguf(model, Path(tmp) / "default")
+        hf = evaluate("hf", f"pretrained={folder},dtype=float32,max_length={MAX_LENGTH}", batch_size=1,
+                      device="cpu", torch_random_seed=0)
     lm_eval_model()
     ours = evaluate("llama3_np", f"pretrained={model},compute=float32,max_length={MAX_LENGTH}",
                     torch_random_seed=None)

@@ -73,10 +73,12 @@ class ReferenceLM:
     """lm-eval's `LM` interface on llama3_np (module docstring). The arguments are lm-eval's
     `--model_args` (key=value, as for its `hf` model) and the settings it adds:
 
-    pretrained   the checkpoint: a Hugging Face or Meta folder, or a .gguf file (required)
+    pretrained   the checkpoint: a Hugging Face or Meta folder, or a .gguf file (default: the
+                 default model, as for every command)
     compute      the compute mode, "float32" (default), "float64", "bfloat16", "float16"
                  (`config.ComputeMode`); convention "transformers" or "meta" for the last two
-    dtype        weight residency, "float32" or "bfloat16" (default: the compute mode's)
+    dtype        weight residency, "float32", "bfloat16" or "gguf" (`load_model`; default: the
+                 compute mode's)
     max_length   the most tokens one forward pass sees (default: the model's context less one:
                  `score` also feeds the last token, whose logits nothing reads)
     max_gen_toks generate_until's default limit, as HFLM's (256)
@@ -86,7 +88,8 @@ class ReferenceLM:
     device       accepted and unused: llama3_np computes on the CPU (lm-eval's command line
                  passes cuda:0 unless told otherwise)
 
-    Raises Llama3Error when `pretrained` names no checkpoint, for a max_length outside
+    Raises Llama3Error when `pretrained` names no checkpoint (or, without it, the default model is
+    not installed), for a max_length outside
     1 .. context - 1; ParameterError("compute"/"convention"/"dtype")
     for an unknown compute mode or convention, or a residency the mode cannot use."""
 
@@ -96,13 +99,11 @@ class ReferenceLM:
                  device: Optional[str] = None, model: Optional[LoadedModel] = None):
         super().__init__()  # lm-eval's LM, when lm_eval_model() adds it
         if model is None:
-            if pretrained is None or str(pretrained) == "":
-                raise Llama3Error("name the checkpoint: pretrained=FOLDER (a Hugging Face or Meta checkpoint "
-                                  "folder, or a .gguf file)")
-            if not Path(str(pretrained)).exists():
+            if pretrained is not None and not Path(str(pretrained)).exists():
                 raise Llama3Error(f"pretrained={pretrained} does not exist: name the folder of a Llama 3 checkpoint "
                                   "(Hugging Face or Meta format) or a .gguf file")
-            model = load_model(str(pretrained), dtype=dtype, compute=str(compute), convention=str(convention))
+            model = load_model(None if pretrained in (None, "") else str(pretrained), dtype=dtype,
+                               compute=str(compute), convention=str(convention))
         self.model = model
         limit = model.config.max_seq_len - 1
         self.max_length = limit if max_length is None else int(max_length)
