@@ -3,6 +3,7 @@
 bit-equal to `gguf.quants.dequantize`, and every kind of broken or foreign file is refused in one
 line that says what it is, with nothing written to the cache."""
 
+import io
 import struct
 from pathlib import Path
 
@@ -156,3 +157,24 @@ def test_inspect_and_tokenize_read_the_metadata_only(tmp_path, monkeypatch, caps
     assert main(["inspect", "-m", str(path)]) == 0
     assert "format:      GGUF" in capsys.readouterr().out
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "-p", "hi"], ["chat"], ["inspect"], ["tokenize", "-p", "hi"], ["trace", "-p", "hi"],
+    ["dump", "-p", "hi", "-o", "OUT/dump.safetensors"], ["walkthrough", "-p", "hi", "-o", "OUT/page.html"],
+    ["perplexity", "-f", "TEXT"], ["score", "-p", "hi"], ["bench"], ["train", "-f", "TEXT", "-o", "OUT/adapter"],
+], ids=lambda c: c[0])
+def test_every_command_that_takes_m_names_a_foreign_file_in_one_line(command, tmp_path, monkeypatch, capsys):
+    """An HTML page saved as model.gguf, given to each command that reads a model: the same one line,
+    exit 2, before anything is written (the cache, the command's output)."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(CASES["html"][0])
+    (tmp_path / "text.txt").write_text("Hello world.\n")
+    monkeypatch.setenv("LLAMA3_NP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    argv = [str(tmp_path / a[4:]) if a.startswith("OUT/") else str(tmp_path / "text.txt") if a == "TEXT" else a
+            for a in command]
+    assert main([*argv, "-m", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"llama3-np: error: {path}: {CASES['html'][1]}; download it again\n", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "text.txt"]  # nothing written
