@@ -297,7 +297,7 @@ def from_meta_params(params: Mapping[str, Any], tie_embeddings: bool = False,
 # Compute modes
 
 # The dtypes `forward` can compute in (`ComputeMode.dtype`), most precise first.
-COMPUTE_DTYPES = ("float64", "float32")
+COMPUTE_DTYPES = ("float64", "float32", "llamacpp")
 
 
 @dataclass(frozen=True)
@@ -324,7 +324,23 @@ class ComputeMode:
     def work(self) -> np.dtype:
         return np.dtype(np.float64 if self.dtype == "float64" else np.float32)
 
+    @property
+    def storage(self) -> np.dtype:  # the KV cache's dtype
+        return np.dtype(np.float16) if self.dtype == "llamacpp" else self.work
+
     def rounded(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def weight(self, w, name: str = ""):
+        if self.dtype == "llamacpp":
+            from .llamacpp import llamacpp_weight
+            return llamacpp_weight(w, name)
+        return w
+
+    def kv_operand(self, x: np.ndarray) -> np.ndarray:
+        if self.dtype == "llamacpp":
+            from .llamacpp import kv_operand
+            return kv_operand(x)
         return x
 
     @classmethod

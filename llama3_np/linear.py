@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import products
+from .llamacpp import LlamaCppWeight, product
 from .lora import LoraWeight
 
 
@@ -28,6 +29,8 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_
     in float64 by w upcast exactly (a copy unless w is float64 already), with NumPy's own product:
     float64 is the mode of the exact value, not of speed. A weight with an unmerged LoRA adapter
     (`lora.LoraWeight`) adds s·B·(A·x) to the base weight's product."""
+    if isinstance(w, LlamaCppWeight):
+        return product(x, w)
     if isinstance(w, LoraWeight):
         return linear(x, w.base) + linear(linear(x, w.a), w.b) * x.dtype.type(w.scale)
     if x.dtype == np.float64:

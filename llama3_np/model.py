@@ -73,7 +73,8 @@ class LayerWeights:
     feed_forward: FeedForwardWeights
 
     @classmethod
-    def of(cls, weights: Mapping[str, np.ndarray], layer: int, config: ModelConfig) -> "LayerWeights":
+    def of(cls, weights: Mapping[str, np.ndarray], layer: int, config: ModelConfig,
+           mode: ComputeMode = FLOAT32) -> "LayerWeights":
         """Layer `layer`'s weights from the canonical mapping, each checked against its shape.
 
         Raises KeyError for a missing name, ValueError for a shape the config does not imply."""
@@ -81,7 +82,8 @@ class LayerWeights:
         sizes = legend(config, 0)
 
         def tensor(name: str) -> np.ndarray:
-            return expect_shape(weights[prefix + name + ".weight"], WEIGHT_SHAPES[name](sizes), prefix + name)
+            w = expect_shape(weights[prefix + name + ".weight"], WEIGHT_SHAPES[name](sizes), prefix + name)
+            return mode.weight(w, prefix + name + ".weight")
 
         def group(kind, name: str):
             return kind(**{f.name: tensor(f"{name}.{f.name}") for f in fields(kind)})
@@ -246,12 +248,12 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
     rounded = mode.rounded
     n_rep = H // KV
     q_groups = q.reshape(T, KV, n_rep, Dh).transpose(1, 2, 0, 3)  # [KV, H/KV, T, Dh]
-    scores = rounded(q_groups @ keys[:, None].swapaxes(-1, -2))  # [KV, H/KV, T, S]
+    scores = rounded(mode.kv_operand(q_groups) @ keys[:, None].swapaxes(-1, -2))  # [KV, H/KV, T, S]
     scores /= scores.dtype.type(math.sqrt(Dh))
     scores = rounded(scores)
     scores += causal_mask(T, S)
     probs = keep("probs", rounded(softmax(scores)).reshape(H, T, S)).reshape(KV, n_rep, T, S)
-    out = rounded(probs @ values[:, None])  # [KV, H/KV, T, Dh]
+    out = rounded(mode.kv_operand(probs) @ values[:, None])  # [KV, H/KV, T, Dh]
     return out.transpose(2, 0, 1, 3).reshape(T, H, Dh)
 
 
@@ -262,6 +264,7 @@ class LayerCache(NamedTuple):
     k: np.ndarray
     v: np.ndarray
     start: int
+    work: np.dtype
 
     def store(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # [T, KV, Dh], [T, KV, Dh] -> [KV, S, Dh], [KV, S, Dh] with S = start + T
@@ -270,7 +273,7 @@ class LayerCache(NamedTuple):
         end = self.start + k.shape[0]
         self.k[:, self.start:end] = k.transpose(1, 0, 2)
         self.v[:, self.start:end] = v.transpose(1, 0, 2)
-        return self.k[:, :end], self.v[:, :end]
+        return np.asarray(self.k[:, :end], dtype=self.work), np.asarray(self.v[:, :end], dtype=self.work)
 
 
 class KVCache:
@@ -288,14 +291,14 @@ class KVCache:
     def __init__(self, config: ModelConfig, max_len: int, compute: str | ComputeMode = "float32"):
         self.mode = ComputeMode.of(compute)
         shape = (config.n_layers, config.n_kv_heads, max_len, config.head_dim)  # [L, KV, max_len, Dh]
-        self.k = np.zeros(shape, dtype=self.mode.work)
-        self.v = np.zeros(shape, dtype=self.mode.work)
+        self.k = np.zeros(shape, dtype=self.mode.storage)
+        self.v = np.zeros(shape, dtype=self.mode.storage)
         self.max_len = max_len
         self.length = 0  # slots holding tokens, in every layer
 
     def layer(self, i: int) -> LayerCache:
         """Layer i's slots, with the next token going into slot `length`."""
-        return LayerCache(self.k[i], self.v[i], self.length)
+        return LayerCache(self.k[i], self.v[i], self.length, self.mode.work)
 
 
 def attention(x: np.ndarray, w: AttentionWeights, rotation: Rotation, cache: LayerCache,
@@ -396,11 +399,11 @@ def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
     if start_from is not None:  # an intervention: the residual stream resumes from a given value
         first, x = start_point(start_from, config.n_layers, x, cache.length, cache.max_len)
     for layer in range(first, config.n_layers):
-        x = transformer_block(x, LayerWeights.of(weights, layer, config), rotation, cache.layer(layer),
+        x = transformer_block(x, LayerWeights.of(weights, layer, config, mode), rotation, cache.layer(layer),
                               config, mode, scoped(trace, f"layers.{layer}."))
     cache.length = start + T  # every layer now holds these tokens: the cache advances once, here
     if last_only:
         x = x[-1:]
     x = keep("norm", rmsnorm(x, weights["norm.weight"], config.norm_eps, mode))
-    logits = keep("logits", mode.rounded(linear(x, weights["output.weight"])))  # [T, D] -> [T, V]
+    logits = keep("logits", mode.rounded(linear(x, mode.weight(weights["output.weight"], "output.weight"))))  # [T, D] -> [T, V]
     return expect_shape(logits, (x.shape[0], config.vocab_size), "logits")

@@ -154,6 +154,28 @@ def llama_cpp_stages(path: Path, context: list[int], tokens: list[int], flash_at
     return recorded
 
 
+def llama_cpp_dump(path: Path, config, inputs, globs=("*",), flash_attn: bool = False) -> tuple[dict, dict]:
+    """The stages matching `globs` of llama.cpp's run of `inputs` on GGUF `path` (whose model
+    `config` is), shaped as the stage contract says, and the dump's metadata.
+    Raises Llama3Error for inputs llama.cpp cannot place (tokens not from position 0)."""
+    if inputs.context_pos != 0 or inputs.pos != len(inputs.context):
+        raise Llama3Error(f"llama.cpp places a sequence's tokens at positions 0, 1, 2, ...: these start at "
+                          f"{inputs.context_pos if inputs.context else inputs.pos} (run them from position 0)")
+    shapes = stage_shapes(config, len(inputs.tokens), len(inputs.context), probs=True)
+    S = len(inputs.context) + len(inputs.tokens)
+    stages = {}
+    for name, values in llama_cpp_stages(path, inputs.context, inputs.tokens, flash_attn).items():
+        if not any(fnmatch.fnmatchcase(name, g) for g in globs):
+            continue
+        if name.endswith(".probs"):  # [1, H, T, n_kv] -> [H, T, S]: the cells past S are masked
+            values = values.reshape(values.shape[-3:])[:, :, :S]
+        stages[name] = np.ascontiguousarray(values.reshape(shapes[name]), dtype=np.float32)
+    import llama_cpp
+
+    producer = f"llama.cpp (llama-cpp-python {llama_cpp.__version__}, CPU, flash_attn={'on' if flash_attn else 'off'})"
+    return stages, dump_metadata(config, inputs, "float32", producer=producer, format="gguf")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", required=True, metavar="FILE.gguf", help="the GGUF file llama.cpp runs")
@@ -177,22 +199,11 @@ def main(argv=None) -> int:
                             encode=lambda text: load_tokenizer(path).encode(text), model=path)
     for note in inputs.notes:
         print(f"note: {note}", file=sys.stderr)
-    if inputs.context_pos != 0 or inputs.pos != len(inputs.context):
-        raise Llama3Error(f"llama.cpp places a sequence's tokens at positions 0, 1, 2, ...: these start at "
-                          f"{inputs.context_pos if inputs.context else inputs.pos} (run them from position 0)")
-    shapes = stage_shapes(config, len(inputs.tokens), len(inputs.context), probs=True)
-    globs = check_globs(args.stages, shapes) if args.stages is not None else ["*"]
-    S = len(inputs.context) + len(inputs.tokens)
-    stages = {}
-    for name, values in llama_cpp_stages(path, inputs.context, inputs.tokens, args.flash_attn).items():
-        if not any(fnmatch.fnmatchcase(name, g) for g in globs):
-            continue
-        if name.endswith(".probs"):  # [1, H, T, n_kv] -> [H, T, S]: the cells past S are masked
-            values = values.reshape(values.shape[-3:])[:, :, :S]
-        stages[name] = np.ascontiguousarray(values.reshape(shapes[name]), dtype=np.float32)
-    import llama_cpp
-    producer = f"llama.cpp (llama-cpp-python {llama_cpp.__version__}, CPU, flash_attn={'on' if args.flash_attn else 'off'})"
-    write_dump(output, stages, dump_metadata(config, inputs, "float32", producer=producer, format="gguf"))
+    globs = check_globs(args.stages, stage_shapes(config, len(inputs.tokens), len(inputs.context))) \
+        if args.stages is not None else ["*"]
+    stages, metadata = llama_cpp_dump(path, config, inputs, globs, args.flash_attn)
+    write_dump(output, stages, metadata)
+    producer = metadata["producer"]
     print(f"wrote {len(stages)} stages of {len(inputs.tokens)} tokens from {producer} to {output}")
     return 0
 

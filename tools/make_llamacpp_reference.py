@@ -1,32 +1,32 @@
-"""llama.cpp's own numbers for compute mode "llamacpp" (llama3_np/llamacpp.py), and the GGUFs they
-are measured on:
+"""llama.cpp's own numbers for compute mode "llamacpp" (llama3_np/llamacpp.py), the fixtures the
+tests hold it to, and the measurements of docs/DESIGN.md ("Numerical facts"):
 
     python tools/make_llamacpp_reference.py            (`make fixtures` runs it; needs `make tools`)
 
-1. tests/fixtures/llamacpp/activation_quantizers.safetensors: activation rows (random, with zero
-   blocks, integer ties, ±amax pairs and a wide range of scales) and the Q8_0, Q8_1 and Q8_K blocks
-   ggml's CPU backend makes of them: its exported quantize_row_q8_0/q8_1/q8_K of
-   libggml-cpu.so, the functions ggml_mul_mat's conversion calls (AVX2 paths on this machine).
-2. weights/llamacpp/: the default model requantized: Q8_0 and Q4_0 by gguf-py (`requantize`:
-   every matrix's exact values, gguf.quants.quantize, norms kept F32; the test rebuilds the same
-   blocks from the default model without llama.cpp) and Q4_K_M by llama.cpp's own quantizer
-   (llama_model_quantize) from an F32 GGUF of the exact values (its file is too large to commit;
-   it is measured here and in BENCHMARKS.md, not in the tests).
-3. tests/fixtures/llamacpp/logits_<TYPE>.safetensors: llama.cpp's logits (llama-cpp-python
-   0.3.36, `Llama(logits_all=True)`, its default flash_attn=False, 1 thread) of PROMPT on the
-   default model's own Q4_1 file and on Q8_0 and Q4_0: a prefill of the first PREFILL tokens and
-   the rest one at a time through the KV cache; every position, every STRIDE-th vocabulary entry
-   (the NMSE over 3072 of 49152 entries estimates the whole: a full row is 192 KiB).
+Fixtures (tests/fixtures/llamacpp/, from llama-cpp-python 0.3.36 on the CPU, one thread):
 
-It prints the logits NMSE of llama3_np against llama.cpp in exact math (compute float32) and in
-llama.cpp's arithmetic (compute llamacpp) for each file, Q4_K_M included: the figures of
-docs/DESIGN.md, "Numerical facts".
+- activation_quantizers.safetensors: activation rows (random over a wide range of scales, with a
+  zero block, ties, ±amax pairs, tiny values) and the Q8_0, Q8_1 and Q8_K blocks ggml's CPU
+  backend makes of them (the quantize_row_q8_0/q8_1/q8_K that libggml-cpu.so exports, which
+  ggml_mul_mat's conversion calls); and for each weight type, random weights quantized by ggml
+  and their products with rows of x as ggml computes them (`ggml_products`).
+- tiny_q8_0.safetensors: every stage of llama.cpp's run of TINY_TOKENS on the tiny Q8_0 checkpoint
+  tests/fixtures/checkpoints/gguf_q8_0.gguf (tools/llamacpp_dump.py, flash attention off).
+- default_q4_1.safetensors: DEFAULT_STAGES of llama.cpp's run of the first 3 tokens of PROMPT on
+  the default model's own Q4_1 file: enough to replay its first and last layers.
+
+Measured, not committed (weights/llamacpp/, git-ignored): the default model requantized to Q8_0
+and Q4_0 by gguf-py (every matrix's exact values through gguf.quants.quantize, norms F32) and to
+Q4_K_M by llama.cpp's own quantizer (llama_model_quantize, from an F32 GGUF of the exact values).
+For each of these and the Q4_1 file, in exact math (compute float32) and in llama.cpp's arithmetic
+(compute llamacpp): the logits NMSE against llama.cpp's (`Llama(logits_all=True)`, its default
+flash_attn=False) over PROMPT, PREFILL tokens prefilled then one at a time through the KV cache;
+and the largest local NMSE of any stage replayed on llama.cpp's own input (`compare --replay`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import sys
 from pathlib import Path
 
@@ -42,9 +42,11 @@ GGUFS = REPO / "weights" / "llamacpp"
 DEFAULT_GGUF = REPO / "weights" / "default" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The capital of France is Paris, and the capital of Germany is"
 PREFILL = 8
-STRIDE = 16
-TYPES = ("Q4_1", "Q8_0", "Q4_0")  # committed logits; Q4_1 is the default model's file as it is
-REPORTED = ("Q4_K_M",)  # measured here only
+TYPES = ("Q4_1", "Q8_0", "Q4_0", "Q4_K_M")  # Q4_1: the default model's file as it is
+TINY_GGUF = REPO / "tests" / "fixtures" / "checkpoints" / "gguf_q8_0.gguf"
+TINY_TOKENS = [1, 7, 42, 3, 99, 5]
+# The default model's committed stages: enough to replay its first and last layers and the norm.
+DEFAULT_STAGES = ("embed", "layers.0.*", "layers.28.out", "layers.29.*", "norm")
 
 
 def llama_cpp_lib(name: str) -> ctypes.CDLL:
@@ -209,7 +211,7 @@ def gguf_path(type_name: str) -> Path:
     return path
 
 
-# --- 3. llama.cpp's logits ----------------------------------------------------------------------
+# --- 3. llama.cpp's stages, and the measurements -------------------------------------------------
 
 def prompt_tokens() -> list[int]:
     from llama3_np.load import load_tokenizer
@@ -227,14 +229,12 @@ def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:  # -> [T, V] 
     return np.array(llm.scores[:len(tokens)], dtype=np.float32)
 
 
-def llama3_np_logits(path: Path, tokens: list[int], compute: str) -> np.ndarray:
-    from llama3_np.load import load_model
+def llama3_np_logits(checkpoint, tokens: list[int], compute: str) -> np.ndarray:
     from llama3_np.model import KVCache, forward
 
-    model = load_model(path, dtype="gguf", need_tokenizer=False, compute=compute)
-    cache = KVCache(model.config, len(tokens), model.compute)
-    rows = [forward(model.weights, model.config, tokens[:PREFILL], cache)]
-    rows += [forward(model.weights, model.config, [t], cache) for t in tokens[PREFILL:]]
+    cache = KVCache(checkpoint.config, len(tokens), compute)
+    rows = [forward(checkpoint.weights, checkpoint.config, tokens[:PREFILL], cache)]
+    rows += [forward(checkpoint.weights, checkpoint.config, [t], cache) for t in tokens[PREFILL:]]
     return np.concatenate(rows)
 
 
@@ -242,25 +242,48 @@ def nmse(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.sum((a.astype(np.float64) - ref) ** 2) / np.sum(ref.astype(np.float64) ** 2))
 
 
+def write_llama_cpp_dump(gguf_file: Path, out: Path, tokens: list[int], globs=("*",)) -> None:
+    from llamacpp_dump import llama_cpp_dump
+    from llama3_np.formats.checkpoint import scan_checkpoint
+    from llama3_np.xcheck.dump import Inputs, write_dump
+
+    stages, metadata = llama_cpp_dump(gguf_file, scan_checkpoint(gguf_file).config, Inputs(tokens, 0, [], 0), globs)
+    write_dump(out, stages, metadata)
+
+
+def measure(type_name: str, tokens: list[int]) -> str:
+    """One line: logits NMSE against llama.cpp over PROMPT (prefill, then decode), and the largest
+    local NMSE of any stage replayed on llama.cpp's own inputs (3 tokens), in both modes."""
+    from llama3_np.formats.checkpoint import load_checkpoint
+    from llama3_np.xcheck.dump import read_dump
+    from llama3_np.xcheck.replay import replay
+
+    path = gguf_path(type_name)
+    checkpoint = load_checkpoint(path, "gguf")
+    reference = llama_cpp_logits(path, tokens)
+    dump_file = GGUFS / f"dump.{type_name}.safetensors"
+    write_llama_cpp_dump(path, dump_file, tokens[:3])
+    dump = read_dump(dump_file)
+    line = f"{type_name:7}"
+    for compute in ("float32", "llamacpp"):
+        free = nmse(llama3_np_logits(checkpoint, tokens, compute), reference)
+        worst = replay(checkpoint.weights, checkpoint.config, dump, compute=compute)[0]
+        line += f" | {free:9.2e} {worst.local.nmse:9.2e} ({worst.name})"
+    return line
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
+    GGUFS.mkdir(parents=True, exist_ok=True)
     write_quantizer_fixture()
+    write_llama_cpp_dump(TINY_GGUF, OUT / "tiny_q8_0.safetensors", TINY_TOKENS)
     tokens = prompt_tokens()
-    for type_name in TYPES + REPORTED:
-        path = gguf_path(type_name)
-        reference = llama_cpp_logits(path, tokens)
-        if type_name in TYPES:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest() if type_name == "Q4_1" else ""
-            write_safetensors(OUT / f"logits_{type_name}.safetensors",
-                              {"logits": np.ascontiguousarray(reference[:, ::STRIDE]),
-                               "argmax": reference.argmax(axis=-1).astype(np.int64)},
-                              {"producer": "llama-cpp-python 0.3.36 (flash_attn=False, n_threads=1)",
-                               "tokens": ",".join(map(str, tokens)), "prefill": str(PREFILL),
-                               "stride": str(STRIDE), "type": type_name, "gguf_sha256": digest})
-        exact = nmse(llama3_np_logits(path, tokens, "float32"), reference)
-        emulated = nmse(llama3_np_logits(path, tokens, "llamacpp"), reference)
-        print(f"{type_name}: logits NMSE against llama.cpp: exact math {exact:.3g}, "
-              f"llama.cpp's arithmetic {emulated:.3g} ({exact / emulated:.0f}x smaller)")
+    write_llama_cpp_dump(DEFAULT_GGUF, OUT / "default_q4_1.safetensors", tokens[:3], DEFAULT_STAGES)
+    print(f"llama.cpp against llama3_np: logits NMSE over {len(tokens)} tokens ({PREFILL} prefilled), and the "
+          "largest local NMSE of a stage replayed on llama.cpp's input (3 tokens)")
+    print("type    | exact math: logits, replayed stage            | llama.cpp's arithmetic: logits, replayed stage")
+    for type_name in TYPES:
+        print(measure(type_name, tokens), flush=True)
     return 0
 
 

@@ -121,9 +121,11 @@ def dump_metadata(config: ModelConfig, inputs: Inputs, dtype: str, producer: Opt
     return {**metadata, **extra}
 
 
-def run_forward(weights: Mapping[str, np.ndarray], config: ModelConfig, inputs: Inputs, trace: Trace) -> None:
-    """Fill `trace` with the stages of `inputs.tokens`, after feeding the context to the cache."""
-    cache = KVCache(config, len(inputs.context) + len(inputs.tokens))
+def run_forward(weights: Mapping[str, np.ndarray], config: ModelConfig, inputs: Inputs, trace: Trace,
+                compute="float32") -> None:
+    """Fill `trace` with the stages of `inputs.tokens`, after feeding the context to the cache, in
+    compute mode `compute` (`config.ComputeMode` or its name)."""
+    cache = KVCache(config, len(inputs.context) + len(inputs.tokens), compute)
     if inputs.context:
         forward(weights, config, inputs.context, cache, pos=inputs.context_pos)
     forward(weights, config, inputs.tokens, cache, pos=inputs.pos, trace=trace)
