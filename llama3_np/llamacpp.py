@@ -28,10 +28,13 @@ builds (vendor/llama.cpp; ggml/src/ggml-cpu/ is its CPU backend), on x86-64 with
    probabilities are rounded to float16 first (`kv_operand`).
 
 Everything else is float32 in both (embedding rows dequantized exactly, rmsnorm, rope, silu, the
-residual sums), and differs from llama3_np's only by the order of float32 operations: llama.cpp
-sums rmsnorm's squares in double and multiplies by 1/sqrt, computes rope's angles by repeated
-multiplication θ_i = θ_(i-1)·base^(-2/Dh), and its kernels sum dot products in their own order.
-Those differences are measured, not emulated (docs/DESIGN.md, "Numerical facts").
+residual sums), and differs from llama3_np's only by the order and rounding of float32 operations:
+llama.cpp sums rmsnorm's squares in double and multiplies by 1/sqrt, computes rope's angles by
+repeated multiplication θ_i = θ_(i-1)·base^(-2/Dh), scales the attention scores by a product with
+1/√Dh (exact for Dh = 64), takes exp in its own SIMD polynomial, and its kernels sum dot products
+in their own order. Those differences are measured, not emulated: each stage recomputed from
+llama.cpp's own input agrees to NMSE 1e-12, but a last-bit difference can move a Q8 rounding, and
+on a deep model such moves grow into the quantization's own noise (docs/DESIGN.md, "Numerical facts").
 
 Rounding (x86, AVX2 and AVX-512 builds): Q8_0 and Q8_1 round x·(127/amax) to the nearest integer,
 ties to even (`_mm256_round_ps`; the scalar reference's roundf rounds ties away from zero, and

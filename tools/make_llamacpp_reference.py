@@ -21,7 +21,10 @@ Q4_K_M by llama.cpp's own quantizer (llama_model_quantize, from an F32 GGUF of t
 For each of these and the Q4_1 file, in exact math (compute float32) and in llama.cpp's arithmetic
 (compute llamacpp): the logits NMSE against llama.cpp's (`Llama(logits_all=True)`, its default
 flash_attn=False) over PROMPT, PREFILL tokens prefilled then one at a time through the KV cache;
-and the largest local NMSE of any stage replayed on llama.cpp's own input (`compare --replay`).
+and the largest local NMSE of any stage replayed on llama.cpp's own input (`compare --replay`);
+and how far llama.cpp's own logits move with its flash-attention kernel (flash_attn=True, the
+default of llama.cpp's own tools), which llama3_np does not emulate, and when it decodes every
+token alone instead of prefilling (other kernels, the same arithmetic in another float32 order).
 """
 
 from __future__ import annotations
@@ -219,12 +222,14 @@ def prompt_tokens() -> list[int]:
     return load_tokenizer(DEFAULT_GGUF).encode(PROMPT)
 
 
-def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:  # -> [T, V] float32
+def llama_cpp_logits(path: Path, tokens: list[int], flash_attn: bool = False,
+                     prefill: int = PREFILL) -> np.ndarray:  # -> [T, V] float32
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=1, logits_all=True, verbose=False)
-    llm.eval(tokens[:PREFILL])
-    for t in tokens[PREFILL:]:
+    llm = Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=1, logits_all=True, flash_attn=flash_attn,
+                verbose=False)
+    llm.eval(tokens[:prefill])
+    for t in tokens[prefill:]:
         llm.eval([t])
     return np.array(llm.scores[:len(tokens)], dtype=np.float32)
 
@@ -269,7 +274,8 @@ def measure(type_name: str, tokens: list[int]) -> str:
         free = nmse(llama3_np_logits(checkpoint, tokens, compute), reference)
         worst = replay(checkpoint.weights, checkpoint.config, dump, compute=compute)[0]
         line += f" | {free:9.2e} {worst.local.nmse:9.2e} ({worst.name})"
-    return line
+    line += f" | {nmse(llama_cpp_logits(path, tokens, flash_attn=True), reference):9.2e}"
+    return line + f" | {nmse(llama_cpp_logits(path, tokens, prefill=1), reference):9.2e}"
 
 
 def main() -> int:
@@ -281,7 +287,8 @@ def main() -> int:
     write_llama_cpp_dump(DEFAULT_GGUF, OUT / "default_q4_1.safetensors", tokens[:3], DEFAULT_STAGES)
     print(f"llama.cpp against llama3_np: logits NMSE over {len(tokens)} tokens ({PREFILL} prefilled), and the "
           "largest local NMSE of a stage replayed on llama.cpp's input (3 tokens)")
-    print("type    | exact math: logits, replayed stage            | llama.cpp's arithmetic: logits, replayed stage")
+    print("type    | exact math: logits, replayed stage | llama.cpp's arithmetic: logits, replayed stage "
+          "| llama.cpp with flash attention: logits | llama.cpp, every token decoded alone: logits")
     for type_name in TYPES:
         print(measure(type_name, tokens), flush=True)
     return 0
