@@ -13,7 +13,9 @@ Fixtures (tests/fixtures/llamacpp/, from llama-cpp-python 0.3.36 on the CPU, one
 - tiny_q8_0.safetensors: every stage of llama.cpp's run of TINY_TOKENS on the tiny Q8_0 checkpoint
   tests/fixtures/checkpoints/gguf_q8_0.gguf (tools/llamacpp_dump.py, flash attention off).
 - default_q4_1.safetensors: DEFAULT_STAGES of llama.cpp's run of the first 3 tokens of PROMPT on
-  the default model's own Q4_1 file: enough to replay its first and last layers.
+  the default model's own Q4_1 file: enough to replay its first and last layers;
+  default_q8_0.safetensors, default_q4_0.safetensors: REQUANTIZED_STAGES of its run on the Q8_0 and
+  Q4_0 requantizations below (the tests make the same blocks with gguf-py, `requantize`).
 
 Measured, not committed (weights/llamacpp/, git-ignored): the default model requantized to Q8_0
 and Q4_0 by gguf-py (every matrix's exact values through gguf.quants.quantize, norms F32) and to
@@ -50,6 +52,8 @@ TINY_GGUF = REPO / "tests" / "fixtures" / "checkpoints" / "gguf_q8_0.gguf"
 TINY_TOKENS = [1, 7, 42, 3, 99, 5]
 # The default model's committed stages: enough to replay its first and last layers and the norm.
 DEFAULT_STAGES = ("embed", "layers.0.*", "layers.28.out", "layers.29.*", "norm")
+# ... and of its Q8_0 and Q4_0 requantizations: the last layer, and the norm.
+REQUANTIZED_STAGES = ("layers.28.out", "layers.29.*", "norm")
 
 
 def llama_cpp_lib(name: str) -> ctypes.CDLL:
@@ -285,6 +289,9 @@ def main() -> int:
     write_llama_cpp_dump(TINY_GGUF, OUT / "tiny_q8_0.safetensors", TINY_TOKENS)
     tokens = prompt_tokens()
     write_llama_cpp_dump(DEFAULT_GGUF, OUT / "default_q4_1.safetensors", tokens[:3], DEFAULT_STAGES)
+    for type_name in ("Q8_0", "Q4_0"):
+        write_llama_cpp_dump(gguf_path(type_name), OUT / f"default_{type_name.lower()}.safetensors", tokens[:3],
+                             REQUANTIZED_STAGES)
     print(f"llama.cpp against llama3_np: logits NMSE over {len(tokens)} tokens ({PREFILL} prefilled), and the "
           "largest local NMSE of a stage replayed on llama.cpp's input (3 tokens)")
     print("type    | exact math: logits, replayed stage | llama.cpp's arithmetic: logits, replayed stage "
