@@ -53,7 +53,8 @@ tools: $(VENV)/.installed-tools
 
 # Rebuild every committed fixture: the torch reference dumps (tests/fixtures/parity/), the
 # tokenizer reference ids (Meta, llama.cpp; added tokens: tokenizers, llama.cpp), the
-# checkpoint-format fixtures, the default model's transformers continuations, its cross-checking
+# checkpoint-format fixtures, the default model's transformers continuations (float32; bfloat16, float16 and
+# llama-models bfloat16), its cross-checking
 # dump, perplexity and the calibration of compare's default tolerance (tests/fixtures/xcheck/),
 # the sampler chains of llama.cpp and transformers (tests/fixtures/sampling/), the chat
 # templates' renderings by transformers and Meta's ChatFormat (tests/fixtures/chat/), the
@@ -68,6 +69,7 @@ fixtures: tools
 	$(BIN)/python tools/make_checkpoint_fixtures.py
 	$(BIN)/python tools/fetch_default_model.py
 	$(BIN)/python tools/make_default_model_reference.py
+	$(BIN)/python tools/make_precision_reference.py
 	$(BIN)/python -m llama3_np import-gguf --force weights/default/SmolLM2-135M-Instruct.Q4_1.gguf weights/default-exact
 	$(BIN)/python tools/torch_dump.py -m weights/default-exact --tokens 504,3575,282 \
 	    --stages embed 'layers.0.*' 'layers.29.*' 'layers.*.out' norm logits -o tests/fixtures/xcheck/default_hf.safetensors

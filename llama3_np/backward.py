@@ -26,7 +26,7 @@ import numpy as np
 
 from .checks import expect_shape, forward_arguments
 from .config import ComputeMode, ModelConfig
-from .errors import Llama3Error
+from .errors import Llama3Error, ParameterError
 from .linear import linear
 from .model import FeedForwardWeights, LayerWeights, forward, rope_cos_sin, rope_frequencies, silu
 from .stages import Keep, Trace, keep_nothing, scoped
@@ -256,8 +256,11 @@ def loss_and_gradients(weights: Mapping[str, np.ndarray], config: ModelConfig, t
     (default: the next token, the last position ignored), `ignore_index` where a position is not
     scored; compute: the forward's compute mode ("float32" or "float64"), which the gradients are
     in. Returns (loss, {canonical weight name: dL/dweight}). `trace` records dL/d(stage) of the
-    named stages. Raises Llama3Error for bad ids, targets of another length, or nothing scored.
+    named stages. Raises Llama3Error for bad ids, targets of another length, or nothing scored, and
+    ParameterError("compute") for a mode other than float32 and float64.
     """
+    if ComputeMode.of(compute).dtype not in ("float32", "float64"):
+        raise ParameterError("compute", f"the backward pass computes in float32 or float64, not {compute}")
     ids = forward_arguments(tokens, config.vocab_size, 0, np.size(tokens), pos)
     if targets is None:
         targets = np.append(ids[1:], ignore_index)

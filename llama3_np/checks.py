@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from .config import ComputeMode
-from .errors import Llama3Error
+from .errors import Llama3Error, ParameterError
+from .stages import Keep
 
 
 def expect_shape(x: np.ndarray, shape: tuple, name: str) -> np.ndarray:
@@ -51,12 +52,32 @@ def forward_arguments(tokens, vocab_size: int, cache_length: int, cache_max_len:
 
 def forward_mode(compute, cache_mode):
     """The compute mode of a `forward` call: `compute` (a name or a ComputeMode), or the cache's
-    when None. Raises Llama3Error for an unknown mode, or one the cache (which holds
+    when None. Raises ParameterError("compute") for an unknown mode, or one the cache (which holds
     keys and values in its own mode's dtype) was not made for."""
     if compute is None:
         return cache_mode
     mode = ComputeMode.of(compute)
     if mode != cache_mode:
-        raise Llama3Error(f"compute {mode.dtype!r} needs a KV cache made for it: KVCache(config, "
-                          f"max_len, compute={mode.dtype!r}), not one made for {cache_mode.dtype!r}")
+        raise ParameterError("compute", f"compute {mode.name!r} needs a KV cache made for it: KVCache(config, "
+                                        f"max_len, compute={mode.dtype!r}), not one made for {cache_mode.name!r}")
     return mode
+
+
+def finite_stages(keep: Keep, prefix: str, mode: ComputeMode) -> Keep:
+    """`keep`, refusing a stage with an infinite (or NaN) value when the mode can overflow.
+
+    float16's largest value is 65504: a model whose activations exceed it (massive activations in
+    the residual stream are common) gives inf at the stage that rounds them, then NaN. Such a run
+    is stopped at the first stage that shows it, named, instead of returning NaN logits.
+    Raises ParameterError("compute")."""
+    if mode.dtype != "float16":
+        return keep
+
+    def checked(name: str, x: np.ndarray) -> np.ndarray:
+        if not np.isfinite(x).all():
+            big = np.abs(x[np.isfinite(x)]).max(initial=0)
+            raise ParameterError("compute", f"float16 overflows at stage {prefix}{name}: it holds values beyond "
+                                            f"±65504, float16's largest (largest finite {big:.4g}); compute in "
+                                            "bfloat16 or float32")
+        return keep(name, x)
+    return checked

@@ -20,7 +20,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from .errors import Llama3Error
+from .dtypes import bfloat16
+from .errors import Llama3Error, ParameterError
 
 # Llama 3.0 was trained with an 8,192-token context; 3.1, 3.2 and 3.3 extend it to 131,072 with
 # "llama3" rope scaling, whose formula needs the original length.
@@ -296,54 +297,111 @@ def from_meta_params(params: Mapping[str, Any], tie_embeddings: bool = False,
 # ---------------------------------------------------------------------------------------------
 # Compute modes
 
-# The dtypes `forward` can compute in (`ComputeMode.dtype`), most precise first.
-COMPUTE_DTYPES = ("float64", "float32", "llamacpp")
+# The dtypes `forward` can compute in (`ComputeMode.dtype`), most precise first, then llama.cpp's
+# arithmetic ("llamacpp": float32 with quantized activations, `llama3_np.llamacpp`).
+COMPUTE_DTYPES = ("float64", "float32", "bfloat16", "float16", "llamacpp")
+# Where a bfloat16 or float16 engine rounds (`ComputeMode.casts`): as Hugging Face transformers'
+# LlamaForCausalLM does, or as Meta's llama-models Transformer does (`model.py` cites both per stage).
+CONVENTIONS = ("transformers", "meta")
 
 
 @dataclass(frozen=True)
 class ComputeMode:
-    """What `model.forward` computes in: the dtype every stage's result has (`dtype`).
+    """What `model.forward` computes in (`dtype`), and for bfloat16 and float16 where it rounds
+    (`convention`).
 
     - "float32" (the default): every stage in float32, weights converted exactly from bfloat16.
     - "float64": every stage in float64, weights upcast exactly: the value float32 (and any engine)
       is measured against.
+    - "bfloat16", "float16": the arithmetic of an engine holding weights and activations in that
+      dtype on a CPU: every product accumulated in float32, and every stage's result rounded to the
+      dtype (round to nearest even, by ml_dtypes' and NumPy's float16 conversions) where the engine
+      rounds it. `convention` says which engine: "transformers" (LlamaForCausalLM, eager attention)
+      or "meta" (llama-models' Transformer); they differ in rope and in the attention scale
+      (`model.rope`, `model.causal_attention`).
+    - "llamacpp": llama.cpp's CPU arithmetic on a GGUF's own blocks (`llama3_np.llamacpp`, which
+      says where it rounds): every stage in float32, each product's activation rows converted to
+      the weight's vec_dot_type first (Q8_0, Q8_1 or Q8_K blocks for a quantized weight, float16
+      for a float16 one), the KV cache in float16, and q and the attention probabilities rounded
+      to float16 for their products with it.
+    In float32, float64 and llamacpp the convention changes nothing (in float32 and float64 both
+    references compute as llama3_np does, up to the order of float32 sums) and is kept as
+    "transformers".
 
-    `work` is the NumPy dtype arrays are held in between stages; `rounded(x)` is the rounding an
-    engine computing in `dtype` applies to a stage's result (the identity in float32 and float64:
-    each operation already rounds to the working dtype).
-    Raises Llama3Error for a dtype not in COMPUTE_DTYPES.
+    `work` is the NumPy dtype arrays are held in between stages (float32; float64 in float64 mode);
+    `storage` the dtype of the KV cache and of the weights the mode computes with; `rounded(x)`
+    rounds a work array's values to `dtype` (the identity in float32 and float64); `casts` is the
+    convention when the mode rounds, else None.
+    Raises ParameterError("compute") for a dtype not in COMPUTE_DTYPES, ParameterError("convention")
+    for a convention not in CONVENTIONS.
     """
 
     dtype: str = "float32"
+    convention: str = "transformers"
 
     def __post_init__(self):
         if self.dtype not in COMPUTE_DTYPES:
-            raise Llama3Error(f"compute must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
+            raise ParameterError("compute", f"compute must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
+        if self.convention not in CONVENTIONS:
+            raise ParameterError("convention", f"convention must be one of {', '.join(CONVENTIONS)}, "
+                                               f"got {self.convention!r}")
+        if self.dtype in ("float64", "float32", "llamacpp"):
+            object.__setattr__(self, "convention", "transformers")
 
     @property
     def work(self) -> np.dtype:
         return np.dtype(np.float64 if self.dtype == "float64" else np.float32)
 
     @property
-    def storage(self) -> np.dtype:  # the KV cache's dtype
-        return np.dtype(np.float16) if self.dtype == "llamacpp" else self.work
+    def storage(self) -> np.dtype:
+        if self.dtype == "llamacpp":  # its KV cache (llama.cpp's default -ctk/-ctv f16)
+            return np.dtype(np.float16)
+        return bfloat16() if self.dtype == "bfloat16" else np.dtype(self.dtype)
+
+    @property
+    def casts(self) -> Optional[str]:
+        return self.convention if self.dtype in ("bfloat16", "float16") else None
+
+    @property
+    def name(self) -> str:
+        """"bfloat16", or "bfloat16 (meta)" for Meta's convention: how dumps and reports name it."""
+        return self.dtype if self.casts in (None, "transformers") else f"{self.dtype} ({self.convention})"
 
     def rounded(self, x: np.ndarray) -> np.ndarray:
-        return x
+        if self.casts is None:
+            return x
+        with np.errstate(over="ignore"):  # float16 overflow becomes inf, which forward reports by stage
+            return x.astype(self.storage).astype(np.float32)
 
-    def weight(self, w, name: str = ""):
+    def weight(self, w: np.ndarray, name: str = "") -> np.ndarray:
+        """Weight `name` as this mode computes with it: rounded to bfloat16 or float16 (a copy
+        unless it is stored so already), as the engines hold it; as it is in float32 and float64
+        (`linear` converts it exactly).
+        In llamacpp mode a matrix as llama.cpp multiplies it (`llamacpp.llamacpp_weight`).
+        Raises ParameterError("compute") for a weight beyond float16's range."""
         if self.dtype == "llamacpp":
-            from .llamacpp import llamacpp_weight
+            from .llamacpp import llamacpp_weight  # here, not at the top: llamacpp imports formats
+
             return llamacpp_weight(w, name)
-        return w
+        if self.casts is None or w.dtype == self.storage:
+            return w
+        with np.errstate(over="ignore"):
+            converted = np.asarray(w).astype(self.storage)
+        if self.dtype == "float16" and not np.isfinite(converted).all():
+            raise ParameterError("compute", f"weight {name} holds values beyond ±65504, float16's largest: "
+                                            "compute in bfloat16 or float32")
+        return converted
 
     def kv_operand(self, x: np.ndarray) -> np.ndarray:
-        if self.dtype == "llamacpp":
-            from .llamacpp import kv_operand
-            return kv_operand(x)
-        return x
+        """x as a product with the KV cache multiplies it: rounded to float16 in llamacpp mode
+        (`llamacpp.kv_operand`), x itself in every other."""
+        if self.dtype != "llamacpp":
+            return x
+        from .llamacpp import kv_operand
+
+        return kv_operand(x)
 
     @classmethod
-    def of(cls, compute: "str | ComputeMode") -> "ComputeMode":
-        """`compute` itself, or the mode of that name."""
-        return compute if isinstance(compute, ComputeMode) else cls(compute)
+    def of(cls, compute: "str | ComputeMode", convention: str = "transformers") -> "ComputeMode":
+        """`compute` itself, or the mode of that name and convention."""
+        return compute if isinstance(compute, ComputeMode) else cls(compute, convention)

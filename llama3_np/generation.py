@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import ComputeMode, ModelConfig
 from .errors import Llama3Error, ParameterError
 from .model import KVCache, forward
 from .sampling import SamplingParams, sample, sampling_probs, xtc_draw
@@ -115,7 +115,8 @@ class Generation:
         self.start = session.cache.length  # what the session held before this prompt
         self.ids: list[int] = []  # generated ids so far, including a final stop token
         # "stop" (a stop token), "length" (max_new tokens), "context" (a full context); "" while
-        # running and when the caller left the loop early (the command line records "interrupted").
+        # running and when the caller left the loop early (the command line records "interrupted";
+        # a caller that found a stop string in the text, `text.stop`, records "stop_string").
         self.stop_reason = ""
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
@@ -165,14 +166,17 @@ class Session:
     carry no tokenizer, so a Session made from them knows none; `LoadedModel.session` passes the
     model's end-of-generation ids. progress: for a prompt fed in more than one chunk, called as
     progress(0, total) before the first and progress(done, total) after each (a progress display).
+    compute: the compute mode of every forward pass (`config.ComputeMode` or its name; a
+    `LoadedModel`'s `compute` for the weights it holds).
     """
 
     def __init__(self, weights: Mapping[str, np.ndarray], config: ModelConfig, ctx: int,
-                 stop_ids: Iterable[int] = (), progress: Optional[Callable[[int, int], None]] = None):
+                 stop_ids: Iterable[int] = (), progress: Optional[Callable[[int, int], None]] = None,
+                 compute: str | ComputeMode = "float32"):
         if ctx <= 0:
             raise ParameterError("ctx", f"ctx must be positive, got {ctx}")
         self.weights, self.config = weights, config
-        self.cache = KVCache(config, ctx)
+        self.cache = KVCache(config, ctx, compute)  # the compute mode travels with the cache
         self.stop_ids = frozenset(int(i) for i in stop_ids)
         self.progress = progress
         # Ids handed to the model, in order. The cache's first `length` slots hold the first
@@ -226,7 +230,8 @@ class Session:
                  rng: Optional[np.random.Generator] = None, max_new: int = -1,
                  stop_ids: Optional[Iterable[int]] = None, suppress_ids: Iterable[int] = ()) -> Generation:
         """A generation that feeds `prompt_ids` after what the session holds, then draws up to
-        `max_new` tokens (-1: until a stop token or a full context), ending after a token of
+        `max_new` tokens (-1: until a stop token or a full context; 0: none, the prompt is only
+        fed, as llama.cpp's `-n 0` evaluates it), ending after a token of
         `stop_ids` (None: the session's own, `Session.stop_ids`; () for none). `params` None is
         greedy (`GREEDY`); `rng` draws the sampled tokens and is needed only when `params` sample.
         `suppress_ids` are never drawn (llama.cpp's --ignore-eos: the end-of-generation ids get a
@@ -237,13 +242,13 @@ class Session:
         the last step (or when the caller stops asking) it is not in the cache:
         `Generation.unfed_ids`.
 
-        Raises Llama3Error when max_new is 0 or below -1, or the prompt is empty or does not fit
+        Raises Llama3Error when max_new is below -1, or the prompt is empty or does not fit
         the free part of the context; iterating raises it when `params` sample without an `rng`.
         """
         prompt_ids = [int(i) for i in prompt_ids]
         params = GREEDY if params is None else params
-        if max_new == 0 or max_new < -1:
-            raise ParameterError("max_new", f"max_new must be >= 1, or -1 for no limit, got {max_new}")
+        if max_new < -1:
+            raise ParameterError("max_new", f"max_new must be >= 0, or -1 for no limit, got {max_new}")
         if not prompt_ids:
             raise Llama3Error("the prompt is empty: give some text or token ids")
         free = self.ctx - self.cache.length
@@ -265,6 +270,9 @@ class Session:
             self.rollback(out.start)
             raise
         out.prefill_seconds = time.perf_counter() - t0
+        if max_new == 0:
+            out.stop_reason = "length"
+            return
         t0 = time.perf_counter()
         while True:
             recent = tuple(self.recent_ids(params.history_window))

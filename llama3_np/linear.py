@@ -8,9 +8,12 @@ blocks of rows, bfloat16 converted block by block, on llama3_np's own threads) i
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 
 from . import products
+from .config import ComputeMode
 from .llamacpp import LlamaCppWeight, product
 from .lora import LoraWeight
 
@@ -29,10 +32,28 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_
     in float64 by w upcast exactly (a copy unless w is float64 already), with NumPy's own product:
     float64 is the mode of the exact value, not of speed. A weight with an unmerged LoRA adapter
     (`lora.LoraWeight`) adds s·B·(A·x) to the base weight's product."""
-    if isinstance(w, LlamaCppWeight):
+    if isinstance(w, LlamaCppWeight):  # llama.cpp's product: the activations quantized first
         return product(x, w)
     if isinstance(w, LoraWeight):
         return linear(x, w.base) + linear(linear(x, w.a), w.b) * x.dtype.type(w.scale)
     if x.dtype == np.float64:
         return x @ np.asarray(w, dtype=np.float64).T
     return products.linear(x, w)
+
+
+def mode_weights(weights: Mapping[str, np.ndarray], mode: ComputeMode) -> dict[str, np.ndarray]:
+    """The weights as `mode` computes with them, converted once (`forward` would otherwise convert
+    them in every call): upcast to float64 in float64 mode, rounded to bfloat16/float16 (round to
+    nearest even) in those modes unless already stored so, unchanged in float32 and llamacpp (which
+    wraps a weight where a product uses it). Arrays shared between names (tied embeddings) stay
+    shared."""
+    if mode.dtype in ("float32", "llamacpp"):
+        return dict(weights)
+    converted: dict[int, np.ndarray] = {}
+
+    def convert(name: str, w: np.ndarray) -> np.ndarray:
+        if id(w) not in converted:
+            converted[id(w)] = np.asarray(w, dtype=np.float64) if mode.dtype == "float64" else mode.weight(w, name)
+        return converted[id(w)]
+
+    return {name: convert(name, w) for name, w in weights.items()}

@@ -9,18 +9,20 @@ end-of-generation ids and greedy unless given sampling parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
 from . import assets
-from .config import ModelConfig
+from .config import ComputeMode, ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import Checkpoint, load_checkpoint, scan_checkpoint
 from .generation import Session
+from .linear import mode_weights
 from .lora import adapted, load_adapter
 from .sampling import SamplingParams
 from .text.chat import ChatFormat, TemplateFormat, chat_format_for, encode_dialog
@@ -28,7 +30,8 @@ from .text.template import ChatTemplate, find_chat_template, template_variables
 from .formats.gguf_file import is_gguf
 from .formats.gguf_import import gguf_tokenizer, tokenizer_objects
 from .text import tokenizer as text_tokenizer
-from .text.tokenizer import StreamDecoder, Tokenizer
+from .text.stop import StopText, check_stop_strings
+from .text.tokenizer import Tokenizer
 
 # Without an explicit context size, the KV cache holds at most this many tokens (or the model's own
 # context if smaller): a 131,072-token float32 cache for an 8B model would need 34 GB.
@@ -37,11 +40,13 @@ DEFAULT_CTX = 4096
 
 @dataclass
 class LoadedModel:
-    """A checkpoint (`weights`, `config`), its tokenizer (None when it has none) and the load time."""
+    """A checkpoint (`weights`, `config`), its tokenizer (None when it has none), the load time and
+    the compute mode its weights are held for (pass it to `KVCache`, `Session`)."""
 
     checkpoint: Checkpoint
     tokenizer: Optional[Tokenizer]
     load_seconds: float
+    compute: ComputeMode = ComputeMode()  # what the weights are held for (`load_model`'s compute)
 
     @property
     def config(self) -> ModelConfig:
@@ -99,8 +104,9 @@ class LoadedModel:
 
     def session(self, ctx: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None) -> Session:
         """A `Session` of `ctx` tokens (`LoadedModel.ctx`) whose generations end at the model's
-        end-of-generation ids (`stop_ids`) unless told otherwise."""
-        return Session(self.weights, self.config, self.ctx(ctx), self.stop_ids(), progress)
+        end-of-generation ids (`stop_ids`) unless told otherwise, computing in the model's
+        compute mode (`compute`)."""
+        return Session(self.weights, self.config, self.ctx(ctx), self.stop_ids(), progress, self.compute)
 
     def chat_session(self, system: Optional[str] = None, ctx: Optional[int] = None,
                      progress: Optional[Callable[[int, int], None]] = None, fmt=None):
@@ -111,36 +117,45 @@ class LoadedModel:
         return ChatSession(self, ctx, system, progress, fmt)
 
     def stream(self, prompt: str, max_new: int = -1, params: Optional[SamplingParams] = None,
-               rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None) -> Iterator[str]:
+               rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None,
+               stop: Iterable[str] = ()) -> Iterator[str]:
         """The continuation of `prompt` as pieces of text, each as soon as it is whole UTF-8:
         up to `max_new` tokens (-1: until an end-of-generation token or a full context), greedy
-        unless `params` (with `rng`) sample; the end token itself is not text. mlx-lm's
-        `stream_generate`, llama-models' `completion`, token by token."""
-        yield from self._text(self.encode(prompt), max_new, params, rng, ctx)
+        unless `params` (with `rng`) sample; the end token itself is not text. `stop`: stop
+        strings, the OpenAI API's (`text.stop`): the text ends before the first one generated, and
+        text that could begin one is held back until it cannot. mlx-lm's `stream_generate`,
+        llama-models' `completion`, token by token. Raises ParameterError("stop") for an empty
+        stop string."""
+        yield from self._text(self.encode(prompt), max_new, params, rng, ctx, stop)
 
     def generate(self, prompt: str, max_new: int = -1, params: Optional[SamplingParams] = None,
-                 rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None) -> str:
+                 rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None,
+                 stop: Iterable[str] = ()) -> str:
         """The continuation of `prompt` as one text (`stream`'s pieces joined)."""
-        return "".join(self.stream(prompt, max_new, params, rng, ctx))
+        return "".join(self.stream(prompt, max_new, params, rng, ctx, stop))
 
     def chat(self, messages: list[dict], max_new: int = -1, params: Optional[SamplingParams] = None,
-             rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None) -> str:
+             rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None, stop: Iterable[str] = ()) -> str:
         """The assistant's answer to a dialog (`[{"role": "user", "content": ...}, ...]`, in the
         checkpoint's chat format), as llama-models' `chat_completion`; `stream`'s arguments."""
         ids = encode_dialog(self.need_tokenizer(), messages, fmt=self.chat_format())
-        return "".join(self._text(ids, max_new, params, rng, ctx))
+        return "".join(self._text(ids, max_new, params, rng, ctx, stop))
 
-    def _text(self, ids: list[int], max_new: int, params, rng, ctx) -> Iterator[str]:
+    def _text(self, ids: list[int], max_new: int, params, rng, ctx, stop) -> Iterator[str]:
+        text = StopText(self.need_tokenizer(), check_stop_strings(stop))
+        params = params.for_tokenizer(self.tokenizer) if params is not None else None
         context = self.ctx(ctx)
         # The cache needs room for the prompt and the new tokens, never more than the context.
         session = self.session(context if max_new < 0 else min(context, len(ids) + max_new))
-        decoder = StreamDecoder(self.need_tokenizer())
         out = session.generate(ids, params, rng, max_new)
         for step in out:
-            piece = "" if step.token in session.stop_ids else decoder.push(step.token)
+            piece = "" if step.token in session.stop_ids else text.push(step.token)
             if piece:
                 yield piece
-        tail = decoder.flush()
+            if text.found is not None:
+                out.stop_reason = "stop_string"
+                return
+        tail = text.flush()
         if tail:
             yield tail
 
@@ -185,24 +200,58 @@ def check_ctx(ctx: Optional[int], config: ModelConfig) -> None:
                                     f"trained for: at most {config.max_seq_len}")
 
 
-def load_model(path=None, dtype: str = "float32", rope_factor: Optional[float] = None,
-               need_tokenizer: bool = True, ctx: Optional[int] = None, lora=None) -> LoadedModel:
+def residency(dtype: Optional[str], mode: ComputeMode) -> str:
+    """The weight residency to load a checkpoint with for compute mode `mode`: `dtype` ("float32",
+    "bfloat16" or "gguf"; float32 compute takes any), or when None the mode's: float32 for float32 and float64 (float64 upcasts the
+    float32 weights once more), bfloat16 for bfloat16 and float16 (they compute with weights held
+    in their own dtype, as the engines do).
+    Raises ParameterError("dtype") for a residency the mode cannot compute with."""
+    wanted = "float32" if mode.dtype in ("float32", "float64") else "bfloat16"
+    if dtype is None or dtype == wanted or mode.dtype == "float32":
+        return dtype or wanted
+    raise ParameterError("dtype", f"dtype {dtype} does not combine with compute {mode.dtype}: it computes with the "
+                                  f"weights held in {mode.storage.name}; leave the residency to the compute mode")
+
+
+def checkpoint_for(checkpoint: Checkpoint, mode: ComputeMode) -> Checkpoint:
+    """`checkpoint` with its weights as `mode` computes with them (`linear.mode_weights`: float64,
+    float16, or bfloat16 where stored otherwise), converted once; `dtype` says how they are held."""
+    if mode.dtype == "float32":
+        return checkpoint
+    weights = mode_weights(checkpoint.weights, mode)
+    return dataclasses.replace(checkpoint, weights=weights, dtype=mode.storage.name)
+
+
+def load_model(path=None, dtype: Optional[str] = None, rope_factor: Optional[float] = None,
+               need_tokenizer: bool = True, ctx: Optional[int] = None, compute: str = "float32",
+               convention: str = "transformers", lora=None) -> LoadedModel:
     """Load a checkpoint (a Hugging Face or Meta folder, or a GGUF file) and its tokenizer.
 
-    path: the folder or .gguf file (read as it is, `assets.model_dir`); None for the default model. dtype: weight residency, "float32" (converted once, fastest) or
-    "bfloat16" (kept as stored, half the memory). rope_factor: overrides the llama3 rope scaling
-    factor a Meta params.json implies. need_tokenizer: when False, a folder without tokenizer files
-    loads with `tokenizer` None. ctx: a context size to check against the model's trained context
-    before any weight is read (`check_ctx`). lora: a peft LoRA adapter folder, run unmerged
-    (`llama3_np.lora`).
-    Raises Llama3Error for a missing folder, a malformed checkpoint or adapter, ParameterError("ctx").
+    path: the folder or .gguf file (read as it is, memory-mapped, `assets.model_dir`); None for the
+    default model. dtype: weight residency, "float32" (converted once, fastest), "bfloat16" (kept as
+    stored, half the memory; a GGUF's values only where bfloat16 holds them exactly) or "gguf" (a GGUF
+    file's own blocks, dequantized a block of rows at a time in each product); None: the compute
+    mode's (`residency`).
+    rope_factor: overrides the llama3 rope scaling factor a Meta params.json implies.
+    need_tokenizer: when False, a folder without tokenizer files loads with `tokenizer` None. ctx:
+    a context size to check against the model's trained context before any weight is read
+    (`check_ctx`). compute, convention: the compute mode (`config.ComputeMode`: "float32",
+    "float64", "bfloat16", "float16"; "transformers" or "meta" casts) the weights are held for.
+    lora: a peft LoRA adapter folder, run unmerged (`llama3_np.lora`; float32 compute only).
+    Raises Llama3Error for a missing folder or a malformed checkpoint or adapter, ParameterError("ctx"),
+    ParameterError("compute"/"convention") for an unknown mode, ParameterError("dtype") for a
+    residency the mode cannot compute with.
     """
+    mode = ComputeMode.of(compute, convention)
+    dtype = residency(dtype, mode)
     t0 = time.perf_counter()
     path = assets.model_dir(path)
     index = scan_checkpoint(path, rope_factor=rope_factor)
     check_ctx(ctx, index.config)
-    checkpoint = load_checkpoint(index, dtype=dtype)
+    checkpoint = checkpoint_for(load_checkpoint(index, dtype=dtype), mode)
     if lora is not None:
+        if mode.dtype != "float32":
+            raise ParameterError("compute", f"a LoRA adapter runs in float32 compute only, not {mode.dtype}")
         adapter, settings = load_adapter(lora, checkpoint.config)
         checkpoint.weights.update(adapted(checkpoint.weights, adapter, settings.scale))
     try:
@@ -211,4 +260,4 @@ def load_model(path=None, dtype: str = "float32", rope_factor: Optional[float] =
         if need_tokenizer:
             raise
         tokenizer = None
-    return LoadedModel(checkpoint, tokenizer, time.perf_counter() - t0)
+    return LoadedModel(checkpoint, tokenizer, time.perf_counter() - t0, mode)

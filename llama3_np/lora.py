@@ -24,6 +24,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import hf_name, permute_qk, unpermute_qk
+from .files import make_folder, write_text
 from .formats.safetensors_file import SafetensorsFile, write_safetensors
 
 # peft's target_modules names (transformers' module names) -> the canonical projection.
@@ -122,15 +123,16 @@ def _heads(name: str, config: ModelConfig):
 
 def save_adapter(folder: Path, adapter: Mapping[str, np.ndarray], lora: LoraConfig, config: ModelConfig,
                  base_model: str = "") -> None:
-    """peft's adapter folder: adapter_config.json and adapter_model.safetensors (float32)."""
+    """peft's adapter folder: adapter_config.json and adapter_model.safetensors (float32), each file
+    written whole or not at all (`llama3_np.files`). Raises WriteError when the folder cannot be written."""
     tensors = {}
     for key, array in adapter.items():
         name, part = key.rsplit(".", 1)
         heads = _heads(name, config)
         tensors[_peft_key(name, part)] = permute_qk(array, heads) if heads and part == "lora_B" else array
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     write_safetensors(folder / WEIGHTS_FILE, tensors, {"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps({
+    write_text(folder / CONFIG_FILE, json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.lora_alpha,
         "target_modules": list(lora.target_modules), "lora_dropout": 0.0, "bias": "none",
         "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,

@@ -13,12 +13,20 @@ Dimensions, used in every shape comment:
 
 Weights use Meta's names (`layers.0.attention.wq.weight`, ...; `LayerWeights` declares a layer's)
 and Meta's rope layout: dims 2i and 2i+1 of every head rotate together; float32 or bfloat16.
+
 The compute mode (`config.ComputeMode`) says what every stage computes in: float32 by default,
-or float64; `rounded(x)` marks where an engine computing in a lower precision rounds a stage's
-result (the identity in float32 and float64). Each stage names its source: the Llama 3 paper
-(arXiv 2407.21783), RMSNorm (1910.07467), RoFormer (2104.09864), GQA (2305.13245), GLU variants
-(2002.05202), and the function of Meta's `llama-models` reference (`models/llama3/model.py`) it
-matches. `keep(name, x)` records a named stage (`llama3_np.stages`) and returns x.
+float64, or the bfloat16/float16 arithmetic of an engine, emulated: arrays stay float32, every
+product accumulates in float32 as the engines' CPU kernels do, and `rounded(x)` rounds a result to
+the mode's dtype exactly where the engine rounds it (the identity in float32 and float64). The cast
+points are read from two sources and cited per stage: Hugging Face transformers 5.23.0
+`models/llama/modeling_llama.py` (LlamaForCausalLM, eager attention; "HF" below) and Meta's
+llama-models 0.3.0 `models/llama3/model.py` ("Meta"). They round at the same places except in rope
+and the attention scale, where `mode.casts` picks one.
+
+Each stage names its source: the Llama 3 paper (arXiv 2407.21783), RMSNorm (1910.07467), RoFormer
+(2104.09864), GQA (2305.13245), GLU variants (2002.05202), and the function of Meta's
+`llama-models` reference (`models/llama3/model.py`) it matches. `keep(name, x)` records a named
+stage (`llama3_np.stages`) and returns x.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 
-from .checks import expect_shape, forward_arguments, forward_mode
+from .checks import expect_shape, finite_stages, forward_arguments, forward_mode
 from .config import ComputeMode, ModelConfig
 from .linear import linear
 from .stages import Keep, Trace, keep_nothing, legend, scoped, start_point
@@ -75,7 +83,8 @@ class LayerWeights:
     @classmethod
     def of(cls, weights: Mapping[str, np.ndarray], layer: int, config: ModelConfig,
            mode: ComputeMode = FLOAT32) -> "LayerWeights":
-        """Layer `layer`'s weights from the canonical mapping, each checked against its shape.
+        """Layer `layer`'s weights from the canonical mapping, each checked against its shape and
+        as `mode` computes with it (`ComputeMode.weight`: rounded to bfloat16/float16 unless stored so).
 
         Raises KeyError for a missing name, ValueError for a shape the config does not imply."""
         prefix = f"layers.{layer}."
@@ -112,16 +121,23 @@ WEIGHT_SHAPES = {
 
 def embed(tokens: np.ndarray, tok_embeddings: np.ndarray, mode: ComputeMode = FLOAT32) -> np.ndarray:
     # [T], [V, D] -> [T, D]
-    """Row lookup: token id t becomes row t of the embedding matrix.
+    """Row lookup: token id t becomes row t of the embedding matrix (in the mode's dtype: the rows
+    of the weight as the mode holds it).
 
-    Source: llama-models Transformer.tok_embeddings.
+    Source: llama-models Transformer.tok_embeddings; HF LlamaModel.embed_tokens.
     """
-    return np.asarray(tok_embeddings[tokens], dtype=mode.work)
+    return mode.rounded(np.asarray(tok_embeddings[tokens], dtype=mode.work))
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, mode: ComputeMode = FLOAT32) -> np.ndarray:
     # [T, D], [D] -> [T, D]
     """x / sqrt(mean(x²) + eps) · weight, per row (no mean subtraction, no bias).
+
+    Low precision: normalised in float32, rounded to the dtype, then multiplied by the weight in
+    the dtype (HF LlamaRMSNorm.forward: `.to(torch.float32)`, `* torch.rsqrt(variance + eps)`,
+    `self.weight * hidden_states.to(input_dtype)`; Meta RMSNorm.forward: `self._norm(x.float())
+    .type_as(x) * self.weight`). x / sqrt and x * rsqrt give the same float32 value here (exactly
+    rounded square root and division; measured equal after rounding on every element tried).
 
     Source: RMSNorm (arXiv 1910.07467); llama-models RMSNorm.
     """
@@ -191,18 +207,33 @@ def rope_cos_sin(positions: np.ndarray, freqs: np.ndarray) -> Rotation:
     return Rotation(np.cos(angles), np.sin(angles))
 
 
-def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, mode: ComputeMode = FLOAT32) -> np.ndarray:
     # [T, n, Dh], [T, Dh/2], [T, Dh/2] -> [T, n, Dh]
     """Rotate each pair (x[2i], x[2i+1]) of every head by the angle of its position and pair i.
 
     As in Meta's reference, the pair is the complex number a + ib and the rotation is a product
     with e^(iθ) = cos θ + i sin θ: (a + ib) · e^(iθ) = (a·cos - b·sin) + i(a·sin + b·cos).
     A float32 [..., Dh] array viewed as complex64 (float64 as complex128) is exactly these Dh/2 pairs.
+    Meta computes it so in every dtype (apply_rotary_emb: `view_as_complex(xq.float() ...)`,
+    `xq_ * freqs_cis` in complex64 with float32 cos/sin, `.type_as(xq)`: one rounding, the caller's).
 
-    Source: RoFormer eq. 34 (arXiv 2104.09864); llama-models apply_rotary_emb.
+    transformers' convention in bfloat16/float16 (`mode.casts`) rounds four times more: cos and sin
+    to the dtype (LlamaRotaryEmbedding.forward: `cos.to(dtype=x.dtype)`), then each product and the
+    sum in the dtype (apply_rotary_pos_emb: `(q * cos) + (rotate_half(q) * sin)`; its rotate-half
+    pairs are Meta's pairs in another row order, and rotate_half's negation is exact).
+
+    Source: RoFormer eq. 34 (arXiv 2104.09864); llama-models apply_rotary_emb; HF apply_rotary_pos_emb.
     """
     T, n, Dh = x.shape
     expect_shape(cos, (T, Dh // 2), "rope cos")
+    if mode.casts == "transformers":
+        rounded = mode.rounded
+        cos, sin = rounded(cos)[:, None, :], rounded(sin)[:, None, :]  # [T, 1, Dh/2]
+        a, b = x[..., 0::2], x[..., 1::2]  # [T, n, Dh/2] each: the pairs
+        out = np.empty_like(x)
+        out[..., 0::2] = rounded(rounded(a * cos) - rounded(b * sin))
+        out[..., 1::2] = rounded(rounded(b * cos) + rounded(a * sin))
+        return out
     work = np.result_type(x.dtype, cos.dtype)
     pairs = np.ascontiguousarray(x, dtype=work).view(np.result_type(work, np.complex64))  # [T, n, Dh/2]
     rotation = (cos + 1j * sin)[:, None, :]  # [T, 1, Dh/2]
@@ -239,17 +270,32 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
     Query head h reads key/value head h // (H / KV): splitting H into (KV, H/KV) groups the
     query heads that share one key/value head, without copying keys and values H/KV times.
 
+    Low precision: q · kᵀ accumulated in float32 and rounded, scaled and rounded, softmax in
+    float32 and rounded, probs · v accumulated in float32 and rounded (HF eager_attention_forward:
+    `matmul(query, key_states.transpose(2, 3)) * scaling`, `softmax(..., dtype=torch.float32)
+    .to(query.dtype)`, `matmul(attn_weights, value_states)`; Meta Attention.forward: `matmul(xq,
+    keys.transpose(2, 3)) / math.sqrt(self.head_dim)`, `softmax(scores.float()).type_as(xq)`,
+    `matmul(scores, values)`). The scale is where they differ: transformers multiplies by
+    Dh^-0.5 (as float32), Meta divides by √Dh; float32 and float64 divide, as Meta does. Masks:
+    transformers adds the dtype's most negative value where Meta adds -inf; both give 0 after the
+    softmax. llama.cpp (llamacpp mode) computes in float32 but reads a float16 cache, and a product
+    with it first rounds the other operand, q and then the probabilities, to float16
+    (`mode.kv_operand`; llm_graph_context::build_attn_mha without flash attention).
+
     Source: scaled dot-product attention (arXiv 1706.03762 eq. 1) with GQA (arXiv 2305.13245);
     llama-models Attention.forward.
     """
     T, H, Dh = q.shape
     KV, S, _ = keys.shape
     expect_shape(values, (KV, S, Dh), "attention values")
-    rounded = mode.rounded
+    rounded, f = mode.rounded, mode.work.type
     n_rep = H // KV
     q_groups = q.reshape(T, KV, n_rep, Dh).transpose(1, 2, 0, 3)  # [KV, H/KV, T, Dh]
     scores = rounded(mode.kv_operand(q_groups) @ keys[:, None].swapaxes(-1, -2))  # [KV, H/KV, T, S]
-    scores /= scores.dtype.type(math.sqrt(Dh))
+    if mode.casts == "transformers":
+        scores *= f(Dh ** -0.5)
+    else:
+        scores /= f(math.sqrt(Dh))
     scores = rounded(scores)
     scores += causal_mask(T, S)
     probs = keep("probs", rounded(softmax(scores)).reshape(H, T, S)).reshape(KV, n_rep, T, S)
@@ -259,7 +305,8 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
 
 class LayerCache(NamedTuple):
     """One layer's slice of the KV cache during one `forward` call: its key and value slots
-    ([KV, max_len, Dh] each) and `start`, the first slot this call's tokens go into."""
+    ([KV, max_len, Dh] each, in the mode's storage dtype), `start`, the first slot this call's
+    tokens go into, and `work`, the dtype the model computes with them in."""
 
     k: np.ndarray
     v: np.ndarray
@@ -268,8 +315,9 @@ class LayerCache(NamedTuple):
 
     def store(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # [T, KV, Dh], [T, KV, Dh] -> [KV, S, Dh], [KV, S, Dh] with S = start + T
-        """Write the keys and values of T tokens into slots start .. start+T-1; return slots
-        0 .. start+T-1 (the earlier tokens', then these)."""
+        """Write the keys and values of T tokens into slots start .. start+T-1 (exactly: they are
+        already rounded to the storage dtype); return slots 0 .. start+T-1 (the earlier tokens',
+        then these) in the working dtype."""
         end = self.start + k.shape[0]
         self.k[:, self.start:end] = k.transpose(1, 0, 2)
         self.v[:, self.start:end] = v.transpose(1, 0, 2)
@@ -285,11 +333,17 @@ class KVCache:
     free slots, and advances `length` once every layer holds them. A token's rope position is
     independent of its slot (`forward`'s `pos`), so a cache may start at any position.
 
-    Source: llama-models Attention.cache_k / cache_v.
+    `compute` is the mode of every `forward` call that uses the cache (a name or a
+    `config.ComputeMode`; `convention` with a name). Keys and values are held in its dtype
+    (bfloat16, float16: half float32's memory), as the engines hold them.
+
+    Source: llama-models Attention.cache_k / cache_v (`self.cache_k.to(xq)`: the activations'
+    dtype); HF DynamicCache (the dtype of the keys it is given).
     """
 
-    def __init__(self, config: ModelConfig, max_len: int, compute: str | ComputeMode = "float32"):
-        self.mode = ComputeMode.of(compute)
+    def __init__(self, config: ModelConfig, max_len: int, compute: str | ComputeMode = "float32",
+                 convention: str = "transformers"):
+        self.mode = ComputeMode.of(compute, convention)
         shape = (config.n_layers, config.n_kv_heads, max_len, config.head_dim)  # [L, KV, max_len, Dh]
         self.k = np.zeros(shape, dtype=self.mode.storage)
         self.v = np.zeros(shape, dtype=self.mode.storage)
@@ -308,6 +362,10 @@ def attention(x: np.ndarray, w: AttentionWeights, rotation: Rotation, cache: Lay
     cache's earlier slots plus these tokens (stored into it), project back:
     wo · attention(rope(wq x), rope(wk x), wv x).
 
+    Low precision: every projection accumulates in float32 and is rounded (torch's CPU bfloat16
+    and float16 products; HF LlamaAttention.forward's q_proj/k_proj/v_proj/o_proj, Meta's
+    wq/wk/wv/wo); keys and values enter the cache in the dtype.
+
     Source: llama-models Attention.forward.
     """
     T = x.shape[0]
@@ -316,8 +374,8 @@ def attention(x: np.ndarray, w: AttentionWeights, rotation: Rotation, cache: Lay
     q = keep("q", rounded(linear(x, w.wq)).reshape(T, H, Dh))  # [T, D] -> [T, H, Dh]
     k = keep("k", rounded(linear(x, w.wk)).reshape(T, KV, Dh))  # [T, D] -> [T, KV, Dh]
     v = keep("v", rounded(linear(x, w.wv)).reshape(T, KV, Dh))  # [T, D] -> [T, KV, Dh]
-    q_rope = keep("q_rope", rounded(rope(q, rotation.cos, rotation.sin)))
-    k_rope = keep("k_rope", rounded(rope(k, rotation.cos, rotation.sin)))
+    q_rope = keep("q_rope", rounded(rope(q, rotation.cos, rotation.sin, mode)))
+    k_rope = keep("k_rope", rounded(rope(k, rotation.cos, rotation.sin, mode)))
     keys, values = cache.store(k_rope, v)  # [KV, S, Dh] each
     attn = keep("attn", causal_attention(q_rope, keys, values, keep, mode).reshape(T, H * Dh))  # [T, H*Dh]
     return keep("attn_out", rounded(linear(attn, w.wo)))  # [T, H*Dh] -> [T, D]
@@ -336,6 +394,10 @@ def swiglu(x: np.ndarray, w: FeedForwardWeights, mode: ComputeMode = FLOAT32,
            keep: Keep = keep_nothing) -> np.ndarray:  # [T, D] -> [T, D]
     """w2 · (silu(w1 · x) ⊙ (w3 · x)): a gated feed-forward; w1 is the gate, w3 the up projection.
 
+    Low precision: each projection rounded, silu computed in float32 and rounded (torch's
+    elementwise kernels), the gate product rounded (HF LlamaMLP.forward: `down_proj(act_fn(
+    gate_proj(x)) * up_proj(x))`; Meta FeedForward.forward: `w2(F.silu(w1(x)) * w3(x))`).
+
     Source: FFN_SwiGLU of GLU variants (arXiv 2002.05202); llama-models FeedForward.
     """
     rounded = mode.rounded
@@ -349,6 +411,9 @@ def transformer_block(x: np.ndarray, w: LayerWeights, rotation: Rotation, cache:
                       config: ModelConfig, mode: ComputeMode = FLOAT32,
                       keep: Keep = keep_nothing) -> np.ndarray:  # [T, D] -> [T, D]
     """h = x + attention(rmsnorm(x)); out = h + swiglu(rmsnorm(h)).
+
+    Low precision: each residual sum rounded (HF LlamaDecoderLayer.forward: `residual +
+    hidden_states`; Meta TransformerBlock.forward: `x + self.attention(...)`, in the dtype).
 
     Source: the Llama 3 paper's pre-norm block (arXiv 2407.21783); llama-models TransformerBlock.
     """
@@ -367,23 +432,27 @@ def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
     """Logits for each of `tokens`, the first at rope position `pos`.
 
     tokens: token ids (a list or int array, [T]); weights: canonical names, float32 or bfloat16
-    (float64 in float64 mode saves a conversion in every product); returns logits [T, V] in the
-    compute mode's working dtype (float32, or float64; with `last_only`, only the last token's,
-    [1, V]: all that generation needs after a prefill). The tokens attend to what `cache` holds
-    (from earlier calls) and to each other, causally, and are added to it; without a cache they
-    attend only to each other. `pos` defaults to the number of tokens the cache holds (0 without a
-    cache): the tokens continue what was fed before. `trace` records the named stages
-    (`llama3_np.stages`). `compute` is the compute mode (`config.ComputeMode`: "float32", the
-    default, or "float64"); the cache's own mode when None, which a given mode must equal.
+    (or as `load_model(compute=...)` holds them for the mode: float64, float16; others are
+    converted in every call, `ComputeMode.weight`); returns logits [T, V] in the compute mode's
+    working dtype (float32, or float64; bfloat16/float16 values as float32; with `last_only`,
+    only the last token's, [1, V]: all that generation needs after a prefill). The tokens attend
+    to what `cache` holds (from earlier calls) and to each other, causally, and are added to it;
+    without a cache they attend only to each other. `pos` defaults to the number of tokens the
+    cache holds (0 without a cache): the tokens continue what was fed before. `trace` records the
+    named stages (`llama3_np.stages`). `compute` is the compute mode (`config.ComputeMode`, or its
+    name: "float32", the default, "float64", "bfloat16", "float16"); the cache's own mode when
+    None, which a given mode must equal.
+    Raises Llama3Error for token ids outside the vocabulary, a full cache or a negative position;
+    ParameterError("compute") for an unknown mode, one the cache was not made for, and a float16
+    run whose activations overflow (naming the first stage that does).
     Interventions: `trace`'s edits (`stages.Edit`) change stages as they are computed, and
     `start_from` = (name, value) resumes the residual stream at `embed` or `layers.i.out` ([T, D])
     and runs only the layers after it (their keys and values alone enter the cache, so it takes
-    no cache that could be used again).
-    Raises Llama3Error for token ids outside the vocabulary, a full cache or a negative position,
-    for an unknown mode or one the cache was not made for, and for a `start_from` at another
-    stage, of another shape or with a cache.
+    no cache that could be used again); Llama3Error for a `start_from` at another stage, of another
+    shape or with a cache.
 
-    Source: llama-models Transformer.forward.
+    Source: llama-models Transformer.forward; HF LlamaForCausalLM.forward (logits in the dtype:
+    `lm_head(hidden_states)`; Meta's `self.output(h).float()` is the same values in float32).
     """
     if cache is None:
         cache = KVCache(config, np.size(tokens), compute or FLOAT32)
@@ -393,17 +462,18 @@ def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
     tokens = forward_arguments(tokens, config.vocab_size, start, cache.max_len, pos)  # [T]
     T = tokens.shape[0]
     rotation = rope_cos_sin(pos + np.arange(T), rope_frequencies(config, mode))  # [T, Dh/2] each
-    keep = scoped(trace, "")
+    keep = finite_stages(scoped(trace, ""), "", mode)
     x = keep("embed", expect_shape(embed(tokens, weights["tok_embeddings.weight"], mode), (T, config.dim), "embed"))
     first = 0
     if start_from is not None:  # an intervention: the residual stream resumes from a given value
         first, x = start_point(start_from, config.n_layers, x, cache.length, cache.max_len)
     for layer in range(first, config.n_layers):
+        prefix = f"layers.{layer}."
         x = transformer_block(x, LayerWeights.of(weights, layer, config, mode), rotation, cache.layer(layer),
-                              config, mode, scoped(trace, f"layers.{layer}."))
+                              config, mode, finite_stages(scoped(trace, prefix), prefix, mode))
     cache.length = start + T  # every layer now holds these tokens: the cache advances once, here
     if last_only:
         x = x[-1:]
-    x = keep("norm", rmsnorm(x, weights["norm.weight"], config.norm_eps, mode))
+    x = keep("norm", rmsnorm(x, mode.weight(weights["norm.weight"], "norm.weight"), config.norm_eps, mode))
     logits = keep("logits", mode.rounded(linear(x, mode.weight(weights["output.weight"], "output.weight"))))  # [T, D] -> [T, V]
     return expect_shape(logits, (x.shape[0], config.vocab_size), "logits")

@@ -173,3 +173,10 @@ def test_dump_grad_matches_transformers_stage_gradients_through_compare(tmp_path
     capsys.readouterr()
     assert main(["compare", str(stages), str(reference)]) == 2
     assert "records gradients" in capsys.readouterr().err
+
+
+def test_the_backward_pass_refuses_the_engines_low_precision_modes():
+    from llama3_np import ParameterError
+    ckpt = load_checkpoint(FIXTURES / "llama3_0", dtype="float32")
+    with pytest.raises(ParameterError, match="float32 or float64, not bfloat16"):
+        loss_and_gradients(ckpt.weights, ckpt.config, [1, 2, 3], compute="bfloat16")

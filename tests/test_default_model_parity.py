@@ -1,8 +1,15 @@
-"""The embedded default model (SmolLM2-135M-Instruct, imported from its Q4_1 GGUF) continues three
-prompts exactly as Hugging Face transformers does in float32 on the same weights: 64 greedy tokens
+"""The embedded default model (SmolLM2-135M-Instruct, read from its Q4_1 GGUF with the file's exact
+values) continues three prompts exactly as Hugging Face transformers does in float32 on the same values: 64 greedy tokens
 each, from tests/fixtures/default_model/greedy.json (tools/make_default_model_reference.py).
 Exact token ids hold on any CPU: the smallest top-1 margin recorded is 0.016 logits, about a
-thousand times the float32 difference between the two implementations."""
+thousand times the float32 difference between the two implementations.
+
+In bfloat16 and float16 compute modes it is held to the greedy continuations of transformers
+and llama-models in those dtypes over 20 prompts (tests/fixtures/default_model/
+greedy_low_precision.json, tools/make_precision_reference.py). There logits often tie (bfloat16
+logits near 10 are 1/16 apart), and over 30 layers a float32 sum in another order than torch's
+moves the roundings of every later stage, so the emulation parts from the engine on many prompts
+(BENCHMARKS.md, "Compute modes"): the test holds it to what was measured."""
 
 import json
 from pathlib import Path
@@ -11,7 +18,9 @@ import numpy as np
 import pytest
 
 from llama3_np.assets import DEFAULT_MODEL_SHA256, default_model
+from llama3_np.config import ComputeMode
 from llama3_np.formats.checkpoint import load_checkpoint
+from llama3_np.linear import mode_weights
 from llama3_np.model import KVCache, forward
 
 # llama.cpp quantizes each activation row to 8 bits (Q8_0) before its products with the file's
@@ -55,3 +64,49 @@ def test_greedy_continuation_is_llama_cpps_until_a_near_tie(case):
     part = next((k for k, (a, b) in enumerate(zip(ids, theirs)) if a != b), None)
     assert part is None or case["margins"][part] < LLAMA_CPP_MARGIN, (
         f"llama.cpp parts at token {part} where the exact margin is {case['margins'][part]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Compute modes against the engines they emulate (tools/make_precision_reference.py): 20 prompts,
+# 64 greedy tokens each, from transformers in bfloat16 and float16 and llama-models in bfloat16.
+
+LOW = json.loads((Path(__file__).parent / "fixtures" / "default_model" / "greedy_low_precision.json").read_text())
+MODES = {"hf_bf16": ComputeMode("bfloat16"), "hf_fp16": ComputeMode("float16"),
+         "meta_bf16": ComputeMode("bfloat16", "meta")}
+# How many of the 20 prompts continue exactly as the engine did over all 64 tokens, as measured
+# (CPU with AVX-512): far from the 19 hoped for in bfloat16, because of the spreading described in
+# the module docstring, though above float32 mode's 3 (hf_bf16), 5 (meta_bf16) and 15 (hf_fp16);
+# most partings are at a tie of the engine's own top logits (margin 0).
+AGREEING = {"hf_bf16": 7, "meta_bf16": 6, "hf_fp16": 17}
+
+
+@pytest.fixture(scope="module")
+def smollm2_float32():
+    assert LOW["model"]["sha256"] == DEFAULT_MODEL_SHA256, "the fixture is of another file"
+    return load_checkpoint(default_model(), dtype="float32")  # the exact values; mode_weights rounds them
+
+
+def teacher_forced(weights, config, mode, prompt, ids) -> np.ndarray:  # -> [65, V]
+    """Logits at the prompt's last token and at each of `ids` fed after it, in one forward pass:
+    while the continuation agrees, greedy decoding computes these same rows (up to the order of
+    float32 sums), so the first row whose argmax differs is where greedy decoding would part."""
+    cache = KVCache(config, len(prompt) + len(ids), mode)
+    return forward(weights, config, prompt + ids, cache)[len(prompt) - 1:]
+
+
+@pytest.mark.parametrize("producer", list(MODES))
+def test_greedy_continuations_follow_the_engines_in_their_dtype_as_measured(smollm2_float32, producer):
+    mode = MODES[producer]
+    weights = mode_weights(smollm2_float32.weights, mode)
+    differ = []
+    for prompt, case in zip(LOW["prompts"], LOW["producers"][producer]["cases"]):
+        ours = np.argmax(teacher_forced(weights, smollm2_float32.config, mode, prompt["prompt_ids"], case["ids"]), axis=-1)
+        wrong = np.flatnonzero(ours[:-1] != case["ids"])
+        if wrong.size:
+            i = int(wrong[0])
+            differ.append(f"{prompt['name']} at token {i} (ours {ours[i]}, theirs {case['ids'][i]}, "
+                          f"their margin {case['margins'][i]})")
+    print(f"{mode.name} vs {producer}: {len(LOW['prompts']) - len(differ)} of {len(LOW['prompts'])} agree; "
+          + "; ".join(differ))
+    assert len(LOW["prompts"]) - len(differ) >= AGREEING[producer], (
+        f"{mode.name}: {len(differ)} of {len(LOW['prompts'])} prompts part from {producer}: " + "; ".join(differ))

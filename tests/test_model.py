@@ -17,7 +17,13 @@ from tests.helpers import assert_close, random_weights, tiny_config
 TOKENS = np.array([5, 17, 99, 3, 64, 64, 12, 127, 0, 41, 8, 77])
 
 
-@pytest.mark.parametrize("compute", ["float32", "float64"])
+# Prefill then decode against one forward: the same sums in another order. float32 and float64 by
+# their rounding; bfloat16 and float16 by a few of their ulps where another order crosses a rounding
+# boundary (one float16 ulp of a typical logit is NMSE ~2e-7).
+CACHE_TOLERANCE = {"float32": 1e-10, "float64": 1e-24, "bfloat16": 1e-4, "float16": 1e-5}
+
+
+@pytest.mark.parametrize("compute", list(CACHE_TOLERANCE))
 @pytest.mark.parametrize("start", [0, 24_571])
 def test_prefill_then_decode_equals_one_full_forward(start, compute):
     config = tiny_config()
@@ -27,15 +33,15 @@ def test_prefill_then_decode_equals_one_full_forward(start, compute):
     parts = [forward(w, config, TOKENS[:5], cache, pos=start)]
     for i in range(5, len(TOKENS)):
         parts.append(forward(w, config, TOKENS[i:i + 1], cache, pos=start + i))
-    assert cache.length == len(TOKENS) and cache.k.dtype == full.dtype == np.dtype(compute)
-    tol = 1e-10 if compute == "float32" else 1e-24  # float64: the same sums in another order
-    assert_close(np.concatenate(parts), full, f"logits, prefill 5 + decode, start {start}", tol)
+    assert cache.length == len(TOKENS) and cache.k.dtype == cache.mode.storage and cache.k.dtype.name == compute
+    assert full.dtype == cache.mode.work
+    assert_close(np.concatenate(parts), full, f"logits, prefill 5 + decode, start {start}", CACHE_TOLERANCE[compute])
 
 
 def test_an_unknown_compute_mode_or_a_cache_made_for_another_is_a_clear_error():
     config = tiny_config()
     w = random_weights(config)
-    with pytest.raises(Llama3Error, match="compute must be one of float64, float32, got 'float8'"):
+    with pytest.raises(Llama3Error, match="compute must be one of float64, float32, bfloat16, float16, got 'float8'"):
         forward(w, config, TOKENS, compute="float8")
     with pytest.raises(Llama3Error, match="compute 'float64' needs a KV cache made for it"):
         forward(w, config, TOKENS, KVCache(config, len(TOKENS)), compute="float64")

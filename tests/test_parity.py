@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from llama3_np import products
 from llama3_np.formats.checkpoint import load_checkpoint, unpermute_qk
-from llama3_np.config import ModelConfig, from_hf_config
+from llama3_np.config import ComputeMode, ModelConfig, from_hf_config
 from llama3_np.model import KVCache, forward, rope_cos_sin, rope_frequencies
 from llama3_np.stages import Trace
 from tests.helpers import assert_close, max_rel_err, nmse
@@ -129,6 +129,56 @@ def test_float64_mode_is_within_the_float32_tolerance_of_the_float32_references(
         run_like(meta, ckpt, trace, compute="float64")
         rows, bad = stage_errors(trace, dump, tol)
         assert not bad, f"{name} {case} float64 vs {meta['producer']}:\n" + "\n".join(bad)
+
+
+# llama3_np in a compute mode against the engine whose rounding it emulates, on the same three cases:
+# fixture prefix -> (compute, convention, stage NMSE tolerance, how many times smaller the logits'
+# NMSE must be than float32 mode's against the same engine output). Measured (CPU with AVX-512):
+# bfloat16, both conventions, every stage bit for bit equal but for a few elements of a few stages
+# one ulp apart (worst stage NMSE 3e-14), where float32 mode is 5e-5 to 1.4e-4 from the logits. One
+# ulp of one typical element of a [16, 64] stage is NMSE 1.5e-8; 1e-6 allows a few percent of a
+# stage's elements one ulp apart, as another CPU's summation order may give. float16 keeps three
+# more bits, so float32 sums in another order land on the other side of a float16 rounding eight
+# times as often, and each such element spreads to the next stages: worst stage 7e-7, logits 3 to
+# 12 times closer than float32 mode's (1e-6 to 2e-6), not 100 times (BENCHMARKS.md, "Compute modes").
+LOW_PRECISION = {
+    "hf_bf16": ("bfloat16", "transformers", 1e-6, 100),
+    "meta_bf16": ("bfloat16", "meta", 1e-6, 100),
+    "hf_fp16": ("float16", "transformers", 1e-5, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("prefix", list(LOW_PRECISION))
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_stage_matches_the_engine_whose_rounding_the_compute_mode_emulates(name, prefix, case):
+    compute, convention, tol, gain = LOW_PRECISION[prefix]
+    ckpt = checkpoint(name, "bfloat16")
+    dump, meta = load_dump(FIXTURES / name / f"{prefix}_{case}.safetensors")
+    assert meta["dtype"] == compute
+    trace = Trace()
+    run_like(meta, ckpt, trace, compute=ComputeMode(compute, convention))
+    rows, bad = stage_errors(trace, dump, tol)
+    assert not bad, f"{name} {case} {compute} ({convention}) vs {meta['producer']}:\n" + "\n".join(bad)
+    ours = nmse(trace["logits"], dump["logits"])
+    float32 = nmse(run_like(meta, ckpt, Trace(["logits"])), dump["logits"])
+    assert ours * gain <= float32, (f"{name} {case}: logits NMSE {ours:.3e} in {compute} mode, only "
+                                    f"{float32 / max(ours, 1e-300):.1f}x below float32 mode's {float32:.3e}")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_two_conventions_round_rope_differently_as_their_sources_do(name):
+    """transformers rounds cos, sin, both products and their sum to bfloat16; Meta rotates in
+    complex64 and rounds once. Each convention matches its own engine's q_rope and not the other's."""
+    ckpt = checkpoint(name, "bfloat16")
+    for own, other, convention in (("hf_bf16", "meta_bf16", "transformers"), ("meta_bf16", "hf_bf16", "meta")):
+        mine, meta = load_dump(FIXTURES / name / f"{own}_far.safetensors")
+        theirs, _ = load_dump(FIXTURES / name / f"{other}_far.safetensors")
+        trace = Trace(["layers.0.q_rope"])
+        run_like(meta, ckpt, trace, compute=ComputeMode("bfloat16", convention))
+        e_own, e_other = nmse(trace["layers.0.q_rope"], mine["layers.0.q_rope"]), nmse(
+            trace["layers.0.q_rope"], theirs["layers.0.q_rope"])
+        assert e_own <= 1e-8 and e_other >= 1e-6, f"{convention}: q_rope NMSE {e_own:.2e} own, {e_other:.2e} other"
 
 
 @pytest.mark.parametrize("name", CONFIGS)

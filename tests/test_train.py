@@ -24,23 +24,33 @@ from tests.helpers import assert_close
 GRAD = Path(__file__).parent / "fixtures" / "grad"
 
 
-def test_a_trained_checkpoint_loads_in_transformers_with_the_same_logits(tmp_path):
-    path = GRAD / "trained_checkpoint_logits.safetensors"
+def replay_fixture_run(name: str, n_sequences: int, lora: bool = False):
+    """The training run a fixture of tools/make_grad_fixtures.py recorded, repeated by llama3_np:
+    (trainer after its steps, the base checkpoint, the fixture's tensors, its metadata)."""
+    from llama3_np.lora import LoraConfig
+
+    path = GRAD / name
     with safe_open(str(path), framework="numpy") as f:
         meta = f.metadata()
     s = json.loads(meta["settings"])
     ckpt = load_checkpoint(GRAD / s.pop("variant"), dtype="float32")
-    args = TrainingArguments(max_steps=s.pop("steps"), **s)
+    adapters = LoraConfig(s.pop("r"), s.pop("lora_alpha"), tuple(s.pop("target_modules"))) if lora else None
+    args = TrainingArguments(max_steps=s.pop("steps"), **{"warmup_steps": 0, **s})
     sequences = np.random.default_rng(int(meta["sequences_seed"])).integers(0, ckpt.config.vocab_size,
-                                                                          (6, args.seq_len + 1))
-    trainer = Trainer(ckpt.weights, ckpt.config, sequences, None, args)
+                                                                          (n_sequences, args.seq_len + 1))
+    trainer = Trainer(ckpt.weights, ckpt.config, sequences, None, args, lora=adapters)
     while trainer.step < args.max_steps:
         trainer.train_step()
+    return trainer, ckpt, load_file(str(path)), meta
+
+
+def test_a_trained_checkpoint_loads_in_transformers_with_the_same_logits(tmp_path):
+    trainer, _, ref, meta = replay_fixture_run("trained_checkpoint_logits.safetensors", 6)
     trainer.save(tmp_path / "checkpoint")
     saved = load_checkpoint(tmp_path / "checkpoint", dtype="float32")
     assert json.loads((tmp_path / "checkpoint" / "config.json").read_text())["torch_dtype"] == "float32"
     logits = forward(saved.weights, saved.config, json.loads(meta["probe"]))
-    assert_close(logits, load_file(str(path))["logits"], "logits of the trained checkpoint", 1e-10)
+    assert_close(logits, ref["logits"], "logits of the trained checkpoint", 1e-10)
 
 
 def test_pack_frames_documents_and_cuts_overlapping_windows():
@@ -145,22 +155,9 @@ def test_an_output_folder_of_something_else_is_refused(tmp_path, corpus, capsys)
 
 
 def lora_run(tmp_path):
-    from llama3_np.lora import LoraConfig
-
-    path = GRAD / "lora_peft.safetensors"
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata()
-    s = json.loads(meta["settings"])
-    ckpt = load_checkpoint(GRAD / s.pop("variant"), dtype="float32")
-    lora = LoraConfig(s.pop("r"), s.pop("lora_alpha"), tuple(s.pop("target_modules")))
-    args = TrainingArguments(max_steps=s.pop("steps"), warmup_steps=0, **s)
-    sequences = np.random.default_rng(int(meta["sequences_seed"])).integers(0, ckpt.config.vocab_size,
-                                                                          (4, args.seq_len + 1))
-    trainer = Trainer(ckpt.weights, ckpt.config, sequences, None, args, lora=lora)
-    while trainer.step < args.max_steps:
-        trainer.train_step()
+    trainer, ckpt, ref, meta = replay_fixture_run("lora_peft.safetensors", 4, lora=True)
     trainer.save(tmp_path / "adapter")
-    return trainer, ckpt, load_file(str(path)), json.loads(meta["probe"])
+    return trainer, ckpt, ref, json.loads(meta["probe"])
 
 
 def test_a_lora_adapter_loads_in_peft_with_the_same_logits_and_gradients(tmp_path):
@@ -203,3 +200,10 @@ def test_a_lora_target_that_names_no_projection_is_refused(tmp_path, corpus, cap
     err = capsys.readouterr().err
     assert code == 2 and "--lora-target: attn names no projection" in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_an_output_folder_under_a_file_is_one_line(tmp_path, corpus, capsys):
+    (tmp_path / "afile").write_text("")
+    assert train(tmp_path, corpus, tmp_path / "afile" / "sub") == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and len(err.strip().splitlines()) == 1, err

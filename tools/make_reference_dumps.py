@@ -9,8 +9,9 @@ Three tiny Llama 3 models with random bf16 weights (fixed seeds), one per rope v
 Each is written as a Hugging Face folder (config.json, model.safetensors) plus the equivalent Meta
 params.json, then run through Hugging Face transformers and Meta's llama-models in float32 (see
 tools/torch_reference.py) for three cases: a 16-token prompt at position 0, 8 tokens at position
-24571 with an empty cache, and one more token decoded after them. Hugging Face in bfloat16 gives
-the prompt's logits too. rope.safetensors holds both references' rope tables for real Llama
+24571 with an empty cache, and one more token decoded after them. The same three cases run through
+Hugging Face in bfloat16 and in float16 and through Meta's reference in bfloat16 (every stage, as
+those engines round it: what llama3_np's compute modes emulate). rope.safetensors holds both references' rope tables for real Llama
 shapes (alone with --rope-only). Before anything is kept, the two float32 references must agree
 at every stage, and their rope frequency tables bit for bit.
 
@@ -44,7 +45,8 @@ from llama3_np.xcheck.dump import Inputs, dump_metadata, write_dump  # noqa: E40
 transformers = ref.transformers_module()
 
 OUT = ROOT / "tests" / "fixtures" / "parity"
-MAX_TOTAL_BYTES = 3_000_000
+# Nine stage dumps of float32 tensors per configuration (about 0.2 MB per producer) make most of it.
+MAX_TOTAL_BYTES = 5_000_000
 
 # The shape shared by the three models: grouped-query attention (4 query heads over 2 KV heads),
 # an FFN width that is not a power of two.
@@ -77,6 +79,13 @@ VARIANTS = {
     "llama3_2": Variant(seed=302, rope_factor=32.0, tie_embeddings=True, max_position_embeddings=131072),
 }
 META_SHIPPED_FACTOR = 8.0  # the literal in llama-models' apply_scaling
+
+# The low-precision runs: file prefix -> (reference, torch dtype, dump dtype).
+LOW_PRECISION = {
+    "hf_bf16": ("hf", torch.bfloat16, "bfloat16"),
+    "hf_fp16": ("hf", torch.float16, "float16"),
+    "meta_bf16": ("meta", torch.bfloat16, "bfloat16"),
+}
 
 
 def rope_parameters(factor: Optional[float]) -> dict:
@@ -194,11 +203,11 @@ def make_variant(name: str, v: Variant) -> list[str]:
         meta_data["attn_implementation"] = hf.config._attn_implementation
         write_dump(folder / f"hf_{case}.safetensors", stages, meta_data)
 
-    def meta_cases(factor, prefix, case_names):
+    def meta_cases(factor, prefix, case_names, dtype=torch.float32, dtype_name="float32"):
         """Meta's model with rope scaling `factor` (the shipped code when it is Meta's own)."""
         patch = None if factor in (None, META_SHIPPED_FACTOR) else factor
-        model = ref.load_meta(folder, META_MAX_SEQ_LEN, rope_factor=patch)
-        producer = f"llama-models {ref.package_version('llama_models')} float32"
+        model = ref.load_meta(folder, META_MAX_SEQ_LEN, dtype=dtype, rope_factor=patch)
+        producer = f"llama-models {ref.package_version('llama_models')} {dtype_name}"
         if patch is not None:
             producer += f", apply_scaling factor {META_SHIPPED_FACTOR:g} patched to {patch:g}"
         dumps = {}
@@ -208,7 +217,7 @@ def make_variant(name: str, v: Variant) -> list[str]:
                 ref.meta_reset_cache(model)
             dumps[case] = ref.meta_run(model, tokens, pos, cache_pos=len(context))
             write_dump(folder / f"{prefix}_{case}.safetensors", dumps[case],
-                           metadata(case, producer, "float32", factor))
+                           metadata(case, producer, dtype_name, factor))
         return dumps
 
     report = [f"{name}: tokens {prompt[:4]}..., far position {FAR_POS}"]
@@ -226,13 +235,21 @@ def make_variant(name: str, v: Variant) -> list[str]:
                 err = ref.nmse(shipped[case][stage], hf_dumps[case][stage])
                 report.append(f"  meta as shipped (factor 8) vs hf {case:6s} {stage:16s} NMSE {err:.2e}")
 
-    hf16 = ref.load_hf(folder, torch.bfloat16)
-    check_loaded(folder, hf16)
-    logits16 = ref.hf_run(hf16, prompt, 0)["logits"]
-    write_dump(folder / "hf_bf16_prompt.safetensors", {"logits": logits16},
-                   metadata("prompt", f"transformers {transformers.__version__} bfloat16", "bfloat16",
-                            v.rope_factor) | {"attn_implementation": hf16.config._attn_implementation})
-    report.append(f"  hf bf16 vs hf f32 prompt logits NMSE {ref.nmse(logits16, hf_dumps['prompt']['logits']):.2e}")
+    for prefix, (which, dtype, dtype_name) in LOW_PRECISION.items():
+        if which == "meta":
+            low = meta_cases(v.rope_factor, prefix, cases, dtype, dtype_name)
+        else:
+            model = ref.load_hf(folder, dtype)
+            check_loaded(folder, model)
+            cache = ref.hf_new_cache(model)
+            low = {"prompt": ref.hf_run(model, prompt, 0), "far": ref.hf_run(model, far, FAR_POS, cache),
+                   "far_decode": ref.hf_run(model, decode, FAR_POS + FAR_LEN, cache)}
+            for case, stages in low.items():
+                write_dump(folder / f"{prefix}_{case}.safetensors", stages,
+                           metadata(case, f"transformers {transformers.__version__} {dtype_name}", dtype_name,
+                                    v.rope_factor) | {"attn_implementation": model.config._attn_implementation})
+        report.append(f"  {prefix} vs hf f32 logits NMSE " + ", ".join(
+            f"{case} {ref.nmse(low[case]['logits'], hf_dumps[case]['logits']):.2e}" for case in cases))
     s = hf_dumps["prompt"]
     report.append("  spread (std) of hf prompt stages: " + ", ".join(
         f"{k} {float(np.std(s[k])):.2f}" for k in ("embed", "layers.0.q", "layers.1.h", "layers.1.out", "logits")))

@@ -29,7 +29,7 @@ def run(args) -> int:
     progress = ProgressLine("bench", "steps")  # about half a minute on the default model
     try:
         result = bench(model_dir(args.model), args.dtype, args.prompt, args.new, args.runs, args.rope_factor,
-                       progress.update)
+                       progress.update, args.compute, args.convention)
     finally:
         progress.clear()
     if args.json:

@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import assets, products
 from ..checks import token_ids
+from ..config import COMPUTE_DTYPES, CONVENTIONS, ModelConfig
 from ..errors import Llama3Error, ParameterError
 from ..generation import PREFILL_CHUNK, Generation, Step
 from ..load import DEFAULT_CTX, LoadedModel, load_model
@@ -29,7 +30,7 @@ from ..text.chat import CHAT_FORMATS
 from ..text.pieces import format_pieces, pieces
 from ..text.template import read_template_file
 from ..text.tools import read_tools
-from ..text.tokenizer import StreamDecoder
+from ..text.stop import StopText
 from ..xcheck.bench import peak_rss_mb
 from ..xcheck.dump import Inputs, resolve_inputs
 
@@ -46,11 +47,13 @@ FLAGS = {
     "dry_allowed_length": "--dry-allowed-length", "dry_penalty_last_n": "--dry-penalty-last-n",
     "dry_sequence_breakers": "--dry-sequence-breaker", "xtc_probability": "--xtc-probability",
     "xtc_threshold": "--xtc-threshold", "top_n": "--top-n", "chat_format": "--chat-format", "tools": "--tools",
+    "stop": "-r",
     "lr": "--learning-rate", "betas": "--adam-beta1/--adam-beta2", "eps": "--adam-epsilon",
     "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm", "max_steps": "--max-steps",
     "seq_len": "--seq-len", "batch_size": "--batch-size", "warmup_steps": "--warmup-steps",
     "eval_steps": "--eval-steps", "save_steps": "--save-steps", "lora_r": "--lora-r", "lora_target": "--lora-target",
     "pos": "--pos", "like": "--like", "k": "--explain",
+    "compute": "--compute", "convention": "--convention", "dtype": "--dtype",
 }
 
 
@@ -65,7 +68,7 @@ LLAMA_CPP_ONLY_FLAGS = [
     (("-fa", "--flash-attn"), "selects a flash-attention kernel",
      "llama3_np computes attention one way, the specification's (model.attention)"),
     (("-ctk", "--cache-type-k", "-ctv", "--cache-type-v"), "sets the data type of the KV cache",
-     "llama3_np's KV cache is float32"),
+     "llama3_np's KV cache holds the compute mode's dtype: choose it with --compute"),
     (("-np", "--parallel", "-ns", "--sequences", "-cb", "--cont-batching", "-nocb", "--no-cont-batching"),
      "decodes several sequences at once", "llama3_np decodes one"),
     (("-cnv", "--conversation", "-no-cnv", "--no-conversation", "-i", "--interactive", "-if", "--interactive-first",
@@ -96,11 +99,12 @@ LLAMA_CPP_ONLY_FLAGS = [
      "llama3_np uses no network: download the model yourself and pass -m its folder or .gguf file"),
     (("--jinja", "--chat-template", "--chat-template-file"), "chooses the chat template",
      "a checkpoint's template is used by default; --chat-format llama3, chatml or template chooses"),
-    (("-r", "--reverse-prompt", "--in-prefix", "--in-suffix", "--in-prefix-bos", "-e", "--escape", "--no-escape",
+    (("--in-prefix", "--in-suffix", "--in-prefix-bos", "-e", "--escape", "--no-escape",
       "--keep", "--prompt-cache", "--prompt-cache-all", "--prompt-cache-ro", "--lora-scaled",
       "--control-vector", "-sysf", "--system-prompt-file", "-sp", "--special", "--no-warmup", "-v", "--verbose",
       "--log-disable", "--log-file"), "is a llama.cpp feature llama3_np does not have",
      "the command's --help lists the flags it takes"),
+    (("-r", "--reverse-prompt"), "stops generation at a string", "generate takes it; chat does not yet"),
 ]
 
 
@@ -152,10 +156,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """The flags of every command that loads a model and computes with it."""
     p.add_argument("-m", "--model", metavar="DIR",
                    help="checkpoint folder (Hugging Face or Meta format) or .gguf file; default: the default model")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "gguf"], default="float32",
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "gguf"],
                    help="weight residency: float32 (fast), bfloat16 (half the memory; a GGUF's quantized "
                         "values only where bfloat16 holds them exactly) or gguf (a GGUF file's own "
-                        "quantized blocks, dequantized row block by row block in each product) (default %(default)s)")
+                        "quantized blocks, dequantized row block by row block in each product); default "
+                        "float32, or the --compute dtype for bfloat16 and float16")
+    p.add_argument("--compute", choices=COMPUTE_DTYPES, default="float32",
+                   help="what every stage computes in: float32 (default); float64 (the exact value, weights "
+                        "upcast); bfloat16 or float16 (an engine's arithmetic, emulated: products accumulated "
+                        "in float32, each stage rounded to the dtype where the engine rounds it, KV cache in "
+                        "the dtype; llama3_np/model.py cites the cast points)")
+    p.add_argument("--convention", choices=CONVENTIONS, default="transformers",
+                   help="where --compute bfloat16/float16 rounds: as Hugging Face transformers' LlamaForCausalLM "
+                        "(eager attention) does, or as Meta's llama-models reference does; they differ in rope "
+                        "and the attention scale (default transformers)")
     p.add_argument("--lora", metavar="ADAPTER_DIR",
                    help="run with a LoRA adapter (a peft folder, as `train --lora-r` writes), unmerged")
     p.add_argument("--rope-factor", type=float, metavar="F",
@@ -167,7 +181,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_sampling_args(p: argparse.ArgumentParser, n_predict: int = 128) -> None:
     """-n, whose default (`n_predict`) is the command's, the sampler chain's flags, -s and -c."""
     p.add_argument("-n", "--n-predict", "--predict", dest="n_predict", type=int, default=n_predict, metavar="N",
-                   help="tokens to generate; -1: until a stop token or the context is full (default %(default)s)")
+                   help="tokens to generate; -1: until a stop token or the context is full; "
+                        "0: evaluate the prompt only (default %(default)s)")
     add_chain_args(p)
     p.add_argument("-s", "--seed", type=int, default=-1,
                    help="random seed; -1 = a random one, printed with the statistics (default %(default)s)")
@@ -335,11 +350,12 @@ def model_dir(arg: Optional[str]) -> Path:
 
 
 def load(args, need_tokenizer: bool) -> LoadedModel:
-    """The model of -m, --dtype and --rope-factor; a -c/--ctx-size beyond its trained context
-    is refused before its weights are read."""
+    """The model of -m, --dtype, --rope-factor, --compute and --convention; a -c/--ctx-size beyond
+    its trained context is refused before its weights are read."""
     check_model_arg(args.model)
     return load_model(args.model, dtype=args.dtype, rope_factor=args.rope_factor, need_tokenizer=need_tokenizer,
-                      ctx=getattr(args, "ctx", None), lora=getattr(args, "lora", None))
+                      ctx=getattr(args, "ctx", None), lora=getattr(args, "lora", None), compute=args.compute,
+                      convention=args.convention)
 
 
 def read_text_file(name: str, what: str = "prompt file") -> str:
@@ -411,7 +427,8 @@ def plural(n: int, noun: str) -> str:
 
 
 # How the statistics line says why generation ended (Generation.stop_reason).
-STOP_REASONS = {"stop": "stop token", "length": "-n limit", "context": "context full", "interrupted": "interrupted"}
+STOP_REASONS = {"stop": "stop token", "stop_string": "stop string", "length": "-n limit", "context": "context full",
+                "interrupted": "interrupted"}
 
 
 def stats_line(loaded: Optional[LoadedModel], out: Generation, seed: Optional[int]) -> str:
@@ -432,22 +449,25 @@ def verbose_prompt(tokenizer, prompt: list[int]) -> str:
 
 
 class Printer:
-    """Streams generated ids to stdout as UTF-8 text (ids themselves when there is no tokenizer)."""
+    """Streams generated ids to stdout as UTF-8 text (ids themselves when there is no tokenizer),
+    ending the text before a stop string (`stop_text`, which then ends the generation: `consume`).
+    `shown` is all the text so far; quiet: print nothing (--json, --explain keep only `shown`)."""
 
-    def __init__(self, tokenizer, stop_ids):
+    def __init__(self, tokenizer, stop_ids, stop_text: Optional[StopText] = None, quiet: bool = False):
         self.tokenizer, self.stop_ids = tokenizer, stop_ids
-        self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
-        self.stream = sys.stdout.buffer
+        self.text = stop_text if stop_text is not None else StopText(tokenizer) if tokenizer is not None else None
+        self.stream = None if quiet else sys.stdout.buffer
+        self.shown = ""
 
     def __call__(self, step: Step) -> None:
         if step.token in self.stop_ids:
             return
-        text = self.decoder.push(step.token) if self.decoder else f"{step.token} "
-        self.write(text)
+        self.write(self.text.push(step.token) if self.text else f"{step.token} ")
 
-    def write(self, text: str) -> None:
-        if text:
-            self.stream.write(text.encode("utf-8"))
+    def write(self, text: str, end: str = "") -> None:
+        self.shown += text
+        if self.stream is not None and text + end:
+            self.stream.write((text + end).encode("utf-8"))
             self.stream.flush()
 
     def echo(self, prompt: list[int]) -> None:
@@ -459,7 +479,7 @@ class Printer:
         self.write(tok.decode(prompt) if tok is not None else "".join(f"{i} " for i in prompt))
 
     def finish(self) -> None:
-        self.write((self.decoder.flush() if self.decoder else "") + "\n")
+        self.write(self.text.flush() if self.text else "", end="\n")
 
 
 # A progress line on stderr is shown once the work has run for this long.
@@ -501,13 +521,17 @@ class ProgressLine:
             self.width = 0
 
 
-def consume(generation: Generation, on_step) -> Generation:
-    """Run a generation, handing each step to `on_step`. Ctrl-C ends it early, with stop reason
-    "interrupted"; what was printed stays (a prefill's progress line is wiped), and the session
-    keeps what its cache holds."""
+def consume(generation: Generation, on_step, stop_text: Optional[StopText] = None) -> Generation:
+    """Run a generation, handing each step to `on_step`. A stop string found by `stop_text` ends
+    it, with stop reason "stop_string"; Ctrl-C ends it early, with stop reason "interrupted"; what
+    was printed stays (a prefill's progress line is wiped), and the session keeps what its cache
+    holds."""
     try:
         for step in generation:
             on_step(step)
+            if stop_text is not None and stop_text.found is not None:
+                generation.stop_reason = "stop_string"
+                break
     except KeyboardInterrupt:
         generation.stop_reason = "interrupted"
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..backward import IGNORE_INDEX, loss_and_gradients
 from ..errors import Llama3Error
 from ..stages import Trace, check_globs, stage_shapes
-from ..xcheck.dump import dump_metadata, read_dump, run_forward, write_dump
+from ..xcheck.dump import convention_metadata, dump_metadata, read_dump, run_forward, write_dump
 from .common import add_input_args, add_model_args, load_with_inputs
 
 
@@ -46,8 +46,10 @@ def run(args) -> int:
     else:
         globs = ["*"]
     trace = Trace(globs)
-    extra = {}
+    extra = convention_metadata(loaded.compute)
     if args.grad:
+        if loaded.compute.dtype != "float32":
+            raise Llama3Error("--grad: the gradient is computed in float32; leave out --compute")
         if inputs.context:
             raise Llama3Error("--grad: the gradient is of one pass over the tokens from their position, "
                               "without a KV-cache context; dump the context and the tokens together")
@@ -55,8 +57,8 @@ def run(args) -> int:
         loss, _ = loss_and_gradients(loaded.weights, loaded.config, inputs.tokens, targets, inputs.pos, trace=trace)
         extra = {"targets": json.dumps(targets), "loss": repr(loss)}
     else:
-        run_forward(loaded.weights, loaded.config, inputs, trace)
-    write_dump(output, dict(trace), dump_metadata(loaded.config, inputs, "float32",
+        run_forward(loaded.weights, loaded.config, inputs, trace, loaded.compute)
+    write_dump(output, dict(trace), dump_metadata(loaded.config, inputs, loaded.compute.dtype,
                                                   residency=loaded.checkpoint.dtype,
                                                   format=loaded.checkpoint.format, **extra))
     size = output.stat().st_size

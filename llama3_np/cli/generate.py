@@ -17,6 +17,7 @@ from ..errors import Llama3Error
 from ..generation import Step
 from ..products import get_threads
 from ..text.chat import describe
+from ..text.stop import StopText, check_stop_strings
 from ..xcheck.bench import peak_rss_mb
 from .common import (Printer, ProgressLine, add_chat_args, add_model_args, add_sampling_args, chat_format, consume,
                      for_model, load, parse_token_ids, read_prompt, sampling_params, seeded_rng, stats_line,
@@ -34,6 +35,9 @@ def add_command(sub) -> None:
     src.add_argument("--tokens", help="prompt as comma-separated token ids (no tokenizer needed)")
     add_sampling_args(g)
     # Not a shared sampling flag: a chat answer ends at its end-of-turn token, so `chat` has none.
+    g.add_argument("-r", "--reverse-prompt", action="append", metavar="PROMPT",
+                   help="end the text before this text, when generated (repeat the flag for several); the text "
+                        "that could begin it is held back until it cannot")
     g.add_argument("--ignore-eos", action="store_true",
                    help="never draw an end-of-generation token (their logits become -inf, as in llama.cpp): "
                         "generate until -n or a full context; not with --chat")
@@ -98,6 +102,7 @@ def run_generate(args) -> int:
         raise Llama3Error("--echo goes with streamed text, not with --json or --explain")
     if args.ignore_eos and args.chat:
         raise Llama3Error("--ignore-eos does not go with --chat: a chat answer ends at its end-of-turn token")
+    stops = check_stop_strings(args.reverse_prompt or ())
     loaded = load(args, need_tokenizer=args.tokens is None)
     if args.tokens is not None:
         if args.chat:
@@ -127,18 +132,30 @@ def run_generate(args) -> int:
     session = loaded.session(cache_len, ProgressLine("prefill"))
     stop_ids = session.stop_ids
     params = for_model(params, loaded)
-    printer = None if args.json or explain else Printer(loaded.tokenizer, stop_ids)
+    if stops and loaded.tokenizer is None:
+        raise Llama3Error("-r needs the model's tokenizer to read the text generated: use a checkpoint with its "
+                          "tokenizer files")
+    stop_text = StopText(loaded.tokenizer, stops) if loaded.tokenizer is not None else None
+    printer = Printer(loaded.tokenizer, stop_ids, stop_text, quiet=args.json or explain)
     if args.echo:
         printer.echo(prompt)
-    on_step = print_explanation(loaded.tokenizer, args.explain, args.json) if explain else printer or (lambda step: None)
+    if explain:
+        explainer = print_explanation(loaded.tokenizer, args.explain, args.json)
+
+        def on_step(step):
+            explainer(step)
+            printer(step)
+    else:
+        on_step = printer
     # --ignore-eos: the end-of-generation tokens are never drawn, so nothing stops the generation early.
     stop, suppressed = ((), stop_ids) if args.ignore_eos else (stop_ids, ())
-    out = consume(session.generate(prompt, params, rng, args.n_predict, stop, suppressed), on_step)
+    out = consume(session.generate(prompt, params, rng, args.n_predict, stop, suppressed), on_step, stop_text)
+    printer.finish()
 
     if args.json:
         result = {
             "prompt_ids": out.prompt_ids, "ids": out.ids,
-            "text": loaded.tokenizer.decode(out.text_ids) if loaded.tokenizer else None,
+            "text": printer.shown if loaded.tokenizer else None,
             "stop_reason": out.stop_reason, "seed": seed,
             "timings": {"load_s": loaded.load_seconds, "prefill_s": out.prefill_seconds,
                         "decode_s": out.decode_seconds,
@@ -148,7 +165,5 @@ def run_generate(args) -> int:
         }
         sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
     else:
-        if printer is not None:
-            printer.finish()
         print(stats_line(loaded, out, seed if not params.greedy else None), file=sys.stderr)
     return 130 if out.stop_reason == "interrupted" else 0

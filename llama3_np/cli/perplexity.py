@@ -76,7 +76,7 @@ def run(args) -> int:
 
     try:
         result = run_perplexity(loaded.checkpoint.weights, config, ids, args.ctx, args.batch, bos, args.chunks,
-                                save, base, bar, on_window)
+                                save, base, bar, on_window, loaded.compute)
     except BaseException:
         progress.clear()
         if save is not None:

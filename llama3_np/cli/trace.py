@@ -28,7 +28,7 @@ def run(args) -> int:
     patterns = ["embed", "layers.*.out", "norm", "logits"]
     patterns += [f"layers.{i}.{stage}" for i in layers for stage in LAYER_STAGES]
     trace = StatsTrace(patterns)
-    run_forward(loaded.weights, loaded.config, inputs, trace)
+    run_forward(loaded.weights, loaded.config, inputs, trace, loaded.compute)
     T, S = len(inputs.tokens), len(inputs.context) + len(inputs.tokens)
     header = (f"{loaded.checkpoint.path}: D={c.dim} H={c.n_heads} KV={c.n_kv_heads} Dh={c.head_dim} "
               f"F={c.ffn_dim} V={c.vocab_size}, {c.n_layers} layers; T={T} tokens at positions "

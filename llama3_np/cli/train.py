@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..errors import Llama3Error
+from ..files import make_folder
 from ..formats.checkpoint import load_checkpoint
 from ..formats.gguf_file import is_gguf
 from ..lora import TARGETS, LoraConfig
@@ -111,7 +112,7 @@ def run(args) -> int:
     else:
         weights = loaded.weights if args.from_scratch is None else init_weights(config, targs.seed)
         trainer = Trainer(weights, config, train, validation, targs, lora=lora)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     n_params = sum(a.size for k, a in trainer.parameters().items() if not (k == "output.weight" and config.tie_embeddings))
     print(f"training {n_params / 1e6:.1f}M parameters on {len(train)} sequences of {targs.seq_len} tokens "
           f"({len(train) * targs.seq_len} tokens), {targs.batch_size} per step", file=sys.stderr)

@@ -59,7 +59,7 @@ def run(args) -> int:
         layers = parse_list(args.layers, c.n_layers, sorted({0, c.n_layers - 1}), "--layers", "layer")
         heads = parse_list(args.heads, c.n_heads, list(range(c.n_rep)), "--heads", "query head")
         trace = Trace(trace_patterns(layers))
-        run_forward(loaded.weights, loaded.config, inputs, trace)
+        run_forward(loaded.weights, loaded.config, inputs, trace, loaded.compute)
         page = walkthrough_page(loaded.checkpoint.weights, c, trace, inputs.tokens, layers=layers, heads=heads,
                                 pos=inputs.pos, context=inputs.context, tokenizer=loaded.tokenizer,
                                 model_name=str(loaded.checkpoint.path))

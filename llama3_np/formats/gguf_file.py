@@ -44,17 +44,18 @@ _STRING, _ARRAY = 8, 9
 
 
 def describe_start(head: bytes) -> str:
-    """What a file that should be GGUF looks like instead, from its first bytes."""
+    """What a file that should be GGUF is instead, in words, from its first bytes: empty, an HTML
+    page (a failed download or a login page), a git-lfs pointer (the file itself was never fetched)."""
     if not head:
-        return "is empty (0 bytes)"
+        return "it is empty: 0 bytes"
     text = head.lstrip().lower()
     if text.startswith(b"version https://git-lfs"):
-        return "is a git-lfs pointer (a small text file standing for the real one: `git lfs pull` fetches it)"
+        return "it is a git-lfs pointer, a small text file standing for the real one: `git lfs pull` fetches it"
     if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
-        return "is an HTML page (a download that returned a web page, such as a login or error page)"
+        return "it is an HTML page, not a model: the download failed or needed a login"
     if text.startswith((b"{", b"[")):
-        return f"is JSON text (it starts with {head[:24]!r})"
-    return f"starts with {head[:16]!r}"
+        return f"it is JSON text, starting with {head[:24]!r}"
+    return f"it starts with {head[:16]!r}"
 
 
 def is_gguf(path: Path) -> bool:
@@ -130,7 +131,7 @@ class GGUFFile:
         except OSError as e:
             raise Llama3Error(f"{self.path}: cannot read: {e.strerror or e}") from None
         if head[:4] != MAGIC:
-            raise Llama3Error(f"{self.path}: not a GGUF file: it {describe_start(head)}")
+            raise Llama3Error(f"{self.path}: not a GGUF file ({describe_start(head)}); download it again")
         if len(head) < 24:
             raise self._truncated(len(head), "the header")
         self.data = np.memmap(self.path, dtype=np.uint8, mode="r")

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import ComputeMode, ModelConfig
 from ..errors import Llama3Error, ParameterError
 from ..generation import Session
 from ..products import (BFLOAT16_CONVERSIONS, bfloat16_conversion, conversion_rows, get_threads, linear,
@@ -238,12 +238,18 @@ def run_generations(session_factory, prompt: list[int], new: int, runs: int, ste
     return statistics.median(prefill), statistics.median(decode), ids
 
 
-def bench(path, dtype: str = "float32", prompt_tokens: int = 512, new_tokens: int = 128, runs: int = 3,
-          rope_factor=None, progress: Optional[Callable[[int, int], None]] = None) -> BenchResult:
+def bench(path, dtype: Optional[str] = None, prompt_tokens: int = 512, new_tokens: int = 128, runs: int = 3,
+          rope_factor=None, progress: Optional[Callable[[int, int], None]] = None, compute: str = "float32",
+          convention: str = "transformers") -> BenchResult:
     """Load the checkpoint folder `path` and measure it (see the module docstring). progress:
     called with (done, total) steps: the load, the warm-up, each run, each limit measured and the
-    bfloat16 conversions."""
+    bfloat16 conversions. compute, convention: the compute mode (`config.ComputeMode`), which
+    decides the residency when `dtype` is None (`load.residency`)."""
     from ..formats.checkpoint import load_checkpoint
+    from ..load import checkpoint_for, residency
+
+    mode = ComputeMode.of(compute, convention)
+    dtype = residency(dtype, mode)
 
     if prompt_tokens < 1:
         raise ParameterError("prompt_tokens", f"prompt_tokens must be at least 1 token, got {prompt_tokens}")
@@ -260,7 +266,7 @@ def bench(path, dtype: str = "float32", prompt_tokens: int = 512, new_tokens: in
             progress(next(steps), total)
 
     t0 = time.perf_counter()
-    checkpoint = load_checkpoint(path, dtype=dtype, rope_factor=rope_factor)
+    checkpoint = checkpoint_for(load_checkpoint(path, dtype=dtype, rope_factor=rope_factor), mode)
     load_s = time.perf_counter() - t0
     step()
     config = checkpoint.config
@@ -269,10 +275,10 @@ def bench(path, dtype: str = "float32", prompt_tokens: int = 512, new_tokens: in
         raise Llama3Error(f"prompt_tokens + new_tokens = {ctx} tokens exceeds the model's context of "
                           f"{config.max_seq_len}")
     prompt = synthetic_prompt(prompt_tokens, config.vocab_size)
-    prefill, decode, ids = run_generations(lambda: Session(checkpoint.weights, config, ctx), prompt,
+    prefill, decode, ids = run_generations(lambda: Session(checkpoint.weights, config, ctx, compute=mode), prompt,
                                            new_tokens, runs, step)
     rss = peak_rss_mb()  # before the limit measurements allocate their own matrices
-    itemsize = 4 if dtype == "float32" else max(w.itemsize for w in checkpoint.weights.values())
+    itemsize = max(w.itemsize for w in checkpoint.weights.values())
     bandwidth = measure_read_bandwidth()
     step()
     matvec = measure_matvec()
@@ -285,7 +291,7 @@ def bench(path, dtype: str = "float32", prompt_tokens: int = 512, new_tokens: in
     bytes_per_token = decode_bytes_per_token(config, itemsize, prompt_tokens, new_tokens)
     flops_per_token = prefill_flops(config, prompt_tokens) / prompt_tokens
     return BenchResult(
-        model=str(checkpoint.path), dtype=dtype, threads=get_threads(), load_average=load_average,
+        model=str(checkpoint.path), dtype=checkpoint.dtype, threads=get_threads(), load_average=load_average,
         cpus=os.cpu_count() or 1, prompt_tokens=prompt_tokens,
         new_tokens=new_tokens, runs=runs, load_s=load_s, prefill_tokens_per_s=prefill,
         decode_tokens_per_s=decode, peak_rss_mb=rss, weight_mb=weight_bytes(config, itemsize) / 1e6,

@@ -7,8 +7,9 @@ committed parity fixtures, and any other implementation that wants to be compare
 
     a safetensors file, one float32 tensor per stage, named and shaped as `llama3_np.stages`
     says (q/k in Meta's interleaved rope layout), and the string metadata of `METADATA`; llama3_np
-    adds residency (how it kept the weights: float32 or bfloat16) and format (of the checkpoint
-    folder: hf or meta).
+    adds residency (how it kept the weights: float32, bfloat16, float16 or float64), format (of the
+    checkpoint folder: hf or meta) and, in bfloat16 and float16, convention (whose cast points it
+    followed: transformers or meta).
 
 Two dumps record the same computation when their inputs (config, tokens, positions, context)
 agree; config fields no stage reads (`CONFIG_FIELDS_OUTSIDE_THE_MATH`) may differ, so that dumps
@@ -26,7 +27,7 @@ import numpy as np
 
 from .. import __version__
 from ..checks import token_ids
-from ..config import ModelConfig
+from ..config import ComputeMode, ModelConfig
 from ..errors import Llama3Error, ParameterError
 from ..formats.safetensors_file import SafetensorsFile, write_safetensors
 from ..model import KVCache, forward
@@ -40,7 +41,7 @@ METADATA = {
     "context_tokens": "JSON list of the token ids in the KV cache before them",
     "context_pos": "rope position of the first context token",
     "producer": "the implementation and version that wrote the file",
-    "dtype": "what the producer computed in (float32 or bfloat16)",
+    "dtype": "what the producer computed in (float64, float32, bfloat16 or float16)",
 }
 # The keys that say which computation a dump records: two dumps to compare must agree on them.
 INPUT_KEYS = ("config", "tokens", "pos", "context_tokens", "context_pos")
@@ -119,6 +120,12 @@ def dump_metadata(config: ModelConfig, inputs: Inputs, dtype: str, producer: Opt
                 "context_tokens": json.dumps(inputs.context), "context_pos": str(inputs.context_pos),
                 "producer": producer or f"llama3_np {__version__}", "dtype": dtype}
     return {**metadata, **extra}
+
+
+def convention_metadata(mode: ComputeMode) -> dict[str, str]:
+    """llama3_np's `convention` key: where a bfloat16/float16 dump rounded (transformers or meta);
+    nothing for float32 and float64, which have no convention."""
+    return {"convention": mode.convention} if mode.casts else {}
 
 
 def run_forward(weights: Mapping[str, np.ndarray], config: ModelConfig, inputs: Inputs, trace: Trace,

@@ -65,12 +65,12 @@ def first_scored(ctx: int) -> int:
 
 
 def scored_logits(weights: Mapping[str, np.ndarray], config: ModelConfig, window: list[int], batch: int,
-                  on_batch: Optional[Callable[[int], None]] = None) -> np.ndarray:
+                  on_batch: Optional[Callable[[int], None]] = None, compute="float32") -> np.ndarray:
     # [ctx] -> [ctx - 1 - ctx/2, V]
     """Logits at positions ctx/2 .. ctx-2 of one window run from an empty cache, `batch` tokens
-    per forward call."""
+    per forward call, in compute mode `compute`."""
     ctx, first = len(window), first_scored(len(window))
-    cache = KVCache(config, ctx)
+    cache = KVCache(config, ctx, compute)
     rows = []
     for start in range(0, ctx, batch):
         part = window[start:start + batch]
@@ -157,8 +157,9 @@ def run_perplexity(weights: Mapping[str, np.ndarray], config: ModelConfig, ids: 
                    batch: Optional[int] = None, bos_id: Optional[int] = None, chunks: Optional[int] = None,
                    save: Optional["LogitsWriter"] = None, base: Optional["BaseLogits"] = None,
                    on_progress: Optional[Callable[[int, int, int], None]] = None,
-                   on_window: Optional[Callable[[Result], None]] = None) -> Result:
-    """Score `ids` window by window (see the module docstring).
+                   on_window: Optional[Callable[[Result], None]] = None, compute="float32") -> Result:
+    """Score `ids` window by window (see the module docstring), in compute mode `compute`
+    (`config.ComputeMode` or its name).
 
     save: receives each window's scored logits. base: earlier logits of the same windows, for KL.
     on_progress(window, tokens done in it, ctx) and on_window(result so far) report as it goes.
@@ -171,7 +172,7 @@ def run_perplexity(weights: Mapping[str, np.ndarray], config: ModelConfig, ids: 
     first = first_scored(ctx)
     for i, window in enumerate(wins):
         report = (lambda done, i=i: on_progress(i, done, ctx)) if on_progress else None
-        logits = scored_logits(weights, config, window, batch, report)  # [ctx - 1 - first, V]
+        logits = scored_logits(weights, config, window, batch, report, compute)  # [ctx - 1 - first, V]
         targets = np.asarray(ids[i * ctx + first + 1:(i + 1) * ctx])
         result.nll.append(token_nll(logits, targets))
         if save is not None:

@@ -157,3 +157,17 @@ def test_bad_checkpoint_is_one_line_exit_2_and_nothing_runs(tmp_path, capsys, mo
         load_checkpoint(folder)
     assert load_message in str(e.value)
     assert not (tmp_path / "code-ran").exists()
+
+
+@pytest.mark.parametrize("content,says", [
+    (b"<!DOCTYPE html><html><body>Sign in</body></html>", "it is an HTML page"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n", "it is a git-lfs pointer"),
+    (b"", "it is empty"),
+    (b"PK\x03\x04junk", "it starts with b'PK\\x03\\x04junk'"),
+])
+def test_a_gguf_name_on_something_else_says_what_the_file_is(tmp_path, capsys, content, says):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    assert main(["inspect", "-m", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"not a GGUF file ({says}" in err and "download it again" in err and len(err.strip().splitlines()) == 1, err

@@ -16,6 +16,7 @@ from llama3_np.assets import default_model
 from llama3_np.formats.checkpoint import hf_config_dict, hf_name, permute_qk, scan_checkpoint
 from llama3_np.formats.gguf_import import tokenizer_objects
 from llama3_np.cli import main
+from llama3_np.errors import ParameterError
 from llama3_np.model import forward
 from llama3_np.formats.safetensors_file import write_safetensors
 from llama3_np.formats.checkpoint import load_checkpoint
@@ -51,6 +52,15 @@ def test_greedy_json_equals_greedy_argmax_of_forward():
     assert out["prompt_ids"] == [5, 17, 99, 3] and out["ids"] == ids[4:]
     assert out["stop_reason"] == "length" and out["text"] is None
     assert set(out["timings"]) >= {"load_s", "prefill_s", "decode_s", "prefill_tokens_per_s", "decode_tokens_per_s"}
+
+
+def test_n_zero_evaluates_the_prompt_only():
+    """-n 0 as in llama.cpp: the prompt is evaluated (its timing reported), nothing generated."""
+    proc = cli("generate", "-m", str(PARITY), "--tokens", "5,17", "-n", "0", "--json")
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = json.loads(proc.stdout)
+    assert out["prompt_ids"] == [5, 17] and out["ids"] == [] and out["stop_reason"] == "length"
+    assert out["timings"]["prefill_s"] > 0
 
 
 def test_seed_reproduces_a_sampled_run():
@@ -151,6 +161,7 @@ def test_streamed_multibyte_characters_arrive_intact(tmp_path, monkeypatch):
     # --samplers is checked before the model loads: the missing folder is not what is reported
     (["generate", "-m", "/no/such/folder", "-p", "hi", "--samplers", "top_k;foo"], ["--samplers", "unknown sampler 'foo'"]),
     (["generate", "-m", "/no/such/folder", "-p", "hi", "--samplers", "top_k;temp;top-k"], ["--samplers", "'top_k' is given twice"]),
+    (["generate", "-m", "/no/such/folder", "-p", "hi", "-r", ""], ["-r: a stop string must be non-empty text"]),
     (["chat", "-m", "/no/such/folder", "--samplers", "infill"], ["--samplers", "'infill'", "not implemented"]),
     (["generate", "-m", "/no/such/folder", "-p", "hi", "--dry-base", "0.5"], ["--dry-base: dry_base must be a finite number >= 1"]),
     (["generate", "-m", "/no/such/folder", "-p", "hi", "--dry-multiplier", "-1"], ["--dry-multiplier: dry_multiplier must be >= 0"]),
@@ -166,7 +177,7 @@ def test_streamed_multibyte_characters_arrive_intact(tmp_path, monkeypatch):
     (["generate", "-m", "/no/such/folder", "-p", "hi", "--typical", "1.5"], ["--typical: typical_p must be in [0, 1]"]),
     (["chat", "-m", "/no/such/folder", "--top-nsigma", "nan"], ["--top-nsigma: top_n_sigma must be a finite number"]),
     (["generate", "-p", "hi", "--samplers", "top_k", "--sampling-seq", "k"], ["--sampling-seq", "not allowed with"]),
-    (["generate", "-m", str(PARITY), "--tokens", "1", "-n", "0"], ["-n: max_new must be >= 1"]),
+    (["generate", "-m", str(PARITY), "--tokens", "1", "-n", "-2"], ["-n: max_new must be >= 0, or -1"]),
     (["generate", "-m", str(PARITY), "--tokens", "1", "--seed", "-2"], ["--seed", "or -1 for a random seed"]),
     (["generate", "-m", str(PARITY), "--tokens", "1", "--dtype", "int8"], ["--dtype", "invalid choice"]),
     (["generate", "-m", "/no/such/folder", "-p", "hi"], ["/no/such/folder", "does not exist"]),
@@ -251,3 +262,46 @@ def test_greedy_generate_reproduces_transformers_float32(case):
         assert out["stop_reason"] == "length" and out["ids"] == case["ids"], (
             f"first difference at token {next(i for i, (a, b) in enumerate(zip(out['ids'], case['ids'])) if a != b)}")
         assert out["text"] == case["text"]
+
+
+# --- stop strings -------------------------------------------------------------------------------
+
+def test_reverse_prompt_ends_the_text_before_it_across_tokens_and_holds_back_only_what_could_begin_it(
+        tmp_path, monkeypatch, capsys):
+    folder, chain = chain_model(tmp_path)
+    args = ["generate", "-m", str(folder), "--tokens", str(chain[0]), "-n", str(len(chain) - 1), "--temp", "0"]
+    first = "na"  # the text of chain[0]
+
+    def streamed(*flags):
+        rec = Recorder()
+        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(rec))
+        assert main(args + list(flags)) == 0
+        return [w.decode("utf-8") for w in rec.writes]
+
+    # "🌸🎉" spans tokens (and splits characters' bytes): the text ends before it
+    writes = streamed("-r", "🌸🎉")
+    assert first + "".join(writes) == TARGET[:TARGET.index("🌸🎉")] + "\n"
+    assert "stop: stop string" in capsys.readouterr().err
+    # "京 X" never comes: "京 " is held back while it could begin it, then shown with what follows
+    writes = streamed("-r", "京 X", "-r", "zzz")
+    assert first + "".join(writes) == TARGET + "\n"
+    assert not any(w.endswith(("京", "京 ")) for w in writes) and any("京 🌸" in w for w in writes)
+    # --json: the text without the stop string, stop reason "stop_string"
+    monkeypatch.undo()
+    assert main(args + ["--json", "-r", "東京", "-r", "fin"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["text"], result["stop_reason"]) == (TARGET[len(first):TARGET.index("東京")], "stop_string")
+
+
+def test_the_api_stop_strings_end_generate_and_stream_alike(tmp_path):
+    from llama3_np.load import load_model
+
+    folder, chain = chain_model(tmp_path)
+    model = load_model(folder)
+    n = len(chain) - 1
+    assert model.generate("na", n) == TARGET[2:]
+    assert model.generate("na", n, stop=["🌸🎉", " f"]) == TARGET[2:TARGET.index("🌸🎉")]
+    pieces = list(model.stream("na", n, stop=["東京"]))
+    assert "".join(pieces) == TARGET[2:TARGET.index("東京")] and all(pieces)
+    with pytest.raises(ParameterError, match="stop string must be non-empty"):
+        model.generate("na", n, stop=[""])

@@ -21,7 +21,7 @@ from tests.cli.test_flags import PARITY, REPO, run, subparsers  # PARITY: no tok
     (["--n-gpu-layers=99"], "--n-gpu-layers offloads layers to a GPU; llama3_np runs on the CPU"),
     (["-fa", "on"], "-fa selects a flash-attention kernel; llama3_np computes attention one way, the "
                     "specification's (model.attention)"),
-    (["-ctk", "q8_0"], "-ctk sets the data type of the KV cache; llama3_np's KV cache is float32"),
+    (["-ctk", "q8_0"], "-ctk sets the data type of the KV cache; llama3_np's KV cache holds the compute mode's dtype: choose it with --compute"),
     (["-np", "4"], "-np decodes several sequences at once; llama3_np decodes one"),
     (["-cnv"], "-cnv switches between completion and conversation; use the chat command for a conversation "
                "and generate for a completion"),

@@ -65,12 +65,12 @@ def _offset(data: bytes, name: str) -> int:
 GOOD = FIXTURE.read_bytes()
 Q = "blk.0.attn_q.weight"
 CASES = {
-    "empty": (b"", "not a GGUF file: it is empty (0 bytes)"),
+    "empty": (b"", "not a GGUF file (it is empty: 0 bytes); download it again"),
     "html": (b"<!DOCTYPE html>\n<html><head><title>Sign in</title>",
-             "not a GGUF file: it is an HTML page (a download that returned a web page"),
+             "not a GGUF file (it is an HTML page, not a model: the download failed or needed a login)"),
     "lfs": (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 4920000000\n",
-            "not a GGUF file: it is a git-lfs pointer"),
-    "other": (b"PK\x03\x04" + bytes(40), "not a GGUF file: it starts with b'PK\\x03\\x04"),
+            "not a GGUF file (it is a git-lfs pointer"),
+    "other": (b"PK\x03\x04" + bytes(40), "not a GGUF file (it starts with b'PK\\x03\\x04"),
     "version 1": (GOOD[:4] + struct.pack("<I", 1) + GOOD[8:], "GGUF version 1; llama3_np reads versions 2 and 3"),
     "metadata cut": (GOOD[:500], "the file is truncated: it ends at byte 500, inside metadata key "
                                  "'tokenizer.ggml.model'; download it again"),
