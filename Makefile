@@ -37,11 +37,11 @@ $(VENV)/.installed-tools: setup.cfg pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-run
 	$(BIN)/llama3-np generate -p "$(PROMPT)" -n 64 --temp 0
 
-# `make test` runs the parity and rope tests a second time with NumPy's AVX-512 targets switched
+# `make test` runs the parity, rope and llama.cpp-arithmetic tests a second time with NumPy's AVX-512 targets switched
 # off, so that every run proves both of NumPy's dispatch paths (why: docs/DESIGN.md, "Numerical facts"). NumPy ignores the names a CPU lacks
 # (then the second run repeats the first); tests/conftest.py stops the run if one stays on.
 NUMPY_AVX512_TARGETS := X86_V4 AVX512_ICL AVX512_SPR
-PARITY_TESTS := tests/test_parity.py tests/test_model.py tests/test_default_model_parity.py
+PARITY_TESTS := tests/test_parity.py tests/test_model.py tests/test_default_model_parity.py tests/test_llamacpp.py
 
 test: $(VENV)/.installed-test
 	$(BIN)/python tools/fetch_tokenizer.py

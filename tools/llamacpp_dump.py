@@ -4,9 +4,9 @@ intermediate tensors, recorded by its evaluation callback:
     python tools/llamacpp_dump.py -m FILE.gguf (-p TEXT | -f FILE | --tokens 1,2,3 | --like DUMP) -o OUT.safetensors
                                   [--pos N] [--stages GLOB ...] [--flash-attn]
 
-llama-cpp-python (0.3.36) runs the GGUF on the CPU, one thread, with the context's `cb_eval`
-callback (llama_context_params.cb_eval, ggml_backend_sched_eval_callback) asking for every node of
-the graph; each computed float32 node whose (name, op) is in `GGML_STAGES` is copied out under the
+llama-cpp-python (0.3.36) runs the GGUF on the CPU, one thread, without ggml's extra buffer types
+(`llama_cpp_model`), with the context's `cb_eval` callback (llama_context_params.cb_eval,
+ggml_backend_sched_eval_callback) asking for every node of the graph; each computed float32 node whose (name, op) is in `GGML_STAGES` is copied out under the
 stage contract's name (`llama3_np.stages`). The KV-cache context of `--like` is fed first, without
 recording. Then:
 
@@ -111,6 +111,38 @@ def tensor_array(t: GGMLTensor) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(values, shape=tuple(t.ne)[::-1], strides=tuple(t.nb)[::-1]).copy()
 
 
+def llama_cpp_model(path: Path, n_ctx: int, flash_attn: bool = False, cb_eval=None):
+    """llama-cpp-python's `Llama` on GGUF `path`, on the CPU, one thread, every token's logits,
+    without ggml's extra buffer types (use_extra_bufts off: no AMX tiles, no weights repacked for
+    this CPU's SIMD width), so that each product runs type_traits_cpu's vec_dot, the same kernels
+    on every x86-64 CPU (AMX faults on a machine that reports it without enabling it). `cb_eval`:
+    the context's evaluation callback (llama_context_params.cb_eval)."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
+    # Llama builds its model and context from the library's default parameters: change those.
+    model_defaults, context_defaults = low.llama_model_default_params, low.llama_context_default_params
+
+    def model_params():
+        params = model_defaults()
+        params.use_extra_bufts = False
+        return params
+
+    def context_params():
+        params = context_defaults()
+        if cb_eval is not None:
+            params.cb_eval, params.cb_eval_user_data = cb_eval, None
+        return params
+
+    low.llama_model_default_params, low.llama_context_default_params = model_params, context_params
+    try:
+        n = max(n_ctx, 64)
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n, n_batch=n, n_ubatch=n, n_threads=1, n_threads_batch=1,
+                               logits_all=True, flash_attn=flash_attn, verbose=False)
+    finally:
+        low.llama_model_default_params, low.llama_context_default_params = model_defaults, context_defaults
+
+
 def llama_cpp_stages(path: Path, context: list[int], tokens: list[int], flash_attn: bool) -> dict[str, np.ndarray]:
     """llama.cpp's nodes for `tokens` (after `context`), by stage name, as ggml lays them out."""
     import llama_cpp
@@ -131,21 +163,7 @@ def llama_cpp_stages(path: Path, context: list[int], tokens: list[int], flash_at
             recorded[name] = tensor_array(t)
         return True
 
-    # llama_cpp.Llama builds its context from llama_context_default_params(): give that the callback.
-    default_params = low.llama_context_default_params
-
-    def with_callback():
-        params = default_params()
-        params.cb_eval, params.cb_eval_user_data = observe, None
-        return params
-
-    n = len(context) + len(tokens)
-    low.llama_context_default_params = with_callback
-    try:
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(n, 64), n_batch=max(n, 64), n_ubatch=max(n, 64),
-                              n_threads=1, n_threads_batch=1, logits_all=True, flash_attn=flash_attn, verbose=False)
-    finally:
-        low.llama_context_default_params = default_params
+    llm = llama_cpp_model(path, len(context) + len(tokens), flash_attn, observe)
     if context:
         llm.eval(context)
     recording[0] = True

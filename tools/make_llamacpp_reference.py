@@ -228,10 +228,9 @@ def prompt_tokens() -> list[int]:
 
 def llama_cpp_logits(path: Path, tokens: list[int], flash_attn: bool = False,
                      prefill: int = PREFILL) -> np.ndarray:  # -> [T, V] float32
-    from llama_cpp import Llama
+    from llamacpp_dump import llama_cpp_model
 
-    llm = Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=1, logits_all=True, flash_attn=flash_attn,
-                verbose=False)
+    llm = llama_cpp_model(path, len(tokens), flash_attn)
     llm.eval(tokens[:prefill])
     for t in tokens[prefill:]:
         llm.eval([t])
