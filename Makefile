@@ -68,6 +68,7 @@ fixtures: tools
 	$(BIN)/python tools/make_tokenizer_fixtures.py
 	$(BIN)/python tools/make_checkpoint_fixtures.py
 	$(BIN)/python tools/fetch_default_model.py
+	$(BIN)/python tools/make_gguf_type_fixture.py
 	$(BIN)/python tools/make_default_model_reference.py
 	$(BIN)/python tools/make_precision_reference.py
 	$(BIN)/python -m llama3_np import-gguf --force weights/default/SmolLM2-135M-Instruct.Q4_1.gguf weights/default-exact

@@ -3,6 +3,7 @@
 bit-equal to `gguf.quants.dequantize`, and every kind of broken or foreign file is refused in one
 line that says what it is, with nothing written to the cache."""
 
+import io
 import struct
 from pathlib import Path
 
@@ -89,6 +90,10 @@ CASES = {
                 "the file is corrupt: tensors 'token_embd.weight' and 'blk.0.attn_q.weight' overlap"),
     "partial block": (_patched(GOOD, Q, "ne0", 48),
                       f"tensor {Q!r} has rows of 48 values, not a whole number of Q8_0 blocks of 32"),
+    "offset past the end": (_patched(GOOD, Q, "offset", 1 << 40),
+                            f"the file is truncated: tensor {Q!r} (Q8_0, shape (32, 32)) needs bytes "),
+    "unknown type": (_patched(GOOD, Q, "type", 200),
+                     f"tensor {Q!r} is stored as unknown type 200, which llama3_np does not read"),
     "unsupported": (_patched(GOOD, Q, "type", 11),
                     f"tensor {Q!r} is stored as Q3_K, which llama3_np does not read; it reads "
                     + ", ".join(t.name for t in SUPPORTED.values())),
@@ -104,11 +109,14 @@ def test_broken_or_foreign_file_is_named_in_one_line_and_nothing_is_cached(case,
         GGUFFile(path)
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
     monkeypatch.setenv("LLAMA3_NP_CACHE", str(tmp_path / "cache"))
-    for command in (["generate", "-p", "hi", "-n", "1"], ["inspect"], ["tokenize", "-p", "hi"]):
-        assert main([*command, "-m", str(path)]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith(f"llama3-np: error: {path}: ") and message in err, err
-    assert not (tmp_path / "cache").exists()
+    for command in (["generate", "-p", "hi", "-n", "1", "-m", str(path)],
+                    ["generate", "--tokens", "1", "-n", "1", "--dtype", "gguf", "-m", str(path)],
+                    ["inspect", "-m", str(path)], ["tokenize", "-p", "hi", "-m", str(path)],
+                    ["import-gguf", str(path), str(tmp_path / "out")]):
+        assert main(command) == 2, command
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and err.startswith(f"llama3-np: error: {path}: ") and message in err, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_a_gguf_without_tokenizer_pre_is_read_as_llama3_when_the_vocabulary_is(tmp_path, capsys):
@@ -149,3 +157,24 @@ def test_inspect_and_tokenize_read_the_metadata_only(tmp_path, monkeypatch, caps
     assert main(["inspect", "-m", str(path)]) == 0
     assert "format:      GGUF" in capsys.readouterr().out
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "-p", "hi"], ["chat"], ["inspect"], ["tokenize", "-p", "hi"], ["trace", "-p", "hi"],
+    ["dump", "-p", "hi", "-o", "OUT/dump.safetensors"], ["walkthrough", "-p", "hi", "-o", "OUT/page.html"],
+    ["perplexity", "-f", "TEXT"], ["score", "-p", "hi"], ["bench"], ["train", "-f", "TEXT", "-o", "OUT/adapter"],
+], ids=lambda c: c[0])
+def test_every_command_that_takes_m_names_a_foreign_file_in_one_line(command, tmp_path, monkeypatch, capsys):
+    """An HTML page saved as model.gguf, given to each command that reads a model: the same one line,
+    exit 2, before anything is written (the cache, the command's output)."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(CASES["html"][0])
+    (tmp_path / "text.txt").write_text("Hello world.\n")
+    monkeypatch.setenv("LLAMA3_NP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    argv = [str(tmp_path / a[4:]) if a.startswith("OUT/") else str(tmp_path / "text.txt") if a == "TEXT" else a
+            for a in command]
+    assert main([*argv, "-m", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"llama3-np: error: {path}: {CASES['html'][1]}; download it again\n", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "text.txt"]  # nothing written

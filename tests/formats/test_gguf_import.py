@@ -114,6 +114,22 @@ def test_non_llama3_gguf_is_refused(tmp_path, kwargs, message):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    ({"pre": "qwen2"}, "tokenizer.ggml.pre is 'qwen2'"),
+    ({"arch": "gpt2"}, "general.architecture is 'gpt2'; llama3_np reads 'llama' models only"),
+    ({"rope_freqs": np.full(4, 2.0, np.float32)}, "tensor 'rope_freqs.weight' is not Llama 3 rope scaling"),
+])
+def test_non_llama3_gguf_given_to_m_is_one_line_exit_2_and_nothing_cached(tmp_path, monkeypatch, capsys,
+                                                                          kwargs, message):
+    path = _gguf(tmp_path, **kwargs)
+    monkeypatch.setenv("LLAMA3_NP_CACHE", str(tmp_path / "cache"))
+    for command in (["generate", "-p", "hi", "-n", "1"], ["generate", "--tokens", "1", "-n", "1", "--dtype", "gguf"]):
+        assert main([*command, "-m", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"llama3-np: error: {path}: ") and message in err, err
+    assert not (tmp_path / "cache").exists()
+
+
 def test_import_refuses_to_overwrite_and_the_command_reports_one_line(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep").write_text("x")
