@@ -60,9 +60,11 @@ tools: $(VENV)/.installed-tools
 # templates' renderings by transformers and Meta's ChatFormat (tests/fixtures/chat/), the
 # gradients, AdamW steps and trained checkpoint of torch.autograd and torch.optim
 # (tests/fixtures/grad/), the logprobs of transformers and llama.cpp that score is held to
-# (tests/fixtures/score/), llama.cpp's activation quantizers, products and stages that compute
-# mode llamacpp is held to (tests/fixtures/llamacpp/). Each directory's README.md says how its
-# files were made.
+# (tests/fixtures/score/), llama-perplexity's KL-divergence base file and statistics, with
+# llama-perplexity built from llama-cpp-python's sdist by tools/build_llama_cpp.py (cmake, a C++
+# compiler; about 10 minutes) (tests/fixtures/kld/), llama.cpp's activation quantizers, products
+# and stages that compute mode llamacpp is held to (tests/fixtures/llamacpp/). Each directory's
+# README.md says how its files were made.
 fixtures: tools
 	$(BIN)/python tools/make_reference_dumps.py
 	$(BIN)/python tools/make_tokenizer_fixtures.py
@@ -82,6 +84,7 @@ fixtures: tools
 	$(BIN)/python tools/calibrate_compare.py
 	$(BIN)/python tools/make_grad_fixtures.py
 	$(BIN)/python tools/make_bpe_trainer_fixture.py
+	$(BIN)/python tools/make_kld_fixtures.py
 	$(BIN)/python tools/make_llamacpp_reference.py
 
 clean:
