@@ -21,7 +21,7 @@ from . import assets
 from .config import ComputeMode, ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import Checkpoint, load_checkpoint, scan_checkpoint
-from .generation import Session
+from .generation import Session, generate_batch
 from .linear import mode_weights
 from .lora import adapted, load_adapter
 from .sampling import SamplingParams
@@ -133,6 +133,39 @@ class LoadedModel:
                  stop: Iterable[str] = ()) -> str:
         """The continuation of `prompt` as one text (`stream`'s pieces joined)."""
         return "".join(self.stream(prompt, max_new, params, rng, ctx, stop))
+
+    def generate_batch(self, prompts: Iterable[str], max_new: int = -1, params: Optional[SamplingParams] = None,
+                       seed: Optional[int] = None, ctx: Optional[int] = None, stop: Iterable[str] = (),
+                       parallel: int = 8) -> list[str]:
+        """The continuation of each of `prompts`, in their order, generated `parallel` at a time
+        (`generation.generate_batch`: one forward pass per step for all, each weight read once).
+        Each is what `generate` gives for that prompt alone with `rng=np.random.default_rng(seed)`
+        (greedy: the same text; sampled: the same draws, from logits equal within float32
+        rounding, bit for bit with `products.set_batch_invariant(True)`); `seed` is needed only
+        when `params` sample. Raises ParameterError("parallel") for a `parallel` below 1."""
+        stop = check_stop_strings(stop)
+        params = params.for_tokenizer(self.tokenizer) if params is not None else None
+        context = self.ctx(ctx)
+        texts: list[StopText] = []
+        pieces: list[list[str]] = []
+
+        def generations():
+            for prompt in prompts:
+                ids = self.encode(prompt)
+                session = self.session(context if max_new < 0 else min(context, len(ids) + max_new))
+                texts.append(StopText(self.need_tokenizer(), stop))
+                pieces.append([])
+                yield session.generate(ids, params, None if seed is None else np.random.default_rng(seed), max_new)
+
+        def on_step(i: int, step) -> bool:
+            if step.token not in stop_ids:
+                pieces[i].append(texts[i].push(step.token))
+            return texts[i].found is not None
+
+        stop_ids = self.stop_ids()
+        for i, _ in enumerate(generate_batch(generations(), parallel, on_step)):
+            pieces[i].append(texts[i].flush())
+        return ["".join(p) for p in pieces]
 
     def chat(self, messages: list[dict], max_new: int = -1, params: Optional[SamplingParams] = None,
              rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None, stop: Iterable[str] = ()) -> str:
