@@ -19,14 +19,13 @@ which variable to set.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import Llama3Error
-from .files import WriteError, make_folder
+from .files import WriteError, make_folder, read_json
 
 CACHE_ENV = "LLAMA3_NP_CACHE"
 
@@ -90,10 +89,9 @@ def llama3_tokenizer_path() -> Path:
 def import_record(folder: Path) -> Optional[dict]:
     """What `llama3_np_import.json` says about an imported folder (None for any other folder)."""
     try:
-        record = json.loads((Path(folder) / "llama3_np_import.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(Path(folder) / "llama3_np_import.json", expect=dict)
+    except Llama3Error:
         return None
-    return record if isinstance(record, dict) else None
 
 
 def is_import_of(folder: Path, sha256: str) -> bool:
