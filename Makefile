@@ -66,9 +66,11 @@ fixtures: tools
 	$(BIN)/python tools/make_tokenizer_fixtures.py
 	$(BIN)/python tools/make_checkpoint_fixtures.py
 	$(BIN)/python tools/fetch_default_model.py
+	$(BIN)/python tools/make_gguf_type_fixture.py
 	$(BIN)/python tools/make_default_model_reference.py
 	$(BIN)/python tools/make_precision_reference.py
-	$(BIN)/python tools/torch_dump.py -m weights/default --tokens 504,3575,282 \
+	$(BIN)/python -m llama3_np import-gguf --force weights/default/SmolLM2-135M-Instruct.Q4_1.gguf weights/default-exact
+	$(BIN)/python tools/torch_dump.py -m weights/default-exact --tokens 504,3575,282 \
 	    --stages embed 'layers.0.*' 'layers.29.*' 'layers.*.out' norm logits -o tests/fixtures/xcheck/default_hf.safetensors
 	$(BIN)/python tools/make_perplexity_reference.py
 	$(BIN)/python tools/make_sampler_fixtures.py

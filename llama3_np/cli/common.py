@@ -156,9 +156,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """The flags of every command that loads a model and computes with it."""
     p.add_argument("-m", "--model", metavar="DIR",
                    help="checkpoint folder (Hugging Face or Meta format) or .gguf file; default: the default model")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"],
-                   help="weight residency: float32 (fast) or bfloat16 (half the memory); default float32, "
-                        "or the --compute dtype for bfloat16 and float16")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "gguf"],
+                   help="weight residency: float32 (fast), bfloat16 (half the memory; a GGUF's quantized "
+                        "values only where bfloat16 holds them exactly) or gguf (a GGUF file's own "
+                        "quantized blocks, dequantized row block by row block in each product); default "
+                        "float32, or the --compute dtype for bfloat16 and float16")
     p.add_argument("--compute", choices=COMPUTE_DTYPES, default="float32",
                    help="what every stage computes in: float32 (default); float64 (the exact value, weights "
                         "upcast); bfloat16 or float16 (an engine's arithmetic, emulated: products accumulated "
@@ -342,28 +344,18 @@ def check_model_arg(arg: Optional[str]) -> None:
 
 
 def model_dir(arg: Optional[str]) -> Path:
-    """The checkpoint folder of -m (a .gguf file: imported into the cache once, with a progress
-    line), or the default model."""
+    """The checkpoint of -m (a folder, or a .gguf file read as it is), or the default model's GGUF."""
     check_model_arg(arg)
-    progress = ProgressLine("importing", "tensors")
-    try:
-        return assets.model_dir(arg, progress=progress.update)
-    finally:
-        progress.clear()
+    return assets.model_dir(arg)
 
 
 def load(args, need_tokenizer: bool) -> LoadedModel:
     """The model of -m, --dtype, --rope-factor, --compute and --convention; a -c/--ctx-size beyond
-    its trained context is refused before its weights are read. The load time includes a first-use
-    import."""
+    its trained context is refused before its weights are read."""
     check_model_arg(args.model)
-    progress = ProgressLine("importing", "tensors")
-    try:
-        return load_model(args.model, dtype=args.dtype, rope_factor=args.rope_factor, need_tokenizer=need_tokenizer,
-                          ctx=getattr(args, "ctx", None), lora=getattr(args, "lora", None), compute=args.compute,
-                          convention=args.convention, progress=progress.update)
-    finally:
-        progress.clear()
+    return load_model(args.model, dtype=args.dtype, rope_factor=args.rope_factor, need_tokenizer=need_tokenizer,
+                      ctx=getattr(args, "ctx", None), lora=getattr(args, "lora", None), compute=args.compute,
+                      convention=args.convention)
 
 
 def read_text_file(name: str, what: str = "prompt file") -> str:
