@@ -40,7 +40,7 @@ FLAGS = {
     "temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
     "repeat_penalty": "--repeat-penalty", "max_new": "-n", "ctx": "--ctx-size", "stages": "--stages",
     "nmse_tol": "--tol", "rel_tol": "--rel-tol", "batch": "--batch-size", "chunks": "--chunks",
-    "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
+    "kl_base": "--kl-base", "kl_divergence_base": "--kl-divergence-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
     "layers": "--layers", "samplers": "--samplers", "repeat_last_n": "--repeat-last-n",
     "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty", "typical_p": "--typical",
     "top_n_sigma": "--top-nsigma", "dry_multiplier": "--dry-multiplier", "dry_base": "--dry-base",
@@ -54,6 +54,7 @@ FLAGS = {
     "eval_steps": "--eval-steps", "save_steps": "--save-steps", "lora_r": "--lora-r", "lora_target": "--lora-target",
     "pos": "--pos", "like": "--like", "k": "--explain",
     "compute": "--compute", "convention": "--convention", "dtype": "--dtype",
+    "parallel": "-np",
 }
 
 
@@ -69,8 +70,10 @@ LLAMA_CPP_ONLY_FLAGS = [
      "llama3_np computes attention one way, the specification's (model.attention)"),
     (("-ctk", "--cache-type-k", "-ctv", "--cache-type-v"), "sets the data type of the KV cache",
      "llama3_np's KV cache holds the compute mode's dtype: choose it with --compute"),
-    (("-np", "--parallel", "-ns", "--sequences", "-cb", "--cont-batching", "-nocb", "--no-cont-batching"),
-     "decodes several sequences at once", "llama3_np decodes one"),
+    (("-np", "--parallel"), "decodes several sequences at once",
+     "generate -f FILE -np N does, for the prompts of a file; this command decodes one sequence"),
+    (("-ns", "--sequences", "-cb", "--cont-batching", "-nocb", "--no-cont-batching"),
+     "sets how parallel sequences are scheduled", "generate -np N takes the next prompt as soon as one ends, always"),
     (("-cnv", "--conversation", "-no-cnv", "--no-conversation", "-i", "--interactive", "-if", "--interactive-first",
       "-st", "--single-turn", "-mli", "--multiline-input"), "switches between completion and conversation",
      "use the chat command for a conversation and generate for a completion"),
@@ -90,7 +93,8 @@ LLAMA_CPP_ONLY_FLAGS = [
     (("--display-prompt", "--no-display-prompt"), "shows or hides the prompt",
      "llama3_np shows the prompt only when asked: generate --echo"),
     (("--kl-divergence-base", "--save-all-logits", "--kl-divergence"), "saves or compares logits",
-     "use perplexity --save-logits FILE, then perplexity --kl-base FILE"),
+     "perplexity takes them: perplexity -f TEXT --kl-divergence-base FILE writes a base, "
+     "perplexity --kl-divergence-base FILE --kl-divergence compares with it"),
     (("--mirostat", "--mirostat-lr", "--mirostat-ent", "--dynatemp-range", "--dynatemp-exp", "-l", "--logit-bias", "--grammar", "--grammar-file", "-j", "--json-schema", "-jf",
       "--json-schema-file"), "is a sampler or constraint llama3_np does not have",
      "generate --help lists the samplers llama3_np has (--samplers)"),
@@ -141,15 +145,17 @@ def error_message(e: Llama3Error) -> str:
 # Flags
 
 
-def thread_count(text: str) -> int:
-    """argparse type of -t/--threads: an integer >= 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"takes a number of threads >= 1, got {text!r}")
-    return n
+def count_of(things: str):
+    """The argparse type of a flag that takes a number of `things`: an integer >= 1."""
+    def count(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"takes a number of {things} >= 1, got {text!r}")
+        return n
+    return count
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -160,12 +166,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weight residency: float32 (fast), bfloat16 (half the memory; a GGUF's quantized "
                         "values only where bfloat16 holds them exactly) or gguf (a GGUF file's own "
                         "quantized blocks, dequantized row block by row block in each product); default "
-                        "float32, or the --compute dtype for bfloat16 and float16")
+                        "float32, or the --compute dtype for bfloat16 and float16; for llamacpp the stored "
+                        "types (gguf for a GGUF file)")
     p.add_argument("--compute", choices=COMPUTE_DTYPES, default="float32",
                    help="what every stage computes in: float32 (default); float64 (the exact value, weights "
                         "upcast); bfloat16 or float16 (an engine's arithmetic, emulated: products accumulated "
                         "in float32, each stage rounded to the dtype where the engine rounds it, KV cache in "
-                        "the dtype; llama3_np/model.py cites the cast points)")
+                        "the dtype; llama3_np/model.py cites the cast points); llamacpp (llama.cpp's CPU "
+                        "arithmetic on a GGUF: activations quantized to Q8 blocks before each product with a "
+                        "quantized weight, KV cache in float16; llama3_np/llamacpp.py)")
     p.add_argument("--convention", choices=CONVENTIONS, default="transformers",
                    help="where --compute bfloat16/float16 rounds: as Hugging Face transformers' LlamaForCausalLM "
                         "(eager attention) does, or as Meta's llama-models reference does; they differ in rope "
@@ -174,7 +183,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="run with a LoRA adapter (a peft folder, as `train --lora-r` writes), unmerged")
     p.add_argument("--rope-factor", type=float, metavar="F",
                    help="override the llama3 rope scaling factor of a Meta params.json")
-    p.add_argument("-t", "--threads", type=thread_count, default=products.default_threads(), metavar="N",
+    p.add_argument("-t", "--threads", type=count_of("threads"), default=products.default_threads(), metavar="N",
                    help="threads to compute with (default: one per core, here %(default)s)")
 
 
@@ -330,7 +339,13 @@ def seeded_rng(args) -> tuple[int, np.random.Generator]:
     if args.seed < -1:
         raise Llama3Error(f"--seed must be >= 0, or -1 for a random seed, got {args.seed}")
     seed = args.seed if args.seed != -1 else int(np.random.SeedSequence().entropy % 2**32)
-    return seed, np.random.default_rng(seed)
+    return seed, seeded_generator(seed)
+
+
+def seeded_generator(seed: int) -> np.random.Generator:
+    """A new random generator from `seed` (each prompt of generate -np draws from its own, so that
+    it draws what it would alone)."""
+    return np.random.default_rng(seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,10 +364,20 @@ def model_dir(arg: Optional[str]) -> Path:
     return assets.model_dir(arg)
 
 
+def add_batch_invariant_arg(p: argparse.ArgumentParser) -> None:
+    """--batch-invariant, for the commands that run batches (`load` applies it)."""
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="compute every row of every weight product by the same kernel, so that an input's logits "
+                        "in a batch are bit for bit its logits alone (slower prompts; docs/DESIGN.md, Batches)")
+
+
 def load(args, need_tokenizer: bool) -> LoadedModel:
     """The model of -m, --dtype, --rope-factor, --compute and --convention; a -c/--ctx-size beyond
-    its trained context is refused before its weights are read."""
+    its trained context is refused before its weights are read. --batch-invariant makes the
+    process's products batch-invariant."""
     check_model_arg(args.model)
+    if getattr(args, "batch_invariant", False):
+        products.set_batch_invariant(True)
     return load_model(args.model, dtype=args.dtype, rope_factor=args.rope_factor, need_tokenizer=need_tokenizer,
                       ctx=getattr(args, "ctx", None), lora=getattr(args, "lora", None), compute=args.compute,
                       convention=args.convention)
@@ -428,7 +453,20 @@ def plural(n: int, noun: str) -> str:
 
 # How the statistics line says why generation ended (Generation.stop_reason).
 STOP_REASONS = {"stop": "stop token", "stop_string": "stop string", "length": "-n limit", "context": "context full",
-                "interrupted": "interrupted"}
+                "interrupted": "interrupted", "output_closed": "output closed"}
+
+# The exit status of a command whose reader went away (`llama3-np generate ... | head -1`): that of
+# a program ended by SIGPIPE, as the shell reports it (128 + 13) for head's other writers.
+EXIT_OUTPUT_CLOSED = 141
+
+
+def silence_stdout() -> None:
+    """Point standard output at /dev/null once its reader has gone, so that nothing buffered fails
+    again when Python flushes it at exit."""
+    import os
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def stats_line(loaded: Optional[LoadedModel], out: Generation, seed: Optional[int]) -> str:
@@ -467,8 +505,13 @@ class Printer:
     def write(self, text: str, end: str = "") -> None:
         self.shown += text
         if self.stream is not None and text + end:
-            self.stream.write((text + end).encode("utf-8"))
-            self.stream.flush()
+            try:
+                self.stream.write((text + end).encode("utf-8"))
+                self.stream.flush()
+            except BrokenPipeError:  # the reader went away: nothing more is printed (`consume` stops)
+                self.stream = None
+                silence_stdout()
+                raise
 
     def echo(self, prompt: list[int]) -> None:
         """Print the prompt as the model reads it (special tokens by name), without the BOS the
@@ -523,9 +566,9 @@ class ProgressLine:
 
 def consume(generation: Generation, on_step, stop_text: Optional[StopText] = None) -> Generation:
     """Run a generation, handing each step to `on_step`. A stop string found by `stop_text` ends
-    it, with stop reason "stop_string"; Ctrl-C ends it early, with stop reason "interrupted"; what
-    was printed stays (a prefill's progress line is wiped), and the session keeps what its cache
-    holds."""
+    it, with stop reason "stop_string"; Ctrl-C ends it early, with stop reason "interrupted", and
+    a reader of the output that went away (`| head -1`) with "output_closed"; what was printed
+    stays (a prefill's progress line is wiped), and the session keeps what its cache holds."""
     try:
         for step in generation:
             on_step(step)
@@ -534,6 +577,8 @@ def consume(generation: Generation, on_step, stop_text: Optional[StopText] = Non
                 break
     except KeyboardInterrupt:
         generation.stop_reason = "interrupted"
+    except BrokenPipeError:
+        generation.stop_reason = "output_closed"
     finally:
         if isinstance(generation.session.progress, ProgressLine):
             generation.session.progress.clear()
