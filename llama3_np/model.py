@@ -285,7 +285,9 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
     `matmul(scores, values)`). The scale is where they differ: transformers multiplies by
     Dh^-0.5 (as float32), Meta divides by √Dh; float32 and float64 divide, as Meta does. Masks:
     transformers adds the dtype's most negative value where Meta adds -inf; both give 0 after the
-    softmax.
+    softmax. llama.cpp (llamacpp mode) computes in float32 but reads a float16 cache, and a product
+    with it first rounds the other operand, q and then the probabilities, to float16
+    (`mode.kv_operand`; llm_graph_context::build_attn_mha without flash attention).
 
     Source: scaled dot-product attention (arXiv 1706.03762 eq. 1) with GQA (arXiv 2305.13245);
     llama-models Attention.forward.
@@ -296,7 +298,7 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
     rounded, f = mode.rounded, mode.work.type
     n_rep = H // KV
     q_groups = q.reshape(T, KV, n_rep, Dh).transpose(1, 2, 0, 3)  # [KV, H/KV, T, Dh]
-    scores = rounded(q_groups @ keys[:, None].swapaxes(-1, -2))  # [KV, H/KV, T, S]
+    scores = rounded(mode.kv_operand(q_groups) @ keys[:, None].swapaxes(-1, -2))  # [KV, H/KV, T, S]
     if mode.casts == "transformers":
         scores *= f(Dh ** -0.5)
     else:
@@ -304,7 +306,7 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
     scores = rounded(scores)
     scores += causal_mask(T, S)
     probs = keep("probs", rounded(softmax(scores)).reshape(H, T, S)).reshape(KV, n_rep, T, S)
-    out = rounded(probs @ values[:, None])  # [KV, H/KV, T, Dh]
+    out = rounded(mode.kv_operand(probs) @ values[:, None])  # [KV, H/KV, T, Dh]
     return out.transpose(2, 0, 1, 3).reshape(T, H, Dh)
 
 

@@ -166,12 +166,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weight residency: float32 (fast), bfloat16 (half the memory; a GGUF's quantized "
                         "values only where bfloat16 holds them exactly) or gguf (a GGUF file's own "
                         "quantized blocks, dequantized row block by row block in each product); default "
-                        "float32, or the --compute dtype for bfloat16 and float16")
+                        "float32, or the --compute dtype for bfloat16 and float16; for llamacpp the stored "
+                        "types (gguf for a GGUF file)")
     p.add_argument("--compute", choices=COMPUTE_DTYPES, default="float32",
                    help="what every stage computes in: float32 (default); float64 (the exact value, weights "
                         "upcast); bfloat16 or float16 (an engine's arithmetic, emulated: products accumulated "
                         "in float32, each stage rounded to the dtype where the engine rounds it, KV cache in "
-                        "the dtype; llama3_np/model.py cites the cast points)")
+                        "the dtype; llama3_np/model.py cites the cast points); llamacpp (llama.cpp's CPU "
+                        "arithmetic on a GGUF: activations quantized to Q8 blocks before each product with a "
+                        "quantized weight, KV cache in float16; llama3_np/llamacpp.py)")
     p.add_argument("--convention", choices=CONVENTIONS, default="transformers",
                    help="where --compute bfloat16/float16 rounds: as Hugging Face transformers' LlamaForCausalLM "
                         "(eager attention) does, or as Meta's llama-models reference does; they differ in rope "
