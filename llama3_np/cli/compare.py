@@ -47,8 +47,10 @@ def run_replay(args) -> int:
         raise Llama3Error(f"--tol must be a number >= 0, got {args.tol}")
     dump = read_dump(args.a)
     loaded = load(args, need_tokenizer=False)
-    stages = replay(loaded.weights, loaded.config, dump, args.tol)
-    mode = declared_mode(dump).name
+    # --compute left at float32: the mode the dump declares (a bfloat16 engine's dump in bfloat16)
+    compute = loaded.compute if args.compute != "float32" else declared_mode(dump)
+    stages = replay(loaded.weights, loaded.config, dump, args.tol, compute)
+    mode = compute.name
     if args.json:
         sys.stdout.write(json.dumps(replay_json(args.a, stages, args.tol, mode)) + "\n")
     else:

@@ -89,10 +89,11 @@ class ReplayedStage:
 
 
 def replay(weights: Mapping[str, np.ndarray], config: ModelConfig, dump: Dump,
-           nmse_tol: float = DEFAULT_NMSE_TOL) -> list[ReplayedStage]:
+           nmse_tol: float = DEFAULT_NMSE_TOL, compute=None) -> list[ReplayedStage]:
     """Local and inherited error of every stage `dump` holds, sorted by local NMSE (largest
-    first), against llama3_np's model `weights`/`config` computing in the mode the dump declares
-    (`declared_mode`; module docstring). A stage diverges when its local NMSE exceeds `nmse_tol`.
+    first), against llama3_np's model `weights`/`config` computing in mode `compute` (a
+    `config.ComputeMode` or its name), by default the mode the dump declares (`declared_mode`;
+    module docstring). A stage diverges when its local NMSE exceeds `nmse_tol`.
 
     Raises Llama3Error when the dump records another model (a config field a stage reads
     differs) or gradients, has no tokens or no stage, or a stage's shape is not the model's."""
@@ -113,7 +114,7 @@ def replay(weights: Mapping[str, np.ndarray], config: ModelConfig, dump: Dump,
     if not names:
         raise Llama3Error(f"{dump.path} holds no stage to replay")
     other = {n: dump.stage(n) for n in names}
-    mode = declared_mode(dump)
+    mode = declared_mode(dump) if compute is None else compute
     clean = Trace(["*"] + [n for n in names if split(n)[1] == "probs"])
     run_forward(weights, config, inputs, clean, mode)
     for n in names:
