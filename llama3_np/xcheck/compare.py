@@ -46,7 +46,8 @@ STAGE_KINDS = ("embed", *(s for s in LAYER_STAGES if s != "probs"), "norm", "log
 PRECISIONS = ("bfloat16", "float16", "float32", "float64")  # a dump's `dtype`, the least precise first
 # The default NMSE per stage kind of dumps computed in bfloat16 or float16: ten times the worst noise
 # between llama3_np (in that mode and in float32) and transformers in that dtype, rounded up to one
-# digit (tests/fixtures/xcheck/compare_calibration_DTYPE.json, `proposed_nmse_tols`; docs/DESIGN.md).
+# digit (`proposed_nmse_tols` of tests/fixtures/xcheck/compare_calibration_bfloat16.json and
+# tests/fixtures/xcheck/compare_calibration_float16.json; docs/DESIGN.md).
 KIND_NMSE_TOLS = {
     "bfloat16": {"embed": 0.0, "attn_norm": 0.5, "q": 0.2, "k": 0.3, "v": 0.6, "q_rope": 0.2, "k_rope": 0.3,
                  "attn": 0.2, "attn_out": 0.2, "h": 2.0, "ffn_norm": 0.3, "ffn_hidden": 0.8, "ffn_out": 0.8,

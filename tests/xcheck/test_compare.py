@@ -171,7 +171,7 @@ def test_json_output(tmp_path, capsys):
     row = next(s for s in d["stages"] if s["name"] == "layers.0.v")
     assert row["shape"] == [16, 2, 16] and row["max_abs"] == pytest.approx(1.0, rel=1e-6)
     assert len(d["stages"]) == 29
-    assert set(row) == {"name", "shape", "max_abs", "max_rel", "nmse", "cosine", "diverged"}
+    assert set(row) == {"name", "shape", "max_abs", "max_rel", "nmse", "cosine", "diverged", "note"}
 
 
 @pytest.mark.parametrize("metadata, fragment", [
