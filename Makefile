@@ -85,6 +85,8 @@ fixtures: tools
 	$(BIN)/python tools/make_score_fixtures.py
 	$(BIN)/python tools/make_lm_eval_fixtures.py
 	$(BIN)/python tools/calibrate_compare.py
+	$(BIN)/python tools/calibrate_compare.py --compute bfloat16
+	$(BIN)/python tools/calibrate_compare.py --compute float16
 	$(BIN)/python tools/make_grad_fixtures.py
 	$(BIN)/python tools/make_bpe_trainer_fixture.py
 	$(BIN)/python tools/make_kld_fixtures.py
