@@ -432,43 +432,81 @@ def compare(args) -> int:
 
 
 def run_engines(path: Path, args, gguf_dir: Path) -> int:
-    results, notes = {}, {}
+    rounds, notes = {}, {}
     load_average = os.getloadavg()[0]
-    for engine in ["limits"] + args.engines:
-        if engine != "limits" and not available(engine):
-            print(f"{engine}: not installed, skipped", file=sys.stderr)
-            continue
-        kind, _, variant = engine.partition(":")
-        file_type = "F32" if variant == "batch" else variant
-        if kind == "llama.cpp" and not (gguf_dir / GGUF_TYPES[file_type]).is_file():
-            # In a process of its own, so that its memory is not counted as llama.cpp's.
-            print(f"writing {GGUF_TYPES[file_type]} ...", file=sys.stderr)
-            subprocess.run([sys.executable, __file__, "--write-gguf", str(gguf_dir / GGUF_TYPES[file_type]),
-                            "--gguf-type", file_type, "-m", str(path)], check=True)
-        print(f"running {engine} (load average {os.getloadavg()[0]:.2f}) ...", file=sys.stderr)
-        cmd = [sys.executable, __file__, "--worker", engine, "-m", str(path), "--prompt", str(args.prompt),
-               "--new", str(args.new), "--runs", str(args.runs), "--threads", str(args.threads),
-               "--batch", str(args.batch), "--batch-prompt", str(args.batch_prompt),
-               "--batch-new", str(args.batch_new), "--gguf-dir", str(gguf_dir)]
-        env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
-        started = os.getloadavg()[0]
-        try:
-            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            notes[engine] = f"stopped after {args.timeout:.0f} s (load average {started:.2f} at its start)"
-            continue
-        if done.returncode != 0:
-            raise Llama3Error(f"{engine} failed (exit status {done.returncode}); see its messages above")
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        if result is None:
-            notes[engine] = "not run: this checkout's model has no batched forward (model.forward_batch)"
-            continue
-        results[engine] = dict(result, load_average=started)
+    for r in range(args.rounds):
+        for engine in ["limits"] + args.engines:
+            if engine in notes or (engine != "limits" and not available(engine)):
+                notes.setdefault(engine, "not installed, skipped")
+                continue
+            result = run_worker(engine, path, args, gguf_dir, f"round {r + 1} of {args.rounds}")
+            if isinstance(result, str):
+                notes[engine] = result
+            else:
+                rounds.setdefault(engine, []).append(result)
+    results = {engine: combine(runs) for engine, runs in rounds.items()}
     config = from_hf_config(json.loads((path / "config.json").read_text()))
     print(table(results, notes, args, load_average, config))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(results, notes=notes), indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(dict(rounds, notes=notes), indent=1) + "\n")
     return 0
+
+
+def run_worker(engine: str, path: Path, args, gguf_dir: Path, when: str):
+    """One engine's figures from a process of its own, with the load average at its start; or a
+    note saying why there are none."""
+    kind, _, variant = engine.partition(":")
+    file_type = "F32" if variant == "batch" else variant
+    if kind == "llama.cpp" and not (gguf_dir / GGUF_TYPES[file_type]).is_file():
+        # In a process of its own, so that its memory is not counted as llama.cpp's.
+        print(f"writing {GGUF_TYPES[file_type]} ...", file=sys.stderr)
+        subprocess.run([sys.executable, __file__, "--write-gguf", str(gguf_dir / GGUF_TYPES[file_type]),
+                        "--gguf-type", file_type, "-m", str(path)], check=True)
+    started = os.getloadavg()[0]
+    print(f"running {engine}, {when} (load average {started:.2f}) ...", file=sys.stderr)
+    cmd = [sys.executable, __file__, "--worker", engine, "-m", str(path), "--prompt", str(args.prompt),
+           "--new", str(args.new), "--runs", str(args.runs), "--threads", str(args.threads),
+           "--batch", str(args.batch), "--batch-prompt", str(args.batch_prompt),
+           "--batch-new", str(args.batch_new), "--gguf-dir", str(gguf_dir)]
+    env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
+    try:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return f"stopped after {args.timeout:.0f} s ({when}, load average {started:.2f} at its start)"
+    if done.returncode != 0:
+        raise Llama3Error(f"{engine} failed (exit status {done.returncode}); see its messages above")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result is None:
+        return "not run: this checkout's model has no batched forward (model.forward_batch)"
+    return dict(result, load_average=started)
+
+
+SPEEDS = ("prefill_tokens_per_s", "decode_tokens_per_s")
+
+
+def combine(runs: list[dict]) -> dict:
+    """One engine's rounds as one row: the median of each figure (the largest peak RSS), the
+    rounds' speeds kept for paired ratios, the load averages as a range."""
+    def median_of(values):
+        if isinstance(values[0], dict):
+            return {k: median_of([v[k] for v in values]) for k in values[0]}
+        if isinstance(values[0], int) and not isinstance(values[0], bool):
+            return statistics.median_low(values)
+        if isinstance(values[0], float):
+            return statistics.median(values)
+        return values[0]
+
+    row = {k: median_of([r[k] for r in runs]) for k in runs[0]}
+    row["peak_rss_mb"] = max(r.get("peak_rss_mb", 0) for r in runs)
+    row["rounds"] = [{k: r[k] for k in SPEEDS} for r in runs if SPEEDS[0] in r]
+    loads = [r["load_average"] for r in runs]
+    row["load_range"] = f"{min(loads):.1f}" if len(loads) == 1 else f"{min(loads):.1f}-{max(loads):.1f}"
+    return row
+
+
+def paired_ratio(ours: dict, engine: dict, key: str) -> float:
+    """The median over rounds of ours / engine, each round's figures taken minutes apart."""
+    return statistics.median(a[key] / b[key] for a, b in zip(ours["rounds"], engine["rounds"]))
 
 
 ITEMSIZE = {"llama3_np:float32": 4, "llama3_np:bfloat16": 2, "hf": 4, "llama.cpp:F32": 4, "llama.cpp:BF16": 2,
@@ -481,12 +519,13 @@ def table(results: dict, notes: dict, args, load_average: float, config) -> str:
     batched = {e: r for e, r in results.items() if e.endswith(":batch")}
     ours = {e: r for e, r in single.items() if e.startswith("llama3_np:")}
     reference = results.get("llama3_np:float32") or next(iter(ours.values()), None)
-    lines = [f"prompt {args.prompt} tokens, {args.new} new tokens, median of {args.runs} runs, "
-             f"{args.threads} threads; load average {load_average:.2f} at the start"]
+    lines = [f"prompt {args.prompt} tokens, {args.new} new tokens, median of {args.runs} runs in each of "
+             f"{args.rounds} rounds, {args.threads} threads; load average {load_average:.2f} at the start; "
+             "ratios: the median of each round's"]
     if limits:
         conversion = limits["conversion_gb_s"]
         step = limits["decode_products_ms"]
-        lines += [f"limits (a process of its own, load average {limits['load_average']:.2f}, {limits['threads']} threads): "
+        lines += [f"limits (a process of its own, load average {limits['load_range']}, {limits['threads']} threads): "
                   f"read bandwidth {limits['bandwidth_gb_s']:.1f} GB/s, sgemm {limits['sgemm_gflop_s']:.1f} GFLOP/s, "
                   "bfloat16 conversion " + ", ".join(f"{k} {r:.1f} GB/s" for k, r in conversion.items())
                   + f" (products use {limits['bfloat16_conversion']})",
@@ -494,33 +533,33 @@ def table(results: dict, notes: dict, args, load_average: float, config) -> str:
                   f"{config.n_layers} layers and {limits['output_rows_timed']} of {config.vocab_size} output rows "
                   "timed, scaled): " + ", ".join(f"{k} {ms:.1f} ms ({1e3 / ms:.1f} tok/s)" for k, ms in step.items())]
     ratio_heads = "".join(f" {e.split(':')[1] + ' / engine, prefill':>27s} {'decode':>7s}" for e in ours)
-    lines.append(f"{'engine':19s} {'load avg':>8s} {'load s':>7s} {'prefill tok/s':>14s} {'of sgemm':>8s} "
+    lines.append(f"{'engine':19s} {'load avg':>9s} {'load s':>7s} {'prefill tok/s':>14s} {'of sgemm':>8s} "
                  f"{'decode tok/s':>13s} {'of read':>7s} {'peak RSS MB':>12s}{ratio_heads} {'same ids':>9s}  "
                  "threads, version")
     for engine, r in single.items():
-        ratios = "".join(f" {o['prefill_tokens_per_s'] / r['prefill_tokens_per_s']:27.2f} "
-                         f"{o['decode_tokens_per_s'] / r['decode_tokens_per_s']:7.2f}" for o in ours.values())
+        ratios = "".join(f" {paired_ratio(o, r, SPEEDS[0]):27.2f} {paired_ratio(o, r, SPEEDS[1]):7.2f}"
+                         for o in ours.values())
         same = f"{common_prefix(reference['ids'], r['ids'])}/{len(r['ids'])}" if reference else ""
         of_sgemm, of_read = limit_fractions(r, ITEMSIZE[engine], 1, args.prompt, args.new, limits, config)
-        lines.append(f"{engine:19s} {r['load_average']:8.2f} {r['load_s']:7.2f} {r['prefill_tokens_per_s']:14.1f} "
+        lines.append(f"{engine:19s} {r['load_range']:>9s} {r['load_s']:7.2f} {r['prefill_tokens_per_s']:14.1f} "
                      f"{of_sgemm:>8s} {r['decode_tokens_per_s']:13.1f} {of_read:>7s} {r['peak_rss_mb']:12.0f}{ratios} "
                      f"{same:>9s}  {r['threads']}, {r['version']}")
     if batched:
         lines.append(f"batched: {args.batch} sequences of {args.batch_prompt} prompt tokens, {args.batch_new} new tokens "
                      "each; tok/s over all sequences; 'of read': weight bytes per step x steps/s / read bandwidth")
-        lines.append(f"{'engine':19s} {'load avg':>8s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'of read':>7s} "
+        lines.append(f"{'engine':19s} {'load avg':>9s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'of read':>7s} "
                      f"{'/ its single decode':>19s} {'llama3_np / engine':>18s}  same ids")
         ours_batch = batched.get("llama3_np:batch")
         for engine, r in batched.items():
             alone = single.get("llama3_np:float32" if engine.startswith("llama3_np") else "llama.cpp:F32")
             _, of_read = limit_fractions(r, 4, args.batch, args.batch_prompt, args.batch_new, limits, config)
-            vs_alone = f"{r['decode_tokens_per_s'] / alone['decode_tokens_per_s']:.2f}" if alone else "-"
-            vs_ours = (f"{ours_batch['decode_tokens_per_s'] / r['decode_tokens_per_s']:.2f}" if ours_batch else "-")
+            vs_alone = f"{1 / paired_ratio(alone, r, SPEEDS[1]):.2f}" if alone else "-"
+            vs_ours = f"{paired_ratio(ours_batch, r, SPEEDS[1]):.2f}" if ours_batch else "-"
             same = ""
             if ours_batch:
                 same = f"{sum(common_prefix(a, b) for a, b in zip(ours_batch['batch_ids'], r['batch_ids']))}/" \
                        f"{sum(map(len, r['batch_ids']))}"
-            lines.append(f"{engine:19s} {r['load_average']:8.2f} {r['prefill_tokens_per_s']:14.1f} "
+            lines.append(f"{engine:19s} {r['load_range']:>9s} {r['prefill_tokens_per_s']:14.1f} "
                          f"{r['decode_tokens_per_s']:13.1f} {of_read:>7s} {vs_alone:>19s} {vs_ours:>18s}  {same}")
     if limits:
         for engine, o in ours.items():
@@ -568,6 +607,8 @@ def main(argv=None) -> int:
                    help="prompt tokens of each batched sequence (default 64)")
     p.add_argument("--batch-new", type=int, default=32, metavar="N",
                    help="tokens each batched sequence generates (default 32)")
+    p.add_argument("--rounds", type=int, default=1, metavar="R",
+                   help="run the limits and every engine R times, in turn; medians, and ratios paired by round")
     p.add_argument("--timeout", type=float, default=1800, metavar="S",
                    help="stop an engine that runs longer than S seconds (default 1800)")
     p.add_argument("--json", metavar="FILE", help="also write every engine's figures to FILE")
