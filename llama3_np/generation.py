@@ -230,7 +230,8 @@ class Session:
                  rng: Optional[np.random.Generator] = None, max_new: int = -1,
                  stop_ids: Optional[Iterable[int]] = None, suppress_ids: Iterable[int] = ()) -> Generation:
         """A generation that feeds `prompt_ids` after what the session holds, then draws up to
-        `max_new` tokens (-1: until a stop token or a full context), ending after a token of
+        `max_new` tokens (-1: until a stop token or a full context; 0: none, the prompt is only
+        fed, as llama.cpp's `-n 0` evaluates it), ending after a token of
         `stop_ids` (None: the session's own, `Session.stop_ids`; () for none). `params` None is
         greedy (`GREEDY`); `rng` draws the sampled tokens and is needed only when `params` sample.
         `suppress_ids` are never drawn (llama.cpp's --ignore-eos: the end-of-generation ids get a
@@ -241,13 +242,13 @@ class Session:
         the last step (or when the caller stops asking) it is not in the cache:
         `Generation.unfed_ids`.
 
-        Raises Llama3Error when max_new is 0 or below -1, or the prompt is empty or does not fit
+        Raises Llama3Error when max_new is below -1, or the prompt is empty or does not fit
         the free part of the context; iterating raises it when `params` sample without an `rng`.
         """
         prompt_ids = [int(i) for i in prompt_ids]
         params = GREEDY if params is None else params
-        if max_new == 0 or max_new < -1:
-            raise ParameterError("max_new", f"max_new must be >= 1, or -1 for no limit, got {max_new}")
+        if max_new < -1:
+            raise ParameterError("max_new", f"max_new must be >= 0, or -1 for no limit, got {max_new}")
         if not prompt_ids:
             raise Llama3Error("the prompt is empty: give some text or token ids")
         free = self.ctx - self.cache.length
@@ -269,6 +270,9 @@ class Session:
             self.rollback(out.start)
             raise
         out.prefill_seconds = time.perf_counter() - t0
+        if max_new == 0:
+            out.stop_reason = "length"
+            return
         t0 = time.perf_counter()
         while True:
             recent = tuple(self.recent_ids(params.history_window))

@@ -70,8 +70,17 @@ def test_prompt_longer_than_the_context_is_a_clear_error(model):
         Session(weights, config, ctx=5).generate(PROMPT, GREEDY, np.random.default_rng(0), 1)
     with pytest.raises(Llama3Error, match="prompt is empty"):
         Session(weights, config, ctx=5).generate([], GREEDY, np.random.default_rng(0), 1)
-    with pytest.raises(ParameterError, match="^max_new must be >= 1"):
-        Session(weights, config, ctx=5).generate([1], GREEDY, np.random.default_rng(0), 0)
+    with pytest.raises(ParameterError, match="^max_new must be >= 0"):
+        Session(weights, config, ctx=5).generate([1], GREEDY, np.random.default_rng(0), -2)
+
+
+def test_max_new_zero_feeds_the_prompt_and_draws_nothing(model):
+    """llama.cpp's -n 0: the prompt is evaluated, no token is drawn."""
+    weights, config = model
+    session = Session(weights, config, ctx=16)
+    out = session.generate(PROMPT, GREEDY, max_new=0)
+    assert list(out) == [] and out.ids == [] and out.stop_reason == "length"
+    assert session.history == PROMPT
 
 
 def test_repeat_penalty_window_is_the_last_64_ids_fed(model, monkeypatch):

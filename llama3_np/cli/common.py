@@ -179,7 +179,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_sampling_args(p: argparse.ArgumentParser, n_predict: int = 128) -> None:
     """-n, whose default (`n_predict`) is the command's, the sampler chain's flags, -s and -c."""
     p.add_argument("-n", "--n-predict", "--predict", dest="n_predict", type=int, default=n_predict, metavar="N",
-                   help="tokens to generate; -1: until a stop token or the context is full (default %(default)s)")
+                   help="tokens to generate; -1: until a stop token or the context is full; "
+                        "0: evaluate the prompt only (default %(default)s)")
     add_chain_args(p)
     p.add_argument("-s", "--seed", type=int, default=-1,
                    help="random seed; -1 = a random one, printed with the statistics (default %(default)s)")

@@ -85,7 +85,7 @@ def chat_format_for(tok: Tokenizer, choice: str | None = None, template: ChatTem
     `tools`: tool definitions (`text.tools.read_tools`), which a template places in the prompt.
 
     Raises ParameterError("chat_format") for an unknown choice or one this checkpoint cannot use,
-    ParameterError("tools") for tools with a built-in format.
+    ParameterError("tools") for tools with a built-in format or a template that never reads `tools`.
     """
     if choice is not None and choice not in CHAT_FORMATS:
         raise ParameterError("chat_format", f"chat format must be one of {', '.join(CHAT_FORMATS)}, got {choice!r}")
@@ -93,6 +93,10 @@ def chat_format_for(tok: Tokenizer, choice: str | None = None, template: ChatTem
         if template is None:
             raise ParameterError("chat_format", f"{tok.name}: this checkpoint carries no chat template; give "
                                                 "one as a file, or choose llama3 or chatml")
+        if tools is not None and not template.reads("tools"):
+            raise ParameterError("tools", f"{template.origin}: this chat template never reads `tools`, so the tool "
+                                          "definitions would not reach the prompt: give a chat template that places them, "
+                                          "or describe the tools in the system message")
         return TemplateFormat(template, dict(variables or {}), list(tools) if tools is not None else None)
     if tools is not None:
         raise ParameterError("tools", "tool definitions are placed in the prompt by a chat template; the built-in "

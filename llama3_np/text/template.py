@@ -66,6 +66,13 @@ class ChatTemplate:
             raise Llama3Error(f"{self.origin}: the chat template fails{where}: {e} (fix the dialog or the "
                               "template, or choose a built-in chat format: llama3, chatml)") from None
 
+    def reads(self, name: str) -> bool:
+        """Whether the template reads the variable `name` (for example `tools`) anywhere, found by
+        Jinja2's own analysis of the source (`jinja2.meta.find_undeclared_variables`)."""
+        import jinja2.meta
+
+        return name in jinja2.meta.find_undeclared_variables(self._template().environment.parse(self.source))
+
     def _template(self):
         if self._compiled is None:
             try:

@@ -42,6 +42,8 @@ def test_verbose_prompt_names_the_format_and_the_ids_follow_it(capsys, tmp_path)
     (["--tools", "NOT_A_LIST"], "expected a JSON list of tool definitions"),
     (["--tools", "TOOLS", "--chat-format", "chatml"], "--tools: tool definitions are placed in the prompt by a "
                                                       "chat template"),
+    # the default model's template has no tool section: the definitions would be dropped silently
+    (["--tools", "TOOLS"], "--tools: .*tokenizer_config.json: this chat template never reads `tools`"),
     (["--chat-template-file", "BAD", "--chat-format", "chatml"], "--chat-template-file goes with --chat-format "
                                                                  "template"),
 ])

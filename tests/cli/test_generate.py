@@ -53,6 +53,15 @@ def test_greedy_json_equals_greedy_argmax_of_forward():
     assert set(out["timings"]) >= {"load_s", "prefill_s", "decode_s", "prefill_tokens_per_s", "decode_tokens_per_s"}
 
 
+def test_n_zero_evaluates_the_prompt_only():
+    """-n 0 as in llama.cpp: the prompt is evaluated (its timing reported), nothing generated."""
+    proc = cli("generate", "-m", str(PARITY), "--tokens", "5,17", "-n", "0", "--json")
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = json.loads(proc.stdout)
+    assert out["prompt_ids"] == [5, 17] and out["ids"] == [] and out["stop_reason"] == "length"
+    assert out["timings"]["prefill_s"] > 0
+
+
 def test_seed_reproduces_a_sampled_run():
     args = ("generate", "-m", str(PARITY), "--tokens", "1,2,3", "-n", "12", "--temp", "1.5",
             "--top-k", "0", "--top-p", "1", "--min-p", "0", "--json")
@@ -166,7 +175,7 @@ def test_streamed_multibyte_characters_arrive_intact(tmp_path, monkeypatch):
     (["generate", "-m", "/no/such/folder", "-p", "hi", "--typical", "1.5"], ["--typical: typical_p must be in [0, 1]"]),
     (["chat", "-m", "/no/such/folder", "--top-nsigma", "nan"], ["--top-nsigma: top_n_sigma must be a finite number"]),
     (["generate", "-p", "hi", "--samplers", "top_k", "--sampling-seq", "k"], ["--sampling-seq", "not allowed with"]),
-    (["generate", "-m", str(PARITY), "--tokens", "1", "-n", "0"], ["-n: max_new must be >= 1"]),
+    (["generate", "-m", str(PARITY), "--tokens", "1", "-n", "-2"], ["-n: max_new must be >= 0, or -1"]),
     (["generate", "-m", str(PARITY), "--tokens", "1", "--seed", "-2"], ["--seed", "or -1 for a random seed"]),
     (["generate", "-m", str(PARITY), "--tokens", "1", "--dtype", "int8"], ["--dtype", "invalid choice"]),
     (["generate", "-m", "/no/such/folder", "-p", "hi"], ["/no/such/folder", "does not exist"]),
