@@ -528,7 +528,7 @@ def table(results: dict, notes: dict, args, load_average: float, config) -> str:
         lines += [f"limits (a process of its own, load average {limits['load_range']}, {limits['threads']} threads): "
                   f"read bandwidth {limits['bandwidth_gb_s']:.1f} GB/s, sgemm {limits['sgemm_gflop_s']:.1f} GFLOP/s, "
                   "bfloat16 conversion " + ", ".join(f"{k} {r:.1f} GB/s" for k, r in conversion.items())
-                  + f" (products use {limits['bfloat16_conversion']})",
+                  + f" (decode steps convert by halves, prefills by {limits['bfloat16_conversion']})",
                   f"limits: one decode step's weight products alone ({limits['product_layers_timed']} of "
                   f"{config.n_layers} layers and {limits['output_rows_timed']} of {config.vocab_size} output rows "
                   "timed, scaled): " + ", ".join(f"{k} {ms:.1f} ms ({1e3 / ms:.1f} tok/s)" for k, ms in step.items())]
@@ -568,11 +568,12 @@ def table(results: dict, notes: dict, args, load_average: float, config) -> str:
             lines.append(f"{engine}: a decode step takes {step_ms:.1f} ms, its weight products alone {products_ms:.1f} ms, "
                          f"the rest (attention, norms, sampling, Python) about {step_ms - products_ms:.1f} ms")
         per_token = decode_bytes_per_token(config, 2, args.prompt, args.new)
-        rate = limits["conversion_gb_s"][limits["bfloat16_conversion"]] * 1e9
+        rate = limits["conversion_gb_s"].get("halves", limits["conversion_gb_s"][limits["bfloat16_conversion"]]) * 1e9
         lines.append(f"bfloat16: converting one decode step's {per_token / 1e9:.2f} GB at {rate / 1e9:.1f} GB/s alone "
                      f"bounds decode at {rate / per_token:.1f} tok/s")
     for engine, o in ours.items():
-        lines.append(f"{engine}: bfloat16 conversion {o['bfloat16_conversion']} (timed at the first bfloat16 product); "
+        lines.append(f"{engine}: bfloat16 conversion: decode steps by halves, prefills by {o['bfloat16_conversion']} "
+                     "(timed at the first bfloat16 product); "
                      + ", ".join(f"{name} {rate:.1f} GB/s" for name, rate in o["conversion_gb_s"].items())
                      + f" of bfloat16 on {o['threads']} threads (ml_dtypes {o['ml_dtypes_version']}); its own limits: "
                      f"read bandwidth {o['bandwidth_gb_s']:.1f} GB/s, sgemm {o['sgemm_gflop_s']:.1f} GFLOP/s")
