@@ -60,15 +60,19 @@ tools: $(VENV)/.installed-tools
 # templates' renderings by transformers and Meta's ChatFormat (tests/fixtures/chat/), the
 # gradients, AdamW steps and trained checkpoint of torch.autograd and torch.optim
 # (tests/fixtures/grad/), the logprobs of transformers and llama.cpp that score is held to
-# (tests/fixtures/score/). Each directory's README.md says how its files were made.
+# (tests/fixtures/score/), llama-perplexity's KL-divergence base file and statistics, with
+# llama-perplexity built from llama-cpp-python's sdist by tools/build_llama_cpp.py (cmake, a C++
+# compiler; about 10 minutes) (tests/fixtures/kld/). Each directory's README.md says how its files were made.
 fixtures: tools
 	$(BIN)/python tools/make_reference_dumps.py
 	$(BIN)/python tools/make_tokenizer_fixtures.py
 	$(BIN)/python tools/make_checkpoint_fixtures.py
 	$(BIN)/python tools/fetch_default_model.py
+	$(BIN)/python tools/make_gguf_type_fixture.py
 	$(BIN)/python tools/make_default_model_reference.py
 	$(BIN)/python tools/make_precision_reference.py
-	$(BIN)/python tools/torch_dump.py -m weights/default --tokens 504,3575,282 \
+	$(BIN)/python -m llama3_np import-gguf --force weights/default/SmolLM2-135M-Instruct.Q4_1.gguf weights/default-exact
+	$(BIN)/python tools/torch_dump.py -m weights/default-exact --tokens 504,3575,282 \
 	    --stages embed 'layers.0.*' 'layers.29.*' 'layers.*.out' norm logits -o tests/fixtures/xcheck/default_hf.safetensors
 	$(BIN)/python tools/make_perplexity_reference.py
 	$(BIN)/python tools/make_sampler_fixtures.py
@@ -78,6 +82,7 @@ fixtures: tools
 	$(BIN)/python tools/calibrate_compare.py
 	$(BIN)/python tools/make_grad_fixtures.py
 	$(BIN)/python tools/make_bpe_trainer_fixture.py
+	$(BIN)/python tools/make_kld_fixtures.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -30,10 +30,10 @@ from .model import KVCache, forward  # noqa: E402
 from .stages import Edit, Trace, stage_shapes  # noqa: E402
 from .sampling import SamplingParams, sample, sampling_probs  # noqa: E402
 from .generation import Generation, Session, Step  # noqa: E402
-from .load import LoadedModel, load_model  # noqa: E402
+from .load import LoadedModel, load_model, load_tokenizer  # noqa: E402
 from .chat_session import ChatSession  # noqa: E402
 from .xcheck.score import Scores, score  # noqa: E402
-from .text.tokenizer import StreamDecoder, Tokenizer, load_tokenizer  # noqa: E402
+from .text.tokenizer import StreamDecoder, Tokenizer  # noqa: E402
 
 __all__ = [
     "Llama3Error", "ParameterError", "ModelConfig", "RopeScaling", "KVCache", "forward", "Trace", "Edit",

@@ -73,6 +73,18 @@ def make_folder(path) -> Path:
     return path
 
 
+def check_can_write(path) -> None:
+    """Refuse, before any work is done, a file that could not be created: it is a folder, or a
+    folder on its way is missing or is a file. Raises WriteError."""
+    path = Path(path)
+    if path.is_dir():
+        raise WriteError(path, "it is a folder", "name a file")
+    if not path.parent.is_dir():
+        blocker = _blocking_file(path.parent)
+        raise WriteError(path, f"{blocker} is a file, not a folder" if blocker is not None
+                         else f"folder {path.parent} does not exist")
+
+
 def partial_name(path: Path) -> Path:
     """Where `path` is written until it is complete: a hidden name in the same folder (a rename
     across file systems would be a copy), unique to this process."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -26,8 +27,11 @@ from .lora import adapted, load_adapter
 from .sampling import SamplingParams
 from .text.chat import ChatFormat, TemplateFormat, chat_format_for, encode_dialog
 from .text.template import ChatTemplate, find_chat_template, template_variables
+from .formats.gguf_file import is_gguf
+from .formats.gguf_import import gguf_tokenizer, tokenizer_objects
+from .text import tokenizer as text_tokenizer
 from .text.stop import StopText, check_stop_strings
-from .text.tokenizer import Tokenizer, load_tokenizer
+from .text.tokenizer import Tokenizer
 
 # Without an explicit context size, the KV cache holds at most this many tokens (or the model's own
 # context if smaller): a 131,072-token float32 cache for an 8B model would need 34 GB.
@@ -67,9 +71,10 @@ class LoadedModel:
         """Token ids of `text` as a plain prompt (with BOS when the tokenizer adds one)."""
         return self.need_tokenizer().encode(text)
 
-    def chat_template(self) -> Optional[ChatTemplate]:
-        """The chat template the checkpoint carries (`text.template.TEMPLATE_FILES`), or None."""
-        return find_chat_template(self.checkpoint.path)
+    def chat_template(self, tools: bool = False) -> Optional[ChatTemplate]:
+        """The chat template the checkpoint carries (`text.template.TEMPLATE_FILES`; a GGUF file's
+        tokenizer.chat_template), or None."""
+        return chat_template_of(self.checkpoint.path, tools)
 
     def chat_format(self, choice: Optional[str] = None, template: Optional[ChatTemplate] = None,
                     variables: Optional[dict] = None, tools: Optional[list] = None) -> ChatFormat | TemplateFormat:
@@ -79,7 +84,7 @@ class LoadedModel:
         added to the special tokens a template sees, and the tool definitions `tools`
         (`text.tools.read_tools`) for the template to place (`text.chat.chat_format_for`)."""
         tok = self.need_tokenizer()
-        template = template or find_chat_template(self.checkpoint.path, tools=tools is not None)
+        template = template or self.chat_template(tools=tools is not None)
         if template is not None:
             variables = template_variables(tok, self.checkpoint.path) | dict(variables or {})
         return chat_format_for(tok, choice, template, variables, tools)
@@ -161,6 +166,26 @@ class LoadedModel:
         return self.tokenizer
 
 
+def chat_template_of(path, tools: bool = False) -> Optional[ChatTemplate]:
+    """The chat template of a checkpoint: a folder's (`text.template.find_chat_template`), or a GGUF
+    file's tokenizer.chat_template; None when it has none."""
+    path = Path(path)
+    if path.is_file() and (path.suffix == ".gguf" or is_gguf(path)):
+        found = tokenizer_objects(path)[1].get("chat_template")
+        return None if found is None else ChatTemplate(found, f"{path}: tokenizer.chat_template")
+    return find_chat_template(path, tools=tools)
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """The tokenizer of a checkpoint: a folder's tokenizer files, or one of them
+    (`text.tokenizer.load_tokenizer`), or a GGUF file's metadata (`formats.gguf_import.gguf_tokenizer`,
+    which reads no tensor). Raises Llama3Error when there is none, or the file is not what it claims."""
+    path = Path(path)
+    if path.is_file() and (path.suffix == ".gguf" or is_gguf(path)):
+        return gguf_tokenizer(path)
+    return text_tokenizer.load_tokenizer(path)
+
+
 def check_ctx(ctx: Optional[int], config: ModelConfig) -> None:
     """A context size, checked against the context the model was trained for (None: no check; 0
     stands for the trained context).
@@ -176,8 +201,8 @@ def check_ctx(ctx: Optional[int], config: ModelConfig) -> None:
 
 
 def residency(dtype: Optional[str], mode: ComputeMode) -> str:
-    """The weight residency to load a checkpoint with for compute mode `mode`: `dtype` ("float32"
-    or "bfloat16"), or when None the mode's: float32 for float32 and float64 (float64 upcasts the
+    """The weight residency to load a checkpoint with for compute mode `mode`: `dtype` ("float32",
+    "bfloat16" or "gguf"; float32 compute takes any), or when None the mode's: float32 for float32 and float64 (float64 upcasts the
     float32 weights once more), bfloat16 for bfloat16 and float16 (they compute with weights held
     in their own dtype, as the engines do).
     Raises ParameterError("dtype") for a residency the mode cannot compute with."""
@@ -199,21 +224,20 @@ def checkpoint_for(checkpoint: Checkpoint, mode: ComputeMode) -> Checkpoint:
 
 def load_model(path=None, dtype: Optional[str] = None, rope_factor: Optional[float] = None,
                need_tokenizer: bool = True, ctx: Optional[int] = None, compute: str = "float32",
-               convention: str = "transformers", lora=None,
-               progress: Optional[Callable[[int, int], None]] = None) -> LoadedModel:
+               convention: str = "transformers", lora=None) -> LoadedModel:
     """Load a checkpoint (a Hugging Face or Meta folder, or a GGUF file) and its tokenizer.
 
-    path: the folder or .gguf file (imported into the asset cache once, `assets.model_dir`); None
-    for the default model. dtype: weight residency, "float32" (converted once, fastest) or
-    "bfloat16" (kept as stored, half the memory); None: the compute mode's (`residency`).
+    path: the folder or .gguf file (read as it is, memory-mapped, `assets.model_dir`); None for the
+    default model. dtype: weight residency, "float32" (converted once, fastest), "bfloat16" (kept as
+    stored, half the memory; a GGUF's values only where bfloat16 holds them exactly) or "gguf" (a GGUF
+    file's own blocks, dequantized a block of rows at a time in each product); None: the compute
+    mode's (`residency`).
     rope_factor: overrides the llama3 rope scaling factor a Meta params.json implies.
     need_tokenizer: when False, a folder without tokenizer files loads with `tokenizer` None. ctx:
     a context size to check against the model's trained context before any weight is read
     (`check_ctx`). compute, convention: the compute mode (`config.ComputeMode`: "float32",
     "float64", "bfloat16", "float16"; "transformers" or "meta" casts) the weights are held for.
     lora: a peft LoRA adapter folder, run unmerged (`llama3_np.lora`; float32 compute only).
-    progress: called with (done, total) tensors while a GGUF file is imported on first use.
-    `load_seconds` counts that import too.
     Raises Llama3Error for a missing folder or a malformed checkpoint or adapter, ParameterError("ctx"),
     ParameterError("compute"/"convention") for an unknown mode, ParameterError("dtype") for a
     residency the mode cannot compute with.
@@ -221,7 +245,7 @@ def load_model(path=None, dtype: Optional[str] = None, rope_factor: Optional[flo
     mode = ComputeMode.of(compute, convention)
     dtype = residency(dtype, mode)
     t0 = time.perf_counter()
-    path = assets.model_dir(path, progress=progress)
+    path = assets.model_dir(path)
     index = scan_checkpoint(path, rope_factor=rope_factor)
     check_ctx(ctx, index.config)
     checkpoint = checkpoint_for(load_checkpoint(index, dtype=dtype), mode)

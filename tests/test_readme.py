@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llama3_np.assets import default_model_dir
+from llama3_np.assets import default_model
 
 REPO = Path(__file__).resolve().parents[1]
 GREEDY = json.loads((REPO / "tests" / "fixtures" / "default_model" / "greedy.json").read_text())
@@ -26,7 +26,7 @@ def case(start: str) -> dict:
 
 
 def test_readme_python_examples_print_the_default_model_greedy_continuations(capsys):
-    assert (default_model_dir() / "config.json").is_file(), "run `python tools/fetch_default_model.py` (make test does)"
+    assert default_model().is_file(), "run `python tools/fetch_default_model.py` (make test does)"
     text_level, parts = python_examples()[:2]
     assert len(text_level.strip().splitlines()) <= 20 and len(parts.strip().splitlines()) <= 16, \
         "the examples should stay short"

@@ -26,8 +26,8 @@ import pytest
 from llama3_np.assets import llama3_tokenizer_path
 from llama3_np.formats.checkpoint import expected_shapes, load_checkpoint, save_hf_checkpoint
 from llama3_np.config import from_meta_params
-from llama3_np.formats.gguf_import import import_gguf
-from llama3_np.text.tokenizer import load_tokenizer
+from llama3_np.formats.gguf_to_hf import import_gguf
+from llama3_np.load import load_tokenizer
 from tests.checkpoint_builders import write_meta
 from tests.xcheck.test_dump import assert_one_line_error, run_cli
 

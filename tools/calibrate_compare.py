@@ -1,7 +1,7 @@
 """The noise floor of `llama3-np compare`: how far llama3_np and Hugging Face transformers, both in
 float32, differ at each kind of stage on ordinary prompts, and whether the default tolerance holds.
 
-    PYTHONPATH=$PWD python tools/calibrate_compare.py [-m weights/default] [--prompts FILE] [-o JSON]
+    PYTHONPATH=$PWD python tools/calibrate_compare.py [-m weights/default-exact] [--prompts FILE] [-o JSON]
 
 Each prompt of tests/fixtures/xcheck/calibration_prompts.json (text, code, several languages, 1 to
 512 tokens) is tokenized by llama3_np's tokenizer and run from position 0 through
@@ -49,7 +49,7 @@ from llama3_np.model import forward  # noqa: E402
 from llama3_np.stages import Trace  # noqa: E402
 from llama3_np.xcheck.compare import (DEFAULT_NMSE_TOL, STAGE_KINDS, compare_dumps, compare_stages,  # noqa: E402
                                       stage_kind)
-from llama3_np.text.tokenizer import load_tokenizer  # noqa: E402
+from llama3_np.load import load_tokenizer  # noqa: E402
 from make_perplexity_reference import model_name  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures"
@@ -72,7 +72,7 @@ DISPATCHES = {
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-m", "--model", default=str(REPO / "weights" / "default"), metavar="DIR",
+    p.add_argument("-m", "--model", default=str(REPO / "weights" / "default-exact"), metavar="DIR",
                    help="Hugging Face checkpoint folder (default: the default model)")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), metavar="FILE")
     p.add_argument("-o", "--output", default=str(DEFAULT_OUT), metavar="JSON")

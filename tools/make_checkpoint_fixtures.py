@@ -128,10 +128,12 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end
 
 def write_gguf(path: Path, config: ModelConfig, weights: dict[str, np.ndarray], matrices, pre: str,
                arch: str = "llama", rope_freqs: np.ndarray | None = None, specials: list[str] = SPECIALS,
-               eos: str = "<|eot_id|>", add_bos: bool | None = True):
+               eos: str = "<|eot_id|>", add_bos: bool | None = True, n_bytes: int = BYTES,
+               merges: list[str] = MERGES):
     """A llama.cpp-style GGUF of canonical weights (rope_freqs: override llama.cpp's scaling tensor;
-    add_bos None: no tokenizer.ggml.add_bos_token key, False/True: the key, set only for llama-bpe)."""
-    tokens = byte_level_alphabet()[:BYTES] + [m.replace(" ", "") for m in MERGES] + specials
+    add_bos None: no tokenizer.ggml.add_bos_token key, False/True: the key, set only for llama-bpe;
+    n_bytes: the vocabulary's first byte tokens, 256 for one that encodes any text)."""
+    tokens = byte_level_alphabet()[:n_bytes] + [m.replace(" ", "") for m in merges] + specials
     assert len(tokens) == config.vocab_size
     w = gguf.GGUFWriter(path, arch)
     w.add_block_count(config.n_layers)
@@ -148,7 +150,7 @@ def write_gguf(path: Path, config: ModelConfig, weights: dict[str, np.ndarray], 
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types([gguf.TokenType.NORMAL] * (len(tokens) - len(specials)) + [gguf.TokenType.CONTROL] * len(specials))
-    w.add_token_merges(MERGES)
+    w.add_token_merges(merges)
     w.add_bos_token_id(tokens.index("<|begin_of_text|>"))
     w.add_eos_token_id(tokens.index(eos))
     if add_bos is not None:

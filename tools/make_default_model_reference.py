@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Write tests/fixtures/default_model/greedy.json: Hugging Face transformers' greedy continuations
-of the embedded default model, computed in float32 on exactly the weights llama3_np loads.
+of the embedded default model, computed in float32 on exactly the values llama3_np reads.
 
     python tools/fetch_default_model.py && python tools/make_default_model_reference.py
 
-(needs `make tools`). The model is the cache's default/ (SmolLM2-135M-Instruct imported from its
-GGUF by llama3_np.formats.gguf_import: dequantized, stored as bf16). For three fixed prompts, the prompt ids come
+(needs `make tools`). The model is the default model's Q4_1 GGUF (SmolLM2-135M-Instruct), imported
+by `llama3_np.formats.gguf_to_hf.import_gguf` into a temporary Hugging Face folder of its exact
+dequantized values in float32 (`ggml_blocks`, bit-equal to `gguf.quants.dequantize`, which this
+script checks again on every tensor). For three fixed prompts, the prompt ids come
 from the folder's own tokenizer.json through `PreTrainedTokenizerFast`, and 64 tokens are chosen
 by argmax, one at a time with the KV cache, never stopping at an end-of-turn token. Each step's
 margin (top logit minus runner-up) is kept, so a test that diverges can tell a near-tie from a bug.
@@ -17,7 +19,9 @@ import json
 import os
 import re
 import sys
+import tempfile
 from importlib import metadata
+from pathlib import Path
 
 from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
 
@@ -27,7 +31,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from llama3_np.assets import default_model_dir  # noqa: E402
+import gguf  # noqa: E402
+import numpy as np  # noqa: E402
+
+from llama3_np.assets import DEFAULT_MODEL_GGUF, DEFAULT_MODEL_SHA256, default_model  # noqa: E402
+from llama3_np.formats.gguf_file import GGUFFile  # noqa: E402
+from llama3_np.formats.gguf_to_hf import import_gguf  # noqa: E402
 
 OUT = REPO / "tests" / "fixtures" / "default_model" / "greedy.json"
 NEW_TOKENS = 64
@@ -53,9 +62,39 @@ def greedy(model, prompt_ids: list[int]) -> tuple[list[int], list[float]]:
     return ids, margins
 
 
+def llama_cpp_greedy(path, prompt_ids: list[int]) -> list[int]:
+    """llama.cpp's greedy continuation of the same ids on the same file (llama-cpp-python, CPU,
+    its default arithmetic), the last position's logits read from its context after each eval."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt_ids) + NEW_TOKENS, n_threads=2, verbose=False)
+    vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+
+    llm.eval(prompt_ids)
+    ids = []
+    for _ in range(NEW_TOKENS):
+        ids.append(int(np.argmax(last_logits())))
+        llm.eval([ids[-1]])
+    return ids
+
+
+def check_exact(path) -> None:
+    """Every tensor's values bit-equal to the gguf package's dequantizer."""
+    for t in GGUFFile(path).tensors.values():
+        reference = np.asarray(gguf.quants.dequantize(t.raw(), gguf.GGMLQuantizationType(t.type.id)), np.float32)
+        assert np.array_equal(t.values().reshape(-1).view(np.uint32), reference.reshape(-1).view(np.uint32)), t.name
+
+
 def main() -> int:
-    folder = default_model_dir()
-    record = json.loads((folder / "llama3_np_import.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        return write_fixture(import_gguf(default_model(), Path(tmp) / "default"))
+
+
+def write_fixture(folder: Path) -> int:
+    check_exact(default_model())
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
     chat_template = json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
     model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -66,14 +105,20 @@ def main() -> int:
             prompt["messages"], chat_template=chat_template, add_generation_prompt=True, tokenize=False)
         prompt_ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         ids, margins = greedy(model, prompt_ids)
+        llama_cpp_ids = llama_cpp_greedy(default_model(), prompt_ids)
         cases.append({"prompt": text, "prompt_ids": prompt_ids, "ids": ids,
-                      "text": tokenizer.decode(ids), "margins": [round(m, 6) for m in margins]})
-        print(f"{text!r} -> {tokenizer.decode(ids)!r} (smallest margin {min(margins):.4f})")
+                      "text": tokenizer.decode(ids), "margins": [round(m, 6) for m in margins],
+                      "llama_cpp_ids": llama_cpp_ids})
+        agree = next((k for k, (a, b) in enumerate(zip(ids, llama_cpp_ids)) if a != b), len(ids))
+        print(f"{text!r} -> {tokenizer.decode(ids)!r} (smallest margin {min(margins):.4f}; llama.cpp agrees on "
+              f"{agree} of {len(ids)})")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({
-        "model": {"folder": "weights/default", "source": record["source"], "sha256": record["sha256"]},
+        "model": {"file": DEFAULT_MODEL_GGUF, "sha256": DEFAULT_MODEL_SHA256,
+                  "values": "exact (ggml_blocks), float32 in transformers"},
         "producer": {"tool": "tools/make_default_model_reference.py", "dtype": "float32",
-                     "transformers": metadata.version("transformers"), "torch": metadata.version("torch")},
+                     "transformers": metadata.version("transformers"), "torch": metadata.version("torch"),
+                     "llama_cpp_ids": f"llama-cpp-python {metadata.version('llama_cpp_python')}, CPU, greedy"},
         "new_tokens": NEW_TOKENS, "cases": cases}, indent=1, ensure_ascii=False)
     # One line per list of numbers.
     text = re.sub(r"\[[-\d.e,\s]+\]", lambda m: "[" + " ".join(m.group(0)[1:-1].split()) + "]", text)

@@ -1,6 +1,6 @@
 """The Hugging Face float32 perplexity that `llama3-np perplexity` is tested against:
 
-    python tools/make_perplexity_reference.py [-m weights/default] [--text FILE] [--ctx 512] [-o JSON]
+    python tools/make_perplexity_reference.py [-m weights/default-exact] [--text FILE] [--ctx 512] [-o JSON]
                                               [--save-logits FILE]
 
 The text is tokenized once, by llama3_np's tokenizer, and those ids are stored in the JSON: the
@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from llama3_np.errors import Llama3Error  # noqa: E402
 from llama3_np.xcheck.perplexity import (LogitsWriter, first_scored, logits_metadata,  # noqa: E402
                                   perplexity_estimate, token_nll, windows)
-from llama3_np.text.tokenizer import load_tokenizer  # noqa: E402
+from llama3_np.load import load_tokenizer  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures" / "xcheck"
 DEFAULT_TEXT = FIXTURES / "jargon_hack.txt"
@@ -60,7 +60,7 @@ def model_name(checkpoint: Path) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-m", "--model", default=str(REPO / "weights" / "default"), metavar="DIR")
+    p.add_argument("-m", "--model", default=str(REPO / "weights" / "default-exact"), metavar="DIR")
     p.add_argument("--text", default=str(DEFAULT_TEXT), metavar="FILE")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("-o", "--output", default=str(DEFAULT_OUT), metavar="JSON")

@@ -4,7 +4,10 @@ float16 and Meta's llama-models in bfloat16, on CPU, for 20 prompts.
 
     python tools/fetch_default_model.py && python tools/make_precision_reference.py
 
-(needs `make tools`). The model is the cache's default/ (SmolLM2-135M-Instruct, stored as bf16).
+(needs `make tools`). The model is the default model's Q4_1 GGUF (SmolLM2-135M-Instruct), imported
+by `llama3_np.formats.gguf_to_hf.import_gguf` into a temporary Hugging Face folder of its exact
+dequantized values in float32, which each engine rounds to its dtype as it loads them (as llama3_np's
+compute modes round the same values, `linear.mode_weights`).
 Prompts: the three of greedy.json (tools/make_default_model_reference.py) and 17 of
 tests/fixtures/xcheck/calibration_prompts.json (prose in eight languages, numbers, a formula, emoji,
 JSON, C, Python, one word). Their ids come from llama3_np's tokenizer, which equals transformers'
@@ -24,7 +27,9 @@ import json
 import os
 import re
 import sys
+import tempfile
 from importlib import metadata
+from pathlib import Path
 
 from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
 
@@ -34,7 +39,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 import torch_reference as ref  # noqa: E402
-from llama3_np.assets import default_model_dir  # noqa: E402
+from llama3_np.assets import DEFAULT_MODEL_GGUF, DEFAULT_MODEL_SHA256, default_model  # noqa: E402
+from llama3_np.formats.gguf_to_hf import import_gguf  # noqa: E402
 from llama3_np.text.tokenizer import load_tokenizer  # noqa: E402
 
 transformers = ref.transformers_module()
@@ -111,10 +117,13 @@ def meta_greedy(model, prompt_ids):
 
 
 def main() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        return write_fixture(import_gguf(default_model(), Path(tmp) / "default"))
+
+
+def write_fixture(folder: Path) -> int:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    folder = default_model_dir()
-    record = json.loads((folder / "llama3_np_import.json").read_text())
     cases = prompts(folder)
     producers = {}
     for prefix, (which, dtype, dtype_name) in PRODUCERS.items():
@@ -132,7 +141,8 @@ def main() -> int:
             print(f"{prefix} {case['name']}: smallest margin {min(margins):.4f}", flush=True)
         producers[prefix] = {"producer": producer, "dtype": dtype_name, "cases": results}
         del model
-    about = {"model": {"folder": "weights/default", "source": record["source"], "sha256": record["sha256"]},
+    about = {"model": {"file": DEFAULT_MODEL_GGUF, "sha256": DEFAULT_MODEL_SHA256,
+                       "values": "exact (ggml_blocks), float32, rounded by each engine to its dtype"},
              "tool": "tools/make_precision_reference.py", "torch": metadata.version("torch"),
              "new_tokens": NEW_TOKENS, "prompts": cases, "producers": producers}
     text = json.dumps(about, indent=1, ensure_ascii=False)

@@ -166,13 +166,13 @@ def random_case(name: str, n: int, scale: float, seed: int) -> dict:
 
 
 def realistic_cases() -> list[dict]:
-    from llama3_np.assets import default_model_dir
+    from llama3_np.assets import default_model
     from llama3_np.formats.checkpoint import load_checkpoint
     from llama3_np.model import forward
-    from llama3_np.text.tokenizer import load_tokenizer
+    from llama3_np.load import load_tokenizer
 
-    ckpt = load_checkpoint(default_model_dir(), dtype="float32")
-    tok = load_tokenizer(default_model_dir())
+    ckpt = load_checkpoint(default_model(), dtype="float32")
+    tok = load_tokenizer(default_model())
     cases = []
     for k, text in enumerate(REALISTIC_PROMPTS):
         prompt = tok.encode(text, bos=tok.add_bos)

@@ -16,8 +16,10 @@ and, for the default model, transformers again in float64 (the value both float3
 measured against). The file keeps, for every position after the first, the logprob of the next token and the
 TOP_N most probable tokens with theirs. Models:
 
-    default   the cache's default/ (SmolLM2-135M-Instruct, bf16 weights); its F32 GGUF is written
-              by llama.cpp's own convert_hf_to_gguf.py (--outtype f32) into a temporary folder
+    default   weights/default-exact (SmolLM2-135M-Instruct's Q4_1 GGUF as a Hugging Face folder of its
+              exact values in float32, made by `llama3-np import-gguf`, as `make fixtures` does
+              first); its F32 GGUF is written by llama.cpp's own convert_hf_to_gguf.py (--outtype
+              f32) into a temporary folder
     tiny      tests/fixtures/checkpoints/hf (D=32, 2 layers, V=128, llama3 rope factor 8); its F32
               GGUF is the committed tests/fixtures/checkpoints/gguf_f32.gguf (the same weights)
     tiny32    tests/fixtures/parity/llama3_2 (D=64, tied embeddings, rope factor 32), transformers only
@@ -47,9 +49,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from llama3_np.assets import default_model_dir  # noqa: E402
+from llama3_np.assets import DEFAULT_MODEL_GGUF, cache_dir  # noqa: E402
 from llama3_np.errors import Llama3Error  # noqa: E402
-from llama3_np.text.tokenizer import load_tokenizer  # noqa: E402
+from llama3_np.load import load_tokenizer  # noqa: E402
 
 OUT = REPO / "tests" / "fixtures" / "score" / "reference.json"
 FIXTURES = REPO / "tests" / "fixtures"
@@ -125,9 +127,10 @@ def default_f32_gguf(folder: Path, out_dir: Path) -> Path:
 
 
 def main() -> int:
-    folder = default_model_dir()
+    folder = cache_dir() / "default-exact"
     if not (folder / "config.json").is_file():
-        raise Llama3Error("the default model is not in the cache: run python tools/fetch_default_model.py")
+        raise Llama3Error(f"{folder} is missing: run python tools/fetch_default_model.py, then llama3-np "
+                          f"import-gguf {cache_dir() / 'default' / DEFAULT_MODEL_GGUF} {folder}")
     tokenizer = load_tokenizer(folder)
     cases = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,7 +155,7 @@ def main() -> int:
     text = json.dumps({
         "producer": {"tool": "tools/make_score_fixtures.py", "transformers": metadata.version("transformers"),
                      "torch": metadata.version("torch"), "llama_cpp_python": metadata.version("llama_cpp_python")},
-        "models": {"default": "the cache's default/ (tools/fetch_default_model.py)",
+        "models": {"default": "the default model's exact values (weights/default-exact, import-gguf)",
                    "tiny": "tests/fixtures/checkpoints/hf (llama.cpp: tests/fixtures/checkpoints/gguf_f32.gguf)",
                    "tiny32": "tests/fixtures/parity/llama3_2"},
         "top_n": TOP_N, "cases": cases}, indent=1, ensure_ascii=False)

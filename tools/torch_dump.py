@@ -35,7 +35,7 @@ from llama3_np.cli.common import parse_token_ids, read_prompt  # noqa: E402
 from llama3_np.stages import check_globs, stage_shapes  # noqa: E402
 from llama3_np.xcheck.dump import Inputs, dump_metadata, resolve_inputs, write_dump  # noqa: E402
 from llama3_np.errors import Llama3Error  # noqa: E402
-from llama3_np.text.tokenizer import load_tokenizer  # noqa: E402
+from llama3_np.load import load_tokenizer  # noqa: E402
 
 META_SHIPPED_FACTOR = 8.0  # the literal in llama-models' apply_scaling
 

@@ -3,8 +3,8 @@
 Each command is a module of this package with `add_command(subparsers)`, which adds its parser and
 sets `func(args) -> int` as the parser default. A command parses its flags, calls the library,
 prints, and returns an exit status; this module only dispatches and turns a library error into one
-line on stderr (exit status 2, naming the flag where the library names a parameter) and Ctrl-C
-into exit status 130.
+line on stderr (exit status 2, naming the flag where the library names a parameter), Ctrl-C
+into exit status 130 and a reader that went away (`| head -1`) into 141, quietly.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ..errors import Llama3Error
 from . import (bench, chat, compare, dump, generate, import_gguf, inspect, perplexity, score, tokenize, trace,
                train, walkthrough)
 from ..products import set_threads
-from .common import error_message, refuse_llama_cpp_flags
+from .common import EXIT_OUTPUT_CLOSED, error_message, refuse_llama_cpp_flags, silence_stdout
 
 # The commands, in the order --help lists them.
 COMMANDS = (generate, chat, inspect, dump, compare, trace, walkthrough, perplexity, score, bench, tokenize,
@@ -68,6 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         print("", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        # The reader went away (`llama3-np generate ... | head`): nothing left to say.
-        sys.stderr.close()
-        return 1
+        # The reader went away (`llama3-np tokenize ... | head`): nothing left to say to it.
+        silence_stdout()
+        return EXIT_OUTPUT_CLOSED

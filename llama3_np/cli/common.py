@@ -40,7 +40,7 @@ FLAGS = {
     "temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
     "repeat_penalty": "--repeat-penalty", "max_new": "-n", "ctx": "--ctx-size", "stages": "--stages",
     "nmse_tol": "--tol", "rel_tol": "--rel-tol", "batch": "--batch-size", "chunks": "--chunks",
-    "kl_base": "--kl-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
+    "kl_base": "--kl-base", "kl_divergence_base": "--kl-divergence-base", "prompt_tokens": "--prompt", "new_tokens": "--new", "runs": "--runs",
     "layers": "--layers", "samplers": "--samplers", "repeat_last_n": "--repeat-last-n",
     "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty", "typical_p": "--typical",
     "top_n_sigma": "--top-nsigma", "dry_multiplier": "--dry-multiplier", "dry_base": "--dry-base",
@@ -90,7 +90,8 @@ LLAMA_CPP_ONLY_FLAGS = [
     (("--display-prompt", "--no-display-prompt"), "shows or hides the prompt",
      "llama3_np shows the prompt only when asked: generate --echo"),
     (("--kl-divergence-base", "--save-all-logits", "--kl-divergence"), "saves or compares logits",
-     "use perplexity --save-logits FILE, then perplexity --kl-base FILE"),
+     "perplexity takes them: perplexity -f TEXT --kl-divergence-base FILE writes a base, "
+     "perplexity --kl-divergence-base FILE --kl-divergence compares with it"),
     (("--mirostat", "--mirostat-lr", "--mirostat-ent", "--dynatemp-range", "--dynatemp-exp", "-l", "--logit-bias", "--grammar", "--grammar-file", "-j", "--json-schema", "-jf",
       "--json-schema-file"), "is a sampler or constraint llama3_np does not have",
      "generate --help lists the samplers llama3_np has (--samplers)"),
@@ -156,9 +157,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """The flags of every command that loads a model and computes with it."""
     p.add_argument("-m", "--model", metavar="DIR",
                    help="checkpoint folder (Hugging Face or Meta format) or .gguf file; default: the default model")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"],
-                   help="weight residency: float32 (fast) or bfloat16 (half the memory); default float32, "
-                        "or the --compute dtype for bfloat16 and float16")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "gguf"],
+                   help="weight residency: float32 (fast), bfloat16 (half the memory; a GGUF's quantized "
+                        "values only where bfloat16 holds them exactly) or gguf (a GGUF file's own "
+                        "quantized blocks, dequantized row block by row block in each product); default "
+                        "float32, or the --compute dtype for bfloat16 and float16")
     p.add_argument("--compute", choices=COMPUTE_DTYPES, default="float32",
                    help="what every stage computes in: float32 (default); float64 (the exact value, weights "
                         "upcast); bfloat16 or float16 (an engine's arithmetic, emulated: products accumulated "
@@ -342,28 +345,18 @@ def check_model_arg(arg: Optional[str]) -> None:
 
 
 def model_dir(arg: Optional[str]) -> Path:
-    """The checkpoint folder of -m (a .gguf file: imported into the cache once, with a progress
-    line), or the default model."""
+    """The checkpoint of -m (a folder, or a .gguf file read as it is), or the default model's GGUF."""
     check_model_arg(arg)
-    progress = ProgressLine("importing", "tensors")
-    try:
-        return assets.model_dir(arg, progress=progress.update)
-    finally:
-        progress.clear()
+    return assets.model_dir(arg)
 
 
 def load(args, need_tokenizer: bool) -> LoadedModel:
     """The model of -m, --dtype, --rope-factor, --compute and --convention; a -c/--ctx-size beyond
-    its trained context is refused before its weights are read. The load time includes a first-use
-    import."""
+    its trained context is refused before its weights are read."""
     check_model_arg(args.model)
-    progress = ProgressLine("importing", "tensors")
-    try:
-        return load_model(args.model, dtype=args.dtype, rope_factor=args.rope_factor, need_tokenizer=need_tokenizer,
-                          ctx=getattr(args, "ctx", None), lora=getattr(args, "lora", None), compute=args.compute,
-                          convention=args.convention, progress=progress.update)
-    finally:
-        progress.clear()
+    return load_model(args.model, dtype=args.dtype, rope_factor=args.rope_factor, need_tokenizer=need_tokenizer,
+                      ctx=getattr(args, "ctx", None), lora=getattr(args, "lora", None), compute=args.compute,
+                      convention=args.convention)
 
 
 def read_text_file(name: str, what: str = "prompt file") -> str:
@@ -436,7 +429,20 @@ def plural(n: int, noun: str) -> str:
 
 # How the statistics line says why generation ended (Generation.stop_reason).
 STOP_REASONS = {"stop": "stop token", "stop_string": "stop string", "length": "-n limit", "context": "context full",
-                "interrupted": "interrupted"}
+                "interrupted": "interrupted", "output_closed": "output closed"}
+
+# The exit status of a command whose reader went away (`llama3-np generate ... | head -1`): that of
+# a program ended by SIGPIPE, as the shell reports it (128 + 13) for head's other writers.
+EXIT_OUTPUT_CLOSED = 141
+
+
+def silence_stdout() -> None:
+    """Point standard output at /dev/null once its reader has gone, so that nothing buffered fails
+    again when Python flushes it at exit."""
+    import os
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def stats_line(loaded: Optional[LoadedModel], out: Generation, seed: Optional[int]) -> str:
@@ -475,8 +481,13 @@ class Printer:
     def write(self, text: str, end: str = "") -> None:
         self.shown += text
         if self.stream is not None and text + end:
-            self.stream.write((text + end).encode("utf-8"))
-            self.stream.flush()
+            try:
+                self.stream.write((text + end).encode("utf-8"))
+                self.stream.flush()
+            except BrokenPipeError:  # the reader went away: nothing more is printed (`consume` stops)
+                self.stream = None
+                silence_stdout()
+                raise
 
     def echo(self, prompt: list[int]) -> None:
         """Print the prompt as the model reads it (special tokens by name), without the BOS the
@@ -531,9 +542,9 @@ class ProgressLine:
 
 def consume(generation: Generation, on_step, stop_text: Optional[StopText] = None) -> Generation:
     """Run a generation, handing each step to `on_step`. A stop string found by `stop_text` ends
-    it, with stop reason "stop_string"; Ctrl-C ends it early, with stop reason "interrupted"; what
-    was printed stays (a prefill's progress line is wiped), and the session keeps what its cache
-    holds."""
+    it, with stop reason "stop_string"; Ctrl-C ends it early, with stop reason "interrupted", and
+    a reader of the output that went away (`| head -1`) with "output_closed"; what was printed
+    stays (a prefill's progress line is wiped), and the session keeps what its cache holds."""
     try:
         for step in generation:
             on_step(step)
@@ -542,6 +553,8 @@ def consume(generation: Generation, on_step, stop_text: Optional[StopText] = Non
                 break
     except KeyboardInterrupt:
         generation.stop_reason = "interrupted"
+    except BrokenPipeError:
+        generation.stop_reason = "output_closed"
     finally:
         if isinstance(generation.session.progress, ProgressLine):
             generation.session.progress.clear()

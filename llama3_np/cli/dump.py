@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..backward import IGNORE_INDEX, loss_and_gradients
 from ..errors import Llama3Error
+from ..files import WriteError, check_can_write
 from ..stages import Trace, check_globs, stage_shapes
 from ..xcheck.dump import convention_metadata, dump_metadata, read_dump, run_forward, write_dump
 from .common import add_input_args, add_model_args, load_with_inputs
@@ -35,8 +36,10 @@ def run(args) -> int:
     output = Path(args.output)
     if output.suffix != ".safetensors":
         raise Llama3Error(f"-o {args.output}: a dump is a safetensors file; name it FILE.safetensors")
-    if not output.parent.is_dir():
-        raise Llama3Error(f"-o {args.output}: folder {output.parent} does not exist")
+    try:
+        check_can_write(output)
+    except WriteError as e:
+        raise Llama3Error(f"-o: {e}") from None
     loaded, inputs = load_with_inputs(args)
     names = stage_shapes(loaded.config, len(inputs.tokens), len(inputs.context))
     if args.stages is not None:

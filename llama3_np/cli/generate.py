@@ -19,9 +19,9 @@ from ..products import get_threads
 from ..text.chat import describe
 from ..text.stop import StopText, check_stop_strings
 from ..xcheck.bench import peak_rss_mb
-from .common import (Printer, ProgressLine, add_chat_args, add_model_args, add_sampling_args, chat_format, consume,
-                     for_model, load, parse_token_ids, read_prompt, sampling_params, seeded_rng, stats_line,
-                     verbose_prompt)
+from .common import (EXIT_OUTPUT_CLOSED, Printer, ProgressLine, add_chat_args, add_model_args, add_sampling_args,
+                     chat_format, consume, for_model, load, parse_token_ids, read_prompt, sampling_params, seeded_rng,
+                     stats_line, verbose_prompt)
 
 
 def add_command(sub) -> None:
@@ -166,4 +166,4 @@ def run_generate(args) -> int:
         sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
     else:
         print(stats_line(loaded, out, seed if not params.greedy else None), file=sys.stderr)
-    return 130 if out.stop_reason == "interrupted" else 0
+    return {"interrupted": 130, "output_closed": EXIT_OUTPUT_CLOSED}.get(out.stop_reason, 0)

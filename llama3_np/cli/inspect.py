@@ -1,4 +1,4 @@
-"""`llama3-np inspect -m DIR`: what a checkpoint folder holds, checked, without reading its weights.
+"""`llama3-np inspect -m DIR`: what a checkpoint folder or GGUF file holds, checked, without reading its weights.
 
 The facts and their text are the library's (`llama3_np.summary`); this command prints them.
 """

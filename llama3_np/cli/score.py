@@ -13,7 +13,6 @@ import json
 import math
 import sys
 from dataclasses import asdict
-from pathlib import Path
 from typing import Optional
 
 from ..errors import Llama3Error
@@ -245,8 +244,6 @@ def jsonl_line(obj: dict, s: Scores) -> dict:
 
 def output_file(path: str) -> AtomicFile:
     """-o: a file that appears whole or not at all (`files.AtomicFile`)."""
-    if not Path(path).resolve().parent.is_dir():
-        raise Llama3Error(f"-o {path}: folder {Path(path).parent} does not exist")
     try:
         return AtomicFile(path, "w")
     except WriteError as e:

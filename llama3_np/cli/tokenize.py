@@ -11,8 +11,8 @@ import json
 import sys
 
 from ..errors import Llama3Error
+from ..load import load_tokenizer
 from ..text.pieces import format_pieces, pieces
-from ..text.tokenizer import load_tokenizer
 from .common import model_dir, read_prompt
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 from ..errors import Llama3Error
 from ..files import make_folder
 from ..formats.checkpoint import load_checkpoint
+from ..formats.gguf_file import is_gguf
 from ..lora import TARGETS, LoraConfig
 from ..train import (CHECKPOINT_PREFIX, PRESETS, TOKENIZER_FILES, Trainer, TrainingArguments, checkpoints,
                      init_weights, pack, save_checkpoint, scratch_config)
-from .common import add_model_args, load, read_text_file
+from .common import add_model_args, load, model_dir, read_text_file
 
 def add_command(sub) -> None:
     p = sub.add_parser("train", help="train a model from scratch or fine-tune a checkpoint on text files",
@@ -79,11 +80,13 @@ def run(args) -> int:
         raise Llama3Error(f"-o {out}: holds no checkpoint to resume; train without --resume first")
     if not args.resume and out.is_dir() and any(out.iterdir()):
         raise Llama3Error(f"-o {out}: exists and is not empty; continue its run with --resume, or name a new folder")
-    # From scratch, -m gives only the tokenizer and vocabulary: its weights stay mapped, unconverted.
+    # From scratch, -m gives only the tokenizer and vocabulary: its weights stay mapped, unconverted
+    # (a GGUF file's in its own blocks).
+    unconverted = "gguf" if args.from_scratch and is_gguf(model_dir(args.model)) else "bfloat16"
     lora = None if args.lora_r is None else LoraConfig(args.lora_r, args.lora_alpha, tuple(args.lora_target.split(",")))
     if lora is not None and args.from_scratch:
         raise Llama3Error("--lora-r trains adapters on a model's weights; new weights (--from-scratch) train whole")
-    loaded = load(argparse.Namespace(**{**vars(args), "dtype": "bfloat16"}) if args.from_scratch else args,
+    loaded = load(argparse.Namespace(**{**vars(args), "dtype": unconverted}) if args.from_scratch else args,
                   need_tokenizer=True)
     tok = loaded.need_tokenizer()
     config = loaded.config if args.from_scratch is None else scratch_config(args.from_scratch, loaded.config.vocab_size)

@@ -4,7 +4,8 @@
                           with model.safetensors.index.json; q/k rows permuted for rotate-half rope
     Meta folder           params.json + consolidated.00.pth ... consolidated.NN.pth (model-parallel
                           shards), read by `llama3_np.formats.pth` without torch
-    GGUF file             imported into a Hugging Face folder by `llama3_np.formats.gguf_import`
+    GGUF file             one .gguf file (llama.cpp's format), read as it is, memory-mapped
+                          (`llama3_np.formats.gguf_import.scan_gguf`); q/k already in Meta order
 
 The canonical form (`Checkpoint.weights`) uses Meta's state-dict names and Meta's interleaved rope
 row order for wq/wk, whatever the source. With tied embeddings, `weights["output.weight"] is
@@ -21,15 +22,20 @@ residencies:
   time (`llama3_np.linear`).
   Nothing is ever rounded: a float32 or float16 file stays float32 or float16. Copies are made only
   where the layout must change: HF q/k (row order) and tensors merged from Meta shards.
+  A GGUF's quantized tensors are dequantized to their exact values, kept as bfloat16 where every
+  value is a bfloat16 number and as float32 otherwise (with a note saying how many).
+- "gguf" (GGUF files only): every tensor stays as the file stores it, memory-mapped: quantized
+  matrices as their ggml blocks (`QuantizedWeight`), dequantized a block of rows at a time by
+  each product (`llama3_np.products`), float tensors as in "bfloat16".
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -38,10 +44,12 @@ from ..dtypes import bfloat16, is_bfloat16
 from ..errors import Llama3Error, warn
 from ..files import make_folder, write_text
 from ..text.tokenizer import find_tokenizer_file
+from .canonical import CheckpointIndex, StoredTensor, TensorPlan, expected_shapes
+from .gguf_file import is_gguf
 from .pth import PthFile
 from .safetensors_file import SafetensorsFile, write_safetensors
 
-RESIDENCIES = ("float32", "bfloat16")
+RESIDENCIES = ("float32", "bfloat16", "gguf")
 # The weight dtypes read: float32, float16 and bfloat16 (`is_bfloat16`, which needs no ml_dtypes).
 FLOAT_DTYPES = (np.dtype("<f4"), np.dtype("<f2"))
 
@@ -104,27 +112,6 @@ def _ignorable(name: str) -> Optional[str]:
     return next((why for pattern, why in IGNORABLE.items() if pattern.fullmatch(name)), None)
 
 
-def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every canonical tensor name and the shape the config implies for it."""
-    shapes = {"tok_embeddings.weight": (c.vocab_size, c.dim)}
-    for i in range(c.n_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "attention.wq.weight": (c.n_heads * c.head_dim, c.dim),
-            p + "attention.wk.weight": (c.n_kv_heads * c.head_dim, c.dim),
-            p + "attention.wv.weight": (c.n_kv_heads * c.head_dim, c.dim),
-            p + "attention.wo.weight": (c.dim, c.n_heads * c.head_dim),
-            p + "attention_norm.weight": (c.dim,),
-            p + "feed_forward.w1.weight": (c.ffn_dim, c.dim),
-            p + "feed_forward.w2.weight": (c.dim, c.ffn_dim),
-            p + "feed_forward.w3.weight": (c.ffn_dim, c.dim),
-            p + "ffn_norm.weight": (c.dim,),
-        })
-    shapes["norm.weight"] = (c.dim,)
-    shapes["output.weight"] = (c.vocab_size, c.dim)
-    return shapes
-
-
 # --- the rope row order of q/k -------------------------------------------------------------------
 
 def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:  # [n_heads*Dh, D] -> [n_heads*Dh, D]
@@ -145,54 +132,15 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:  # [n_heads*Dh, D] 
 
 # --- the scanned checkpoint ----------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class StoredTensor:
-    """One tensor as one file stores it (a whole tensor, or one model-parallel shard of it)."""
-
-    file: Path
-    name: str  # its name in that file
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    read: Callable[[], np.ndarray]  # the stored array, memory-mapped where the file allows
-
-
-@dataclass(frozen=True)
-class TensorPlan:
-    """How one canonical tensor is made from what is stored."""
-
-    pieces: tuple[StoredTensor, ...]  # one per file; several for Meta model-parallel shards
-    shape: tuple[int, ...]  # canonical shape
-    shard_axis: Optional[int] = None  # pieces concatenate along it; None: replicas, must be equal
-    unpermute_heads: Optional[int] = None  # Hugging Face q/k: heads to un-permute
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.pieces[0].dtype
-
-
-@dataclass
-class CheckpointIndex:
-    """A validated checkpoint before any tensor data is read."""
-
-    path: Path
-    format: str  # "hf" | "meta"
-    config: ModelConfig
-    plans: dict[str, TensorPlan]  # canonical name -> plan; "output.weight" absent when tied
-    files: list[Path]
-    ignored: dict[str, str] = field(default_factory=dict)  # "file: tensor" -> why it is not needed
-    tokenizer_dir: Optional[Path] = None
-    eos_ids: tuple[int, ...] = ()
-
-
 @dataclass
 class Checkpoint:
     """Canonical weights (Meta names and rope layout) and the config they belong to."""
 
     path: Path
-    format: str  # "hf" | "meta"
+    format: str  # "hf" | "meta" | "gguf"
     config: ModelConfig
-    weights: dict[str, np.ndarray]
-    dtype: str  # residency: "float32" | "bfloat16"
+    weights: dict[str, np.ndarray]  # (and `QuantizedWeight`s in "gguf" residency)
+    dtype: str  # residency: "float32" | "bfloat16" | "gguf"
     tokenizer_dir: Optional[Path] = None  # the folder holding the tokenizer files, if any
     # End-of-sequence ids the checkpoint's own config declares (Hugging Face config.json and
     # generation_config.json); empty for Meta folders, whose tokenizer says it.
@@ -223,23 +171,6 @@ def _shape_error(t: StoredTensor, canonical: str, expected, source: str) -> Llam
                        f"implies {tuple(expected)}; the config does not belong to these weights")
 
 
-def what_the_file_is(path: Path) -> str:
-    """What a file that should be a checkpoint file starts with, in words: empty, an HTML page (a
-    failed download or a login page), a git-lfs pointer (the file itself was never fetched)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(64)
-    except OSError as e:
-        return f"it cannot be read: {e.strerror}"
-    if not head:
-        return "it is empty"
-    if head.startswith(b"version https://git-lfs"):
-        return "it is a git-lfs pointer, not the file: fetch the file itself (git lfs pull)"
-    if head.lstrip().lower().startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
-        return "it is an HTML page, not a model: the download failed or needed a login"
-    return f"it starts with {head[:16]!r}"
-
-
 def scan_checkpoint(path, rope_factor: Optional[float] = None) -> CheckpointIndex:
     """Read and cross-check the config and the tensor headers of a checkpoint folder."""
     path = Path(path)
@@ -247,14 +178,14 @@ def scan_checkpoint(path, rope_factor: Optional[float] = None) -> CheckpointInde
         raise Llama3Error(f"{path}: no such file or directory; pass a checkpoint folder "
                           "(with config.json or params.json)")
     if path.is_file():
-        what = what_the_file_is(path)
-        if what.startswith("it starts with b'GGUF"):  # assets.model_dir imports it; this reader does not
-            raise Llama3Error(f"{path}: GGUF files are imported first: "
-                              f"llama3-np import-gguf {path} OUT_DIR, then pass OUT_DIR")
-        if path.suffix == ".gguf":
-            raise Llama3Error(f"{path}: not a GGUF file ({what}); download it again")
+        if path.suffix == ".gguf" or is_gguf(path):
+            if rope_factor is not None:
+                raise Llama3Error(f"{path}: a rope factor override applies to Meta params.json only; "
+                                  "a GGUF file states its rope scaling")
+            from .gguf_import import scan_gguf
+            return scan_gguf(path)
         raise Llama3Error(f"{path}: is a file; pass the checkpoint folder that holds it "
-                          "(with config.json or params.json)")
+                          "(with config.json or params.json), or a .gguf file")
     if (path / "config.json").is_file():
         index = _scan_hf(path)
     elif (path / "params.json").is_file():
@@ -479,18 +410,49 @@ def _materialize(plan: TensorPlan, residency: str) -> np.ndarray:
     return array
 
 
-def load_checkpoint(path, dtype: str = "float32", rope_factor: Optional[float] = None) -> Checkpoint:
-    """Load a Hugging Face or Meta checkpoint folder into the canonical form.
+def _materialize_gguf(plan: TensorPlan, residency: str) -> Any:
+    """A GGUF tensor in a residency, with its exact values (`ggml_blocks`)."""
+    from .gguf_import import exact_dtype
 
-    path: the folder, or the `CheckpointIndex` a `scan_checkpoint` of it returned (then
+    t = plan.pieces[0].gguf
+    if residency == "float32":  # a new array, except an F32 tensor's view of the file, copied
+        return np.array(t.values()) if t.type.name == "F32" else t.values()
+    if t.type.block_size == 1:  # F32, F16, BF16: the mapped values, exact in any residency
+        return t.stored()
+    if residency == "gguf":
+        return t.quantized()
+    values = t.values()
+    return values.astype(exact_dtype(values), copy=False)
+
+
+def load_checkpoint(path, dtype: str = "float32", rope_factor: Optional[float] = None) -> Checkpoint:
+    """Load a Hugging Face or Meta checkpoint folder, or a GGUF file, into the canonical form.
+
+    path: the folder or file, or the `CheckpointIndex` a `scan_checkpoint` of it returned (then
     rope_factor is the scan's).
-    dtype: residency, "float32" (convert once at load) or "bfloat16" (keep stored weights, mapped).
+    dtype: residency, "float32" (convert once at load), "bfloat16" (keep stored weights, mapped;
+    a GGUF's quantized tensors as exact bfloat16 where they can be, else float32) or "gguf" (a GGUF
+    file's tensors as stored, quantized blocks included).
     rope_factor: overrides the rope scaling factor a Meta params.json implies (`use_scaled_rope`).
     """
     if dtype not in RESIDENCIES:
         raise Llama3Error(f"dtype must be one of {', '.join(RESIDENCIES)}, got {dtype!r}")
     index = path if isinstance(path, CheckpointIndex) else scan_checkpoint(path, rope_factor)
-    weights = {name: _materialize(plan, dtype) for name, plan in index.plans.items()}
+    if index.format == "gguf":
+        weights = {name: _materialize_gguf(plan, dtype) for name, plan in index.plans.items()}
+        inexact = [name for name, plan in index.plans.items()
+                   if dtype == "bfloat16" and plan.pieces[0].gguf.type.block_size > 1
+                   and weights[name].dtype == np.float32]
+        if inexact:
+            types = sorted({index.plans[name].pieces[0].gguf.type.name for name in inexact})
+            warn(f"{index.path}: {len(inexact)} of {len(index.plans)} tensors ({', '.join(types)}) have values "
+                 "that bfloat16 cannot hold exactly; they are kept in float32 (--dtype gguf keeps every "
+                 "tensor in the file's own blocks)", kind="note")
+    elif dtype == "gguf":
+        raise Llama3Error(f"{index.path}: dtype gguf keeps a GGUF file's own blocks; this is a "
+                          f"{index.format} checkpoint: use float32 or bfloat16")
+    else:
+        weights = {name: _materialize(plan, dtype) for name, plan in index.plans.items()}
     if index.config.tie_embeddings:
         weights["output.weight"] = weights["tok_embeddings.weight"]
     return Checkpoint(index.path, index.format, index.config, weights, dtype, index.tokenizer_dir, index.eos_ids)
@@ -516,12 +478,13 @@ def hf_config_dict(c: ModelConfig) -> dict:
 
 
 def save_hf_checkpoint(directory, config: ModelConfig, weights: dict[str, np.ndarray], shards: int = 1,
-                       extra_config: Optional[dict] = None, dtype=None):
+                       extra_config: Optional[dict] = None, dtype=None, keep_dtype: bool = False):
     """Write canonical weights as a Hugging Face folder (config.json, safetensors, index if sharded).
 
     q/k rows are permuted back to rotate-half order and stored, like everything, as `dtype`
-    (default bfloat16); tied embeddings are stored once. With shards > 1, tensors are dealt out in
-    name order into model-0000N-of-0000M.safetensors files of about equal size.
+    (default bfloat16), or each in its own dtype with keep_dtype; tied embeddings are stored once.
+    With shards > 1, tensors are dealt out in name order into model-0000N-of-0000M.safetensors
+    files of about equal size.
     """
     dtype = bfloat16() if dtype is None else dtype
     directory = make_folder(directory)
@@ -530,7 +493,8 @@ def save_hf_checkpoint(directory, config: ModelConfig, weights: dict[str, np.nda
     for name in expected_shapes(config):
         if name == "output.weight" and config.tie_embeddings:
             continue
-        w = np.asarray(weights[name]).astype(dtype, copy=False)
+        w = np.asarray(weights[name])
+        w = w if keep_dtype else w.astype(dtype, copy=False)
         n_heads = heads.get(name.split(".")[-2])
         tensors[hf_name(name)] = permute_qk(w, n_heads) if n_heads else w
     write_text(directory / "config.json", json.dumps(dict(hf_config_dict(config), **(extra_config or {})),

@@ -1,64 +1,40 @@
-"""Import a Llama-architecture GGUF file (llama.cpp's format) into a Hugging Face checkpoint folder.
+"""A Llama-architecture GGUF file (llama.cpp's format) as a checkpoint, read as it is.
 
-    llama3-np import-gguf IN.gguf OUT_DIR [--force]
-    llama3-np generate -m IN.gguf ...     (imported once into the cache, see `assets`)
+    llama3-np generate -m IN.gguf ...     (read from the file itself, memory-mapped)
 
-OUT_DIR then holds what both llama3_np and Hugging Face `transformers` load:
-    config.json             LlamaForCausalLM config from the GGUF metadata
-    model.safetensors       every tensor dequantized (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...)
-                            and stored as bf16, under Hugging Face names and rope layout
-    tokenizer.json          the byte-level BPE vocabulary, merges and special tokens the GGUF carries
-    tokenizer_config.json   bos/eos tokens, add_bos_token, chat template
-    generation_config.json  the ids that end a generation: the metadata's eos/eot/eom ids and the
-                            end-of-generation tokens of the vocabulary (as llama.cpp finds them)
-    llama3_np_import.json   source file name and sha256, tensor types, gguf package version
+`scan_gguf` gives the same `CheckpointIndex` a folder gives: the config from the metadata, one
+plan per tensor (canonical names, Meta layout), and the tokenizer from the metadata; no weight
+is read until the model loads, and then with the file's exact values (`ggml_blocks`).
+`gguf_to_hf` writes the same into a Hugging Face folder on request (`llama3-np import-gguf`).
 
 GGUF q/k rows are already in Meta's interleaved rope order (llama.cpp's converter un-permutes
-Hugging Face checkpoints); this tool permutes them back to Hugging Face order for the folder, and
-llama3_np's loader un-permutes them again. GGUF lists dimensions innermost first (ne0 = columns),
-the reverse of the NumPy shape.
+Hugging Face checkpoints). GGUF lists dimensions innermost first (ne0 = columns), the reverse of
+the NumPy shape (`gguf_file`).
 
-Needs the `gguf` package (the `gguf` extra), imported only when a GGUF file is read: without it,
-`require_gguf` says how to install it, and the rest of llama3_np runs as before.
+Reading a GGUF needs NumPy alone (`gguf_file`, `ggml_blocks`); the `gguf` package is the
+reference the tests check them against.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections import Counter
-from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Callable, Optional
 
+
 import numpy as np
 
-from .checkpoint import expected_shapes, save_hf_checkpoint
+from .canonical import CheckpointIndex, StoredTensor, TensorPlan, expected_shapes
+from .gguf_file import GGUFFile, GGUFTensor
 from ..dtypes import bfloat16
 from ..config import (LLAMA3_ORIGINAL_CONTEXT, META_HIGH_FREQ_FACTOR, META_LOW_FREQ_FACTOR,
                       ModelConfig, RopeScaling)
-from ..errors import Llama3Error
-from ..files import atomic_folder, write_text
+from ..errors import Llama3Error, warn
 from ..text.tokenizer import END_OF_GENERATION, LLAMA3_PATTERN, end_of_generation_ids
 
 IMPORT_RECORD = "llama3_np_import.json"
-# Written into the import record; a cached import made by another version is imported again.
-# Raise it whenever the folder this module writes changes.
-IMPORTER_VERSION = 1
-
-
-INSTALL_GGUF = "pip install 'llama3_np[gguf]'"
-
-
-def require_gguf():
-    """The `gguf` package; a Llama3Error saying how to install it when it is missing."""
-    try:
-        import gguf
-    except ImportError:
-        raise Llama3Error(f"reading a GGUF file needs the gguf package: {INSTALL_GGUF}") from None
-    return gguf
 
 # GGUF tensor names <-> canonical (Meta) names.
 GGUF_GLOBAL_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
@@ -128,23 +104,14 @@ def _f32(x) -> float:
     return float(str(np.float32(x)))
 
 
-@dataclass
-class GGUFModel:
-    config: ModelConfig
-    # Canonical names, Meta layout, dequantized and rounded to bf16 (as the folder stores them) one
-    # tensor at a time, so the import needs 2 bytes per parameter, not 4.
-    weights: dict[str, np.ndarray]
-    tensor_types: dict[str, int]  # GGML type name -> number of tensors
-    fields: dict  # the metadata values used
-
-
 class _Fields:
-    def __init__(self, path: Path, reader):  # a gguf.GGUFReader
-        self.path, self.reader = path, reader
+    """The metadata of a GGUF file, with the one error for a key that must be there."""
+
+    def __init__(self, path: Path, file: GGUFFile):
+        self.path, self.file = path, file
 
     def get(self, key: str, default=None):
-        field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        return self.file.metadata.get(key, default)
 
     def need(self, key: str):
         value = self.get(key)
@@ -153,35 +120,14 @@ class _Fields:
         return value
 
 
-def read_tensor(path: Path, t) -> np.ndarray:
-    """One GGUF tensor dequantized to float32, in NumPy (row-major) shape."""
-    shape = tuple(int(d) for d in reversed(t.shape))  # GGUF: ne0 (contiguous) first
-    try:
-        values = require_gguf().quants.dequantize(t.data, t.tensor_type)
-    except NotImplementedError:
-        raise Llama3Error(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which the gguf package "
-                          f"{metadata.version('gguf')} cannot dequantize") from None
-    if values.size != int(np.prod(shape)):
-        raise Llama3Error(f"{path}: tensor {t.name!r} holds {values.size} values for shape {shape}; "
-                          "the file is corrupted")
-    return np.array(values.reshape(shape), np.float32)
-
-
-def read_gguf(path, progress: Optional[Callable[[int, int], None]] = None) -> GGUFModel:
-    """Config and canonical bf16 weights of a Llama-architecture GGUF file; `progress(done,
-    total)` is called as each tensor is read."""
-    gguf = require_gguf()
-    path = Path(path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except FileNotFoundError:
-        raise Llama3Error(f"{path}: no such file") from None
-    except (ValueError, OSError, IndexError, KeyError) as e:
-        raise Llama3Error(f"{path}: not a readable GGUF file ({e}); download it again") from None
-    f = _Fields(path, reader)
+def gguf_config(path: Path, file: GGUFFile) -> tuple[ModelConfig, dict[str, GGUFTensor]]:
+    """The config a Llama-architecture GGUF's metadata describes, and its tensors under canonical
+    names (tied embeddings: no "output.weight"), checked against each other."""
+    f = _Fields(path, file)
     arch = f.need("general.architecture")
     if arch != "llama":
-        raise Llama3Error(f"{path}: general.architecture is {arch!r}; llama3_np imports 'llama' models only")
+        raise Llama3Error(f"{path}: general.architecture is {arch!r}; llama3_np reads 'llama' models only "
+                          "(Llama 3 and models of its architecture)")
     scaling_type = f.get("llama.rope.scaling.type", "none")
     if scaling_type != "none":
         raise Llama3Error(f"{path}: rope scaling type {scaling_type!r} is not Llama 3's")
@@ -196,10 +142,10 @@ def read_gguf(path, progress: Optional[Callable[[int, int], None]] = None) -> GG
         raise Llama3Error(f"{path}: llama.vocab_size is {vocab_size} but the tokenizer has {len(tokens)} tokens")
     theta = _f32(f.get("llama.rope.freq_base", 10000.0))
 
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = dict(file.tensors)
     scaling = None
     if ROPE_FREQS in tensors:
-        scaling = _rope_scaling_from_factors(path, read_tensor(path, tensors.pop(ROPE_FREQS)), head_dim, theta)
+        scaling = _rope_scaling_from_factors(path, tensors.pop(ROPE_FREQS).values(), head_dim, theta)
     config = ModelConfig(
         dim=dim, n_layers=int(f.need("llama.block_count")), n_heads=n_heads,
         n_kv_heads=int(f.get("llama.attention.head_count_kv", n_heads)), head_dim=head_dim,
@@ -209,25 +155,41 @@ def read_gguf(path, progress: Optional[Callable[[int, int], None]] = None) -> GG
         tie_embeddings="output.weight" not in tensors,
     )
     shapes = expected_shapes(config)
-    weights = {}
-    for done, (name, t) in enumerate(tensors.items(), 1):
+    by_canonical = {}
+    for name, t in tensors.items():
         canonical = canonical_name(name)
         if canonical not in shapes:
             raise Llama3Error(f"{path}: unexpected tensor {name!r}; it is not part of a "
                               f"{config.n_layers}-layer Llama 3 model")
-        weights[canonical] = read_tensor(path, t).astype(bfloat16())
-        if weights[canonical].shape != shapes[canonical]:
-            raise Llama3Error(f"{path}: tensor {name!r} ({canonical}) has shape {weights[canonical].shape}, "
+        if t.shape != shapes[canonical]:
+            raise Llama3Error(f"{path}: tensor {name!r} ({canonical}) has shape {t.shape}, "
                               f"but the metadata implies {shapes[canonical]}")
-        if progress is not None:
-            progress(done, len(tensors))
+        by_canonical[canonical] = t
     for canonical in shapes:
-        if canonical not in weights and not (canonical == "output.weight" and config.tie_embeddings):
+        if canonical not in by_canonical and not (canonical == "output.weight" and config.tie_embeddings):
             raise Llama3Error(f"{path}: tensor {gguf_name(canonical)!r} is missing")
-    if config.tie_embeddings:
-        weights["output.weight"] = weights["tok_embeddings.weight"]
-    types = Counter(t.tensor_type.name for t in reader.tensors)
-    return GGUFModel(config, weights, dict(sorted(types.items())), f)
+    return config, by_canonical
+
+
+def tensor_types(file: GGUFFile) -> dict[str, int]:
+    """GGML type name -> number of tensors of that type."""
+    return dict(sorted(Counter(t.type.name for t in file.tensors.values()).items()))
+
+
+def scan_gguf(path) -> CheckpointIndex:
+    """A GGUF file as a checkpoint: config, one plan per canonical tensor (its `StoredTensor.gguf`
+    the stored blocks, `read` the exact float32 values), the end-of-generation ids and the
+    tokenizer (from the metadata, `gguf_tokenizer`); no tensor data is read.
+    Raises Llama3Error for a file that is not a readable Llama-architecture GGUF."""
+    path = Path(path)
+    file = GGUFFile(path)
+    config, tensors = gguf_config(path, file)
+    tokenizer_files(path, _Fields(path, file), config.max_seq_len)  # refuses a tokenizer it cannot read
+    plans = {canonical: TensorPlan((StoredTensor(path, t.name, np.dtype(np.float32), t.shape, t.values, gguf=t),),
+                                   t.shape)
+             for canonical, t in tensors.items()}
+    return CheckpointIndex(path, "gguf", config, plans, [path], tokenizer_dir=path,
+                           eos_ids=tuple(_eos_ids(_Fields(path, file))[1]))
 
 
 # --- tokenizer -----------------------------------------------------------------------------------
@@ -254,19 +216,39 @@ PRE_TOKENIZERS = {
 # Llama 3 pre-tokenizer, no for the other byte-level BPE ones (the key, when present, decides).
 ADD_BOS_BY_DEFAULT = frozenset(LLAMA3_PRE_NAMES)
 
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type, gguf-py's TokenType).
+NORMAL_TOKEN, CONTROL_TOKEN, USER_DEFINED_TOKEN = 1, 3, 4
+
+# Llama 3's vocabulary: 128,000 byte-level BPE tokens, then its special tokens from 128000 on.
+LLAMA3_SPECIAL_AT = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>"}
+
+
+def pre_tokenizer_name(path: Path, f: _Fields) -> str:
+    """tokenizer.ggml.pre; for a GGUF made before llama.cpp recorded it (spring 2024), "llama-bpe"
+    when the vocabulary is Llama 3's (its special tokens where Llama 3 has them), with a note."""
+    pre = f.get("tokenizer.ggml.pre")
+    if pre is not None:
+        return pre
+    tokens = f.need("tokenizer.ggml.tokens")
+    if all(i < len(tokens) and tokens[i] == text for i, text in LLAMA3_SPECIAL_AT.items()):
+        warn(f"{path}: no tokenizer.ggml.pre (a GGUF made before llama.cpp recorded it); the vocabulary is "
+             "Llama 3's, so its pre-tokenizer (llama-bpe) is used", kind="note")
+        return "llama-bpe"
+    raise Llama3Error(f"{path}: no tokenizer.ggml.pre and the vocabulary is not Llama 3's, so the pre-tokenizer "
+                      "is unknown; convert the model again with a current llama.cpp")
+
 
 def tokenizer_files(path: Path, f: _Fields, context_length: int) -> tuple[dict, dict]:
     """(tokenizer.json, tokenizer_config.json) objects from the GGUF tokenizer metadata."""
     model = f.need("tokenizer.ggml.model")
     if model != "gpt2":
         raise Llama3Error(f"{path}: tokenizer.ggml.model is {model!r}; Llama 3 uses byte-level BPE ('gpt2')")
-    pre = f.need("tokenizer.ggml.pre")
+    pre = pre_tokenizer_name(path, f)
     if pre not in PRE_TOKENIZERS:
         raise Llama3Error(f"{path}: tokenizer.ggml.pre is {pre!r}; llama3_np knows smollm and Llama 3's "
                           f"({', '.join(LLAMA3_PRE_NAMES)}) (add its Hugging Face pre-tokenizer here)")
     tokens = f.need("tokenizer.ggml.tokens")
-    TokenType = require_gguf().TokenType
-    types = f.get("tokenizer.ggml.token_type", [int(TokenType.NORMAL)] * len(tokens))
+    types = f.get("tokenizer.ggml.token_type", [NORMAL_TOKEN] * len(tokens))
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise Llama3Error(f"{path}: tokenizer.ggml.tokens has duplicate tokens; the file is corrupted")
@@ -274,10 +256,10 @@ def tokenizer_files(path: Path, f: _Fields, context_length: int) -> tuple[dict, 
     if any(len(m) != 2 for m in merges):
         raise Llama3Error(f"{path}: a tokenizer.ggml.merges entry is not two tokens separated by a space")
     # llama.cpp makes an end-of-generation token a control token whatever type the file gives it.
-    control = [types[i] == TokenType.CONTROL or tokens[i] in END_OF_GENERATION for i in range(len(tokens))]
+    control = [types[i] == CONTROL_TOKEN or tokens[i] in END_OF_GENERATION for i in range(len(tokens))]
     added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": control[i]}
-             for i in range(len(tokens)) if control[i] or types[i] == TokenType.USER_DEFINED]
+             for i in range(len(tokens)) if control[i] or types[i] == USER_DEFINED_TOKEN]
 
     def special(key):
         i = f.get(f"tokenizer.ggml.{key}_token_id")
@@ -333,52 +315,31 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_json(path: Path, obj):
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def write_folder(gguf_path: Path, out_dir: Path, sha256: str | None = None,
-                 progress: Optional[Callable[[int, int], None]] = None):
-    """Import `gguf_path` into the (new or empty) folder `out_dir`."""
-    model = read_gguf(gguf_path, progress)
-    f = model.fields
-    tokenizer_json, tokenizer_config = tokenizer_files(gguf_path, f, model.config.max_seq_len)
+def _eos_ids(f: _Fields) -> tuple[dict[str, int], list[int]]:
+    """The bos/eos/eot/eom ids the metadata declares, and the ids that end a generation."""
     ids = {key: int(f.get(f"tokenizer.ggml.{key}_token_id")) for key in ("bos", "eos", "eot", "eom")
            if f.get(f"tokenizer.ggml.{key}_token_id") is not None}
     # Instruct models end a turn with eot (<|eot_id|>) or eom as well as eos: Hugging Face lists all.
     eos = list(dict.fromkeys(ids[k] for k in ("eos", "eot", "eom") if k in ids))
-    extra = {"bos_token_id": ids.get("bos"), "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
-    save_hf_checkpoint(out_dir, model.config, model.weights,
-                       extra_config={k: v for k, v in extra.items() if v is not None})
-    _write_json(out_dir / "generation_config.json", {
-        "bos_token_id": ids.get("bos"), "eos_token_id": end_of_generation_ids(  # found as llama.cpp's end-of-generation set finds them
-            {token: i for i, token in enumerate(f.need("tokenizer.ggml.tokens"))}, eos)})
-    _write_json(out_dir / "tokenizer.json", tokenizer_json)
-    _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
-    _write_json(out_dir / IMPORT_RECORD, {
-        "source": gguf_path.name, "sha256": sha256 or sha256_of(gguf_path),
-        "tensor_types": model.tensor_types, "gguf_package": metadata.version("gguf"),
-        "general.name": f.get("general.name"), "tokenizer.ggml.pre": f.get("tokenizer.ggml.pre"),
-        "stored_as": "bf16, Hugging Face names and rope layout", "importer": IMPORTER_VERSION,
-    })
+    return ids, end_of_generation_ids({token: i for i, token in enumerate(f.need("tokenizer.ggml.tokens"))}, eos)
 
 
-def is_nonempty_folder(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
+def tokenizer_objects(path) -> tuple[dict, dict]:
+    """(tokenizer.json, tokenizer_config.json) objects a GGUF file's metadata describes (no tensor
+    is read)."""
+    path = Path(path)
+    file = GGUFFile(path)
+    return tokenizer_files(path, _Fields(path, file), int(file.metadata.get("llama.context_length", 0)))
 
 
-def import_gguf(gguf_path, out_dir, force: bool = False, sha256: str | None = None,
-                progress: Optional[Callable[[int, int], None]] = None) -> Path:
-    """Import into `out_dir` atomically: it appears complete or not at all (`files.atomic_folder`).
+def gguf_tokenizer(path) -> "Tokenizer":
+    """The tokenizer a GGUF file's metadata describes (no tensor is read)."""
+    from ..text.tokenizer import Tokenizer
 
-    progress: called with (done, total) as the tensors are read. Raises Llama3Error for a file
-    that is not a Llama 3 GGUF, WriteError for a folder that cannot be written."""
-    require_gguf()
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise Llama3Error(f"{out_dir}: is a file; name a folder to import into")
-    if is_nonempty_folder(out_dir) and not force:
-        raise Llama3Error(f"{out_dir}: exists and is not empty; name a new folder (or replace it: force=True)")
-    with atomic_folder(out_dir, replace=True) as tmp:
-        write_folder(gguf_path, tmp, sha256, progress)
-    return out_dir
+    return Tokenizer.from_hf_objects(path, *tokenizer_objects(path))
+
+
+def exact_dtype(values: np.ndarray) -> np.dtype:
+    """bfloat16 when every value is a bfloat16 number (the conversion is exact), else float32."""
+    same = np.array_equal(values.astype(bfloat16()).astype(np.float32), values, equal_nan=True)
+    return bfloat16() if same else np.dtype(np.float32)

@@ -122,6 +122,12 @@ class Tokenizer:
         path = Path(path)
         return _from_hf(path, _read_json(path), _read_json(path.with_name("tokenizer_config.json"), {}))
 
+    @classmethod
+    def from_hf_objects(cls, source: str | Path, tokenizer_json: dict, tokenizer_config: dict) -> "Tokenizer":
+        """As `from_hf_json`, from the two files' objects (a GGUF's metadata gives them); `source`
+        names where they came from in errors."""
+        return _from_hf(Path(source), tokenizer_json, tokenizer_config)
+
     # -- text -> ids ----------------------------------------------------------------------------
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
@@ -217,7 +223,8 @@ def find_tokenizer_file(directory: Path) -> Path | None:
 
 def load_tokenizer(checkpoint_dir: str | Path) -> Tokenizer:
     """The tokenizer of a checkpoint folder, the first of `TOKENIZER_FILES` found there.
-    A path to one of those files works too. Raises Llama3Error when there is none."""
+    A path to one of those files works too (a GGUF file's tokenizer: `llama3_np.load.load_tokenizer`).
+    Raises Llama3Error when there is none."""
     path = Path(checkpoint_dir)
     if not path.is_file():
         if not path.is_dir():

@@ -67,21 +67,32 @@ def weight_bytes(config: ModelConfig, itemsize: int) -> int:
     return params * itemsize
 
 
+def held_bytes(weights: dict, tied: bool) -> tuple[int, int]:
+    """(all weights, all but the embedding): the bytes the arrays or ggml blocks actually hold, a
+    tied output projection counted once; for a residency whose bytes per value vary by tensor
+    (`--dtype gguf`: Q4_1 matrices, a Q8_0 embedding, F32 norms)."""
+    total = sum(w.nbytes for w in {id(w): w for w in weights.values()}.values())
+    return total, total - (0 if tied else weights["tok_embeddings.weight"].nbytes)
+
+
 def kv_cache_bytes(config: ModelConfig, tokens: int) -> int:
     """Bytes of a float32 KV cache of `tokens` slots: keys and values of every layer."""
     return 2 * config.n_layers * config.n_kv_heads * tokens * config.head_dim * 4
 
 
-def decode_bytes_per_token(config: ModelConfig, itemsize: int, prompt: int, new: int) -> float:
+def decode_bytes_per_token(config: ModelConfig, itemsize: int, prompt: int, new: int,
+                           matrices: int | None = None) -> float:
     """Bytes one decode step reads, averaged over the steps of a run of `new` generated tokens.
 
     Every matrix of every layer and the output projection; one embedding row (negligible, not
     counted); the rmsnorm weights; the keys and values cached so far. The first generated token
     comes from the prefill, so the steps feed tokens at cache lengths prompt .. prompt + new - 2
-    and attend to one more slot than that.
+    and attend to one more slot than that. `matrices`: the bytes of all but the embedding when
+    they are not `itemsize` per value (a GGUF's own blocks, `held_bytes`).
     """
     D, V = config.dim, config.vocab_size
-    matrices = weight_bytes(config, itemsize) - (0 if config.tie_embeddings else V * D * itemsize)
+    if matrices is None:
+        matrices = weight_bytes(config, itemsize) - (0 if config.tie_embeddings else V * D * itemsize)
     steps = max(new - 1, 1)
     mean_attended = prompt + 1 + (steps - 1) / 2
     return matrices + kv_cache_bytes(config, 1) * mean_attended
@@ -299,13 +310,16 @@ def bench(path, dtype: Optional[str] = None, prompt_tokens: int = 512, new_token
     conversions = measure_conversions()
     step()
     import ml_dtypes  # imported by now: the conversions made bfloat16 arrays
-    bytes_per_token = decode_bytes_per_token(config, itemsize, prompt_tokens, new_tokens)
+    weight_total, matrices = weight_bytes(config, itemsize), None
+    if checkpoint.dtype == "gguf":
+        weight_total, matrices = held_bytes(checkpoint.weights, config.tie_embeddings)
+    bytes_per_token = decode_bytes_per_token(config, itemsize, prompt_tokens, new_tokens, matrices)
     flops_per_token = prefill_flops(config, prompt_tokens) / prompt_tokens
     return BenchResult(
         model=str(checkpoint.path), dtype=checkpoint.dtype, threads=get_threads(), load_average=load_average,
         cpus=os.cpu_count() or 1, prompt_tokens=prompt_tokens,
         new_tokens=new_tokens, runs=runs, load_s=load_s, prefill_tokens_per_s=prefill,
-        decode_tokens_per_s=decode, peak_rss_mb=rss, weight_mb=weight_bytes(config, itemsize) / 1e6,
+        decode_tokens_per_s=decode, peak_rss_mb=rss, weight_mb=weight_total / 1e6,
         kv_cache_mb=kv_cache_bytes(config, ctx) / 1e6, decode_bytes_per_token=bytes_per_token,
         prefill_flops_per_token=flops_per_token, bandwidth_gb_s=bandwidth / 1e9, matvec_gb_s=matvec / 1e9,
         sgemm_gflop_s=sgemm / 1e9, decode_fraction=fraction(bytes_per_token, decode, bandwidth),

@@ -155,18 +155,23 @@ class Result:
 
 def run_perplexity(weights: Mapping[str, np.ndarray], config: ModelConfig, ids: list[int], ctx: int,
                    batch: Optional[int] = None, bos_id: Optional[int] = None, chunks: Optional[int] = None,
-                   save: Optional["LogitsWriter"] = None, base: Optional["BaseLogits"] = None,
+                   save=None, base: Optional["BaseLogits"] = None,
                    on_progress: Optional[Callable[[int, int, int], None]] = None,
-                   on_window: Optional[Callable[[Result], None]] = None, compute="float32") -> Result:
+                   on_window: Optional[Callable[[Result], None]] = None, compute="float32",
+                   kld=None) -> Result:
     """Score `ids` window by window (see the module docstring), in compute mode `compute`
     (`config.ComputeMode` or its name).
 
-    save: receives each window's scored logits. base: earlier logits of the same windows, for KL.
+    save: receives each window's scored logits (`write`): a `LogitsWriter`, llama.cpp's base file
+    (`kl_divergence.KLDBaseWriter`) or a list of such writers. base: earlier logits of the same windows, for KL. kld: llama.cpp's
+    KL-divergence statistics against a base file (`kl_divergence.KLDivergence`), given each window's
+    scored logits and the tokens they predict (`add_window`).
     on_progress(window, tokens done in it, ctx) and on_window(result so far) report as it goes.
     """
     batch = ctx if batch is None else batch
     if batch < 1:
         raise ParameterError("batch", f"batch must be >= 1, got {batch}")
+    writers = list(save) if isinstance(save, (list, tuple)) else [] if save is None else [save]
     wins = windows(ids, ctx, bos_id, chunks)
     result = Result(ctx, list(ids[:len(wins) * ctx]))
     first = first_scored(ctx)
@@ -175,8 +180,10 @@ def run_perplexity(weights: Mapping[str, np.ndarray], config: ModelConfig, ids: 
         logits = scored_logits(weights, config, window, batch, report, compute)  # [ctx - 1 - first, V]
         targets = np.asarray(ids[i * ctx + first + 1:(i + 1) * ctx])
         result.nll.append(token_nll(logits, targets))
-        if save is not None:
-            save.write(logits)
+        for writer in writers:
+            writer.write(logits)
+        if kld is not None:
+            kld.add_window(i, logits, targets)
         if base is not None:
             ref = base.window(i)
             result.kl.append(kl_divergence(ref, logits))

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from llama3_np.assets import default_model_dir
+from llama3_np.assets import default_model
 from llama3_np.text.chat import encode_dialog
 from llama3_np.repl import message_text, parse_command
-from llama3_np.text.tokenizer import load_tokenizer
+from llama3_np.load import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|[\x01\x02]")
@@ -81,7 +81,7 @@ def prompt_tokens(term: Terminal) -> int:
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer(default_model_dir())
+    return load_tokenizer(default_model())
 
 
 def test_a_chat_on_a_terminal(tok):

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from llama3_np.assets import default_model_dir
+from llama3_np.assets import default_model
 from llama3_np.text.chat import encode_dialog
 from llama3_np.text.dialog import Conversation
 from llama3_np.text.tools import tool_calls_expected
@@ -21,7 +21,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 def test_verbose_prompt_names_the_format_and_the_ids_follow_it(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "--chat", "-p", "Hi", "-n", "1", "--temp", "0", "--verbose-prompt")
     assert code == 0
-    assert f"chat format: template ({default_model_dir() / 'tokenizer_config.json'})\nprompt: 31 tokens\n" in err
+    assert f"chat format: template ({default_model()}: tokenizer.chat_template)\nprompt: 31 tokens\n" in err
     code, _, err = run(capsys, "generate", "--chat", "-p", "Hi", "-n", "1", "--temp", "0", "--verbose-prompt",
                        "--chat-format", "chatml")
     assert "chat format: chatml (built in)\nprompt: 31 tokens\n" in err
@@ -43,7 +43,7 @@ def test_verbose_prompt_names_the_format_and_the_ids_follow_it(capsys, tmp_path)
     (["--tools", "TOOLS", "--chat-format", "chatml"], "--tools: tool definitions are placed in the prompt by a "
                                                       "chat template"),
     # the default model's template has no tool section: the definitions would be dropped silently
-    (["--tools", "TOOLS"], "--tools: .*tokenizer_config.json: this chat template never reads `tools`"),
+    (["--tools", "TOOLS"], r"--tools: .*\.gguf: tokenizer\.chat_template: this chat template never reads `tools`"),
     (["--chat-template-file", "BAD", "--chat-format", "chatml"], "--chat-template-file goes with --chat-format "
                                                                  "template"),
 ])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import llama3_np.load
-from llama3_np.assets import default_model_dir
+from llama3_np.assets import default_model
 from llama3_np.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,16 +105,16 @@ def test_seed_short_and_long_and_minus_one_for_random(capsys):
 # --- -sys/--system-prompt, -f - -----------------------------------------------------------------
 
 def _prompt_ids(capsys, *flags) -> list[int]:
-    code, out, err = run(capsys, "generate", "-m", default_model_dir(), "-n", "1", "--temp", "0", "--json", *flags)
+    code, out, err = run(capsys, "generate", "-m", default_model(), "-n", "1", "--temp", "0", "--json", *flags)
     assert code == 0, err
     return json.loads(out)["prompt_ids"]
 
 
 def test_system_prompt_spellings_and_stdin_prompt(capsys, monkeypatch, tmp_path):
     from llama3_np.text.chat import encode_dialog
-    from llama3_np.text.tokenizer import load_tokenizer
+    from llama3_np.load import load_tokenizer
 
-    want = encode_dialog(load_tokenizer(default_model_dir()), [{"role": "system", "content": "Be brief."},
+    want = encode_dialog(load_tokenizer(default_model()), [{"role": "system", "content": "Be brief."},
                                                                {"role": "user", "content": "Hi"}])
     for flag in ("-sys", "--system-prompt", "--system"):
         assert _prompt_ids(capsys, "--chat", "-p", "Hi", flag, "Be brief.") == want, flag
@@ -154,12 +154,13 @@ def test_input_mistakes_are_named_before_the_model_is_looked_at(capsys, argv, me
 # --- inspect --------------------------------------------------------------------------------------
 
 def test_inspect_shows_chat_format_stop_tokens_and_source(capsys):
-    code, out, _ = run(capsys, "inspect", "-m", default_model_dir())
+    code, out, _ = run(capsys, "inspect", "-m", default_model())
     assert code == 0
-    assert f"\nchat format: template ({default_model_dir() / 'tokenizer_config.json'})\n" in out
+    assert f"\nchat format: template ({default_model()}: tokenizer.chat_template)\n" in out
     assert '\nstop tokens: 0 "<|endoftext|>", 2 "<|im_end|>"\n' in out
-    assert ("\nsource:      GGUF SmolLM2-135M-Instruct.Q4_1.gguf (sha256 b179c9523d0e6a0f..., tensors F32 x61, "
-            "Q4_1 x210, Q8_0 x1), dequantized and stored as bf16") in out
+    assert "\nformat:      GGUF (SmolLM2-135M-Instruct.Q4_1.gguf)\n" in out
+    assert "\nstored:      Q8_0 30.1 MB, F32 140.5 KB, Q4_1 66.4 MB\n" in out
+    assert "\nsource:      the GGUF file as it is, read in place" in out
     code, out, _ = run(capsys, "inspect", "-m", PARITY)
     assert "\nchat format: none (plain generation only)\n" in out
     assert "\nsource:      as downloaded (not imported by llama3_np)" in out
@@ -168,19 +169,19 @@ def test_inspect_shows_chat_format_stop_tokens_and_source(capsys):
 # --- the prompt made visible ----------------------------------------------------------------------
 
 def test_verbose_prompt_lists_the_tokens_and_echo_prints_the_prompt_first(capsys):
-    from llama3_np.text.tokenizer import load_tokenizer
+    from llama3_np.load import load_tokenizer
 
-    tok = load_tokenizer(default_model_dir())
-    code, out, err = run(capsys, "generate", "-m", default_model_dir(), "-p", "The sky is", "-n", "2", "--temp", "0",
+    tok = load_tokenizer(default_model())
+    code, out, err = run(capsys, "generate", "-m", default_model(), "-p", "The sky is", "-n", "2", "--temp", "0",
                          "--verbose-prompt", "--echo")
     assert code == 0
     ids = tok.encode("The sky is")
     assert err.startswith(f"prompt: {len(ids)} tokens\n" + "".join(
         f"{i:>6} -> '{tok.decode([i])}'\n" for i in ids))
-    code, plain, _ = run(capsys, "generate", "-m", default_model_dir(), "-p", "The sky is", "-n", "2", "--temp", "0")
+    code, plain, _ = run(capsys, "generate", "-m", default_model(), "-p", "The sky is", "-n", "2", "--temp", "0")
     assert out == "The sky is" + plain  # the prompt, then the same continuation
 
-    code, out, _ = run(capsys, "generate", "-m", default_model_dir(), "--chat", "-p", "Hi", "-n", "1", "--temp", "0",
+    code, out, _ = run(capsys, "generate", "-m", default_model(), "--chat", "-p", "Hi", "-n", "1", "--temp", "0",
                        "--echo")
     assert out.startswith("<|im_start|>system\n") and "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n" in out
     code, out, err = run(capsys, "generate", "-m", PARITY, "--tokens", "1,2", "-n", "1", "--verbose-prompt")
@@ -253,7 +254,7 @@ def test_stop_reasons_tell_the_n_limit_from_a_full_context(capsys):
 
 def test_perplexity_counts_one_window_in_the_singular(capsys, tmp_path):
     (tmp_path / "t.txt").write_text("The three primary colors are red, yellow and blue. " * 3)
-    code, out, err = run(capsys, "perplexity", "-m", default_model_dir(), "-f", tmp_path / "t.txt", "-c", "16",
+    code, out, err = run(capsys, "perplexity", "-m", default_model(), "-f", tmp_path / "t.txt", "-c", "16",
                          "--chunks", "1")
     assert code == 0, err
     assert "; 1 window of 16, each scored on its last" in out.splitlines()[0]

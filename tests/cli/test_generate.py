@@ -12,8 +12,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from llama3_np.assets import default_model_dir
-from llama3_np.formats.checkpoint import hf_name, permute_qk
+from llama3_np.assets import default_model
+from llama3_np.formats.checkpoint import hf_config_dict, hf_name, permute_qk, scan_checkpoint
+from llama3_np.formats.gguf_import import tokenizer_objects
 from llama3_np.cli import main
 from llama3_np.errors import ParameterError
 from llama3_np.model import forward
@@ -81,18 +82,19 @@ def chain_model(tmp_path: Path) -> tuple[Path, list[int]]:
     chain[i] is followed by chain[i+1]. Attention and FFN outputs are zero (wo = w2 = 0), so the
     logits are rmsnorm(embedding) · output: one-hot embeddings and an output matrix that maps
     each chain token's axis to its successor make every step an exact argmax."""
-    from llama3_np.text.tokenizer import load_tokenizer
+    from llama3_np.load import load_tokenizer
 
-    tok = load_tokenizer(default_model_dir())
+    tok = load_tokenizer(default_model())
     chain = tok.encode(TARGET, bos=False)
     assert len(set(chain)) == len(chain), "the chain needs distinct tokens"
     assert any("\ufffd" in tok.decode([t]) for t in chain), "no token splits a character: weak test"
     D, V, F = 64, tok.n_vocab, 8
     assert len(chain) < D
-    cfg = json.loads((default_model_dir() / "config.json").read_text())
+    index = scan_checkpoint(default_model())
+    cfg = hf_config_dict(index.config)
     cfg.update(hidden_size=D, intermediate_size=F, num_hidden_layers=1, num_attention_heads=4,
                num_key_value_heads=2, head_dim=16, vocab_size=V, tie_word_embeddings=False,
-               eos_token_id=cfg["eos_token_id"])
+               eos_token_id=list(index.eos_ids))
     emb = np.zeros((V, D), np.float32)
     out = np.zeros((V, D), np.float32)
     for k, (t, nxt) in enumerate(zip(chain, chain[1:])):
@@ -112,8 +114,8 @@ def chain_model(tmp_path: Path) -> tuple[Path, list[int]]:
     write_safetensors(folder / "model.safetensors",
                       {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()})
     (folder / "config.json").write_text(json.dumps(cfg))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir() / name, folder / name)
+    for name, obj in zip(("tokenizer.json", "tokenizer_config.json"), tokenizer_objects(default_model())):
+        (folder / name).write_text(json.dumps(obj))
     return folder, chain
 
 
@@ -139,7 +141,7 @@ def test_streamed_multibyte_characters_arrive_intact(tmp_path, monkeypatch):
     assert main(args) == 0
     for piece in rec.writes:
         piece.decode("utf-8")  # no write may hold part of a character
-    from llama3_np.text.tokenizer import load_tokenizer
+    from llama3_np.load import load_tokenizer
     first = load_tokenizer(folder).decode(chain[:1])
     assert first + b"".join(rec.writes).decode() == TARGET + "\n"
     assert len(rec.writes) > 5  # it streamed, piece by piece
@@ -193,7 +195,7 @@ def test_bad_input_is_one_line_and_exit_2(args, fragments):
 
 
 def test_empty_prompt_and_non_utf8_prompt_file(tmp_path):
-    model = str(default_model_dir())
+    model = str(default_model())
     assert_one_line_error(cli("generate", "-m", model, "-p", ""), "prompt is empty")
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("café".encode("latin-1"))
@@ -204,7 +206,7 @@ def test_empty_prompt_and_non_utf8_prompt_file(tmp_path):
 
 def test_prompt_file_may_be_a_pipe():
     """-f reads what a pipe holds (here /dev/stdin), as it would -f <(command)."""
-    args = ("generate", "-m", str(default_model_dir()), "-n", "1", "--temp", "0", "--json")
+    args = ("generate", "-m", str(default_model()), "-n", "1", "--temp", "0", "--json")
     piped = cli(*args, "-f", "/dev/stdin", stdin="Grüße aus Köln")
     direct = cli(*args, "-p", "Grüße aus Köln")
     assert piped.returncode == 0, piped.stderr.decode()
@@ -217,7 +219,7 @@ def test_chat_turns_stop_at_end_of_turn_and_reuse_the_cache():
     """Two turns with the default model (ChatML): each answer ends at <|im_end|>, and the second
     turn feeds only its own tokens, the first turn staying in the KV cache."""
     from llama3_np.text.chat import encode_dialog, encode_turn
-    from llama3_np.text.tokenizer import load_tokenizer
+    from llama3_np.load import load_tokenizer
 
     proc = cli("chat", "--temp", "0", "-n", "48", stdin="What is the capital of France?\nAnd of Italy?\n")
     err = proc.stderr.decode()
@@ -225,7 +227,7 @@ def test_chat_turns_stop_at_end_of_turn_and_reuse_the_cache():
     stats = [line for line in err.splitlines() if line.startswith("prompt ")]
     assert len(stats) == 2, err
     assert all(line.endswith("stop: stop token") for line in stats), err
-    tok = load_tokenizer(default_model_dir())
+    tok = load_tokenizer(default_model())
     first_prompt = len(encode_dialog(tok, [{"role": "user", "content": "What is the capital of France?"}]))
     second_prompt = int(stats[1].split("prompt ")[1].split(" tokens")[0])
     assert f"prompt {first_prompt} tokens" in stats[0]

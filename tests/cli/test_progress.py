@@ -1,14 +1,12 @@
 """Long work shows progress on a terminal, through the command line's one progress line
-(`cli.common.ProgressLine`): bench, import-gguf and the first use of a GGUF file; and the load time
-of the statistics counts a first-use import."""
+(`cli.common.ProgressLine`): bench and import-gguf; a GGUF given to -m is read without an import."""
 
 import io
 import json
-import re
-import time
 
 import llama3_np.cli.common
 from llama3_np.formats import gguf_import
+from llama3_np.formats.gguf_file import GGUFFile
 from tests.cli.test_flags import run
 from tests.test_files import tiny_gguf  # noqa: F401  (a fixture)
 from tests.xcheck.test_bench import tiny_checkpoint  # noqa: F401  (a fixture)
@@ -48,32 +46,14 @@ def test_import_gguf_shows_the_tensors_read(tiny_gguf, capsys, monkeypatch, tmp_
     shown = terminal(monkeypatch)
     code, out, _ = run(capsys, "import-gguf", tiny_gguf, tmp_path / "out")
     assert code == 0 and out.startswith("imported ")
-    tensors = gguf_import.require_gguf().GGUFReader(tiny_gguf).tensors
-    n = len([t for t in tensors if t.name != gguf_import.ROPE_FREQS])  # the weights; rope_freqs is read first
+    n = len([name for name in GGUFFile(tiny_gguf).tensors if name != gguf_import.ROPE_FREQS])  # the weights
     assert lines_drawn(shown.getvalue()) == [f"importing {i}/{n} tensors ({100 * i / n:.0f}%)"
                                                 for i in range(1, n + 1)]
 
 
-def test_a_first_use_import_shows_progress_and_counts_in_the_load_time(
-        tiny_gguf, capsys, tmp_path, monkeypatch):  # noqa: F811
+def test_a_gguf_given_to_m_is_read_without_an_import(tiny_gguf, capsys, tmp_path, monkeypatch):  # noqa: F811
     stderr = terminal(monkeypatch)
     monkeypatch.setenv("LLAMA3_NP_CACHE", str(tmp_path / "cache"))
-    real = gguf_import.write_folder
-
-    def slow_write_folder(*args, **kwargs):
-        time.sleep(1.0)  # an import that takes a second
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(gguf_import, "write_folder", slow_write_folder)
-    argv = ["generate", "-m", tiny_gguf, "-p", "hi", "-n", "1", "--temp", "0"]
-    code, _, _ = run(capsys, *argv)
-    assert code == 0
-    shown = stderr.getvalue()
-    assert "\rimporting 1/" in shown
-    load = float(re.search(r"[\r\n]load (\d+\.\d+) s \|", shown).group(1))
-    assert load >= 1.0, shown  # the import is part of the load
-
-    stderr.seek(0)
-    stderr.truncate()
-    assert run(capsys, *argv)[0] == 0  # imported: the second run reads the cache
+    assert run(capsys, "generate", "-m", tiny_gguf, "-p", "hi", "-n", "1", "--temp", "0")[0] == 0
     assert "importing" not in stderr.getvalue()
+    assert not (tmp_path / "cache").exists()

@@ -7,13 +7,13 @@ import json
 import pytest
 
 import llama3_np.cli.tokenize
-from llama3_np.text.tokenizer import load_tokenizer
-from llama3_np.assets import default_model_dir, llama3_tokenizer_path
+from llama3_np.load import load_tokenizer
+from llama3_np.assets import default_model, llama3_tokenizer_path
 from llama3_np.cli import main
 from tests.text.test_tokenizer_assets import corpus, fixture
 
 MODELS = {"llama3": (lambda: llama3_tokenizer_path().parent, "llama3_reference.json"),
-          "default": (default_model_dir, "default_reference.json")}
+          "default": (default_model, "default_reference.json")}
 
 
 def _tokenize(capsys, *argv) -> tuple[int, str, str]:
@@ -65,7 +65,7 @@ def test_lines_show_id_and_readable_piece_and_the_bos_the_model_adds(capsys, tmp
 
 def test_a_character_split_across_tokens_shows_its_bytes(capsys):
     # A rare CJK character is several byte-level tokens; each shows the bytes it holds.
-    code, out, _ = _tokenize(capsys, "-m", str(default_model_dir()), "-p", "𝔘", "--json")
+    code, out, _ = _tokenize(capsys, "-m", str(default_model()), "-p", "𝔘", "--json")
     pieces = json.loads(out)["pieces"]
     assert code == 0 and len(pieces) > 1
     assert any("\\x" in p["piece"] for p in pieces)
@@ -74,11 +74,11 @@ def test_a_character_split_across_tokens_shows_its_bytes(capsys):
 
 def test_file_input_and_bad_input(capsys, tmp_path):
     (tmp_path / "t.txt").write_bytes(b"\xef\xbb\xbfhello")
-    code, out, _ = _tokenize(capsys, "-m", str(default_model_dir()), "-f", str(tmp_path / "t.txt"), "--json")
-    code2, out2, _ = _tokenize(capsys, "-m", str(default_model_dir()), "-p", "hello", "--json")
+    code, out, _ = _tokenize(capsys, "-m", str(default_model()), "-f", str(tmp_path / "t.txt"), "--json")
+    code2, out2, _ = _tokenize(capsys, "-m", str(default_model()), "-p", "hello", "--json")
     assert code == code2 == 0 and json.loads(out) == json.loads(out2)  # the byte-order mark is dropped
-    code, out, err = _tokenize(capsys, "-m", str(default_model_dir()))
+    code, out, err = _tokenize(capsys, "-m", str(default_model()))
     assert (code, out, err) == (2, "", "llama3-np: error: give a text: -p TEXT or -f FILE\n")
     (tmp_path / "bad.txt").write_bytes(b"\xff")
-    code, out, err = _tokenize(capsys, "-m", str(default_model_dir()), "-f", str(tmp_path / "bad.txt"), "--json")
+    code, out, err = _tokenize(capsys, "-m", str(default_model()), "-f", str(tmp_path / "bad.txt"), "--json")
     assert code == 2 and out == "" and "is not UTF-8 text" in err and err.count("\n") == 1

@@ -3,6 +3,7 @@ sharding, both residencies, and validation before any data is read."""
 
 import json
 import mmap
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -224,7 +225,7 @@ def _write(relative: str, content: str):
 @pytest.mark.parametrize("make,message", [
     (lambda p: p, "no config.json (Hugging Face) or params.json (Meta) here"),
     (lambda p: p / "nothing", "nothing: no such file or directory"),
-    (_write("m.gguf", "GGUF"), "GGUF files are imported first: llama3-np import-gguf"),
+    (_write("m.gguf", "GGUF"), "m.gguf: the file is truncated: it ends at byte 4, inside the header"),
     (_write("config.json", "{}"), "config.json: missing key 'hidden_size'"),
     (_write("config.json", "{,"), "config.json: not valid JSON"),
 ])
@@ -234,9 +235,11 @@ def test_wrong_paths_say_what_to_pass(tmp_path, make, message):
     assert message in str(e.value)
 
 
-def test_residency_must_be_float32_or_bfloat16(tmp_path):
-    with pytest.raises(Llama3Error, match="dtype must be one of float32, bfloat16, got 'float16'"):
+def test_residency_must_be_float32_or_bfloat16_or_a_gguf_files_own(tmp_path):
+    with pytest.raises(Llama3Error, match="dtype must be one of float32, bfloat16, gguf, got 'float16'"):
         load_checkpoint(tmp_path, dtype="float16")
+    with pytest.raises(Llama3Error, match="dtype gguf keeps a GGUF file's own blocks; this is a hf checkpoint"):
+        load_checkpoint(Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints" / "hf", dtype="gguf")
 
 
 # --- Meta folders (written here without torch; tests/formats/test_checkpoint_formats.py has torch's) ----------

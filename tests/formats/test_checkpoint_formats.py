@@ -13,7 +13,7 @@ from llama3_np.formats.checkpoint import load_checkpoint
 from llama3_np.config import ModelConfig, RopeScaling
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
-from llama3_np.formats import gguf_import  # noqa: E402  (needs the gguf extra, which `make test` installs)
+from llama3_np.formats import gguf_import, gguf_to_hf  # noqa: E402
 
 FIXTURE_CONFIG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, vocab_size=128,
                              norm_eps=1e-5, rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
@@ -25,7 +25,7 @@ LOSSLESS = ["hf", "hf_sharded", "meta", "meta_2shards", "gguf_f32.gguf"]
 def imported(tmp_path_factory):
     """The two GGUF fixtures imported into Hugging Face folders."""
     out = tmp_path_factory.mktemp("imported")
-    return {name: gguf_import.import_gguf(FIXTURES / name, out / name) for name in ("gguf_f32.gguf", "gguf_q8_0.gguf")}
+    return {name: gguf_to_hf.import_gguf(FIXTURES / name, out / name) for name in ("gguf_f32.gguf", "gguf_q8_0.gguf")}
 
 
 def _folder(name, imported):

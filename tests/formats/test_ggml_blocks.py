@@ -2,7 +2,9 @@
 package's NumPy reference (`gguf.quants.dequantize`), on random blocks whose scales take both signs
 (and zero, subnormal, the largest half values, infinities and NaNs), row by row. (ggml never cuts
 a block across rows, so there is no partial block to test: a row length that is not a whole
-number of blocks is not a ggml tensor.)"""
+number of blocks is refused when a file is read, tests/formats/test_gguf_file.py.)"""
+
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -47,6 +49,27 @@ def test_dequantizer_is_bit_equal_to_gguf_on_random_blocks(t):
         assert not differ.any(), f"{t.name}: {differ.sum()} values differ, first at {np.argwhere(differ)[0]}"
 
 
+REAL = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints" / "gguf_default_model_types.gguf"
+
+
+@pytest.mark.parametrize("rows_per_step", [3, 8])
+def test_every_type_is_bit_equal_to_gguf_on_the_default_models_tensors_as_llama_cpp_quantizes_them(
+        rows_per_step, monkeypatch):
+    """Rows of the default model's tensors requantized by llama.cpp's own `llama-quantize` into each
+    type (tools/make_gguf_type_fixture.py): real scales and quants, not only random bytes; read a
+    few rows at a time as a GGUF tensor is (8 rows by 3: the last step holds 2)."""
+    from llama3_np.formats import gguf_file
+
+    tensors = gguf_file.GGUFFile(REAL).tensors
+    assert sorted(t.type.name for t in tensors.values()) == sorted(t.name for t in SUPPORTED.values())
+    for name, t in tensors.items():
+        assert name.startswith(f"{t.type.name}:") and t.shape[0] == 8, name
+        monkeypatch.setattr(gguf_file, "VALUES_PER_STEP", rows_per_step * t.shape[-1])
+        reference = gguf.quants.dequantize(t.raw(), gguf.GGMLQuantizationType(t.type.id))
+        ours = t.values()
+        assert ours.shape == t.shape and np.isfinite(ours).all() and same_bits(ours, reference), name
+
+
 @pytest.mark.parametrize("t", SUPPORTED.values(), ids=lambda t: t.name)
 def test_table_agrees_with_ggml_sizes(t):
     """Block size and bytes per block as ggml's type_traits (through the gguf package) give them."""
@@ -76,7 +99,7 @@ def test_dequantize_rows_writes_into_a_buffer():
 @pytest.mark.parametrize("t", [t for t in SUPPORTED.values() if t.block_size > 1], ids=lambda t: t.name)
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_products_with_a_quantized_weight_equal_the_dequantized_matrix(t, tokens):
-    """A weight kept in its ggml blocks: products.linear dequantizes blocks of rows of a QuantizedWeight into its
+    """`--dtype gguf`: products.linear dequantizes blocks of rows of a QuantizedWeight into its
     float32 buffer, on two threads: the values are the exact ones, so the result equals the product
     with the dequantized matrix up to the order of each sum; the embedding lookup is exact."""
     from llama3_np import products

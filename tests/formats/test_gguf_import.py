@@ -1,5 +1,6 @@
 """llama3_np.formats.gguf_import: every tensor type it must read comes out in NumPy's row-major shape (GGUF
-lists dimensions the other way round), and a GGUF that is not a Llama 3 model is refused clearly."""
+lists dimensions the other way round), the folder `import-gguf` writes holds the exact values, and a
+GGUF that is not a Llama 3 model is refused clearly."""
 
 import json
 import sys
@@ -14,7 +15,8 @@ from tests.checkpoint_builders import random_weights
 from llama3_np import Llama3Error
 
 from llama3_np.cli import main
-from llama3_np.formats import gguf_import
+from llama3_np.formats import gguf_import, gguf_to_hf
+from llama3_np.formats.gguf_file import GGUFFile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import make_checkpoint_fixtures as fixtures  # noqa: E402  (its GGUF writer needs only gguf)
@@ -31,7 +33,7 @@ def _write_tensors(path, tensors):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+    return GGUFFile(path).tensors
 
 
 def _block_bounds(x, qtype):  # [ROWS, COLS] -> max error each value may have, per 32-value block
@@ -50,8 +52,7 @@ def test_float_and_block_quantized_types_dequantize_in_numpy_shape(tmp_path):
                "bf16": (gguf.quants.quantize(x, T.BF16), T.BF16),
                **{t.name: (gguf.quants.quantize(x, t), t) for t in quantized}}
     stored = _write_tensors(tmp_path / "types.gguf", tensors)
-    assert list(stored["f32"].shape) == [COLS, ROWS]  # GGUF order: ne0 (the contiguous one) first
-    read = {name: gguf_import.read_tensor(tmp_path, t) for name, t in stored.items()}
+    read = {name: t.values() for name, t in stored.items()}
     assert all(r.shape == (ROWS, COLS) and r.dtype == np.float32 for r in read.values())
     np.testing.assert_array_equal(read["f32"], x)
     np.testing.assert_array_equal(read["f16"], x.astype(np.float16).astype(np.float32))
@@ -71,7 +72,7 @@ def test_k_quants_dequantize_row_by_row(tmp_path, qtype, scale_bytes):
     raw[:, scale_bytes] = scale[: scale_bytes.stop - scale_bytes.start]
     raw[2] = raw[0]  # rows 0 and 2 hold the same block
     t = _write_tensors(tmp_path / "k.gguf", {"k": (raw, qtype)})["k"]
-    values = gguf_import.read_tensor(tmp_path, t)
+    values = t.values()
     assert values.shape == (ROWS, COLS) and np.all(np.isfinite(values))
     np.testing.assert_array_equal(values[0], values[2])
     assert not np.array_equal(values[0], values[1])
@@ -86,9 +87,9 @@ def _gguf(tmp_path, **kwargs):
 
 
 def test_round_trip_recovers_the_rope_scaling_from_rope_freqs(tmp_path):
-    model = gguf_import.read_gguf(_gguf(tmp_path))
-    assert model.config == fixtures.fixture_config()
-    assert model.config.rope_scaling.factor == 8.0 and model.config.norm_eps == 1e-5
+    index = gguf_import.scan_gguf(_gguf(tmp_path))
+    assert index.config == fixtures.fixture_config()
+    assert index.config.rope_scaling.factor == 8.0 and index.config.norm_eps == 1e-5
 
 
 def test_llama3_rope_factors_match_llama_models_for_llama_3_1_8b():
@@ -102,15 +103,31 @@ def test_llama3_rope_factors_match_llama_models_for_llama_3_1_8b():
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"pre": "qwen2"}, "tokenizer.ggml.pre is 'qwen2'; llama3_np knows smollm and Llama 3's (llama-bpe, llama3, llama-v3"),
-    ({"arch": "gpt2"}, "general.architecture is 'gpt2'; llama3_np imports 'llama' models only"),
+    ({"arch": "gpt2"}, "general.architecture is 'gpt2'; llama3_np reads 'llama' models only"),
     ({"rope_freqs": np.full(4, 2.0, np.float32)}, "tensor 'rope_freqs.weight' is not Llama 3 rope scaling"),
 ])
 def test_non_llama3_gguf_is_refused(tmp_path, kwargs, message):
     path = _gguf(tmp_path, **kwargs)
     with pytest.raises(Llama3Error) as e:
-        gguf_import.import_gguf(path, tmp_path / "out")
+        gguf_to_hf.import_gguf(path, tmp_path / "out")
     assert str(path) in str(e.value) and message in str(e.value)
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"pre": "qwen2"}, "tokenizer.ggml.pre is 'qwen2'"),
+    ({"arch": "gpt2"}, "general.architecture is 'gpt2'; llama3_np reads 'llama' models only"),
+    ({"rope_freqs": np.full(4, 2.0, np.float32)}, "tensor 'rope_freqs.weight' is not Llama 3 rope scaling"),
+])
+def test_non_llama3_gguf_given_to_m_is_one_line_exit_2_and_nothing_cached(tmp_path, monkeypatch, capsys,
+                                                                          kwargs, message):
+    path = _gguf(tmp_path, **kwargs)
+    monkeypatch.setenv("LLAMA3_NP_CACHE", str(tmp_path / "cache"))
+    for command in (["generate", "-p", "hi", "-n", "1"], ["generate", "--tokens", "1", "-n", "1", "--dtype", "gguf"]):
+        assert main([*command, "-m", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"llama3-np: error: {path}: ") and message in err, err
+    assert not (tmp_path / "cache").exists()
 
 
 def test_import_refuses_to_overwrite_and_the_command_reports_one_line(tmp_path, capsys):
@@ -129,9 +146,9 @@ def test_import_refuses_to_overwrite_and_the_command_reports_one_line(tmp_path, 
 # --- tokenizer metadata, read as llama.cpp reads it (src/llama-vocab.cpp, llama_vocab::impl::load) ---
 
 def _imported_tokenizer(tmp_path, **kwargs):
-    from llama3_np.text.tokenizer import load_tokenizer
+    from llama3_np.load import load_tokenizer
 
-    out = gguf_import.import_gguf(_gguf(tmp_path, **kwargs), tmp_path / "out")
+    out = gguf_to_hf.import_gguf(_gguf(tmp_path, **kwargs), tmp_path / "out")
     return load_tokenizer(out), out
 
 

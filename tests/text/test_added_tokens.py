@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llama3_np.formats.gguf_import import import_gguf
+from llama3_np.formats.gguf_to_hf import import_gguf
 from llama3_np.text.tokenizer import load_tokenizer
 from tests.text.test_tokenizer_assets import first_difference
 

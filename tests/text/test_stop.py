@@ -6,8 +6,8 @@ from hypothesis import given, settings, strategies as st
 
 from llama3_np.errors import ParameterError
 from llama3_np.text.stop import StopStrings, StopText, check_stop_strings
-from llama3_np.text.tokenizer import load_tokenizer
-from llama3_np.assets import default_model_dir
+from llama3_np.load import load_tokenizer
+from llama3_np.assets import default_model
 
 
 def stream(stops, pieces):
@@ -52,7 +52,7 @@ def test_streamed_pieces_put_together_are_the_whole_texts_answer(text, stops, da
 
 
 def test_stop_text_reads_token_ids_whose_bytes_split_characters():
-    tok = load_tokenizer(default_model_dir())
+    tok = load_tokenizer(default_model())
     ids = tok.encode("naïve 東京 🌸🎉 fin", bos=False)
     text = StopText(tok, ["🌸🎉"])
     shown = "".join(text.push(i) for i in ids if text.found is None) + text.flush()

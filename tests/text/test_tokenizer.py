@@ -178,7 +178,11 @@ def test_missing_tokenizer_is_a_user_error(tmp_path):
 
 
 def _default_json() -> dict:
-    return json.loads(Path(TOKENIZERS["default"]().name).read_text())
+    """The default model's tokenizer.json, as its GGUF's metadata gives it (what import-gguf writes)."""
+    from llama3_np.assets import cached_default_gguf
+    from llama3_np.formats.gguf_import import tokenizer_objects
+
+    return json.loads(json.dumps(tokenizer_objects(cached_default_gguf())[0]))
 
 
 @pytest.mark.parametrize("damage, message", [

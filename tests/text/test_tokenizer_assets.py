@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from llama3_np.assets import default_model_dir, llama3_tokenizer_path
-from llama3_np.text.tokenizer import Tokenizer, load_tokenizer
+from llama3_np.assets import cached_default_gguf, llama3_tokenizer_path
+from llama3_np.load import load_tokenizer
+from llama3_np.text.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "tokenizer"
 LLAMA3_DIR = llama3_tokenizer_path().parent
-DEFAULT_DIR = default_model_dir()
+DEFAULT_DIR = cached_default_gguf().parent  # holds the default model's GGUF, no tokenizer_config.json
 LLAMA3_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
 
 
@@ -38,8 +39,8 @@ def llama3() -> Tokenizer:
 
 @functools.cache
 def default() -> Tokenizer:
-    """The default model's tokenizer (`weights/default/tokenizer.json`, made by the GGUF importer)."""
-    return load_tokenizer(require(DEFAULT_DIR / "tokenizer.json", "python tools/fetch_default_model.py").parent)
+    """The default model's tokenizer, from its GGUF's metadata (`weights/default/*.gguf`)."""
+    return load_tokenizer(require(cached_default_gguf(), "python tools/fetch_default_model.py"))
 
 
 TOKENIZERS = {"llama3": llama3, "default": default}

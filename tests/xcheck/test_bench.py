@@ -3,12 +3,15 @@ command itself on a tiny checkpoint. Nothing here is timed: speeds are only chec
 with the limits and fractions the command reports."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from llama3_np.xcheck import bench
 from llama3_np.formats.checkpoint import save_hf_checkpoint
+from llama3_np.formats.gguf_file import GGUFFile
+from llama3_np.formats.gguf_import import gguf_config
 from llama3_np.cli import main
 from llama3_np.config import RopeScaling
 from llama3_np.model import forward
@@ -110,6 +113,21 @@ def test_bench_command_reports_consistent_numbers(tiny_checkpoint, capsys, dtype
         assert r[speed] > 0 and r[limit] > 0
         assert r[share] == pytest.approx(r[work] * r[speed] / (r[limit] * 1e9), rel=1e-9)
     assert r["load_s"] > 0 and r["peak_rss_mb"] > 0
+
+
+def test_bench_in_a_ggufs_own_blocks_counts_the_bytes_the_blocks_hold(capsys):
+    """--dtype gguf holds each tensor in its own type (here Q8_0 matrices, F32 norms): the weights'
+    size and the bytes a decode step reads are the file's tensors' bytes, not 4 per value."""
+    path = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints" / "gguf_q8_0.gguf"
+    assert main(["bench", "-m", str(path), "--prompt", "4", "--new", "2", "--runs", "1",
+                 "--dtype", "gguf", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    file = GGUFFile(path)
+    config, _ = gguf_config(path, file)
+    held = sum(t.nbytes for name, t in file.tensors.items() if name != "rope_freqs.weight")
+    matrices = held - file.tensors["token_embd.weight"].nbytes
+    assert r["dtype"] == "gguf" and r["weight_mb"] * 1e6 == held
+    assert r["decode_bytes_per_token"] == bench.decode_bytes_per_token(config, 4, 4, 2, matrices)
 
 
 def test_bench_report_names_every_figure(tiny_checkpoint, capsys):

@@ -16,7 +16,7 @@ from llama3_np.errors import Llama3Error
 from llama3_np.model import forward
 from llama3_np.xcheck.perplexity import (BaseLogits, LogitsWriter, logits_metadata, mean_estimate, run_perplexity,
                                   scored_logits, windows)
-from llama3_np.text.tokenizer import load_tokenizer
+from llama3_np.load import load_tokenizer
 from tests.xcheck.test_dump import PARITY, XCHECK, assert_one_line_error, default_model, run_cli
 
 TEXT = XCHECK / "jargon_hack.txt"

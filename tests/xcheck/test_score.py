@@ -25,8 +25,10 @@ MODELS = {"tiny": FIXTURES / "checkpoints" / "hf", "tiny32": PARITY / "llama3_2"
 # Absolute logprob error per token. Two float32 implementations of the default model (30 layers,
 # logits up to ~30) differ in their logits by the order of their sums: measured 2.3e-5 against
 # transformers and 1.5e-5 against llama.cpp, while each is 1.2e-5 to 2.3e-5 from transformers'
-# float64 value (tests/fixtures/score/README.md). The tiny checkpoints meet 1e-5 (measured 3.4e-6).
-TOL = {"default": 5e-5, "tiny": 1e-5, "tiny32": 1e-5}
+# float64 value (tests/fixtures/score/README.md); on the default model's exact GGUF values (float32
+# weights, not bfloat16 ones) measured 5.4e-5 against transformers. The tiny checkpoints meet 1e-5
+# (measured 3.4e-6).
+TOL = {"default": 1e-4, "tiny": 1e-5, "tiny32": 1e-5}
 
 
 def checkpoint(name):

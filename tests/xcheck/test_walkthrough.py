@@ -16,7 +16,7 @@ from llama3_np import model
 from llama3_np.assets import llama3_tokenizer_path
 from llama3_np.formats.checkpoint import load_checkpoint, save_hf_checkpoint
 from llama3_np.xcheck.dump import read_dump
-from llama3_np.text.tokenizer import load_tokenizer
+from llama3_np.load import load_tokenizer
 from tests.checkpoint_builders import random_weights, tiny_config
 from tests.xcheck.test_dump import PARITY, assert_one_line_error, default_model, run_cli
 

@@ -1,0 +1,75 @@
+"""The canonical checkpoint before its data is read: the tensor names and shapes a config implies,
+and how each tensor is made from what a file stores. Every format's scanner (`checkpoint` for
+Hugging Face and Meta folders, `gguf_import` for GGUF files) builds these; `checkpoint.load_checkpoint`
+reads them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ..config import ModelConfig
+
+
+def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical tensor name and the shape the config implies for it."""
+    shapes = {"tok_embeddings.weight": (c.vocab_size, c.dim)}
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention.wq.weight": (c.n_heads * c.head_dim, c.dim),
+            p + "attention.wk.weight": (c.n_kv_heads * c.head_dim, c.dim),
+            p + "attention.wv.weight": (c.n_kv_heads * c.head_dim, c.dim),
+            p + "attention.wo.weight": (c.dim, c.n_heads * c.head_dim),
+            p + "attention_norm.weight": (c.dim,),
+            p + "feed_forward.w1.weight": (c.ffn_dim, c.dim),
+            p + "feed_forward.w2.weight": (c.dim, c.ffn_dim),
+            p + "feed_forward.w3.weight": (c.ffn_dim, c.dim),
+            p + "ffn_norm.weight": (c.dim,),
+        })
+    shapes["norm.weight"] = (c.dim,)
+    shapes["output.weight"] = (c.vocab_size, c.dim)
+    return shapes
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as one file stores it (a whole tensor, or one model-parallel shard of it)."""
+
+    file: Path
+    name: str  # its name in that file
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    read: Callable[[], np.ndarray]  # the stored array, memory-mapped where the file allows
+    gguf: Optional[Any] = None  # a GGUF file's tensor (`gguf_file.GGUFTensor`): its blocks as stored
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one canonical tensor is made from what is stored."""
+
+    pieces: tuple[StoredTensor, ...]  # one per file; several for Meta model-parallel shards
+    shape: tuple[int, ...]  # canonical shape
+    shard_axis: Optional[int] = None  # pieces concatenate along it; None: replicas, must be equal
+    unpermute_heads: Optional[int] = None  # Hugging Face q/k: heads to un-permute
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.pieces[0].dtype
+
+
+@dataclass
+class CheckpointIndex:
+    """A validated checkpoint before any tensor data is read."""
+
+    path: Path
+    format: str  # "hf" | "meta" | "gguf"
+    config: ModelConfig
+    plans: dict[str, TensorPlan]  # canonical name -> plan; "output.weight" absent when tied
+    files: list[Path]
+    ignored: dict[str, str] = field(default_factory=dict)  # "file: tensor" -> why it is not needed
+    tokenizer_dir: Optional[Path] = None
+    eos_ids: tuple[int, ...] = ()
