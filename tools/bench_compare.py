@@ -434,6 +434,7 @@ def compare(args) -> int:
 def run_engines(path: Path, args, gguf_dir: Path) -> int:
     rounds, notes = {}, {}
     load_average = os.getloadavg()[0]
+    config = from_hf_config(json.loads((path / "config.json").read_text()))
     for r in range(args.rounds):
         for engine in ["limits"] + args.engines:
             if engine in notes or (engine != "limits" and not available(engine)):
@@ -444,11 +445,13 @@ def run_engines(path: Path, args, gguf_dir: Path) -> int:
                 notes[engine] = result
             else:
                 rounds.setdefault(engine, []).append(result)
-    results = {engine: combine(runs) for engine, runs in rounds.items()}
-    config = from_hf_config(json.loads((path / "config.json").read_text()))
-    print(table(results, notes, args, load_average, config))
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(rounds, notes=notes), indent=1) + "\n")
+        # After every round, so that a run stopped early keeps the rounds it finished.
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(rounds, notes=notes), indent=1) + "\n")
+        if r + 1 < args.rounds:
+            print(f"after round {r + 1} of {args.rounds}:", file=sys.stderr)
+            print(table({e: combine(runs) for e, runs in rounds.items()}, notes, args, load_average, config), file=sys.stderr)
+    print(table({engine: combine(runs) for engine, runs in rounds.items()}, notes, args, load_average, config))
     return 0
 
 
@@ -612,7 +615,7 @@ def main(argv=None) -> int:
                    help="run the limits and every engine R times, in turn; medians, and ratios paired by round")
     p.add_argument("--timeout", type=float, default=1800, metavar="S",
                    help="stop an engine that runs longer than S seconds (default 1800)")
-    p.add_argument("--json", metavar="FILE", help="also write every engine's figures to FILE")
+    p.add_argument("--json", metavar="FILE", help="also write every engine's figures to FILE (after every round)")
     p.add_argument("--gguf-dir", metavar="DIR", help="where llama.cpp's GGUFs (f32.gguf, bf16.gguf) are reused from "
                                                      "or written to (default: a temporary folder, removed after the run)")
     p.add_argument("--gguf-type", choices=list(GGUF_TYPES), default="F32", help=argparse.SUPPRESS)
