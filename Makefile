@@ -37,11 +37,11 @@ $(VENV)/.installed-tools: setup.cfg pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-run
 	$(BIN)/llama3-np generate -p "$(PROMPT)" -n 64 --temp 0
 
-# `make test` runs the parity and rope tests a second time with NumPy's AVX-512 targets switched
+# `make test` runs the parity, rope and llama.cpp-arithmetic tests a second time with NumPy's AVX-512 targets switched
 # off, so that every run proves both of NumPy's dispatch paths (why: docs/DESIGN.md, "Numerical facts"). NumPy ignores the names a CPU lacks
 # (then the second run repeats the first); tests/conftest.py stops the run if one stays on.
 NUMPY_AVX512_TARGETS := X86_V4 AVX512_ICL AVX512_SPR
-PARITY_TESTS := tests/test_parity.py tests/test_model.py tests/test_default_model_parity.py
+PARITY_TESTS := tests/test_parity.py tests/test_model.py tests/test_default_model_parity.py tests/test_llamacpp.py
 
 test: $(VENV)/.installed-test
 	$(BIN)/python tools/fetch_tokenizer.py
@@ -62,7 +62,9 @@ tools: $(VENV)/.installed-tools
 # (tests/fixtures/grad/), the logprobs of transformers and llama.cpp that score is held to
 # (tests/fixtures/score/), llama-perplexity's KL-divergence base file and statistics, with
 # llama-perplexity built from llama-cpp-python's sdist by tools/build_llama_cpp.py (cmake, a C++
-# compiler; about 10 minutes) (tests/fixtures/kld/). Each directory's README.md says how its files were made.
+# compiler; about 10 minutes) (tests/fixtures/kld/), llama.cpp's activation quantizers, products
+# and stages that compute mode llamacpp is held to (tests/fixtures/llamacpp/). Each directory's
+# README.md says how its files were made.
 fixtures: tools
 	$(BIN)/python tools/make_reference_dumps.py
 	$(BIN)/python tools/make_tokenizer_fixtures.py
@@ -83,6 +85,7 @@ fixtures: tools
 	$(BIN)/python tools/make_grad_fixtures.py
 	$(BIN)/python tools/make_bpe_trainer_fixture.py
 	$(BIN)/python tools/make_kld_fixtures.py
+	$(BIN)/python tools/make_llamacpp_reference.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -19,12 +19,12 @@ files from the user.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 from typing import Optional
 
 from .errors import Llama3Error
+from .files import read_json
 
 CACHE_ENV = "LLAMA3_NP_CACHE"
 
@@ -59,10 +59,9 @@ def llama3_tokenizer_path() -> Path:
 def import_record(folder: Path) -> Optional[dict]:
     """What `llama3_np_import.json` says about a folder `import-gguf` wrote (None for any other)."""
     try:
-        record = json.loads((Path(folder) / "llama3_np_import.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(Path(folder) / "llama3_np_import.json", expect=dict)
+    except Llama3Error:
         return None
-    return record if isinstance(record, dict) else None
 
 
 def cached_default_gguf() -> Path:

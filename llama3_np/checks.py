@@ -81,3 +81,27 @@ def finite_stages(keep: Keep, prefix: str, mode: ComputeMode) -> Keep:
                                             "bfloat16 or float32")
         return keep(name, x)
     return checked
+
+
+def batch_arguments(batch, caches, positions, compute, vocab_size: int):
+    """The arguments of one `forward_batch` call, checked: at least one sequence, a cache and a
+    position per sequence, caches of one compute mode, and each sequence's `forward_arguments`.
+    Returns the mode and the sequences' ids (int64 arrays). Raises Llama3Error naming the sequence
+    (counted from 0) whose tokens, cache or position are wrong; ParameterError("compute") as
+    `forward_mode`, and for caches of different modes."""
+    if len(batch) == 0:
+        raise Llama3Error("a batch needs at least one sequence")
+    if len(caches) != len(batch) or len(positions) != len(batch):
+        raise Llama3Error(f"a batch of {len(batch)} sequences needs one KV cache and one position each, got "
+                          f"{len(caches)} caches and {len(positions)} positions")
+    mode = forward_mode(compute, caches[0].mode)
+    ids = []
+    for b, (tokens, cache, pos) in enumerate(zip(batch, caches, positions)):
+        if cache.mode != mode:
+            raise ParameterError("compute", f"every sequence of a batch computes in one mode: sequence {b}'s "
+                                            f"KV cache was made for {cache.mode.name!r}, not {mode.name!r}")
+        try:
+            ids.append(forward_arguments(tokens, vocab_size, cache.length, cache.max_len, pos))
+        except Llama3Error as e:
+            raise Llama3Error(f"sequence {b} of the batch: {e}") from None
+    return mode, ids

@@ -297,8 +297,9 @@ def from_meta_params(params: Mapping[str, Any], tie_embeddings: bool = False,
 # ---------------------------------------------------------------------------------------------
 # Compute modes
 
-# The dtypes `forward` can compute in (`ComputeMode.dtype`), most precise first.
-COMPUTE_DTYPES = ("float64", "float32", "bfloat16", "float16")
+# The dtypes `forward` can compute in (`ComputeMode.dtype`), most precise first, then llama.cpp's
+# arithmetic ("llamacpp": float32 with quantized activations, `llama3_np.llamacpp`).
+COMPUTE_DTYPES = ("float64", "float32", "bfloat16", "float16", "llamacpp")
 # Where a bfloat16 or float16 engine rounds (`ComputeMode.casts`): as Hugging Face transformers'
 # LlamaForCausalLM does, or as Meta's llama-models Transformer does (`model.py` cites both per stage).
 CONVENTIONS = ("transformers", "meta")
@@ -318,8 +319,14 @@ class ComputeMode:
       rounds it. `convention` says which engine: "transformers" (LlamaForCausalLM, eager attention)
       or "meta" (llama-models' Transformer); they differ in rope and in the attention scale
       (`model.rope`, `model.causal_attention`).
-    In float32 and float64 the convention changes nothing (both references compute as llama3_np
-    does, up to the order of float32 sums) and is kept as "transformers".
+    - "llamacpp": llama.cpp's CPU arithmetic on a GGUF's own blocks (`llama3_np.llamacpp`, which
+      says where it rounds): every stage in float32, each product's activation rows converted to
+      the weight's vec_dot_type first (Q8_0, Q8_1 or Q8_K blocks for a quantized weight, float16
+      for a float16 one), the KV cache in float16, and q and the attention probabilities rounded
+      to float16 for their products with it.
+    In float32, float64 and llamacpp the convention changes nothing (in float32 and float64 both
+    references compute as llama3_np does, up to the order of float32 sums) and is kept as
+    "transformers".
 
     `work` is the NumPy dtype arrays are held in between stages (float32; float64 in float64 mode);
     `storage` the dtype of the KV cache and of the weights the mode computes with; `rounded(x)`
@@ -338,7 +345,7 @@ class ComputeMode:
         if self.convention not in CONVENTIONS:
             raise ParameterError("convention", f"convention must be one of {', '.join(CONVENTIONS)}, "
                                                f"got {self.convention!r}")
-        if self.dtype in ("float64", "float32"):
+        if self.dtype in ("float64", "float32", "llamacpp"):
             object.__setattr__(self, "convention", "transformers")
 
     @property
@@ -347,6 +354,8 @@ class ComputeMode:
 
     @property
     def storage(self) -> np.dtype:
+        if self.dtype == "llamacpp":  # its KV cache (llama.cpp's default -ctk/-ctv f16)
+            return np.dtype(np.float16)
         return bfloat16() if self.dtype == "bfloat16" else np.dtype(self.dtype)
 
     @property
@@ -368,7 +377,12 @@ class ComputeMode:
         """Weight `name` as this mode computes with it: rounded to bfloat16 or float16 (a copy
         unless it is stored so already), as the engines hold it; as it is in float32 and float64
         (`linear` converts it exactly).
+        In llamacpp mode a matrix as llama.cpp multiplies it (`llamacpp.llamacpp_weight`).
         Raises ParameterError("compute") for a weight beyond float16's range."""
+        if self.dtype == "llamacpp":
+            from .llamacpp import llamacpp_weight  # here, not at the top: llamacpp imports formats
+
+            return llamacpp_weight(w, name)
         if self.casts is None or w.dtype == self.storage:
             return w
         with np.errstate(over="ignore"):
@@ -377,6 +391,15 @@ class ComputeMode:
             raise ParameterError("compute", f"weight {name} holds values beyond ±65504, float16's largest: "
                                             "compute in bfloat16 or float32")
         return converted
+
+    def kv_operand(self, x: np.ndarray) -> np.ndarray:
+        """x as a product with the KV cache multiplies it: rounded to float16 in llamacpp mode
+        (`llamacpp.kv_operand`), x itself in every other."""
+        if self.dtype != "llamacpp":
+            return x
+        from .llamacpp import kv_operand
+
+        return kv_operand(x)
 
     @classmethod
     def of(cls, compute: "str | ComputeMode", convention: str = "transformers") -> "ComputeMode":

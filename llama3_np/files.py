@@ -1,5 +1,8 @@
-"""Writing files: every file and folder llama3_np writes appears complete or not at all, and a
-file-system failure is one sentence, not a traceback.
+"""Reading JSON and writing files: every file and folder llama3_np writes appears complete or not
+at all, and a file-system failure or a file that is not JSON is one sentence, not a traceback.
+
+`read_json` reads a JSON file (a config, a tokenizer, an adapter's settings) and says which file is
+missing, unreadable or not valid JSON, and where.
 
 `AtomicFile` writes a file under a temporary name beside its path and renames it into place when it
 is complete; `atomic_folder` does the same for a folder; `make_folder` creates a folder. Each turns
@@ -13,11 +16,12 @@ complete.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from .errors import Llama3Error
 
@@ -35,6 +39,36 @@ class WriteError(Llama3Error):
     def advise(self, advice: str, what: Optional[str] = None) -> "WriteError":
         """The same failure with other advice (and optionally a name for what was written)."""
         return WriteError(self.path, self.reason, advice, self.what if what is None else what)
+
+
+def read_json(path, what: str = "", advice: str = "", expect: Optional[type] = None) -> Any:
+    """The value of JSON file `path` (UTF-8). `what` names the file in errors ("tools file"),
+    `advice` says what to do about a damaged one ("download it again"), `expect` (dict or list) the
+    type the value must have.
+
+    Raises Llama3Error, one sentence starting with the file: missing, a folder, unreadable, not
+    UTF-8, not valid JSON (with the line and column of the first error) or not of type `expect`."""
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    tail = f"; {advice}" if advice else ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise Llama3Error(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise Llama3Error(f"{label}: a folder, not a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise Llama3Error(f"{label}: not valid JSON (not UTF-8 text at byte {e.start}){tail}") from None
+    except OSError as e:
+        raise Llama3Error(f"{label}: cannot read ({e.strerror or e})") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise Llama3Error(f"{label}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}){tail}") from None
+    if expect is not None and not isinstance(value, expect):
+        raise Llama3Error(f"{label}: expected a JSON {'object' if expect is dict else 'list'}, "
+                          f"got {type(value).__name__}{tail}")
+    return value
 
 
 def _blocking_file(path: Path) -> Optional[Path]:

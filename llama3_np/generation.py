@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping, Optional
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Optional
 
 import numpy as np
 
 from .config import ComputeMode, ModelConfig
 from .errors import Llama3Error, ParameterError
-from .model import KVCache, forward
+from .model import KVCache, forward, forward_batch
 from .sampling import SamplingParams, sample, sampling_probs, xtc_draw
 
 # How many of the latest ids the penalties look at by default (llama.cpp's `repeat_last_n`): the
@@ -109,9 +109,13 @@ class Step:
 class Generation:
     """One `Session.generate` call. Iterate it (once) to run it; its fields fill as it runs."""
 
-    def __init__(self, session: "Session", prompt_ids: list[int]):
+    def __init__(self, session: "Session", prompt_ids: list[int], params: SamplingParams,
+                 rng: Optional[np.random.Generator], max_new: int, stop_ids: frozenset[int], suppressed: frozenset[int]):
         self.session = session
         self.prompt_ids = prompt_ids
+        # How its tokens are drawn and when it ends (`Session.generate`'s arguments).
+        self.params, self.rng, self.max_new = params, rng, max_new
+        self.stop_ids, self.suppressed = stop_ids, suppressed
         self.start = session.cache.length  # what the session held before this prompt
         self.ids: list[int] = []  # generated ids so far, including a final stop token
         # "stop" (a stop token), "length" (max_new tokens), "context" (a full context); "" while
@@ -205,11 +209,7 @@ class Session:
         They go in chunks of PREFILL_CHUNK; if a chunk does not complete (an exception, Ctrl-C),
         the cache and `history` hold the chunks before it.
         """
-        ids = [int(i) for i in ids]
-        if not ids:
-            raise Llama3Error("feed needs at least one token id")
-        del self._fed[self.cache.length:]
-        self._fed.extend(ids)  # `history` takes them as the cache does, chunk by chunk
+        ids = self._to_feed(ids)
         progress = self.progress if len(ids) > PREFILL_CHUNK else None
         for start in range(0, len(ids), PREFILL_CHUNK):
             if progress is not None:
@@ -219,6 +219,15 @@ class Session:
         if progress is not None:
             progress(len(ids), len(ids))
         return logits[0]
+
+    def _to_feed(self, ids: Iterable[int]) -> list[int]:
+        """`ids` as ints, recorded as being fed: `history` takes them as the cache does, chunk by chunk."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise Llama3Error("feed needs at least one token id")
+        del self._fed[self.cache.length:]
+        self._fed.extend(ids)
+        return ids
 
     def rollback(self, length: int) -> None:
         """Forget everything after the first `length` ids of `history`."""
@@ -257,12 +266,11 @@ class Session:
                               f"{self.ctx}-token context are free: shorten it or use a larger context")
         stop_ids = self.stop_ids if stop_ids is None else frozenset(int(i) for i in stop_ids)
         suppress_ids = frozenset(int(i) for i in suppress_ids)
-        out = Generation(self, prompt_ids)
-        out._steps = self._steps(out, params, rng, max_new, stop_ids, suppress_ids)
+        out = Generation(self, prompt_ids, params, rng, max_new, stop_ids, suppress_ids)
+        out._steps = self._steps(out)
         return out
 
-    def _steps(self, out: Generation, params: SamplingParams, rng: Optional[np.random.Generator], max_new: int,
-               stop_ids: frozenset[int], suppressed: frozenset[int]) -> Iterator[Step]:
+    def _steps(self, out: Generation) -> Iterator[Step]:
         t0 = time.perf_counter()
         try:
             logits = self.feed(out.prompt_ids)
@@ -270,24 +278,106 @@ class Session:
             self.rollback(out.start)
             raise
         out.prefill_seconds = time.perf_counter() - t0
-        if max_new == 0:
+        if out.max_new == 0:
             out.stop_reason = "length"
             return
         t0 = time.perf_counter()
         while True:
-            recent = tuple(self.recent_ids(params.history_window))
-            draw = xtc_draw(params, rng)
-            token = sample(suppress(logits, suppressed), params, rng, recent=recent, xtc=draw)
-            out.ids.append(token)
-            if token in stop_ids:
-                out.stop_reason = "stop"
-            elif len(out.ids) == max_new:
-                out.stop_reason = "length"
-            elif self.cache.length == self.ctx:
-                out.stop_reason = "context"
+            step = self._draw(out, logits)
             out.decode_seconds = time.perf_counter() - t0
-            yield Step(token, logits, params, recent, suppressed, draw)
+            yield step
             if out.stop_reason:
                 return
-            logits = self.feed([token])
+            logits = self.feed([step.token])
+
+    def _draw(self, out: Generation, logits: np.ndarray) -> Step:
+        """The next token of `out` from the logits of the last id fed, and whether it ends `out`."""
+        params = out.params
+        recent = tuple(self.recent_ids(params.history_window))
+        draw = xtc_draw(params, out.rng)
+        token = sample(suppress(logits, out.suppressed), params, out.rng, recent=recent, xtc=draw)
+        out.ids.append(token)
+        if token in out.stop_ids:
+            out.stop_reason = "stop"
+        elif len(out.ids) == out.max_new:
+            out.stop_reason = "length"
+        elif self.cache.length == self.ctx:
+            out.stop_reason = "context"
+        return Step(token, logits, params, recent, out.suppressed, draw)
+
+
+class _Running(NamedTuple):
+    """A generation of a batch (`generate_batch`) and where it is in the order of the input."""
+
+    index: int
+    out: Generation
+
+
+def generate_batch(generations: Iterable[Generation], parallel: int,
+                   on_step: Optional[Callable[[int, Step], bool]] = None) -> Iterator[Generation]:
+    """Run many generations together, up to `parallel` at a time, each step of all of them in one
+    `model.forward_batch` (every weight read once per step for all); yield each finished one in
+    the order of `generations`, as soon as it and those before it are done.
+
+    generations: made by `Session.generate` (each on a session of its own, of one model, not yet
+    iterated); read lazily, so a long input holds only `parallel` KV caches at a time. A
+    generation joins as soon as one ends (continuous batching, as llama.cpp's `-cb`): its prompt
+    is fed in chunks of PREFILL_CHUNK beside the others' decode steps. Each generation draws
+    its tokens exactly as when iterated alone (its own parameters, random generator, stop ids,
+    limit and context), and its logits are its logits alone within float32 rounding
+    (`model.forward_batch`), so greedy ids are the same. on_step(i, step): called with the index
+    of the generation and each step drawn; a true result ends that generation there (its
+    `stop_reason` is then "stop_string": the caller found a stop string).
+    Raises ParameterError("parallel") when parallel is not an integer >= 1, Llama3Error when the
+    generations are not of one model or one was already run.
+    """
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise ParameterError("parallel", f"parallel must be an integer >= 1, got {parallel!r}")
+    pending = enumerate(generations)
+    running: list[_Running] = []
+    feeds: dict[int, list[int]] = {}  # what each running generation feeds next
+    since: dict[int, float] = {}  # when its prompt began to be fed, then when its decoding began
+    done: dict[int, Generation] = {}
+    model, yielded = None, 0
+    while True:
+        while len(running) < parallel and (item := next(pending, None)) is not None:
+            index, out = item
+            model = model or (out.session.weights, out.session.config)
+            if out.session.weights is not model[0] or out.session.config != model[1]:
+                raise Llama3Error(f"generation {index} of the batch is of another model: a batch runs one model")
+            if out.ids or out.session.cache.length != out.start:
+                raise Llama3Error(f"generation {index} of the batch has already run")
+            out._steps = iter(())  # it runs here, not by being iterated
+            running.append(_Running(index, out))
+            feeds[index], since[index] = list(out.prompt_ids), time.perf_counter()
+        if not running:
+            return
+        chunks = [r.out.session._to_feed(feeds[r.index][:PREFILL_CHUNK]) for r in running]
+        logits = forward_batch(*model, chunks, [r.out.session.cache for r in running], last_only=True)  # B x [1, V]
+        still = []
+        for r, last in zip(running, logits):
+            out, i = r.out, r.index
+            del feeds[i][:PREFILL_CHUNK]
+            if feeds[i]:  # more of its prompt to feed
+                still.append(r)
+                continue
+            now = time.perf_counter()
+            if not out.ids:  # its prompt is in: decoding begins
+                out.prefill_seconds, since[i] = now - since[i], now
+                if out.max_new == 0:  # the prompt only
+                    out.stop_reason, done[i] = "length", out
+                    continue
+            step = out.session._draw(out, last[0])
+            if on_step is not None and on_step(i, step) and not out.stop_reason:
+                out.stop_reason = "stop_string"
+            out.decode_seconds = time.perf_counter() - since[i]
+            if out.stop_reason:
+                done[i] = out
+            else:
+                feeds[i] = [step.token]
+                still.append(r)
+        running = still
+        while yielded in done:
+            yield done.pop(yielded)
+            yielded += 1
 

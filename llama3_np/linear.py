@@ -14,6 +14,7 @@ import numpy as np
 
 from . import products
 from .config import ComputeMode
+from .llamacpp import LlamaCppWeight, product
 from .lora import LoraWeight
 
 
@@ -31,6 +32,8 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_
     in float64 by w upcast exactly (a copy unless w is float64 already), with NumPy's own product:
     float64 is the mode of the exact value, not of speed. A weight with an unmerged LoRA adapter
     (`lora.LoraWeight`) adds s·B·(A·x) to the base weight's product."""
+    if isinstance(w, LlamaCppWeight):  # llama.cpp's product: the activations quantized first
+        return product(x, w)
     if isinstance(w, LoraWeight):
         return linear(x, w.base) + linear(linear(x, w.a), w.b) * x.dtype.type(w.scale)
     if x.dtype == np.float64:
@@ -41,9 +44,10 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_
 def mode_weights(weights: Mapping[str, np.ndarray], mode: ComputeMode) -> dict[str, np.ndarray]:
     """The weights as `mode` computes with them, converted once (`forward` would otherwise convert
     them in every call): upcast to float64 in float64 mode, rounded to bfloat16/float16 (round to
-    nearest even) in those modes unless already stored so, unchanged in float32. Arrays shared
-    between names (tied embeddings) stay shared."""
-    if mode.dtype == "float32":
+    nearest even) in those modes unless already stored so, unchanged in float32 and llamacpp (which
+    wraps a weight where a product uses it). Arrays shared between names (tied embeddings) stay
+    shared."""
+    if mode.dtype in ("float32", "llamacpp"):
         return dict(weights)
     converted: dict[int, np.ndarray] = {}
 

@@ -21,7 +21,7 @@ from . import assets
 from .config import ComputeMode, ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import Checkpoint, load_checkpoint, scan_checkpoint
-from .generation import Session
+from .generation import Session, generate_batch
 from .linear import mode_weights
 from .lora import adapted, load_adapter
 from .sampling import SamplingParams
@@ -134,6 +134,39 @@ class LoadedModel:
         """The continuation of `prompt` as one text (`stream`'s pieces joined)."""
         return "".join(self.stream(prompt, max_new, params, rng, ctx, stop))
 
+    def generate_batch(self, prompts: Iterable[str], max_new: int = -1, params: Optional[SamplingParams] = None,
+                       seed: Optional[int] = None, ctx: Optional[int] = None, stop: Iterable[str] = (),
+                       parallel: int = 8) -> list[str]:
+        """The continuation of each of `prompts`, in their order, generated `parallel` at a time
+        (`generation.generate_batch`: one forward pass per step for all, each weight read once).
+        Each is what `generate` gives for that prompt alone with `rng=np.random.default_rng(seed)`
+        (greedy: the same text; sampled: the same draws, from logits equal within float32
+        rounding, bit for bit with `products.set_batch_invariant(True)`); `seed` is needed only
+        when `params` sample. Raises ParameterError("parallel") for a `parallel` below 1."""
+        stop = check_stop_strings(stop)
+        params = params.for_tokenizer(self.tokenizer) if params is not None else None
+        context = self.ctx(ctx)
+        texts: list[StopText] = []
+        pieces: list[list[str]] = []
+
+        def generations():
+            for prompt in prompts:
+                ids = self.encode(prompt)
+                session = self.session(context if max_new < 0 else min(context, len(ids) + max_new))
+                texts.append(StopText(self.need_tokenizer(), stop))
+                pieces.append([])
+                yield session.generate(ids, params, None if seed is None else np.random.default_rng(seed), max_new)
+
+        def on_step(i: int, step) -> bool:
+            if step.token not in stop_ids:
+                pieces[i].append(texts[i].push(step.token))
+            return texts[i].found is not None
+
+        stop_ids = self.stop_ids()
+        for i, _ in enumerate(generate_batch(generations(), parallel, on_step)):
+            pieces[i].append(texts[i].flush())
+        return ["".join(p) for p in pieces]
+
     def chat(self, messages: list[dict], max_new: int = -1, params: Optional[SamplingParams] = None,
              rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None, stop: Iterable[str] = ()) -> str:
         """The assistant's answer to a dialog (`[{"role": "user", "content": ...}, ...]`, in the
@@ -200,12 +233,15 @@ def check_ctx(ctx: Optional[int], config: ModelConfig) -> None:
                                     f"trained for: at most {config.max_seq_len}")
 
 
-def residency(dtype: Optional[str], mode: ComputeMode) -> str:
+def residency(dtype: Optional[str], mode: ComputeMode) -> Optional[str]:
     """The weight residency to load a checkpoint with for compute mode `mode`: `dtype` ("float32",
     "bfloat16" or "gguf"; float32 compute takes any), or when None the mode's: float32 for float32 and float64 (float64 upcasts the
     float32 weights once more), bfloat16 for bfloat16 and float16 (they compute with weights held
     in their own dtype, as the engines do).
+    llamacpp: `dtype` as given, which the checkpoint's format decides (`stored_residency`).
     Raises ParameterError("dtype") for a residency the mode cannot compute with."""
+    if mode.dtype == "llamacpp":
+        return dtype
     wanted = "float32" if mode.dtype in ("float32", "float64") else "bfloat16"
     if dtype is None or dtype == wanted or mode.dtype == "float32":
         return dtype or wanted
@@ -213,10 +249,22 @@ def residency(dtype: Optional[str], mode: ComputeMode) -> str:
                                   f"weights held in {mode.storage.name}; leave the residency to the compute mode")
 
 
+def stored_residency(dtype: Optional[str], checkpoint_format: str) -> str:
+    """The residency that keeps a checkpoint's weights in the types its files store, which
+    llamacpp computes with: a GGUF's own blocks ("gguf"), another checkpoint as stored
+    ("bfloat16", which keeps float32 and float16 tensors as they are: what llama.cpp runs of the
+    GGUF its convert_hf_to_gguf.py makes of them). Raises ParameterError("dtype") for another."""
+    wanted = "gguf" if checkpoint_format == "gguf" else "bfloat16"
+    if dtype not in (None, wanted):
+        raise ParameterError("dtype", f"compute llamacpp multiplies this {checkpoint_format} checkpoint's weights "
+                                      f"in their stored types, which dtype {wanted} keeps: leave out the residency")
+    return wanted
+
+
 def checkpoint_for(checkpoint: Checkpoint, mode: ComputeMode) -> Checkpoint:
     """`checkpoint` with its weights as `mode` computes with them (`linear.mode_weights`: float64,
     float16, or bfloat16 where stored otherwise), converted once; `dtype` says how they are held."""
-    if mode.dtype == "float32":
+    if mode.dtype in ("float32", "llamacpp"):
         return checkpoint
     weights = mode_weights(checkpoint.weights, mode)
     return dataclasses.replace(checkpoint, weights=weights, dtype=mode.storage.name)
@@ -236,7 +284,8 @@ def load_model(path=None, dtype: Optional[str] = None, rope_factor: Optional[flo
     need_tokenizer: when False, a folder without tokenizer files loads with `tokenizer` None. ctx:
     a context size to check against the model's trained context before any weight is read
     (`check_ctx`). compute, convention: the compute mode (`config.ComputeMode`: "float32",
-    "float64", "bfloat16", "float16"; "transformers" or "meta" casts) the weights are held for.
+    "float64", "bfloat16", "float16", "llamacpp"; "transformers" or "meta" casts) the weights are
+    held for (llamacpp: as the files store them, `stored_residency`).
     lora: a peft LoRA adapter folder, run unmerged (`llama3_np.lora`; float32 compute only).
     Raises Llama3Error for a missing folder or a malformed checkpoint or adapter, ParameterError("ctx"),
     ParameterError("compute"/"convention") for an unknown mode, ParameterError("dtype") for a
@@ -248,6 +297,8 @@ def load_model(path=None, dtype: Optional[str] = None, rope_factor: Optional[flo
     path = assets.model_dir(path)
     index = scan_checkpoint(path, rope_factor=rope_factor)
     check_ctx(ctx, index.config)
+    if mode.dtype == "llamacpp":
+        dtype = stored_residency(dtype, index.format)
     checkpoint = checkpoint_for(load_checkpoint(index, dtype=dtype), mode)
     if lora is not None:
         if mode.dtype != "float32":

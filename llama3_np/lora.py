@@ -24,7 +24,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import hf_name, permute_qk, unpermute_qk
-from .files import make_folder, write_text
+from .files import make_folder, read_json, write_text
 from .formats.safetensors_file import SafetensorsFile, write_safetensors
 
 # peft's target_modules names (transformers' module names) -> the canonical projection.
@@ -145,9 +145,9 @@ def load_adapter(folder, config: ModelConfig) -> tuple[dict[str, np.ndarray], Lo
     Raises Llama3Error for a folder that is not a LoRA adapter of this model's shape."""
     folder = Path(folder)
     try:
-        settings = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise Llama3Error(f"adapter {folder}: not a peft adapter folder ({CONFIG_FILE}: {e})") from None
+        settings = read_json(folder / CONFIG_FILE, expect=dict)
+    except Llama3Error as e:
+        raise Llama3Error(f"adapter {folder}: not a peft adapter folder ({e})") from None
     if settings.get("peft_type") != "LORA" or settings.get("use_dora") or settings.get("use_rslora"):
         raise Llama3Error(f"adapter {folder}: a {settings.get('peft_type')} adapter"
                           f"{' with DoRA or rsLoRA' if settings.get('peft_type') == 'LORA' else ''}; "

@@ -10,6 +10,13 @@ Dimensions, used in every shape comment:
     S   tokens attended to (cached + T) F   feed-forward dim (config.ffn_dim)
     H   query heads (config.n_heads)    KV  key/value heads (config.n_kv_heads)
     Dh  head dim (config.head_dim)      V   vocabulary size (config.vocab_size)
+    B   sequences in a batch (`forward_batch`; 1 in `forward`)
+
+A batch of B sequences runs as the rows of one pass, sequence after sequence (T counts the rows of
+all of them), so that every weight product reads each weight once for the whole batch. Every stage
+works row by row except attention, where each sequence attends only to its own tokens and its own
+KV cache (`LayerCache.rows`): no padding ever enters the model, as in llama.cpp's batches, where
+every token carries its sequence and its position. Read with B = 1, it is one sequence's pass.
 
 Weights use Meta's names (`layers.0.attention.wq.weight`, ...; `LayerWeights` declares a layer's)
 and Meta's rope layout: dims 2i and 2i+1 of every head rotate together; float32 or bfloat16.
@@ -33,11 +40,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Mapping, NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from .checks import expect_shape, finite_stages, forward_arguments, forward_mode
+from .checks import batch_arguments, expect_shape, finite_stages, forward_arguments, forward_mode
 from .config import ComputeMode, ModelConfig
 from .linear import linear
 from .stages import Keep, Trace, keep_nothing, legend, scoped, start_point
@@ -278,7 +285,9 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
     `matmul(scores, values)`). The scale is where they differ: transformers multiplies by
     Dh^-0.5 (as float32), Meta divides by √Dh; float32 and float64 divide, as Meta does. Masks:
     transformers adds the dtype's most negative value where Meta adds -inf; both give 0 after the
-    softmax.
+    softmax. llama.cpp (llamacpp mode) computes in float32 but reads a float16 cache, and a product
+    with it first rounds the other operand, q and then the probabilities, to float16
+    (`mode.kv_operand`; llm_graph_context::build_attn_mha without flash attention).
 
     Source: scaled dot-product attention (arXiv 1706.03762 eq. 1) with GQA (arXiv 2305.13245);
     llama-models Attention.forward.
@@ -289,7 +298,7 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
     rounded, f = mode.rounded, mode.work.type
     n_rep = H // KV
     q_groups = q.reshape(T, KV, n_rep, Dh).transpose(1, 2, 0, 3)  # [KV, H/KV, T, Dh]
-    scores = rounded(q_groups @ keys[:, None].swapaxes(-1, -2))  # [KV, H/KV, T, S]
+    scores = rounded(mode.kv_operand(q_groups) @ keys[:, None].swapaxes(-1, -2))  # [KV, H/KV, T, S]
     if mode.casts == "transformers":
         scores *= f(Dh ** -0.5)
     else:
@@ -297,19 +306,21 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
     scores = rounded(scores)
     scores += causal_mask(T, S)
     probs = keep("probs", rounded(softmax(scores)).reshape(H, T, S)).reshape(KV, n_rep, T, S)
-    out = rounded(probs @ values[:, None])  # [KV, H/KV, T, Dh]
+    out = rounded(mode.kv_operand(probs) @ values[:, None])  # [KV, H/KV, T, Dh]
     return out.transpose(2, 0, 1, 3).reshape(T, H, Dh)
 
 
 class LayerCache(NamedTuple):
-    """One layer's slice of the KV cache during one `forward` call: its key and value slots
-    ([KV, max_len, Dh] each, in the mode's storage dtype), `start`, the first slot this call's
-    tokens go into, and `work`, the dtype the model computes with them in."""
+    """One layer's slice of one sequence's KV cache during one `forward` call: its key and value
+    slots ([KV, max_len, Dh] each, in the mode's storage dtype), `start`, the first slot this call's
+    tokens go into, `work`, the dtype the model computes with them in, and `rows`, which rows of
+    the call are this sequence's tokens (all of them for one sequence; its own in a batch)."""
 
     k: np.ndarray
     v: np.ndarray
     start: int
     work: np.dtype
+    rows: slice = slice(None)
 
     def store(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # [T, KV, Dh], [T, KV, Dh] -> [KV, S, Dh], [KV, S, Dh] with S = start + T
@@ -348,17 +359,18 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # slots holding tokens, in every layer
 
-    def layer(self, i: int) -> LayerCache:
-        """Layer i's slots, with the next token going into slot `length`."""
-        return LayerCache(self.k[i], self.v[i], self.length, self.mode.work)
+    def layer(self, i: int, rows: slice = slice(None)) -> LayerCache:
+        """Layer i's slots, with the next token going into slot `length`, for the call's `rows`."""
+        return LayerCache(self.k[i], self.v[i], self.length, self.mode.work, rows)
 
 
-def attention(x: np.ndarray, w: AttentionWeights, rotation: Rotation, cache: LayerCache,
+def attention(x: np.ndarray, w: AttentionWeights, rotation: Rotation, caches: Sequence[LayerCache],
               config: ModelConfig, mode: ComputeMode = FLOAT32,
               keep: Keep = keep_nothing) -> np.ndarray:  # [T, D] -> [T, D]
     """Project to query/key/value heads, rotate q and k by position, attend causally over the
     cache's earlier slots plus these tokens (stored into it), project back:
-    wo · attention(rope(wq x), rope(wk x), wv x).
+    wo · attention(rope(wq x), rope(wk x), wv x). `caches`: one per sequence (one, for all rows,
+    outside a batch); each sequence's rows attend to its own cache alone.
 
     Low precision: every projection accumulates in float32 and is rounded (torch's CPU bfloat16
     and float16 products; HF LlamaAttention.forward's q_proj/k_proj/v_proj/o_proj, Meta's
@@ -374,8 +386,11 @@ def attention(x: np.ndarray, w: AttentionWeights, rotation: Rotation, cache: Lay
     v = keep("v", rounded(linear(x, w.wv)).reshape(T, KV, Dh))  # [T, D] -> [T, KV, Dh]
     q_rope = keep("q_rope", rounded(rope(q, rotation.cos, rotation.sin, mode)))
     k_rope = keep("k_rope", rounded(rope(k, rotation.cos, rotation.sin, mode)))
-    keys, values = cache.store(k_rope, v)  # [KV, S, Dh] each
-    attn = keep("attn", causal_attention(q_rope, keys, values, keep, mode).reshape(T, H * Dh))  # [T, H*Dh]
+    attended = []
+    for c in caches:  # each sequence: its rows' queries, its cache's keys and values
+        keys, values = c.store(k_rope[c.rows], v[c.rows])  # [KV, S, Dh] each
+        attended.append(causal_attention(q_rope[c.rows], keys, values, keep, mode))  # [T, H, Dh]
+    attn = keep("attn", np.concatenate(attended).reshape(T, H * Dh))  # [T, H*Dh]
     return keep("attn_out", rounded(linear(attn, w.wo)))  # [T, H*Dh] -> [T, D]
 
 
@@ -405,7 +420,7 @@ def swiglu(x: np.ndarray, w: FeedForwardWeights, mode: ComputeMode = FLOAT32,
     return keep("ffn_out", rounded(linear(hidden, w.w2)))  # [T, F] -> [T, D]
 
 
-def transformer_block(x: np.ndarray, w: LayerWeights, rotation: Rotation, cache: LayerCache,
+def transformer_block(x: np.ndarray, w: LayerWeights, rotation: Rotation, caches: Sequence[LayerCache],
                       config: ModelConfig, mode: ComputeMode = FLOAT32,
                       keep: Keep = keep_nothing) -> np.ndarray:  # [T, D] -> [T, D]
     """h = x + attention(rmsnorm(x)); out = h + swiglu(rmsnorm(h)).
@@ -417,7 +432,7 @@ def transformer_block(x: np.ndarray, w: LayerWeights, rotation: Rotation, cache:
     """
     rounded, eps = mode.rounded, config.norm_eps
     attn_norm = keep("attn_norm", rmsnorm(x, w.attention_norm, eps, mode))  # [T, D]
-    h = keep("h", rounded(x + attention(attn_norm, w.attention, rotation, cache, config, mode, keep)))
+    h = keep("h", rounded(x + attention(attn_norm, w.attention, rotation, caches, config, mode, keep)))
     ffn_norm = keep("ffn_norm", rmsnorm(h, w.ffn_norm, eps, mode))  # [T, D]
     return keep("out", rounded(h + swiglu(ffn_norm, w.feed_forward, mode, keep)))  # [T, D]
 
@@ -447,7 +462,7 @@ def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
     `start_from` = (name, value) resumes the residual stream at `embed` or `layers.i.out` ([T, D])
     and runs only the layers after it (their keys and values alone enter the cache, so it takes
     no cache that could be used again); Llama3Error for a `start_from` at another stage, of another
-    shape or with a cache.
+    shape or with a cache. Several sequences in one pass, each with its own cache: `forward_batch`.
 
     Source: llama-models Transformer.forward; HF LlamaForCausalLM.forward (logits in the dtype:
     `lm_head(hidden_states)`; Meta's `self.output(h).float()` is the same values in float32).
@@ -467,11 +482,65 @@ def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
         first, x = start_point(start_from, config.n_layers, x, cache.length, cache.max_len)
     for layer in range(first, config.n_layers):
         prefix = f"layers.{layer}."
-        x = transformer_block(x, LayerWeights.of(weights, layer, config, mode), rotation, cache.layer(layer),
+        x = transformer_block(x, LayerWeights.of(weights, layer, config, mode), rotation, [cache.layer(layer)],
                               config, mode, finite_stages(scoped(trace, prefix), prefix, mode))
     cache.length = start + T  # every layer now holds these tokens: the cache advances once, here
     if last_only:
         x = x[-1:]
+    return output_logits(x, weights, config, mode, keep)  # [T, D] -> [T, V]
+
+
+def output_logits(x: np.ndarray, weights: Mapping[str, np.ndarray], config: ModelConfig,
+                  mode: ComputeMode = FLOAT32, keep: Keep = keep_nothing) -> np.ndarray:  # [T, D] -> [T, V]
+    """The last layer's output normalised, then projected to the vocabulary: output · rmsnorm(x).
+
+    Source: llama-models Transformer.forward's `self.norm(h)` and `self.output(h)`."""
     x = keep("norm", rmsnorm(x, mode.weight(weights["norm.weight"], "norm.weight"), config.norm_eps, mode))
     logits = keep("logits", mode.rounded(linear(x, mode.weight(weights["output.weight"], "output.weight"))))  # [T, D] -> [T, V]
     return expect_shape(logits, (x.shape[0], config.vocab_size), "logits")
+
+
+def forward_batch(weights: Mapping[str, np.ndarray], config: ModelConfig, batch: Sequence,
+                  caches: Optional[Sequence[KVCache]] = None, positions: Optional[Sequence[int]] = None,
+                  last_only: bool = False, compute: str | ComputeMode | None = None) -> list[np.ndarray]:
+    # B x [T_b] -> B x [T_b, V]
+    """`forward` of B sequences at once: each sequence's logits, in the order of `batch`.
+
+    batch: B token-id lists (any lengths); caches: one `KVCache` per sequence (None: a fresh one
+    each, as `forward` without a cache), each extended by its sequence's tokens; positions: the
+    rope position of each sequence's first token (None: each cache's length). Returns B arrays,
+    [T_b, V] each, or [1, V] with `last_only`. The B sequences' tokens are the rows of one pass
+    (the legend's batch), so every weight is read once for all of them; each sequence attends to
+    its own tokens and cache only, and no padding is involved.
+
+    Batch invariance: each sequence's logits are the sums of `forward` of that sequence alone, in
+    another order where a weight product chooses its kernel by the number of rows (docs/DESIGN.md,
+    "Batches"), so they equal within float32 rounding and give the same greedy ids; bit for bit
+    under `products.set_batch_invariant(True)`, which computes every row by the same kernel.
+    Raises Llama3Error as `forward` does for any of the sequences (naming it), for an empty batch
+    and for caches or positions not one per sequence; ParameterError("compute") as `forward`,
+    and when the caches were made for different modes.
+
+    Source: llama.cpp's llama_batch (tokens of several sequences, each with its position and
+    sequence id, in one llama_decode); vLLM's flattened batches.
+    """
+    if caches is None:
+        caches = [KVCache(config, np.size(tokens), compute or FLOAT32) for tokens in batch]
+    starts = [c.length for c in caches]
+    positions = starts if positions is None else list(positions)
+    mode, tokens = batch_arguments(batch, caches, positions, compute, config.vocab_size)  # B x [T_b]
+    ends = np.cumsum([t.size for t in tokens])
+    rows = [slice(end - t.size, end) for t, end in zip(tokens, ends)]  # each sequence's rows of the pass
+    rotation = rope_cos_sin(np.concatenate([p + np.arange(t.size) for p, t in zip(positions, tokens)]),
+                            rope_frequencies(config, mode))  # [T, Dh/2] each
+    x = embed(np.concatenate(tokens), weights["tok_embeddings.weight"], mode)  # [T, D]
+    for layer in range(config.n_layers):
+        layer_caches = [c.layer(layer, r) for c, r in zip(caches, rows)]
+        x = transformer_block(x, LayerWeights.of(weights, layer, config, mode), rotation, layer_caches,
+                              config, mode, finite_stages(keep_nothing, f"layers.{layer}.", mode))
+    for c, start, t in zip(caches, starts, tokens):
+        c.length = start + t.size  # every layer now holds each sequence's tokens
+    if last_only:
+        x, rows = x[ends - 1], [slice(b, b + 1) for b in range(len(rows))]  # [B, D]
+    logits = output_logits(x, weights, config, mode, finite_stages(keep_nothing, "", mode))  # [T, V]
+    return [logits[r] for r in rows]

@@ -26,6 +26,14 @@ here changes its value beyond the order of a sum:
   left. A thread slowed by another process on its core simply takes fewer blocks, so a busy
   machine slows a product in proportion to the CPU time it leaves, rather than making threads wait
   for each other. Products too small to pay for waking a worker run on the calling thread alone.
+- **Batch invariance, on request.** BLAS chooses its kernel by the shape of a product: one row
+  goes to a matrix-vector kernel, several to a matrix-matrix kernel that also sums in an order that
+  depends on their number, so a row's result depends, in its last bits, on the rows beside it
+  (a sequence's logits in a batch differ from its logits alone by float32 rounding).
+  `set_batch_invariant(True)` computes every row by the matrix-vector kernel, on blocks of rows set
+  by the weight's shape alone (neither the rows nor the threads): a row's result is then the same
+  bits whatever the batch, at the cost of the matrix-matrix kernel's speed on several rows
+  (thinking-machines-lab/batch_invariant_ops makes the same trade on GPUs).
 - **BLAS on one thread.** NumPy's OpenBLAS would otherwise start threads of its own inside every
   block; two pools on the same cores wait on each other (OpenBLAS's threads spin while they wait,
   and collapse when another process holds a core). So the first product, or `set_threads`, holds
@@ -410,7 +418,11 @@ def _conversion_buffer(size: int) -> np.ndarray:
 
 def block_rows(T: int, n_out: int, n_in: int, low_precision: bool, threads: int, halves: bool = False) -> int:
     """Rows per block of an [n_out, n_in] weight multiplied by T tokens on `threads` threads
-    (n_out when the product runs whole, on the calling thread); `halves`: converted by halves."""
+    (n_out when the product runs whole, on the calling thread); `halves`: converted by halves.
+    Batch-invariant products: set by the shape alone, since a matrix-vector kernel's sums depend on
+    where a block begins."""
+    if _batch_invariant:
+        return conversion_rows(n_out, n_in) if low_precision else min(n_out, max(1, FLOAT32_BLOCK_BYTES // (4 * n_in)))
     if halves:
         rows = max(1, HALVES_BLOCK_BYTES // (4 * n_in))
     elif low_precision:
@@ -420,6 +432,23 @@ def block_rows(T: int, n_out: int, n_in: int, low_precision: bool, threads: int,
     if threads > 1 and T * n_out * n_in >= SPLIT_MIN_MACS:
         rows = min(rows, -(-n_out // threads))  # at least one block per thread
     return min(rows, n_out)
+
+
+_batch_invariant = False
+
+
+def set_batch_invariant(on: bool) -> None:
+    """From now on, compute every row of every product by the same kernel on the same blocks of
+    rows, whatever the number of rows (on) or by the fastest kernel for the shape (off, the
+    default): with it on, a sequence's logits in a batch (`model.forward_batch`) are bit for bit
+    its logits alone (`model` computes each sequence's attention by itself)."""
+    global _batch_invariant
+    _batch_invariant = bool(on)
+
+
+def batch_invariant() -> bool:
+    """Whether products are batch-invariant (`set_batch_invariant`)."""
+    return _batch_invariant
 
 
 def halves_bfloat16(src: np.ndarray, even: np.ndarray, odd: np.ndarray) -> None:
@@ -435,9 +464,10 @@ def halves_bfloat16(src: np.ndarray, even: np.ndarray, odd: np.ndarray) -> None:
 
 
 def _by_halves(x: np.ndarray, w) -> bool:
-    """Whether x · wᵀ is a decode step's product with a bfloat16 weight that converts by halves."""
-    return (DECODE_BY_HALVES and x.shape[0] == 1 and isinstance(w, np.ndarray) and is_bfloat16(w.dtype)
-            and w.shape[1] % 2 == 0 and w.flags.c_contiguous)
+    """Whether x · wᵀ is a decode step's product with a bfloat16 weight that converts by halves (never
+    when products are batch-invariant: a row alone and in a batch then sum in one order)."""
+    return (DECODE_BY_HALVES and not _batch_invariant and x.shape[0] == 1 and isinstance(w, np.ndarray)
+            and is_bfloat16(w.dtype) and w.shape[1] % 2 == 0 and w.flags.c_contiguous)
 
 
 def _partial_buffer(size: int) -> np.ndarray:
@@ -461,7 +491,7 @@ def linear(x: np.ndarray, w) -> np.ndarray:  # [T, n_in], [n_out, n_in] -> [T, n
     convert = rows_into(w)
     low_precision = convert is not None
     threads = _threads if T * n_out * n_in >= SPLIT_MIN_MACS else 1
-    if not low_precision and threads == 1:
+    if not low_precision and threads == 1 and not _batch_invariant:
         if not _blas_held:
             hold_blas_to_one_thread()
         return x @ w.T
@@ -494,8 +524,9 @@ def linear(x: np.ndarray, w) -> np.ndarray:  # [T, n_in], [n_out, n_in] -> [T, n
             block = w[start:stop]
         # np.dot lets other threads run during its BLAS call; np.matmul does only when the output
         # has more than 500 elements, as a prefill's does, never a decode step's blocks.
-        if T == 1:
-            np.dot(block, x[0], out=out[0, start:stop])
+        if T == 1 or _batch_invariant:
+            for t in range(T):  # the matrix-vector kernel, row by row
+                np.dot(block, x[t], out=out[t, start:stop])
         else:
             np.matmul(x, block.T, out=out[:, start:stop])
 

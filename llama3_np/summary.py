@@ -37,9 +37,10 @@ def summarize(index: CheckpointIndex) -> dict:
     # bfloat16 residency converts each matrix to float32 a block of rows at a time, a block per
     # thread (products.linear): the float32 weight memory it needs beyond the mapped files.
     working = conversion_buffer_bytes(plan.shape for plan in index.plans.values() if len(plan.shape) == 2)
-    # A GGUF's quantized tensors are rarely bfloat16 numbers: counted as the float32 they then stay.
-    bf16_resident = sum(4 * params[name] if name in gguf and gguf[name].type.block_size > 1 else
-                        gguf[name].nbytes if name in gguf else params[name] * index.plans[name].dtype.itemsize
+    # A GGUF's quantized and F16 tensors are rarely bfloat16 numbers (only loading them tells):
+    # counted as the float32 they then stay, so for a GGUF this is an upper bound.
+    bf16_resident = sum(params[name] * index.plans[name].dtype.itemsize if name not in gguf else
+                        gguf[name].nbytes if gguf[name].type.name in ("F32", "BF16") else 4 * params[name]
                         for name in params)
     memory = {"float32": 4 * sum(params.values()), "bfloat16": bf16_resident + working,
               "bfloat16_mapped": bf16_resident, "bfloat16_working_float32": working}
@@ -129,8 +130,11 @@ def summary_text(s: dict) -> str:
         f"parameters:  {s['parameters']:,} ({_scaled(s['parameters'])})",
         "stored:      " + ", ".join(f"{dtype} {_size(n)}" for dtype, n in s["stored_bytes"].items()),
         f"memory:      --dtype float32: {_size(m['float32'])}; --dtype bfloat16: {_size(m['bfloat16'])} "
-        f"({_size(m['bfloat16_mapped'])} mapped from the files + {_size(m['bfloat16_working_float32'])} "
-        "of float32 conversion block)" + (f"; --dtype gguf: {_size(m['gguf'])}" if "gguf" in m else ""),
+        + (f"({_size(m['bfloat16_mapped'])} mapped from the files + {_size(m['bfloat16_working_float32'])} "
+           "of float32 conversion block)" if "gguf" not in m else
+           f"at most ({_size(m['bfloat16_mapped'])} of weights, a quantized tensor held in float32 unless bfloat16 "
+           f"holds its values exactly, + {_size(m['bfloat16_working_float32'])} of float32 conversion block); "
+           f"--dtype gguf: {_size(m['gguf'])}"),
         f"tokenizer:   {s['tokenizer'] or 'none found (looked for ' + ', '.join(TOKENIZER_FILES) + ')'}",
         *([f"             unreadable: {s['tokenizer_error']}"] if "tokenizer_error" in s else []),
         f"chat format: {s['chat_format_source'] or 'none (plain generation only)'}",

@@ -25,7 +25,7 @@ import numpy as np
 from .backward import cross_entropy, loss_and_gradients
 from .config import ModelConfig, from_hf_config
 from .errors import Llama3Error, ParameterError
-from .files import AtomicFile, WriteError, atomic_folder, make_folder, write_bytes, write_text
+from .files import AtomicFile, WriteError, atomic_folder, make_folder, read_json, write_bytes, write_text
 from .formats.checkpoint import expected_shapes, save_hf_checkpoint
 from .formats.safetensors_file import SafetensorsFile, write_safetensors
 from .lora import LoraConfig, adapted, adapter_gradients, init_adapter, load_adapter, save_adapter
@@ -226,9 +226,9 @@ class Trainer:
         Raises Llama3Error when the folder is not a checkpoint of a run with the same arguments
         (the number of steps may grow)."""
         try:
-            state = json.loads((folder / STATE_FILE).read_text())
-        except (OSError, ValueError) as e:
-            raise Llama3Error(f"{folder}: not a llama3_np training checkpoint ({STATE_FILE}: {e})") from None
+            state = read_json(folder / STATE_FILE, expect=dict)
+        except Llama3Error as e:
+            raise Llama3Error(f"{folder}: not a llama3_np training checkpoint ({e})") from None
         saved = dict(state.get("args", {}), max_steps=args.max_steps)
         if saved != asdict(args):
             changed = sorted(k for k in saved if saved[k] != asdict(args).get(k))
@@ -262,8 +262,8 @@ def scratch_config(shape: str, vocab_size: int) -> ModelConfig:
         keys = PRESETS[shape]
     else:
         try:
-            keys = json.loads(Path(shape).read_text())
-        except (OSError, ValueError) as e:
+            keys = read_json(shape, expect=dict)
+        except Llama3Error as e:
             raise Llama3Error(f"shape {shape}: neither a preset ({', '.join(PRESETS)}) nor a readable "
                               f"config.json ({e})") from None
     defaults = {"rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True}

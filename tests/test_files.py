@@ -167,3 +167,35 @@ def test_the_package_renames_files_into_place_in_one_module():
     offenders = [str(p.relative_to(REPO)) for p in (REPO / "llama3_np").rglob("*.py")
                  if p.name != "files.py" and pattern.search(p.read_text())]
     assert offenders == []
+
+
+@pytest.mark.parametrize("content,expect,says", [
+    (None, None, "settings.json: no such file"),
+    (b'{"a": 1,\n "b": }', None, "settings.json: not valid JSON (line 2, column 7: Expecting value); download it again"),
+    (b"\xff\xfe{}", None, "settings.json: not valid JSON (not UTF-8 text at byte 0); download it again"),
+    (b"[1, 2]", dict, "settings.json: expected a JSON object, got list; download it again"),
+])
+def test_read_json_names_the_file_and_what_is_wrong(tmp_path, content, expect, says):
+    """Every JSON file llama3_np reads (configs, tokenizer.json, adapter and trainer settings, tool
+    definitions) goes through read_json: one sentence naming the file."""
+    from llama3_np.errors import Llama3Error
+    from llama3_np.files import read_json
+    path = tmp_path / "settings.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(Llama3Error) as e:
+        read_json(path, "trainer", "download it again", expect)
+    assert str(e.value) == f"trainer {path.parent}/{says}"
+    (tmp_path / "ok.json").write_text('{"x": [1]}')
+    assert read_json(tmp_path / "ok.json", expect=dict) == {"x": [1]}
+
+
+def test_no_module_reads_json_by_itself():
+    """One JSON reader: json.load/json.loads on a file's text appear only in llama3_np.files (the
+    others parse strings that are not files: safetensors headers, dump metadata, tool calls)."""
+    offenders = []
+    for path in (REPO / "llama3_np").rglob("*.py"):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if re.search(r"json\.loads?\(.*(read_text|open\(|\bf\))", line) and path.name != "files.py":
+                offenders.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)

@@ -41,7 +41,7 @@ def test_prefill_then_decode_equals_one_full_forward(start, compute):
 def test_an_unknown_compute_mode_or_a_cache_made_for_another_is_a_clear_error():
     config = tiny_config()
     w = random_weights(config)
-    with pytest.raises(Llama3Error, match="compute must be one of float64, float32, bfloat16, float16, got 'float8'"):
+    with pytest.raises(Llama3Error, match="compute must be one of float64, float32, bfloat16, float16, llamacpp, got 'float8'"):
         forward(w, config, TOKENS, compute="float8")
     with pytest.raises(Llama3Error, match="compute 'float64' needs a KV cache made for it"):
         forward(w, config, TOKENS, KVCache(config, len(TOKENS)), compute="float64")

@@ -102,3 +102,10 @@ def test_readme_examples_that_ask_a_question_decode_greedily_and_answer_it(capsy
     line = next(line for line in asked if "capital of France" in line and " -m " not in line)
     assert main(shlex.split(line)[1:] + ["-n", "16"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def test_readme_batch_example_generates_as_alone(capsys):
+    code = python_examples()[3]
+    assert "generate_batch" in code and len(code.strip().splitlines()) <= 4, "the example should stay short"
+    exec(compile("import llama3_np\nmodel = llama3_np.load_model()\n" + code, "README.md", "exec"), {})
+    assert capsys.readouterr().out == "True\n"

@@ -64,10 +64,26 @@ def greedy(model, prompt_ids: list[int]) -> tuple[list[int], list[float]]:
 
 def llama_cpp_greedy(path, prompt_ids: list[int]) -> list[int]:
     """llama.cpp's greedy continuation of the same ids on the same file (llama-cpp-python, CPU,
-    its default arithmetic), the last position's logits read from its context after each eval."""
+    its default arithmetic), the last position's logits read from its context after each eval.
+    ggml's extra buffer types are off (the model parameter use_extra_bufts): on a CPU that reports
+    AMX where the kernel does not enable it, their AMX tile products stop the process (SIGILL).
+    Without them the committed ids, made with them on an AVX2 CPU, come out the same (checked on
+    an AVX-512 one)."""
     import llama_cpp
+    import llama_cpp.llama_cpp as low
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt_ids) + NEW_TOKENS, n_threads=2, verbose=False)
+    defaults = low.llama_model_default_params  # Llama reads its model parameters from here
+
+    def model_params():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    low.llama_model_default_params = model_params
+    try:
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt_ids) + NEW_TOKENS, n_threads=2, verbose=False)
+    finally:
+        low.llama_model_default_params = defaults
     vocab = llm.n_vocab()
 
     def last_logits() -> np.ndarray:

@@ -54,6 +54,7 @@ FLAGS = {
     "eval_steps": "--eval-steps", "save_steps": "--save-steps", "lora_r": "--lora-r", "lora_target": "--lora-target",
     "pos": "--pos", "like": "--like", "k": "--explain",
     "compute": "--compute", "convention": "--convention", "dtype": "--dtype",
+    "parallel": "-np",
 }
 
 
@@ -69,8 +70,10 @@ LLAMA_CPP_ONLY_FLAGS = [
      "llama3_np computes attention one way, the specification's (model.attention)"),
     (("-ctk", "--cache-type-k", "-ctv", "--cache-type-v"), "sets the data type of the KV cache",
      "llama3_np's KV cache holds the compute mode's dtype: choose it with --compute"),
-    (("-np", "--parallel", "-ns", "--sequences", "-cb", "--cont-batching", "-nocb", "--no-cont-batching"),
-     "decodes several sequences at once", "llama3_np decodes one"),
+    (("-np", "--parallel"), "decodes several sequences at once",
+     "generate -f FILE -np N does, for the prompts of a file; this command decodes one sequence"),
+    (("-ns", "--sequences", "-cb", "--cont-batching", "-nocb", "--no-cont-batching"),
+     "sets how parallel sequences are scheduled", "generate -np N takes the next prompt as soon as one ends, always"),
     (("-cnv", "--conversation", "-no-cnv", "--no-conversation", "-i", "--interactive", "-if", "--interactive-first",
       "-st", "--single-turn", "-mli", "--multiline-input"), "switches between completion and conversation",
      "use the chat command for a conversation and generate for a completion"),
@@ -142,15 +145,17 @@ def error_message(e: Llama3Error) -> str:
 # Flags
 
 
-def thread_count(text: str) -> int:
-    """argparse type of -t/--threads: an integer >= 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"takes a number of threads >= 1, got {text!r}")
-    return n
+def count_of(things: str):
+    """The argparse type of a flag that takes a number of `things`: an integer >= 1."""
+    def count(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"takes a number of {things} >= 1, got {text!r}")
+        return n
+    return count
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -161,12 +166,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weight residency: float32 (fast), bfloat16 (half the memory; a GGUF's quantized "
                         "values only where bfloat16 holds them exactly) or gguf (a GGUF file's own "
                         "quantized blocks, dequantized row block by row block in each product); default "
-                        "float32, or the --compute dtype for bfloat16 and float16")
+                        "float32, or the --compute dtype for bfloat16 and float16; for llamacpp the stored "
+                        "types (gguf for a GGUF file)")
     p.add_argument("--compute", choices=COMPUTE_DTYPES, default="float32",
                    help="what every stage computes in: float32 (default); float64 (the exact value, weights "
                         "upcast); bfloat16 or float16 (an engine's arithmetic, emulated: products accumulated "
                         "in float32, each stage rounded to the dtype where the engine rounds it, KV cache in "
-                        "the dtype; llama3_np/model.py cites the cast points)")
+                        "the dtype; llama3_np/model.py cites the cast points); llamacpp (llama.cpp's CPU "
+                        "arithmetic on a GGUF: activations quantized to Q8 blocks before each product with a "
+                        "quantized weight, KV cache in float16; llama3_np/llamacpp.py)")
     p.add_argument("--convention", choices=CONVENTIONS, default="transformers",
                    help="where --compute bfloat16/float16 rounds: as Hugging Face transformers' LlamaForCausalLM "
                         "(eager attention) does, or as Meta's llama-models reference does; they differ in rope "
@@ -175,7 +183,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="run with a LoRA adapter (a peft folder, as `train --lora-r` writes), unmerged")
     p.add_argument("--rope-factor", type=float, metavar="F",
                    help="override the llama3 rope scaling factor of a Meta params.json")
-    p.add_argument("-t", "--threads", type=thread_count, default=products.default_threads(), metavar="N",
+    p.add_argument("-t", "--threads", type=count_of("threads"), default=products.default_threads(), metavar="N",
                    help="threads to compute with (default: one per core, here %(default)s)")
 
 
@@ -331,7 +339,13 @@ def seeded_rng(args) -> tuple[int, np.random.Generator]:
     if args.seed < -1:
         raise Llama3Error(f"--seed must be >= 0, or -1 for a random seed, got {args.seed}")
     seed = args.seed if args.seed != -1 else int(np.random.SeedSequence().entropy % 2**32)
-    return seed, np.random.default_rng(seed)
+    return seed, seeded_generator(seed)
+
+
+def seeded_generator(seed: int) -> np.random.Generator:
+    """A new random generator from `seed` (each prompt of generate -np draws from its own, so that
+    it draws what it would alone)."""
+    return np.random.default_rng(seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,10 +364,20 @@ def model_dir(arg: Optional[str]) -> Path:
     return assets.model_dir(arg)
 
 
+def add_batch_invariant_arg(p: argparse.ArgumentParser) -> None:
+    """--batch-invariant, for the commands that run batches (`load` applies it)."""
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="compute every row of every weight product by the same kernel, so that an input's logits "
+                        "in a batch are bit for bit its logits alone (slower prompts; docs/DESIGN.md, Batches)")
+
+
 def load(args, need_tokenizer: bool) -> LoadedModel:
     """The model of -m, --dtype, --rope-factor, --compute and --convention; a -c/--ctx-size beyond
-    its trained context is refused before its weights are read."""
+    its trained context is refused before its weights are read. --batch-invariant makes the
+    process's products batch-invariant."""
     check_model_arg(args.model)
+    if getattr(args, "batch_invariant", False):
+        products.set_batch_invariant(True)
     return load_model(args.model, dtype=args.dtype, rope_factor=args.rope_factor, need_tokenizer=need_tokenizer,
                       ctx=getattr(args, "ctx", None), lora=getattr(args, "lora", None), compute=args.compute,
                       convention=args.convention)

@@ -47,7 +47,7 @@ def run_replay(args) -> int:
         raise Llama3Error(f"--tol must be a number >= 0, got {args.tol}")
     dump = read_dump(args.a)
     loaded = load(args, need_tokenizer=False)
-    stages = replay(loaded.weights, loaded.config, dump, args.tol)
+    stages = replay(loaded.weights, loaded.config, dump, args.tol, loaded.compute)
     if args.json:
         sys.stdout.write(json.dumps(replay_json(args.a, stages, args.tol)) + "\n")
     else:

@@ -5,23 +5,28 @@ sampled run, why it stopped) to stderr. `--verbose-prompt` first shows the promp
 prints the prompt before its continuation.
 `--explain` prints, instead of the text, what each generated token was drawn from: the same
 per-step records (`generation.Step`) the text is printed from.
+`-np N` (llama.cpp's --parallel) reads many prompts from -f, one a line (or JSONL), and generates
+them N at a time, one forward pass per step for all (`generation.generate_batch`); the results
+come out in the order of the input.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import asdict
 
 from ..errors import Llama3Error
-from ..generation import Step
+from ..generation import Step, generate_batch
 from ..products import get_threads
 from ..text.chat import describe
 from ..text.stop import StopText, check_stop_strings
 from ..xcheck.bench import peak_rss_mb
-from .common import (EXIT_OUTPUT_CLOSED, Printer, ProgressLine, add_chat_args, add_model_args, add_sampling_args,
-                     chat_format, consume, for_model, load, parse_token_ids, read_prompt, sampling_params, seeded_rng,
-                     stats_line, verbose_prompt)
+from .common import (EXIT_OUTPUT_CLOSED, Printer, ProgressLine, add_batch_invariant_arg, add_chat_args, add_model_args,
+                     add_sampling_args, chat_format, consume, count_of, for_model, load, parse_token_ids, plural,
+                     read_prompt, read_text_file, sampling_params, seeded_generator, seeded_rng, stats_line,
+                     verbose_prompt)
 
 
 def add_command(sub) -> None:
@@ -31,7 +36,9 @@ def add_command(sub) -> None:
     add_model_args(g)
     src = g.add_mutually_exclusive_group()
     src.add_argument("-p", "--prompt", help="prompt text")
-    src.add_argument("-f", "--file", help="read the prompt from a UTF-8 text file (- for standard input)")
+    src.add_argument("-f", "--file", help="read the prompt from a UTF-8 text file (- for standard input); with -np, "
+                                          "many prompts: one a line, or one JSON object a line ({\"prompt\": ...}) "
+                                          "in a .jsonl file")
     src.add_argument("--tokens", help="prompt as comma-separated token ids (no tokenizer needed)")
     add_sampling_args(g)
     # Not a shared sampling flag: a chat answer ends at its end-of-turn token, so `chat` has none.
@@ -45,7 +52,13 @@ def add_command(sub) -> None:
     g.add_argument("-sys", "--system-prompt", "--system", dest="system", metavar="TEXT",
                    help="system message (with --chat)")
     add_chat_args(g)
-    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("-np", "--parallel", type=count_of("sequences"), metavar="N",
+                   help="generate the prompts of -f N at a time, each step of all of them in one forward pass "
+                        "(llama.cpp's --parallel; each prompt has a context of --ctx-size tokens of its own); "
+                        "results in the order of the file")
+    add_batch_invariant_arg(g)
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object instead of streaming text (with -np, one JSON line per prompt)")
     g.add_argument("--verbose-prompt", action="store_true",
                    help="first print the prompt's tokens to stderr: each id and the text it stands for")
     g.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
@@ -85,9 +98,93 @@ def print_explanation(tokenizer, k: int, as_json: bool):
     return explain
 
 
+def parse_prompts(text: str, name: str) -> list[tuple[int, str]]:
+    """The prompts of a -np file as (line number, prompt): one a line, or, for a .jsonl file, one
+    JSON object a line with a "prompt" string. A final newline ends the last line; any other empty
+    line is refused, named."""
+    jsonl = name.endswith(".jsonl")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise Llama3Error(f"{name} holds no prompt: write one prompt a line")
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if line.strip() == "":
+            raise Llama3Error(f"{name} line {n} is empty: write one prompt a line, without empty lines")
+        if jsonl:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise Llama3Error(f"{name} line {n} is not JSON ({e.msg}): write one object a line, "
+                                  '{"prompt": "..."}') from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or obj["prompt"] == "":
+                raise Llama3Error(f'{name} line {n} needs a non-empty "prompt" string: {{"prompt": "..."}}')
+            line = obj["prompt"]
+        prompts.append((n, line))
+    return prompts
+
+
+def run_many(args, params, seed: int) -> int:
+    """-np: every prompt of -f, `args.parallel` at a time; results printed in the file's order."""
+    for flag, given in (("--explain", args.explain is not None), ("--echo", args.echo), ("-p", args.prompt is not None),
+                        ("--tokens", args.tokens is not None), ("--verbose-prompt", args.verbose_prompt)):
+        if given:
+            raise Llama3Error(f"{flag} does not go with -np: -np generates the prompts of a file, -f FILE")
+    if args.file is None:
+        raise Llama3Error("-np generates many prompts: give them in a file, -f FILE (one prompt a line)")
+    prompts = parse_prompts(read_text_file(args.file), args.file)
+    stops = check_stop_strings(args.reverse_prompt or ())
+    loaded = load(args, need_tokenizer=True)
+    fmt = chat_format(args, loaded) if args.chat else None
+    ids = [loaded.encode_dialog(args.system, text, fmt) if args.chat else loaded.encode(text) for _, text in prompts]
+    ctx = loaded.ctx(args.ctx)
+    for (n, _), prompt in zip(prompts, ids):
+        if len(prompt) > ctx:
+            raise Llama3Error(f"{args.file} line {n}: the prompt has {len(prompt)} tokens but the context holds "
+                              f"{ctx}: shorten it or raise --ctx-size")
+    params = for_model(params, loaded)
+    stop_ids = loaded.stop_ids()
+    stop, suppressed = ((), stop_ids) if args.ignore_eos else (stop_ids, ())
+    printers = [Printer(loaded.tokenizer, stop_ids, StopText(loaded.tokenizer, stops), quiet=True) for _ in ids]
+
+    def generations():
+        for prompt in ids:
+            session = loaded.session(ctx if args.n_predict < 0 else min(ctx, len(prompt) + args.n_predict))
+            yield session.generate(prompt, params, seeded_generator(seed), args.n_predict, stop, suppressed)
+
+    def on_step(i: int, step: Step) -> bool:
+        printers[i](step)
+        return printers[i].text.found is not None
+
+    total = 0
+    t0 = time.perf_counter()
+    try:
+        for i, out in enumerate(generate_batch(generations(), args.parallel, on_step)):
+            printers[i].finish()
+            total += len(out.ids)
+            line, text = prompts[i]
+            if args.json:
+                sys.stdout.write(json.dumps({"line": line, "prompt": text, "prompt_ids": out.prompt_ids, "ids": out.ids,
+                                             "text": printers[i].shown, "stop_reason": out.stop_reason, "seed": seed},
+                                            ensure_ascii=False) + "\n")
+            else:
+                sys.stdout.write(f"{text}{printers[i].shown}\n\n")
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        return 130
+    seconds = time.perf_counter() - t0
+    print(f"load {loaded.load_seconds:.2f} s | {plural(len(ids), 'prompt')}, {args.parallel} at a time | generated "
+          f"{plural(total, 'token')} in {seconds:.1f} s, {total / seconds:.1f} tok/s in all | "
+          f"{plural(get_threads(), 'thread')} | peak RSS {peak_rss_mb():.0f} MB", file=sys.stderr)
+    return 0
+
+
 def run_generate(args) -> int:
     params = sampling_params(args)
     seed, rng = seeded_rng(args)
+    if args.parallel is not None:
+        return run_many(args, params, seed)
     text = read_prompt(args)
     if text is None and args.tokens is None:
         raise Llama3Error("give a prompt: -p TEXT, -f FILE or --tokens 1,2,3")

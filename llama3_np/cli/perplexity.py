@@ -12,9 +12,9 @@ from pathlib import Path
 from ..errors import Llama3Error
 from ..files import WriteError, check_can_write
 from ..xcheck.perplexity import (DEFAULT_CTX, BaseLogits, LogitsWriter, Result, first_scored, logits_metadata, report,
-                                 run_perplexity, windows)
+                                 run_perplexity, windows, windows_per_pass)
 from ..xcheck.kl_divergence import LINE_HEADER, KLDBaseFile, KLDBaseWriter, KLDivergence, report as kld_report
-from .common import ProgressLine, add_model_args, load, plural, read_prompt
+from .common import ProgressLine, add_batch_invariant_arg, add_model_args, load, plural, read_prompt
 
 
 def add_command(sub) -> None:
@@ -28,8 +28,10 @@ def add_command(sub) -> None:
                    help=f"window size; 0 = the model's context (default {DEFAULT_CTX}; with --kl-divergence, "
                         "the base file's)")
     p.add_argument("-b", "--batch-size", "--batch", dest="batch", type=int, metavar="N",
-                   help="tokens per forward call (default: the window size)")
+                   help="tokens per forward call (default: the window size); a multiple of the window size runs "
+                        "that many windows in one pass, each weight read once for all (llama.cpp's n_seq)")
     p.add_argument("--chunks", type=int, metavar="N", help="score at most N windows")
+    add_batch_invariant_arg(p)
     p.add_argument("--save-logits", metavar="FILE",
                    help="write the scored logits (float32 safetensors, [scored tokens, vocabulary]) for --kl-base")
     p.add_argument("--kl-base", metavar="FILE",
@@ -90,6 +92,7 @@ def run(args) -> int:
     else:
         ids = tok.encode(text)
     wins = windows(ids, args.ctx, bos, args.chunks)
+    per_pass = windows_per_pass(args.ctx, args.batch or args.ctx)
     window_tokens = ids[:len(wins) * args.ctx]
     base = BaseLogits(args.kl_base, window_tokens, args.ctx, config.vocab_size) if args.kl_base else None
     kld = KLDivergence(kld_file) if kld_file is not None else None
@@ -109,7 +112,8 @@ def run(args) -> int:
         source = f"the tokens of {args.kld_base}" if text is None else plural(len(ids), "token")
         print(f"{loaded.checkpoint.path}: {source}; {plural(len(wins), 'window')} of "
               f"{args.ctx}, each scored "
-              f"on its last {per_window} tokens; BOS first: {'yes' if bos is not None else 'no'}", flush=True)
+              f"on its last {per_window} tokens; BOS first: {'yes' if bos is not None else 'no'}"
+              + (f"; {per_pass} windows a pass" if per_pass > 1 else ""), flush=True)
         if kld is not None:
             print(LINE_HEADER, flush=True)
 

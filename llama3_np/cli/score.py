@@ -19,8 +19,9 @@ from ..errors import Llama3Error
 from ..files import AtomicFile, WriteError
 from ..sampling import SamplingParams
 from ..text.pieces import pieces, quoted
-from ..xcheck.score import DEFAULT_TOP_N, Scores, encode_pair, score
-from .common import add_chain_args, add_model_args, load, parse_token_ids, read_prompt, read_text_file, sampling_params
+from ..xcheck.score import DEFAULT_TOP_N, Scores, encode_pair, score, score_batch
+from .common import (add_batch_invariant_arg, add_chain_args, add_model_args, count_of, load, parse_token_ids,
+                     read_prompt, read_text_file, sampling_params)
 
 
 def add_command(sub) -> None:
@@ -49,6 +50,10 @@ def add_command(sub) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (OpenAI completions' logprobs shape, and llama3_np's details)")
     p.add_argument("-o", "--output", metavar="FILE", help="with --jsonl: write the JSON lines to FILE, not stdout")
+    p.add_argument("-np", "--parallel", type=count_of("inputs"), default=1, metavar="N",
+                   help="with --jsonl: score N lines in each forward pass, each weight read once for all "
+                        "(llama.cpp's --parallel; default 1); results in the file's order")
+    add_batch_invariant_arg(p)
     p.set_defaults(func=run)
 
 
@@ -255,6 +260,8 @@ def run(args) -> int:
         raise Llama3Error(f"--top-n must be >= 0, got {args.top_n}")
     if args.output is not None and args.jsonl is None:
         raise Llama3Error("-o goes with --jsonl (a single input prints to stdout)")
+    if args.parallel != 1 and args.jsonl is None:
+        raise Llama3Error("-np goes with --jsonl (a single input is one sequence)")
     if args.jsonl is not None and (args.continuation is not None or args.continuation_tokens is not None):
         raise Llama3Error("--continuation goes with -p/-f/--tokens; --jsonl lines carry their own")
     params = sampling_params(args)
@@ -272,8 +279,9 @@ def run(args) -> int:
         inputs = [(obj, *encode_line(where, obj, tok, config.vocab_size)) for where, obj in lines]
         out = output_file(args.output) if args.output is not None else sys.stdout
         try:
-            for obj, context, continuation in inputs:
-                s = score(weights, config, context, continuation, args.top_n, params, args.repeat_last_n)
+            pairs = [(context, continuation) for _, context, continuation in inputs]
+            scored = score_batch(weights, config, pairs, args.top_n, params, args.repeat_last_n, args.parallel)
+            for (obj, _, _), s in zip(inputs, scored):
                 out.write(json.dumps(jsonl_line(obj, s)) + "\n")
         except BaseException:
             if out is not sys.stdout:

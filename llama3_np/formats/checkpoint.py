@@ -42,7 +42,7 @@ import numpy as np
 from ..config import ROPE_FACTOR_SOURCES, ModelConfig, from_hf_config, from_meta_params
 from ..dtypes import bfloat16, is_bfloat16
 from ..errors import Llama3Error, warn
-from ..files import make_folder, write_text
+from ..files import make_folder, read_json, write_text
 from ..text.tokenizer import find_tokenizer_file
 from .canonical import CheckpointIndex, StoredTensor, TensorPlan, expected_shapes
 from .gguf_file import is_gguf
@@ -148,12 +148,7 @@ class Checkpoint:
 
 
 def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise Llama3Error(f"{path}: cannot read: {e.strerror or e}") from None
-    except ValueError as e:
-        raise Llama3Error(f"{path}: not valid JSON ({e}); download it again") from None
+    return read_json(path, advice="download it again")
 
 
 def _stored(file, path: Path, name: str) -> StoredTensor:

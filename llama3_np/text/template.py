@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import Llama3Error
+from ..files import read_json
 from .tokenizer import Tokenizer
 
 # Where a checkpoint folder's chat template is looked for, in this order (transformers 5.x reads
@@ -149,13 +150,7 @@ def read_template_file(path: str | Path) -> ChatTemplate:
 
 
 def read_json_object(path: Path) -> dict:
-    try:
-        data = json.loads(_read_text(path))
-    except ValueError as e:
-        raise Llama3Error(f"{path}: not valid JSON ({e}); the file is damaged") from None
-    if not isinstance(data, dict):
-        raise Llama3Error(f"{path}: expected a JSON object")
-    return data
+    return read_json(path, advice="the file is damaged", expect=dict)
 
 
 def _read_text(path: Path) -> str:

@@ -29,6 +29,7 @@ import tiktoken
 
 from . import bpe
 from ..errors import Llama3Error
+from ..files import read_json
 
 # Meta's split pattern for Llama 3 (`llama_models/llama3/tokenizer.py`).
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -301,16 +302,7 @@ def read_tiktoken_file(path: Path) -> dict[bytes, int]:
 def _read_json(path: Path, default=None):
     if default is not None and not path.exists():
         return default
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise Llama3Error(f"{path}: cannot read ({e.strerror})") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Llama3Error(f"{path}: not valid JSON ({e}); the file is damaged") from None
-    if not isinstance(data, dict):
-        raise Llama3Error(f"{path}: expected a JSON object")
-    return data
+    return read_json(path, advice="the file is damaged", expect=dict)
 
 
 def _byte_decoder() -> dict[str, int]:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import Llama3Error
+from ..files import read_json
 
 # Meta's built-in tools (`llama_models.datatypes.BuiltinTool`).
 BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "photogen", "code_interpreter")
@@ -136,12 +137,7 @@ def read_tools(path: str | Path) -> list[dict]:
 
     Raises Llama3Error, naming the file and the entry, when it is not such a list."""
     path = Path(path)
-    try:
-        tools = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise Llama3Error(f"tools file {path}: cannot read ({e.strerror})") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Llama3Error(f"tools file {path}: not valid JSON ({e})") from None
+    tools = read_json(path, "tools file")
     if not isinstance(tools, list) or not tools:
         raise Llama3Error(f"tools file {path}: expected a JSON list of tool definitions, "
                           '[{"type": "function", "function": {"name": ..., "parameters": {...}}}, ...]')

@@ -267,8 +267,8 @@ def bench(path, dtype: Optional[str] = None, prompt_tokens: int = 512, new_token
     called with (done, total) steps: the load, the warm-up, each run, each limit measured and the
     bfloat16 conversions. compute, convention: the compute mode (`config.ComputeMode`), which
     decides the residency when `dtype` is None (`load.residency`)."""
-    from ..formats.checkpoint import load_checkpoint
-    from ..load import checkpoint_for, residency
+    from ..formats.checkpoint import load_checkpoint, scan_checkpoint
+    from ..load import checkpoint_for, residency, stored_residency
 
     mode = ComputeMode.of(compute, convention)
     dtype = residency(dtype, mode)
@@ -288,7 +288,10 @@ def bench(path, dtype: Optional[str] = None, prompt_tokens: int = 512, new_token
             progress(next(steps), total)
 
     t0 = time.perf_counter()
-    checkpoint = checkpoint_for(load_checkpoint(path, dtype=dtype, rope_factor=rope_factor), mode)
+    index = scan_checkpoint(path, rope_factor=rope_factor)
+    if mode.dtype == "llamacpp":
+        dtype = stored_residency(dtype, index.format)
+    checkpoint = checkpoint_for(load_checkpoint(index, dtype=dtype), mode)
     load_s = time.perf_counter() - t0
     step()
     config = checkpoint.config

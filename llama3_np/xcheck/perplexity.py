@@ -5,6 +5,8 @@ llama.cpp's `llama-perplexity` (the numbers people quote for quantized models) d
   2. cut the ids into windows of `ctx` tokens, window i = ids[i·ctx : (i+1)·ctx], dropping the
      tail; the first token of every window is replaced by BOS when the model adds one;
   3. run each window from an empty KV cache (positions 0 .. ctx-1), in batches of `batch` tokens;
+     a batch of several windows' tokens (`batch` a multiple of `ctx`) runs batch/ctx windows in
+     one pass (llama.cpp's n_seq; `model.forward_batch`: each weight read once for all of them);
   4. score only the second half: the logits at positions ctx/2 .. ctx-2 predict tokens
      ctx/2+1 .. ctx-1, so that every scored token sees at least ctx/2 tokens of context;
   5. PPL = exp(mean negative log-likelihood); its standard error, by the delta method, is
@@ -23,14 +25,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import numpy as np
 
 from .. import __version__
 from ..config import ModelConfig
 from ..errors import ParameterError
-from ..model import KVCache, forward
+from ..model import KVCache, forward, forward_batch
 from ..formats.safetensors_file import SafetensorsFile, SafetensorsWriter
 
 DEFAULT_CTX = 512  # the context llama.cpp's published perplexities use
@@ -81,6 +83,41 @@ def scored_logits(weights: Mapping[str, np.ndarray], config: ModelConfig, window
         if on_batch is not None:
             on_batch(start + len(part))
     return np.concatenate(rows)
+
+
+def windows_per_pass(ctx: int, batch: int) -> int:
+    """How many windows one forward pass runs: batch // ctx when `batch` holds whole windows, else 1
+    (the window then goes in calls of `batch` tokens). llama-perplexity's n_seq, with its rule that
+    a batch of more than a window holds whole windows. Raises ParameterError("batch")."""
+    if batch < 1:
+        raise ParameterError("batch", f"batch must be >= 1, got {batch}")
+    if batch > ctx and batch % ctx:
+        raise ParameterError("batch", f"a batch of more than one window holds whole windows: a multiple of the "
+                                      f"context {ctx}, got {batch}")
+    return max(1, batch // ctx)
+
+
+def windows_logits(weights: Mapping[str, np.ndarray], config: ModelConfig, wins: list[list[int]], batch: int,
+                   on_progress: Optional[Callable[[int, int], None]] = None,
+                   compute="float32") -> Iterator[np.ndarray]:
+    # n x [ctx] -> n x [ctx - 1 - ctx/2, V]
+    """The scored logits of each window (`scored_logits`), in order: `windows_per_pass` windows in
+    each `forward_batch`, or one window in calls of `batch` tokens. on_progress(window, tokens
+    done in it) reports as it goes."""
+    per_pass = windows_per_pass(len(wins[0]), batch)
+    if per_pass == 1:
+        for i, window in enumerate(wins):
+            report = (lambda done, i=i: on_progress(i, done)) if on_progress else None
+            yield scored_logits(weights, config, window, batch, report, compute)
+        return
+    ctx, first = len(wins[0]), first_scored(len(wins[0]))
+    for start in range(0, len(wins), per_pass):
+        group = wins[start:start + per_pass]
+        caches = [KVCache(config, ctx, compute) for _ in group]
+        for i, logits in enumerate(forward_batch(weights, config, group, caches), start):  # [ctx, V] each
+            if on_progress is not None:
+                on_progress(i, ctx)
+            yield logits[first:ctx - 1]
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:  # [N, V] -> [N, V], float64
@@ -169,15 +206,14 @@ def run_perplexity(weights: Mapping[str, np.ndarray], config: ModelConfig, ids: 
     on_progress(window, tokens done in it, ctx) and on_window(result so far) report as it goes.
     """
     batch = ctx if batch is None else batch
-    if batch < 1:
-        raise ParameterError("batch", f"batch must be >= 1, got {batch}")
+    windows_per_pass(ctx, batch)
     writers = list(save) if isinstance(save, (list, tuple)) else [] if save is None else [save]
     wins = windows(ids, ctx, bos_id, chunks)
     result = Result(ctx, list(ids[:len(wins) * ctx]))
     first = first_scored(ctx)
-    for i, window in enumerate(wins):
-        report = (lambda done, i=i: on_progress(i, done, ctx)) if on_progress else None
-        logits = scored_logits(weights, config, window, batch, report, compute)  # [ctx - 1 - first, V]
+    report = (lambda i, done: on_progress(i, done, ctx)) if on_progress else None
+    for i, logits in enumerate(windows_logits(weights, config, wins, batch, report, compute)):
+        # logits: [ctx - 1 - first, V]
         targets = np.asarray(ids[i * ctx + first + 1:(i + 1) * ctx])
         result.nll.append(token_nll(logits, targets))
         for writer in writers:

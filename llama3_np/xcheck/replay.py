@@ -72,10 +72,11 @@ class ReplayedStage:
 
 
 def replay(weights: Mapping[str, np.ndarray], config: ModelConfig, dump: Dump,
-           nmse_tol: float = DEFAULT_NMSE_TOL) -> list[ReplayedStage]:
+           nmse_tol: float = DEFAULT_NMSE_TOL, compute="float32") -> list[ReplayedStage]:
     """Local and inherited error of every stage `dump` holds, sorted by local NMSE (largest
-    first), against llama3_np's model `weights`/`config` (module docstring). A stage diverges
-    when its local NMSE exceeds `nmse_tol`.
+    first), against llama3_np's model `weights`/`config` computing in mode `compute` (a
+    `config.ComputeMode` or its name; module docstring). A stage diverges when its local NMSE
+    exceeds `nmse_tol`.
 
     Raises Llama3Error when the dump records another model (a config field a stage reads
     differs) or gradients, has no tokens or no stage, or a stage's shape is not the model's."""
@@ -97,7 +98,7 @@ def replay(weights: Mapping[str, np.ndarray], config: ModelConfig, dump: Dump,
         raise Llama3Error(f"{dump.path} holds no stage to replay")
     other = {n: dump.stage(n) for n in names}
     clean = Trace(["*"] + [n for n in names if split(n)[1] == "probs"])
-    run_forward(weights, config, inputs, clean)
+    run_forward(weights, config, inputs, clean, compute)
     for n in names:
         if n not in clean:
             raise Llama3Error(f"{dump.path}: {n!r} is not a stage llama3_np computes for this model")
@@ -105,7 +106,7 @@ def replay(weights: Mapping[str, np.ndarray], config: ModelConfig, dump: Dump,
             raise Llama3Error(f"{dump.path}: stage {n!r} has shape {list(other[n].shape)}, this model computes "
                               f"{list(clean[n].shape)} for these tokens: was it made from another model?")
     replayed = _Replaying(other)
-    run_forward(weights, config, inputs, replayed)
+    run_forward(weights, config, inputs, replayed, compute)
     out = []
     for n in names:
         source = reads(n, config.n_layers)

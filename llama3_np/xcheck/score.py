@@ -25,13 +25,16 @@ EleutherAI lm-evaluation-harness's `LM.loglikelihood` returns.
 
 Long inputs go through the model PREFILL_CHUNK tokens at a time (as generate's prefill: same
 logits, smaller attention arrays); an input that fits in a chunk is one `forward` call.
+`score_batch` scores many inputs, `parallel` of them in each forward pass (`model.forward_batch`:
+each weight read once for all; each input's logits its own within float32 rounding).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -39,7 +42,7 @@ from ..checks import token_ids
 from ..config import ModelConfig
 from ..errors import Llama3Error, ParameterError
 from ..generation import PREFILL_CHUNK, REPEAT_LAST_N
-from ..model import KVCache, forward
+from ..model import KVCache, forward_batch
 from ..sampling import SamplingParams, survivors
 from .perplexity import log_softmax
 
@@ -169,30 +172,53 @@ def score(weights: Mapping[str, np.ndarray], config: ModelConfig, context: Seque
     without a continuation, an input longer than the model's trained context, a negative top_n
     or repeat_last_n below -1.
     """
-    context, continuation = [int(i) for i in context], [int(i) for i in continuation]
-    if not context:
-        raise Llama3Error("the context is empty: give at least one token to condition on (a BOS token)")
-    if not continuation and len(context) < 2:
-        raise Llama3Error("one token alone has nothing to score: give a longer text or a continuation")
+    return next(score_batch(weights, config, [(context, continuation)], top_n, params, repeat_last_n))
+
+
+def score_batch(weights: Mapping[str, np.ndarray], config: ModelConfig,
+                inputs: Iterable[tuple[Sequence[int], Sequence[int]]], top_n: int = DEFAULT_TOP_N,
+                params: Optional[SamplingParams] = None, repeat_last_n: int = REPEAT_LAST_N,
+                parallel: int = 1) -> Iterator[Scores]:
+    """`score` of each (context, continuation) of `inputs`, in their order, `parallel` inputs in
+    each forward pass (`model.forward_batch`, each input from its own empty KV cache; long inputs
+    PREFILL_CHUNK tokens a pass). Each input's logits are its logits alone within float32
+    rounding (bit for bit with `products.set_batch_invariant(True)`). Raises what `score` raises,
+    for the first input that is wrong, before any is scored in its group; ParameterError("parallel")
+    when parallel is not an integer >= 1."""
     if top_n < 0:
         raise ParameterError("top_n", f"top_n must be >= 0, got {top_n}")
     if repeat_last_n < -1:
         raise ParameterError("repeat_last_n", f"repeat_last_n must be >= 0 (0 = off), or -1 for the whole "
                                               f"context, got {repeat_last_n}")
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise ParameterError("parallel", f"parallel must be an integer >= 1, got {parallel!r}")
+    pending = iter(inputs)
+    while group := [scores_for(config, *pair, params) for pair in itertools.islice(pending, parallel)]:
+        caches = [KVCache(config, len(s.ids)) for s in group]
+        for start in range(0, max(len(s.ids) for s in group), PREFILL_CHUNK):
+            fed = [(s, c) for s, c in zip(group, caches) if start < len(s.ids)]
+            chunks = [s.ids[start:start + PREFILL_CHUNK] for s, _ in fed]
+            for (s, _), logits in zip(fed, forward_batch(weights, config, chunks, [c for _, c in fed])):
+                # Row r predicts token start + r + 1; the last row of the input predicts nothing.
+                rows = logits[:len(s.ids) - 1 - start]  # [len(chunk), V] at most
+                s.tokens += token_scores(rows, s.ids, start + 1, top_n, params, repeat_last_n)
+        yield from group
+
+
+def scores_for(config: ModelConfig, context: Sequence[int], continuation: Sequence[int],
+               params: Optional[SamplingParams]) -> Scores:
+    """The empty `Scores` of one input, checked (`score`'s errors)."""
+    context, continuation = [int(i) for i in context], [int(i) for i in continuation]
+    if not context:
+        raise Llama3Error("the context is empty: give at least one token to condition on (a BOS token)")
+    if not continuation and len(context) < 2:
+        raise Llama3Error("one token alone has nothing to score: give a longer text or a continuation")
     ids = context + continuation
     token_ids(ids, config.vocab_size)
     if len(ids) > config.max_seq_len:
         raise Llama3Error(f"the input has {len(ids)} tokens, more than the {config.max_seq_len} the model was "
                           "trained for: shorten it")
-    result = Scores(ids, len(context) if continuation else 1, params=params)
-    cache = KVCache(config, len(ids))
-    for start in range(0, len(ids), PREFILL_CHUNK):
-        chunk = ids[start:start + PREFILL_CHUNK]
-        logits = forward(weights, config, chunk, cache)  # [len(chunk), V]
-        # Row r predicts token start + r + 1; the last row of the input predicts nothing.
-        rows = logits[:len(ids) - 1 - start]
-        result.tokens += token_scores(rows, ids, start + 1, top_n, params, repeat_last_n)
-    return result
+    return Scores(ids, len(context) if continuation else 1, params=params)
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

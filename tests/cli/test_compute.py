@@ -34,7 +34,7 @@ def test_every_computing_command_names_the_modes_in_its_help(capsys, command):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--compute {float64,float32,bfloat16,float16}" in text and "--convention {transformers,meta}" in text
+    assert "--compute {float64,float32,bfloat16,float16,llamacpp}" in text and "--convention {transformers,meta}" in text
 
 
 @pytest.mark.parametrize("compute,convention", [("bfloat16", "transformers"), ("bfloat16", "meta"),
@@ -87,6 +87,9 @@ def overflowing_model(tmp_path, scale) -> Path:
      "--dtype: dtype bfloat16 does not combine with compute float64: it computes with the weights held in float64"),
     (["--compute", "bfloat16", "--dtype", "float32"],
      "--dtype: dtype float32 does not combine with compute bfloat16: it computes with the weights held in bfloat16"),
+    (["--compute", "llamacpp", "--dtype", "float32"],
+     "--dtype: compute llamacpp multiplies this hf checkpoint's weights in their stored types, which dtype "
+     "bfloat16 keeps: leave out the residency"),
     (["--compute", "float16", "OVERFLOW"],
      "--compute: float16 overflows at stage layers.0.ffn_out: it holds values beyond ±65504, float16's largest"),
     (["--compute", "float16", "BIG_WEIGHT"],

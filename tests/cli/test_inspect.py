@@ -101,6 +101,12 @@ def test_default_model_is_smollm2_read_from_its_gguf(capsys):
     assert s["stored_bytes"] == {"Q8_0": 49152 * 18 * 34, "F32": 61 * 576 * 4,
                                  "Q4_1": 30 * 20 * (18 * (2 * 576 + 2 * 192 + 2 * 1536) + 48 * 576)}
     assert s["format"] == "gguf" and s["source"] is None
+    # bfloat16 residency holds a quantized tensor in float32 unless bfloat16 holds its values
+    # exactly, which only loading tells: inspect bounds it by float32's (F32 norms, Q4_1 and Q8_0).
+    assert s["memory_bytes"]["bfloat16_mapped"] == s["memory_bytes"]["float32"] == 4 * 134_515_008
+    assert main(["inspect", "-m", str(path)]) == 0
+    assert " MB at most (538.1 MB of weights, a quantized tensor held in float32 unless bfloat16 holds " in \
+        capsys.readouterr().out
     ckpt = load_checkpoint(path, dtype="gguf")
     assert ckpt.config == SMOLLM2 and ckpt.tokenizer_dir == path
     # The GGUF's eos <|im_end|> (2), then the vocabulary's other end-of-generation token

@@ -14,8 +14,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def start(*args) -> subprocess.Popen:
+    # SIGINT back to its default in the child: a suite started in the background of a shell without
+    # job control inherits SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt.
     return subprocess.Popen([sys.executable, "-m", "llama3_np", *args], cwd=REPO, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def read_some(stream, want: int, timeout: float = 240) -> bytes:

@@ -22,7 +22,8 @@ from tests.cli.test_flags import PARITY, REPO, run, subparsers  # PARITY: no tok
     (["-fa", "on"], "-fa selects a flash-attention kernel; llama3_np computes attention one way, the "
                     "specification's (model.attention)"),
     (["-ctk", "q8_0"], "-ctk sets the data type of the KV cache; llama3_np's KV cache holds the compute mode's dtype: choose it with --compute"),
-    (["-np", "4"], "-np decodes several sequences at once; llama3_np decodes one"),
+    (["-cb"], "-cb sets how parallel sequences are scheduled; generate -np N takes the next prompt as soon as one "
+              "ends, always"),
     (["-cnv"], "-cnv switches between completion and conversation; use the chat command for a conversation "
                "and generate for a completion"),
 ])

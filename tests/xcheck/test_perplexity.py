@@ -15,7 +15,7 @@ from llama3_np.formats.checkpoint import load_checkpoint
 from llama3_np.errors import Llama3Error
 from llama3_np.model import forward
 from llama3_np.xcheck.perplexity import (BaseLogits, LogitsWriter, logits_metadata, mean_estimate, run_perplexity,
-                                  scored_logits, windows)
+                                  scored_logits, windows, windows_logits)
 from llama3_np.load import load_tokenizer
 from tests.xcheck.test_dump import PARITY, XCHECK, assert_one_line_error, default_model, run_cli
 
@@ -50,6 +50,32 @@ def test_scored_logits_are_positions_ctx_half_to_ctx_minus_2_whatever_the_batch(
     assert np.array_equal(one_batch, full[8:15])
     for batch in (1, 5, 8):
         np.testing.assert_allclose(scored_logits(w, c, window, batch), full[8:15], rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_of_whole_windows_runs_them_in_one_pass_with_each_windows_logits(tiny, monkeypatch):
+    """-b 3·ctx runs three windows a forward pass, as llama-perplexity's n_seq; each window's
+    logits are its own within float32 rounding, and bit for bit with batch-invariant products."""
+    from llama3_np import products
+    from llama3_np.xcheck import perplexity
+    from tests.test_batch import BATCH_NMSE
+    from tests.helpers import nmse
+
+    w, c = tiny.weights, tiny.config
+    wins = windows(random_ids(16 * 7, seed=3), 16, 1)
+    calls = []
+    real = perplexity.forward_batch
+    monkeypatch.setattr(perplexity, "forward_batch", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    alone = list(windows_logits(w, c, wins, 16))
+    assert calls == []
+    batched = list(windows_logits(w, c, wins, 48))
+    assert calls == [3, 3, 1] and len(batched) == 7
+    assert max(nmse(b, a) for a, b in zip(alone, batched)) <= BATCH_NMSE
+    products.set_batch_invariant(True)
+    try:
+        alone, batched = list(windows_logits(w, c, wins, 16)), list(windows_logits(w, c, wins, 48))
+    finally:
+        products.set_batch_invariant(False)
+    assert all(np.array_equal(a, b) for a, b in zip(alone, batched))
 
 
 def test_perplexity_and_its_standard_error_from_first_principles(tiny):
@@ -163,6 +189,8 @@ def test_cli_kl_against_own_saved_logits_is_zero(tmp_path, capsys):
     (lambda t: ["-f", TEXT, "--ctx", "2"], ["--ctx"]),
     (lambda t: ["-f", TEXT, "--ctx", "32", "--batch", "0"], ["--batch"]),
     (lambda t: ["-f", TEXT, "--ctx", "32", "--chunks", "0"], ["--chunks"]),
+    (lambda t: ["-f", TEXT, "--ctx", "32", "-b", "48"], ["--batch-size: a batch of more than one window holds whole "
+                                                         "windows: a multiple of the context 32, got 48"]),
     (lambda t: ["-f", TEXT, "--ctx", "100000"], ["--ctx", "trained for"]),
     (lambda t: ["-f", TEXT, "--kl-base", t / "nothing.safetensors"], ["--kl-base", "does not exist"]),
     (lambda t: ["-f", TEXT, "--save-logits", t / "no" / "x.safetensors"], ["--save-logits", "does not exist"]),

@@ -146,7 +146,8 @@ def test_a_long_text_goes_in_chunks_with_the_same_scores(monkeypatch):
     assert len(chunked.tokens) == 39 and np.abs(got - want).max() <= 1e-5
 
 
-def test_a_jsonl_of_100_pairs_is_one_forward_per_pair(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("parallel, passes", [(1, 100), (8, 13)])
+def test_a_jsonl_of_100_pairs_is_one_forward_per_parallel_pairs(tmp_path, capsys, monkeypatch, parallel, passes):
     m = model_of("tiny")
     rng = np.random.default_rng(4)
     pairs = [(rng.integers(0, 128, rng.integers(1, 12)).tolist(), rng.integers(0, 128, rng.integers(1, 6)).tolist())
@@ -155,11 +156,11 @@ def test_a_jsonl_of_100_pairs_is_one_forward_per_pair(tmp_path, capsys, monkeypa
     src.write_text("".join(json.dumps({"id": n, "context_ids": a, "continuation_ids": b}) + "\n"
                            for n, (a, b) in enumerate(pairs)))
     calls = []
-    real = score_module.forward
-    monkeypatch.setattr(score_module, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = score_module.forward_batch
+    monkeypatch.setattr(score_module, "forward_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
     out = tmp_path / "out.jsonl"
-    code, stdout, _ = run_cli(capsys, "score", "-m", MODELS["tiny"], "--jsonl", src, "-o", out)
-    assert code == 0 and stdout == "" and len(calls) == 100
+    code, stdout, _ = run_cli(capsys, "score", "-m", MODELS["tiny"], "--jsonl", src, "-o", out, "-np", parallel)
+    assert code == 0 and stdout == "" and len(calls) == passes
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["id"] for line in lines] == list(range(100))
     for line, (a, b) in zip(lines[:10], pairs):
@@ -226,6 +227,9 @@ TINY = ["-m", FIXTURES / "checkpoints" / "hf"]  # loads in milliseconds, no toke
     (["--tokens", "1,2", "--top-n", "-1"], None, ["--top-n"]),
     (["--tokens", "1,2", "--samplers", "top_k;bogus"], None, ["--samplers", "bogus"]),
     (["--tokens", "1,2", "-o", "x.jsonl"], None, ["-o goes with --jsonl"]),
+    (["--tokens", "1,2", "-np", "4"], None, ["-np goes with --jsonl"]),
+    (TINY + ["--jsonl", "IN", "-np", "0"], '{"ids": [1, 2]}\n', ["-np/--parallel", "number of inputs >= 1", "'0'"]),
+    (TINY + ["--jsonl", "IN", "-np", "x"], '{"ids": [1, 2]}\n', ["-np/--parallel", "number of inputs >= 1", "'x'"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, content, fragments):
     if content is not None:
