@@ -78,6 +78,23 @@ def test_product_is_the_float32_product_of_the_converted_weight(monkeypatch, thr
 HALVES = products.halves_bfloat16
 
 
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_a_batch_invariant_decode_product_is_a_row_of_the_batched_one(monkeypatch, threads, n_threads):
+    """With batch-invariant products a decode step's bfloat16 product does not convert by halves,
+    whose sums run in another order: a row alone is bit for bit that row in a batch."""
+    threads(n_threads)
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(3000, 700)).astype(ml_dtypes.bfloat16)
+    x = rng.normal(size=(4, 700)).astype(np.float32)
+    monkeypatch.setattr(products, "halves_bfloat16", lambda *a: pytest.fail("converted by halves"))
+    products.set_batch_invariant(True)
+    try:
+        batched = products.linear(x, w)
+        assert all(np.array_equal(products.linear(x[t:t + 1], w)[0], batched[t]) for t in range(4))
+    finally:
+        products.set_batch_invariant(False)
+
+
 def test_a_large_product_is_shared_by_every_thread(monkeypatch, threads):
     threads(3)
     calls = []
