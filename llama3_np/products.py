@@ -472,9 +472,9 @@ def _by_halves(x: np.ndarray, w) -> bool:
 
 def _partial_buffer(size: int) -> np.ndarray:
     """This thread's float32 buffer for the even halves' products, of at least `size` elements."""
-    buf = getattr(_buffers, "partial", None)
+    buf = getattr(_buffers, "even_sums", None)
     if buf is None or buf.size < size:
-        buf = _buffers.partial = np.empty(size, dtype=np.float32)
+        buf = _buffers.even_sums = np.empty(size, dtype=np.float32)
     return buf
 
 
