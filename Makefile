@@ -24,7 +24,7 @@ $(VENV)/.installed-run: setup.cfg pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test,gguf]'
+	$(BIN)/python -m pip install --quiet -e '.[test,gguf,eval]'
 	touch $@
 
 # torch first and pinned (a plain `torch` is a multi-GB CUDA build); fairscale builds against it.
@@ -63,8 +63,9 @@ tools: $(VENV)/.installed-tools
 # (tests/fixtures/score/), llama-perplexity's KL-divergence base file and statistics, with
 # llama-perplexity built from llama-cpp-python's sdist by tools/build_llama_cpp.py (cmake, a C++
 # compiler; about 10 minutes) (tests/fixtures/kld/), llama.cpp's activation quantizers, products
-# and stages that compute mode llamacpp is held to (tests/fixtures/llamacpp/). Each directory's
-# README.md says how its files were made.
+# and stages that compute mode llamacpp is held to (tests/fixtures/llamacpp/), lm-eval's hf model
+# on the local tasks (tests/fixtures/lm_eval/). Each directory's README.md says how its files were
+# made.
 fixtures: tools
 	$(BIN)/python tools/make_reference_dumps.py
 	$(BIN)/python tools/make_tokenizer_fixtures.py
@@ -81,7 +82,10 @@ fixtures: tools
 	$(BIN)/python tools/make_chat_fixtures.py
 	$(BIN)/python tools/make_added_token_fixtures.py
 	$(BIN)/python tools/make_score_fixtures.py
+	$(BIN)/python tools/make_lm_eval_fixtures.py
 	$(BIN)/python tools/calibrate_compare.py
+	$(BIN)/python tools/calibrate_compare.py --compute bfloat16
+	$(BIN)/python tools/calibrate_compare.py --compute float16
 	$(BIN)/python tools/make_grad_fixtures.py
 	$(BIN)/python tools/make_bpe_trainer_fixture.py
 	$(BIN)/python tools/make_kld_fixtures.py

@@ -13,7 +13,7 @@ import dataclasses
 import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -116,19 +116,21 @@ class LoadedModel:
 
         return ChatSession(self, ctx, system, progress, fmt)
 
-    def stream(self, prompt: str, max_new: int = -1, params: Optional[SamplingParams] = None,
+    def stream(self, prompt: str | Sequence[int], max_new: int = -1, params: Optional[SamplingParams] = None,
                rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None,
                stop: Iterable[str] = ()) -> Iterator[str]:
-        """The continuation of `prompt` as pieces of text, each as soon as it is whole UTF-8:
+        """The continuation of `prompt` (text, or token ids fed as they are) as pieces of text,
+        each as soon as it is whole UTF-8:
         up to `max_new` tokens (-1: until an end-of-generation token or a full context), greedy
         unless `params` (with `rng`) sample; the end token itself is not text. `stop`: stop
         strings, the OpenAI API's (`text.stop`): the text ends before the first one generated, and
         text that could begin one is held back until it cannot. mlx-lm's `stream_generate`,
         llama-models' `completion`, token by token. Raises ParameterError("stop") for an empty
         stop string."""
-        yield from self._text(self.encode(prompt), max_new, params, rng, ctx, stop)
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        yield from self._text(ids, max_new, params, rng, ctx, stop)
 
-    def generate(self, prompt: str, max_new: int = -1, params: Optional[SamplingParams] = None,
+    def generate(self, prompt: str | Sequence[int], max_new: int = -1, params: Optional[SamplingParams] = None,
                  rng: Optional[np.random.Generator] = None, ctx: Optional[int] = None,
                  stop: Iterable[str] = ()) -> str:
         """The continuation of `prompt` as one text (`stream`'s pieces joined)."""

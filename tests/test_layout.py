@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "llama3_np"
 DESIGN = REPO / "docs" / "DESIGN.md"
 # The distribution that provides each top-level module, where the names differ.
-DISTRIBUTIONS = {"ml_dtypes": "ml_dtypes"}
+DISTRIBUTIONS = {"ml_dtypes": "ml_dtypes", "lm_eval": "lm-eval"}
 
 
 def modules() -> dict[str, Path]:
@@ -66,11 +66,11 @@ def requirements(cfg: configparser.ConfigParser, key: str, section: str = "optio
 def test_install_requires_is_what_the_package_imports():
     """Run-time requirements are exactly the third-party modules the package imports; an optional
     extra (`viz`: matplotlib, for the walkthrough's pictures; `gguf`, for GGUF files; `templates`:
-    jinja2, for chat templates) is imported
+    jinja2, for chat templates; `eval`: lm-eval, for its model adapter) is imported
     only inside the function that needs it, so that the package runs without it."""
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
-    optional = set().union(*(requirements(cfg, extra, "options.extras_require") for extra in ("viz", "gguf", "templates")))
+    optional = set().union(*(requirements(cfg, extra, "options.extras_require") for extra in ("viz", "gguf", "templates", "eval")))
     imported = {DISTRIBUTIONS.get(m, m) for m in set().union(*(imports(m)[1] for m in MODULES))}
     assert imported - optional == requirements(cfg, "install_requires")
     for m, path in MODULES.items():

@@ -279,6 +279,8 @@ def run_rounds(args, gguf_dir: Path) -> dict:
             for job in jobs:
                 for w in workers:
                     runs[w.engine, job].append(w.run(job))
+                    figures = {k: round(v, 1) for k, v in runs[w.engine, job][-1].items() if isinstance(v, float)}
+                    print(f"  {w.engine} {job[0]} {job[1]}: {figures}", file=sys.stderr)  # a run cut short shows these
         return {"ready": {w.engine: w.ready for w in workers}, "runs": runs, "load_averages": load_averages}
     finally:
         for w in workers:

@@ -10,7 +10,10 @@ file (transformers bfloat16 and float16, llama-models bfloat16): per stage kind 
 cases), the worst NMSE and the smallest fraction of bit-identical elements of llama3_np in the
 matching mode, and the same for llama3_np in float32 mode against that file (the noise the
 emulation removes). Then float32 mode against float64 mode per stage kind: llama3_np's own float32
-noise floor. Needs only the test dependencies (the fixtures hold the engines' outputs).
+noise floor, on those fixtures and on the default model (30 layers: the three tokens of
+tests/fixtures/xcheck/default_hf.safetensors, whose transformers float32 stages are measured
+against float64 too, and the first 128 tokens of jargon_hack.txt). Needs only the test dependencies
+(the fixtures hold the engines' outputs) and the default model (`make test` fetches it).
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from tool_support import REPO, run_tool  # first: it makes this checkout's llama
 
 import numpy as np  # noqa: E402
 
+from llama3_np.assets import default_model  # noqa: E402
 from llama3_np.config import ComputeMode  # noqa: E402
 from llama3_np.formats.checkpoint import load_checkpoint  # noqa: E402
 from llama3_np.formats.safetensors_file import SafetensorsFile  # noqa: E402
 from llama3_np.model import KVCache, forward  # noqa: E402
 from llama3_np.stages import Trace  # noqa: E402
+from llama3_np.load import load_tokenizer  # noqa: E402
 from llama3_np.xcheck.compare import STAGE_KINDS, stage_kind  # noqa: E402
 
 PARITY = REPO / "tests" / "fixtures" / "parity"
@@ -70,6 +75,27 @@ class Worst:
             self.equal[kind] = min(self.equal[kind], float(np.mean(ours[name] == x)))
 
 
+XCHECK = REPO / "tests" / "fixtures" / "xcheck"
+
+
+def default_model_floor() -> dict[str, Worst]:
+    """On the default model, against float64 mode: float32 mode on default_hf's tokens, transformers
+    float32 (that file's 57 stages), float32 mode on 128 tokens of jargon_hack.txt."""
+    ckpt = load_checkpoint(default_model())  # the GGUF's exact values, in float32
+    hf, meta = read(XCHECK / "default_hf.safetensors")
+    text = (XCHECK / "jargon_hack.txt").read_text(encoding="utf-8")
+    long_meta = {"tokens": json.dumps(load_tokenizer(default_model()).encode(text)[:128]),
+                 "context_tokens": "[]", "pos": "0", "context_pos": "0"}
+    out = {"llama3_np float32, 3 tokens": Worst(), "transformers float32, 3 tokens": Worst(),
+           "llama3_np float32, 128 tokens": Worst()}
+    float64 = run(ckpt, meta, ComputeMode("float64"))
+    out["llama3_np float32, 3 tokens"].add(run(ckpt, meta, ComputeMode("float32")), dict(float64))
+    out["transformers float32, 3 tokens"].add({n: hf[n] for n in hf}, {n: float64[n] for n in hf})
+    out["llama3_np float32, 128 tokens"].add(run(ckpt, long_meta, ComputeMode("float32")),
+                                             dict(run(ckpt, long_meta, ComputeMode("float64"))))
+    return out
+
+
 def main() -> int:
     markdown = "--markdown" in sys.argv[1:]
     engines = {e: (Worst(), Worst()) for e in ENGINES}
@@ -99,6 +125,10 @@ def main() -> int:
         print("\n| stage | " + " | ".join(f"float32 vs float64, {where}" for where in floor) + " |\n|---|---|---|")
         for k in kinds:
             print(f"| `{k}` | " + " | ".join(f"{w.nmse[k]:.1e}" for w in floor.values()) + " |")
+        deep = default_model_floor()
+        print("\n| stage | " + " | ".join(f"{where} vs float64" for where in deep) + " |\n|---|---|---|---|")
+        for k in kinds:
+            print(f"| `{k}` | " + " | ".join(f"{w.nmse[k]:.1e}" for w in deep.values()) + " |")
         return 0
     for e in ENGINES:
         emulated, plain = engines[e]
@@ -108,6 +138,8 @@ def main() -> int:
                   f"{plain.nmse[k]:12.2e} {100 * plain.equal[k]:6.1f}%")
     for where, w in floor.items():
         print(f"\nfloat32 vs float64, {where}: " + ", ".join(f"{k} {w.nmse[k]:.1e}" for k in kinds))
+    for where, w in default_model_floor().items():
+        print(f"\ndefault model, {where} vs float64: " + ", ".join(f"{k} {w.nmse[k]:.1e}" for k in kinds))
     return 0
 
 

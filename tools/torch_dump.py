@@ -1,7 +1,7 @@
 """A dump file (docs/DESIGN.md's format, the one `llama3-np dump` writes) from a torch reference:
 
     python tools/torch_dump.py -m DIR (-p TEXT | -f FILE | --tokens 1,2,3 | --like DUMP) -o OUT.safetensors
-                               [--producer hf|meta] [--dtype float32|bfloat16] [--pos N] [--stages GLOB ...]
+                               [--producer hf|meta] [--dtype float32|bfloat16|float16] [--pos N] [--stages GLOB ...]
 
   hf    Hugging Face transformers' LlamaForCausalLM (eager attention)
   meta  Meta's reference Transformer from llama-models (rope factor taken from the config: Meta's
@@ -51,7 +51,7 @@ def parse_args(argv):
     p.add_argument("--pos", type=int, metavar="N", help="rope position of the first token (default 0)")
     p.add_argument("-o", "--output", required=True, metavar="FILE")
     p.add_argument("--producer", choices=["hf", "meta"], default="hf")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="what the reference computes in (stages are stored as float32 either way)")
     p.add_argument("--stages", nargs="+", metavar="GLOB", help="keep only stages matching these globs")
     p.add_argument("--threads", type=int, default=1, metavar="N",
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, args.threads))
     torch.use_deterministic_algorithms(True)
     ref.transformers_module().utils.logging.disable_progress_bar()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if args.producer == "hf":
         stages, extra = hf_stages(checkpoint, inputs, dtype)
     else:

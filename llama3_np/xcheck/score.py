@@ -39,7 +39,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from ..checks import token_ids
-from ..config import ModelConfig
+from ..config import ComputeMode, ModelConfig
 from ..errors import Llama3Error, ParameterError
 from ..generation import PREFILL_CHUNK, REPEAT_LAST_N
 from ..model import KVCache, forward_batch
@@ -160,31 +160,33 @@ def token_scores(logits: np.ndarray, ids: Sequence[int], first_position: int, to
 
 def score(weights: Mapping[str, np.ndarray], config: ModelConfig, context: Sequence[int],
           continuation: Sequence[int] = (), top_n: int = DEFAULT_TOP_N, params: Optional[SamplingParams] = None,
-          repeat_last_n: int = REPEAT_LAST_N) -> Scores:
+          repeat_last_n: int = REPEAT_LAST_N, compute: str | ComputeMode = "float32") -> Scores:
     """Teacher-forced scores of `context` + `continuation` (token ids), in one forward pass.
 
     The totals count the continuation's tokens, or, without one, every token of `context` after
     the first (the first has no logits before it). top_n: alternatives listed per token (>= 0).
     params: also score each token under this sampler chain (module docstring). Positions start
-    at 0 on an empty KV cache.
+    at 0 on an empty KV cache. compute: the compute mode (`config.ComputeMode`; a `LoadedModel`'s
+    `compute` for the weights it holds).
 
     Raises Llama3Error for ids outside the vocabulary, an empty context, a context of one token
     without a continuation, an input longer than the model's trained context, a negative top_n
     or repeat_last_n below -1.
     """
-    return next(score_batch(weights, config, [(context, continuation)], top_n, params, repeat_last_n))
+    return next(score_batch(weights, config, [(context, continuation)], top_n, params, repeat_last_n,
+                            compute=compute))
 
 
 def score_batch(weights: Mapping[str, np.ndarray], config: ModelConfig,
                 inputs: Iterable[tuple[Sequence[int], Sequence[int]]], top_n: int = DEFAULT_TOP_N,
                 params: Optional[SamplingParams] = None, repeat_last_n: int = REPEAT_LAST_N,
-                parallel: int = 1) -> Iterator[Scores]:
+                parallel: int = 1, compute: str | ComputeMode = "float32") -> Iterator[Scores]:
     """`score` of each (context, continuation) of `inputs`, in their order, `parallel` inputs in
     each forward pass (`model.forward_batch`, each input from its own empty KV cache; long inputs
     PREFILL_CHUNK tokens a pass). Each input's logits are its logits alone within float32
     rounding (bit for bit with `products.set_batch_invariant(True)`). Raises what `score` raises,
     for the first input that is wrong, before any is scored in its group; ParameterError("parallel")
-    when parallel is not an integer >= 1."""
+    when parallel is not an integer >= 1. compute: as `score`'s."""
     if top_n < 0:
         raise ParameterError("top_n", f"top_n must be >= 0, got {top_n}")
     if repeat_last_n < -1:
@@ -194,7 +196,7 @@ def score_batch(weights: Mapping[str, np.ndarray], config: ModelConfig,
         raise ParameterError("parallel", f"parallel must be an integer >= 1, got {parallel!r}")
     pending = iter(inputs)
     while group := [scores_for(config, *pair, params) for pair in itertools.islice(pending, parallel)]:
-        caches = [KVCache(config, len(s.ids)) for s in group]
+        caches = [KVCache(config, len(s.ids), compute) for s in group]
         for start in range(0, max(len(s.ids) for s in group), PREFILL_CHUNK):
             fed = [(s, c) for s, c in zip(group, caches) if start < len(s.ids)]
             chunks = [s.ids[start:start + PREFILL_CHUNK] for s, _ in fed]

@@ -5,6 +5,7 @@ stages past tolerance printed unless --all, a one-line verdict, stages present i
 listed, JSON output, dumps of the same weights from different formats compared, and dumps that
 cannot be compared refused with one line on stderr and exit status 2."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -14,8 +15,10 @@ import numpy as np
 import pytest
 
 from llama3_np.formats.checkpoint import load_checkpoint
-from llama3_np.xcheck.compare import DEFAULT_NMSE_TOL, STAGE_KINDS, compare_dumps, stage_error, stage_kind
-from llama3_np.xcheck.dump import read_dump, write_dump
+from llama3_np.stages import Edit, Trace, stage_order
+from llama3_np.xcheck.compare import (DEFAULT_NMSE_TOL, KIND_NMSE_TOLS, STAGE_KINDS, compare_dumps, off_dtype,
+                                      stage_error, stage_kind)
+from llama3_np.xcheck.dump import Inputs, dump_metadata, read_dump, run_forward, write_dump
 from tests.checkpoint_builders import write_meta
 from tests.helpers import max_rel_err, nmse
 from tests.xcheck.test_dump import PARITY, XCHECK, assert_one_line_error, run_cli
@@ -137,9 +140,11 @@ def test_non_finite_values_diverge_unless_identical_in_both():
 
 
 def test_tolerance_flags(tmp_path, capsys):
-    """A bfloat16 run against float32: diverges at the default, agrees at llama.cpp's 1e-2."""
-    bf16 = PARITY / "llama3_0" / "hf_bf16_prompt.safetensors"  # logits only
-    assert run_cli(capsys, "compare", bf16, REF)[0] == 1
+    """A bfloat16 run against float32: diverges at float32's default, agrees at llama.cpp's 1e-2
+    (and at bfloat16's own default, which the dumps' dtypes choose)."""
+    bf16 = PARITY / "llama3_0" / "hf_bf16_prompt.safetensors"
+    assert run_cli(capsys, "compare", bf16, REF, "--tol", str(DEFAULT_NMSE_TOL))[0] == 1
+    assert run_cli(capsys, "compare", bf16, REF)[0] == 0
     code, out, _ = run_cli(capsys, "compare", bf16, REF, "--tol", "1e-2")
     assert code == 0, out
     assert run_cli(capsys, "compare", bf16, REF, "--tol", "1e-2", "--rel-tol", "1e-6")[0] == 1
@@ -166,7 +171,7 @@ def test_json_output(tmp_path, capsys):
     row = next(s for s in d["stages"] if s["name"] == "layers.0.v")
     assert row["shape"] == [16, 2, 16] and row["max_abs"] == pytest.approx(1.0, rel=1e-6)
     assert len(d["stages"]) == 29
-    assert set(row) == {"name", "shape", "max_abs", "max_rel", "nmse", "cosine", "diverged"}
+    assert set(row) == {"name", "shape", "max_abs", "max_rel", "nmse", "cosine", "diverged", "note"}
 
 
 @pytest.mark.parametrize("metadata, fragment", [
@@ -304,3 +309,146 @@ def test_a_config_difference_that_changes_the_math_still_refuses(tmp_path, capsy
                                                      "tokens": "[1, 2, 3]"})
         code, _, err = run_cli(capsys, "compare", path, ours)
         assert_one_line_error(code, err, "different inputs", "metadata 'config'", field)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precisions: dumps computed in bfloat16 or float16
+
+
+LOW_CALIBRATION = {d: XCHECK / f"compare_calibration_{d}.json" for d in ("bfloat16", "float16")}
+ENGINE_FILES = {"bfloat16": "hf_bf16", "float16": "hf_fp16"}  # transformers in that dtype
+
+
+def mode_dump(tmp_path, reference: Path, compute: str, config=None, name="ours", edits=()) -> Path:
+    """llama3_np's dump, in compute mode `compute`, of the computation `reference` records (with
+    `config` changed by a fault when given, and `edits` (`stages.Edit`) made to its stages as it
+    computes them)."""
+    ref = read_dump(reference)
+    meta = ref.metadata
+    ckpt = load_checkpoint(reference.parent, dtype="bfloat16")
+    inputs = Inputs(json.loads(meta["tokens"]), int(meta["pos"]), json.loads(meta["context_tokens"]),
+                    int(meta["context_pos"]))
+    trace = Trace(edits=list(edits))
+    run_forward(ckpt.weights, config or ckpt.config, inputs, trace, compute)
+    path = tmp_path / f"{name}.safetensors"
+    write_dump(path, dict(trace), dump_metadata(ckpt.config, inputs, compute))
+    return path
+
+
+@pytest.mark.parametrize("dtype", list(LOW_CALIBRATION))
+def test_each_precisions_default_is_10x_its_calibrated_noise(dtype):
+    """tools/calibrate_compare.py --compute DTYPE: llama3_np in that mode and in float32 against
+    transformers in that dtype, on the default model over the calibration prompts and on the tiny
+    checkpoints; each stage kind's default is ten times its worst, rounded up to one digit."""
+    cal = json.loads(LOW_CALIBRATION[dtype].read_text())
+    assert cal["compute"] == dtype and len(cal["prompts"]) >= 20
+    assert KIND_NMSE_TOLS[dtype] == cal["proposed_nmse_tols"] and set(KIND_NMSE_TOLS[dtype]) == set(STAGE_KINDS)
+    for kind, tol in KIND_NMSE_TOLS[dtype].items():
+        for which in ("same", "cross"):
+            assert tol >= 10 * cal[which][kind]["worst"], (kind, which, cal[which][kind])
+
+
+@pytest.mark.parametrize("dtype", list(LOW_CALIBRATION))
+def test_each_precisions_default_catches_metas_rope_factor_and_passes_the_right_computation(tmp_path, dtype):
+    """Beyond position 20,000 rope factor 8 instead of 32 moves q_rope far past the noise of the
+    dtype; the same computation with the right factor agrees with transformers' own output."""
+    reference = PARITY / "llama3_2" / f"{ENGINE_FILES[dtype]}_far.safetensors"
+    right = compare_dumps(mode_dump(tmp_path, reference, dtype), reference)
+    assert not right.diverged and right.kind_tols == KIND_NMSE_TOLS[dtype]
+    config = load_checkpoint(reference.parent).config
+    faulty = dataclasses.replace(config, rope_scaling=dataclasses.replace(config.rope_scaling, factor=8.0))
+    wrong = compare_dumps(mode_dump(tmp_path, reference, dtype, faulty, "faulty"), reference)
+    assert wrong.first_divergence == "layers.0.q_rope", [(s.name, s.nmse) for s in wrong.stages[:8]]
+
+
+@pytest.mark.parametrize("dtype", list(LOW_CALIBRATION))
+def test_an_rmsnorm_eps_fault_is_below_the_noise_of_each_low_precision(dtype):
+    """eps 1e-6 instead of 1e-5 changes the default model's first norm by NMSE ~1e-6 in these
+    dtypes (its embeddings are small), and then its rounding spreads like any other: the calibration
+    measures it under the noise of two correct implementations, so no default tolerance can catch
+    it in these dtypes (float32's does: its noise is 3e-10). Compare such dumps in float32."""
+    cal = json.loads(LOW_CALIBRATION[dtype].read_text())
+    assert cal["faults_caught_at_proposed"] == {"eps_fault": [], "rope_fault": ["q_rope", "k_rope"]}
+    for kind, tol in KIND_NMSE_TOLS[dtype].items():
+        assert cal["eps_fault"][kind]["worst"] <= tol, kind
+
+
+def test_a_float32_dump_against_a_bfloat16_one_says_so_and_uses_bfloat16s_default(tmp_path, capsys):
+    reference = PARITY / "llama3_0" / "hf_bf16_prompt.safetensors"
+    ours = mode_dump(tmp_path, reference, "float32")
+    c = compare_dumps(ours, reference)
+    assert c.kind_tols == KIND_NMSE_TOLS["bfloat16"] and not c.diverged
+    assert c.precision_note == (f"A was computed in float32, B in bfloat16: compared at bfloat16's default "
+                                f"tolerance per stage kind (q_rope {KIND_NMSE_TOLS['bfloat16']['q_rope']:.0e})")
+    code, out, _ = run_cli(capsys, "compare", ours, reference)
+    assert code == 0 and c.precision_note in out.splitlines()[2]
+    # At float32's default the same pair diverges: the band is what makes the comparison fair.
+    assert compare_dumps(ours, reference, DEFAULT_NMSE_TOL).diverged
+
+
+# Faults injected into a computation in a precision's mode, each named by compare at the stage where
+# it happens, while the right computation passes against transformers' output in that dtype.
+
+def test_every_stage_of_the_engines_low_precision_dumps_holds_only_values_of_its_dtype():
+    """What the cast check relies on: transformers' and llama-models' bfloat16 and float16 stages
+    are tensors of that dtype, so each committed file's stages hold nothing else."""
+    files = sorted(PARITY.glob("*/*_bf16_*.safetensors")) + sorted(PARITY.glob("*/*_fp16_*.safetensors"))
+    assert len(files) == 27
+    for path in files:
+        d = read_dump(path)
+        assert d.metadata["dtype"] in KIND_NMSE_TOLS
+        assert all(off_dtype(d.stage(n), d.metadata["dtype"]) == 0 for n in d.names), path
+
+
+@pytest.mark.parametrize("dtype", list(LOW_CALIBRATION))
+def test_a_missing_cast_is_named_at_its_stage_though_its_nmse_is_inside_the_default(tmp_path, dtype):
+    """transformers rounds the residual sum h = x + attn_out to the dtype (LlamaDecoderLayer.forward:
+    `residual + hidden_states` on tensors of that dtype). An engine that keeps it in float32 moves h
+    by less than one rounding, far inside a default that passes a float32 dump; compare names the
+    stage by its values, which are not of the dtype, whatever the tolerance."""
+    reference = PARITY / "llama3_1" / f"{ENGINE_FILES[dtype]}_prompt.safetensors"
+    clean = read_dump(mode_dump(tmp_path, reference, dtype, name="clean"))
+    assert not compare_dumps(clean.path, reference).diverged
+    unrounded = clean.stage("layers.0.out") + clean.stage("layers.1.attn_out")  # float32, not rounded
+    faulty = mode_dump(tmp_path, reference, dtype, name="faulty", edits=[Edit("layers.1.h", "replace", unrounded)])
+    c = compare_dumps(faulty, reference)
+    first = next(s for s in c.stages if s.diverged)
+    assert c.diverged == ["layers.1.h"] and first.nmse <= KIND_NMSE_TOLS[dtype]["h"], (c.diverged, first.nmse)
+    assert first.note.startswith("A holds ") and first.note.endswith(
+        f"values that are not {dtype}, which A says it computed in: a cast is missing there")
+    assert compare_dumps(faulty, reference, nmse_tol=1.0).diverged == ["layers.1.h"]
+
+
+@pytest.mark.parametrize("dtype", list(LOW_CALIBRATION))
+def test_a_wrong_rope_theta_is_named_at_q_rope(tmp_path, dtype):
+    """Rope theta 10,000 (Llama 2's) for the model's 500,000, beyond position 20,000."""
+    reference = PARITY / "llama3_0" / f"{ENGINE_FILES[dtype]}_far.safetensors"
+    config = load_checkpoint(reference.parent).config
+    assert config.rope_theta == 500000.0
+    wrong = compare_dumps(mode_dump(tmp_path, reference, dtype, dataclasses.replace(config, rope_theta=10000.0),
+                                    "faulty"), reference)
+    assert wrong.first_divergence == "layers.0.q_rope", [(s.name, s.nmse) for s in wrong.stages[:8]]
+    print(f"{dtype}: rope theta fault at layers.0.q_rope NMSE {next(s.nmse for s in wrong.stages if s.name == 'layers.0.q_rope'):.2f}, "
+          f"default {KIND_NMSE_TOLS[dtype]['q_rope']}")
+
+
+def test_a_float16_overflow_is_named_where_it_happens(tmp_path, capsys):
+    """An engine whose float16 result overflows (injected: one element of layers.1.ffn_hidden
+    beyond ±65504 becomes inf, and that token is NaN from there on, as inf - inf makes it) against
+    transformers' float16 output, which stays finite: compare names the stage and says why.
+    llama3_np's own float16 mode refuses such a run instead (tests/cli/test_compute.py)."""
+    reference = PARITY / "llama3_0" / "hf_fp16_prompt.safetensors"
+    ref = read_dump(reference)
+    stages = {n: np.array(ref.stage(n)) for n in ref.names}
+    stages["layers.1.ffn_hidden"][0, 3] = np.inf
+    for name in stages:
+        if stage_order(name) > stage_order("layers.1.ffn_hidden"):
+            stages[name][0] = np.nan
+    faulty = tmp_path / "overflow.safetensors"
+    write_dump(faulty, stages, {**ref.metadata, "producer": "an engine that overflows"})
+    c = compare_dumps(faulty, reference)
+    assert c.first_divergence == "layers.1.ffn_hidden" and c.kind_tols == KIND_NMSE_TOLS["float16"], c.diverged
+    assert c.stages[[s.name for s in c.stages].index("layers.1.ffn_hidden")].note == "inf or NaN in A where B is finite"
+    code, out, _ = run_cli(capsys, "compare", faulty, reference)
+    assert code == 1 and out.splitlines()[-1].startswith("verdict: diverge at layers.1.ffn_hidden (")
+    assert out.splitlines()[-1].endswith("; inf or NaN in A where B is finite)")

@@ -10,7 +10,7 @@ import pytest
 
 from llama3_np import assets
 from llama3_np.cli import main
-from llama3_np.xcheck.compare import compare_dumps
+from llama3_np.xcheck.compare import DEFAULT_NMSE_TOL, compare_dumps
 from llama3_np.stages import stage_shapes
 from llama3_np.xcheck.dump import read_dump
 from llama3_np.formats.checkpoint import load_checkpoint
@@ -82,6 +82,19 @@ def test_default_model_dump_agrees_with_hugging_face_at_compare_s_default_tolera
     # embedding rows are the same numbers, and the logits agree within the parity bound.
     nmse = {s.name: s.nmse for s in c.stages}
     assert nmse["embed"] == 0 and nmse["logits"] <= PARITY_NMSE, nmse["logits"]
+
+
+def test_default_model_in_float64_is_within_float32_tolerance_of_hugging_face_float32(tmp_path, capsys):
+    """float64 mode is the exact value float32 approximates: on the 30-layer default model every stage
+    of the committed Hugging Face float32 dump agrees with it at compare's float32 default (3e-9)."""
+    fixture = XCHECK / "default_hf.safetensors"
+    out = tmp_path / "f64.safetensors"
+    code, _, err = run_cli(capsys, "dump", "-m", default_model(), "--like", fixture, "--compute", "float64", "-o", out)
+    assert code == 0, err
+    c = compare_dumps(out, fixture)
+    worst = max(c.stages, key=lambda s: s.nmse)
+    assert len(c.stages) == 57 and not c.diverged and c.nmse_tol == DEFAULT_NMSE_TOL, (worst.name, worst.nmse)
+    print(f"default model float64 vs HF float32: worst stage {worst.name} NMSE {worst.nmse:.3e}")
 
 
 def test_dump_holds_the_trace_of_forward_with_documented_shapes_and_metadata(tmp_path, capsys):
