@@ -14,6 +14,13 @@ here changes its value beyond the order of a sum:
   0.6.0's) and on the CPU, so the first bfloat16 product times both on one block and keeps the
   faster (`bfloat16_conversion`). A weight of another kind (quantized blocks) plugs in by the same
   hook: `rows_into(w)` is how rows start..stop of w become float32 in a thread's buffer.
+- **Decode by halves.** A decode step (one token) is bound by the conversion, not by the
+  product, so there a bfloat16 block is converted by halves (`halves_bfloat16`): each pair of
+  neighbouring columns read as one 32-bit word gives the even column by one shift and the odd
+  column by one mask, same-width operations that need no widening of 16-bit elements, into two
+  contiguous float32 halves that stay in the core's cache (`HALVES_BLOCK_BYTES`); the row is then
+  the product of its even half with x's even elements plus that of its odd half with x's odd
+  elements. The values are the same exact conversion; only the order of each sum changes.
 - **Threads.** `get_threads()` threads share the blocks of one product: the calling thread and
   `get_threads() - 1` workers of a pool, each taking the next block not yet taken until none is
   left. A thread slowed by another process on its core simply takes fewer blocks, so a busy
@@ -71,6 +78,13 @@ FLOAT32_BLOCK_BYTES = 4 << 20
 # the GIL), and splitting the default model's decode products (0.1 to 0.3 ms each) made whole
 # decode steps no faster than one thread.
 SPLIT_MIN_MACS = 1 << 22
+# A decode step's bfloat16 block is converted by halves into a buffer of at most this many bytes,
+# small enough to stay in the core's cache (L2) between the conversion and the products; 512 KiB
+# made whole decode steps fastest among 128 KiB to 4 MiB (BENCHMARKS.md, "bfloat16 decode by halves").
+HALVES_BLOCK_BYTES = 512 << 10
+# Whether decode steps convert bfloat16 by halves (False: as prefills do, whole rows by
+# `bfloat16_conversion`); for measuring one against the other (tools/measure_products.py).
+DECODE_BY_HALVES = True
 
 
 def conversion_rows(n_out: int, n_in: int) -> int:
@@ -402,13 +416,16 @@ def _conversion_buffer(size: int) -> np.ndarray:
     return buf
 
 
-def block_rows(T: int, n_out: int, n_in: int, low_precision: bool, threads: int) -> int:
+def block_rows(T: int, n_out: int, n_in: int, low_precision: bool, threads: int, halves: bool = False) -> int:
     """Rows per block of an [n_out, n_in] weight multiplied by T tokens on `threads` threads
-    (n_out when the product runs whole, on the calling thread). Batch-invariant products: set by
-    the shape alone, since a matrix-vector kernel's sums depend on where a block begins."""
+    (n_out when the product runs whole, on the calling thread); `halves`: converted by halves.
+    Batch-invariant products: set by the shape alone, since a matrix-vector kernel's sums depend on
+    where a block begins."""
     if _batch_invariant:
         return conversion_rows(n_out, n_in) if low_precision else min(n_out, max(1, FLOAT32_BLOCK_BYTES // (4 * n_in)))
-    if low_precision:
+    if halves:
+        rows = max(1, HALVES_BLOCK_BYTES // (4 * n_in))
+    elif low_precision:
         rows = conversion_rows(n_out, n_in)
     else:
         rows = n_out if threads == 1 else max(1, FLOAT32_BLOCK_BYTES // (4 * n_in))
@@ -434,12 +451,40 @@ def batch_invariant() -> bool:
     return _batch_invariant
 
 
+def halves_bfloat16(src: np.ndarray, even: np.ndarray, odd: np.ndarray) -> None:
+    """bfloat16 [r, n] (n even, rows contiguous) -> float32 `even` [r, n/2], its even columns, and
+    float32 `odd` [r, n/2], its odd columns, exactly (bits = bfloat16 bits << 16, as
+    `shift_bfloat16`). Each pair of neighbours is one 32-bit word: on a little-endian machine its
+    low half is the even column, which a shift by 16 makes a float32, and its high half the odd
+    column, which clearing the low half makes one."""
+    pairs = src.view(np.uint16).view(np.uint32)
+    low, high = (even, odd) if np.little_endian else (odd, even)
+    np.left_shift(pairs, np.uint32(16), out=low.view(np.uint32))
+    np.bitwise_and(pairs, np.uint32(0xFFFF0000), out=high.view(np.uint32))
+
+
+def _by_halves(x: np.ndarray, w) -> bool:
+    """Whether x · wᵀ is a decode step's product with a bfloat16 weight that converts by halves (never
+    when products are batch-invariant: a row alone and in a batch then sum in one order)."""
+    return (DECODE_BY_HALVES and not _batch_invariant and x.shape[0] == 1 and isinstance(w, np.ndarray)
+            and is_bfloat16(w.dtype) and w.shape[1] % 2 == 0 and w.flags.c_contiguous)
+
+
+def _partial_buffer(size: int) -> np.ndarray:
+    """This thread's float32 buffer for the even halves' products, of at least `size` elements."""
+    buf = getattr(_buffers, "even_sums", None)
+    if buf is None or buf.size < size:
+        buf = _buffers.even_sums = np.empty(size, dtype=np.float32)
+    return buf
+
+
 def linear(x: np.ndarray, w) -> np.ndarray:  # [T, n_in], [n_out, n_in] -> [T, n_out]
     """x · wᵀ in float32 for a float32, bfloat16 or float16 weight w (or a weight of its own kind,
     `rows_into`), on llama3_np's threads.
 
     Equals float32 `x @ w.astype(np.float32).T` up to the order of each dot product's sum (the
-    conversion is exact; the blocks split rows, never a sum). x must be float32.
+    conversion is exact; the blocks split rows, and a decode step's bfloat16 product sums each
+    row's even and odd columns apart, then adds the two). x must be float32.
     """
     T, n_in = x.shape
     n_out = w.shape[0]
@@ -450,12 +495,28 @@ def linear(x: np.ndarray, w) -> np.ndarray:  # [T, n_in], [n_out, n_in] -> [T, n
         if not _blas_held:
             hold_blas_to_one_thread()
         return x @ w.T
-    rows = block_rows(T, n_out, n_in, low_precision, threads)
+    halves = _by_halves(x, w)
+    rows = block_rows(T, n_out, n_in, low_precision, threads, halves)
     out = np.empty((T, n_out), dtype=np.float32)
+    if halves:
+        half = n_in // 2
+        x_even, x_odd = np.ascontiguousarray(x[0, 0::2]), np.ascontiguousarray(x[0, 1::2])
+
+    def by_halves(start: int, stop: int) -> None:
+        n = (stop - start) * half
+        buffer = _conversion_buffer(2 * rows * half)
+        even, odd = buffer[:n].reshape(-1, half), buffer[n:2 * n].reshape(-1, half)
+        halves_bfloat16(w[start:stop], even, odd)
+        partial, y = _partial_buffer(rows)[:stop - start], out[0, start:stop]
+        np.dot(even, x_even, out=partial)
+        np.dot(odd, x_odd, out=y)
+        np.add(y, partial, out=y)
 
     def product(i: int) -> None:
         start = i * rows
         stop = min(start + rows, n_out)
+        if halves:
+            return by_halves(start, stop)
         if low_precision:
             block = _conversion_buffer(rows * n_in)[:(stop - start) * n_in].reshape(stop - start, n_in)
             convert(start, stop, block)

@@ -48,18 +48,22 @@ def threads():
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 @pytest.mark.parametrize("split_min", [0, products.SPLIT_MIN_MACS])
-@pytest.mark.parametrize("block_bytes", [4 * 300, 1 << 20])  # blocks of 1 row (n_in 300), whole
+@pytest.mark.parametrize("block_bytes", [4 * 301, 1 << 20])  # blocks of 1 row (n_in 300 or 301), whole
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16, np.float32])
+@pytest.mark.parametrize("n_in", [300, 301])  # a decode step's bfloat16 product by halves; an odd width, by rows
 def test_product_is_the_float32_product_of_the_converted_weight(monkeypatch, threads, n_threads, split_min,
-                                                                 block_bytes, T, dtype):
+                                                                 block_bytes, T, dtype, n_in):
     monkeypatch.setattr(products, "CONVERT_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(products, "HALVES_BLOCK_BYTES", block_bytes)
     monkeypatch.setattr(products, "FLOAT32_BLOCK_BYTES", block_bytes)
     monkeypatch.setattr(products, "SPLIT_MIN_MACS", split_min)
     threads(n_threads)
+    halves = []
+    monkeypatch.setattr(products, "halves_bfloat16", lambda *a: halves.append(a) or HALVES(*a))
     rng = np.random.default_rng(0)
-    w = rng.normal(size=(67, 300)).astype(dtype)
-    x = rng.normal(size=(T, 300)).astype(np.float32)
+    w = rng.normal(size=(67, n_in)).astype(dtype)
+    x = rng.normal(size=(T, n_in)).astype(np.float32)
     w32 = w.astype(np.float32)
     assert np.array_equal(w32.astype(dtype).view(np.uint8), w.view(np.uint8)), "conversion is exact"
     got = products.linear(x, w)
@@ -67,6 +71,28 @@ def test_product_is_the_float32_product_of_the_converted_weight(monkeypatch, thr
     assert_within_dot_bound(got, x, w32, f"{np.dtype(dtype).name} product on {n_threads} threads")
     assert_within_dot_bound(x @ w32.T, x, w32, "NumPy's float32 x @ w.T")
     assert np.array_equal(model.linear(x, w), got), "model.linear is products.linear"
+    by_halves = T == 1 and dtype is ml_dtypes.bfloat16 and n_in % 2 == 0
+    assert bool(halves) == by_halves, "a decode step's bfloat16 product converts by halves, others by rows"
+
+
+HALVES = products.halves_bfloat16
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_a_batch_invariant_decode_product_is_a_row_of_the_batched_one(monkeypatch, threads, n_threads):
+    """With batch-invariant products a decode step's bfloat16 product does not convert by halves,
+    whose sums run in another order: a row alone is bit for bit that row in a batch."""
+    threads(n_threads)
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(3000, 700)).astype(ml_dtypes.bfloat16)
+    x = rng.normal(size=(4, 700)).astype(np.float32)
+    monkeypatch.setattr(products, "halves_bfloat16", lambda *a: pytest.fail("converted by halves"))
+    products.set_batch_invariant(True)
+    try:
+        batched = products.linear(x, w)
+        assert all(np.array_equal(products.linear(x[t:t + 1], w)[0], batched[t]) for t in range(4))
+    finally:
+        products.set_batch_invariant(False)
 
 
 def test_a_large_product_is_shared_by_every_thread(monkeypatch, threads):
@@ -184,6 +210,18 @@ def test_every_bfloat16_pattern_converts_exactly(name):
     wrong = np.flatnonzero(out.view(np.uint32) != want)
     assert wrong.size == 0, (f"{name}: {wrong.size} patterns differ, first 0x{ALL_BFLOAT16.flat[wrong[0]]:04x} -> "
                              f"0x{out.view(np.uint32).flat[wrong[0]]:08x}")
+
+
+def test_halves_convert_every_bfloat16_pattern_exactly():
+    """Each pair of neighbouring columns as one 32-bit word: the even columns by a shift, the odd
+    ones by a mask, every one of the 65,536 patterns to float32 bits = bfloat16 bits << 16, in an
+    even column and in an odd one."""
+    for patterns in (ALL_BFLOAT16, np.roll(ALL_BFLOAT16, 1, axis=1)):
+        even, odd = (np.full((256, 128), np.nan, dtype=np.float32) for _ in range(2))
+        products.halves_bfloat16(patterns.view(ml_dtypes.bfloat16), even, odd)
+        want = patterns.astype(np.uint32) << 16
+        assert np.array_equal(even.view(np.uint32), want[:, 0::2])
+        assert np.array_equal(odd.view(np.uint32), want[:, 1::2])
 
 
 @pytest.fixture

@@ -12,7 +12,10 @@ vector with each matrix, in model order; a prefill chunk the same with [T, n_in]
 interleaved, round after round, in one process; the figures are medians over rounds. Not a test:
 its numbers depend on the machine and on what else runs on it. `chosen-shift` and `chosen-cast` are
 llama3_np's constants with the bfloat16 conversion named (bit shift, ml_dtypes' cast) rather than
-timed at the first product; the process's choice is printed.
+timed at the first product; the process's choice is printed. `chosen-rows` converts decode steps'
+bfloat16 blocks as prefills do, whole rows, instead of by halves; `halves-128K` ... `halves-4M` by
+halves in blocks of that size. The last column is bfloat16's decode speed over float32's, the
+median of each round's ratio.
 """
 
 from __future__ import annotations
@@ -59,6 +62,11 @@ VARIANTS = {
 # The chosen constants with each bfloat16 conversion named instead of timed at first use.
 CONVERSION_VARIANTS = {"shift": "bit shift", "cast": "ml_dtypes cast"}
 VARIANTS.update({f"chosen-{short}": VARIANTS["chosen"] for short in CONVERSION_VARIANTS})
+VARIANTS["chosen-rows"] = VARIANTS["chosen"]
+# Decode steps' bfloat16 blocks converted by halves in blocks of this many bytes (products.HALVES_BLOCK_BYTES).
+HALVES_SIZES = {f"halves-{label}": size for label, size in
+                (("128K", MiB // 8), ("256K", MiB // 4), ("512K", MiB // 2), ("1M", MiB), ("4M", 4 * MiB))}
+VARIANTS.update({name: VARIANTS["chosen"] for name in HALVES_SIZES})
 
 
 def matrices(config: ModelConfig) -> list[tuple[int, int]]:
@@ -77,6 +85,7 @@ def run(args) -> int:
     token_counts = (1, P) if P else (1,)
     inputs = {T: {n_in: np.full((T, n_in), 0.5, dtype=np.float32) for _, n_in in shapes} for T in token_counts}
     names = args.variants or list(VARIANTS)
+    halves_block = products.HALVES_BLOCK_BYTES
     times = {(v, dtype, T): [] for v in names for dtype in weights for T in token_counts}
     for r in range(args.rounds):
         for v in names:
@@ -84,6 +93,8 @@ def run(args) -> int:
             products.CONVERT_BLOCK_BYTES, products.FLOAT32_BLOCK_BYTES, products.SPLIT_MIN_MACS = cb, fb, split
             products.set_threads(threads)
             products.set_bfloat16_conversion(CONVERSION_VARIANTS.get(v.rpartition("-")[2]))
+            products.DECODE_BY_HALVES = v != "chosen-rows"
+            products.HALVES_BLOCK_BYTES = HALVES_SIZES.get(v, halves_block)
             for dtype, ws in weights.items():
                 for T in token_counts:
                     t0 = time.perf_counter()
@@ -97,12 +108,13 @@ def run(args) -> int:
     print(f"{args.shape}: {len(shapes)} products per token; {gb['float32']:.2f} GB float32, "
           f"{gb['bfloat16']:.2f} GB bfloat16; medians of {args.rounds} rounds")
     print(f"{'variant':12s} {'f32 decode ms':>13s} {'GB/s':>6s} {'bf16 decode ms':>14s} {'GB/s':>6s} "
-          f"{'f32 prefill ms':>14s} {'bf16 prefill ms':>15s}  (prefill: {P} tokens)")
+          f"{'f32 prefill ms':>14s} {'bf16 prefill ms':>15s} {'bf16 / f32 decode speed':>23s}  (prefill: {P} tokens)")
     for v in names:
         row = [statistics.median(times[v, d, T]) if times.get((v, d, T)) else float("nan")
                for T, d in ((1, "float32"), (1, "bfloat16"), (P, "float32"), (P, "bfloat16"))]
         print(f"{v:12s} {row[0] * 1e3:13.2f} {gb['float32'] / row[0]:6.1f} {row[1] * 1e3:14.2f} "
-              f"{gb['bfloat16'] / row[1]:6.1f} {row[2] * 1e3:14.1f} {row[3] * 1e3:15.1f}")
+              f"{gb['bfloat16'] / row[1]:6.1f} {row[2] * 1e3:14.1f} {row[3] * 1e3:15.1f} "
+              f"{statistics.median(f / b for f, b in zip(times[v, 'float32', 1], times[v, 'bfloat16', 1])):23.2f}")
     return 0
 
 

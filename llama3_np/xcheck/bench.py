@@ -13,9 +13,10 @@ float32 matrix-vector rate (x · Wᵀ through llama3_np's products) is reported 
 decode fraction of that too: it is what NumPy's BLAS makes of the bandwidth, and it is lower.
 
 bfloat16 residency converts every weight to float32 block by block as it multiplies, so the rate
-of that conversion bounds its decode too: `bench` prints the conversion products chose (bit shift or
-ml_dtypes' cast, timed at the first bfloat16 product) and the rate of each, in bytes of bfloat16 read
-per second on all threads, blocks of the size products convert.
+of that conversion bounds its decode too: `bench` prints the conversion products chose for prefills
+(bit shift or ml_dtypes' cast, timed at the first bfloat16 product), that decode steps convert by
+halves (`products.halves_bfloat16`), and the rate of each, in bytes of bfloat16 read per second on
+all threads, blocks of the size products convert.
 
 The prompt is a fixed synthetic list of token ids (no tokenizer needed); every run is greedy, has
 no stop token, and starts from an empty KV cache. Speeds are medians over `runs` runs after a warm-up.
@@ -37,8 +38,8 @@ import numpy as np
 from ..config import ComputeMode, ModelConfig
 from ..errors import Llama3Error, ParameterError
 from ..generation import Session
-from ..products import (BFLOAT16_CONVERSIONS, bfloat16_conversion, conversion_rows, get_threads, linear,
-                        parallel)
+from ..products import (BFLOAT16_CONVERSIONS, HALVES_BLOCK_BYTES, bfloat16_conversion, conversion_rows, get_threads,
+                        halves_bfloat16, linear, parallel)
 from ..sampling import SamplingParams
 
 # The limits (each the best of several runs): row sums of a float32 array 32 times the size of a
@@ -171,7 +172,8 @@ def measure_sgemm(repeats: int = 9) -> float:
 def measure_conversions(repeats: int = 5) -> dict[str, float]:
     """bfloat16 -> float32 conversion rate of each of products' conversions, in bytes of bfloat16 read
     per second: a matrix read from memory, converted block by block into each thread's buffer, the
-    blocks shared by llama3_np's threads, as bfloat16 products convert (without their products)."""
+    blocks shared by llama3_np's threads, as bfloat16 products convert (without their products);
+    "halves" is a decode step's conversion, in its blocks (`products.halves_bfloat16`)."""
     from ..dtypes import bfloat16
 
     n_out, n_in = CONVERSION_MATRIX
@@ -189,6 +191,15 @@ def measure_conversions(repeats: int = 5) -> dict[str, float]:
             convert(part, buffers.block[:part.shape[0]])
 
         rates[name] = w.nbytes / _best_seconds(lambda: parallel(block, n_blocks), repeats)
+    rows = max(1, HALVES_BLOCK_BYTES // (4 * n_in))
+
+    def by_halves(i: int) -> None:
+        if not hasattr(buffers, "halves"):
+            buffers.halves = np.empty((2, rows, n_in // 2), dtype=np.float32)
+        part = w[i * rows:(i + 1) * rows]
+        halves_bfloat16(part, buffers.halves[0, :part.shape[0]], buffers.halves[1, :part.shape[0]])
+
+    rates["halves"] = w.nbytes / _best_seconds(lambda: parallel(by_halves, -(-n_out // rows)), repeats)
     return rates
 
 
@@ -337,7 +348,8 @@ def report(r: BenchResult) -> str:
         f"float32 matrix-vector {r.matvec_gb_s:.1f} GB/s ({BANDWIDTH_MATRIX[0] * BANDWIDTH_MATRIX[1] * 4 >> 20} MiB "
         f"matrix); sgemm {r.sgemm_gflop_s:.1f} GFLOP/s ({'x'.join(map(str, SGEMM_SHAPE))}); "
         f"all on {r.threads} threads",
-        f"bfloat16 conversion: {r.bfloat16_conversion} (the faster at the first bfloat16 product); "
+        f"bfloat16 conversion: decode steps by halves, prefills by {r.bfloat16_conversion} (the faster at the "
+        "first bfloat16 product); "
         + ", ".join(f"{name} {rate:.1f} GB/s" for name, rate in r.conversion_gb_s.items())
         + f" of bfloat16 on {r.threads} threads (ml_dtypes {r.ml_dtypes_version})",
     ])

@@ -135,7 +135,7 @@ def test_bench_report_names_every_figure(tiny_checkpoint, capsys):
     assert main(["bench", "-m", str(path), "--prompt", "4", "--new", "3", "--runs", "1"]) == 0
     out = capsys.readouterr().out
     for word in ("load", "prefill", "decode", "peak RSS", "of the sgemm limit", "of the read bandwidth",
-                 "bfloat16 conversion: ", "bit shift", "ml_dtypes cast",
+                 "bfloat16 conversion: ", "bit shift", "ml_dtypes cast", "halves",
                  "of the matrix-vector rate", "read bandwidth", "float32 matrix-vector", "GFLOP/s", "threads"):
         assert word in out, f"{word!r} missing from:\n{out}"
 
