@@ -10,9 +10,10 @@ from pathlib import Path
 
 from ..config import COMPUTE_DTYPES
 from ..errors import Llama3Error
+from ..files import read_json
 from ..xcheck.adjudicate import CONTINUATION_FORMATS, adjudicate, prompt_and_continuations, ruling_report
 from ..xcheck.dump import read_dump
-from .common import add_model_args, add_prompt_args, load, parse_token_ids, read_prompt, read_text_file
+from .common import add_model_args, add_prompt_args, load, parse_token_ids, read_prompt
 
 
 def add_command(sub) -> None:
@@ -47,10 +48,7 @@ def parse_continuation(arg: str, side: str):
         return [int(t) for t in arg.replace(" ", "").split(",") if t]
     if not Path(arg).is_file():
         raise Llama3Error(f"{side} {arg!r} is neither comma-separated token ids nor a JSON file")
-    try:
-        return json.loads(read_text_file(arg, f"{side} file"))
-    except ValueError as e:
-        raise Llama3Error(f"{side} {arg} is not JSON ({e}): give a JSON file or comma-separated ids") from None
+    return read_json(arg, f"{side} file", "give a JSON file or comma-separated ids")
 
 
 def run(args) -> int:
