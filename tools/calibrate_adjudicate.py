@@ -38,7 +38,6 @@ import json
 import math
 import re
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -48,8 +47,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import torch_reference as ref  # noqa: E402
-from llama3_np.assets import default_model  # noqa: E402
-from llama3_np.formats.gguf_to_hf import import_gguf  # noqa: E402
 from llama3_np.load import load_model  # noqa: E402
 from llama3_np.model import forward  # noqa: E402
 from llama3_np.xcheck import adjudicate as adj  # noqa: E402
@@ -66,8 +63,8 @@ def teacher_forced(model, ids: list[int]) -> np.ndarray:  # -> [T, V] float64
 
 
 def main() -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        return calibrate(import_gguf(default_model(), Path(tmp) / "default"))
+    with ref.default_model_folder() as folder:
+        return calibrate(folder)
 
 
 def calibrate(folder: Path) -> int:

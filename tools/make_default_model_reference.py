@@ -19,7 +19,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import numpy as np  # noqa: E402
 
 from llama3_np.assets import DEFAULT_MODEL_GGUF, DEFAULT_MODEL_SHA256, default_model  # noqa: E402
 from llama3_np.formats.gguf_file import GGUFFile  # noqa: E402
-from llama3_np.formats.gguf_to_hf import import_gguf  # noqa: E402
+import torch_reference as ref  # noqa: E402
 
 OUT = REPO / "tests" / "fixtures" / "default_model" / "greedy.json"
 NEW_TOKENS = 64
@@ -105,8 +104,8 @@ def check_exact(path) -> None:
 
 
 def main() -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        return write_fixture(import_gguf(default_model(), Path(tmp) / "default"))
+    with ref.default_model_folder() as folder:
+        return write_fixture(folder)
 
 
 def write_fixture(folder: Path) -> int:

@@ -27,7 +27,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -39,8 +38,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 import torch_reference as ref  # noqa: E402
-from llama3_np.assets import DEFAULT_MODEL_GGUF, DEFAULT_MODEL_SHA256, default_model  # noqa: E402
-from llama3_np.formats.gguf_to_hf import import_gguf  # noqa: E402
+from llama3_np.assets import DEFAULT_MODEL_GGUF, DEFAULT_MODEL_SHA256  # noqa: E402
 from llama3_np.text.tokenizer import load_tokenizer  # noqa: E402
 
 transformers = ref.transformers_module()
@@ -117,8 +115,8 @@ def meta_greedy(model, prompt_ids):
 
 
 def main() -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        return write_fixture(import_gguf(default_model(), Path(tmp) / "default"))
+    with ref.default_model_folder() as folder:
+        return write_fixture(folder)
 
 
 def write_fixture(folder: Path) -> int:

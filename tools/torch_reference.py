@@ -179,6 +179,20 @@ def transformers_module():
     return transformers
 
 
+@contextlib.contextmanager
+def default_model_folder():
+    """The default model's exact values (its GGUF, `llama3_np.assets.default_model`) imported by
+    `gguf_to_hf.import_gguf` into a temporary Hugging Face folder, for the torch references to load;
+    the folder goes when the block ends."""
+    import tempfile
+
+    from llama3_np.assets import default_model
+    from llama3_np.formats.gguf_to_hf import import_gguf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        yield import_gguf(default_model(), Path(tmp) / "default")
+
+
 def load_hf(checkpoint_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """`LlamaForCausalLM` from a local folder, weights cast to `dtype`, eager attention."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
