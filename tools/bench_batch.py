@@ -53,7 +53,7 @@ from pathlib import Path
 
 from tool_support import run_tool  # first: it makes this checkout's llama3_np importable
 
-from bench_compare import available, common_prefix, write_gguf
+from bench_compare import available, common_prefix, llama_decode, write_gguf
 
 from llama3_np.cli.common import model_dir
 from llama3_np.errors import Llama3Error
@@ -143,15 +143,7 @@ def llama_cpp_engine(gguf: Path, threads: int, ctx: int, sequences: int):
         return c, batch
 
     def decode(c, batch, items) -> list[np.ndarray]:
-        """items: (token, pos, seq, wants logits); the logits of each that wants them."""
-        batch.n_tokens = len(items)
-        for i, (token, pos, seq, logits) in enumerate(items):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
-            batch.seq_id[i][0] = seq
-        if lc.llama_decode(c, batch) != 0:
-            raise RuntimeError("llama_decode failed")
-        return [np.ctypeslib.as_array(lc.llama_get_logits_ith(c, i), shape=(n_vocab,))
-                for i, item in enumerate(items) if item[3]]
+        return llama_decode(lc, c, batch, items, n_vocab)
 
     def job(prompts, new):
         c, batch = context(sequences, ctx, N_BATCH)

@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
+from tool_support import run_tool  # first: it makes this checkout's llama3_np importable
 
 from llama3_np.cli.common import model_dir
 from llama3_np.config import from_hf_config
@@ -239,15 +239,8 @@ def run_llama_cpp_batch(path: Path, prompts: list[list[int]], new: int, runs: in
     n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
     batch = lc.llama_batch_init(512, 0, 1)
 
-    def decode(items) -> list[int]:  # items: (token, pos, seq, wants logits); the argmax of each wanted
-        batch.n_tokens = len(items)
-        for i, (token, pos, seq, logits) in enumerate(items):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
-            batch.seq_id[i][0] = seq
-        if lc.llama_decode(ctx, batch) != 0:
-            raise RuntimeError("llama_decode failed")
-        return [int(np.argmax(np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(n_vocab,))))
-                for i, item in enumerate(items) if item[3]]
+    def decode(items) -> list[int]:  # the argmax of each item that wants logits
+        return [int(np.argmax(x)) for x in llama_decode(lc, ctx, batch, items, n_vocab)]
 
     def generate(prompts, n):
         lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
@@ -411,6 +404,21 @@ def available(engine: str) -> bool:
         return True
     except ImportError:
         return False
+
+
+def llama_decode(lc, ctx, batch, items, n_vocab: int) -> list:
+    """One llama_decode of `items` (token, pos, seq, wants logits) through llama-cpp-python's
+    low-level API, several sequences in one batch; the logits [n_vocab] of each item that wants them."""
+    import numpy as np
+
+    batch.n_tokens = len(items)
+    for i, (token, pos, seq, logits) in enumerate(items):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+        batch.seq_id[i][0] = seq
+    if lc.llama_decode(ctx, batch) != 0:
+        raise RuntimeError("llama_decode failed")
+    return [np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
+            for i, item in enumerate(items) if item[3]]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
