@@ -390,7 +390,8 @@ def attention(x: np.ndarray, w: AttentionWeights, rotation: Rotation, caches: Se
     for c in caches:  # each sequence: its rows' queries, its cache's keys and values
         keys, values = c.store(k_rope[c.rows], v[c.rows])  # [KV, S, Dh] each
         attended.append(causal_attention(q_rope[c.rows], keys, values, keep, mode))  # [T, H, Dh]
-    attn = keep("attn", np.concatenate(attended).reshape(T, H * Dh))  # [T, H*Dh]
+    heads = attended[0] if len(attended) == 1 else np.concatenate(attended)  # one sequence: no copy
+    attn = keep("attn", heads.reshape(T, H * Dh))  # [T, H*Dh]
     return keep("attn_out", rounded(linear(attn, w.wo)))  # [T, H*Dh] -> [T, D]
 
 
