@@ -143,10 +143,12 @@ def test_the_command_reads_files_rules_and_exits_by_verdict(tmp_path, capsys):
     a.write_text(json.dumps({"prompt_ids": PROMPT, "ids": [7042, 28, 260]}))
     b.write_text(json.dumps({"sequences": [PROMPT + [7042, 30]]}))
     code, out, _ = run_cli(capsys, "adjudicate", a, b)
-    assert code in (0, 1) and "part at position 1" in out and out.splitlines()[-1].startswith("verdict: ")
+    # ',' against '(' after "The capital of France is Paris": far outside float32's band, a defect
+    assert code == 1 and "part at position 1" in out and out.splitlines()[-1].startswith("verdict: defect"), out
     dump = tmp_path / "a.safetensors"  # A is llama3_np itself: its dump adds no error to its own replay
     assert run_cli(capsys, "dump", "--tokens", ",".join(map(str, PROMPT + [7042])), "-o", dump)[0] == 0
     code, out, _ = run_cli(capsys, "adjudicate", a, b, "--dump-a", dump)
+    assert code == 1 and "verdict: defect" in out, out
     assert out.splitlines()[-1].startswith("A's dump replayed in float32: ") and "none past" in out
     code, out, _ = run_cli(capsys, "adjudicate", "--tokens", ",".join(map(str, PROMPT)), "7042,28", "7042,28", "--json")
     assert code == 0 and json.loads(out)["verdict"] == "agree"
