@@ -503,14 +503,17 @@ def output_logits(x: np.ndarray, weights: Mapping[str, np.ndarray], config: Mode
 
 def forward_batch(weights: Mapping[str, np.ndarray], config: ModelConfig, batch: Sequence,
                   caches: Optional[Sequence[KVCache]] = None, positions: Optional[Sequence[int]] = None,
-                  last_only: bool = False, compute: str | ComputeMode | None = None) -> list[np.ndarray]:
+                  last_only: bool = False, compute: str | ComputeMode | None = None,
+                  logits_rows: Optional[Sequence[slice]] = None) -> list[np.ndarray]:
     # B x [T_b] -> B x [T_b, V]
     """`forward` of B sequences at once: each sequence's logits, in the order of `batch`.
 
     batch: B token-id lists (any lengths); caches: one `KVCache` per sequence (None: a fresh one
     each, as `forward` without a cache), each extended by its sequence's tokens; positions: the
     rope position of each sequence's first token (None: each cache's length). Returns B arrays,
-    [T_b, V] each, or [1, V] with `last_only`. The B sequences' tokens are the rows of one pass
+    [T_b, V] each, or [1, V] with `last_only`, or the rows `logits_rows[b]` of sequence b's
+    [T_b, V] (llama_batch's per-token `logits` flags: the output product runs only for those
+    rows). The B sequences' tokens are the rows of one pass
     (the legend's batch), so every weight is read once for all of them; each sequence attends to
     its own tokens and cache only, and no padding is involved.
 
@@ -542,6 +545,10 @@ def forward_batch(weights: Mapping[str, np.ndarray], config: ModelConfig, batch:
     for c, start, t in zip(caches, starts, tokens):
         c.length = start + t.size  # every layer now holds each sequence's tokens
     if last_only:
-        x, rows = x[ends - 1], [slice(b, b + 1) for b in range(len(rows))]  # [B, D]
+        logits_rows = [slice(-1, None)] * len(rows)
+    if logits_rows is not None:  # only these rows of each sequence: [T, D] -> [T', D]
+        picked = [np.arange(r.start, r.stop)[k] for r, k in zip(rows, logits_rows)]
+        x, ends = x[np.concatenate(picked)], np.cumsum([p.size for p in picked])
+        rows = [slice(end - p.size, end) for p, end in zip(picked, ends)]
     logits = output_logits(x, weights, config, mode, finite_stages(keep_nothing, "", mode))  # [T, V]
     return [logits[r] for r in rows]

@@ -158,6 +158,28 @@ def test_each_sequence_keeps_its_own_positions_and_cache():
         assert nmse(got[b], want) <= BATCH_NMSE and caches[b].length == o.length
 
 
+@pytest.mark.parametrize("on", [False, True], ids=["default", "batch-invariant"])
+def test_logits_of_chosen_rows_are_those_rows_of_all_logits(on):
+    """logits_rows (llama_batch's per-token logits flags, perplexity's scored half): the output
+    product runs for those rows only, and gives them the logits they have among all rows, within
+    the bound (another number of rows: another kernel), bit for bit with batch-invariant products."""
+    config = tiny_config()
+    w = random_weights(config)
+    products.set_batch_invariant(on)
+    try:
+        every = forward_batch(w, config, PROMPTS)
+        chosen = [slice(3, 6), slice(-1, None), slice(6, 12), slice(0, 0)]
+        got = forward_batch(w, config, PROMPTS, logits_rows=chosen)
+    finally:
+        products.set_batch_invariant(False)
+    for b, (x, rows) in enumerate(zip(every, chosen)):
+        assert got[b].shape == x[rows].shape, f"sequence {b}"
+        if on:
+            assert np.array_equal(got[b], x[rows]), f"sequence {b}"
+        elif x[rows].size:
+            assert nmse(got[b], x[rows]) <= BATCH_NMSE, f"sequence {b}"
+
+
 def test_bad_batches_are_clear_errors():
     config = tiny_config()
     w = random_weights(config)

@@ -14,8 +14,10 @@ w·xT: llama3_np's choice, (w · xᵀ)ᵀ up to that many rows); rounds interlea
 Printed: medians over rounds, each N's decode speed over N=1's under the same kernel (the median
 of each round's ratio), and the share of a decode step's time spent in the weight products
 (`products.linear`), in attention (`model.attention` but its products) and drawing the
-tokens (`Session._draw`), the rest being the layers' element-wise stages and Python. Not a test:
-its numbers depend on the machine and on what else runs on it.
+tokens (`Session._draw`), the rest being the layers' element-wise stages and Python, and the bound
+the products set: N · (products' seconds a step at N=1) / (products' seconds a step at N), the
+speed-up over N=1 if nothing but the products took time. Not a test: its numbers depend on the
+machine and on what else runs on it.
 """
 
 from __future__ import annotations
@@ -105,8 +107,12 @@ def run(args) -> int:
     base = min(args.np)
     print(f"{args.model or 'default model'}, {args.dtype} residency, {args.threads} thread(s), prompt {args.prompt}, "
           f"{args.new} new tokens; medians of {args.rounds} rounds")
-    print("| N | kernel | decode tok/s | / N=%d | products | attention | draw | rest |" % base)
-    print("|---|---|---|---|---|---|---|---|")
+    print("| N | kernel | decode tok/s | / N=%d | products | attention | draw | rest | products' bound |" % base)
+    print("|---|---|---|---|---|---|---|---|---|")
+
+    def products_per_step(n, rate, shares):  # seconds a step spends in the products
+        return shares.get("products", 0.0) * n / rate
+
     for n in args.np:
         for k in args.kernels:
             rows = results[n, k]
@@ -114,8 +120,10 @@ def run(args) -> int:
             over = statistics.median(x / y for (x, _), (y, _) in zip(rows, results[base, k]))
             share = {key: statistics.median(s.get(key, 0.0) for _, s in rows) for key in ("products", "attention", "draw")}
             rest = 1 - sum(share.values())
+            bound = statistics.median(n / base * products_per_step(base, *one) / products_per_step(n, *many)
+                                      for many, one in zip(rows, results[base, k]))
             print(f"| {n} | {k} | {rate:.2f} | {over:.2f} | {share['products']:.0%} | {share['attention']:.0%} | "
-                  f"{share['draw']:.0%} | {rest:.0%} |", flush=True)
+                  f"{share['draw']:.0%} | {rest:.0%} | {bound:.2f} |", flush=True)
     if len(args.kernels) == 2:
         for n in args.np:
             a, b = (results[n, k] for k in args.kernels)

@@ -8,7 +8,9 @@ llama.cpp's `llama-perplexity` (the numbers people quote for quantized models) d
      a batch of several windows' tokens (`batch` a multiple of `ctx`) runs batch/ctx windows in
      one pass (llama.cpp's n_seq; `model.forward_batch`: each weight read once for all of them);
   4. score only the second half: the logits at positions ctx/2 .. ctx-2 predict tokens
-     ctx/2+1 .. ctx-1, so that every scored token sees at least ctx/2 tokens of context;
+     ctx/2+1 .. ctx-1, so that every scored token sees at least ctx/2 tokens of context (only
+     their logits are computed: the output product runs for those rows alone, as llama.cpp asks
+     for those logits alone, `forward_batch`'s logits_rows);
   5. PPL = exp(mean negative log-likelihood); its standard error, by the delta method, is
      PPL · sqrt((mean(nll²) - mean(nll)²) / (N - 1)).
 At least 2·ctx tokens are needed (llama.cpp refuses fewer).
@@ -32,7 +34,7 @@ import numpy as np
 from .. import __version__
 from ..config import ModelConfig
 from ..errors import ParameterError
-from ..model import KVCache, forward, forward_batch
+from ..model import KVCache, forward_batch
 from ..formats.safetensors_file import SafetensorsFile, SafetensorsWriter
 
 DEFAULT_CTX = 512  # the context llama.cpp's published perplexities use
@@ -76,10 +78,11 @@ def scored_logits(weights: Mapping[str, np.ndarray], config: ModelConfig, window
     rows = []
     for start in range(0, ctx, batch):
         part = window[start:start + batch]
-        logits = forward(weights, config, part, cache, pos=start)  # [len(part), V]
         lo, hi = max(first, start), min(start + len(part), ctx - 1)
+        scored = slice(lo - start, hi - start) if lo < hi else slice(-1, None)  # the output product: these rows
+        logits, = forward_batch(weights, config, [part], [cache], logits_rows=[scored])
         if lo < hi:
-            rows.append(logits[lo - start:hi - start])
+            rows.append(logits)
         if on_batch is not None:
             on_batch(start + len(part))
     return np.concatenate(rows)
@@ -114,10 +117,11 @@ def windows_logits(weights: Mapping[str, np.ndarray], config: ModelConfig, wins:
     for start in range(0, len(wins), per_pass):
         group = wins[start:start + per_pass]
         caches = [KVCache(config, ctx, compute) for _ in group]
-        for i, logits in enumerate(forward_batch(weights, config, group, caches), start):  # [ctx, V] each
-            if on_progress is not None:
+        scored = [slice(first, ctx - 1)] * len(group)  # the output product only for the rows scored
+        for i, logits in enumerate(forward_batch(weights, config, group, caches, logits_rows=scored), start):
+            if on_progress is not None:  # logits: [ctx - 1 - first, V]
                 on_progress(i, ctx)
-            yield logits[first:ctx - 1]
+            yield logits
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:  # [N, V] -> [N, V], float64

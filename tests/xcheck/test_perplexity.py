@@ -46,9 +46,7 @@ def test_scored_logits_are_positions_ctx_half_to_ctx_minus_2_whatever_the_batch(
     w, c = tiny.weights, tiny.config
     window = random_ids(16, seed=1)
     full = forward(w, c, window)  # [16, V], no cache
-    one_batch = scored_logits(w, c, window, batch=16)
-    assert np.array_equal(one_batch, full[8:15])
-    for batch in (1, 5, 8):
+    for batch in (1, 5, 8, 16):  # the output product runs for the scored rows only: float32 rounding apart
         np.testing.assert_allclose(scored_logits(w, c, window, batch), full[8:15], rtol=1e-5, atol=1e-5)
 
 
@@ -66,7 +64,8 @@ def test_a_batch_of_whole_windows_runs_them_in_one_pass_with_each_windows_logits
     real = perplexity.forward_batch
     monkeypatch.setattr(perplexity, "forward_batch", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     alone = list(windows_logits(w, c, wins, 16))
-    assert calls == []
+    assert calls == [1] * 7  # one window a pass
+    calls.clear()
     batched = list(windows_logits(w, c, wins, 48))
     assert calls == [3, 3, 1] and len(batched) == 7
     assert max(nmse(b, a) for a, b in zip(alone, batched)) <= BATCH_NMSE
@@ -91,11 +90,14 @@ def test_perplexity_and_its_standard_error_from_first_principles(tiny):
             log_p = z - z.max() - math.log(np.sum(np.exp(z - z.max())))
             nll.append(-log_p[ids[i * 16 + pos + 1]])
     nll = np.array(nll)
-    assert r.scored == 21 and np.allclose(np.concatenate(r.nll), nll, rtol=1e-12, atol=0)
+    # run_perplexity's output product runs for the scored rows alone, forward's here for all 16: the
+    # logits agree to float32 rounding (docs/DESIGN.md, "Batches"), the NLL to 1e-6 of its value
+    got = np.concatenate(r.nll)
+    assert r.scored == 21 and np.allclose(got, nll, rtol=1e-6, atol=0)
     ppl = r.ppl
-    assert ppl.value == pytest.approx(math.exp(nll.mean()), rel=1e-12)
+    assert ppl.value == pytest.approx(math.exp(got.mean()), rel=1e-12)
     # llama.cpp: PPL * sqrt((mean(nll^2) - mean(nll)^2) / (N - 1))
-    assert ppl.error == pytest.approx(ppl.value * math.sqrt(np.var(nll) / (len(nll) - 1)), rel=1e-9)
+    assert ppl.error == pytest.approx(ppl.value * math.sqrt(np.var(got) / (len(got) - 1)), rel=1e-9)
     assert mean_estimate(np.array([1.0, 2.0, 3.0, 4.0])).error == pytest.approx(math.sqrt(1.25 / 3))
 
 
