@@ -20,7 +20,7 @@ from tests.helpers import assert_close, nmse, random_weights, tiny_config
 # Measured 0 in both (the same bits: docs/DESIGN.md, "Fused products"); what any CPU's kernels allow:
 # in float32, products within the dot-product bound of each other, some 1e-7 relative, so far below
 # 1e-12; in bfloat16 a sum in another order may round to the neighbouring bfloat16, which later
-# roundings carry on (NMSE up to ~1e-4 at the default model's logits, DESIGN.md's numerical facts).
+# roundings carry on (NMSE up to ~1e-4 at the default model's logits: docs/DESIGN.md, "Numerical facts").
 FUSED_NMSE = {"float32": 1e-12, "bfloat16": 1e-4}
 
 
