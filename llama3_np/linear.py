@@ -47,12 +47,15 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_
 def linears(x: np.ndarray, *ws) -> tuple[np.ndarray, ...]:
     # [T, n_in], k x [n_i, n_in] -> k x [T, n_i]
     """`linear(x, w)` for each of several weights that multiply the same input (q, k and v; the gate
-    and the up projection): one product when they are consecutive row blocks of one array (as
-    `fuse_projections` holds them), each weight's columns of it a view; separate products otherwise
-    (LoRA and llama.cpp weights, quantized blocks, separate arrays). Either way each value is the dot
-    product of a row of x with a row of a weight, in float32 (`linear`); the one product may sum it
-    in another order (`products.linear` picks its kernel and blocks by the whole shape)."""
-    whole, bounds = joined(ws)
+    and the up projection): in a decode step (one row of x), one product when they are consecutive
+    row blocks of one array (as `fuse_projections` holds them), each weight's columns of it a view;
+    separate products otherwise (several rows; LoRA and llama.cpp weights, quantized blocks,
+    separate arrays). Either way each value is the dot product of a row of x with a row of a
+    weight, in float32 (`linear`). Several rows stay separate because the matrix-matrix kernel's
+    sums depend on the number of columns, so one product would change a prefill's last bits, and it
+    measured no faster (BENCHMARKS.md, "Threads and blocks"); the matrix-vector kernel sums each row
+    by itself (docs/DESIGN.md, "Fused products")."""
+    whole, bounds = joined(ws) if x.shape[0] == 1 else (None, [])
     if whole is None:
         return tuple(linear(x, w) for w in ws)
     y = linear(x, whole)  # [T, sum n_i]

@@ -82,9 +82,9 @@ def count_products(monkeypatch):
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_fused_products_are_the_separate_products(monkeypatch, count_products, dtype, T, n_threads):
-    """One product of the joined weights gives each weight's product within float32's dot-product
-    bound, which holds for any kernel (measured: the same bits, docs/DESIGN.md, "Fused products").
-    The names keep their exact values."""
+    """In a decode step, one product of the joined weights gives each weight's product within
+    float32's dot-product bound, which holds for any kernel (measured: the same bits, docs/DESIGN.md,
+    "Fused products"); several rows run one product a weight. The names keep their exact values."""
     monkeypatch.setattr(products, "SPLIT_MIN_MACS", 1)  # blocks shared by the threads, even here
     before = products.get_threads()
     products.set_threads(n_threads)
@@ -97,7 +97,8 @@ def test_fused_products_are_the_separate_products(monkeypatch, count_products, d
             assert all(np.array_equal(w, separate[name]) and w.base is ws[0].base for w, name in zip(ws, names))
             del count_products[:]
             fused = linear.linears(x, *ws)
-            assert count_products == [ws[0].base.shape]  # one product, of the joined array
+            # a decode step: one product, of the joined array; several rows: one product each
+            assert count_products == ([ws[0].base.shape] if T == 1 else [w.shape for w in ws])
             for got, w, name in zip(fused, ws, names):
                 assert got.shape == (T, w.shape[0]) and got.dtype == np.float32
                 within_dot_bound(got, x, w, name)

@@ -17,10 +17,12 @@ each value. Also prints the peak RSS and load time of the process (fused at load
 numbers depend on the machine and on what else runs on it.
 
 --values measures instead how far fused products are from separate ones (docs/DESIGN.md, "Fused
-products"): for float32 and bfloat16 weights, 1 and 2 threads, T = 1 and 7, the largest
-|fused - separate| over every layer's q/k/v and gate/up, in units of the float32 dot-product bound
-γ_n·|x|·|w| (u = 2⁻²⁴), and whether they are bit-identical; then the NMSE of the logits of a prefill
-and decode steps, fused against separate, in float32 and bfloat16 compute.
+products"): for float32 and bfloat16 weights, 1 and 2 threads, one row (a decode step, the products
+`linear.linears` fuses) and, with --rows, more (the product of the joined array, which `linears`
+does not run for several rows), the largest |fused - separate| over every layer's q/k/v and gate/up,
+in units of the float32 dot-product bound γ_n·|x|·|w| (u = 2⁻²⁴), and whether they are
+bit-identical; then the NMSE of the logits of a prefill and decode steps, fused against separate,
+in float32 and bfloat16 compute.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from llama3_np import products
 from llama3_np.config import ComputeMode
 from llama3_np.dtypes import bfloat16
 from llama3_np.formats.canonical import JOINED
-from llama3_np.linear import fuse_projections, linears, mode_weights
+from llama3_np.linear import fuse_projections, mode_weights
 from llama3_np.load import load_model
 from llama3_np.model import KVCache, forward
 
@@ -82,13 +84,16 @@ def values(args) -> int:
         fuse_projections(joined, config.n_layers)
         for threads in (1, 2):
             products.set_threads(threads)
-            for T in (1, 7):
+            for T in (1, *args.rows):
                 worst, identical = 0.0, True
                 x = rng.normal(size=(T, config.dim)).astype(np.float32)
                 for layer in range(config.n_layers):
                     for group in JOINED:
                         ws = [joined[f"layers.{layer}.{name}.weight"] for name in group]
-                        for got, w in zip(linears(x, *ws), ws):
+                        whole = ws[0].base
+                        y, start = products.linear(x, whole), 0  # the one product, whatever T
+                        for w in ws:
+                            got, start = y[:, start:start + w.shape[0]], start + w.shape[0]
                             alone = products.linear(x, np.array(w))
                             n = x.shape[1]
                             bound = n * u / (1 - n * u) * (np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T)
@@ -173,6 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--values", action="store_true", help="measure the values, not the time")
+    p.add_argument("--rows", type=lambda s: [int(n) for n in s.split(",")], default=[],
+                   help="with --values: also products of this many rows")
     p.add_argument("--split-min", type=lambda s: [int(n) for n in s.split(",")], default=[],
                    help="SPLIT_MIN_MACS values to try with the fused weights")
     return run_tool("measure_fused_products", lambda: run(p.parse_args(argv)))
