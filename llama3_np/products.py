@@ -28,6 +28,10 @@ here changes its value beyond the order of a sum:
   left. A thread slowed by another process on its core simply takes fewer blocks, so a busy
   machine slows a product in proportion to the CPU time it leaves, rather than making threads wait
   for each other. Products too small to pay for waking a worker run on the calling thread alone.
+- **Several rows.** A product of a few rows (a batch's decode step, one row per sequence) is
+  computed as (block · xᵀ)ᵀ: the same dot products as x · blockᵀ, for which OpenBLAS takes another
+  sgemm path that costs about two thirds as much at 8 rows; at a prefill's hundreds of rows
+  x · blockᵀ costs as much or less, and stays (`TRANSPOSED_MAX_ROWS`).
 - **Batch invariance, on request.** BLAS chooses its kernel by the shape of a product: one row
   goes to a matrix-vector kernel, several to a matrix-matrix kernel that also sums in an order that
   depends on their number, so a row's result depends, in its last bits, on the rows beside it
@@ -90,6 +94,11 @@ ROW_ALIGN = 16
 # small enough to stay in the core's cache (L2) between the conversion and the products; 512 KiB
 # made whole decode steps fastest among 128 KiB to 4 MiB (BENCHMARKS.md, "bfloat16 decode by halves").
 HALVES_BLOCK_BYTES = 512 << 10
+# Up to this many rows, a product of several rows is computed as (w · xᵀ)ᵀ rather than x · wᵀ: 1.2 to
+# 1.7 times as fast at 8 rows on both models' shapes, as fast or faster from 2 to 32; from 64 rows on,
+# the other sgemm path and the transposed copy of the output cost as much or more (BENCHMARKS.md,
+# "Batches", tools/measure_batch_products.py). 0: always x · wᵀ.
+TRANSPOSED_MAX_ROWS = 32
 # Whether decode steps convert bfloat16 by halves (False: as prefills do, whole rows by
 # `bfloat16_conversion`); for measuring one against the other (tools/measure_products.py).
 DECODE_BY_HALVES = True
@@ -501,13 +510,16 @@ def linear(x: np.ndarray, w) -> np.ndarray:  # [T, n_in], [n_out, n_in] -> [T, n
     convert = rows_into(w)
     low_precision = convert is not None
     threads = _threads if T * n_out * n_in >= SPLIT_MIN_MACS else 1
+    transposed = 1 < T <= TRANSPOSED_MAX_ROWS and not _batch_invariant
     if not low_precision and threads == 1 and not _batch_invariant:
         if not _blas_held:
             hold_blas_to_one_thread()
-        return x @ w.T
+        return np.ascontiguousarray((w @ x.T).T) if transposed else x @ w.T
     halves = _by_halves(x, w)
     rows = block_rows(T, n_out, n_in, low_precision, threads, halves)
     out = np.empty((T, n_out), dtype=np.float32)
+    if transposed:
+        out_t = np.empty((n_out, T), dtype=np.float32)  # [n_out, T], rows of blocks contiguous
     if halves:
         half = n_in // 2
         x_even, x_odd = np.ascontiguousarray(x[0, 0::2]), np.ascontiguousarray(x[0, 1::2])
@@ -537,8 +549,12 @@ def linear(x: np.ndarray, w) -> np.ndarray:  # [T, n_in], [n_out, n_in] -> [T, n
         if T == 1 or _batch_invariant:
             for t in range(T):  # the matrix-vector kernel, row by row
                 np.dot(block, x[t], out=out[t, start:stop])
+        elif transposed:
+            np.matmul(block, x.T, out=out_t[start:stop])
         else:
             np.matmul(x, block.T, out=out[:, start:stop])
 
     parallel(product, -(-n_out // rows), threads)
+    if transposed:
+        np.copyto(out, out_t.T)
     return out
