@@ -22,7 +22,7 @@ from .config import ComputeMode, ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import Checkpoint, load_checkpoint, scan_checkpoint
 from .generation import Session, generate_batch
-from .linear import mode_weights
+from .linear import fuse_projections, mode_weights
 from .lora import adapted, load_adapter
 from .sampling import SamplingParams
 from .text.chat import ChatFormat, TemplateFormat, chat_format_for, encode_dialog
@@ -265,11 +265,16 @@ def stored_residency(dtype: Optional[str], checkpoint_format: str) -> str:
 
 def checkpoint_for(checkpoint: Checkpoint, mode: ComputeMode) -> Checkpoint:
     """`checkpoint` with its weights as `mode` computes with them (`linear.mode_weights`: float64,
-    float16, or bfloat16 where stored otherwise), converted once; `dtype` says how they are held."""
-    if mode.dtype in ("float32", "llamacpp"):
+    float16, or bfloat16 where stored otherwise), converted once, each layer's weights that multiply
+    one input joined for one product (`linear.fuse_projections`; not for llama.cpp's arithmetic,
+    which multiplies each matrix alone); `dtype` says how they are held."""
+    if mode.dtype == "llamacpp":
         return checkpoint
-    weights = mode_weights(checkpoint.weights, mode)
-    return dataclasses.replace(checkpoint, weights=weights, dtype=mode.storage.name)
+    if mode.dtype != "float32":
+        weights = mode_weights(checkpoint.weights, mode)
+        checkpoint = dataclasses.replace(checkpoint, weights=weights, dtype=mode.storage.name)
+    fuse_projections(checkpoint.weights, checkpoint.config.n_layers)
+    return checkpoint
 
 
 def load_model(path=None, dtype: Optional[str] = None, rope_factor: Optional[float] = None,

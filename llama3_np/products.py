@@ -7,7 +7,9 @@ here changes its value beyond the order of a sum:
   product x · blockᵀ fills its own columns of the output. A bfloat16 (or float16) block is first
   converted into a float32 buffer the thread reuses for every block (the conversion is exact),
   then multiplied while it is still in the CPU cache: a model kept in bfloat16 reads 2 bytes per
-  weight from memory and never holds, nor allocates per token, a float32 copy of a matrix.
+  weight from memory and never holds, nor allocates per token, a float32 copy of a matrix. A block
+  that is not the whole weight holds a multiple of `ROW_ALIGN` rows, so that a fused product (the
+  weights of one input joined, `linear.linears`) gives each row the bits of its weight's own product.
 - **Conversion.** bfloat16 is the high half of a float32, so a bit shift of its 16-bit patterns
   into the high half of 32-bit words is the exact conversion, as is ml_dtypes' cast; which of the
   two runs faster depends on the installed ml_dtypes (0.7.0's cast is several times slower than
@@ -82,6 +84,12 @@ FLOAT32_BLOCK_BYTES = 4 << 20
 # the GIL), and splitting the default model's decode products (0.1 to 0.3 ms each) made whole
 # decode steps no faster than one thread.
 SPLIT_MIN_MACS = 1 << 22
+# A block that is not a whole weight holds a multiple of this many rows (unless a block of so many
+# would exceed its size in bytes): BLAS's matrix-vector kernels sum rows in groups of up to 16, the
+# last rows of a block that is not a multiple of their group by other code, so aligned blocks give
+# the rows of consecutive row blocks of one array (`linear.linears`' fused products) the bits their
+# products alone give (measured, docs/DESIGN.md, "Fused products"), and cost nothing.
+ROW_ALIGN = 16
 # A decode step's bfloat16 block is converted by halves into a buffer of at most this many bytes,
 # small enough to stay in the core's cache (L2) between the conversion and the products; 512 KiB
 # made whole decode steps fastest among 128 KiB to 4 MiB (BENCHMARKS.md, "bfloat16 decode by halves").
@@ -431,16 +439,18 @@ def block_rows(T: int, n_out: int, n_in: int, low_precision: bool, threads: int,
     Batch-invariant products: set by the shape alone, since a matrix-vector kernel's sums depend on
     where a block begins."""
     if _batch_invariant:
-        return conversion_rows(n_out, n_in) if low_precision else min(n_out, max(1, FLOAT32_BLOCK_BYTES // (4 * n_in)))
-    if halves:
+        rows = conversion_rows(n_out, n_in) if low_precision else max(1, FLOAT32_BLOCK_BYTES // (4 * n_in))
+    elif halves:
         rows = max(1, HALVES_BLOCK_BYTES // (4 * n_in))
     elif low_precision:
         rows = conversion_rows(n_out, n_in)
     else:
         rows = n_out if threads == 1 else max(1, FLOAT32_BLOCK_BYTES // (4 * n_in))
-    if threads > 1 and T * n_out * n_in >= SPLIT_MIN_MACS:
+    if threads > 1 and T * n_out * n_in >= SPLIT_MIN_MACS and not _batch_invariant:
         rows = min(rows, -(-n_out // threads))  # at least one block per thread
-    return min(rows, n_out)
+    if rows >= n_out:
+        return n_out
+    return rows - rows % ROW_ALIGN if rows > ROW_ALIGN else rows
 
 
 _batch_invariant = False
