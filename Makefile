@@ -37,17 +37,19 @@ $(VENV)/.installed-tools: setup.cfg pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-run
 	$(BIN)/llama3-np generate -p "$(PROMPT)" -n 64 --temp 0
 
-# `make test` runs the parity, rope and llama.cpp-arithmetic tests a second time with NumPy's AVX-512 targets switched
-# off, so that every run proves both of NumPy's dispatch paths (why: docs/DESIGN.md, "Numerical facts"). NumPy ignores the names a CPU lacks
-# (then the second run repeats the first); tests/conftest.py stops the run if one stays on.
+# `make test` runs the parity, rope, llama.cpp-arithmetic and llama-perplexity tests a second time with NumPy's AVX-512
+# targets switched off and OpenBLAS's Haswell (AVX2) kernels, the float32 kernels a Zen 2/3 CPU gets, so that every run
+# proves both of NumPy's dispatch paths and two orders of BLAS's sums (why: docs/DESIGN.md, "Numerical facts"). NumPy
+# ignores the names a CPU lacks (then the second run repeats the first); tests/conftest.py stops the run if one stays on.
 NUMPY_AVX512_TARGETS := X86_V4 AVX512_ICL AVX512_SPR
-PARITY_TESTS := tests/test_parity.py tests/test_model.py tests/test_default_model_parity.py tests/test_llamacpp.py
+PARITY_TESTS := tests/test_parity.py tests/test_model.py tests/test_default_model_parity.py tests/test_llamacpp.py \
+	tests/xcheck/test_kl_divergence.py
 
 test: $(VENV)/.installed-test
 	$(BIN)/python tools/fetch_tokenizer.py
 	$(BIN)/python tools/fetch_default_model.py
 	$(BIN)/python -m pytest
-	NPY_DISABLE_CPU_FEATURES="$(NUMPY_AVX512_TARGETS)" $(BIN)/python -m pytest $(PARITY_TESTS)
+	NPY_DISABLE_CPU_FEATURES="$(NUMPY_AVX512_TARGETS)" OPENBLAS_CORETYPE=Haswell $(BIN)/python -m pytest $(PARITY_TESTS)
 
 tools: $(VENV)/.installed-tools
 

@@ -32,7 +32,8 @@ def pytest_report_header(config):
     on = [t for t, enabled in _numpy_avx512_targets().items() if enabled]
     disabled = os.environ.get("NPY_DISABLE_CPU_FEATURES")
     return (f"numpy {np.__version__} float32 kernels: {'AVX-512 (' + ' '.join(on) + ')' if on else 'AVX2 or older'}"
-            + (f"; NPY_DISABLE_CPU_FEATURES={disabled!r}" if disabled else ""))
+            + (f"; NPY_DISABLE_CPU_FEATURES={disabled!r}" if disabled else "")
+            + (f"; OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}" if os.environ.get("OPENBLAS_CORETYPE") else ""))
 
 
 def pytest_configure(config):

@@ -9,7 +9,9 @@ and llama-models in those dtypes over 20 prompts (tests/fixtures/default_model/
 greedy_low_precision.json, tools/make_precision_reference.py). There logits often tie (bfloat16
 logits near 10 are 1/16 apart), and over 30 layers a float32 sum in another order than torch's
 moves the roundings of every later stage, so the emulation parts from the engine on many prompts
-(BENCHMARKS.md, "Compute modes"): the test holds it to what was measured."""
+(BENCHMARKS.md, "Compute modes"). Which prompts part depends on the CPU's BLAS kernel, so the test
+holds each parting to a near-tie of the engine's own logits and the number that agree to a floor
+below what every kernel measured."""
 
 import json
 from pathlib import Path
@@ -73,11 +75,17 @@ def test_greedy_continuation_is_llama_cpps_until_a_near_tie(case):
 LOW = json.loads((Path(__file__).parent / "fixtures" / "default_model" / "greedy_low_precision.json").read_text())
 MODES = {"hf_bf16": ComputeMode("bfloat16"), "hf_fp16": ComputeMode("float16"),
          "meta_bf16": ComputeMode("bfloat16", "meta")}
-# How many of the 20 prompts continue exactly as the engine did over all 64 tokens, as measured
-# (CPU with AVX-512): far from the 19 hoped for in bfloat16, because of the spreading described in
-# the module docstring, though above float32 mode's 3 (hf_bf16), 5 (meta_bf16) and 15 (hf_fp16);
-# most partings are at a tie of the engine's own top logits (margin 0).
-AGREEING = {"hf_bf16": 7, "meta_bf16": 6, "hf_fp16": 17}
+# How many of the 20 prompts continue exactly as the engine did over all 64 tokens: far from the 19
+# hoped for in bfloat16, because of the spreading described in the module docstring. Which prompts
+# part moves with the order of float32 sums, that is with OpenBLAS's kernel for the CPU: measured
+# (running this test with OPENBLAS_CORETYPE set) 7, 6 and 17 with SkylakeX's kernels (AVX-512), 6, 5
+# and 18 with Haswell's (what Zen 2/3 machines get); the floors sit below both. Every parting is
+# at a near-tie of the engine's own top two logits: most at a tie (margin 0), the widest measured
+# 0.25 in bfloat16 and 0.023 in float16 (both kernels); NEAR_TIE allows four of the dtype's steps
+# at logits in [16, 32) (0.125 and 1/64 each), a margin that 21% (bfloat16) and 3% (float16) of the
+# engines' 1,280 recorded tokens have, so a mode that parts for any other reason fails at once.
+AGREEING = {"hf_bf16": 4, "meta_bf16": 3, "hf_fp16": 15}
+NEAR_TIE = {"bfloat16": 0.5, "float16": 1 / 16}
 
 
 @pytest.fixture(scope="module")
@@ -98,15 +106,18 @@ def teacher_forced(weights, config, mode, prompt, ids) -> np.ndarray:  # -> [65,
 def test_greedy_continuations_follow_the_engines_in_their_dtype_as_measured(smollm2_float32, producer):
     mode = MODES[producer]
     weights = mode_weights(smollm2_float32.weights, mode)
-    differ = []
+    differ, margins = [], []
     for prompt, case in zip(LOW["prompts"], LOW["producers"][producer]["cases"]):
         ours = np.argmax(teacher_forced(weights, smollm2_float32.config, mode, prompt["prompt_ids"], case["ids"]), axis=-1)
         wrong = np.flatnonzero(ours[:-1] != case["ids"])
         if wrong.size:
             i = int(wrong[0])
+            margins.append(case["margins"][i])
             differ.append(f"{prompt['name']} at token {i} (ours {ours[i]}, theirs {case['ids'][i]}, "
                           f"their margin {case['margins'][i]})")
     print(f"{mode.name} vs {producer}: {len(LOW['prompts']) - len(differ)} of {len(LOW['prompts'])} agree; "
           + "; ".join(differ))
     assert len(LOW["prompts"]) - len(differ) >= AGREEING[producer], (
         f"{mode.name}: {len(differ)} of {len(LOW['prompts'])} prompts part from {producer}: " + "; ".join(differ))
+    assert max(margins, default=0) <= NEAR_TIE[mode.dtype], (
+        f"{mode.name} parts from {producer} where its margin exceeds {NEAR_TIE[mode.dtype]}: " + "; ".join(differ))
