@@ -265,11 +265,13 @@ def stored_residency(dtype: Optional[str], checkpoint_format: str) -> str:
 
 def checkpoint_for(checkpoint: Checkpoint, mode: ComputeMode) -> Checkpoint:
     """`checkpoint` with its weights as `mode` computes with them (`linear.mode_weights`: float64,
-    float16, or bfloat16 where stored otherwise), converted once; `dtype` says how they are held."""
-    if mode.dtype in ("float32", "llamacpp"):
+    float16, or bfloat16 where stored otherwise; llamacpp's wrapped, held as stored), converted
+    once; `dtype` says how they are held."""
+    if mode.dtype == "float32":
         return checkpoint
     weights = mode_weights(checkpoint.weights, mode)
-    return dataclasses.replace(checkpoint, weights=weights, dtype=mode.storage.name)
+    return dataclasses.replace(checkpoint, weights=weights,
+                               dtype=checkpoint.dtype if mode.dtype == "llamacpp" else mode.storage.name)
 
 
 def load_model(path=None, dtype: Optional[str] = None, rope_factor: Optional[float] = None,
