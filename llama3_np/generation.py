@@ -45,6 +45,13 @@ PREFILL_CHUNK = 256
 GREEDY = SamplingParams(temperature=0)
 
 
+def session_size(ctx: int, prompt_tokens: int, max_new: int) -> int:
+    """The tokens a session's KV cache needs for a prompt of `prompt_tokens` and up to `max_new`
+    new tokens (-1: until the context is full) in a context of `ctx`: room for the prompt and the
+    new tokens, never more than the context."""
+    return ctx if max_new < 0 else min(ctx, prompt_tokens + max_new)
+
+
 def suppress(logits: np.ndarray, ids: frozenset[int]) -> np.ndarray:  # [V] -> [V]
     """`logits` with `ids` at -inf, so that no sampler can draw them (llama.cpp's logit bias of
     -inf on every end-of-generation token, which is what its --ignore-eos does)."""
