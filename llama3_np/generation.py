@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Optional
 
 import numpy as np
 
+from .checks import check_parallel
 from .config import ComputeMode, ModelConfig
 from .errors import Llama3Error, ParameterError
 from .model import KVCache, forward, forward_batch
@@ -338,8 +339,7 @@ def generate_batch(generations: Iterable[Generation], parallel: int,
     Raises ParameterError("parallel") when parallel is not an integer >= 1, Llama3Error when the
     generations are not of one model or one was already run.
     """
-    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
-        raise ParameterError("parallel", f"parallel must be an integer >= 1, got {parallel!r}")
+    check_parallel(parallel)
     pending = enumerate(generations)
     running: list[_Running] = []
     feeds: dict[int, list[int]] = {}  # what each running generation feeds next
