@@ -27,8 +27,8 @@ from .lora import adapted, load_adapter
 from .sampling import SamplingParams
 from .text.chat import ChatFormat, TemplateFormat, chat_format_for, encode_dialog
 from .text.template import ChatTemplate, find_chat_template, template_variables
-from .formats.gguf_file import is_gguf
-from .formats.gguf_import import gguf_tokenizer, tokenizer_objects
+from .formats.gguf_file import GGUFFile, is_gguf
+from .formats.gguf_import import gguf_tokenizer
 from .text import tokenizer as text_tokenizer
 from .text.stop import StopText, check_stop_strings
 from .text.tokenizer import Tokenizer
@@ -217,8 +217,8 @@ def chat_template_of(path, tools: bool = False) -> Optional[ChatTemplate]:
     """The chat template of a checkpoint: a folder's (`text.template.find_chat_template`), or a GGUF
     file's tokenizer.chat_template; None when it has none."""
     path = Path(path)
-    if path.is_file() and (path.suffix == ".gguf" or is_gguf(path)):
-        found = tokenizer_objects(path)[1].get("chat_template")
+    if is_gguf(path):
+        found = GGUFFile(path).get("tokenizer.chat_template")
         return None if found is None else ChatTemplate(found, f"{path}: tokenizer.chat_template")
     return find_chat_template(path, tools=tools)
 
@@ -228,7 +228,7 @@ def load_tokenizer(path) -> Tokenizer:
     (`text.tokenizer.load_tokenizer`), or a GGUF file's metadata (`formats.gguf_import.gguf_tokenizer`,
     which reads no tensor). Raises Llama3Error when there is none, or the file is not what it claims."""
     path = Path(path)
-    if path.is_file() and (path.suffix == ".gguf" or is_gguf(path)):
+    if is_gguf(path):
         return gguf_tokenizer(path)
     return text_tokenizer.load_tokenizer(path)
 
