@@ -51,7 +51,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tool_support import run_tool  # first: it makes this checkout's llama3_np importable
+from tool_support import paired_ratio, run_tool  # first: it makes this checkout's llama3_np importable
 
 from bench_compare import available, common_prefix, llama_decode, write_gguf
 
@@ -283,11 +283,6 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def paired(a: list[dict], b: list[dict], key: str) -> float:
-    """The median over rounds of a's figure / b's figure of the same round."""
-    return statistics.median(x[key] / y[key] for x, y in zip(a, b))
-
-
 def table(results: dict, args) -> str:
     runs, ready = results["runs"], results["ready"]
     engines = list(ready)
@@ -314,11 +309,11 @@ def table(results: dict, args) -> str:
             ratio, same = " " * 39, ""
             if e == "llama3_np" and both:
                 other = runs["llama.cpp", ("decode", n)]
-                ratio = f"{paired(r, other, 'prefill_tokens_per_s'):31.2f} {paired(r, other, 'decode_tokens_per_s'):7.2f}"
+                ratio = f"{paired_ratio(r, other, 'prefill_tokens_per_s'):31.2f} {paired_ratio(r, other, 'decode_tokens_per_s'):7.2f}"
                 same = f"{sum(common_prefix(a, b) for a, b in zip(r[-1]['ids'], other[-1]['ids']))}/" \
                        f"{sum(map(len, r[-1]['ids']))}"
             lines.append(f"{e:10s} {n:3d} {median_of(r, 'prefill_tokens_per_s'):14.1f} {decode:13.1f} "
-                         f"{paired(r, runs[e, smallest], 'decode_tokens_per_s'):13.2f} {of_read:8.2f} {ratio}  {same}")
+                         f"{paired_ratio(r, runs[e, smallest], 'decode_tokens_per_s'):13.2f} {of_read:8.2f} {ratio}  {same}")
     alone = runs["llama3_np", smallest][-1]["ids"][0]
     lines.append(f"same ids: llama3_np's against llama.cpp's, all sequences; llama3_np's first sequence against itself "
                  f"at N={smallest[1]}: " + ", ".join(f"N={n} {common_prefix(runs['llama3_np', ('decode', n)][-1]['ids'][0], alone)}/"
@@ -335,10 +330,10 @@ def table(results: dict, args) -> str:
                 r = runs[e, ("perplexity", k)]
                 ratio = " " * 39
                 if e == "llama3_np" and both:
-                    ratio = f"{paired(r, runs['llama.cpp', ('perplexity', k)], 'tokens_per_s'):22.2f} " \
-                            f"{paired(r, runs['llama.cpp', ('perplexity', base)], 'tokens_per_s'):16.2f}"
+                    ratio = f"{paired_ratio(r, runs['llama.cpp', ('perplexity', k)], 'tokens_per_s'):22.2f} " \
+                            f"{paired_ratio(r, runs['llama.cpp', ('perplexity', base)], 'tokens_per_s'):16.2f}"
                 lines.append(f"{e:10s} {k:3d} {median_of(r, 'tokens_per_s'):9.1f} "
-                             f"{paired(r, runs[e, ('perplexity', base)], 'tokens_per_s'):8.2f} {ratio} "
+                             f"{paired_ratio(r, runs[e, ('perplexity', base)], 'tokens_per_s'):8.2f} {ratio} "
                              f"{r[-1]['ppl']:10.4f}")
     return "\n".join(lines)
 

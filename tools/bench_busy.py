@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
 
@@ -23,6 +24,18 @@ from llama3_np.cli.common import model_dir
 from llama3_np.products import default_threads
 
 SPIN = "while True: pass"
+
+
+@contextmanager
+def competitors(n: int):
+    """n CPU-bound processes (one core's worth of work each) while the block runs, killed after it."""
+    spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
 
 
 def bench(path, threads: int, args) -> dict:
@@ -41,13 +54,8 @@ def run(args) -> int:
     for threads in args.threads:
         alone = None
         for n in args.competitors:
-            spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(n)]
-            try:
+            with competitors(n):
                 r = bench(path, threads, args)
-            finally:
-                for p in spinners:
-                    p.kill()
-                    p.wait()
             alone = alone or (r["decode_tokens_per_s"] if n == 0 else None)
             ratio = f"{r['decode_tokens_per_s'] / alone:15.2f}" if alone else f"{'':15s}"
             print(f"{threads:7d} {n:11d} {r['prefill_tokens_per_s']:14.1f} {r['decode_tokens_per_s']:13.1f} "

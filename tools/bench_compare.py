@@ -2,7 +2,8 @@
 """The same prompt ids through llama3_np, Hugging Face `transformers` and llama.cpp, in one run.
 
     python tools/bench_compare.py [-m DIR] [--prompt N] [--new N] [--runs N] [-t N] [--engines LIST]
-                                  [--batch B] [--batch-prompt N] [--batch-new N] [--timeout S]
+                                  [--batch B] [--batch-prompt N] [--batch-new N] [--ppl-windows W]
+                                  [--ppl-per-pass K] [--rounds R] [--timeout S] [--gguf-dir DIR]
 
 Every engine gets the synthetic prompt of `llama3-np bench`, decodes --new tokens greedily from an
 empty cache --runs times after a warm-up, and reports median prefill and decode speeds, its load
@@ -27,11 +28,24 @@ Engines (tools-only dependencies):
     llama.cpp:batch      the same through llama.cpp's batched decode (llama-cpp-python's low-level
                          llama_batch: one llama_decode per step, each sequence its own seq_id in a
                          context of --batch sequences) on the F32 GGUF
+    llama3_np:gguf       `llama3-np bench --dtype gguf` on a Q8_0 GGUF of the same weights (every matrix
+                         in llama.cpp's Q8_0 blocks, as its own quantizer writes them; norms F32):
+                         llama3_np multiplying the file's blocks, dequantized a block of rows at a time
+    llama.cpp:Q8_0       llama-cpp-python on that Q8_0 GGUF, with the model parameter use_extra_bufts
+                         off: on a CPU with AMX, llama.cpp's extra buffer types (AMX tiles, weights
+                         repacked) die with an illegal instruction on quantized types here
+    llama3_np:perplexity `perplexity`'s path (`xcheck.perplexity.run_perplexity`), float32 residency:
+                         --ppl-windows windows of --prompt tokens, --ppl-per-pass windows a forward pass,
+                         timed with its scoring; its tok/s is set beside llama.cpp F32's prefill rate
+    llama3_np:busy1      `llama3-np bench --dtype float32` beside 1 CPU-bound process (tools/bench_busy.py's
+    llama3_np:busy2      competitors), beside 2: their speeds are set beside llama3_np:float32's of the
+                         same round (the quiet machine)
 
 Before the engines, a process of its own measures this machine's limits (`limits` below): the read
 bandwidth, the sgemm rate and each bfloat16 conversion's rate (as `llama3-np bench` does), and the
 weight products of one decode step at this model's shapes, alone: through llama3_np's products in
-float32 and in bfloat16, and through NumPy's OpenBLAS on its own -t threads (a hand-off in C). Every
+float32, in bfloat16 and (with llama3_np:gguf) on Q8_0 blocks, and through NumPy's OpenBLAS on its
+own -t threads (a hand-off in C). Every
 engine's figures are printed beside them: decode as a fraction of the read bandwidth (the bytes of
 its residency), prefill as a fraction of the sgemm rate, and llama3_np's decode beside its products
 alone (what the rest of a step, attention, norms and Python, costs). Each engine's row carries the
@@ -39,7 +53,16 @@ load average at its start: the machine may be shared. An engine that takes longe
 seconds is stopped and reported as such (llama.cpp's threads spin, and on a busy machine its decode
 can take many times longer).
 The GGUFs are written by this tool, each in a process of its own, to a temporary folder, or to
---gguf-dir DIR and reused from there when they exist.
+--gguf-dir DIR and reused from there when they exist (f32.gguf, bf16.gguf, q8_0.gguf).
+One run with --rounds R runs the limits and every engine in turn, R times: each figure is the median
+over rounds, each ratio the median of the rounds' ratios (paired, interleaved). A run that would take
+too long for one invocation (the 8B shape) is the same script on its own engines, said so where quoted.
+
+The run ends with issue #22's targets for this model (the default model, the Llama 3.2 1B shape or
+the Llama 3.1 8B shape, recognised by their dimensions): each target's figure from this run (a
+ratio: the median of each round's ratio), whether it is met, and for one not met the bound this
+machine's limits set (the read bandwidth, the sgemm rate, the conversion rate, the products of a
+step alone) and how close the figure comes to it.
 """
 
 from __future__ import annotations
@@ -56,7 +79,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from tool_support import run_tool  # first: it makes this checkout's llama3_np importable
+from tool_support import paired_ratio, run_tool  # first: it makes this checkout's llama3_np importable
+
+from bench_busy import competitors
 
 from llama3_np.cli.common import model_dir
 from llama3_np.config import from_hf_config
@@ -65,8 +90,11 @@ from llama3_np.errors import Llama3Error
 from llama3_np.products import default_threads
 
 ENGINES = ("llama3_np:float32", "llama3_np:bfloat16", "hf", "llama.cpp:F32", "llama.cpp:BF16", "llama3_np:batch",
-           "llama.cpp:batch")
-GGUF_TYPES = {"F32": "f32.gguf", "BF16": "bf16.gguf"}
+           "llama.cpp:batch", "llama3_np:gguf", "llama.cpp:Q8_0", "llama3_np:perplexity", "llama3_np:busy1",
+           "llama3_np:busy2")
+GGUF_TYPES = {"F32": "f32.gguf", "BF16": "bf16.gguf", "Q8_0": "q8_0.gguf"}
+QUANTIZED = ("Q8_0",)  # llama.cpp runs these without its extra buffer types (see llama.cpp:Q8_0 above)
+BUSY = {"llama3_np:busy1": 1, "llama3_np:busy2": 2}  # engine -> CPU-bound processes beside it
 # The decode-step products of the limits are timed on at most this many bytes of float32 matrices
 # (whole layers, at least one, and a slice of the output projection of at most half of it), far
 # more than the CPU's cache, and scaled to the model's layers and vocabulary: so that an 8B shape's
@@ -153,11 +181,15 @@ def write_gguf(checkpoint, out: Path, file_type: str) -> None:
     w.add_rope_freq_base(c.rope_theta)
     w.add_layer_norm_rms_eps(c.norm_eps)
     w.add_vocab_size(c.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if file_type == "F32" else gguf.LlamaFileType.MOSTLY_BF16)
-    w.add_tokenizer_model("llama")
+    w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "BF16": gguf.LlamaFileType.MOSTLY_BF16,
+                     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[file_type])
+    # Byte-level BPE with Llama 3's pre-tokenizer, as llama3_np reads a GGUF's vocabulary (llama.cpp
+    # wants merges: one placeholder); nothing is tokenized, ids go in and out.
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
     w.add_token_list([f"<t{i}>" for i in range(c.vocab_size)])
-    w.add_token_scores([0.0] * c.vocab_size)
     w.add_token_types([gguf.TokenType.NORMAL] * c.vocab_size)
+    w.add_token_merges(["<t0> <t1>"])
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
     w.add_add_bos_token(False)
@@ -180,6 +212,9 @@ def write_gguf(checkpoint, out: Path, file_type: str) -> None:
         if file_type == "BF16" and array.ndim == 2:
             bf16 = np.ascontiguousarray(array, dtype=ml_dtypes.bfloat16)  # exact: the weights are bf16
             w.add_tensor(gguf_name, bf16.view(np.uint16), raw_dtype=gguf.GGMLQuantizationType.BF16)
+        elif file_type == "Q8_0" and array.ndim == 2:  # llama.cpp's quantize_row_q8_0, as gguf.quants has it
+            blocks = gguf.quants.quantize(np.asarray(array, dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(gguf_name, blocks, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             w.add_tensor(gguf_name, np.ascontiguousarray(array, dtype=np.float32))
     w.write_header_to_file()
@@ -188,13 +223,27 @@ def write_gguf(checkpoint, out: Path, file_type: str) -> None:
     w.close()
 
 
-def run_llama_cpp(path: Path, prompt: list[int], new: int, runs: int, threads: int, gguf_path: Path) -> dict:
+def run_llama_cpp(path: Path, prompt: list[int], new: int, runs: int, threads: int, gguf_path: Path,
+                  extra_bufts: bool = True) -> dict:
+    """extra_bufts False: the model loaded with use_extra_bufts off (see llama.cpp:Q8_0)."""
     import numpy as np
+    import llama_cpp.llama_cpp as low
     from llama_cpp import Llama
 
+    defaults = low.llama_model_default_params
+
+    def model_params():  # Llama builds its model from the library's defaults: change those
+        params = defaults()
+        params.use_extra_bufts = extra_bufts
+        return params
+
     t0 = time.perf_counter()
-    llm = Llama(str(gguf_path), n_ctx=len(prompt) + new, n_batch=512, n_threads=threads,
-                n_threads_batch=threads, verbose=False)
+    low.llama_model_default_params = model_params
+    try:
+        llm = Llama(str(gguf_path), n_ctx=len(prompt) + new, n_batch=512, n_threads=threads,
+                    n_threads_batch=threads, verbose=False)
+    finally:
+        low.llama_model_default_params = defaults
     load_s = time.perf_counter() - t0
 
     def last_argmax() -> int:  # the logits of the last token of the last eval (its only output)
@@ -211,7 +260,8 @@ def run_llama_cpp(path: Path, prompt: list[int], new: int, runs: int, threads: i
 
     import llama_cpp
     return dict(timed_runs(prefill, step, prompt, new, runs), load_s=load_s, peak_rss_mb=peak_rss_mb(),
-                threads=str(threads), version=f"llama-cpp-python {llama_cpp.__version__}")
+                threads=str(threads), version=f"llama-cpp-python {llama_cpp.__version__}"
+                + ("" if extra_bufts else ", use_extra_bufts off"))
 
 
 def run_llama_cpp_batch(path: Path, prompts: list[list[int]], new: int, runs: int, threads: int,
@@ -309,7 +359,44 @@ def run_llama3_np_batch(path: Path, prompts: list[list[int]], new: int, runs: in
                 threads=str(threads), version=f"llama3_np forward_batch of {len(prompts)} sequences")
 
 
-def run_limits(config, threads: int) -> dict:
+def run_llama3_np_perplexity(path: Path, windows: list[list[int]], per_pass: int, runs: int, threads: int) -> dict:
+    """`perplexity`'s throughput, float32 residency: every window scored, `per_pass` windows a
+    forward pass; tok/s = all windows' tokens / seconds, with the scoring (median of `runs`)."""
+    from llama3_np.formats.checkpoint import load_checkpoint
+    from llama3_np.products import set_threads
+    from llama3_np.xcheck.perplexity import run_perplexity
+
+    set_threads(threads)
+    t0 = time.perf_counter()
+    checkpoint = load_checkpoint(path, dtype="float32")
+    load_s = time.perf_counter() - t0
+
+    def score(wins):
+        n = len(wins[0])
+        t0 = time.perf_counter()
+        result = run_perplexity(checkpoint.weights, checkpoint.config, [t for w in wins for t in w], n, per_pass * n)
+        return len(wins) * n / (time.perf_counter() - t0), result.ppl.value
+
+    score([w[:16] for w in windows[:max(2, per_pass)]])  # warm-up: two windows at least, as perplexity needs
+    rates = [score(windows) for _ in range(runs)]
+    return {"perplexity_tokens_per_s": statistics.median(r for r, _ in rates), "ppl": rates[-1][1], "load_s": load_s,
+            "peak_rss_mb": peak_rss_mb(), "threads": str(threads),
+            "version": f"llama3_np run_perplexity, {len(windows)} windows of {len(windows[0])}, {per_pass} a pass"}
+
+
+def q8_0_weight(shape: tuple[int, int]):
+    """A Q8_0 matrix of `shape` in ggml blocks (every block d = 2^-10, qs = 3): for timing products."""
+    import numpy as np
+
+    from llama3_np.formats.ggml_blocks import BLOCK_Q8_0, SUPPORTED, QuantizedWeight
+
+    q8_0 = next(t for t in SUPPORTED.values() if t.name == "Q8_0")
+    blocks = np.zeros((shape[0], shape[1] // q8_0.block_size), BLOCK_Q8_0)
+    blocks["d"], blocks["qs"] = 2.0 ** -10, 3
+    return QuantizedWeight(blocks.view(np.uint8).reshape(shape[0], -1), q8_0, shape)
+
+
+def run_limits(config, threads: int, q8_0: bool = False) -> dict:
     """This machine's limits, and the weight products of one decode step at `config`'s shapes
     alone (see the module docstring), in ms: the best of interleaved rounds."""
     import numpy as np
@@ -343,9 +430,12 @@ def run_limits(config, threads: int) -> dict:
             products.linear(inputs[w.shape[1]], w)
 
     variants = {"float32": through_products, "bfloat16": through_products}
+    weights = {"float32": float32, "bfloat16": bf16, "float32 on OpenBLAS's threads": float32}
+    if q8_0:  # the products of `--dtype gguf` on a Q8_0 file
+        variants["Q8_0"] = through_products
+        weights["Q8_0"] = [q8_0_weight(w.shape) for w in float32]
     if blas is not None:
         variants["float32 on OpenBLAS's threads"] = on_blas_threads
-    weights = {"float32": float32, "bfloat16": bf16, "float32 on OpenBLAS's threads": float32}
     best = {(v, part): float("inf") for v in variants for part in ("layers", "output")}
     for _ in range(LIMIT_ROUNDS):
         for v, run in variants.items():
@@ -381,8 +471,16 @@ def run_llama3_np(path: Path, residency: str, prompt_n: int, new: int, runs: int
 def worker(engine: str, path: Path, args, gguf_dir: Path) -> Optional[dict]:
     config = from_hf_config(json.loads((path / "config.json").read_text()))
     if engine == "limits":
-        return run_limits(config, args.threads)
+        return run_limits(config, args.threads, q8_0="llama3_np:gguf" in args.engines)
     kind, _, variant = engine.partition(":")
+    if engine == "llama3_np:perplexity":
+        ids = synthetic_prompt(args.ppl_windows * args.prompt, config.vocab_size)
+        windows = [ids[w * args.prompt:(w + 1) * args.prompt] for w in range(args.ppl_windows)]
+        return run_llama3_np_perplexity(path, windows, args.ppl_per_pass, args.runs, args.threads)
+    if engine in BUSY:  # the competitors run beside this process (run_worker)
+        variant = "float32"
+    if engine == "llama3_np:gguf":
+        return run_llama3_np(gguf_dir / GGUF_TYPES["Q8_0"], "gguf", args.prompt, args.new, args.runs, args.threads)
     if variant == "batch":
         ids = synthetic_prompt(args.batch * args.batch_prompt, config.vocab_size)
         prompts = [ids[b * args.batch_prompt:(b + 1) * args.batch_prompt] for b in range(args.batch)]
@@ -394,7 +492,8 @@ def worker(engine: str, path: Path, args, gguf_dir: Path) -> Optional[dict]:
         return run_llama3_np(path, variant, args.prompt, args.new, args.runs, args.threads)
     if kind == "hf":
         return run_hf(path, prompt, args.new, args.runs, args.threads)
-    return run_llama_cpp(path, prompt, args.new, args.runs, args.threads, gguf_dir / GGUF_TYPES[variant])
+    return run_llama_cpp(path, prompt, args.new, args.runs, args.threads, gguf_dir / GGUF_TYPES[variant],
+                         extra_bufts=variant not in QUANTIZED)
 
 
 def available(engine: str) -> bool:
@@ -467,8 +566,8 @@ def run_worker(engine: str, path: Path, args, gguf_dir: Path, when: str):
     """One engine's figures from a process of its own, with the load average at its start; or a
     note saying why there are none."""
     kind, _, variant = engine.partition(":")
-    file_type = "F32" if variant == "batch" else variant
-    if kind == "llama.cpp" and not (gguf_dir / GGUF_TYPES[file_type]).is_file():
+    file_type = {"batch": "F32", "gguf": "Q8_0"}.get(variant, variant)
+    if (kind == "llama.cpp" or engine == "llama3_np:gguf") and not (gguf_dir / GGUF_TYPES[file_type]).is_file():
         # In a process of its own, so that its memory is not counted as llama.cpp's.
         print(f"writing {GGUF_TYPES[file_type]} ...", file=sys.stderr)
         subprocess.run([sys.executable, __file__, "--write-gguf", str(gguf_dir / GGUF_TYPES[file_type]),
@@ -478,10 +577,12 @@ def run_worker(engine: str, path: Path, args, gguf_dir: Path, when: str):
     cmd = [sys.executable, __file__, "--worker", engine, "-m", str(path), "--prompt", str(args.prompt),
            "--new", str(args.new), "--runs", str(args.runs), "--threads", str(args.threads),
            "--batch", str(args.batch), "--batch-prompt", str(args.batch_prompt),
-           "--batch-new", str(args.batch_new), "--gguf-dir", str(gguf_dir)]
+           "--batch-new", str(args.batch_new), "--ppl-windows", str(args.ppl_windows),
+           "--ppl-per-pass", str(args.ppl_per_pass), "--engines", ",".join(args.engines), "--gguf-dir", str(gguf_dir)]
     env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
     try:
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=args.timeout)
+        with competitors(BUSY.get(engine, 0)):
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=args.timeout)
     except subprocess.TimeoutExpired:
         return f"stopped after {args.timeout:.0f} s ({when}, load average {started:.2f} at its start)"
     if done.returncode != 0:
@@ -493,6 +594,7 @@ def run_worker(engine: str, path: Path, args, gguf_dir: Path, when: str):
 
 
 SPEEDS = ("prefill_tokens_per_s", "decode_tokens_per_s")
+PERPLEXITY = "perplexity_tokens_per_s"
 
 
 def combine(runs: list[dict]) -> dict:
@@ -509,26 +611,31 @@ def combine(runs: list[dict]) -> dict:
 
     row = {k: median_of([r[k] for r in runs]) for k in runs[0]}
     row["peak_rss_mb"] = max(r.get("peak_rss_mb", 0) for r in runs)
-    row["rounds"] = [{k: r[k] for k in SPEEDS} for r in runs if SPEEDS[0] in r]
+    row["rounds"] = [{k: v for k, v in r.items() if k.endswith("_tokens_per_s")} for r in runs]
     loads = [r["load_average"] for r in runs]
     row["load_range"] = f"{min(loads):.1f}" if len(loads) == 1 else f"{min(loads):.1f}-{max(loads):.1f}"
     return row
 
 
-def paired_ratio(ours: dict, engine: dict, key: str) -> float:
-    """The median over rounds of ours / engine, each round's figures taken minutes apart."""
-    return statistics.median(a[key] / b[key] for a, b in zip(ours["rounds"], engine["rounds"]))
+def ratio(ours: dict, engine: dict, key: str, engine_key: Optional[str] = None) -> float:
+    """ours / engine (figure `key`, the engine's `engine_key`, default `key`): the median of each
+    round's ratio, the two figures of a round taken minutes apart."""
+    return paired_ratio(ours["rounds"], engine["rounds"], key, engine_key)
 
 
+Q8_0_ITEMSIZE = 34 / 32  # bytes per value: a float16 scale and 32 int8 values a block
 ITEMSIZE = {"llama3_np:float32": 4, "llama3_np:bfloat16": 2, "hf": 4, "llama.cpp:F32": 4, "llama.cpp:BF16": 2,
-            "llama3_np:batch": 4, "llama.cpp:batch": 4}
+            "llama3_np:batch": 4, "llama.cpp:batch": 4, "llama3_np:gguf": Q8_0_ITEMSIZE,
+            "llama.cpp:Q8_0": Q8_0_ITEMSIZE, "llama3_np:busy1": 4, "llama3_np:busy2": 4}
 
 
 def table(results: dict, notes: dict, args, load_average: float, config) -> str:
+    results = dict(results)
     limits = results.pop("limits", None)
-    single = {e: r for e, r in results.items() if not e.endswith(":batch")}
+    apart = {"llama3_np:perplexity", *BUSY}  # engines with tables of their own
+    single = {e: r for e, r in results.items() if not e.endswith(":batch") and e not in apart}
     batched = {e: r for e, r in results.items() if e.endswith(":batch")}
-    ours = {e: r for e, r in single.items() if e.startswith("llama3_np:")}
+    ours = {e: r for e, r in single.items() if e in ("llama3_np:float32", "llama3_np:bfloat16")}
     reference = results.get("llama3_np:float32") or next(iter(ours.values()), None)
     lines = [f"prompt {args.prompt} tokens, {args.new} new tokens, median of {args.runs} runs in each of "
              f"{args.rounds} rounds, {args.threads} threads; load average {load_average:.2f} at the start; "
@@ -548,7 +655,7 @@ def table(results: dict, notes: dict, args, load_average: float, config) -> str:
                  f"{'decode tok/s':>13s} {'of read':>7s} {'peak RSS MB':>12s}{ratio_heads} {'same ids':>9s}  "
                  "threads, version")
     for engine, r in single.items():
-        ratios = "".join(f" {paired_ratio(o, r, SPEEDS[0]):27.2f} {paired_ratio(o, r, SPEEDS[1]):7.2f}"
+        ratios = "".join(f" {ratio(o, r, SPEEDS[0]):27.2f} {ratio(o, r, SPEEDS[1]):7.2f}"
                          for o in ours.values())
         same = f"{common_prefix(reference['ids'], r['ids'])}/{len(r['ids'])}" if reference else ""
         of_sgemm, of_read = limit_fractions(r, ITEMSIZE[engine], 1, args.prompt, args.new, limits, config)
@@ -559,22 +666,45 @@ def table(results: dict, notes: dict, args, load_average: float, config) -> str:
         lines.append(f"batched: {args.batch} sequences of {args.batch_prompt} prompt tokens, {args.batch_new} new tokens "
                      "each; tok/s over all sequences; 'of read': weight bytes per step x steps/s / read bandwidth")
         lines.append(f"{'engine':19s} {'load avg':>9s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'of read':>7s} "
-                     f"{'/ its single decode':>19s} {'llama3_np / engine':>18s}  same ids")
+                     f"{'/ its single decode':>19s} {'llama3_np / engine':>18s} {'same ids':>9s}  version")
         ours_batch = batched.get("llama3_np:batch")
         for engine, r in batched.items():
             alone = single.get("llama3_np:float32" if engine.startswith("llama3_np") else "llama.cpp:F32")
             _, of_read = limit_fractions(r, 4, args.batch, args.batch_prompt, args.batch_new, limits, config)
-            vs_alone = f"{1 / paired_ratio(alone, r, SPEEDS[1]):.2f}" if alone else "-"
-            vs_ours = f"{paired_ratio(ours_batch, r, SPEEDS[1]):.2f}" if ours_batch else "-"
+            vs_alone = f"{1 / ratio(alone, r, SPEEDS[1]):.2f}" if alone else "-"
+            vs_ours = f"{ratio(ours_batch, r, SPEEDS[1]):.2f}" if ours_batch else "-"
             same = ""
             if ours_batch:
                 same = f"{sum(common_prefix(a, b) for a, b in zip(ours_batch['batch_ids'], r['batch_ids']))}/" \
                        f"{sum(map(len, r['batch_ids']))}"
             lines.append(f"{engine:19s} {r['load_range']:>9s} {r['prefill_tokens_per_s']:14.1f} "
-                         f"{r['decode_tokens_per_s']:13.1f} {of_read:>7s} {vs_alone:>19s} {vs_ours:>18s}  {same}")
+                         f"{r['decode_tokens_per_s']:13.1f} {of_read:>7s} {vs_alone:>19s} {vs_ours:>18s} {same:>9s}  "
+                         f"{r['version']}")
+    quiet = results.get("llama3_np:float32")
+    busy = {e: r for e, r in results.items() if e in BUSY}
+    if busy:
+        lines.append("beside CPU-bound processes (tools/bench_busy.py's, one core's worth of work each), float32 residency; "
+                     "'/ quiet': each round's speed over llama3_np:float32's of the same round")
+        lines.append(f"{'engine':19s} {'load avg':>9s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'/ quiet, prefill':>17s} "
+                     f"{'decode':>7s}")
+        for engine, r in busy.items():
+            vs = f"{ratio(r, quiet, SPEEDS[0]):17.2f} {ratio(r, quiet, SPEEDS[1]):7.2f}" if quiet else ""
+            lines.append(f"{engine:19s} {r['load_range']:>9s} {r['prefill_tokens_per_s']:14.1f} "
+                         f"{r['decode_tokens_per_s']:13.1f} {vs}")
+    ppl = results.get("llama3_np:perplexity")
+    if ppl:
+        cpp = results.get("llama.cpp:F32")
+        vs = f"; / llama.cpp F32's prefill {ratio(ppl, cpp, PERPLEXITY, SPEEDS[0]):.2f}" if cpp else ""
+        vs += f"; / llama3_np float32's prefill {ratio(ppl, quiet, PERPLEXITY, SPEEDS[0]):.2f}" if quiet else ""
+        lines.append(f"perplexity ({ppl['version']}; load average {ppl['load_range']}): "
+                     f"{ppl[PERPLEXITY]:.1f} tok/s{vs} (PPL {ppl['ppl']:.1f} on the synthetic ids)")
     if limits:
-        for engine, o in ours.items():
-            products_ms = limits["decode_products_ms"]["bfloat16" if engine.endswith("bfloat16") else "float32"]
+        residencies = dict(ours, **{e: results[e] for e in ("llama3_np:gguf",) if e in results})
+        for engine, o in residencies.items():
+            products_ms = limits["decode_products_ms"].get({"llama3_np:bfloat16": "bfloat16", "llama3_np:gguf": "Q8_0"}
+                                                           .get(engine, "float32"))
+            if products_ms is None:
+                continue
             step_ms = 1e3 / o["decode_tokens_per_s"]
             lines.append(f"{engine}: a decode step takes {step_ms:.1f} ms, its weight products alone {products_ms:.1f} ms, "
                          f"the rest (attention, norms, sampling, Python) about {step_ms - products_ms:.1f} ms")
@@ -588,8 +718,130 @@ def table(results: dict, notes: dict, args, load_average: float, config) -> str:
                      + ", ".join(f"{name} {rate:.1f} GB/s" for name, rate in o["conversion_gb_s"].items())
                      + f" of bfloat16 on {o['threads']} threads (ml_dtypes {o['ml_dtypes_version']}); its own limits: "
                      f"read bandwidth {o['bandwidth_gb_s']:.1f} GB/s, sgemm {o['sgemm_gflop_s']:.1f} GFLOP/s")
+    if any(e.partition(":")[2] in QUANTIZED for e in results):
+        lines.append("llama.cpp on quantized GGUFs runs with use_extra_bufts off (llama-cpp-python's model parameter): "
+                     "on this CPU its extra buffer types (AMX tiles, repacked weights) die with an illegal instruction")
     lines += [f"{engine}: {note}" for engine, note in notes.items()]
+    lines += targets(results, limits, config, args)
     return "\n".join(lines)
+
+
+def shape_of(config) -> str:
+    """The released shape `config` has (tools/make_random_checkpoint.py's SHAPES), else "default"."""
+    from make_random_checkpoint import SHAPES
+
+    key = lambda c: (c.dim, c.n_layers, c.ffn_dim, c.n_heads, c.n_kv_heads, c.vocab_size)  # noqa: E731
+    return next((name for name, c in SHAPES.items() if key(c) == key(config)), "default")
+
+
+def targets(results: dict, limits: Optional[dict], config, args) -> list[str]:
+    """Issue #22's targets for this model whose figures this run has: figure, met or not, and for
+    one not met the bound this machine's limits set (tok/s the step could reach if it did nothing
+    but that), as a multiple of the same reference's median."""
+    shape = shape_of(config)
+    get = results.get
+    f32, bf16, cpp32, cppbf16 = get("llama3_np:float32"), get("llama3_np:bfloat16"), get("llama.cpp:F32"), get("llama.cpp:BF16")
+    dec, pre = SPEEDS[1], SPEEDS[0]
+    rows = []
+
+    def bounds(itemsize, products: Optional[str], convert: bool = False, prefill: bool = False) -> dict:
+        """tok/s each limit alone allows: name -> tok/s."""
+        if not limits:
+            return {}
+        if prefill:
+            return {"sgemm": limits["sgemm_gflop_s"] * 1e9 / (prefill_flops(config, args.prompt) / args.prompt)}
+        per_token = decode_bytes_per_token(config, itemsize, args.prompt, args.new)
+        out = {"read bandwidth": limits["bandwidth_gb_s"] * 1e9 / per_token}
+        if convert:
+            out["conversion by halves"] = limits["conversion_gb_s"].get("halves", 0) * 1e9 / per_token
+        if products and products in limits["decode_products_ms"]:
+            out[f"{products} products alone"] = 1e3 / limits["decode_products_ms"][products]
+        return out
+
+    def batch_bounds() -> dict:
+        """tok/s over the batch if a step only read the float32 weights once for all sequences, or
+        only made its products at the sgemm rate."""
+        if not limits:
+            return {}
+        per_step = decode_bytes_per_token(config, 4, args.batch_prompt, args.batch_new)
+        return {"read bandwidth (one read a step)": args.batch * limits["bandwidth_gb_s"] * 1e9 / per_step,
+                "sgemm": limits["sgemm_gflop_s"] * 1e9 / prefill_flops(config, 1)}
+
+    def add(target: str, figure: Optional[float], goal: float, text: str, limits_tok_s: dict, reference: Optional[float],
+            below: bool = False):
+        if figure is None:
+            return
+        met = figure <= goal if below else figure >= goal
+        bound = ""
+        if not met and limits_tok_s:
+            bound = "; ".join(f"{k} {v:.1f} tok/s" + (f" = {v / reference:.2f}x" if reference else "")
+                              for k, v in limits_tok_s.items())
+        rows.append((target, text, "met" if met else "not met", bound))
+
+    if shape == "default":
+        if f32 and cpp32:
+            r = ratio(f32, cpp32, dec)
+            add("default model decode >= 1.0x llama.cpp F32", r, 1.0,
+                f"{f32[dec]:.1f} / {cpp32[dec]:.1f} tok/s, paired {r:.2f}x", bounds(4, "float32"), cpp32[dec])
+            r = ratio(f32, cpp32, pre)
+            add("default model prefill >= 1.2x llama.cpp F32", r, 1.2,
+                f"{f32[pre]:.1f} / {cpp32[pre]:.1f} tok/s, paired {r:.2f}x", bounds(4, None, prefill=True), cpp32[pre])
+        for engine, goal in (("llama3_np:busy1", 0.5), ("llama3_np:busy2", 0.3)):
+            if get(engine) and f32:
+                r = ratio(results[engine], f32, dec)
+                n, cores, t = BUSY[engine], os.cpu_count() or 1, args.threads
+                # The cores llama3_np's busy threads get when the kernel shares them fairly among
+                # its t threads and the n competitors, over the cores it has when quiet.
+                share = min(t, cores * t / (t + n)) / min(t, cores)
+                add(f"decode beside {n} CPU-bound process{'es' if n > 1 else ''} >= {goal}x quiet", r, goal,
+                    f"{results[engine][dec]:.1f} / {f32[dec]:.1f} tok/s, paired {r:.2f}x",
+                    {f"fair share of the {cores} cores, {share:.2f} of quiet": share * f32[dec]}, f32[dec])
+    if shape == "llama3.2-1b":
+        b = bounds(2, "bfloat16", convert=True)
+        if bf16 and cpp32:
+            r = ratio(bf16, cpp32, dec)
+            add("1B bfloat16 decode >= 1.0x llama.cpp F32", r, 1.0, f"{bf16[dec]:.2f} / {cpp32[dec]:.2f} tok/s, paired {r:.2f}x",
+                b, cpp32[dec])
+        if bf16 and cppbf16:
+            r = ratio(bf16, cppbf16, dec)
+            add("1B bfloat16 decode >= 0.6x llama.cpp BF16", r, 0.6,
+                f"{bf16[dec]:.2f} / {cppbf16[dec]:.2f} tok/s, paired {r:.2f}x", b, cppbf16[dec])
+        if f32 and cpp32:
+            r = ratio(f32, cpp32, dec)
+            add("1B float32 decode >= 1.1x llama.cpp F32", r, 1.1, f"{f32[dec]:.2f} / {cpp32[dec]:.2f} tok/s, paired {r:.2f}x",
+                bounds(4, "float32"), cpp32[dec])
+        if get("llama3_np:batch") and f32:
+            batch = results["llama3_np:batch"]
+            r = ratio(batch, f32, dec)
+            step_ms, single_ms = 1e3 * args.batch / batch[dec], 1e3 / f32[dec]
+            add(f"1B batched decode of {args.batch} >= 5x single", r, 5.0,
+                f"{batch[dec]:.2f} / {f32[dec]:.2f} tok/s, paired {r:.2f}x (a step of {args.batch} rows {step_ms:.0f} ms, "
+                f"of 1 row {single_ms:.0f} ms)", batch_bounds(), f32[dec])
+        if get("llama3_np:perplexity") and cpp32:
+            ppl = results["llama3_np:perplexity"]
+            r = ratio(ppl, cpp32, PERPLEXITY, pre)
+            add("perplexity throughput >= 1.0x llama.cpp F32 prefill", r, 1.0,
+                f"{ppl[PERPLEXITY]:.1f} / {cpp32[pre]:.1f} tok/s, paired {r:.2f}x", bounds(4, None, prefill=True), cpp32[pre])
+        if get("llama3_np:gguf") and cpp32:
+            q8 = results["llama3_np:gguf"]
+            r = ratio(q8, cpp32, dec)
+            cpp_q8 = get("llama.cpp:Q8_0")
+            add("1B Q8_0 decode (--dtype gguf) >= 1.0x llama.cpp F32", r, 1.0,
+                f"{q8[dec]:.2f} / {cpp32[dec]:.2f} tok/s, paired {r:.2f}x"
+                + (f" (llama.cpp on the same Q8_0 file: {cpp_q8[dec]:.2f} tok/s)" if cpp_q8 else ""),
+                bounds(Q8_0_ITEMSIZE, "Q8_0"), cpp32[dec])
+    if shape == "llama3.1-8b" and bf16:
+        add("8B bfloat16 decode >= 1.5 tok/s", bf16[dec], 1.5, f"{bf16[dec]:.2f} tok/s", bounds(2, "bfloat16", convert=True),
+            None)
+        gib = bf16["peak_rss_mb"] / 1024  # ru_maxrss is in KiB, so peak_rss_mb is MiB
+        add("8B bfloat16 peak RSS <= 17 GiB", gib, 17.0, f"{gib:.1f} GiB", {}, None, below=True)
+    if not rows:
+        return []
+    name = {"default": "the default model (or any model not of a released shape)", "llama3.2-1b": "the Llama 3.2 1B shape",
+            "llama3.1-8b": "the Llama 3.1 8B shape"}.get(shape, shape)
+    out = [f"targets of issue #22 for {name}, from this run (a bound: the tok/s that limit alone allows, "
+           "and its multiple of the reference's median):", "| target | figure | | bound where not met |", "|---|---|---|---|"]
+    return out + [f"| {t} | {f} | {m} | {b} |" for t, f, m, b in rows]
 
 
 def limit_fractions(r: dict, itemsize: int, sequences: int, prompt: int, new: int, limits: Optional[dict],
@@ -619,6 +871,10 @@ def main(argv=None) -> int:
                    help="prompt tokens of each batched sequence (default 64)")
     p.add_argument("--batch-new", type=int, default=32, metavar="N",
                    help="tokens each batched sequence generates (default 32)")
+    p.add_argument("--ppl-windows", type=int, default=4, metavar="W",
+                   help="windows of --prompt tokens that llama3_np:perplexity scores (default 4)")
+    p.add_argument("--ppl-per-pass", type=int, default=1, metavar="K",
+                   help="windows a forward pass in llama3_np:perplexity (default 1, as `perplexity`)")
     p.add_argument("--rounds", type=int, default=1, metavar="R",
                    help="run the limits and every engine R times, in turn; medians, and ratios paired by round")
     p.add_argument("--timeout", type=float, default=1800, metavar="S",

@@ -36,12 +36,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from importlib import metadata
 from pathlib import Path
 
-from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
+from tool_support import REPO, compact_number_lists, run_tool  # first: it makes this checkout's llama3_np importable
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -120,7 +119,7 @@ def calibrate(folder: Path) -> int:
     (OUT / "calibration.json").write_text(json.dumps({"producer": producer, "noise_k": noise_k, "modes": summary},
                                                      indent=1) + "\n")
     text = json.dumps({"producer": producer, "cases": honest}, indent=1, ensure_ascii=False)
-    text = re.sub(r"\[[-\d.e,\s]+\]", lambda m: "[" + " ".join(m.group(0)[1:-1].split()) + "]", text)
+    text = compact_number_lists(text)
     (OUT / "honest.json").write_text(text + "\n")
     if noise_k != adj.NOISE_K:
         print(f"set NOISE_K = {noise_k} in llama3_np/xcheck/adjudicate.py, then run this tool again for the rulings")

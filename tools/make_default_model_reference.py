@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from importlib import metadata
 from pathlib import Path
 
-from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
+from tool_support import REPO, compact_number_lists, run_tool  # first: it makes this checkout's llama3_np importable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -136,7 +135,7 @@ def write_fixture(folder: Path) -> int:
                      "llama_cpp_ids": f"llama-cpp-python {metadata.version('llama_cpp_python')}, CPU, greedy"},
         "new_tokens": NEW_TOKENS, "cases": cases}, indent=1, ensure_ascii=False)
     # One line per list of numbers.
-    text = re.sub(r"\[[-\d.e,\s]+\]", lambda m: "[" + " ".join(m.group(0)[1:-1].split()) + "]", text)
+    text = compact_number_lists(text)
     OUT.write_text(text + "\n")
     print(f"wrote {OUT.relative_to(REPO)}")
     return 0

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from importlib import metadata
 from pathlib import Path
 
-from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
+from tool_support import REPO, compact_number_lists, run_tool  # first: it makes this checkout's llama3_np importable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -144,7 +143,7 @@ def write_fixture(folder: Path) -> int:
              "tool": "tools/make_precision_reference.py", "torch": metadata.version("torch"),
              "new_tokens": NEW_TOKENS, "prompts": cases, "producers": producers}
     text = json.dumps(about, indent=1, ensure_ascii=False)
-    text = re.sub(r"\[[-\d.e,\s]+\]", lambda m: "[" + " ".join(m.group(0)[1:-1].split()) + "]", text)
+    text = compact_number_lists(text)
     (OUT / "greedy_low_precision.json").write_text(text + "\n")
     print(f"wrote {OUT.relative_to(REPO)}/greedy_low_precision.json")
     return 0

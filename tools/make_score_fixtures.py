@@ -33,14 +33,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from tool_support import REPO, run_tool  # first: it makes this checkout's llama3_np importable
+from tool_support import REPO, compact_number_lists, run_tool  # first: it makes this checkout's llama3_np importable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -159,7 +158,7 @@ def main() -> int:
                    "tiny": "tests/fixtures/checkpoints/hf (llama.cpp: tests/fixtures/checkpoints/gguf_f32.gguf)",
                    "tiny32": "tests/fixtures/parity/llama3_2"},
         "top_n": TOP_N, "cases": cases}, indent=1, ensure_ascii=False)
-    text = re.sub(r"\[[-\d.e,\s]+\]", lambda m: "[" + " ".join(m.group(0)[1:-1].split()) + "]", text)
+    text = compact_number_lists(text)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(text + "\n")
     print(f"wrote {OUT.relative_to(REPO)} ({OUT.stat().st_size // 1024} KB)")

@@ -3,6 +3,8 @@ checkout, not from an installed package), the checkout's weights/ as the asset c
 LLAMA3_NP_CACHE names another), and user errors as one line on stderr with exit status 2."""
 
 import os
+import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Callable
@@ -24,3 +26,15 @@ def run_tool(tool: str, body: Callable[[], int | None], *errors: type[BaseExcept
         # The tools' flags are the command line's, so a library parameter is named by its flag.
         print(f"{tool}: error: {error_message(e) if isinstance(e, Llama3Error) else e}", file=sys.stderr)
         return 2
+
+
+def paired_ratio(a: list[dict], b: list[dict], key: str, b_key: str | None = None) -> float:
+    """The median over rounds of a's figure `key` / b's figure `b_key` (default: `key`) of the same
+    round: a ratio of runs taken close together, so that a drift of a shared machine's speed falls
+    on both sides of each pair."""
+    return statistics.median(x[key] / y[b_key or key] for x, y in zip(a, b))
+
+
+def compact_number_lists(json_text: str) -> str:
+    """JSON text with every list of numbers on one line (fixtures stay short and readable)."""
+    return re.sub(r"\[[-\d.e,\s]+\]", lambda m: "[" + " ".join(m.group(0)[1:-1].split()) + "]", json_text)
