@@ -1,19 +1,22 @@
 """The matrix product of the model, `linear`, and how it uses weights kept in low precision.
 
-`llama3_np.model` calls `linear(x, w)` for every weight product and nothing else; whether `w` is
-float32 or bfloat16 is decided here, outside the specification, and how the product runs fast (in
-blocks of rows, bfloat16 converted block by block, on llama3_np's own threads) in
-`llama3_np.products`. Compute is float32, or float64 for a float64 `x` (float64 mode).
+`llama3_np.model` calls `linear(x, w)` for every weight product, and `linears(x, w1, w2, ...)` for
+the weights that multiply one input; whether `w` is float32 or bfloat16, and whether several
+weights run as one product (`fuse_projections`), is decided here, outside the specification, and
+how the product runs fast (in blocks of rows, bfloat16 converted block by block, on llama3_np's own
+threads) in `llama3_np.products`. Compute is float32, or float64 for a float64 `x` (float64 mode).
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import weakref
+from typing import Mapping, MutableMapping, Optional, Sequence
 
 import numpy as np
 
 from . import products
 from .config import ComputeMode
+from .formats.canonical import joined_names
 from .llamacpp import LlamaCppWeight, product
 from .lora import LoraWeight
 
@@ -39,6 +42,87 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_
     if x.dtype == np.float64:
         return x @ np.asarray(w, dtype=np.float64).T
     return products.linear(x, w)
+
+
+def linears(x: np.ndarray, *ws) -> tuple[np.ndarray, ...]:
+    # [T, n_in], k x [n_i, n_in] -> k x [T, n_i]
+    """`linear(x, w)` for each of several weights that multiply the same input (q, k and v; the gate
+    and the up projection): in a decode step (one row of x), one product when they are consecutive
+    row blocks of one array (as `fuse_projections` holds them), each weight's columns of it a view;
+    separate products otherwise (several rows; LoRA and llama.cpp weights, quantized blocks,
+    separate arrays). Either way each value is the dot product of a row of x with a row of a
+    weight, in float32 (`linear`). Several rows stay separate because the matrix-matrix kernel's
+    sums depend on the number of columns, so one product would change a prefill's last bits, and it
+    measured no faster (BENCHMARKS.md, "Threads and blocks"); the matrix-vector kernel sums each row
+    by itself (docs/DESIGN.md, "Fused products")."""
+    whole, bounds = joined(ws) if x.shape[0] == 1 else (None, [])
+    if whole is None:
+        return tuple(linear(x, w) for w in ws)
+    y = linear(x, whole)  # [T, sum n_i]
+    return tuple(y[:, start:stop] for start, stop in bounds)
+
+
+# `joined`'s answers, by the ids of the weights asked about: (weak references to the weights, to the
+# array they are rows of or None, and each one's columns of its product), so that a decode step does
+# not inspect the same arrays again (some 15 µs a group); the weak references make an entry stand
+# for the very arrays it was made of, and keep nothing alive.
+_joined: dict[tuple[int, ...], tuple] = {}
+
+
+def joined(ws: Sequence) -> tuple[Optional[np.ndarray], list[tuple[int, int]]]:
+    """(the array whose rows are exactly `ws`' rows one after the other, each w a view of it, and
+    the rows of each w in it), or (None, []) when there is none."""
+    key = tuple(map(id, ws))
+    hit = _joined.get(key)
+    if hit is not None and all(ref() is w for ref, w in zip(hit[0], ws)):
+        return hit[1](), hit[2]
+    whole, bounds = _rows_of_one_array(ws)
+    try:
+        refs = [weakref.ref(w) for w in ws]
+    except TypeError:  # a weight of a kind that takes no weak reference: asked again each time
+        return whole, bounds
+    if len(_joined) >= 1 << 12:  # only arrays freed since leave entries behind
+        _joined.clear()
+    _joined[key] = (refs, (lambda: None) if whole is None else weakref.ref(whole), bounds)
+    return whole, bounds
+
+
+def _rows_of_one_array(ws: Sequence) -> tuple[Optional[np.ndarray], list[tuple[int, int]]]:
+    base = ws[0].base if isinstance(ws[0], np.ndarray) else None
+    if type(base) is not np.ndarray or base.ndim != 2 or not base.flags.c_contiguous:
+        return None, []
+    origin = start = base.__array_interface__["data"][0]
+    bounds = []
+    for w in ws:
+        if not (isinstance(w, np.ndarray) and w.base is base and w.ndim == 2 and w.flags.c_contiguous
+                and w.shape[1] == base.shape[1] and w.__array_interface__["data"][0] == start):
+            return None, []
+        row = (start - origin) // base.strides[0]
+        bounds.append((row, row + w.shape[0]))
+        start += w.nbytes
+    return (base, bounds) if start == origin + base.nbytes else (None, [])
+
+
+def fuse_projections(weights: MutableMapping[str, np.ndarray], n_layers: int) -> None:
+    """Hold each layer's weights that multiply one input (`formats.canonical.JOINED`) as consecutive
+    row blocks of one array, in place, unless they are already: the names keep Meta's separate
+    matrices (views of the joined array), and `linears` multiplies them in one product. A layer at a
+    time, so that memory grows by one group at most while the separate arrays are released (unless
+    the caller holds them). Groups that are not NumPy arrays of one dtype and width, and memory-mapped
+    ones (read-only arrays over a file's bytes, which a copy would make resident), stay as they are."""
+    for names in joined_names(n_layers):
+        ws = [weights[name] for name in names]
+        if joined(ws)[0] is not None or not all(
+                type(w) is np.ndarray and w.ndim == 2 and w.dtype == ws[0].dtype and w.shape[1] == ws[0].shape[1]
+                and (w.flags.owndata or w.flags.writeable) for w in ws):
+            continue
+        whole = np.concatenate(ws)
+        del ws
+        start = 0
+        for name in names:
+            rows = weights[name].shape[0]
+            weights[name] = whole[start:start + rows]
+            start += rows
 
 
 def mode_weights(weights: Mapping[str, np.ndarray], mode: ComputeMode) -> dict[str, np.ndarray]:

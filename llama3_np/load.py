@@ -22,7 +22,7 @@ from .config import ComputeMode, ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import Checkpoint, load_checkpoint, scan_checkpoint
 from .generation import Generation, Session, generate_batch, session_size
-from .linear import mode_weights
+from .linear import fuse_projections, mode_weights
 from .lora import adapted, load_adapter
 from .sampling import SamplingParams
 from .text.chat import ChatFormat, TemplateFormat, chat_format_for, encode_dialog
@@ -277,13 +277,17 @@ def stored_residency(dtype: Optional[str], checkpoint_format: str) -> str:
 
 def checkpoint_for(checkpoint: Checkpoint, mode: ComputeMode) -> Checkpoint:
     """`checkpoint` with its weights as `mode` computes with them (`linear.mode_weights`: float64,
-    float16, or bfloat16 where stored otherwise; llamacpp's wrapped, held as stored), converted
-    once; `dtype` says how they are held."""
-    if mode.dtype == "float32":
-        return checkpoint
-    weights = mode_weights(checkpoint.weights, mode)
-    return dataclasses.replace(checkpoint, weights=weights,
-                               dtype=checkpoint.dtype if mode.dtype == "llamacpp" else mode.storage.name)
+    float16, or bfloat16 where stored otherwise; llamacpp's matrices wrapped, held as stored),
+    converted once, each layer's weights that multiply one input joined for one product
+    (`linear.fuse_projections`; not for llama.cpp's arithmetic, which multiplies each matrix
+    alone); `dtype` says how they are held."""
+    if mode.dtype == "llamacpp":
+        return dataclasses.replace(checkpoint, weights=mode_weights(checkpoint.weights, mode))
+    if mode.dtype != "float32":
+        weights = mode_weights(checkpoint.weights, mode)
+        checkpoint = dataclasses.replace(checkpoint, weights=weights, dtype=mode.storage.name)
+    fuse_projections(checkpoint.weights, checkpoint.config.n_layers)
+    return checkpoint
 
 
 def load_model(path=None, dtype: Optional[str] = None, rope_factor: Optional[float] = None,

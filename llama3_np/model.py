@@ -2,8 +2,8 @@
 
 Read top to bottom: embed -> (rmsnorm -> attention with rope -> residual -> rmsnorm -> swiglu ->
 residual) x n_layers -> rmsnorm -> output projection. Every number comes from `ModelConfig`; this
-module does no I/O, knows nothing of file formats, and leaves low-precision products (`linear`)
-and argument checks (`checks`) to their own modules.
+module does no I/O, knows nothing of file formats, and leaves low-precision and fused products
+(`linear`, `linears`) and argument checks (`checks`) to their own modules.
 
 Dimensions, used in every shape comment:
     T   tokens in this call            D   model dim (config.dim)
@@ -38,7 +38,9 @@ stage (`llama3_np.stages`) and returns x.
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from dataclasses import dataclass, fields
 from typing import Mapping, NamedTuple, Optional, Sequence
 
@@ -46,7 +48,7 @@ import numpy as np
 
 from .checks import batch_arguments, expect_shape, finite_stages, forward_arguments, forward_mode
 from .config import ComputeMode, ModelConfig
-from .linear import linear
+from .linear import linear, linears
 from .stages import Keep, Trace, keep_nothing, legend, scoped, start_point
 
 FLOAT32 = ComputeMode("float32")
@@ -120,6 +122,51 @@ WEIGHT_SHAPES = {
     "feed_forward.w2": lambda s: (s["D"], s["F"]),
     "feed_forward.w3": lambda s: (s["F"], s["D"]),
 }
+
+
+# Layer weights already checked, by the ids of the arrays a mapping held under the layer's names:
+# weak references to those arrays (an entry keeps nothing alive) and whether `ComputeMode.weight`
+# holds them as they are (so `LayerWeights.of` of the same arrays is the same value).
+_checked_layers: dict[tuple, list[weakref.ref]] = {}
+
+
+def layer_weights(weights: Mapping[str, np.ndarray], layer: int, config: ModelConfig,
+                  mode: ComputeMode = FLOAT32) -> LayerWeights:
+    """`LayerWeights.of(weights, layer, config, mode)`, without checking again the arrays it
+    checked before (a decode step would otherwise check every weight's shape and dtype again)."""
+    stored = [weights[name] for name in _layer_names(layer)]
+    key = (config, mode, *map(id, stored))
+    refs = _checked_layers.get(key)
+    if refs is None or not all(ref() is w for ref, w in zip(refs, stored)):
+        w = LayerWeights.of(weights, layer, config, mode)
+        held = [w.attention_norm, *vars(w.attention).values(), w.ffn_norm, *vars(w.feed_forward).values()]
+        if not all(a is b for a, b in zip(held, stored)):  # converted for the mode: done in every call
+            return w
+        if len(_checked_layers) >= 1 << 14:  # only weights freed since leave entries behind
+            _checked_layers.clear()
+        try:
+            _checked_layers[key] = [weakref.ref(a) for a in stored]
+        except TypeError:  # an array type without weak references: checked in every call
+            pass
+        return w
+    norm1, wq, wk, wv, wo, norm2, w1, w2, w3 = stored
+    return LayerWeights(norm1, AttentionWeights(wq, wk, wv, wo), norm2, FeedForwardWeights(w1, w2, w3))
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_names(layer: int) -> tuple[str, ...]:
+    """The canonical names of layer `layer`'s weights, in `LayerWeights`' field order."""
+    names = ["attention_norm", *(f"attention.{f.name}" for f in fields(AttentionWeights)),
+             "ffn_norm", *(f"feed_forward.{f.name}" for f in fields(FeedForwardWeights))]
+    return tuple(f"layers.{layer}.{name}.weight" for name in names)
+
+
+@functools.lru_cache(maxsize=64)
+def frequencies(config: ModelConfig, mode: ComputeMode = FLOAT32) -> np.ndarray:  # -> [Dh/2], read-only
+    """`rope_frequencies(config, mode)`, computed once per config and mode."""
+    freqs = rope_frequencies(config, mode)
+    freqs.flags.writeable = False
+    return freqs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,9 +428,10 @@ def attention(x: np.ndarray, w: AttentionWeights, rotation: Rotation, caches: Se
     T = x.shape[0]
     H, KV, Dh = config.n_heads, config.n_kv_heads, config.head_dim
     rounded = mode.rounded
-    q = keep("q", rounded(linear(x, w.wq)).reshape(T, H, Dh))  # [T, D] -> [T, H, Dh]
-    k = keep("k", rounded(linear(x, w.wk)).reshape(T, KV, Dh))  # [T, D] -> [T, KV, Dh]
-    v = keep("v", rounded(linear(x, w.wv)).reshape(T, KV, Dh))  # [T, D] -> [T, KV, Dh]
+    q, k, v = linears(x, w.wq, w.wk, w.wv)  # [T, D] -> [T, H*Dh], [T, KV*Dh], [T, KV*Dh]
+    q = keep("q", rounded(q).reshape(T, H, Dh))  # [T, H*Dh] -> [T, H, Dh]
+    k = keep("k", rounded(k).reshape(T, KV, Dh))  # [T, KV*Dh] -> [T, KV, Dh]
+    v = keep("v", rounded(v).reshape(T, KV, Dh))  # [T, KV*Dh] -> [T, KV, Dh]
     q_rope = keep("q_rope", rounded(rope(q, rotation.cos, rotation.sin, mode)))
     k_rope = keep("k_rope", rounded(rope(k, rotation.cos, rotation.sin, mode)))
     attended = []
@@ -415,8 +463,9 @@ def swiglu(x: np.ndarray, w: FeedForwardWeights, mode: ComputeMode = FLOAT32,
     Source: FFN_SwiGLU of GLU variants (arXiv 2002.05202); llama-models FeedForward.
     """
     rounded = mode.rounded
-    gate = rounded(silu(rounded(linear(x, w.w1))))  # [T, D] -> [T, F]
-    up = rounded(linear(x, w.w3))  # [T, D] -> [T, F]
+    gate, up = linears(x, w.w1, w.w3)  # [T, D] -> [T, F], [T, F]
+    gate = rounded(silu(rounded(gate)))  # [T, F]
+    up = rounded(up)  # [T, F]
     hidden = keep("ffn_hidden", rounded(gate * up))  # [T, F]
     return keep("ffn_out", rounded(linear(hidden, w.w2)))  # [T, F] -> [T, D]
 
@@ -436,6 +485,22 @@ def transformer_block(x: np.ndarray, w: LayerWeights, rotation: Rotation, caches
     h = keep("h", rounded(x + attention(attn_norm, w.attention, rotation, caches, config, mode, keep)))
     ffn_norm = keep("ffn_norm", rmsnorm(h, w.ffn_norm, eps, mode))  # [T, D]
     return keep("out", rounded(h + swiglu(ffn_norm, w.feed_forward, mode, keep)))  # [T, D]
+
+
+def transformer_layers(x: np.ndarray, weights: Mapping[str, np.ndarray], config: ModelConfig, rotation: Rotation,
+                       caches: Sequence[tuple["KVCache", slice]], mode: ComputeMode = FLOAT32,
+                       trace: Optional[Trace] = None, first: int = 0) -> np.ndarray:  # [T, D] -> [T, D]
+    """The residual stream through layers `first` .. n_layers-1, each sequence's rows (`caches`: one
+    (cache, rows) per sequence) attending to its own cache's slice of the layer. `trace` records
+    the named stages `layers.i.*`.
+
+    Source: llama-models Transformer.forward's `for layer in self.layers: h = layer(h, ...)`."""
+    for layer in range(first, config.n_layers):
+        prefix = f"layers.{layer}."
+        layer_caches = [cache.layer(layer, rows) for cache, rows in caches]
+        x = transformer_block(x, layer_weights(weights, layer, config, mode), rotation, layer_caches, config, mode,
+                              finite_stages(scoped(trace, prefix), prefix, mode))
+    return x
 
 
 def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
@@ -475,16 +540,13 @@ def forward(weights: Mapping[str, np.ndarray], config: ModelConfig, tokens,
     pos = start if pos is None else pos
     tokens = forward_arguments(tokens, config.vocab_size, start, cache.max_len, pos)  # [T]
     T = tokens.shape[0]
-    rotation = rope_cos_sin(pos + np.arange(T), rope_frequencies(config, mode))  # [T, Dh/2] each
+    rotation = rope_cos_sin(pos + np.arange(T), frequencies(config, mode))  # [T, Dh/2] each
     keep = finite_stages(scoped(trace, ""), "", mode)
     x = keep("embed", expect_shape(embed(tokens, weights["tok_embeddings.weight"], mode), (T, config.dim), "embed"))
     first = 0
     if start_from is not None:  # an intervention: the residual stream resumes from a given value
         first, x = start_point(start_from, config.n_layers, x, cache.length, cache.max_len)
-    for layer in range(first, config.n_layers):
-        prefix = f"layers.{layer}."
-        x = transformer_block(x, LayerWeights.of(weights, layer, config, mode), rotation, [cache.layer(layer)],
-                              config, mode, finite_stages(scoped(trace, prefix), prefix, mode))
+    x = transformer_layers(x, weights, config, rotation, [(cache, slice(None))], mode, trace, first)
     cache.length = start + T  # every layer now holds these tokens: the cache advances once, here
     if last_only:
         x = x[-1:]
@@ -533,12 +595,9 @@ def forward_batch(weights: Mapping[str, np.ndarray], config: ModelConfig, batch:
     ends = np.cumsum([t.size for t in tokens])
     rows = [slice(end - t.size, end) for t, end in zip(tokens, ends)]  # each sequence's rows of the pass
     rotation = rope_cos_sin(np.concatenate([p + np.arange(t.size) for p, t in zip(positions, tokens)]),
-                            rope_frequencies(config, mode))  # [T, Dh/2] each
+                            frequencies(config, mode))  # [T, Dh/2] each
     x = embed(np.concatenate(tokens), weights["tok_embeddings.weight"], mode)  # [T, D]
-    for layer in range(config.n_layers):
-        layer_caches = [c.layer(layer, r) for c, r in zip(caches, rows)]
-        x = transformer_block(x, LayerWeights.of(weights, layer, config, mode), rotation, layer_caches,
-                              config, mode, finite_stages(keep_nothing, f"layers.{layer}.", mode))
+    x = transformer_layers(x, weights, config, rotation, list(zip(caches, rows)), mode)
     for c, start, t in zip(caches, starts, tokens):
         c.length = start + t.size  # every layer now holds each sequence's tokens
     if last_only:

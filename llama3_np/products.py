@@ -7,7 +7,9 @@ here changes its value beyond the order of a sum:
   product x · blockᵀ fills its own columns of the output. A bfloat16 (or float16) block is first
   converted into a float32 buffer the thread reuses for every block (the conversion is exact),
   then multiplied while it is still in the CPU cache: a model kept in bfloat16 reads 2 bytes per
-  weight from memory and never holds, nor allocates per token, a float32 copy of a matrix.
+  weight from memory and never holds, nor allocates per token, a float32 copy of a matrix. A block
+  that is not the whole weight holds a multiple of `ROW_ALIGN` rows, so that a fused product (the
+  weights of one input joined, `linear.linears`) gives each row the bits of its weight's own product.
 - **Conversion.** bfloat16 is the high half of a float32, so a bit shift of its 16-bit patterns
   into the high half of 32-bit words is the exact conversion, as is ml_dtypes' cast; which of the
   two runs faster depends on the installed ml_dtypes (0.7.0's cast is several times slower than
@@ -26,6 +28,10 @@ here changes its value beyond the order of a sum:
   left. A thread slowed by another process on its core simply takes fewer blocks, so a busy
   machine slows a product in proportion to the CPU time it leaves, rather than making threads wait
   for each other. Products too small to pay for waking a worker run on the calling thread alone.
+- **Several rows.** A product of a few rows (a batch's decode step, one row per sequence) is
+  computed as (block · xᵀ)ᵀ: the same dot products as x · blockᵀ, for which OpenBLAS takes another
+  sgemm path that costs about two thirds as much at 8 rows; at a prefill's hundreds of rows
+  x · blockᵀ costs as much or less, and stays (`TRANSPOSED_MAX_ROWS`).
 - **Batch invariance, on request.** BLAS chooses its kernel by the shape of a product: one row
   goes to a matrix-vector kernel, several to a matrix-matrix kernel that also sums in an order that
   depends on their number, so a row's result depends, in its last bits, on the rows beside it
@@ -78,10 +84,21 @@ FLOAT32_BLOCK_BYTES = 4 << 20
 # the GIL), and splitting the default model's decode products (0.1 to 0.3 ms each) made whole
 # decode steps no faster than one thread.
 SPLIT_MIN_MACS = 1 << 22
+# A block that is not a whole weight holds a multiple of this many rows (unless a block of so many
+# would exceed its size in bytes): BLAS's matrix-vector kernels sum rows in groups of up to 16, the
+# last rows of a block that is not a multiple of their group by other code, so aligned blocks give
+# the rows of consecutive row blocks of one array (`linear.linears`' fused products) the bits their
+# products alone give (measured, docs/DESIGN.md, "Fused products"), and cost nothing.
+ROW_ALIGN = 16
 # A decode step's bfloat16 block is converted by halves into a buffer of at most this many bytes,
 # small enough to stay in the core's cache (L2) between the conversion and the products; 512 KiB
 # made whole decode steps fastest among 128 KiB to 4 MiB (BENCHMARKS.md, "bfloat16 decode by halves").
 HALVES_BLOCK_BYTES = 512 << 10
+# Up to this many rows, a product of several rows is computed as (w · xᵀ)ᵀ rather than x · wᵀ: 1.2 to
+# 1.7 times as fast at 8 rows on both models' shapes, as fast or faster from 2 to 32; from 64 rows on,
+# the other sgemm path and the transposed copy of the output cost as much or more (BENCHMARKS.md,
+# "Batches", tools/measure_batch_products.py). 0: always x · wᵀ.
+TRANSPOSED_MAX_ROWS = 32
 # Whether decode steps convert bfloat16 by halves (False: as prefills do, whole rows by
 # `bfloat16_conversion`); for measuring one against the other (tools/measure_products.py).
 DECODE_BY_HALVES = True
@@ -422,16 +439,18 @@ def block_rows(T: int, n_out: int, n_in: int, low_precision: bool, threads: int,
     Batch-invariant products: set by the shape alone, since a matrix-vector kernel's sums depend on
     where a block begins."""
     if _batch_invariant:
-        return conversion_rows(n_out, n_in) if low_precision else min(n_out, max(1, FLOAT32_BLOCK_BYTES // (4 * n_in)))
-    if halves:
+        rows = conversion_rows(n_out, n_in) if low_precision else max(1, FLOAT32_BLOCK_BYTES // (4 * n_in))
+    elif halves:
         rows = max(1, HALVES_BLOCK_BYTES // (4 * n_in))
     elif low_precision:
         rows = conversion_rows(n_out, n_in)
     else:
         rows = n_out if threads == 1 else max(1, FLOAT32_BLOCK_BYTES // (4 * n_in))
-    if threads > 1 and T * n_out * n_in >= SPLIT_MIN_MACS:
+    if threads > 1 and T * n_out * n_in >= SPLIT_MIN_MACS and not _batch_invariant:
         rows = min(rows, -(-n_out // threads))  # at least one block per thread
-    return min(rows, n_out)
+    if rows >= n_out:
+        return n_out
+    return rows - rows % ROW_ALIGN if rows > ROW_ALIGN else rows
 
 
 _batch_invariant = False
@@ -491,13 +510,16 @@ def linear(x: np.ndarray, w) -> np.ndarray:  # [T, n_in], [n_out, n_in] -> [T, n
     convert = rows_into(w)
     low_precision = convert is not None
     threads = _threads if T * n_out * n_in >= SPLIT_MIN_MACS else 1
+    transposed = 1 < T <= TRANSPOSED_MAX_ROWS and not _batch_invariant
     if not low_precision and threads == 1 and not _batch_invariant:
         if not _blas_held:
             hold_blas_to_one_thread()
-        return x @ w.T
+        return np.ascontiguousarray((w @ x.T).T) if transposed else x @ w.T
     halves = _by_halves(x, w)
     rows = block_rows(T, n_out, n_in, low_precision, threads, halves)
     out = np.empty((T, n_out), dtype=np.float32)
+    if transposed:
+        out_t = np.empty((n_out, T), dtype=np.float32)  # [n_out, T], rows of blocks contiguous
     if halves:
         half = n_in // 2
         x_even, x_odd = np.ascontiguousarray(x[0, 0::2]), np.ascontiguousarray(x[0, 1::2])
@@ -527,8 +549,12 @@ def linear(x: np.ndarray, w) -> np.ndarray:  # [T, n_in], [n_out, n_in] -> [T, n
         if T == 1 or _batch_invariant:
             for t in range(T):  # the matrix-vector kernel, row by row
                 np.dot(block, x[t], out=out[t, start:stop])
+        elif transposed:
+            np.matmul(block, x.T, out=out_t[start:stop])
         else:
             np.matmul(x, block.T, out=out[:, start:stop])
 
     parallel(product, -(-n_out // rows), threads)
+    if transposed:
+        np.copyto(out, out_t.T)
     return out

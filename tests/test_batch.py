@@ -57,23 +57,43 @@ def worst_nmse(batched, alone):
     return max(nmse(b, a) for b, a in zip(batched, alone))
 
 
+def split_config():
+    """Products large enough for every path of `products.linear` at PROMPTS' rows: the output
+    product ([4096, 256]) splits over threads in blocks from 4 rows on (T·n_out·n_in ≥
+    SPLIT_MIN_MACS), the feed-forward ones at the prefill's 23 rows, the attention ones never."""
+    config = tiny_config(dim=256, ffn_dim=768, vocab_size=4096)
+    assert len(PROMPTS) * config.vocab_size * config.dim >= products.SPLIT_MIN_MACS
+    assert len(PROMPTS) * config.dim * config.dim < products.SPLIT_MIN_MACS
+    return config
+
+
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["float32", "bfloat16"])
-def test_a_batch_gives_each_sequence_its_logits_alone(dtype):
-    config = tiny_config()
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("make_config", [tiny_config, split_config])
+def test_a_batch_gives_each_sequence_its_logits_alone(dtype, threads, make_config):
+    """The decode steps' 4 rows and the prefill's 23 are the products' several-row kernel
+    ((w · xᵀ)ᵀ, up to products.TRANSPOSED_MAX_ROWS rows), one row alone the matrix-vector one."""
+    config = make_config()
+    assert 1 < len(PROMPTS) and sum(map(len, PROMPTS)) <= products.TRANSPOSED_MAX_ROWS
     w = random_weights(config, dtype=dtype)
-    batched = greedy_batched(w, config, PROMPTS, 6)
-    for b, prompt in enumerate(PROMPTS):
-        alone = greedy_alone(w, config, prompt, 6)
-        e = worst_nmse(batched[b], alone)
-        assert e <= BATCH_NMSE, f"sequence {b}: NMSE {e:.3e} > {BATCH_NMSE:.0e}"
-        ids = [[int(np.argmax(x[-1]))] for x in batched[b]], [[int(np.argmax(x[-1]))] for x in alone]
-        assert ids[0] == ids[1], f"sequence {b}: greedy ids {ids[0]} batched, {ids[1]} alone"
+    before = products.get_threads()
+    products.set_threads(threads)
+    try:
+        batched = greedy_batched(w, config, PROMPTS, 6)
+        for b, prompt in enumerate(PROMPTS):
+            alone = greedy_alone(w, config, prompt, 6)
+            e = worst_nmse(batched[b], alone)
+            assert e <= BATCH_NMSE, f"sequence {b}: NMSE {e:.3e} > {BATCH_NMSE:.0e}"
+            ids = [[int(np.argmax(x[-1]))] for x in batched[b]], [[int(np.argmax(x[-1]))] for x in alone]
+            assert ids[0] == ids[1], f"sequence {b}: greedy ids {ids[0]} batched, {ids[1]} alone"
+    finally:
+        products.set_threads(before)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_batch_invariant_products_give_each_sequence_its_logits_alone_bit_for_bit(invariant, dtype, threads):
-    config = tiny_config(dim=256, ffn_dim=768, vocab_size=4096)  # products large enough to split over threads
+    config = split_config()
     w = random_weights(config, dtype=dtype)
     before = products.get_threads()
     products.set_threads(threads)
@@ -86,16 +106,38 @@ def test_batch_invariant_products_give_each_sequence_its_logits_alone_bit_for_bi
         products.set_threads(before)
 
 
-def test_companions_never_change_a_sequence(invariant):
+# Batches around a sequence (None), in the forms padding takes in a padded batch: longer and
+# shorter companions, more or fewer of them, the sequence first, in the middle, last, repeated.
+# The first batch has more rows than products.TRANSPOSED_MAX_ROWS (x · wᵀ), the others and the
+# sequence alone fewer ((w · xᵀ)ᵀ): a sequence's rows go through both multi-row kernels.
+AROUND = [[None, [1] * 90], [[3, 4], None], [[9] * 3, [2] * 25, None, [7]], [None] * 3]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("on", [False, True], ids=["default", "batch-invariant"])
+def test_companions_never_change_a_sequence(dtype, on):
     """What padding would change in a padded batch (the other sequences' number, lengths and
-    contents, a sequence's place in the batch) changes nothing here, bit for bit."""
+    contents, a sequence's place in the batch) changes a sequence's logits only within the bound by
+    default, never its greedy ids, and not at all, bit for bit, with batch-invariant products.
+    Nothing else can change: no pad token or mask enters, a sequence's rows are its own tokens."""
     config = tiny_config()
-    w = random_weights(config)
+    w = random_weights(config, dtype=dtype)
     target = PROMPTS[0]
-    alone = forward(w, config, target)
-    for batch in ([target, [1] * 40], [[3, 4], target], [[9] * 3, [2] * 25, target, [7]], [target] * 3):
-        at = batch.index(target)
-        assert np.array_equal(forward_batch(w, config, batch)[at], alone), f"{len(batch)} sequences"
+    assert sum(len(c or target) for c in AROUND[0]) > products.TRANSPOSED_MAX_ROWS >= len(target) > 1
+    products.set_batch_invariant(on)
+    try:
+        alone = forward(w, config, target)
+        for around in AROUND:
+            batch = [target if c is None else c for c in around]
+            at = around.index(None)
+            got = forward_batch(w, config, batch)[at]
+            if on:
+                assert np.array_equal(got, alone), f"{len(batch)} sequences"
+            else:
+                assert nmse(got, alone) <= BATCH_NMSE, f"{len(batch)} sequences: NMSE {nmse(got, alone):.3e}"
+                assert np.array_equal(np.argmax(got, axis=-1), np.argmax(alone, axis=-1))
+    finally:
+        products.set_batch_invariant(False)
 
 
 def test_each_sequence_keeps_its_own_positions_and_cache():

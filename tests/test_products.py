@@ -49,7 +49,7 @@ def threads():
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 @pytest.mark.parametrize("split_min", [0, products.SPLIT_MIN_MACS])
 @pytest.mark.parametrize("block_bytes", [4 * 301, 1 << 20])  # blocks of 1 row (n_in 300 or 301), whole
-@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("T", [1, 5, products.TRANSPOSED_MAX_ROWS + 1])  # one row; several, (w · xᵀ)ᵀ; x · wᵀ
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16, np.float32])
 @pytest.mark.parametrize("n_in", [300, 301])  # a decode step's bfloat16 product by halves; an odd width, by rows
 def test_product_is_the_float32_product_of_the_converted_weight(monkeypatch, threads, n_threads, split_min,

@@ -3,7 +3,7 @@
 (`model.forward`), on the default model, and where the difference comes from (docs/DESIGN.md,
 "Batches"; the bound of tests/test_batch.py).
 
-    python tools/measure_batch_invariance.py [--steps N] [--threads N]
+    python tools/measure_batch_invariance.py [--steps N] [--threads N] [-m DIR ...]
 
 Eight prompts (the three of tests/fixtures/default_model/greedy.json and five more of 1 to 60
 tokens) are prefilled together and then decoded greedily together, one `forward_batch` per step,
@@ -11,7 +11,12 @@ and each alone, one `forward` per step; it prints, as JSON, the NMSE of the batc
 the alone ones (prefill and decode steps apart, worst and median over sequences), whether every
 greedy id agrees, the same with batch-invariant products (`products.set_batch_invariant(True)`,
 expected bit-equal), and for comparison the NMSE between a matrix-vector and a matrix-matrix
-product of one row by the default model's largest weight, which is the source of the difference.
+product of one row by the default model's largest weight, which is the source of the difference,
+and the fraction of 8 rows' outputs that the two multi-row kernels (x · wᵀ and (w · xᵀ)ᵀ,
+`products.TRANSPOSED_MAX_ROWS`) give bit-equal.
+-m DIR (repeatable) measures those checkpoints instead, e.g. the tests' tiny ones
+(tests/fixtures/parity/llama3_0, _1, _2), the prompts' ids taken modulo their vocabulary. Another
+CPU's OpenBLAS kernels: OPENBLAS_CORETYPE=Haswell (as on Zen 2/3) in the environment.
 Not a timing: the numbers depend only on the CPU's float32 kernels.
 """
 
@@ -72,22 +77,32 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=16, help="greedy decode steps after the prompts (default 16)")
     p.add_argument("--threads", type=int, help="llama3_np's threads (default: one per core)")
+    p.add_argument("-m", "--model", action="append", help="a checkpoint folder (repeatable; default: the default model)")
+    p.add_argument("--transposed-max-rows", type=int, default=products.TRANSPOSED_MAX_ROWS,
+                   help="products.TRANSPOSED_MAX_ROWS (default: llama3_np's; 0: every product of several rows as x · wᵀ)")
     args = p.parse_args()
     if args.threads:
         products.set_threads(args.threads)
-    checkpoint = load_checkpoint(default_model(), dtype="float32")
-    config, weights = checkpoint.config, checkpoint.weights
+    products.TRANSPOSED_MAX_ROWS = args.transposed_max_rows
     cases = json.loads((REPO / "tests" / "fixtures" / "default_model" / "greedy.json").read_text())["cases"]
-    prompts = [c["prompt_ids"] for c in cases] + EXTRA_PROMPTS
-    result = {"prompts": len(prompts), "steps": args.steps, "threads": products.get_threads(),
-              "default": summary(*run(weights, config, prompts, args.steps))}
-    products.set_batch_invariant(True)
-    result["batch_invariant"] = summary(*run(weights, config, prompts, args.steps))
-    products.set_batch_invariant(False)
-    w = weights["output.weight"]  # [V, D]
-    x = np.random.default_rng(0).standard_normal((8, config.dim), dtype=np.float32)
-    result["one_row_gemv_vs_gemm_nmse"] = nmse(np.dot(w, x[0]), (x @ w.T)[0])
-    print(json.dumps(result, indent=1))
+    results = []
+    for path in args.model or [default_model()]:
+        checkpoint = load_checkpoint(path, dtype="float32")
+        config, weights = checkpoint.config, checkpoint.weights
+        prompts = [[t % config.vocab_size for t in p] for p in [c["prompt_ids"] for c in cases] + EXTRA_PROMPTS]
+        result = {"model": str(path), "prompts": len(prompts), "steps": args.steps, "threads": products.get_threads(),
+                  "transposed_max_rows": products.TRANSPOSED_MAX_ROWS,
+                  "default": summary(*run(weights, config, prompts, args.steps))}
+        products.set_batch_invariant(True)
+        result["batch_invariant"] = summary(*run(weights, config, prompts, args.steps))
+        products.set_batch_invariant(False)
+        w = weights["output.weight"]  # [V, D]
+        x = np.random.default_rng(0).standard_normal((8, config.dim), dtype=np.float32)
+        result["one_row_gemv_vs_gemm_nmse"] = nmse(np.dot(w, x[0]), (x @ w.T)[0])
+        result["one_row_gemv_vs_transposed_gemm_nmse"] = nmse(np.dot(w, x[0]), (w @ x.T)[:, 0])
+        result["transposed_gemm_equal_to_gemm"] = float(np.mean((w @ x.T).T == x @ w.T))  # 8 rows: the fraction of bit-equal outputs
+        results.append(result)
+    print(json.dumps(results if len(results) > 1 else results[0], indent=1))
     return 0
 
 

@@ -35,6 +35,17 @@ def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# A layer's weights that multiply one input (q, k and v; the gate and the up projection), which the
+# loaders hold as consecutive row blocks of one array, in this order, so that `linear.linears` runs
+# each group as one product; the names keep Meta's separate matrices (views of that array).
+JOINED = (("attention.wq", "attention.wk", "attention.wv"), ("feed_forward.w1", "feed_forward.w3"))
+
+
+def joined_names(n_layers: int) -> list[tuple[str, ...]]:
+    """Every layer's `JOINED` groups as canonical tensor names."""
+    return [tuple(f"layers.{i}.{name}.weight" for name in group) for i in range(n_layers) for group in JOINED]
+
+
 @dataclass(frozen=True)
 class StoredTensor:
     """One tensor as one file stores it (a whole tensor, or one model-parallel shard of it)."""

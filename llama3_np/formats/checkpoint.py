@@ -44,7 +44,7 @@ from ..dtypes import bfloat16, is_bfloat16
 from ..errors import Llama3Error, warn
 from ..files import make_folder, read_json, write_text
 from ..text.tokenizer import find_tokenizer_file
-from .canonical import CheckpointIndex, StoredTensor, TensorPlan, expected_shapes
+from .canonical import CheckpointIndex, StoredTensor, TensorPlan, expected_shapes, joined_names
 from .gguf_file import is_gguf
 from .pth import PthFile
 from .safetensors_file import SafetensorsFile, write_safetensors
@@ -383,18 +383,20 @@ def _scan_meta(path: Path, rope_factor: Optional[float]) -> CheckpointIndex:
 
 # --- reading the data ----------------------------------------------------------------------------
 
-def _materialize(plan: TensorPlan, residency: str) -> np.ndarray:
-    """The canonical array of one plan, in the residency's dtype."""
+def _materialize(plan: TensorPlan, residency: str, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """The canonical array of one plan, in the residency's dtype; written into `out` (float32
+    residency: rows of a joined array, `_joined_rows`) when given."""
     if plan.shard_axis is None:  # one file, or replicas that must agree
         array = plan.pieces[0].read()
         for t in plan.pieces[1:]:
             if not np.array_equal(t.read(), array):
                 raise Llama3Error(f"{t.file}: tensor {t.name!r} should be replicated across shards but differs "
                                   f"from {plan.pieces[0].file.name}'s; the shards do not belong together")
-        if residency == "float32":
+        if residency == "float32" and out is None:
             array = np.array(array, np.float32)
     else:
-        array = np.empty(plan.shape, np.float32 if residency == "float32" else plan.dtype)
+        array = out if out is not None and plan.unpermute_heads is None else np.empty(
+            plan.shape, np.float32 if residency == "float32" else plan.dtype)
         step = plan.shape[plan.shard_axis] // len(plan.pieces)
         for k, t in enumerate(plan.pieces):
             where = [slice(None)] * len(plan.shape)
@@ -402,14 +404,21 @@ def _materialize(plan: TensorPlan, residency: str) -> np.ndarray:
             array[tuple(where)] = t.read()
     if plan.unpermute_heads is not None:
         array = unpermute_qk(array, plan.unpermute_heads)
+    if out is not None and array is not out:
+        np.copyto(out, array)  # converted to float32 where it is held: no float32 copy in between
+        return out
     return array
 
 
-def _materialize_gguf(plan: TensorPlan, residency: str) -> Any:
-    """A GGUF tensor in a residency, with its exact values (`ggml_blocks`)."""
+def _materialize_gguf(plan: TensorPlan, residency: str, out: Optional[np.ndarray] = None) -> Any:
+    """A GGUF tensor in a residency, with its exact values (`ggml_blocks`); written into `out`
+    (float32 residency: rows of a joined array) when given."""
     from .gguf_import import exact_dtype
 
     t = plan.pieces[0].gguf
+    if residency == "float32" and out is not None:
+        np.copyto(out, t.values())
+        return out
     if residency == "float32":  # a new array, except an F32 tensor's view of the file, copied
         return np.array(t.values()) if t.type.name == "F32" else t.values()
     if t.type.block_size == 1:  # F32, F16, BF16: the mapped values, exact in any residency
@@ -420,12 +429,27 @@ def _materialize_gguf(plan: TensorPlan, residency: str) -> Any:
     return values.astype(exact_dtype(values), copy=False)
 
 
+def _joined_rows(index: CheckpointIndex) -> dict[str, np.ndarray]:
+    """For float32 residency: each `JOINED` group's tensors as the consecutive row blocks of one new
+    float32 array (its pages filled as the tensors are read: memory grows as without it), by name."""
+    rows = {}
+    for names in joined_names(index.config.n_layers):
+        shapes = [index.plans[name].shape for name in names]
+        whole = np.empty((sum(shape[0] for shape in shapes), shapes[0][1]), np.float32)
+        start = 0
+        for name, shape in zip(names, shapes):
+            rows[name] = whole[start:start + shape[0]]
+            start += shape[0]
+    return rows
+
+
 def load_checkpoint(path, dtype: str = "float32", rope_factor: Optional[float] = None) -> Checkpoint:
     """Load a Hugging Face or Meta checkpoint folder, or a GGUF file, into the canonical form.
 
     path: the folder or file, or the `CheckpointIndex` a `scan_checkpoint` of it returned (then
     rope_factor is the scan's).
-    dtype: residency, "float32" (convert once at load), "bfloat16" (keep stored weights, mapped;
+    dtype: residency, "float32" (convert once at load; each layer's weights that multiply one input
+    as the row blocks of one array, `canonical.JOINED`), "bfloat16" (keep stored weights, mapped;
     a GGUF's quantized tensors as exact bfloat16 where they can be, else float32) or "gguf" (a GGUF
     file's tensors as stored, quantized blocks included).
     rope_factor: overrides the rope scaling factor a Meta params.json implies (`use_scaled_rope`).
@@ -433,8 +457,9 @@ def load_checkpoint(path, dtype: str = "float32", rope_factor: Optional[float] =
     if dtype not in RESIDENCIES:
         raise Llama3Error(f"dtype must be one of {', '.join(RESIDENCIES)}, got {dtype!r}")
     index = path if isinstance(path, CheckpointIndex) else scan_checkpoint(path, rope_factor)
+    rows = _joined_rows(index) if dtype == "float32" else {}
     if index.format == "gguf":
-        weights = {name: _materialize_gguf(plan, dtype) for name, plan in index.plans.items()}
+        weights = {name: _materialize_gguf(plan, dtype, rows.get(name)) for name, plan in index.plans.items()}
         inexact = [name for name, plan in index.plans.items()
                    if dtype == "bfloat16" and plan.pieces[0].gguf.type.block_size > 1
                    and weights[name].dtype == np.float32]
@@ -447,7 +472,7 @@ def load_checkpoint(path, dtype: str = "float32", rope_factor: Optional[float] =
         raise Llama3Error(f"{index.path}: dtype gguf keeps a GGUF file's own blocks; this is a "
                           f"{index.format} checkpoint: use float32 or bfloat16")
     else:
-        weights = {name: _materialize(plan, dtype) for name, plan in index.plans.items()}
+        weights = {name: _materialize(plan, dtype, rows.get(name)) for name, plan in index.plans.items()}
     if index.config.tie_embeddings:
         weights["output.weight"] = weights["tok_embeddings.weight"]
     return Checkpoint(index.path, index.format, index.config, weights, dtype, index.tokenizer_dir, index.eos_ids)

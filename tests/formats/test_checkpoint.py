@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from tests.checkpoint_builders import random_weights, tiny_config, write_meta, write_pth
-from llama3_np import Llama3Error
+from llama3_np import Llama3Error, linear
+from llama3_np.formats.canonical import joined_names
 from llama3_np.formats.checkpoint import (hf_name, load_checkpoint, meta_name, permute_qk, save_hf_checkpoint,
                                   scan_checkpoint, unpermute_qk)
 from llama3_np.formats.safetensors_file import SafetensorsFile, write_safetensors
@@ -92,6 +93,15 @@ def _same_weights(got: dict, want: dict):
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32), err_msg=name)
 
 
+def _joined_groups(ckpt) -> bool:
+    """Whether every layer's q/k/v and gate/up are the row blocks of one array each (float32
+    residency: read into it, `canonical.JOINED`), rather than arrays of their own (none of them)."""
+    found = {linear.joined([ckpt.weights[name] for name in names])[0] is not None
+             for names in joined_names(ckpt.config.n_layers)}
+    assert len(found) == 1, "some groups joined, others not"
+    return found.pop()
+
+
 @pytest.mark.parametrize("shards", [1, 3])
 @pytest.mark.parametrize("tied", [False, True])
 def test_hf_folder_loads_to_the_canonical_weights_in_both_residencies(tmp_path, shards, tied):
@@ -114,6 +124,7 @@ def test_hf_folder_loads_to_the_canonical_weights_in_both_residencies(tmp_path, 
         assert (ckpt.weights["output.weight"] is ckpt.weights["tok_embeddings.weight"]) == tied
         # float32: converted copies, the files no longer needed; bfloat16: read-only file mappings
         assert ckpt.weights["layers.1.ffn_norm.weight"].flags.writeable == (residency == "float32")
+        assert _joined_groups(ckpt) == (residency == "float32")
 
 
 def test_bfloat16_residency_maps_the_file_instead_of_copying(tmp_path):
@@ -259,6 +270,7 @@ def test_meta_folder_loads_merged_and_tied(tmp_path, shards, tied):
         assert ckpt.format == "meta" and ckpt.config == config
         _same_weights(ckpt.weights, weights)
         assert (ckpt.weights["output.weight"] is ckpt.weights["tok_embeddings.weight"]) == tied
+        assert _joined_groups(ckpt) == (residency == "float32")
         if residency == "bfloat16":  # one shard: mapped from the file; merged shards: a bf16 copy
             assert ckpt.weights["layers.0.feed_forward.w2.weight"].dtype == ml_dtypes.bfloat16
             assert ckpt.weights["layers.0.feed_forward.w2.weight"].flags.writeable == (shards > 1)
