@@ -26,13 +26,25 @@ def token_ids(tokens, vocab_size: int) -> np.ndarray:  # -> [T] int64
 
     Raises Llama3Error naming the first id outside the vocabulary. Every path that takes token ids
     from a user (the command line's --tokens, a dump's metadata, `forward`) checks them here."""
-    ids = np.asarray(tokens, dtype=np.int64)
-    if ids.ndim != 1:
+    try:
+        ids = np.asarray(tokens, dtype=np.int64)
+    except OverflowError:  # an id beyond int64's range, so outside the vocabulary too
+        ids = None
+    if ids is not None and ids.ndim != 1:
         raise Llama3Error(f"token ids must be a 1-D list, got shape {ids.shape}")
-    bad = ids[(ids < 0) | (ids >= vocab_size)]
-    if bad.size:
+    bad = [int(t) for t in tokens if not 0 <= t < vocab_size] if ids is None else ids[(ids < 0) | (ids >= vocab_size)]
+    if len(bad):
         raise Llama3Error(f"token id {int(bad[0])} is outside the vocabulary (0..{vocab_size - 1})")
     return ids
+
+
+def check_parallel(parallel) -> int:
+    """`parallel`, how many inputs go through the model together (llama.cpp's -np), checked.
+
+    Raises ParameterError("parallel") when it is not an integer >= 1."""
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise ParameterError("parallel", f"parallel must be an integer >= 1, got {parallel!r}")
+    return parallel
 
 
 def forward_arguments(tokens, vocab_size: int, cache_length: int, cache_max_len: int,

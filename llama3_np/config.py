@@ -377,12 +377,15 @@ class ComputeMode:
         """Weight `name` as this mode computes with it: rounded to bfloat16 or float16 (a copy
         unless it is stored so already), as the engines hold it; as it is in float32 and float64
         (`linear` converts it exactly).
-        In llamacpp mode a matrix as llama.cpp multiplies it (`llamacpp.llamacpp_weight`).
+        In llamacpp mode a matrix as llama.cpp multiplies it (`llamacpp.llamacpp_weight`); a weight
+        load_model wrapped so is its stored weight in every other mode.
         Raises ParameterError("compute") for a weight beyond float16's range."""
-        if self.dtype == "llamacpp":
-            from .llamacpp import llamacpp_weight  # here, not at the top: llamacpp imports formats
+        from .llamacpp import LlamaCppWeight, llamacpp_weight  # here, not at the top: llamacpp imports formats
 
+        if self.dtype == "llamacpp":
             return llamacpp_weight(w, name)
+        if isinstance(w, LlamaCppWeight):
+            w = w.base
         if self.casts is None or w.dtype == self.storage:
             return w
         with np.errstate(over="ignore"):

@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Optional
 
 import numpy as np
 
+from .checks import check_parallel
 from .config import ComputeMode, ModelConfig
 from .errors import Llama3Error, ParameterError
 from .model import KVCache, forward, forward_batch
@@ -43,6 +44,13 @@ PREFILL_CHUNK = 256
 
 # What `generate` samples with when given no parameters: greedy, as mlx-lm's generate.
 GREEDY = SamplingParams(temperature=0)
+
+
+def session_size(ctx: int, prompt_tokens: int, max_new: int) -> int:
+    """The tokens a session's KV cache needs for a prompt of `prompt_tokens` and up to `max_new`
+    new tokens (-1: until the context is full) in a context of `ctx`: room for the prompt and the
+    new tokens, never more than the context."""
+    return ctx if max_new < 0 else min(ctx, prompt_tokens + max_new)
 
 
 def suppress(logits: np.ndarray, ids: frozenset[int]) -> np.ndarray:  # [V] -> [V]
@@ -331,8 +339,7 @@ def generate_batch(generations: Iterable[Generation], parallel: int,
     Raises ParameterError("parallel") when parallel is not an integer >= 1, Llama3Error when the
     generations are not of one model or one was already run.
     """
-    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
-        raise ParameterError("parallel", f"parallel must be an integer >= 1, got {parallel!r}")
+    check_parallel(parallel)
     pending = enumerate(generations)
     running: list[_Running] = []
     feeds: dict[int, list[int]] = {}  # what each running generation feeds next

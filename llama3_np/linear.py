@@ -128,10 +128,10 @@ def fuse_projections(weights: MutableMapping[str, np.ndarray], n_layers: int) ->
 def mode_weights(weights: Mapping[str, np.ndarray], mode: ComputeMode) -> dict[str, np.ndarray]:
     """The weights as `mode` computes with them, converted once (`forward` would otherwise convert
     them in every call): upcast to float64 in float64 mode, rounded to bfloat16/float16 (round to
-    nearest even) in those modes unless already stored so, unchanged in float32 and llamacpp (which
-    wraps a weight where a product uses it). Arrays shared between names (tied embeddings) stay
-    shared."""
-    if mode.dtype in ("float32", "llamacpp"):
+    nearest even) in those modes unless already stored so, each matrix wrapped as llama.cpp
+    multiplies it in llamacpp (`llamacpp.llamacpp_weight`, which keeps what it converts once),
+    unchanged in float32. Arrays shared between names (tied embeddings) stay shared."""
+    if mode.dtype == "float32":
         return dict(weights)
     converted: dict[int, np.ndarray] = {}
 

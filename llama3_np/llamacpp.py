@@ -115,17 +115,31 @@ def activation_operand(x: np.ndarray, vec_dot_type: str) -> np.ndarray:  # [T, n
     """The values a product with a weight of that vec_dot_type multiplies instead of x's: x itself
     for F32, rounded to float16 or bfloat16, or its Q8_0 / Q8_1 / Q8_K blocks dequantized
     (d · q: exact in float32 for the float16 scales, one rounding for Q8_K's float32 scale)."""
+    return _operand(x, vec_dot_type)[0]
+
+
+def _operand(x: np.ndarray, vec_dot_type: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    # [T, n] -> operand [T, n] float32, and for Q8_1 the offsets' correction [T, n/32] float32
+    """`activation_operand`, and for a Q8_1 operand its blocks' s − d·Σq (`product`), from one
+    quantization of x (Q8_1's d and qs are Q8_0's: `quantize_q8_1`)."""
     T, n = x.shape
     if vec_dot_type == "F32":
-        return x
+        return x, None
     if vec_dot_type in ("F16", "BF16"):
         storage = np.float16 if vec_dot_type == "F16" else bfloat16()
-        return x.astype(storage).astype(F32)
+        return x.astype(storage).astype(F32), None
     if vec_dot_type == "Q8_K":
         d, qs = quantize_q8_k(x)
+        return (d[..., None] * qs.astype(F32)).reshape(T, n), None
+    if vec_dot_type == "Q8_1":
+        d, s, qs = quantize_q8_1(x)
     else:
-        d, qs = quantize_q8_0(x)  # Q8_1's d and qs are Q8_0's
-    return (d.astype(F32)[..., None] * qs.astype(F32)).reshape(T, n)
+        (d, qs), s = quantize_q8_0(x), None
+    d = d.astype(F32)  # [T, n/32]: the float16 scale, exactly
+    operand = (d[..., None] * qs.astype(F32)).reshape(T, n)
+    if s is None:
+        return operand, None
+    return operand, s.astype(F32) - d * qs.sum(axis=-1, dtype=np.int32).astype(F32)
 
 
 def storage_type(w) -> str:
@@ -155,6 +169,17 @@ class LlamaCppWeight:
         self.vec_dot_type = VEC_DOT_TYPES[self.type]
         self.shape = tuple(base.shape)
         self.dtype = base.dtype
+        # A Q4_1 or Q5_1 weight's block offsets m [n_out, n_in/32] as float32 for `product`'s Q8_1
+        # term, converted once here (exactly: m is stored as float16), not in every product.
+        self.offsets = base.raw.view(base.type.block)["m"].astype(F32) if self.vec_dot_type == "Q8_1" else None
+
+    @property
+    def nbytes(self) -> int:  # the stored bytes (`xcheck.bench.held_bytes`)
+        return self.base.nbytes
+
+    @property
+    def itemsize(self) -> float:  # the stored bytes per value
+        return self.base.itemsize
 
     def __getitem__(self, ids):  # the embedding lookup (ggml_get_rows): the stored rows, exact
         return self.base[ids]
@@ -168,12 +193,10 @@ def product(x: np.ndarray, w: LlamaCppWeight) -> np.ndarray:  # [T, n_in], [n_ou
     w's exact values (`products.linear`), and for a Q8_1 operand the float16 s in place of d·Σq in
     the weight offsets' term: + Σ_b m[o, b] · (s[t, b] − d[t, b]·Σq[t, b])
     (ggml_vec_dot_q4_1_q8_1: `summs += m · s`)."""
-    out = products.linear(activation_operand(x, w.vec_dot_type), w.base)
-    if w.vec_dot_type == "Q8_1":
-        d, s, qs = quantize_q8_1(x)  # [T, nb] each, and the quants
-        correction = s.astype(F32) - d.astype(F32) * qs.sum(axis=-1, dtype=np.int32).astype(F32)  # [T, nb]
-        m = w.base.raw.view(w.base.type.block)["m"].astype(F32)  # [n_out, nb]
-        out += correction @ m.T
+    operand, correction = _operand(x, w.vec_dot_type)  # [T, n_in]; Q8_1: [T, nb]
+    out = products.linear(operand, w.base)
+    if correction is not None:
+        out += correction @ w.offsets.T  # [T, nb] @ [nb, n_out]
     return out
 
 

@@ -21,14 +21,14 @@ from . import assets
 from .config import ComputeMode, ModelConfig
 from .errors import Llama3Error, ParameterError
 from .formats.checkpoint import Checkpoint, load_checkpoint, scan_checkpoint
-from .generation import Session, generate_batch
+from .generation import Generation, Session, generate_batch, session_size
 from .linear import fuse_projections, mode_weights
 from .lora import adapted, load_adapter
 from .sampling import SamplingParams
 from .text.chat import ChatFormat, TemplateFormat, chat_format_for, encode_dialog
 from .text.template import ChatTemplate, find_chat_template, template_variables
-from .formats.gguf_file import is_gguf
-from .formats.gguf_import import gguf_tokenizer, tokenizer_objects
+from .formats.gguf_file import GGUFFile, is_gguf
+from .formats.gguf_import import gguf_tokenizer
 from .text import tokenizer as text_tokenizer
 from .text.stop import StopText, check_stop_strings
 from .text.tokenizer import Tokenizer
@@ -145,23 +145,19 @@ class LoadedModel:
         (greedy: the same text; sampled: the same draws, from logits equal within float32
         rounding, bit for bit with `products.set_batch_invariant(True)`); `seed` is needed only
         when `params` sample. Raises ParameterError("parallel") for a `parallel` below 1."""
-        stop = check_stop_strings(stop)
-        params = params.for_tokenizer(self.tokenizer) if params is not None else None
-        context = self.ctx(ctx)
+        seeded = (lambda: None) if seed is None else (lambda: np.random.default_rng(seed))
+        made = self._generations(map(self.encode, prompts), max_new, params, seeded, ctx, stop)
         texts: list[StopText] = []
         pieces: list[list[str]] = []
 
         def generations():
-            for prompt in prompts:
-                ids = self.encode(prompt)
-                session = self.session(context if max_new < 0 else min(context, len(ids) + max_new))
-                texts.append(StopText(self.need_tokenizer(), stop))
+            for out, text in made:
+                texts.append(text)
                 pieces.append([])
-                yield session.generate(ids, params, None if seed is None else np.random.default_rng(seed), max_new)
+                yield out
 
         def on_step(i: int, step) -> bool:
-            if step.token not in stop_ids:
-                pieces[i].append(texts[i].push(step.token))
+            pieces[i].append(_step_text(texts[i], step, stop_ids))
             return texts[i].found is not None
 
         stop_ids = self.stop_ids()
@@ -177,14 +173,9 @@ class LoadedModel:
         return "".join(self._text(ids, max_new, params, rng, ctx, stop))
 
     def _text(self, ids: list[int], max_new: int, params, rng, ctx, stop) -> Iterator[str]:
-        text = StopText(self.need_tokenizer(), check_stop_strings(stop))
-        params = params.for_tokenizer(self.tokenizer) if params is not None else None
-        context = self.ctx(ctx)
-        # The cache needs room for the prompt and the new tokens, never more than the context.
-        session = self.session(context if max_new < 0 else min(context, len(ids) + max_new))
-        out = session.generate(ids, params, rng, max_new)
+        out, text = next(self._generations([ids], max_new, params, lambda: rng, ctx, stop))
         for step in out:
-            piece = "" if step.token in session.stop_ids else text.push(step.token)
+            piece = _step_text(text, step, out.stop_ids)
             if piece:
                 yield piece
             if text.found is not None:
@@ -194,6 +185,22 @@ class LoadedModel:
         if tail:
             yield tail
 
+    def _generations(self, prompts: Iterable[list[int]], max_new: int, params: Optional[SamplingParams],
+                     rngs: Callable[[], Optional[np.random.Generator]], ctx: Optional[int],
+                     stop: Iterable[str]) -> Iterator[tuple[Generation, StopText]]:
+        """Each of `prompts` (token ids) as a generation on a session of its own, sized for it
+        (`generation.session_size`), drawing with a generator from `rngs()`, and the `StopText` its
+        steps go into; `stream`'s other arguments, checked before the first prompt is read."""
+        tokenizer, stop = self.need_tokenizer(), check_stop_strings(stop)
+        params = params.for_tokenizer(tokenizer) if params is not None else None
+        context = self.ctx(ctx)
+
+        def each():
+            for ids in prompts:
+                session = self.session(session_size(context, len(ids), max_new))
+                yield session.generate(ids, params, rngs(), max_new), StopText(tokenizer, stop)
+        return each()
+
     def need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise Llama3Error(f"{self.checkpoint.path} has no tokenizer: give token ids, or copy the "
@@ -201,12 +208,17 @@ class LoadedModel:
         return self.tokenizer
 
 
+def _step_text(text: StopText, step, stop_ids: frozenset[int]) -> str:
+    """The text a generated token adds (`StopText.push`): none for an end-of-generation token."""
+    return "" if step.token in stop_ids else text.push(step.token)
+
+
 def chat_template_of(path, tools: bool = False) -> Optional[ChatTemplate]:
     """The chat template of a checkpoint: a folder's (`text.template.find_chat_template`), or a GGUF
     file's tokenizer.chat_template; None when it has none."""
     path = Path(path)
-    if path.is_file() and (path.suffix == ".gguf" or is_gguf(path)):
-        found = tokenizer_objects(path)[1].get("chat_template")
+    if is_gguf(path):
+        found = GGUFFile(path).get("tokenizer.chat_template")
         return None if found is None else ChatTemplate(found, f"{path}: tokenizer.chat_template")
     return find_chat_template(path, tools=tools)
 
@@ -216,7 +228,7 @@ def load_tokenizer(path) -> Tokenizer:
     (`text.tokenizer.load_tokenizer`), or a GGUF file's metadata (`formats.gguf_import.gguf_tokenizer`,
     which reads no tensor). Raises Llama3Error when there is none, or the file is not what it claims."""
     path = Path(path)
-    if path.is_file() and (path.suffix == ".gguf" or is_gguf(path)):
+    if is_gguf(path):
         return gguf_tokenizer(path)
     return text_tokenizer.load_tokenizer(path)
 
@@ -265,11 +277,12 @@ def stored_residency(dtype: Optional[str], checkpoint_format: str) -> str:
 
 def checkpoint_for(checkpoint: Checkpoint, mode: ComputeMode) -> Checkpoint:
     """`checkpoint` with its weights as `mode` computes with them (`linear.mode_weights`: float64,
-    float16, or bfloat16 where stored otherwise), converted once, each layer's weights that multiply
-    one input joined for one product (`linear.fuse_projections`; not for llama.cpp's arithmetic,
-    which multiplies each matrix alone); `dtype` says how they are held."""
+    float16, or bfloat16 where stored otherwise; llamacpp's matrices wrapped, held as stored),
+    converted once, each layer's weights that multiply one input joined for one product
+    (`linear.fuse_projections`; not for llama.cpp's arithmetic, which multiplies each matrix
+    alone); `dtype` says how they are held."""
     if mode.dtype == "llamacpp":
-        return checkpoint
+        return dataclasses.replace(checkpoint, weights=mode_weights(checkpoint.weights, mode))
     if mode.dtype != "float32":
         weights = mode_weights(checkpoint.weights, mode)
         checkpoint = dataclasses.replace(checkpoint, weights=weights, dtype=mode.storage.name)

@@ -79,6 +79,21 @@ def test_vectors_stay_as_they_are_and_unknown_types_are_named():
         llamacpp.LlamaCppWeight(np.ones((2, 32)))
 
 
+def test_a_model_loaded_for_llamacpp_holds_each_matrix_wrapped_once():
+    """load_model wraps every matrix once (its Q4_1 offsets converted to float32 then, not in each
+    product); every forward pass takes that wrapper as it is, and another mode its stored weight."""
+    from llama3_np.config import ComputeMode
+    from llama3_np.load import load_model
+
+    loaded = load_model(assets.default_model(), compute="llamacpp")
+    wq = loaded.weights["layers.0.attention.wq.weight"]
+    assert isinstance(wq, llamacpp.LlamaCppWeight) and wq.type == "Q4_1"
+    assert loaded.checkpoint.dtype == "gguf" and wq.nbytes == wq.base.nbytes
+    assert wq.offsets.dtype == np.float32 and wq.offsets.shape == (wq.shape[0], wq.shape[1] // 32)
+    assert loaded.compute.weight(wq) is wq and ComputeMode("float32").weight(wq) is wq.base
+    assert loaded.weights["layers.0.attention_norm.weight"].ndim == 1  # a vector as it is
+
+
 # --- llama.cpp's own stages (tools/llamacpp_dump.py) against compute mode "llamacpp" -------------
 
 TINY_GGUF = Path(__file__).parent / "fixtures" / "checkpoints" / "gguf_q8_0.gguf"

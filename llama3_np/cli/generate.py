@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict
 
 from ..errors import Llama3Error
-from ..generation import Step, generate_batch
+from ..generation import Step, generate_batch, session_size
 from ..products import get_threads
 from ..text.chat import describe
 from ..text.stop import StopText, check_stop_strings
@@ -150,7 +150,7 @@ def run_many(args, params, seed: int) -> int:
 
     def generations():
         for prompt in ids:
-            session = loaded.session(ctx if args.n_predict < 0 else min(ctx, len(prompt) + args.n_predict))
+            session = loaded.session(session_size(ctx, len(prompt), args.n_predict))
             yield session.generate(prompt, params, seeded_generator(seed), args.n_predict, stop, suppressed)
 
     def on_step(i: int, step: Step) -> bool:
@@ -223,10 +223,8 @@ def run_generate(args) -> int:
     if len(prompt) > ctx:
         raise Llama3Error(f"the prompt has {len(prompt)} tokens but the context holds {ctx}: "
                           "shorten it or raise --ctx-size")
-    # The cache needs room for the prompt and the new tokens, never more than the context.
-    cache_len = ctx if args.n_predict < 0 else min(ctx, len(prompt) + args.n_predict)
     explain = args.explain is not None
-    session = loaded.session(cache_len, ProgressLine("prefill"))
+    session = loaded.session(session_size(ctx, len(prompt), args.n_predict), ProgressLine("prefill"))
     stop_ids = session.stop_ids
     params = for_model(params, loaded)
     if stops and loaded.tokenizer is None:

@@ -173,7 +173,7 @@ def scan_checkpoint(path, rope_factor: Optional[float] = None) -> CheckpointInde
         raise Llama3Error(f"{path}: no such file or directory; pass a checkpoint folder "
                           "(with config.json or params.json)")
     if path.is_file():
-        if path.suffix == ".gguf" or is_gguf(path):
+        if is_gguf(path):
             if rope_factor is not None:
                 raise Llama3Error(f"{path}: a rope factor override applies to Meta params.json only; "
                                   "a GGUF file states its rope scaling")

@@ -59,7 +59,13 @@ def describe_start(head: bytes) -> str:
 
 
 def is_gguf(path: Path) -> bool:
-    """True when the file starts with GGUF's magic bytes."""
+    """True for a file read as GGUF: one named *.gguf (so that a damaged one is reported as GGUF
+    that is damaged, `GGUFFile`), or one that starts with GGUF's magic bytes under any name."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix == ".gguf":
+        return True
     try:
         with open(path, "rb") as fh:
             return fh.read(4) == MAGIC

@@ -39,7 +39,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..checks import token_ids
+from ..checks import check_parallel, token_ids
 from ..config import ComputeMode, ModelConfig
 from ..errors import Llama3Error, ParameterError
 from ..generation import PREFILL_CHUNK, REPEAT_LAST_N
@@ -194,8 +194,7 @@ def score_batch(weights: Mapping[str, np.ndarray], config: ModelConfig,
     if repeat_last_n < -1:
         raise ParameterError("repeat_last_n", f"repeat_last_n must be >= 0 (0 = off), or -1 for the whole "
                                               f"context, got {repeat_last_n}")
-    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
-        raise ParameterError("parallel", f"parallel must be an integer >= 1, got {parallel!r}")
+    check_parallel(parallel)
     pending = iter(inputs)
     while group := [scores_for(config, *pair, params) for pair in itertools.islice(pending, parallel)]:
         caches = [KVCache(config, len(s.ids), compute) for s in group]
@@ -302,9 +301,10 @@ def encode_request(where: str, obj: dict, tokenizer, vocab_size: int) -> tuple[l
     else:
         context, continuation = obj.get("ids", obj.get("context_ids")), obj.get("continuation_ids", [])
     for ids in (context, continuation):
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise Llama3Error(f"{where}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+        try:
+            token_ids(ids, vocab_size)
+        except Llama3Error as e:
+            raise Llama3Error(f"{where}: {e}") from None
     if not continuation and len(context) < 2:
         raise Llama3Error(f"{where} has nothing to score: its text is a single token")
     return context, continuation

@@ -219,6 +219,9 @@ TINY = ["-m", FIXTURES / "checkpoints" / "hf"]  # loads in milliseconds, no toke
     (["--jsonl", "IN"], '{"prompt": "a", "completion": "b"}\n', ["line 1", "keys", "context and continuation"]),
     (TINY + ["--jsonl", "IN"], '{"ids": [1, 2]}\n{"context_ids": [1], "continuation_ids": [700]}\n',
      ["line 2", "700", "vocabulary"]),
+    (TINY + ["--jsonl", "IN"], '{"context_ids": [1], "continuation_ids": [2, 99999999999999999999]}\n',
+     ["line 1", "99999999999999999999", "vocabulary"]),  # beyond int64
+    (TINY + ["--tokens", "1,99999999999999999999"], None, ["99999999999999999999", "outside the vocabulary"]),
     (TINY + ["--jsonl", "IN"], '{"context_ids": [1], "continuation_ids": []}\n', ["line 1", "nothing to score"]),
     (TINY + ["--jsonl", "IN"], '{"text": "a b"}\n', ["no tokenizer found"]),
     (["--jsonl", "IN"], "[1, 2]\n", ["line 1", "not a JSON object"]),
