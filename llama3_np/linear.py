@@ -35,13 +35,24 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, n_in], [n_out, n_
     in float64 by w upcast exactly (a copy unless w is float64 already), with NumPy's own product:
     float64 is the mode of the exact value, not of speed. A weight with an unmerged LoRA adapter
     (`lora.LoraWeight`) adds s·B·(A·x) to the base weight's product."""
-    if isinstance(w, LlamaCppWeight):  # llama.cpp's product: the activations quantized first
-        return product(x, w)
     if isinstance(w, LoraWeight):
         return linear(x, w.base) + linear(linear(x, w.a), w.b) * x.dtype.type(w.scale)
-    if x.dtype == np.float64:
-        return x @ np.asarray(w, dtype=np.float64).T
+    if x.dtype == np.float64:  # the exact value, whatever the weight is held as for other modes
+        return x @ exact_float64(w.base if isinstance(w, LlamaCppWeight) else w).T
+    if isinstance(w, LlamaCppWeight):  # llama.cpp's product: the activations quantized first
+        return product(x, w)
     return products.linear(x, w)
+
+
+def exact_float64(w) -> np.ndarray:  # [n_out, n_in] -> [n_out, n_in] float64
+    """A weight's values in float64, exactly (float64 holds every value of every stored type): an
+    array upcast (itself when it is float64), a weight of its own kind (ggml blocks) through the
+    float32 rows its `rows_into` writes (`products.rows_into`)."""
+    if isinstance(w, np.ndarray):
+        return np.asarray(w, dtype=np.float64)
+    rows = np.empty(w.shape, dtype=np.float32)
+    products.rows_into(w)(0, w.shape[0], rows)
+    return rows.astype(np.float64)
 
 
 def linears(x: np.ndarray, *ws) -> tuple[np.ndarray, ...]:
@@ -137,7 +148,7 @@ def mode_weights(weights: Mapping[str, np.ndarray], mode: ComputeMode) -> dict[s
 
     def convert(name: str, w: np.ndarray) -> np.ndarray:
         if id(w) not in converted:
-            converted[id(w)] = np.asarray(w, dtype=np.float64) if mode.dtype == "float64" else mode.weight(w, name)
+            converted[id(w)] = exact_float64(w) if mode.dtype == "float64" else mode.weight(w, name)
         return converted[id(w)]
 
     return {name: convert(name, w) for name, w in weights.items()}

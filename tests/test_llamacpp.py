@@ -72,6 +72,24 @@ def test_product_is_ggml_vec_dot_up_to_the_order_of_float32_sums(ggml, type_name
         f"{type_name}: exact math {nmse(exact, reference):.3g} is as close as llama.cpp's arithmetic")
 
 
+@pytest.mark.parametrize("type_name", ["F16", "Q4_1", "Q6_K"])
+def test_float64_products_of_weights_held_for_llama_cpp_are_the_exact_values(ggml, type_name):
+    """`adjudicate` replays in float64 on the weights `--compute llamacpp` loaded: `linear` then
+    multiplies the values the blocks stand for, in float64, not llama.cpp's quantized activations."""
+    from llama3_np.formats.ggml_blocks import dequantize_rows
+    from llama3_np.linear import linear, mode_weights
+    from llama3_np.config import ComputeMode
+
+    x, raw = ggml["x"][6:].astype(np.float64), ggml[f"{type_name}.weight"]
+    t = TYPES_BY_NAME[type_name]
+    base = raw.view(np.float16) if type_name == "F16" else QuantizedWeight(raw, t, (raw.shape[0], x.shape[1]))
+    values = base.astype(np.float64) if type_name == "F16" else dequantize_rows(raw, t).astype(np.float64)
+    want = x @ values.T
+    for w in (base, llamacpp.llamacpp_weight(base), mode_weights({"w": base}, ComputeMode("float64"))["w"]):
+        got = linear(x, w)
+        assert got.dtype == np.float64 and np.allclose(got, want, rtol=1e-13, atol=1e-13 * np.abs(want).max())
+
+
 def test_vectors_stay_as_they_are_and_unknown_types_are_named():
     norm = np.ones(4, dtype=np.float32)
     assert llamacpp.llamacpp_weight(norm) is norm
