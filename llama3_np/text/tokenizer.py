@@ -205,7 +205,15 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         """Text that is safe to print now that `token_id` has arrived (often "")."""
-        return self._utf8.decode(self.tok.token_bytes(token_id))
+        text = self._utf8.decode(self.tok.token_bytes(token_id))
+        pending = self._utf8.getstate()[0]
+        # CPython's decoder holds ED A0..ED BF, the start of a surrogate, which UTF-8 never allows,
+        # until a third byte arrives (it rejects every other impossible pair at once); `decode`
+        # makes each of the two bytes a U+FFFD whatever follows, so they come out now.
+        if len(pending) == 2 and pending[0] == 0xED and pending[1] >= 0xA0:
+            self._utf8.reset()
+            text += pending.decode("utf-8", errors="replace")
+        return text
 
     def flush(self) -> str:
         """Whatever is still held back, at the end of the stream."""

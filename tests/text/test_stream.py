@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from llama3_np.text.tokenizer import StreamDecoder
@@ -45,10 +45,16 @@ def test_bytes_that_can_never_be_utf8_come_out_at_once():
     tok = llama3()
     bad = next(i for i in range(256) if tok.token_bytes(i) == b"\xff")
     assert stream(tok, [bad, tok.encode("ok", bos=False)[0]]) == ["\ufffd", "ok", ""]
+    # ED A1 would begin a surrogate, which UTF-8 forbids: two U+FFFD as soon as the A1 arrives
+    # (Python's incremental decoder alone would hold both bytes until a third), as decode has them.
+    ed, a1 = (next(i for i in range(256) if tok.token_bytes(i) == b) for b in (b"\xed", b"\xa1"))
+    assert stream(tok, [ed, a1]) == ["", "\ufffd\ufffd", ""] and tok.decode([ed, a1]) == "\ufffd\ufffd"
+    assert "".join(stream(tok, [ed, a1, ed])) == tok.decode([ed, a1, ed])
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 128255), max_size=24))
+@example([169, 94])  # bytes ED A1: a surrogate's start, which Python's decoder alone would hold back
 def test_any_ids_stream_to_decode(ids):
     """Arbitrary ids (byte fragments, specials, invalid sequences): at every step, what was printed
     is final (a prefix of the text of all the ids) and at most one unfinished character is held back."""
