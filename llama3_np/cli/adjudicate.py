@@ -31,9 +31,9 @@ def add_command(sub) -> None:
                        help=f"engine {side.upper()}'s continuation: comma-separated ids, or a JSON file ({formats}); "
                             "the prompt may come from the file instead of -p/--tokens")
     for side in ("a", "b"):
-        p.add_argument(f"--compute-{side}", choices=COMPUTE_DTYPES, default="float32", metavar="MODE",
+        p.add_argument(f"--compute-{side}", choices=COMPUTE_DTYPES, metavar="MODE",
                        help=f"the precision engine {side.upper()} computes in ({', '.join(COMPUTE_DTYPES)}; "
-                            "default float32)")
+                            "default: --compute's, which also says how the weights are held)")
     for side in ("a", "b"):
         p.add_argument(f"--dump-{side}", metavar="FILE",
                        help=f"engine {side.upper()}'s dump of the common prefix (prompt and shared tokens, from "
@@ -62,7 +62,8 @@ def run(args) -> int:
                                                      if args.tokens is not None else None)
     prompt, a, b = prompt_and_continuations(values, given)
     dumps = {side: read_dump(path) for side, path in (("A", args.dump_a), ("B", args.dump_b)) if path is not None}
-    ruling = adjudicate(loaded.weights, config, prompt, a, b, args.compute_a, args.compute_b, dumps)
+    ruling = adjudicate(loaded.weights, config, prompt, a, b, args.compute_a or args.compute,
+                        args.compute_b or args.compute, dumps)
     if args.json:
         print(json.dumps(ruling.to_json()))
     else:

@@ -201,7 +201,8 @@ class Ruling:
         return abs(self.margin) / self.band if self.band > 0 else math.inf
 
     def to_json(self) -> dict:
-        out = {"verdict": self.verdict, "position": self.position, "common_tokens": self.common}
+        out = {"verdict": self.verdict, "position": self.position, "common_tokens": self.common,
+               "compute_a": self.compute_a, "compute_b": self.compute_b}
         if self.position is not None:
             out.update(a=self.a, b=self.b, margin_float64=self.margin, band=self.band,
                        excess=self.excess if math.isfinite(self.excess) else None, noise_k=NOISE_K,

@@ -152,6 +152,11 @@ def test_the_command_reads_files_rules_and_exits_by_verdict(tmp_path, capsys):
     assert out.splitlines()[-1].startswith("A's dump replayed in float32: ") and "none past" in out
     code, out, _ = run_cli(capsys, "adjudicate", "--tokens", ",".join(map(str, PROMPT)), "7042,28", "7042,28", "--json")
     assert code == 0 and json.loads(out)["verdict"] == "agree"
+    # --compute is both engines' mode unless --compute-a/-b say otherwise; llamacpp's weights, held
+    # as the file's blocks, are replayed in float64 by their exact values
+    code, out, _ = run_cli(capsys, "adjudicate", a, b, "--compute", "llamacpp", "--compute-b", "float32", "--json")
+    ruling = json.loads(out)
+    assert (ruling["compute_a"], ruling["compute_b"]) == ("llamacpp", "float32") and code == (ruling["verdict"] == "defect"), out
 
 
 @pytest.mark.parametrize("args,content,fragment", [
