@@ -101,9 +101,10 @@ def print_explanation(tokenizer, k: int, as_json: bool):
 def parse_prompts(text: str, name: str) -> list[tuple[int, str]]:
     """The prompts of a -np file as (line number, prompt): one a line, or, for a .jsonl file, one
     JSON object a line with a "prompt" string. A final newline ends the last line; any other empty
-    line is refused, named."""
+    line is refused, named. A line may end in CR LF (as Windows editors write it): the CR is not
+    part of the prompt."""
     jsonl = name.endswith(".jsonl")
-    lines = text.split("\n")
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     if lines and lines[-1] == "":
         lines.pop()
     if not lines:

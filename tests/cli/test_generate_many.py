@@ -36,10 +36,11 @@ def greedy_alone() -> dict[str, dict]:
     return results
 
 
-@pytest.mark.parametrize("parallel", ["2", "8"])
-def test_many_prompts_give_each_its_greedy_result_alone_in_the_files_order(capsys, tmp_path, parallel, greedy_alone):
+@pytest.mark.parametrize("parallel,newline", [("2", "\n"), ("8", "\n"), ("2", "\r\n")])
+def test_many_prompts_give_each_its_greedy_result_alone_in_the_files_order(capsys, tmp_path, parallel, newline,
+                                                                           greedy_alone):
     f = tmp_path / "prompts.txt"
-    f.write_text("\n".join(PROMPTS) + "\n")
+    f.write_bytes((newline.join(PROMPTS) + newline).encode())  # CR LF: a Windows editor's lines, the CR no prompt's
     code, out, err = run(capsys, "generate", "-f", f, "-np", parallel, "-n", "6", "--temp", "0", "--json")
     assert code == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
