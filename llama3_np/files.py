@@ -89,7 +89,8 @@ def reason(e: OSError, path) -> str:
     words = {errno.EROFS: "the file system is read-only", errno.ENOSPC: "no space left on the device",
              errno.EDQUOT: "the disk quota is used up", errno.EFBIG: "the file is larger than this system allows",
              errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-             errno.ENOENT: f"folder {path.parent} does not exist"}
+             errno.ENOENT: f"folder {path.parent} does not exist" if not path.parent.is_dir()
+             else f"folder {path.parent} takes no new files"}  # /proc, /sys: they exist, and refuse with ENOENT
     return words.get(e.errno, e.strerror or str(e))
 
 

@@ -199,3 +199,12 @@ def test_no_module_reads_json_by_itself():
             if re.search(r"json\.loads?\(.*(read_text|open\(|\bf\))", line) and path.name != "files.py":
                 offenders.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_a_folder_that_exists_but_refuses_new_files_is_not_called_missing(tmp_path):
+    """Linux's /proc and /sys refuse to create a file with ENOENT, the errno of a missing folder."""
+    from llama3_np.files import reason
+
+    refused = OSError(errno.ENOENT, "No such file or directory")
+    assert reason(refused, tmp_path / "out.txt") == f"folder {tmp_path} takes no new files"
+    assert reason(refused, tmp_path / "gone" / "out.txt") == f"folder {tmp_path / 'gone'} does not exist"
