@@ -67,8 +67,7 @@ def main() -> int:
 
 
 def calibrate(folder: Path) -> int:
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
+    ref.deterministic_torch()
     loaded = load_model(folder)
     w, c = loaded.weights, loaded.config
     low = json.loads(LOW_PRECISION.read_text())

@@ -129,8 +129,7 @@ def measure(checkpoint: Path, prompts_file: Path) -> dict:
     prompts = prompt_ids(prompts_file, load_tokenizer(checkpoint).encode)
     import torch
     import torch_reference as ref
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
+    ref.deterministic_torch()
     transformers = ref.transformers_module()
     transformers.utils.logging.disable_progress_bar()
     hf = ref.load_hf(checkpoint, torch.float32)
@@ -280,8 +279,7 @@ def measure_mode(checkpoint: Path, prompts_file: Path, dtype: str) -> dict:
     import torch_reference as ref
     from llama3_np.config import ComputeMode
     from llama3_np.linear import mode_weights
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
+    ref.deterministic_torch()
     transformers = ref.transformers_module()
     transformers.utils.logging.disable_progress_bar()
     mode = ComputeMode(dtype)

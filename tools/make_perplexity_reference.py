@@ -69,8 +69,7 @@ def main(argv=None) -> int:
 
     import torch
     import torch_reference as ref
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
+    ref.deterministic_torch()
     ref.transformers_module().utils.logging.disable_progress_bar()
 
     checkpoint, text_path = Path(args.model), Path(args.text)

@@ -119,8 +119,7 @@ def main() -> int:
 
 
 def write_fixture(folder: Path) -> int:
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
+    ref.deterministic_torch()
     cases = prompts(folder)
     producers = {}
     for prefix, (which, dtype, dtype_name) in PRODUCERS.items():

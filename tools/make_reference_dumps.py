@@ -301,8 +301,7 @@ def main() -> int:
     rope_only = sys.argv[1:] == ["--rope-only"]
     if sys.argv[1:] and not rope_only:
         raise SystemExit("usage: make_reference_dumps.py [--rope-only]")
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
+    ref.deterministic_torch()
     transformers.utils.logging.disable_progress_bar()
     OUT.mkdir(parents=True, exist_ok=True)
     for name, v in ({} if rope_only else VARIANTS).items():

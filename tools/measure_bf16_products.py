@@ -202,8 +202,7 @@ def greedy_child(model: str, out: str) -> None:
     sys.path.insert(0, str(REPO / "tools"))
     import make_precision_reference as mpr
     import torch_reference as ref
-    torch.set_num_threads(int(os.environ.get("THREADS", "1")))
-    torch.use_deterministic_algorithms(True)
+    ref.deterministic_torch(int(os.environ.get("THREADS", "1")))
     hf = ref.load_hf(model, torch.bfloat16)
     cases = json.loads(GREEDY.read_text())["prompts"]
     got = {}

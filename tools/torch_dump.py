@@ -112,8 +112,7 @@ def main(argv=None) -> int:
     except ImportError as e:  # a run-time install has none of the references
         raise Llama3Error(f"the reference implementations are not installed ({e.name} is missing): "
                           "run `make tools` and use .venv/bin/python") from None
-    torch.set_num_threads(max(1, args.threads))
-    torch.use_deterministic_algorithms(True)
+    ref.deterministic_torch(args.threads)
     ref.transformers_module().utils.logging.disable_progress_bar()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if args.producer == "hf":

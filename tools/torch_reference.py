@@ -72,6 +72,13 @@ META_MODEL_POINTS = {
 }
 
 
+def deterministic_torch(threads: int = 1) -> None:
+    """torch on `threads` threads with its deterministic algorithms, as every reference is computed:
+    its sums in one order, run after run, so that a fixture is regenerated bit for bit."""
+    torch.set_num_threads(max(1, threads))
+    torch.use_deterministic_algorithms(True)
+
+
 def package_version(name: str) -> str:
     return importlib.metadata.version(name)
 
