@@ -16,7 +16,7 @@ import numpy as np
 
 from . import products
 from .config import ComputeMode
-from .formats.canonical import joined_names
+from .formats.canonical import joined_names, row_blocks
 from .llamacpp import LlamaCppWeight, product
 from .lora import LoraWeight
 
@@ -128,12 +128,9 @@ def fuse_projections(weights: MutableMapping[str, np.ndarray], n_layers: int) ->
                 and (w.flags.owndata or w.flags.writeable) for w in ws):
             continue
         whole = np.concatenate(ws)
+        counts = [w.shape[0] for w in ws]
         del ws
-        start = 0
-        for name in names:
-            rows = weights[name].shape[0]
-            weights[name] = whole[start:start + rows]
-            start += rows
+        weights.update(zip(names, row_blocks(whole, counts)))
 
 
 def mode_weights(weights: Mapping[str, np.ndarray], mode: ComputeMode) -> dict[str, np.ndarray]:

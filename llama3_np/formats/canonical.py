@@ -46,6 +46,13 @@ def joined_names(n_layers: int) -> list[tuple[str, ...]]:
     return [tuple(f"layers.{i}.{name}.weight" for name in group) for i in range(n_layers) for group in JOINED]
 
 
+def row_blocks(whole, counts) -> list:
+    """The consecutive row blocks of `whole`, `counts[i]` rows each, as views of it (a joined group's
+    tensors)."""
+    ends = np.cumsum(counts)
+    return [whole[end - n:end] for n, end in zip(counts, ends)]
+
+
 @dataclass(frozen=True)
 class StoredTensor:
     """One tensor as one file stores it (a whole tensor, or one model-parallel shard of it)."""

@@ -44,7 +44,7 @@ from ..dtypes import bfloat16, is_bfloat16
 from ..errors import Llama3Error, warn
 from ..files import make_folder, read_json, write_text
 from ..text.tokenizer import find_tokenizer_file
-from .canonical import CheckpointIndex, StoredTensor, TensorPlan, expected_shapes, joined_names
+from .canonical import CheckpointIndex, StoredTensor, TensorPlan, expected_shapes, joined_names, row_blocks
 from .gguf_file import is_gguf
 from .pth import PthFile
 from .safetensors_file import SafetensorsFile, write_safetensors
@@ -436,10 +436,7 @@ def _joined_rows(index: CheckpointIndex) -> dict[str, np.ndarray]:
     for names in joined_names(index.config.n_layers):
         shapes = [index.plans[name].shape for name in names]
         whole = np.empty((sum(shape[0] for shape in shapes), shapes[0][1]), np.float32)
-        start = 0
-        for name, shape in zip(names, shapes):
-            rows[name] = whole[start:start + shape[0]]
-            start += shape[0]
+        rows.update(zip(names, row_blocks(whole, [shape[0] for shape in shapes])))
     return rows
 
 
